@@ -1,0 +1,13 @@
+//! Plumbing shared by every Strife process: the PKI, mutual TLS, who a peer
+//! is, configuration, logging of every call, and serving with health and
+//! reflection. No business logic lives here.
+
+pub mod config;
+pub mod identity;
+pub mod pki;
+pub mod serve;
+pub mod telemetry;
+pub mod tls;
+
+pub use config::Config;
+pub use identity::{Peer, PeerRole};
