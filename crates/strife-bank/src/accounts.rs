@@ -1,0 +1,116 @@
+//! Customers' accounts as first created: the contract's sample accounts, or
+//! an accounts file. Passwords are stored only as Argon2id hashes.
+
+use anyhow::{Context, bail};
+use argon2::Argon2;
+use argon2::password_hash::{PasswordHash, PasswordHasher, PasswordVerifier, SaltString};
+use serde::Deserialize;
+use std::path::Path;
+use strife_core::{Amount, Secret, validate_user_name};
+
+/// One account to create.
+#[derive(Debug, Clone)]
+pub struct NewAccount {
+    pub user: String,
+    pub password: Secret<String>,
+    pub balance_minor: i64,
+}
+
+/// The contract's sample accounts: `user1`…`user5`, passwords `pass1`…`pass5`,
+/// balances of 1000.00 times the user's number.
+pub fn sample_accounts() -> Vec<NewAccount> {
+    (1..=5)
+        .map(|n: i64| NewAccount {
+            user: format!("user{n}"),
+            password: Secret::new(format!("pass{n}")),
+            balance_minor: n * 100_000,
+        })
+        .collect()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccountsFile {
+    account: Vec<AccountEntry>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AccountEntry {
+    user: String,
+    password: String,
+    /// A decimal string like `"100.00"`; `"0"` is allowed.
+    balance: String,
+}
+
+/// Reads an accounts file:
+/// ```toml
+/// [[account]]
+/// user = "alice"
+/// password = "correct horse"
+/// balance = "100.00"
+/// ```
+pub fn load_accounts_file(path: &Path) -> anyhow::Result<Vec<NewAccount>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let file: AccountsFile = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+    let mut out = Vec::new();
+    for entry in file.account {
+        validate_user_name(&entry.user).with_context(|| format!("account '{}'", entry.user))?;
+        if entry.password.is_empty() || entry.password.len() > strife_core::limits::PASSWORD_MAX {
+            bail!(
+                "account '{}': the password must be 1 to {} bytes",
+                entry.user,
+                strife_core::limits::PASSWORD_MAX
+            );
+        }
+        let balance_minor = match entry.balance.as_str() {
+            "0" | "0.0" | "0.00" => 0,
+            text => {
+                Amount::parse(text).with_context(|| format!("account '{}': balance", entry.user))?.minor()
+            }
+        };
+        out.push(NewAccount { user: entry.user, password: Secret::new(entry.password), balance_minor });
+    }
+    Ok(out)
+}
+
+/// Hashes a password with Argon2id and a fresh salt (PHC string format).
+pub fn hash_password(password: &Secret<String>) -> anyhow::Result<String> {
+    // 16 bytes from the OS's random source (a v4 UUID is exactly that).
+    let salt = SaltString::encode_b64(uuid::Uuid::new_v4().as_bytes())
+        .map_err(|e| anyhow::anyhow!("making a salt: {e}"))?;
+    let hash = Argon2::default()
+        .hash_password(password.expose().as_bytes(), &salt)
+        .map_err(|e| anyhow::anyhow!("hashing a password: {e}"))?;
+    Ok(hash.to_string())
+}
+
+/// Checks a password against a stored hash. A malformed hash never matches.
+pub fn verify_password(password: &Secret<String>, stored: &str) -> bool {
+    PasswordHash::new(stored)
+        .map(|h| Argon2::default().verify_password(password.expose().as_bytes(), &h).is_ok())
+        .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hashes_verify_only_the_right_password() {
+        let hash = hash_password(&Secret::new("pass1".into())).expect("hash");
+        assert!(hash.starts_with("$argon2id$"));
+        assert!(verify_password(&Secret::new("pass1".into()), &hash));
+        assert!(!verify_password(&Secret::new("pass2".into()), &hash));
+        assert!(!verify_password(&Secret::new("pass1".into()), "garbage"));
+    }
+
+    #[test]
+    fn samples_follow_the_contract() {
+        let s = sample_accounts();
+        assert_eq!(s.len(), 5);
+        assert_eq!(s[2].user, "user3");
+        assert_eq!(s[2].balance_minor, 300_000);
+        assert_eq!(s[2].password.expose(), "pass3");
+    }
+}

@@ -1,0 +1,165 @@
+//! Starting a bank: storage, accounts, TLS, the gRPC server, and the task
+//! that keeps the bank registered with the gateway.
+
+use crate::accounts::{hash_password, load_accounts_file, sample_accounts};
+use crate::service::{BankService, only_gateway};
+use crate::store::Store;
+use anyhow::Context;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use strife_core::Secret;
+use strife_core::limits::MESSAGE_MAX_BYTES;
+use strife_proto::bank::v1::bank_server::BankServer;
+use strife_proto::gateway::v1 as gw;
+use strife_rpc::pki::CertDir;
+use strife_rpc::tls::Tls;
+use strife_rpc::{Config, Peer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::service::interceptor::InterceptedService;
+
+/// The file `strife up` writes the gateway's address to.
+pub const GATEWAY_ADDR_FILE: &str = "gateway.addr";
+
+/// Everything a bank needs to start.
+#[derive(Debug, Clone)]
+pub struct BankOptions {
+    /// The Strife directory (certificates in `certs/`, logs in `logs/`).
+    pub dir: PathBuf,
+    /// This bank's name; its certificate must name it.
+    pub name: String,
+    pub config: Config,
+    /// The gateway's address, overriding config and `DIR/gateway.addr`.
+    pub gateway: Option<String>,
+    /// Accounts to create if they do not exist yet.
+    pub accounts: Option<PathBuf>,
+}
+
+/// Runs a bank on `listener` until `shutdown` resolves.
+pub async fn run(
+    opts: BankOptions,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let tls = Tls::load(&CertDir::new(&opts.dir), &Peer::Bank(opts.name.clone()))?;
+    let data = opts.config.bank.data_dir(&opts.dir, &opts.name);
+    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    let mut store = Store::open(&data.join("bank.db"), &opts.name)
+        .with_context(|| format!("opening {}", data.join("bank.db").display()))?;
+    let mut accounts = match &opts.accounts {
+        Some(path) => load_accounts_file(path)?,
+        None => Vec::new(),
+    };
+    if accounts.is_empty() && store.account_count()? == 0 {
+        accounts = sample_accounts();
+    }
+    let created = store.create_accounts(&accounts)?;
+    if created > 0 {
+        tracing::info!(created, "created accounts");
+    }
+    let decoy_hash = hash_password(&Secret::new(uuid_like()))?;
+    let service = BankService::new(Arc::new(Mutex::new(store)), decoy_hash);
+
+    let local = listener.local_addr()?;
+    let (_health_reporter, health, reflection) =
+        strife_rpc::serve::standard_services(&["strife.bank.v1.Bank"]).await?;
+    let bank = InterceptedService::new(
+        BankServer::new(service).max_decoding_message_size(MESSAGE_MAX_BYTES),
+        only_gateway as fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let registration = tokio::spawn(keep_registered(opts.clone(), tls.clone(), local.to_string(), stop_rx));
+    strife_rpc::serve::announce_listening(&opts.name, local);
+    tracing::info!(bank = %opts.name, %local, data = %data.display(), "bank serving");
+    let served = strife_rpc::serve::builder(&tls)?
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(bank)
+        .serve_with_incoming_shutdown(strife_rpc::serve::incoming(listener), shutdown)
+        .await;
+    let _ = stop_tx.send(true);
+    let _ = registration.await;
+    served.context("serving")?;
+    tracing::info!("bank stopped");
+    Ok(())
+}
+
+fn uuid_like() -> String {
+    strife_core::PaymentId::new_random().to_string()
+}
+
+/// Where the gateway is: `--gateway`, then config, then `DIR/gateway.addr`.
+fn gateway_address(opts: &BankOptions) -> Option<String> {
+    opts.gateway
+        .clone()
+        .or_else(|| (!opts.config.bank.gateway.is_empty()).then(|| opts.config.bank.gateway.clone()))
+        .or_else(|| {
+            std::fs::read_to_string(opts.dir.join(GATEWAY_ADDR_FILE)).ok().map(|s| s.trim().to_owned())
+        })
+}
+
+/// Registers with the gateway now, and again every interval, which is also
+/// how the bank notices that the gateway restarted (its boot id changes).
+async fn keep_registered(opts: BankOptions, tls: Tls, my_addr: String, mut stop: watch::Receiver<bool>) {
+    let interval = Duration::from_millis(opts.config.bank.register_interval_ms);
+    let mut boot_id = String::new();
+    let mut failing = false;
+    let mut backoff = Duration::from_millis(50);
+    let mut channel: Option<(String, tonic::transport::Channel)> = None;
+    loop {
+        let outcome = match gateway_address(&opts) {
+            None => {
+                Err("no gateway address: pass --gateway, set bank.gateway, or start with `strife up`".into())
+            }
+            Some(addr) => {
+                if channel.as_ref().is_none_or(|(a, _)| *a != addr) {
+                    channel = tls.channel(&Peer::Gateway, &addr).ok().map(|c| (addr.clone(), c));
+                }
+                match &channel {
+                    None => Err(format!("'{addr}' is not a valid gateway address")),
+                    Some((_, ch)) => {
+                        let mut client = gw::registry_client::RegistryClient::new(ch.clone());
+                        let req =
+                            gw::RegisterBankRequest { name: opts.name.clone(), address: my_addr.clone() };
+                        match tokio::time::timeout(
+                            interval.max(Duration::from_secs(2)),
+                            client.register_bank(req),
+                        )
+                        .await
+                        {
+                            Ok(Ok(resp)) => Ok(resp.into_inner().gateway_boot_id),
+                            Ok(Err(status)) => Err(format!("gateway refused: {}", status.message())),
+                            Err(_) => Err("gateway did not answer in time".to_owned()),
+                        }
+                    }
+                }
+            }
+        };
+        let wait = match outcome {
+            Ok(id) => {
+                if id != boot_id {
+                    tracing::info!(gateway_boot_id = %id, "registered with the gateway");
+                    boot_id = id;
+                }
+                failing = false;
+                backoff = Duration::from_millis(50);
+                interval
+            }
+            Err(why) => {
+                if !failing {
+                    tracing::warn!(%why, "cannot register with the gateway; retrying");
+                    failing = true;
+                }
+                backoff = (backoff * 2).min(interval);
+                backoff
+            }
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => return,
+        }
+    }
+}

@@ -1,0 +1,185 @@
+//! The bank's gRPC service. Every method is for the gateway only (checked by
+//! [`only_gateway`]); storage work runs on the blocking pool.
+
+use crate::accounts::verify_password;
+use crate::error::BankError;
+use crate::store::{Leg, LegRequest, Store, Vote};
+use std::sync::{Arc, Mutex};
+use strife_core::limits::{HISTORY_PAGE_DEFAULT, HISTORY_PAGE_MAX, PASSWORD_MAX};
+use strife_core::{Secret, validate_bank_name, validate_user_name};
+use strife_proto::bank::v1 as pb;
+use strife_rpc::PeerRole;
+use strife_rpc::telemetry::{record_payment, record_user};
+use tonic::{Request, Response, Status};
+
+/// Interceptor: only the gateway's certificate may call a bank.
+pub fn only_gateway(req: Request<()>) -> Result<Request<()>, Status> {
+    strife_rpc::identity::require(&req, &[PeerRole::Gateway])?;
+    Ok(req)
+}
+
+#[derive(Clone)]
+pub struct BankService {
+    /// The bank's one store; a std mutex because it is only held inside
+    /// blocking tasks, never across an await.
+    store: Arc<Mutex<Store>>,
+    /// A hash of a random password, verified against when the user is
+    /// unknown so that an unknown user costs as much as a wrong password.
+    decoy_hash: Arc<String>,
+}
+
+impl BankService {
+    pub fn new(store: Arc<Mutex<Store>>, decoy_hash: String) -> BankService {
+        BankService { store, decoy_hash: Arc::new(decoy_hash) }
+    }
+
+    async fn with_store<T, F>(&self, f: F) -> Result<T, BankError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Store) -> Result<T, BankError> + Send + 'static,
+    {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = store.lock().map_err(|_| BankError::Internal("store lock poisoned".into()))?;
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| BankError::Internal(format!("blocking task: {e}")))?
+    }
+}
+
+fn check_user(user: &str) -> Result<(), BankError> {
+    validate_user_name(user).map_err(|e| BankError::Invalid(e.to_string()))
+}
+
+fn check_txn_id(txn_id: &str) -> Result<(), BankError> {
+    txn_id
+        .parse::<strife_core::PaymentId>()
+        .map(|_| ())
+        .map_err(|_| BankError::Invalid("transaction id must be a UUID".into()))
+}
+
+fn party(p: Option<pb::Party>, what: &str) -> Result<pb::Party, BankError> {
+    let p = p.ok_or_else(|| BankError::Invalid(format!("{what} is missing")))?;
+    check_user(&p.user)?;
+    validate_bank_name(&p.bank).map_err(|e| BankError::Invalid(e.to_string()))?;
+    Ok(p)
+}
+
+fn entry(leg: Leg) -> pb::LedgerEntry {
+    pb::LedgerEntry {
+        txn_id: leg.txn_id,
+        payment_id: leg.payment_id,
+        payer: Some(pb::Party { user: leg.payer_user, bank: leg.payer_bank }),
+        payee: Some(pb::Party { user: leg.payee_user, bank: leg.payee_bank }),
+        amount_minor: leg.amount_minor,
+        state: leg.state.as_str().to_owned(),
+        at_unix_ms: leg.prepared_at_ms,
+    }
+}
+
+#[tonic::async_trait]
+impl pb::bank_server::Bank for BankService {
+    async fn verify_password(
+        &self,
+        req: Request<pb::VerifyPasswordRequest>,
+    ) -> Result<Response<pb::VerifyPasswordResponse>, Status> {
+        let req = req.into_inner();
+        check_user(&req.user)?;
+        record_user(&req.user);
+        if req.password.len() > PASSWORD_MAX {
+            return Err(BankError::Invalid(format!("password is longer than {PASSWORD_MAX} bytes")).into());
+        }
+        let password = Secret::new(req.password);
+        let user = req.user;
+        let stored = self.with_store(move |s| s.password_hash(&user)).await?;
+        let decoy = self.decoy_hash.clone();
+        let valid = tokio::task::spawn_blocking(move || match stored {
+            Some(hash) => verify_password(&password, &hash),
+            None => {
+                let _ = verify_password(&password, &decoy);
+                false
+            }
+        })
+        .await
+        .map_err(|e| BankError::Internal(format!("blocking task: {e}")))?;
+        Ok(Response::new(pb::VerifyPasswordResponse { valid }))
+    }
+
+    async fn get_balance(
+        &self,
+        req: Request<pb::GetBalanceRequest>,
+    ) -> Result<Response<pb::GetBalanceResponse>, Status> {
+        let user = req.into_inner().user;
+        check_user(&user)?;
+        record_user(&user);
+        let (balance_minor, available_minor) = self.with_store(move |s| s.balance(&user)).await?;
+        Ok(Response::new(pb::GetBalanceResponse { balance_minor, available_minor }))
+    }
+
+    async fn prepare(
+        &self,
+        req: Request<pb::PrepareRequest>,
+    ) -> Result<Response<pb::PrepareResponse>, Status> {
+        let req = req.into_inner();
+        check_txn_id(&req.txn_id)?;
+        let payer = party(req.payer, "payer")?;
+        let payee = party(req.payee, "payee")?;
+        let amount = strife_core::Amount::from_minor(req.amount_minor)
+            .ok_or_else(|| BankError::Invalid("amount is out of range".into()))?;
+        record_user(&format_args!("{}@{}", payer.user, payer.bank));
+        record_payment(&req.payment_id, &amount);
+        let leg = LegRequest {
+            txn_id: req.txn_id,
+            payment_id: req.payment_id,
+            payer_user: payer.user,
+            payer_bank: payer.bank,
+            payee_user: payee.user,
+            payee_bank: payee.bank,
+            amount_minor: amount.minor(),
+        };
+        let vote = self.with_store(move |s| s.prepare(&leg)).await?;
+        let (vote, reason) = match vote {
+            Vote::Yes => (pb::Vote::Yes, String::new()),
+            Vote::No(r) => (pb::Vote::No, r.code().to_owned()),
+        };
+        Ok(Response::new(pb::PrepareResponse { vote: vote.into(), reason }))
+    }
+
+    async fn commit(&self, req: Request<pb::CommitRequest>) -> Result<Response<pb::CommitResponse>, Status> {
+        let txn_id = req.into_inner().txn_id;
+        check_txn_id(&txn_id)?;
+        self.with_store(move |s| s.commit(&txn_id)).await?;
+        Ok(Response::new(pb::CommitResponse {}))
+    }
+
+    async fn abort(&self, req: Request<pb::AbortRequest>) -> Result<Response<pb::AbortResponse>, Status> {
+        let txn_id = req.into_inner().txn_id;
+        check_txn_id(&txn_id)?;
+        self.with_store(move |s| s.abort(&txn_id)).await?;
+        Ok(Response::new(pb::AbortResponse {}))
+    }
+
+    async fn get_history(
+        &self,
+        req: Request<pb::GetHistoryRequest>,
+    ) -> Result<Response<pb::GetHistoryResponse>, Status> {
+        let req = req.into_inner();
+        check_user(&req.user)?;
+        record_user(&req.user);
+        let limit = if req.limit == 0 { HISTORY_PAGE_DEFAULT } else { req.limit.min(HISTORY_PAGE_MAX) };
+        let user = req.user;
+        let legs = self.with_store(move |s| s.history(&user, limit)).await?;
+        Ok(Response::new(pb::GetHistoryResponse { entries: legs.into_iter().map(entry).collect() }))
+    }
+
+    async fn audit(&self, _req: Request<pb::AuditRequest>) -> Result<Response<pb::AuditResponse>, Status> {
+        let (legs, totals) = self.with_store(|s| s.audit()).await?;
+        Ok(Response::new(pb::AuditResponse {
+            legs: legs.into_iter().map(entry).collect(),
+            total_balance_minor: totals.balance_minor,
+            total_held_minor: totals.held_minor,
+            accounts: totals.accounts,
+        }))
+    }
+}
