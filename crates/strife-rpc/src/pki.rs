@@ -140,6 +140,11 @@ fn write_public(path: &Path, text: &str) -> anyhow::Result<()> {
     write_file(path, text, 0o644)
 }
 
+/// Writes a non-secret file atomically (temp file, sync, rename).
+pub fn write_public_file(path: &Path, text: &str) -> anyhow::Result<()> {
+    write_file(path, text, 0o644)
+}
+
 /// Writes a secret with mode 0600 from the start (never readable by others,
 /// not even for a moment), then syncs it.
 pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {

@@ -1,0 +1,415 @@
+//! The gateway's state and the coordinator side of two-phase commit.
+//!
+//! Presumed abort: a payment is `preparing` until every bank involved voted;
+//! the decision is forced to disk before any bank hears it; no decision on
+//! record means abort. One customer's payment id runs at most once: copies
+//! that arrive while it runs wait for its outcome (the in-flight map), and
+//! copies that arrive later read it from the store.
+
+use crate::error::GatewayError;
+use crate::registry::{BankEntry, Registry};
+use crate::store::{PaymentRecord, PaymentState, Store, now_ms};
+use crate::tokens::TokenKeys;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+use strife_core::{Amount, DeclineReason, PaymentId, UserRef};
+use strife_proto::bank::v1 as bank;
+use strife_rpc::config::GatewayConfig;
+use tokio::sync::{Notify, watch};
+
+/// Most payments the finisher re-sends decisions for in one pass.
+const FINISH_BATCH_MAX: u32 = 256;
+/// How often the finisher looks for unacknowledged decisions anyway.
+const FINISH_INTERVAL: Duration = Duration::from_secs(1);
+/// How often old payments are pruned.
+const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
+/// Most payments in flight at once; more wait for a slot.
+pub const PAYMENTS_IN_FLIGHT_MAX: usize = 4096;
+
+/// A customer's request to pay, validated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PayRequest {
+    pub payment_id: PaymentId,
+    pub payer: UserRef,
+    pub payee: UserRef,
+    pub amount: Amount,
+}
+
+impl PayRequest {
+    /// Names the fields in which `record` differs from this request.
+    fn differences(&self, payee: &UserRef, amount_minor: i64) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if *payee != self.payee {
+            out.push("payee");
+        }
+        if amount_minor != self.amount.minor() {
+            out.push("amount");
+        }
+        out
+    }
+}
+
+/// What the customer is told about a payment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Committed,
+    Declined(DeclineReason),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PayOutcome {
+    pub outcome: Outcome,
+    /// True when the answer comes from an earlier attempt with the same id.
+    pub replayed: bool,
+}
+
+type OutcomeCell = watch::Receiver<Option<Result<PayOutcome, tonic::Status>>>;
+
+struct InFlight {
+    request: PayRequest,
+    outcome: OutcomeCell,
+}
+
+pub struct Gateway {
+    pub store: Arc<Mutex<Store>>,
+    pub registry: Registry,
+    pub tokens: TokenKeys,
+    /// Ids of revoked tokens that have not expired (mirrors the store).
+    pub revoked: RwLock<HashSet<String>>,
+    pub config: GatewayConfig,
+    /// Changes at every start; banks re-register when it changes.
+    pub boot_id: String,
+    /// Payments being executed now, by (payer, payment id).
+    in_flight: Mutex<HashMap<(UserRef, PaymentId), InFlight>>,
+    /// Bounds how many payments run at once.
+    slots: tokio::sync::Semaphore,
+    /// Wakes the finisher when a decision could not be delivered.
+    finisher_wake: Notify,
+}
+
+fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, GatewayError> {
+    m.lock().map_err(|_| GatewayError::Internal("lock poisoned".into()))
+}
+
+impl Gateway {
+    pub fn new(store: Store, registry: Registry, tokens: TokenKeys, config: GatewayConfig) -> Gateway {
+        Gateway {
+            store: Arc::new(Mutex::new(store)),
+            registry,
+            tokens,
+            revoked: RwLock::new(HashSet::new()),
+            config,
+            boot_id: uuid::Uuid::new_v4().to_string(),
+            in_flight: Mutex::new(HashMap::new()),
+            slots: tokio::sync::Semaphore::new(PAYMENTS_IN_FLIGHT_MAX),
+            finisher_wake: Notify::new(),
+        }
+    }
+
+    /// Runs `f` on the store in the blocking pool.
+    pub async fn with_store<T, F>(&self, f: F) -> Result<T, GatewayError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Store) -> rusqlite::Result<T> + Send + 'static,
+    {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = lock(&store)?;
+            f(&mut guard).map_err(GatewayError::from)
+        })
+        .await
+        .map_err(|e| GatewayError::Internal(format!("blocking task: {e}")))?
+    }
+
+    pub fn bank(&self, name: &str) -> Option<BankEntry> {
+        self.registry.get(name)
+    }
+
+    /// Pays, exactly once per (payer, payment id).
+    pub async fn pay(self: &Arc<Self>, req: PayRequest) -> Result<PayOutcome, tonic::Status> {
+        let key = (req.payer.clone(), req.payment_id);
+        let (cell, first) = {
+            let mut map = lock(&self.in_flight).map_err(tonic::Status::from)?;
+            match map.get(&key) {
+                Some(running) => {
+                    let diff = req.differences(&running.request.payee, running.request.amount.minor());
+                    if !diff.is_empty() {
+                        return Err(id_reused(&req.payment_id, &diff).into());
+                    }
+                    (running.outcome.clone(), false)
+                }
+                None => {
+                    let (tx, rx) = watch::channel(None);
+                    map.insert(key.clone(), InFlight { request: req.clone(), outcome: rx.clone() });
+                    let gw = self.clone();
+                    // The payment runs in its own task so that a client that
+                    // hangs up cannot stop it half-way. `drain` waits for it.
+                    tokio::spawn(async move {
+                        let result = gw.execute(req).await.map_err(tonic::Status::from);
+                        let _ = tx.send(Some(result));
+                        if let Ok(mut map) = gw.in_flight.lock() {
+                            map.remove(&key);
+                        }
+                    });
+                    (rx, true)
+                }
+            }
+        };
+        let outcome = wait_outcome(cell).await?;
+        Ok(if first { outcome } else { PayOutcome { replayed: true, ..outcome } })
+    }
+
+    async fn execute(self: &Arc<Self>, req: PayRequest) -> Result<PayOutcome, GatewayError> {
+        let _slot =
+            self.slots.acquire().await.map_err(|_| GatewayError::Unavailable("shutting down".into()))?;
+        let now = now_ms();
+        let deadline_ms = i64::try_from(self.config.payment_deadline_ms).unwrap_or(i64::MAX);
+        let record = PaymentRecord {
+            txn_id: uuid::Uuid::new_v4().to_string(),
+            payment_id: req.payment_id.to_string(),
+            payer: req.payer.clone(),
+            payee: req.payee.clone(),
+            amount_minor: req.amount.minor(),
+            state: PaymentState::Preparing,
+            reason: None,
+            acked: false,
+            created_at_ms: now,
+            deadline_at_ms: now.saturating_add(deadline_ms),
+        };
+        let begin = record.clone();
+        if let Err(existing) = self.with_store(move |s| s.begin_payment(&begin)).await? {
+            return replay(&req, &existing);
+        }
+        let txn_id = record.txn_id.clone();
+
+        let payer_bank = self.bank(&req.payer.bank);
+        let payee_bank = self.bank(&req.payee.bank);
+        let (payer_bank, payee_bank) = match (payer_bank, payee_bank) {
+            (_, None) => return self.decline_unsent(&txn_id, DeclineReason::UnknownBank).await,
+            (None, _) => return self.decline_unsent(&txn_id, DeclineReason::BankUnavailable).await,
+            (Some(a), Some(b)) => (a, b),
+        };
+        let mut banks = vec![(req.payer.bank.clone(), payer_bank)];
+        if req.payee.bank != req.payer.bank {
+            banks.push((req.payee.bank.clone(), payee_bank));
+        }
+
+        // Phase one: every bank votes; a refusal, an error or silence is no.
+        let prepare = bank::PrepareRequest {
+            txn_id: txn_id.clone(),
+            payment_id: record.payment_id.clone(),
+            payer: Some(bank::Party { user: req.payer.user.clone(), bank: req.payer.bank.clone() }),
+            payee: Some(bank::Party { user: req.payee.user.clone(), bank: req.payee.bank.clone() }),
+            amount_minor: req.amount.minor(),
+        };
+        let timeout = self.config.prepare_timeout();
+        let votes = on_each_bank(&banks, |name, entry| {
+            let mut client = entry.client.clone();
+            let req = prepare.clone();
+            async move {
+                match tokio::time::timeout(timeout, client.prepare(req)).await {
+                    Ok(Ok(resp)) => {
+                        let resp = resp.into_inner();
+                        if resp.vote() == bank::Vote::Yes {
+                            None
+                        } else {
+                            Some(DeclineReason::from_code(&resp.reason).unwrap_or(DeclineReason::BankUnavailable))
+                        }
+                    }
+                    Ok(Err(status)) => {
+                        tracing::warn!(bank = %name, code = ?status.code(), message = status.message(), "prepare failed");
+                        Some(DeclineReason::BankUnavailable)
+                    }
+                    Err(_) => {
+                        tracing::warn!(bank = %name, "prepare timed out");
+                        Some(DeclineReason::BankUnavailable)
+                    }
+                }
+            }
+        })
+        .await;
+        let refusal = votes.into_iter().flatten().next();
+        let (decision, reason) = match refusal {
+            None => (PaymentState::Committed, None),
+            Some(r) => (PaymentState::Aborted, Some(r)),
+        };
+
+        // The decision is durable before any bank hears it.
+        let t = txn_id.clone();
+        let decided = self.with_store(move |s| s.decide(&t, decision, reason)).await?;
+        if decided != decision {
+            return Err(GatewayError::Internal(format!("payment {txn_id} was decided twice")));
+        }
+
+        // Phase two. The answer does not wait past the commit timeout: the
+        // decision is already durable, and the finisher delivers the rest.
+        let delivered =
+            tokio::time::timeout(self.config.commit_timeout(), self.deliver(&txn_id, decision, &banks)).await;
+        if delivered == Ok(true) {
+            let t = txn_id.clone();
+            self.with_store(move |s| s.mark_acked(&t)).await?;
+        } else {
+            self.finisher_wake.notify_one();
+        }
+        let outcome = match reason {
+            None => Outcome::Committed,
+            Some(r) => Outcome::Declined(r),
+        };
+        tracing::info!(%txn_id, payment_id = %req.payment_id, decision = decision.as_str(), reason = reason.map(|r| r.code()), "payment decided");
+        Ok(PayOutcome { outcome, replayed: false })
+    }
+
+    /// Declines a payment no bank has heard of.
+    async fn decline_unsent(&self, txn_id: &str, reason: DeclineReason) -> Result<PayOutcome, GatewayError> {
+        let t = txn_id.to_owned();
+        self.with_store(move |s| {
+            s.decide(&t, PaymentState::Aborted, Some(reason))?;
+            s.mark_acked(&t)
+        })
+        .await?;
+        Ok(PayOutcome { outcome: Outcome::Declined(reason), replayed: false })
+    }
+
+    /// Sends the decision to every bank; true when all acknowledged.
+    async fn deliver(&self, txn_id: &str, decision: PaymentState, banks: &[(String, BankEntry)]) -> bool {
+        if banks.is_empty() {
+            return false;
+        }
+        let acks = on_each_bank(banks, |name, entry| {
+            let mut client = entry.client.clone();
+            let txn_id = txn_id.to_owned();
+            async move {
+                let result = match decision {
+                    PaymentState::Committed => client.commit(bank::CommitRequest { txn_id }).await.map(|_| ()),
+                    _ => client.abort(bank::AbortRequest { txn_id }).await.map(|_| ()),
+                };
+                if let Err(status) = &result {
+                    if status.code() == tonic::Code::FailedPrecondition {
+                        tracing::error!(bank = %name, message = status.message(), "bank contradicts a decision");
+                    } else {
+                        tracing::debug!(bank = %name, message = status.message(), "decision not delivered yet");
+                    }
+                }
+                result.is_ok()
+            }
+        })
+        .await;
+        acks.into_iter().all(|ok| ok)
+    }
+
+    /// Re-sends decisions that some bank has not acknowledged, until every
+    /// one is; prunes old payments now and then. Runs until `stop`.
+    pub async fn run_finisher(self: Arc<Self>, mut stop: watch::Receiver<bool>) {
+        let mut last_prune = tokio::time::Instant::now() - PRUNE_INTERVAL;
+        loop {
+            if last_prune.elapsed() >= PRUNE_INTERVAL {
+                last_prune = tokio::time::Instant::now();
+                let days = i64::try_from(self.config.retention_days).unwrap_or(i64::MAX);
+                let before = now_ms().saturating_sub(days.saturating_mul(86_400_000));
+                match self.with_store(move |s| s.prune(before)).await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(pruned = n, "pruned payments past the retention window"),
+                    Err(e) => tracing::warn!(error = %e, "pruning failed"),
+                }
+            }
+            match self.with_store(|s| s.unfinished(FINISH_BATCH_MAX)).await {
+                Ok(payments) => {
+                    for p in payments {
+                        self.finish(&p).await;
+                    }
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot read unfinished payments"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(FINISH_INTERVAL) => {}
+                _ = self.finisher_wake.notified() => {}
+                _ = stop.changed() => return,
+            }
+        }
+    }
+
+    async fn finish(&self, p: &PaymentRecord) {
+        let mut names = vec![p.payer.bank.clone()];
+        if p.payee.bank != p.payer.bank {
+            names.push(p.payee.bank.clone());
+        }
+        let banks: Vec<(String, BankEntry)> =
+            names.into_iter().filter_map(|n| self.bank(&n).map(|e| (n, e))).collect();
+        let all_known = banks.len() == if p.payee.bank != p.payer.bank { 2 } else { 1 };
+        let delivered =
+            tokio::time::timeout(self.config.commit_timeout(), self.deliver(&p.txn_id, p.state, &banks))
+                .await
+                == Ok(true);
+        if delivered && all_known {
+            let t = p.txn_id.clone();
+            if let Err(e) = self.with_store(move |s| s.mark_acked(&t)).await {
+                tracing::warn!(error = %e, "cannot mark a payment finished");
+            } else {
+                tracing::info!(txn_id = %p.txn_id, decision = p.state.as_str(), "decision delivered to every bank");
+            }
+        }
+    }
+
+    /// Waits (bounded) for payments in flight to finish, at shutdown.
+    pub async fn drain(&self, bound: Duration) {
+        let deadline = tokio::time::Instant::now() + bound;
+        while tokio::time::Instant::now() < deadline {
+            if self.in_flight.lock().map(|m| m.is_empty()).unwrap_or(true) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::warn!("stopping with payments still in flight; they resume as aborted on restart");
+    }
+}
+
+fn id_reused(id: &PaymentId, fields: &[&str]) -> GatewayError {
+    GatewayError::IdReused(format!(
+        "payment id {id} was already used for a different payment ({} differs); use a new id for a new payment",
+        fields.join(" and ")
+    ))
+}
+
+/// The answer for a payment id seen before.
+fn replay(req: &PayRequest, existing: &PaymentRecord) -> Result<PayOutcome, GatewayError> {
+    let diff = req.differences(&existing.payee, existing.amount_minor);
+    if !diff.is_empty() {
+        return Err(id_reused(&req.payment_id, &diff));
+    }
+    let outcome = match existing.state {
+        PaymentState::Committed => Outcome::Committed,
+        PaymentState::Aborted => Outcome::Declined(existing.reason.unwrap_or(DeclineReason::Timeout)),
+        PaymentState::Preparing => {
+            return Err(GatewayError::Unavailable(format!(
+                "payment {} is still being decided; ask again shortly",
+                req.payment_id
+            )));
+        }
+    };
+    Ok(PayOutcome { outcome, replayed: true })
+}
+
+async fn wait_outcome(mut rx: OutcomeCell) -> Result<PayOutcome, tonic::Status> {
+    let value = rx.wait_for(Option::is_some).await.map_err(|_| {
+        tonic::Status::from(GatewayError::Internal("the payment task ended without an outcome".into()))
+    })?;
+    value.clone().unwrap_or_else(|| Err(GatewayError::Internal("no outcome".into()).into()))
+}
+
+/// Runs `f` for each of the (one or two) banks of a payment concurrently,
+/// and collects the outputs in order.
+async fn on_each_bank<'a, F, Fut, T>(banks: &'a [(String, BankEntry)], f: F) -> Vec<T>
+where
+    F: Fn(&'a str, &'a BankEntry) -> Fut,
+    Fut: std::future::Future<Output = T>,
+{
+    match banks {
+        [(n, e)] => vec![f(n, e).await],
+        [(n1, e1), (n2, e2)] => {
+            let (a, b) = tokio::join!(f(n1, e1), f(n2, e2));
+            vec![a, b]
+        }
+        _ => unreachable!("a payment touches one or two banks"),
+    }
+}

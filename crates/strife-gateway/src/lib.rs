@@ -1,0 +1,14 @@
+//! The Strife gateway: authenticates customers, keeps the registry of live
+//! banks, and coordinates every payment with two-phase commit.
+//! See ARCHITECTURE.md for the protocol and what is forced to disk when.
+
+pub mod auth;
+pub mod coordinator;
+pub mod error;
+pub mod registry;
+pub mod server;
+pub mod service;
+pub mod store;
+pub mod tokens;
+
+pub use server::{GATEWAY_ADDR_FILE, GatewayOptions, run};

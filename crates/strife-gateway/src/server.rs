@@ -1,0 +1,119 @@
+//! Starting the gateway: TLS, storage and recovery, token keys, the bank
+//! registry, the gRPC services, and the finisher task.
+
+use crate::auth::{CustomerAuth, only_banks, only_clients};
+use crate::coordinator::Gateway;
+use crate::registry::Registry;
+use crate::service::{AdminService, PaymentsService, RegistryService, SessionService};
+use crate::store::Store;
+use crate::tokens::{TokenKeys, load_or_create_key, now_secs};
+use anyhow::Context;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use strife_core::limits::MESSAGE_MAX_BYTES;
+use strife_proto::gateway::v1 as pb;
+use strife_rpc::pki::CertDir;
+use strife_rpc::tls::Tls;
+use strife_rpc::{Config, Peer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::service::interceptor::InterceptedService;
+
+/// The file in the Strife directory that tells clients and banks where the
+/// gateway listens.
+pub const GATEWAY_ADDR_FILE: &str = "gateway.addr";
+/// How long shutdown waits for payments in flight.
+const DRAIN_MAX: Duration = Duration::from_secs(10);
+
+type Check = fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>;
+
+#[derive(Debug, Clone)]
+pub struct GatewayOptions {
+    /// The Strife directory (certificates, logs, `gateway.addr`).
+    pub dir: PathBuf,
+    pub config: Config,
+}
+
+/// Runs the gateway on `listener` until `shutdown` resolves.
+pub async fn run(
+    opts: GatewayOptions,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let certs = CertDir::new(&opts.dir);
+    let tls = Tls::load(&certs, &Peer::Gateway)?;
+    let data = opts.config.gateway.data_dir(&opts.dir);
+    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+    let db = data.join("gateway.db");
+    let mut store = Store::open(&db).with_context(|| format!("opening {}", db.display()))?;
+
+    // Recovery: nobody drives a payment that was preparing when we stopped;
+    // under presumed abort it is aborted, and the finisher tells its banks.
+    let aborted = store.abort_all_preparing()?;
+    if aborted > 0 {
+        tracing::warn!(aborted, "aborted payments left undecided by the previous run");
+    }
+    let revoked = store.revoked(i64::try_from(now_secs()).unwrap_or(i64::MAX))?;
+    let registry = Registry::new(tls.clone(), Duration::from_millis(opts.config.bank.register_interval_ms));
+    for (name, address) in store.banks()? {
+        if let Err(e) = registry.restore(&name, &address) {
+            tracing::warn!(bank = %name, error = %e, "cannot restore a bank from the registry");
+        }
+    }
+    let (kid, secret) = load_or_create_key(&certs.path)?;
+    let tokens = TokenKeys::new(kid, &secret, opts.config.gateway.token_ttl_secs);
+    let gateway = Arc::new(Gateway::new(store, registry, tokens, opts.config.gateway.clone()));
+    gateway.revoked.write().map_err(|_| anyhow::anyhow!("lock poisoned"))?.extend(revoked);
+
+    let local = listener.local_addr()?;
+    strife_rpc::pki::write_public_file(&opts.dir.join(GATEWAY_ADDR_FILE), &format!("{local}\n"))?;
+    let (_health, health, reflection) = strife_rpc::serve::standard_services(&[
+        "strife.gateway.v1.Session",
+        "strife.gateway.v1.Payments",
+        "strife.gateway.v1.Registry",
+        "strife.gateway.v1.Admin",
+    ])
+    .await?;
+    let session = InterceptedService::new(
+        pb::session_server::SessionServer::new(SessionService { gateway: gateway.clone() })
+            .max_decoding_message_size(MESSAGE_MAX_BYTES),
+        only_clients as Check,
+    );
+    let payments = InterceptedService::new(
+        pb::payments_server::PaymentsServer::new(PaymentsService { gateway: gateway.clone() })
+            .max_decoding_message_size(MESSAGE_MAX_BYTES),
+        CustomerAuth { gateway: gateway.clone() },
+    );
+    let registry = InterceptedService::new(
+        pb::registry_server::RegistryServer::new(RegistryService { gateway: gateway.clone() })
+            .max_decoding_message_size(MESSAGE_MAX_BYTES),
+        only_banks as Check,
+    );
+    let admin = InterceptedService::new(
+        pb::admin_server::AdminServer::new(AdminService { gateway: gateway.clone() })
+            .max_decoding_message_size(MESSAGE_MAX_BYTES),
+        only_clients as Check,
+    );
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let finisher = tokio::spawn(gateway.clone().run_finisher(stop_rx));
+    strife_rpc::serve::announce_listening("gateway", local);
+    tracing::info!(%local, data = %data.display(), boot_id = %gateway.boot_id, "gateway serving");
+    let served = strife_rpc::serve::builder(&tls)?
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(session)
+        .add_service(payments)
+        .add_service(registry)
+        .add_service(admin)
+        .serve_with_incoming_shutdown(strife_rpc::serve::incoming(listener), shutdown)
+        .await;
+    gateway.drain(DRAIN_MAX).await;
+    let _ = stop_tx.send(true);
+    let _ = finisher.await;
+    served.context("serving")?;
+    tracing::info!("gateway stopped");
+    Ok(())
+}

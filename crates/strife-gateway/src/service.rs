@@ -1,0 +1,261 @@
+//! The gateway's gRPC services: Session (login), Payments (customers'
+//! calls, behind [`crate::auth::CustomerAuth`]), Registry (banks) and Admin.
+
+use crate::auth::{Customer, customer};
+use crate::coordinator::{Gateway, Outcome, PayRequest};
+use crate::error::GatewayError;
+use crate::registry::Registered;
+use crate::store::{PaymentRecord, PaymentState};
+use std::sync::Arc;
+use strife_core::limits::{ADDRESS_MAX, HISTORY_PAGE_DEFAULT, HISTORY_PAGE_MAX, PASSWORD_MAX};
+use strife_core::money::format_minor;
+use strife_core::{Amount, PaymentId, Secret, UserRef, validate_bank_name, validate_user_name};
+use strife_proto::bank::v1 as bank;
+use strife_proto::gateway::v1 as pb;
+use strife_rpc::Peer;
+use strife_rpc::telemetry::{record_payment, record_user};
+use tonic::{Request, Response, Status};
+
+pub fn rfc3339(unix_ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(unix_ms) * 1_000_000)
+        .ok()
+        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
+        .unwrap_or_default()
+}
+
+fn unavailable(bank: &str, status: &Status) -> GatewayError {
+    tracing::warn!(%bank, code = ?status.code(), message = status.message(), "bank call failed");
+    GatewayError::Unavailable(format!("bank {bank} is unreachable right now; try again shortly"))
+}
+
+#[derive(Clone)]
+pub struct SessionService {
+    pub gateway: Arc<Gateway>,
+}
+
+#[tonic::async_trait]
+impl pb::session_server::Session for SessionService {
+    async fn login(&self, req: Request<pb::LoginRequest>) -> Result<Response<pb::LoginResponse>, Status> {
+        let req = req.into_inner();
+        validate_bank_name(&req.bank).map_err(GatewayError::from)?;
+        validate_user_name(&req.user).map_err(GatewayError::from)?;
+        let who = UserRef { user: req.user, bank: req.bank };
+        record_user(&who);
+        if req.password.is_empty() || req.password.len() > PASSWORD_MAX {
+            return Err(
+                GatewayError::Invalid(format!("the password must be 1 to {PASSWORD_MAX} bytes")).into()
+            );
+        }
+        let password = Secret::new(req.password);
+        let entry = self.gateway.bank(&who.bank).ok_or_else(|| {
+            GatewayError::NotFound(format!("no bank named {} is connected to this gateway", who.bank))
+        })?;
+        let mut client = entry.client.clone();
+        let call = client.verify_password(bank::VerifyPasswordRequest {
+            user: who.user.clone(),
+            password: password.expose().clone(),
+        });
+        let valid = match tokio::time::timeout(self.gateway.config.prepare_timeout(), call).await {
+            Ok(Ok(resp)) => resp.into_inner().valid,
+            Ok(Err(status)) => return Err(unavailable(&who.bank, &status).into()),
+            Err(_) => return Err(unavailable(&who.bank, &Status::deadline_exceeded("timeout")).into()),
+        };
+        if !valid {
+            return Err(GatewayError::Unauthenticated("wrong user name or password".into()).into());
+        }
+        let (token, claims) = self
+            .gateway
+            .tokens
+            .issue(&who)
+            .map_err(|e| GatewayError::Internal(format!("issuing a token: {e}")))?;
+        tracing::info!(customer = %who, "logged in");
+        let expires_ms = i64::try_from(claims.exp).unwrap_or(i64::MAX / 1000) * 1000;
+        Ok(Response::new(pb::LoginResponse {
+            token: token.expose().clone(),
+            expires_at: rfc3339(expires_ms),
+        }))
+    }
+}
+
+#[derive(Clone)]
+pub struct PaymentsService {
+    pub gateway: Arc<Gateway>,
+}
+
+fn to_status(state: PaymentState) -> pb::PaymentStatus {
+    match state {
+        PaymentState::Committed => pb::PaymentStatus::Committed,
+        PaymentState::Aborted => pb::PaymentStatus::Declined,
+        PaymentState::Preparing => pb::PaymentStatus::Pending,
+    }
+}
+
+/// A payment as `me` sees it.
+fn view(me: &UserRef, p: PaymentRecord) -> pb::Payment {
+    let sent = p.payer == *me;
+    pb::Payment {
+        payment_id: p.payment_id,
+        direction: if sent { "sent" } else { "received" }.to_owned(),
+        counterparty: if sent { p.payee.to_string() } else { p.payer.to_string() },
+        amount: format_minor(p.amount_minor),
+        status: to_status(p.state).into(),
+        reason: p.reason.map(|r| r.code().to_owned()).unwrap_or_default(),
+        at: rfc3339(p.created_at_ms),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::payments_server::Payments for PaymentsService {
+    async fn logout(&self, req: Request<pb::LogoutRequest>) -> Result<Response<pb::LogoutResponse>, Status> {
+        let Customer { who, claims } = customer(&req)?;
+        let jti = claims.jti.clone();
+        let exp = i64::try_from(claims.exp).unwrap_or(i64::MAX);
+        self.gateway.with_store(move |s| s.revoke(&jti, exp)).await?;
+        self.gateway.revoked.write().map_err(|_| Status::internal("internal error"))?.insert(claims.jti);
+        tracing::info!(customer = %who, "logged out");
+        Ok(Response::new(pb::LogoutResponse {}))
+    }
+
+    async fn get_balance(
+        &self,
+        req: Request<pb::GetBalanceRequest>,
+    ) -> Result<Response<pb::GetBalanceResponse>, Status> {
+        let Customer { who, .. } = customer(&req)?;
+        let entry = self
+            .gateway
+            .bank(&who.bank)
+            .ok_or_else(|| GatewayError::Unavailable(format!("bank {} is not connected", who.bank)))?;
+        let mut client = entry.client.clone();
+        let call = client.get_balance(bank::GetBalanceRequest { user: who.user.clone() });
+        let resp = match tokio::time::timeout(self.gateway.config.prepare_timeout(), call).await {
+            Ok(Ok(resp)) => resp.into_inner(),
+            Ok(Err(status)) if status.code() == tonic::Code::NotFound => {
+                return Err(GatewayError::NotFound(format!("{who} has no account")).into());
+            }
+            Ok(Err(status)) => return Err(unavailable(&who.bank, &status).into()),
+            Err(_) => return Err(unavailable(&who.bank, &Status::deadline_exceeded("timeout")).into()),
+        };
+        Ok(Response::new(pb::GetBalanceResponse {
+            user: who.user,
+            bank: who.bank,
+            balance: format_minor(resp.balance_minor),
+            available: format_minor(resp.available_minor),
+        }))
+    }
+
+    async fn pay(&self, req: Request<pb::PayRequest>) -> Result<Response<pb::PayResponse>, Status> {
+        let Customer { who, .. } = customer(&req)?;
+        let req = req.into_inner();
+        let payment_id: PaymentId = req.payment_id.parse().map_err(GatewayError::from)?;
+        let payee = UserRef::new(&req.payee_user, &req.payee_bank).map_err(GatewayError::from)?;
+        let amount = Amount::parse(&req.amount).map_err(GatewayError::from)?;
+        record_payment(&payment_id, &amount);
+        if payee == who {
+            return Err(GatewayError::Invalid("you cannot pay yourself".into()).into());
+        }
+        let outcome = self.gateway.pay(PayRequest { payment_id, payer: who, payee, amount }).await?;
+        let (status, reason) = match outcome.outcome {
+            Outcome::Committed => (pb::PaymentStatus::Committed, String::new()),
+            Outcome::Declined(r) => (pb::PaymentStatus::Declined, r.code().to_owned()),
+        };
+        Ok(Response::new(pb::PayResponse {
+            payment_id: payment_id.to_string(),
+            status: status.into(),
+            reason,
+            replayed: outcome.replayed,
+        }))
+    }
+
+    async fn get_payment(
+        &self,
+        req: Request<pb::GetPaymentRequest>,
+    ) -> Result<Response<pb::GetPaymentResponse>, Status> {
+        let Customer { who, .. } = customer(&req)?;
+        let id: PaymentId = req.into_inner().payment_id.parse().map_err(GatewayError::from)?;
+        let me = who.clone();
+        let found = self.gateway.with_store(move |s| s.find_payment(&me, &id.to_string())).await?;
+        let p = found.ok_or_else(|| GatewayError::NotFound(format!("you made no payment with id {id}")))?;
+        Ok(Response::new(pb::GetPaymentResponse { payment: Some(view(&who, p)) }))
+    }
+
+    async fn get_history(
+        &self,
+        req: Request<pb::GetHistoryRequest>,
+    ) -> Result<Response<pb::GetHistoryResponse>, Status> {
+        let Customer { who, .. } = customer(&req)?;
+        let limit = req.into_inner().limit;
+        let limit = if limit == 0 { HISTORY_PAGE_DEFAULT } else { limit.min(HISTORY_PAGE_MAX) };
+        let me = who.clone();
+        let rows = self.gateway.with_store(move |s| s.history(&me, limit)).await?;
+        Ok(Response::new(pb::GetHistoryResponse {
+            payments: rows.into_iter().map(|p| view(&who, p)).collect(),
+        }))
+    }
+}
+
+#[derive(Clone)]
+pub struct RegistryService {
+    pub gateway: Arc<Gateway>,
+}
+
+#[tonic::async_trait]
+impl pb::registry_server::Registry for RegistryService {
+    async fn register_bank(
+        &self,
+        req: Request<pb::RegisterBankRequest>,
+    ) -> Result<Response<pb::RegisterBankResponse>, Status> {
+        let peer = strife_rpc::identity::require(&req, &[strife_rpc::PeerRole::Bank])?;
+        let req = req.into_inner();
+        validate_bank_name(&req.name).map_err(GatewayError::from)?;
+        if peer != Peer::Bank(req.name.clone()) {
+            return Err(GatewayError::PermissionDenied(format!(
+                "this certificate is for {peer}; it cannot register bank {}",
+                req.name
+            ))
+            .into());
+        }
+        if req.address.len() > ADDRESS_MAX || req.address.parse::<std::net::SocketAddr>().is_err() {
+            return Err(GatewayError::Invalid(
+                "address must be an IP address and port, like 127.0.0.1:7001".into(),
+            )
+            .into());
+        }
+        let changed = self
+            .gateway
+            .registry
+            .register(&req.name, &req.address)
+            .map_err(|e| GatewayError::Invalid(e.to_string()))?;
+        if let Registered::Changed = changed {
+            let (name, address) = (req.name.clone(), req.address.clone());
+            self.gateway.with_store(move |s| s.save_bank(&name, &address)).await?;
+            tracing::info!(bank = %req.name, address = %req.address, "bank registered");
+        }
+        Ok(Response::new(pb::RegisterBankResponse { gateway_boot_id: self.gateway.boot_id.clone() }))
+    }
+}
+
+#[derive(Clone)]
+pub struct AdminService {
+    pub gateway: Arc<Gateway>,
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
+        let counts = self.gateway.with_store(|s| s.counts()).await?;
+        let banks = self
+            .gateway
+            .registry
+            .status()
+            .into_iter()
+            .map(|(name, address, reachable)| pb::BankStatus { name, address, reachable })
+            .collect();
+        Ok(Response::new(pb::StatusResponse {
+            gateway_boot_id: self.gateway.boot_id.clone(),
+            banks,
+            payments_committed: counts.committed,
+            payments_declined: counts.aborted,
+            payments_pending: counts.preparing,
+        }))
+    }
+}
