@@ -17,7 +17,7 @@ use strife_rpc::telemetry::{record_payment, record_user};
 use tonic::{Request, Response, Status};
 
 pub fn rfc3339(unix_ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(unix_ms) * 1_000_000)
+    time::OffsetDateTime::from_unix_timestamp(unix_ms.div_euclid(1000))
         .ok()
         .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
         .unwrap_or_default()

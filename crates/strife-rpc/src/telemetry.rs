@@ -6,6 +6,7 @@ use crate::identity::Peer;
 use anyhow::Context;
 use std::fs;
 use std::future::Future;
+use std::io::Write as _;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Mutex;
@@ -18,6 +19,8 @@ use tracing_subscriber::util::SubscriberInitExt;
 
 /// Sets up logging for one component. `level` is an `EnvFilter` directive
 /// (`info`, `debug`, `strife_gateway=debug`, …); `RUST_LOG` overrides it.
+/// One formatter writes each line to both stderr and the log file, so the
+/// two always agree.
 pub fn init(component: &str, dir: &Path, level: &str) -> anyhow::Result<()> {
     let logs = dir.join("logs");
     fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
@@ -28,18 +31,38 @@ pub fn init(component: &str, dir: &Path, level: &str) -> anyhow::Result<()> {
         .open(&path)
         .with_context(|| format!("opening {}", path.display()))?;
     let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(level))?;
+    let tee = Tee { file: std::sync::Arc::new(Mutex::new(file)) };
     tracing_subscriber::registry()
         .with(filter)
-        .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_target(false))
-        .with(
-            tracing_subscriber::fmt::layer()
-                .with_writer(Mutex::new(file))
-                .with_ansi(false)
-                .with_target(false),
-        )
+        .with(tracing_subscriber::fmt::layer().with_writer(tee).with_ansi(false).with_target(false))
         .try_init()
         .ok();
     Ok(())
+}
+
+/// A writer that copies every log line to stderr and to the log file.
+#[derive(Clone)]
+struct Tee {
+    file: std::sync::Arc<Mutex<fs::File>>,
+}
+
+impl std::io::Write for Tee {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let _ = std::io::stderr().write_all(buf);
+        let mut file = self.file.lock().map_err(|_| std::io::Error::other("log file lock poisoned"))?;
+        file.write_all(buf)?;
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Tee {
+    type Writer = Tee;
+    fn make_writer(&'a self) -> Tee {
+        self.clone()
+    }
 }
 
 /// Logging only to stderr, for client commands.
@@ -98,6 +121,8 @@ where
             payment_id = tracing::field::Empty,
             amount = tracing::field::Empty,
         );
+        let path = req.uri().path();
+        let routine = path.ends_with("/RegisterBank") || path.starts_with("/grpc.");
         let started = Instant::now();
         let fut = self.inner.call(req).instrument(span.clone());
         Box::pin(async move {
@@ -107,7 +132,12 @@ where
                 Ok(resp) => grpc_status_name(resp.headers()),
                 Err(_) => "transport_error",
             };
-            span.in_scope(|| tracing::info!(status, latency_us, "done"));
+            // Heartbeats and health checks would drown the log at info.
+            if routine {
+                span.in_scope(|| tracing::debug!(status, latency_us, "done"));
+            } else {
+                span.in_scope(|| tracing::info!(status, latency_us, "done"));
+            }
             result
         })
     }

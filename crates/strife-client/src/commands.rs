@@ -1,0 +1,536 @@
+//! The client commands. Each returns a [`Reply`] (JSON, text and exit code)
+//! or a [`CliError`]; `main` prints them.
+
+use crate::connect::{ConnectError, connect, gateway_address};
+use crate::exit::{CliError, Exit, Reply};
+use crate::state::{ClientState, Pending, Session};
+use serde_json::{Value, json};
+use std::path::PathBuf;
+use std::time::Duration;
+use strife_core::money::format_minor;
+use strife_core::{Amount, DeclineReason, PaymentId, Secret, UserRef};
+use strife_proto::gateway::v1 as pb;
+use strife_rpc::config::ClientConfig;
+use tonic::transport::Channel;
+
+/// One client invocation: where its state is, which gateway, which session.
+pub struct Client {
+    pub dir: PathBuf,
+    /// `--gateway`/`STRIFE_GATEWAY`, else `DIR/gateway.addr`.
+    pub gateway: Option<String>,
+    /// `--as USER@BANK`; None means the most recent login.
+    pub as_user: Option<UserRef>,
+    pub config: ClientConfig,
+    state: ClientState,
+}
+
+/// What happened when a payment from the outbox was sent.
+#[derive(Debug, Clone)]
+pub enum Sent {
+    /// The gateway decided: committed or declined. It left the outbox.
+    Final { committed: bool, reason: Option<String>, replayed: bool },
+    /// The gateway could not be reached; it stays in the outbox.
+    Queued(String),
+    /// It cannot go now (no session, expired token); it stays in the outbox.
+    Waiting(CliError),
+    /// The gateway refused it for good (id reused, invalid); it left the outbox.
+    Refused(CliError),
+}
+
+fn is_outage(code: tonic::Code) -> bool {
+    matches!(
+        code,
+        tonic::Code::Unavailable
+            | tonic::Code::DeadlineExceeded
+            | tonic::Code::Cancelled
+            | tonic::Code::Unknown
+    )
+}
+
+fn with_token<T>(msg: T, session: &Session) -> Result<tonic::Request<T>, CliError> {
+    let mut req = tonic::Request::new(msg);
+    let value = format!("Bearer {}", session.token.expose())
+        .parse()
+        .map_err(|_| CliError::new(Exit::NotAllowed, "the stored session is corrupt: log in again"))?;
+    req.metadata_mut().insert("authorization", value);
+    Ok(req)
+}
+
+/// The JSON of a pay outcome, as the contract shapes it.
+pub fn pay_json(id: &str, status: &str, reason: Option<&str>, replayed: bool) -> Value {
+    json!({ "payment_id": id, "status": status, "reason": reason, "replayed": replayed })
+}
+
+impl Client {
+    pub fn open(
+        dir: PathBuf,
+        gateway: Option<String>,
+        as_user: Option<UserRef>,
+        config: ClientConfig,
+    ) -> Result<Client, CliError> {
+        let state = ClientState::open(&dir).map_err(|e| CliError::unexpected(format!("{e:#}")))?;
+        Ok(Client { dir, gateway, as_user, config, state })
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.config.request_timeout_ms)
+    }
+
+    async fn channel(&self) -> Result<Channel, ConnectError> {
+        let addr = gateway_address(&self.dir, self.gateway.as_deref())
+            .map_err(|e| ConnectError::Setup(e.message))?;
+        connect(&self.dir, &addr, self.timeout()).await
+    }
+
+    /// The session a command acts for.
+    pub fn session(&self) -> Result<Session, CliError> {
+        self.state.session(self.as_user.as_ref())?.ok_or_else(|| match &self.as_user {
+            Some(who) => {
+                CliError::new(Exit::NotAllowed, format!("not logged in as {who}: run `strife login`"))
+            }
+            None => {
+                CliError::new(Exit::NotAllowed, "not logged in: run `strife login --bank BANK --user USER`")
+            }
+        })
+    }
+
+    pub async fn login(
+        &mut self,
+        bank: &str,
+        user: &str,
+        password: Secret<String>,
+    ) -> Result<Reply, CliError> {
+        let who = UserRef::new(user, bank).map_err(|e| CliError::new(Exit::Invalid, e.to_string()))?;
+        let mut client = pb::session_client::SessionClient::new(self.channel().await?);
+        let resp = client
+            .login(pb::LoginRequest {
+                bank: who.bank.clone(),
+                user: who.user.clone(),
+                password: password.expose().clone(),
+            })
+            .await
+            .map_err(|s| CliError::from_status(&s))?
+            .into_inner();
+        let session =
+            Session { who: who.clone(), token: Secret::new(resp.token), expires_at: resp.expires_at.clone() };
+        self.state.save_session(&session)?;
+        let waiting = self.state.pending()?.into_iter().filter(|p| p.payer == who).count();
+        let mut text = format!("Logged in as {who} until {}.", resp.expires_at);
+        if waiting > 0 {
+            text.push_str(&format!(
+                "\n{waiting} queued payment(s) of {who} can go now: run `strife outbox flush`."
+            ));
+        }
+        Ok(Reply::done(json!({ "user": who.user, "bank": who.bank, "expires_at": resp.expires_at }), text))
+    }
+
+    pub async fn logout(&mut self) -> Result<Reply, CliError> {
+        let session = self.session()?;
+        let who = session.who.clone();
+        match self.channel().await {
+            Ok(channel) => {
+                let mut client = pb::payments_client::PaymentsClient::new(channel);
+                match client.logout(with_token(pb::LogoutRequest {}, &session)?).await {
+                    // An already invalid token is as good as logged out.
+                    Ok(_) => {}
+                    Err(s) if s.code() == tonic::Code::Unauthenticated => {}
+                    Err(s) => return Err(CliError::from_status(&s)),
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        self.state.delete_session(&who)?;
+        Ok(Reply::done(
+            json!({ "user": who.user, "bank": who.bank, "logged_out": true }),
+            format!("Logged out {who}."),
+        ))
+    }
+
+    pub async fn balance(&self) -> Result<Reply, CliError> {
+        let session = self.session()?;
+        let mut client = pb::payments_client::PaymentsClient::new(self.channel().await?);
+        let resp = client
+            .get_balance(with_token(pb::GetBalanceRequest {}, &session)?)
+            .await
+            .map_err(|s| CliError::from_status(&s))?
+            .into_inner();
+        let text =
+            format!("{}@{}: balance {}, available {}", resp.user, resp.bank, resp.balance, resp.available);
+        Ok(Reply::done(
+            json!({ "user": resp.user, "bank": resp.bank, "balance": resp.balance, "available": resp.available }),
+            text,
+        ))
+    }
+
+    /// `strife pay`: validates, records the payment in the outbox, sends it.
+    pub async fn pay(&mut self, to: &str, amount: &str, id: Option<&str>) -> Result<Reply, CliError> {
+        let session = self.session()?;
+        let amount = Amount::parse(amount).map_err(|e| CliError::new(Exit::Invalid, e.to_string()))?;
+        let payee: UserRef =
+            to.parse().map_err(|e: strife_core::NameError| CliError::new(Exit::Invalid, e.to_string()))?;
+        let payment_id = match id {
+            Some(text) => {
+                text.parse::<PaymentId>().map_err(|e| CliError::new(Exit::Invalid, e.to_string()))?
+            }
+            None => PaymentId::new_random(),
+        };
+        if payee == session.who {
+            return Err(CliError::new(Exit::Invalid, "you cannot pay yourself"));
+        }
+        let pending = Pending {
+            payment_id: payment_id.to_string(),
+            payer: session.who.clone(),
+            payee,
+            amount_minor: amount.minor(),
+            attempts: 0,
+            last_error: None,
+        };
+        if let Some(existing) = self.state.enqueue(&pending)? {
+            let mut diff = Vec::new();
+            if existing.payer != pending.payer {
+                diff.push("payer");
+            }
+            if existing.payee != pending.payee {
+                diff.push("payee");
+            }
+            if existing.amount_minor != pending.amount_minor {
+                diff.push("amount");
+            }
+            if !diff.is_empty() {
+                return Err(CliError::new(
+                    Exit::IdReused,
+                    format!(
+                        "payment id {payment_id} is already queued for a different payment ({} differs)",
+                        diff.join(" and ")
+                    ),
+                ));
+            }
+        }
+        let sent = self.send(&pending, true).await?;
+        Ok(describe(&pending, &sent))
+    }
+
+    /// Sends one payment from the outbox and records what happened.
+    pub async fn send(&mut self, p: &Pending, reported: bool) -> Result<Sent, CliError> {
+        let Some(session) = self.state.session(Some(&p.payer))? else {
+            let e = CliError::new(Exit::NotAllowed, format!("waiting for {} to log in", p.payer));
+            self.state.record_attempt(&p.payment_id, &e.message)?;
+            return Ok(Sent::Waiting(e));
+        };
+        let channel = match self.channel().await {
+            Ok(c) => c,
+            Err(ConnectError::Unreachable(why)) => {
+                self.state.record_attempt(&p.payment_id, &format!("gateway unreachable: {why}"))?;
+                return Ok(Sent::Queued(why));
+            }
+            Err(e @ ConnectError::Setup(_)) => return Err(e.into()),
+        };
+        let mut client = pb::payments_client::PaymentsClient::new(channel);
+        let req = pb::PayRequest {
+            payment_id: p.payment_id.clone(),
+            payee_user: p.payee.user.clone(),
+            payee_bank: p.payee.bank.clone(),
+            amount: format_minor(p.amount_minor),
+        };
+        match client.pay(with_token(req, &session)?).await {
+            Ok(resp) => {
+                let resp = resp.into_inner();
+                let committed = resp.status() == pb::PaymentStatus::Committed;
+                let reason = (!resp.reason.is_empty()).then_some(resp.reason);
+                let status = if committed { "committed" } else { "declined" };
+                self.state.finish(p, status, reason.as_deref(), reported)?;
+                Ok(Sent::Final { committed, reason, replayed: resp.replayed })
+            }
+            Err(s) if is_outage(s.code()) => {
+                let why = if s.message().is_empty() {
+                    "the gateway is unreachable".to_owned()
+                } else {
+                    s.message().to_owned()
+                };
+                self.state.record_attempt(&p.payment_id, &why)?;
+                Ok(Sent::Queued(why))
+            }
+            Err(s) if s.code() == tonic::Code::Unauthenticated => {
+                let e = CliError::new(
+                    Exit::NotAllowed,
+                    format!("{}; the payment waits in the outbox until {} logs in", s.message(), p.payer),
+                );
+                self.state.record_attempt(&p.payment_id, &format!("waiting for login: {}", s.message()))?;
+                Ok(Sent::Waiting(e))
+            }
+            Err(s) => {
+                let e = CliError::from_status(&s);
+                if matches!(e.exit, Exit::IdReused | Exit::Invalid) {
+                    self.state.finish(p, "refused", Some(&e.message), reported)?;
+                    Ok(Sent::Refused(e))
+                } else {
+                    self.state.record_attempt(&p.payment_id, &e.message)?;
+                    Ok(Sent::Waiting(e))
+                }
+            }
+        }
+    }
+
+    pub async fn history(&self, limit: u32) -> Result<Reply, CliError> {
+        let session = self.session()?;
+        let mut client = pb::payments_client::PaymentsClient::new(self.channel().await?);
+        let resp = client
+            .get_history(with_token(pb::GetHistoryRequest { limit }, &session)?)
+            .await
+            .map_err(|s| CliError::from_status(&s))?
+            .into_inner();
+        let mut rows = Vec::new();
+        let mut text = format!("History of {}:\n", session.who);
+        if resp.payments.is_empty() {
+            text.push_str("  (no payments yet)");
+        }
+        for p in &resp.payments {
+            let status = match p.status() {
+                pb::PaymentStatus::Committed => "committed",
+                pb::PaymentStatus::Declined => "declined",
+                _ => "pending",
+            };
+            let reason = (!p.reason.is_empty()).then_some(p.reason.as_str());
+            rows.push(json!({
+                "payment_id": p.payment_id, "direction": p.direction, "counterparty": p.counterparty,
+                "amount": p.amount, "status": status, "reason": reason, "at": p.at,
+            }));
+            let arrow = if p.direction == "sent" { "sent to" } else { "received from" };
+            text.push_str(&format!(
+                "  {}  {:>13} {:<13} {:<20} {}{}  {}\n",
+                p.at,
+                p.amount,
+                arrow,
+                p.counterparty,
+                status,
+                reason.map(|r| format!(" ({r})")).unwrap_or_default(),
+                p.payment_id
+            ));
+        }
+        Ok(Reply::done(json!({ "payments": rows }), text.trim_end().to_owned()))
+    }
+
+    pub fn outbox_list(&mut self) -> Result<Reply, CliError> {
+        let pending = self.state.pending()?;
+        let finished = self.state.take_unreported()?;
+        let mut text = String::new();
+        for f in &finished {
+            text.push_str(&format!(
+                "Finished: {} {} from {} to {}: {}{}\n",
+                f.payment_id,
+                format_minor(f.amount_minor),
+                f.payer,
+                f.payee,
+                f.status,
+                f.reason.as_deref().map(|r| format!(" ({r})")).unwrap_or_default()
+            ));
+        }
+        if pending.is_empty() {
+            text.push_str("The outbox is empty: every payment has an outcome.");
+        } else {
+            text.push_str(&format!("{} payment(s) waiting:\n", pending.len()));
+            for p in &pending {
+                text.push_str(&format!(
+                    "  {}  {} from {} to {}  attempts {}  {}\n",
+                    p.payment_id,
+                    format_minor(p.amount_minor),
+                    p.payer,
+                    p.payee,
+                    p.attempts,
+                    p.last_error.as_deref().unwrap_or("not sent yet")
+                ));
+            }
+        }
+        let json = json!({
+            "pending": pending.iter().map(pending_json).collect::<Vec<_>>(),
+            "finished": finished.iter().map(|f| json!({
+                "payment_id": f.payment_id, "from": f.payer.to_string(), "to": f.payee.to_string(),
+                "amount": format_minor(f.amount_minor), "status": f.status, "reason": f.reason,
+            })).collect::<Vec<_>>(),
+        });
+        Ok(Reply::done(json, text.trim_end().to_owned()))
+    }
+
+    /// Sends every queued payment now: up to `retry_burst_max` tries each
+    /// while the gateway is unreachable, with backoff and jitter between.
+    pub async fn outbox_flush(&mut self) -> Result<Reply, CliError> {
+        let mut results = Vec::new();
+        let mut text = String::new();
+        let mut unreachable = false;
+        for p in self.state.pending()? {
+            let mut delay = Duration::from_millis(self.config.retry_first_delay_ms);
+            let mut tries = 0;
+            let sent = loop {
+                tries += 1;
+                let sent = self.send(&p, true).await?;
+                if !matches!(sent, Sent::Queued(_)) || tries >= self.config.retry_burst_max.max(1) {
+                    break sent;
+                }
+                tokio::time::sleep(jitter(delay)).await;
+                delay = (delay * 2).min(Duration::from_millis(self.config.retry_max_delay_ms));
+            };
+            let reply = describe(&p, &sent);
+            text.push_str(&reply.text);
+            text.push('\n');
+            results.push(reply.json);
+            if matches!(sent, Sent::Queued(_)) {
+                unreachable = true;
+                break;
+            }
+        }
+        let pending = self.state.pending()?;
+        if results.is_empty() {
+            text.push_str("The outbox is empty.");
+        } else if !pending.is_empty() {
+            text.push_str(&format!("{} payment(s) still waiting in the outbox.", pending.len()));
+        }
+        let exit = if pending.is_empty() {
+            Exit::Done
+        } else if unreachable {
+            Exit::Queued
+        } else {
+            Exit::NotAllowed
+        };
+        Ok(Reply {
+            exit,
+            json: json!({ "results": results, "pending": pending.iter().map(pending_json).collect::<Vec<_>>() }),
+            text: text.trim_end().to_owned(),
+        })
+    }
+
+    /// Flushes until the outbox is empty (or only holds payments that wait
+    /// for a login), backing off between rounds; stops early on `stop`.
+    pub async fn outbox_watch(
+        &mut self,
+        stop: impl std::future::Future<Output = ()>,
+    ) -> Result<Reply, CliError> {
+        tokio::pin!(stop);
+        let mut delay = Duration::from_millis(self.config.retry_first_delay_ms);
+        let mut all = Vec::new();
+        loop {
+            let reply = self.outbox_flush().await?;
+            if let Some(results) = reply.json["results"].as_array() {
+                if !results.is_empty() {
+                    eprintln!("{}", reply.text);
+                }
+                all.extend(results.iter().cloned());
+            }
+            if reply.exit != Exit::Queued {
+                let pending = self.state.pending()?;
+                let text = if pending.is_empty() {
+                    "The outbox is empty: every payment has an outcome.".to_owned()
+                } else {
+                    format!("{} payment(s) wait for their customer to log in.", pending.len())
+                };
+                return Ok(Reply {
+                    exit: reply.exit,
+                    json: json!({ "results": all, "pending": pending.iter().map(pending_json).collect::<Vec<_>>() }),
+                    text,
+                });
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(jitter(delay)) => {}
+                _ = &mut stop => {
+                    let pending = self.state.pending()?;
+                    return Ok(Reply {
+                        exit: Exit::Queued,
+                        json: json!({ "results": all, "pending": pending.iter().map(pending_json).collect::<Vec<_>>() }),
+                        text: format!("Stopped; {} payment(s) still waiting.", pending.len()),
+                    });
+                }
+            }
+            delay = (delay * 2).min(Duration::from_millis(self.config.retry_max_delay_ms));
+        }
+    }
+
+    /// The gateway's view of the cluster.
+    pub async fn status(&self) -> Result<Reply, CliError> {
+        let mut client = pb::admin_client::AdminClient::new(self.channel().await?);
+        let s =
+            client.status(pb::StatusRequest {}).await.map_err(|s| CliError::from_status(&s))?.into_inner();
+        let mut text = format!(
+            "gateway up (boot {}): {} committed, {} declined, {} in progress\n",
+            s.gateway_boot_id, s.payments_committed, s.payments_declined, s.payments_pending
+        );
+        for b in &s.banks {
+            text.push_str(&format!(
+                "  {:<12} {:<22} {}\n",
+                b.name,
+                b.address,
+                if b.reachable { "up" } else { "not seen lately" }
+            ));
+        }
+        let banks: Vec<Value> = s
+            .banks
+            .iter()
+            .map(|b| json!({ "name": b.name, "address": b.address, "reachable": b.reachable }))
+            .collect();
+        Ok(Reply::done(
+            json!({
+                "gateway_boot_id": s.gateway_boot_id, "banks": banks,
+                "payments_committed": s.payments_committed, "payments_declined": s.payments_declined,
+                "payments_pending": s.payments_pending,
+            }),
+            text.trim_end().to_owned(),
+        ))
+    }
+}
+
+fn pending_json(p: &Pending) -> Value {
+    json!({
+        "payment_id": p.payment_id, "from": p.payer.to_string(), "to": p.payee.to_string(),
+        "amount": format_minor(p.amount_minor), "attempts": p.attempts, "last_error": p.last_error,
+    })
+}
+
+/// `d` plus up to 25 % random jitter, so that clients do not retry in step.
+fn jitter(d: Duration) -> Duration {
+    let spread = u64::try_from(d.as_millis() / 4).unwrap_or(0).max(1);
+    let r = u64::try_from(uuid::Uuid::new_v4().as_u128() % u128::from(spread)).unwrap_or(0);
+    d + Duration::from_millis(r)
+}
+
+/// The reply for one payment's outcome.
+pub fn describe(p: &Pending, sent: &Sent) -> Reply {
+    let amount = format_minor(p.amount_minor);
+    match sent {
+        Sent::Final { committed: true, replayed, .. } => Reply {
+            exit: Exit::Done,
+            json: pay_json(&p.payment_id, "committed", None, *replayed),
+            text: format!(
+                "Paid {amount} to {} (payment {}).{}",
+                p.payee,
+                p.payment_id,
+                if *replayed {
+                    " Replayed: this payment had already been made; nothing moved again."
+                } else {
+                    ""
+                }
+            ),
+        },
+        Sent::Final { committed: false, reason, replayed } => {
+            let code = reason.as_deref().unwrap_or("declined");
+            let why =
+                DeclineReason::from_code(code).map_or_else(|| code.to_owned(), |r| r.explain().to_owned());
+            let mut text = format!("Declined: {why} ({code}). Nothing moved (payment {}).", p.payment_id);
+            if code == DeclineReason::BankUnavailable.code() || code == DeclineReason::Timeout.code() {
+                text.push_str(" This payment id is closed: to try again, pay again (a new id is made).");
+            }
+            Reply {
+                exit: Exit::Declined,
+                json: pay_json(&p.payment_id, "declined", Some(code), *replayed),
+                text,
+            }
+        }
+        Sent::Queued(why) => Reply {
+            exit: Exit::Queued,
+            json: pay_json(&p.payment_id, "queued", Some("gateway_unreachable"), false),
+            text: format!(
+                "Queued: the gateway is unreachable ({why}). Payment {} of {amount} to {} waits in the outbox; \
+                 `strife outbox flush` sends it with the same id, so it can never be paid twice.",
+                p.payment_id, p.payee
+            ),
+        },
+        Sent::Waiting(e) | Sent::Refused(e) => e.to_reply(),
+    }
+}

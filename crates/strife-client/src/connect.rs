@@ -1,0 +1,88 @@
+//! Finding and reaching the gateway: its address from `--gateway`,
+//! `STRIFE_GATEWAY` or `DIR/gateway.addr`; mutual TLS with the client
+//! certificate in `DIR/certs`.
+
+use crate::exit::{CliError, Exit};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use strife_rpc::Peer;
+use strife_rpc::pki::CertDir;
+use strife_rpc::tls::Tls;
+use tonic::transport::Channel;
+
+/// The name of the directory `up` creates and clients look for.
+pub const DEFAULT_DIR: &str = ".strife";
+/// The client identity `certs init` issues.
+pub const CLIENT_NAME: &str = "client";
+
+/// The Strife directory: `--dir`/`STRIFE_DIR` if given, else the nearest
+/// `.strife` in this directory or a parent, else `./.strife`.
+pub fn resolve_dir(given: Option<&Path>) -> PathBuf {
+    if let Some(dir) = given {
+        return dir.to_path_buf();
+    }
+    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
+    cwd.ancestors()
+        .map(|a| a.join(DEFAULT_DIR))
+        .find(|d| d.is_dir())
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR))
+}
+
+/// The gateway's address: the flag/env value, else `DIR/gateway.addr`.
+pub fn gateway_address(dir: &Path, given: Option<&str>) -> Result<String, CliError> {
+    if let Some(addr) = given {
+        return Ok(addr.to_owned());
+    }
+    let file = dir.join("gateway.addr");
+    std::fs::read_to_string(&file).map(|s| s.trim().to_owned()).map_err(|_| {
+        CliError::new(
+            Exit::Unexpected,
+            format!(
+                "cannot find the gateway: no {} (start a cluster with `strife up`, or pass --gateway)",
+                file.display()
+            ),
+        )
+    })
+}
+
+/// A channel to the gateway, connected (or an error saying it is down).
+pub async fn connect(dir: &Path, addr: &str, timeout: Duration) -> Result<Channel, ConnectError> {
+    let tls = Tls::load(&CertDir::new(dir), &Peer::Client(CLIENT_NAME.to_owned()))
+        .map_err(|e| ConnectError::Setup(format!("{e:#}")))?;
+    let endpoint = tls.endpoint(&Peer::Gateway, addr).map_err(|e| ConnectError::Setup(format!("{e:#}")))?;
+    let endpoint = endpoint.timeout(timeout);
+    match tokio::time::timeout(timeout, endpoint.connect()).await {
+        Ok(Ok(channel)) => Ok(channel),
+        Ok(Err(e)) => Err(ConnectError::Unreachable(format!("{e}: {}", source_chain(&e)))),
+        Err(_) => Err(ConnectError::Unreachable("timed out".into())),
+    }
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = Vec::new();
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        out.push(s.to_string());
+        cur = s.source();
+    }
+    out.join(": ")
+}
+
+#[derive(Debug, Clone)]
+pub enum ConnectError {
+    /// Our own set-up is wrong (no certificate, bad address): not an outage.
+    Setup(String),
+    /// The gateway did not answer: payments wait in the outbox.
+    Unreachable(String),
+}
+
+impl From<ConnectError> for CliError {
+    fn from(e: ConnectError) -> CliError {
+        match e {
+            ConnectError::Setup(m) => CliError::new(Exit::Unexpected, m),
+            ConnectError::Unreachable(m) => {
+                CliError::new(Exit::Unexpected, format!("the gateway is unreachable ({m})"))
+            }
+        }
+    }
+}
