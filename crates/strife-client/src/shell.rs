@@ -47,17 +47,17 @@ pub async fn run(mut client: Client) -> Result<Reply, CliError> {
     let mut input = Input { lines: std::io::stdin().lock() };
     println!("Strife shell. Choose an action by its number.");
     loop {
-        if let Ok(reply) = client.outbox_list() {
-            if let Some(done) = reply.json["finished"].as_array() {
-                for f in done {
-                    println!(
-                        "Queued payment {} to {} ({}): {}",
-                        f["payment_id"].as_str().unwrap_or(""),
-                        f["to"].as_str().unwrap_or(""),
-                        f["amount"].as_str().unwrap_or(""),
-                        f["status"].as_str().unwrap_or("")
-                    );
-                }
+        if let Ok(reply) = client.outbox_list()
+            && let Some(done) = reply.json["finished"].as_array()
+        {
+            for f in done {
+                println!(
+                    "Queued payment {} to {} ({}): {}",
+                    f["payment_id"].as_str().unwrap_or(""),
+                    f["to"].as_str().unwrap_or(""),
+                    f["amount"].as_str().unwrap_or(""),
+                    f["status"].as_str().unwrap_or("")
+                );
             }
         }
         let who = client.session().map(|s| s.who.to_string()).unwrap_or_else(|_| "not logged in".into());

@@ -44,11 +44,11 @@ impl Registry {
     pub fn register(&self, name: &str, address: &str) -> anyhow::Result<Registered> {
         {
             let mut banks = self.banks.write().map_err(|_| anyhow::anyhow!("registry lock poisoned"))?;
-            if let Some(entry) = banks.get_mut(name) {
-                if entry.address == address {
-                    entry.last_seen = Some(Instant::now());
-                    return Ok(Registered::Unchanged);
-                }
+            if let Some(entry) = banks.get_mut(name)
+                && entry.address == address
+            {
+                entry.last_seen = Some(Instant::now());
+                return Ok(Registered::Unchanged);
             }
         }
         let channel = self.tls.channel(&Peer::Bank(name.to_owned()), address)?;
@@ -66,10 +66,10 @@ impl Registry {
     /// Restores a bank from the store, not yet seen in this run.
     pub fn restore(&self, name: &str, address: &str) -> anyhow::Result<()> {
         self.register(name, address)?;
-        if let Ok(mut banks) = self.banks.write() {
-            if let Some(entry) = banks.get_mut(name) {
-                entry.last_seen = None;
-            }
+        if let Ok(mut banks) = self.banks.write()
+            && let Some(entry) = banks.get_mut(name)
+        {
+            entry.last_seen = None;
         }
         Ok(())
     }

@@ -99,10 +99,10 @@ impl CertDir {
 
     /// Issues (or re-issues) the certificate of one identity, signed by the CA.
     pub fn issue(&self, peer: &Peer) -> anyhow::Result<IdentityFiles> {
-        if let Peer::Bank(name) = peer {
-            if RESERVED_NAMES.iter().any(|r| r.eq_ignore_ascii_case(name)) {
-                bail!("'{name}' cannot be a bank name: it is reserved");
-            }
+        if let Peer::Bank(name) = peer
+            && RESERVED_NAMES.iter().any(|r| r.eq_ignore_ascii_case(name))
+        {
+            bail!("'{name}' cannot be a bank name: it is reserved");
         }
         let ca_key_pem = fs::read_to_string(self.ca_key())
             .with_context(|| format!("reading the CA key {}", self.ca_key().display()))?;

@@ -6,7 +6,6 @@ use crate::identity::Peer;
 use anyhow::Context;
 use std::fs;
 use std::future::Future;
-use std::io::Write as _;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::Mutex;

@@ -312,7 +312,7 @@ fn certs(dir: &std::path::Path, cmd: CertsCommand) -> anyhow::Result<Reply> {
             let peers = up::identities(&banks)?;
             let created = certs.init(&peers)?;
             strife_gateway::tokens::load_or_create_key(&certs.path)?;
-            let names: Vec<String> = created.iter().map(|p| CertDir::file_stem(p)).collect();
+            let names: Vec<String> = created.iter().map(CertDir::file_stem).collect();
             let text = if names.is_empty() {
                 format!("The PKI in {} is complete; nothing to do.", certs.path.display())
             } else {

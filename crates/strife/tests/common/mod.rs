@@ -1,0 +1,282 @@
+//! Test harness: real `strife` processes on 127.0.0.1 port 0, real TLS, real
+//! SQLite in a temporary directory. Processes are killed when dropped.
+#![allow(dead_code)]
+
+pub mod grpc;
+
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_strife");
+/// Upper bound for anything a test waits on.
+pub const WAIT: Duration = Duration::from_secs(60);
+
+/// A directory removed when dropped.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let path = std::env::temp_dir().join(format!(
+            "strife-test-{tag}-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::SeqCst)
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).expect("temp dir");
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A running server process.
+pub struct Proc {
+    pub name: String,
+    pub child: Child,
+    pub addr: String,
+    /// Lines of stdout after the listening line.
+    pub lines: mpsc::Receiver<String>,
+}
+
+impl Proc {
+    pub fn pid(&self) -> nix::unistd::Pid {
+        nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid"))
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(self.pid(), sig).expect("signal");
+    }
+
+    /// kill -9 and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM; returns the exit code.
+    pub fn stop(&mut self) -> Option<i32> {
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        wait_exit(&mut self.child)
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn wait_exit(child: &mut Child) -> Option<i32> {
+    let deadline = Instant::now() + WAIT;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status.code();
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("process did not exit within {WAIT:?}");
+}
+
+/// Starts `strife <args>` and waits for a stdout line containing `marker`;
+/// returns the process and that line.
+pub fn spawn_until(
+    dir: &Path,
+    args: &[&str],
+    marker: &str,
+    envs: &[(&str, &str)],
+) -> (Child, String, mpsc::Receiver<String>) {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--dir").arg(dir).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().expect("spawn strife");
+    let out = child.stdout.take().expect("stdout");
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(marker) => return (child, line, rx),
+            Ok(_) => continue,
+            Err(_) => {
+                let _ = child.kill();
+                let status = child.wait().ok();
+                panic!("strife {args:?} never printed {marker:?} (exit {status:?})");
+            }
+        }
+    }
+}
+
+/// Output of one CLI run.
+#[derive(Debug)]
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    pub fn json(&self) -> Value {
+        serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| panic!("not JSON ({e}): {self:?}"))
+    }
+}
+
+/// A gateway and banks, started one by one like an operator would.
+pub struct Cluster {
+    pub dir: TempDir,
+    pub gateway: Proc,
+    pub banks: Vec<Proc>,
+    pub bank_names: Vec<String>,
+}
+
+impl Cluster {
+    pub fn start(banks: &[&str]) -> Cluster {
+        Self::start_with(banks, &[])
+    }
+
+    /// Starts with extra environment (settings overrides) for the servers.
+    pub fn start_with(banks: &[&str], envs: &[(&str, &str)]) -> Cluster {
+        let dir = TempDir::new("cluster");
+        let mut init = vec!["certs", "init"];
+        for b in banks {
+            init.push("--bank");
+            init.push(b);
+        }
+        let r = run_cli(&dir.0, &init, &[]);
+        assert_eq!(r.code, 0, "certs init: {r:?}");
+        let gateway = start_gateway(&dir.0, "127.0.0.1:0", envs);
+        let mut procs = Vec::new();
+        for b in banks {
+            procs.push(start_bank(&dir.0, b, &gateway.addr, envs));
+        }
+        let c =
+            Cluster { dir, gateway, banks: procs, bank_names: banks.iter().map(|s| s.to_string()).collect() };
+        c.wait_registered();
+        c
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.dir.0
+    }
+
+    pub fn cli(&self, args: &[&str]) -> Run {
+        run_cli(&self.dir.0, args, &[])
+    }
+
+    pub fn cli_env(&self, args: &[&str], envs: &[(&str, &str)]) -> Run {
+        run_cli(&self.dir.0, args, envs)
+    }
+
+    /// Waits until the gateway reports every bank registered and live.
+    pub fn wait_registered(&self) {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let r = self.cli(&["--json", "status"]);
+            if r.code == 0 {
+                let s = r.json();
+                let live = s["banks"]
+                    .as_array()
+                    .map(|banks| {
+                        self.bank_names
+                            .iter()
+                            .all(|n| banks.iter().any(|b| b["name"] == n.as_str() && b["reachable"] == true))
+                    })
+                    .unwrap_or(false);
+                if live {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "banks never registered: {r:?}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Logs `user@bank` in (sessions live side by side; use `--as`).
+    pub fn login(&self, user: &str, bank: &str) {
+        let n: String = user.chars().filter(char::is_ascii_digit).collect();
+        let r = self
+            .cli_env(&["login", "--bank", bank, "--user", user], &[("STRIFE_PASSWORD", &format!("pass{n}"))]);
+        assert_eq!(r.code, 0, "login {user}@{bank}: {r:?}");
+    }
+
+    /// `(balance, available)` of a logged-in customer, in minor units.
+    pub fn balance(&self, who: &str) -> (i64, i64) {
+        let r = self.cli(&["--json", "--as", who, "balance"]);
+        assert_eq!(r.code, 0, "balance {who}: {r:?}");
+        let j = r.json();
+        (minor(j["balance"].as_str().expect("balance")), minor(j["available"].as_str().expect("available")))
+    }
+
+    pub fn pay(&self, from: &str, to: &str, amount: &str) -> Run {
+        self.cli(&["--json", "--as", from, "pay", "--to", to, "--amount", amount])
+    }
+
+    pub fn restart_gateway(&mut self) {
+        let addr = self.gateway.addr.clone();
+        self.gateway.stop();
+        self.gateway = start_gateway(&self.dir.0, &addr, &[]);
+        self.wait_registered();
+    }
+
+    pub fn bank_index(&self, name: &str) -> usize {
+        self.bank_names.iter().position(|n| n == name).expect("bank")
+    }
+}
+
+pub fn start_gateway(dir: &Path, listen: &str, envs: &[(&str, &str)]) -> Proc {
+    let (child, line, lines) = spawn_until(dir, &["gateway", "--listen", listen], "listening on", envs);
+    let addr = line.rsplit(' ').next().expect("addr").to_owned();
+    Proc { name: "gateway".into(), child, addr, lines }
+}
+
+pub fn start_bank(dir: &Path, name: &str, gateway: &str, envs: &[(&str, &str)]) -> Proc {
+    let (child, line, lines) = spawn_until(
+        dir,
+        &["bank", "--name", name, "--listen", "127.0.0.1:0", "--gateway", gateway],
+        "listening on",
+        envs,
+    );
+    let addr = line.rsplit(' ').next().expect("addr").to_owned();
+    Proc { name: name.into(), child, addr, lines }
+}
+
+pub fn run_cli(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Run {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--dir").arg(dir).args(args).stdin(Stdio::null()).env_remove("STRIFE_PASSWORD");
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let out = cmd.output().expect("run strife");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// "12.50" -> 1250
+pub fn minor(text: &str) -> i64 {
+    let (w, f) = text.split_once('.').expect("two decimals");
+    let sign = if w.starts_with('-') { -1 } else { 1 };
+    sign * (w.trim_start_matches('-').parse::<i64>().expect("whole") * 100 + f.parse::<i64>().expect("cents"))
+}

@@ -1,0 +1,244 @@
+//! End to end, as a person meets Strife: `strife up`, the README's
+//! walk-through, payments across and within banks, and restarts.
+
+mod common;
+
+use common::*;
+use std::time::Duration;
+
+#[test]
+fn walkthrough_through_strife_up() {
+    let dir = TempDir::new("up");
+    let (mut up, ready, _lines) = spawn_until(&dir.0, &["up", "--port", "0"], "strife: ready", &[]);
+    assert!(ready.contains("banks=BankA,BankB"), "{ready}");
+    let gateway =
+        ready.split_whitespace().find_map(|w| w.strip_prefix("gateway=")).expect("gateway=").to_owned();
+    assert!(gateway.starts_with("127.0.0.1:"), "{ready}");
+    let d = &dir.0;
+
+    let r = run_cli(d, &["login", "--bank", "BankA", "--user", "user1"], &[("STRIFE_PASSWORD", "pass1")]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert!(r.stdout.contains("Logged in as user1@BankA"), "{r:?}");
+    let r = run_cli(d, &["--json", "balance"], &[]);
+    assert_eq!(r.json()["balance"], "1000.00");
+    assert_eq!(r.json()["available"], "1000.00");
+
+    let r = run_cli(d, &["--json", "pay", "--to", "user2@BankB", "--amount", "12.50"], &[]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let pay = r.json();
+    assert_eq!(pay["status"], "committed");
+    assert_eq!(pay["reason"], serde_json::Value::Null);
+    assert_eq!(pay["replayed"], false);
+    let id = pay["payment_id"].as_str().expect("id").to_owned();
+
+    let r = run_cli(d, &["--json", "balance"], &[]);
+    assert_eq!((r.json()["balance"].as_str(), r.json()["user"].as_str()), (Some("987.50"), Some("user1")));
+    let r = run_cli(d, &["--json", "history"], &[]);
+    let h = r.json();
+    assert_eq!(h["payments"][0]["payment_id"], id.as_str());
+    assert_eq!(h["payments"][0]["direction"], "sent");
+    assert_eq!(h["payments"][0]["counterparty"], "user2@BankB");
+    assert_eq!(h["payments"][0]["amount"], "12.50");
+    assert_eq!(h["payments"][0]["status"], "committed");
+
+    let r = run_cli(
+        d,
+        &["--json", "login", "--bank", "BankB", "--user", "user2"],
+        &[("STRIFE_PASSWORD", "pass2")],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json()["user"], "user2");
+    assert!(r.json()["expires_at"].as_str().is_some_and(|s| s.ends_with('Z')));
+    let r = run_cli(d, &["--json", "--as", "user2@BankB", "balance"], &[]);
+    assert_eq!(r.json()["balance"], "2012.50");
+    let r = run_cli(d, &["--json", "--as", "user2@BankB", "history"], &[]);
+    let h = r.json();
+    assert_eq!(h["payments"][0]["direction"], "received");
+    assert_eq!(h["payments"][0]["counterparty"], "user1@BankA");
+    // The first session is still there, side by side.
+    let r = run_cli(d, &["--json", "--as", "user1@BankA", "balance"], &[]);
+    assert_eq!(r.json()["balance"], "987.50");
+
+    // Logs name calls but never the password or the token.
+    let logs = std::fs::read_to_string(d.join("logs/gateway.log")).expect("gateway.log");
+    assert!(logs.contains("/strife.gateway.v1.Payments/Pay"), "the call log records calls");
+    assert!(!logs.contains("pass1") && !logs.contains("pass2"));
+
+    // Ctrl-C stops the whole cluster gracefully.
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(up.id() as i32), nix::sys::signal::Signal::SIGINT)
+        .expect("signal");
+    assert_eq!(wait_exit(&mut up), Some(0));
+    let r = run_cli(d, &["balance"], &[]);
+    assert_eq!(r.code, 1, "the gateway is down after up stopped: {r:?}");
+
+    // A second `up` on the same directory resumes the data.
+    let (mut up, _ready, _lines) = spawn_until(&dir.0, &["up", "--port", "0"], "strife: ready", &[]);
+    let r = run_cli(d, &["--json", "--as", "user1@BankA", "balance"], &[]);
+    assert_eq!(r.json()["balance"], "987.50", "{r:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(up.id() as i32), nix::sys::signal::Signal::SIGTERM)
+        .expect("signal");
+    assert_eq!(wait_exit(&mut up), Some(0));
+}
+
+#[test]
+fn same_bank_and_cross_bank_payments_conserve_money() {
+    let c = Cluster::start(&["BankA", "BankB"]);
+    c.login("user1", "BankA");
+    c.login("user3", "BankA");
+    c.login("user2", "BankB");
+    let r = c.pay("user1@BankA", "user3@BankA", "100");
+    assert_eq!((r.code, r.json()["status"].as_str()), (0, Some("committed")), "{r:?}");
+    let r = c.pay("user2@BankB", "user1@BankA", "0.05");
+    assert_eq!((r.code, r.json()["status"].as_str()), (0, Some("committed")), "{r:?}");
+    assert_eq!(c.balance("user1@BankA"), (90_005, 90_005));
+    assert_eq!(c.balance("user3@BankA"), (310_000, 310_000));
+    assert_eq!(c.balance("user2@BankB"), (199_995, 199_995));
+    // Paying user1 at the other bank is another account: allowed.
+    c.login("user1", "BankB");
+    let r = c.pay("user1@BankA", "user1@BankB", "5");
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(c.balance("user1@BankB"), (100_500, 100_500));
+}
+
+#[test]
+fn a_payment_above_the_balance_is_declined_and_moves_nothing() {
+    let c = Cluster::start(&["BankA", "BankB"]);
+    c.login("user1", "BankA");
+    c.login("user2", "BankB");
+    let r = c.pay("user1@BankA", "user2@BankB", "1000.01");
+    assert_eq!(r.code, 3, "{r:?}");
+    assert_eq!(r.json()["status"], "declined");
+    assert_eq!(r.json()["reason"], "insufficient_funds");
+    assert_eq!(c.balance("user1@BankA"), (100_000, 100_000));
+    assert_eq!(c.balance("user2@BankB"), (200_000, 200_000));
+    // Human output says what happened, on stdout, with the same exit code.
+    let r = c.cli(&["--as", "user1@BankA", "pay", "--to", "user2@BankB", "--amount", "5000"]);
+    assert_eq!(r.code, 3);
+    assert!(r.stdout.contains("insufficient_funds") && r.stdout.contains("Nothing moved"), "{r:?}");
+    // The exact balance is payable.
+    let r = c.pay("user1@BankA", "user2@BankB", "1000.00");
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(c.balance("user1@BankA"), (0, 0));
+}
+
+#[test]
+fn concurrent_payments_never_overdraw() {
+    let c = Cluster::start(&["BankA", "BankB"]);
+    let rt = grpc::runtime();
+    let addr = c.gateway.addr.clone();
+    let dir = c.path().to_path_buf();
+    let (committed, declined) = rt.block_on(async move {
+        let ch = grpc::client_channel(&dir, &addr).await;
+        let token = grpc::login(&ch, "BankA", "user1", "pass1").await.expect("login");
+        let mut tasks = Vec::new();
+        // 40 payments of 70.00 from an account of 1000.00: at most 14 fit.
+        for i in 0..40 {
+            let (ch, token) = (ch.clone(), token.clone());
+            let (user, bank) = if i % 2 == 0 { ("user2", "BankB") } else { ("user3", "BankA") };
+            tasks.push(tokio::spawn(async move {
+                grpc::pay(&ch, &token, &grpc::new_id(), user, bank, "70.00").await.expect("pay").status
+            }));
+        }
+        let mut committed = 0;
+        let mut declined = 0;
+        for t in tasks {
+            match t.await.expect("task") {
+                1 => committed += 1,
+                2 => declined += 1,
+                other => panic!("status {other}"),
+            }
+        }
+        (committed, declined)
+    });
+    assert_eq!(committed + declined, 40);
+    assert_eq!(committed, 14, "exactly as many as the balance allows");
+    c.login("user1", "BankA");
+    c.login("user2", "BankB");
+    c.login("user3", "BankA");
+    let (b1, a1) = c.balance("user1@BankA");
+    assert_eq!((b1, a1), (100_000 - 14 * 7_000, 100_000 - 14 * 7_000), "no hold left, no overdraft");
+    let total = b1 + c.balance("user2@BankB").0 + c.balance("user3@BankA").0;
+    assert_eq!(total, 100_000 + 200_000 + 300_000, "money is conserved");
+}
+
+#[test]
+fn restarting_every_process_keeps_balances_and_histories() {
+    let mut c = Cluster::start(&["BankA", "BankB"]);
+    c.login("user1", "BankA");
+    c.login("user2", "BankB");
+    let r = c.pay("user1@BankA", "user2@BankB", "12.50");
+    assert_eq!(r.code, 0, "{r:?}");
+    let declined = c.pay("user1@BankA", "user2@BankB", "99999");
+    assert_eq!(declined.code, 3);
+    let history_before = c.cli(&["--json", "--as", "user1@BankA", "history"]).json();
+
+    // Stop everything: banks by kill -9, the gateway gracefully.
+    for b in c.banks.iter_mut() {
+        b.kill9();
+    }
+    c.gateway.stop();
+    let addr = c.gateway.addr.clone();
+    c.gateway = start_gateway(c.path(), &addr, &[]);
+    let gw = c.gateway.addr.clone();
+    let names = c.bank_names.clone();
+    c.banks = names.iter().map(|n| start_bank(c.path(), n, &gw, &[])).collect();
+    c.wait_registered();
+
+    assert_eq!(c.balance("user1@BankA"), (98_750, 98_750));
+    assert_eq!(c.balance("user2@BankB"), (201_250, 201_250));
+    let history_after = c.cli(&["--json", "--as", "user1@BankA", "history"]).json();
+    assert_eq!(history_before, history_after);
+    assert_eq!(history_after["payments"].as_array().map(Vec::len), Some(2));
+    // Replaying the first payment's id after the restarts: same outcome, no new money movement.
+    let id = history_after["payments"][1]["payment_id"].as_str().expect("id").to_owned();
+    let r = c.cli(&[
+        "--json",
+        "--as",
+        "user1@BankA",
+        "pay",
+        "--to",
+        "user2@BankB",
+        "--amount",
+        "12.50",
+        "--id",
+        &id,
+    ]);
+    assert_eq!((r.code, r.json()["replayed"].as_bool()), (0, Some(true)), "{r:?}");
+    assert_eq!(c.balance("user1@BankA"), (98_750, 98_750));
+}
+
+#[test]
+fn the_shell_covers_every_action() {
+    let c = Cluster::start(&["BankA", "BankB"]);
+    let script = "1\nBankA\nuser1\npass1\n2\n3\nuser2@BankB\n1.25\n4\n5\n7\nuser2@BankB\n2\n9\n0\n";
+    let mut child = std::process::Command::new(BIN)
+        .arg("--dir")
+        .arg(c.path())
+        .arg("shell")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("shell");
+    use std::io::Write;
+    child.stdin.take().expect("stdin").write_all(script.as_bytes()).expect("write");
+    let deadline = std::time::Instant::now() + WAIT;
+    while child.try_wait().expect("wait").is_none() {
+        assert!(std::time::Instant::now() < deadline, "shell did not finish");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = child.wait_with_output().expect("output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.contains("Logged in as user1@BankA"), "{text}");
+    assert!(text.contains("balance 1000.00"), "{text}");
+    assert!(text.contains("Paid 1.25 to user2@BankB"), "{text}");
+    assert!(text.contains("sent to"), "{text}");
+    assert!(text.contains("The outbox is empty"), "{text}");
+    assert!(text.contains("first  send: committed (replayed: false)"), "{text}");
+    assert!(text.contains("second send: committed (replayed: true)"), "{text}");
+    assert!(text.contains("2.00 moved, once"), "{text}");
+    assert!(text.contains("Logged out user1@BankA"), "{text}");
+    c.login("user2", "BankB");
+    assert_eq!(c.balance("user2@BankB").0, 200_000 + 125 + 200);
+}
