@@ -108,7 +108,12 @@ impl TokenKeys {
 
     /// Issues a token for `who`.
     pub fn issue(&self, who: &UserRef) -> anyhow::Result<(Secret<String>, Claims)> {
-        let now = now_secs();
+        self.issue_at(who, now_secs())
+    }
+
+    /// Issues a token as if the time were `now` (seconds since the epoch);
+    /// tests use it to make tokens that have already expired.
+    pub fn issue_at(&self, who: &UserRef, now: u64) -> anyhow::Result<(Secret<String>, Claims)> {
         let claims = Claims {
             sub: who.user.clone(),
             bank: who.bank.clone(),

@@ -87,7 +87,7 @@ enum Command {
         #[arg(long, value_name = "USER@BANK")]
         to: String,
         /// A decimal amount with at most two fraction digits, like 12.50.
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         amount: String,
         /// The payment's id (a UUID); the same id never pays twice.
         #[arg(long)]
