@@ -3,12 +3,14 @@
 
 use crate::accounts::{hash_password, load_accounts_file, sample_accounts};
 use crate::service::{BankService, only_gateway};
-use crate::store::Store;
+use crate::store::{Store, now_ms};
 use anyhow::Context;
+use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use std::time::Instant;
 use strife_core::Secret;
 use strife_core::limits::MESSAGE_MAX_BYTES;
 use strife_proto::bank::v1::bank_server::BankServer;
@@ -19,6 +21,7 @@ use strife_rpc::{Config, Peer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
 
 /// The file `strife up` writes the gateway's address to.
 pub const GATEWAY_ADDR_FILE: &str = "gateway.addr";
@@ -61,17 +64,23 @@ pub async fn run(
     }
     let decoy_hash = hash_password(&Secret::new(uuid_like()))?;
     let service = BankService::new(Arc::new(Mutex::new(store)), decoy_hash);
+    let open = service.with_store(|s| s.open_legs(i64::MAX, u32::MAX)).await?.len();
+    if open > 0 {
+        tracing::info!(open, "legs prepared and waiting for the gateway's decision");
+    }
 
     let local = listener.local_addr()?;
     let (_health_reporter, health, reflection) =
         strife_rpc::serve::standard_services(&["strife.bank.v1.Bank"]).await?;
     let bank = InterceptedService::new(
-        BankServer::new(service).max_decoding_message_size(MESSAGE_MAX_BYTES),
+        BankServer::new(service.clone()).max_decoding_message_size(MESSAGE_MAX_BYTES),
         only_gateway as fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let registration = tokio::spawn(keep_registered(opts.clone(), tls.clone(), local.to_string(), stop_rx));
+    let registration =
+        tokio::spawn(keep_registered(opts.clone(), tls.clone(), local.to_string(), stop_rx.clone()));
+    let inquiries = tokio::spawn(resolve_in_doubt(opts.clone(), tls.clone(), service, stop_rx));
     strife_rpc::serve::announce_listening(&opts.name, local);
     tracing::info!(bank = %opts.name, %local, data = %data.display(), "bank serving");
     let served = strife_rpc::serve::builder(&tls)?
@@ -82,6 +91,7 @@ pub async fn run(
         .await;
     let _ = stop_tx.send(true);
     let _ = registration.await;
+    let _ = inquiries.await;
     served.context("serving")?;
     tracing::info!("bank stopped");
     Ok(())
@@ -91,7 +101,8 @@ fn uuid_like() -> String {
     strife_core::PaymentId::new_random().to_string()
 }
 
-/// Where the gateway is: `--gateway`, then config, then `DIR/gateway.addr`.
+/// Where the gateway is: `--gateway`, then config, then `DIR/gateway.addr`
+/// (read again each time, so a gateway restarted elsewhere is found).
 fn gateway_address(opts: &BankOptions) -> Option<String> {
     opts.gateway
         .clone()
@@ -101,40 +112,50 @@ fn gateway_address(opts: &BankOptions) -> Option<String> {
         })
 }
 
+/// A channel to the gateway, remade when its address changes.
+struct GatewayLink {
+    opts: BankOptions,
+    tls: Tls,
+    current: Option<(String, Channel)>,
+}
+
+impl GatewayLink {
+    fn channel(&mut self) -> Result<Channel, String> {
+        let addr = gateway_address(&self.opts).ok_or_else(|| {
+            "no gateway address: pass --gateway, set bank.gateway, or start with `strife up`".to_owned()
+        })?;
+        if self.current.as_ref().is_none_or(|(a, _)| *a != addr) {
+            let channel = self
+                .tls
+                .channel(&Peer::Gateway, &addr)
+                .map_err(|e| format!("gateway address '{addr}': {e}"))?;
+            self.current = Some((addr, channel));
+        }
+        self.current.as_ref().map(|(_, c)| c.clone()).ok_or_else(|| "no channel".to_owned())
+    }
+}
+
 /// Registers with the gateway now, and again every interval, which is also
 /// how the bank notices that the gateway restarted (its boot id changes).
 async fn keep_registered(opts: BankOptions, tls: Tls, my_addr: String, mut stop: watch::Receiver<bool>) {
     let interval = Duration::from_millis(opts.config.bank.register_interval_ms);
+    let name = opts.name.clone();
+    let mut link = GatewayLink { opts, tls, current: None };
     let mut boot_id = String::new();
     let mut failing = false;
     let mut backoff = Duration::from_millis(50);
-    let mut channel: Option<(String, tonic::transport::Channel)> = None;
     loop {
-        let outcome = match gateway_address(&opts) {
-            None => {
-                Err("no gateway address: pass --gateway, set bank.gateway, or start with `strife up`".into())
-            }
-            Some(addr) => {
-                if channel.as_ref().is_none_or(|(a, _)| *a != addr) {
-                    channel = tls.channel(&Peer::Gateway, &addr).ok().map(|c| (addr.clone(), c));
-                }
-                match &channel {
-                    None => Err(format!("'{addr}' is not a valid gateway address")),
-                    Some((_, ch)) => {
-                        let mut client = gw::registry_client::RegistryClient::new(ch.clone());
-                        let req =
-                            gw::RegisterBankRequest { name: opts.name.clone(), address: my_addr.clone() };
-                        match tokio::time::timeout(
-                            interval.max(Duration::from_secs(2)),
-                            client.register_bank(req),
-                        )
-                        .await
-                        {
-                            Ok(Ok(resp)) => Ok(resp.into_inner().gateway_boot_id),
-                            Ok(Err(status)) => Err(format!("gateway refused: {}", status.message())),
-                            Err(_) => Err("gateway did not answer in time".to_owned()),
-                        }
-                    }
+        let outcome = match link.channel() {
+            Err(why) => Err(why),
+            Ok(ch) => {
+                let mut client = gw::registry_client::RegistryClient::new(ch);
+                let req = gw::RegisterBankRequest { name: name.clone(), address: my_addr.clone() };
+                match tokio::time::timeout(interval.max(Duration::from_secs(2)), client.register_bank(req))
+                    .await
+                {
+                    Ok(Ok(resp)) => Ok(resp.into_inner().gateway_boot_id),
+                    Ok(Err(status)) => Err(format!("gateway refused: {}", status.message())),
+                    Err(_) => Err("gateway did not answer in time".to_owned()),
                 }
             }
         };
@@ -160,6 +181,76 @@ async fn keep_registered(opts: BankOptions, tls: Tls, my_addr: String, mut stop:
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = stop.changed() => return,
+        }
+    }
+}
+
+/// Most in-doubt legs asked about in one round.
+const INQUIRY_BATCH_MAX: u32 = 256;
+/// Longest wait between two inquiries about the same leg.
+const INQUIRY_BACKOFF_MAX: Duration = Duration::from_secs(30);
+
+/// Asks the gateway for the decision of every leg prepared here that has
+/// waited longer than an inquiry interval, with per-leg backoff, and applies
+/// the answer. A prepared hold is only ever released by a decision.
+async fn resolve_in_doubt(
+    opts: BankOptions,
+    tls: Tls,
+    service: BankService,
+    mut stop: watch::Receiver<bool>,
+) {
+    let interval = Duration::from_millis(opts.config.bank.inquiry_interval_ms);
+    let interval_ms = i64::try_from(opts.config.bank.inquiry_interval_ms).unwrap_or(i64::MAX);
+    let mut link = GatewayLink { opts, tls, current: None };
+    let mut next_try: HashMap<String, (Instant, Duration)> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = stop.changed() => return,
+        }
+        let before = now_ms().saturating_sub(interval_ms);
+        let open = match service.with_store(move |s| s.open_legs(before, INQUIRY_BATCH_MAX)).await {
+            Ok(open) => open,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list legs in doubt");
+                continue;
+            }
+        };
+        next_try.retain(|txn, _| open.contains(txn));
+        let Ok(channel) = link.channel() else { continue };
+        let mut client = gw::registry_client::RegistryClient::new(channel);
+        for txn_id in open {
+            let now = Instant::now();
+            if next_try.get(&txn_id).is_some_and(|(at, _)| *at > now) {
+                continue;
+            }
+            let req = gw::InquireRequest { txn_id: txn_id.clone() };
+            let answer =
+                tokio::time::timeout(interval.max(Duration::from_secs(2)), client.inquire(req)).await;
+            let decision = match answer {
+                Ok(Ok(resp)) => resp.into_inner().decision(),
+                _ => gw::Decision::Unknown,
+            };
+            let t = txn_id.clone();
+            let applied = match decision {
+                gw::Decision::Commit => {
+                    Some(service.with_store(move |s| s.commit(&t)).await.map(|_| "commit"))
+                }
+                gw::Decision::Abort => Some(service.with_store(move |s| s.abort(&t)).await.map(|_| "abort")),
+                gw::Decision::Unknown => None,
+            };
+            match applied {
+                Some(Ok(what)) => {
+                    tracing::info!(%txn_id, decision = what, "resolved an in-doubt leg by inquiry");
+                    next_try.remove(&txn_id);
+                }
+                Some(Err(e)) => tracing::error!(%txn_id, error = %e, "cannot apply the gateway's decision"),
+                None => {
+                    let delay =
+                        next_try.get(&txn_id).map_or(interval, |(_, d)| (*d * 2).min(INQUIRY_BACKOFF_MAX));
+                    next_try.insert(txn_id, (now + delay, delay));
+                }
+            }
         }
     }
 }

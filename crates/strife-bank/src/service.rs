@@ -33,7 +33,7 @@ impl BankService {
         BankService { store, decoy_hash: Arc::new(decoy_hash) }
     }
 
-    async fn with_store<T, F>(&self, f: F) -> Result<T, BankError>
+    pub async fn with_store<T, F>(&self, f: F) -> Result<T, BankError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Store) -> Result<T, BankError> + Send + 'static,
@@ -139,6 +139,7 @@ impl pb::bank_server::Bank for BankService {
             amount_minor: amount.minor(),
         };
         let vote = self.with_store(move |s| s.prepare(&leg)).await?;
+        strife_rpc::fault::crash_point("bank.after_prepare");
         let (vote, reason) = match vote {
             Vote::Yes => (pb::Vote::Yes, String::new()),
             Vote::No(r) => (pb::Vote::No, r.code().to_owned()),
@@ -149,7 +150,9 @@ impl pb::bank_server::Bank for BankService {
     async fn commit(&self, req: Request<pb::CommitRequest>) -> Result<Response<pb::CommitResponse>, Status> {
         let txn_id = req.into_inner().txn_id;
         check_txn_id(&txn_id)?;
+        strife_rpc::fault::crash_point("bank.before_commit");
         self.with_store(move |s| s.commit(&txn_id)).await?;
+        strife_rpc::fault::crash_point("bank.after_commit");
         Ok(Response::new(pb::CommitResponse {}))
     }
 
@@ -179,6 +182,7 @@ impl pb::bank_server::Bank for BankService {
             legs: legs.into_iter().map(entry).collect(),
             total_balance_minor: totals.balance_minor,
             total_held_minor: totals.held_minor,
+            total_opening_minor: totals.opening_minor,
             accounts: totals.accounts,
         }))
     }

@@ -21,7 +21,9 @@ CREATE TABLE IF NOT EXISTS accounts (
     -- money on hold for prepared debits: not available, not yet gone
     held_minor    INTEGER NOT NULL DEFAULT 0 CHECK (held_minor >= 0 AND held_minor <= balance_minor),
     -- money of prepared credits: not yet here, but reserved against the maximum
-    incoming_minor INTEGER NOT NULL DEFAULT 0 CHECK (incoming_minor >= 0)
+    incoming_minor INTEGER NOT NULL DEFAULT 0 CHECK (incoming_minor >= 0),
+    -- the balance the account was created with, for the audit's conservation check
+    opening_minor INTEGER NOT NULL
 ) STRICT;
 CREATE TABLE IF NOT EXISTS legs (
     txn_id       TEXT PRIMARY KEY,
@@ -109,6 +111,10 @@ pub struct Totals {
     pub accounts: u32,
     pub balance_minor: i64,
     pub held_minor: i64,
+    /// What the accounts held when created: the sum of balances must equal
+    /// the sum of opening balances plus committed credits from other banks
+    /// minus committed debits to them.
+    pub opening_minor: i64,
 }
 
 pub struct Store {
@@ -119,7 +125,7 @@ pub struct Store {
     bank: String,
 }
 
-fn now_ms() -> i64 {
+pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
@@ -152,7 +158,7 @@ impl Store {
             }
             let hash = hash_password(&a.password)?;
             tx.execute(
-                "INSERT INTO accounts (user, password_hash, balance_minor) VALUES (?1, ?2, ?3)",
+                "INSERT INTO accounts (user, password_hash, balance_minor, opening_minor) VALUES (?1, ?2, ?3, ?3)",
                 params![a.user, hash, a.balance_minor],
             )?;
             created += 1;
@@ -381,17 +387,28 @@ impl Store {
             .map(|r| r.map_err(BankError::from).and_then(|l| l))
             .collect::<Result<Vec<_>, _>>()?;
         let totals = self.conn.query_row(
-            "SELECT COUNT(*), COALESCE(SUM(balance_minor), 0), COALESCE(SUM(held_minor), 0) FROM accounts",
+            "SELECT COUNT(*), COALESCE(SUM(balance_minor), 0), COALESCE(SUM(held_minor), 0),
+                    COALESCE(SUM(opening_minor), 0) FROM accounts",
             [],
-            |r| Ok(Totals { accounts: r.get(0)?, balance_minor: r.get(1)?, held_minor: r.get(2)? }),
+            |r| {
+                Ok(Totals {
+                    accounts: r.get(0)?,
+                    balance_minor: r.get(1)?,
+                    held_minor: r.get(2)?,
+                    opening_minor: r.get(3)?,
+                })
+            },
         )?;
         Ok((legs, totals))
     }
 
-    /// Transaction ids of legs prepared here and not yet decided.
-    pub fn open_legs(&self) -> Result<Vec<String>, BankError> {
-        let mut stmt = self.conn.prepare_cached("SELECT txn_id FROM legs WHERE state = 'prepared'")?;
-        let rows = stmt.query_map([], |r| r.get(0))?;
+    /// Transaction ids of legs prepared here before `before_ms` and not yet
+    /// decided, oldest first, at most `limit`.
+    pub fn open_legs(&self, before_ms: i64, limit: u32) -> Result<Vec<String>, BankError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT txn_id FROM legs WHERE state = 'prepared' AND prepared_at < ?1 ORDER BY prepared_at LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![before_ms, limit], |r| r.get(0))?;
         Ok(rows.collect::<Result<Vec<String>, _>>()?)
     }
 
@@ -473,7 +490,7 @@ mod tests {
         assert!(s.commit("t1").is_err());
         s.abort("t9").expect("abort of an unknown payment");
         assert_eq!(s.prepare(&leg("t9", "a", "b", 10)).expect("late"), Vote::No(DeclineReason::Timeout));
-        assert!(s.open_legs().expect("open").is_empty());
+        assert!(s.open_legs(i64::MAX, 10).expect("open").is_empty());
     }
 
     #[test]

@@ -443,6 +443,41 @@ impl Client {
         }
     }
 
+    /// The outcome of one of the session's payments, by id.
+    pub async fn payment(&self, id: &str) -> Result<Reply, CliError> {
+        let session = self.session()?;
+        let id: PaymentId =
+            id.parse().map_err(|e: strife_core::NameError| CliError::new(Exit::Invalid, e.to_string()))?;
+        let mut client = pb::payments_client::PaymentsClient::new(self.channel().await?);
+        let resp = client
+            .get_payment(with_token(pb::GetPaymentRequest { payment_id: id.to_string() }, &session)?)
+            .await
+            .map_err(|s| CliError::from_status(&s))?
+            .into_inner();
+        let p = resp.payment.ok_or_else(|| CliError::unexpected("the gateway sent no payment"))?;
+        let status = match p.status() {
+            pb::PaymentStatus::Committed => "committed",
+            pb::PaymentStatus::Declined => "declined",
+            _ => "pending",
+        };
+        let reason = (!p.reason.is_empty()).then_some(p.reason.as_str());
+        Ok(Reply::done(
+            json!({
+                "payment_id": p.payment_id, "direction": p.direction, "counterparty": p.counterparty,
+                "amount": p.amount, "status": status, "reason": reason, "at": p.at,
+            }),
+            format!(
+                "Payment {}: {} {} {}, {status}{} at {}",
+                p.payment_id,
+                p.amount,
+                if p.direction == "sent" { "to" } else { "from" },
+                p.counterparty,
+                reason.map(|r| format!(" ({r})")).unwrap_or_default(),
+                p.at
+            ),
+        ))
+    }
+
     /// The gateway's view of the cluster.
     pub async fn status(&self) -> Result<Reply, CliError> {
         let mut client = pb::admin_client::AdminClient::new(self.channel().await?);

@@ -182,6 +182,7 @@ impl Gateway {
             return replay(&req, &existing);
         }
         let txn_id = record.txn_id.clone();
+        strife_rpc::fault::crash_point("gateway.after_begin");
 
         let payer_bank = self.bank(&req.payer.bank);
         let payee_bank = self.bank(&req.payee.bank);
@@ -230,31 +231,37 @@ impl Gateway {
         })
         .await;
         let refusal = votes.into_iter().flatten().next();
-        let (decision, reason) = match refusal {
+        let (wanted, mut reason) = match refusal {
             None => (PaymentState::Committed, None),
             Some(r) => (PaymentState::Aborted, Some(r)),
         };
+        strife_rpc::fault::crash_point("gateway.before_decision");
 
-        // The decision is durable before any bank hears it.
+        // The decision is durable before any bank hears it. A bank's inquiry
+        // may have aborted the payment first (past its deadline): then that
+        // decision stands.
         let t = txn_id.clone();
-        let decided = self.with_store(move |s| s.decide(&t, decision, reason)).await?;
-        if decided != decision {
-            return Err(GatewayError::Internal(format!("payment {txn_id} was decided twice")));
+        let decision = self.with_store(move |s| s.decide(&t, wanted, reason)).await?;
+        if decision != wanted {
+            tracing::warn!(%txn_id, "the payment passed its deadline before the votes were in; it stays aborted");
+            reason = Some(DeclineReason::Timeout);
         }
+        strife_rpc::fault::crash_point("gateway.after_decision");
 
         // Phase two. The answer does not wait past the commit timeout: the
         // decision is already durable, and the finisher delivers the rest.
         let delivered =
             tokio::time::timeout(self.config.commit_timeout(), self.deliver(&txn_id, decision, &banks)).await;
+        strife_rpc::fault::crash_point("gateway.after_commit_sent");
         if delivered == Ok(true) {
             let t = txn_id.clone();
             self.with_store(move |s| s.mark_acked(&t)).await?;
         } else {
             self.finisher_wake.notify_one();
         }
-        let outcome = match reason {
-            None => Outcome::Committed,
-            Some(r) => Outcome::Declined(r),
+        let outcome = match (decision, reason) {
+            (PaymentState::Committed, _) => Outcome::Committed,
+            (_, r) => Outcome::Declined(r.unwrap_or(DeclineReason::Timeout)),
         };
         tracing::info!(%txn_id, payment_id = %req.payment_id, decision = decision.as_str(), reason = reason.map(|r| r.code()), "payment decided");
         Ok(PayOutcome { outcome, replayed: false })
@@ -349,6 +356,25 @@ impl Gateway {
                 tracing::info!(txn_id = %p.txn_id, decision = p.state.as_str(), "decision delivered to every bank");
             }
         }
+    }
+
+    /// A bank asks for the decision of a payment it prepared. Answers from
+    /// the log; a payment still undecided past its deadline is first
+    /// aborted durably, so that it can never commit later. No record means
+    /// abort (presumed abort). `None` means "not decided yet, ask again".
+    pub async fn inquire(&self, txn_id: String) -> Result<Option<PaymentState>, GatewayError> {
+        let now = now_ms();
+        self.with_store(move |s| {
+            let Some(p) = s.find_txn(&txn_id)? else { return Ok(Some(PaymentState::Aborted)) };
+            match p.state {
+                PaymentState::Preparing if now < p.deadline_at_ms => Ok(None),
+                PaymentState::Preparing => {
+                    s.decide(&txn_id, PaymentState::Aborted, Some(DeclineReason::Timeout)).map(Some)
+                }
+                decided => Ok(Some(decided)),
+            }
+        })
+        .await
     }
 
     /// Waits (bounded) for payments in flight to finish, at shutdown.

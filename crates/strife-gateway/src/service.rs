@@ -232,6 +232,20 @@ impl pb::registry_server::Registry for RegistryService {
         }
         Ok(Response::new(pb::RegisterBankResponse { gateway_boot_id: self.gateway.boot_id.clone() }))
     }
+
+    async fn inquire(
+        &self,
+        req: Request<pb::InquireRequest>,
+    ) -> Result<Response<pb::InquireResponse>, Status> {
+        let txn_id = req.into_inner().txn_id;
+        txn_id.parse::<PaymentId>().map_err(|_| GatewayError::Invalid("txn_id must be a UUID".into()))?;
+        let decision = match self.gateway.inquire(txn_id).await? {
+            None => pb::Decision::Unknown,
+            Some(PaymentState::Committed) => pb::Decision::Commit,
+            Some(_) => pb::Decision::Abort,
+        };
+        Ok(Response::new(pb::InquireResponse { decision: decision.into() }))
+    }
 }
 
 #[derive(Clone)]

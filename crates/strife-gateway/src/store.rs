@@ -146,6 +146,14 @@ impl Store {
             .optional()
     }
 
+    /// The payment with this 2PC transaction id, if any.
+    pub fn find_txn(&self, txn_id: &str) -> rusqlite::Result<Option<PaymentRecord>> {
+        self.conn
+            .prepare_cached(&format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE txn_id = ?1"))?
+            .query_row([txn_id], payment_from_row)
+            .optional()
+    }
+
     /// Records a new payment as `preparing`. Returns the existing record
     /// instead when the customer already used this payment id.
     pub fn begin_payment(&mut self, p: &PaymentRecord) -> rusqlite::Result<Result<(), PaymentRecord>> {

@@ -3,6 +3,7 @@
 //! reflection. No business logic lives here.
 
 pub mod config;
+pub mod fault;
 pub mod identity;
 pub mod pki;
 pub mod serve;

@@ -1,6 +1,7 @@
 //! `strife`: every program of the system is a subcommand of this binary.
 //! `main` parses flags, sets up logging and hands over to the crates.
 
+mod audit;
 mod up;
 
 use clap::{Args, Parser, Subcommand};
@@ -108,6 +109,13 @@ enum Command {
     Shell,
     /// What the gateway knows: banks and payment counts.
     Status,
+    /// The outcome of one of your payments, by id.
+    Payment {
+        #[arg(long)]
+        id: String,
+    },
+    /// Cross-check the gateway's payments against every bank's ledger (exit 0 when all agree).
+    Audit,
 }
 
 #[derive(Subcommand, Debug, Clone, Copy)]
@@ -157,7 +165,7 @@ fn emit(reply: &Reply, json: bool) -> i32 {
         if !reply.text.is_empty() {
             println!("{}", reply.text);
         }
-    } else if matches!(reply.exit, Exit::Declined | Exit::Queued) {
+    } else if matches!(reply.exit, Exit::Declined | Exit::Queued) || reply.json.get("problems").is_some() {
         println!("{}", reply.text);
     } else {
         eprintln!("{}", reply.text);
@@ -189,6 +197,7 @@ fn run(cli: Cli) -> Result<Reply, CliError> {
             Ok(Reply::done(serde_json::json!({"stopped": true}), ""))
         }
         Command::Certs(cmd) => certs(&dir, cmd).map_err(fatal),
+        Command::Audit => audit::run(&dir).map_err(fatal),
         Command::Gateway { listen, config } => {
             let config = Config::load(&dir, config.as_deref()).map_err(fatal)?;
             strife_rpc::telemetry::init("gateway", &dir, &config.log.level).map_err(fatal)?;
@@ -280,6 +289,7 @@ async fn client_command(client: &mut Client, command: Command) -> Result<Reply, 
             OutboxAction::Watch => client.outbox_watch(strife_rpc::serve::shutdown_signal()).await,
         },
         Command::Status => client.status().await,
+        Command::Payment { id } => client.payment(&id).await,
         other => Err(CliError::unexpected(format!("{other:?} is not a client command"))),
     }
 }

@@ -95,9 +95,13 @@ fn tokens_are_checked_and_logout_revokes_durably() {
         }
         // A token signed with another key, and one with tampered claims.
         let who = strife_core::UserRef::new("user2", "BankB").expect("name");
-        let foreign = strife_gateway::tokens::TokenKeys::new("k".into(), &strife_core::Secret::new(vec![7; 32]), 60);
+        let foreign =
+            strife_gateway::tokens::TokenKeys::new("k".into(), &strife_core::Secret::new(vec![7; 32]), 60);
         let forged = foreign.issue(&who).expect("forge").0;
-        assert_eq!(grpc::balance(&ch, forged.expose()).await.expect_err("forged").code(), Code::Unauthenticated);
+        assert_eq!(
+            grpc::balance(&ch, forged.expose()).await.expect_err("forged").code(),
+            Code::Unauthenticated
+        );
         let parts: Vec<&str> = token.split('.').collect();
         let tampered = format!("{}.{}.{}", parts[0], parts[1].replacen('e', "f", 1), parts[2]);
         assert_eq!(grpc::balance(&ch, &tampered).await.expect_err("tampered").code(), Code::Unauthenticated);
@@ -159,7 +163,10 @@ fn the_api_refuses_bad_requests_with_the_right_status() {
         // A message over the size limit is refused before it is read.
         let huge = "9".repeat(100 * 1024);
         let e = grpc::pay(&ch, &token, &grpc::new_id(), "user2", "BankB", &huge).await.expect_err("huge");
-        assert!(matches!(e.code(), Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument), "{e:?}");
+        assert!(
+            matches!(e.code(), Code::OutOfRange | Code::ResourceExhausted | Code::InvalidArgument),
+            "{e:?}"
+        );
         // Oversized login fields.
         let e = grpc::login(&ch, "BankA", &"u".repeat(65), "x").await.expect_err("long user");
         assert_eq!(e.code(), Code::InvalidArgument);
@@ -192,7 +199,8 @@ fn identities_are_enforced_by_certificate() {
             .await
             .expect("TLS itself is fine");
         let mut bank = bankpb::bank_client::BankClient::new(ch);
-        let e = bank.commit(bankpb::CommitRequest { txn_id: grpc::new_id() }).await.expect_err("client->bank");
+        let e =
+            bank.commit(bankpb::CommitRequest { txn_id: grpc::new_id() }).await.expect_err("client->bank");
         assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
         let e = bank
             .get_balance(bankpb::GetBalanceRequest { user: "user1".into() })
@@ -264,7 +272,11 @@ fn identities_are_enforced_by_certificate() {
         assert!(refused, "a certificate from a foreign CA");
     });
     // The CLI with a foreign PKI cannot reach the gateway either (exit 1, no session made).
-    let r = run_cli(&foreign.0, &["--gateway", &gw, "login", "--bank", "BankA", "--user", "user1"], &[("STRIFE_PASSWORD", "pass1")]);
+    let r = run_cli(
+        &foreign.0,
+        &["--gateway", &gw, "login", "--bank", "BankA", "--user", "user1"],
+        &[("STRIFE_PASSWORD", "pass1")],
+    );
     assert_eq!(r.code, 1, "{r:?}");
 }
 

@@ -280,3 +280,45 @@ pub fn minor(text: &str) -> i64 {
     let sign = if w.starts_with('-') { -1 } else { 1 };
     sign * (w.trim_start_matches('-').parse::<i64>().expect("whole") * 100 + f.parse::<i64>().expect("cents"))
 }
+
+/// Runs `strife audit` until it reports that everything agrees; returns its
+/// JSON. Panics with the last report if it does not within the bound.
+pub fn wait_audit_ok(dir: &Path) -> Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = run_cli(dir, &["--json", "audit"], &[]);
+        if r.code == 0 {
+            return r.json();
+        }
+        assert!(Instant::now() < deadline, "the cluster never converged: {}", r.stdout);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A small seeded PRNG (SplitMix64) so a failing fault run can be replayed.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+/// The seed from `var`, or a fresh one; printed so a failure can be replayed.
+pub fn seed_from_env(var: &str) -> u64 {
+    let seed = std::env::var(var).ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    eprintln!("{var}={seed} (set it to replay this run)");
+    seed
+}

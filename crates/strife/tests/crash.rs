@@ -1,0 +1,146 @@
+//! For each crash point: crash the process there (like kill -9), restart it,
+//! and check that the payment converges to one outcome at the gateway and at
+//! both banks, the customer learns that outcome by replaying the id, and
+//! money moved exactly once or not at all.
+
+mod common;
+
+use common::*;
+
+/// Fast timeouts so that a test does not wait seconds for each phase.
+const FAST: &[(&str, &str)] = &[
+    ("STRIFE_GATEWAY_PREPARE_TIMEOUT_MS", "1500"),
+    ("STRIFE_GATEWAY_COMMIT_TIMEOUT_MS", "500"),
+    ("STRIFE_GATEWAY_PAYMENT_DEADLINE_MS", "3000"),
+    ("STRIFE_BANK_INQUIRY_INTERVAL_MS", "200"),
+    ("STRIFE_BANK_REGISTER_INTERVAL_MS", "200"),
+];
+
+enum Victim {
+    Gateway,
+    /// The payer's bank.
+    BankA,
+}
+
+fn crash_and_recover(point: &str, victim: Victim) -> &'static str {
+    let dir = TempDir::new("crash");
+    let d = &dir.0;
+    assert_eq!(run_cli(d, &["certs", "init"], &[]).code, 0);
+    let mut crash_env: Vec<(&str, &str)> = FAST.to_vec();
+    crash_env.push(("STRIFE_CRASH_AT", point));
+    let gw_env: &[(&str, &str)] = if matches!(victim, Victim::Gateway) { &crash_env } else { FAST };
+    let a_env: &[(&str, &str)] = if matches!(victim, Victim::BankA) { &crash_env } else { FAST };
+    let mut gateway = start_gateway(d, "127.0.0.1:0", gw_env);
+    let gw = gateway.addr.clone();
+    let mut bank_a = start_bank(d, "BankA", &gw, a_env);
+    let _bank_b = start_bank(d, "BankB", &gw, FAST);
+    let cluster_check = |names: &[&str]| {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let r = run_cli(d, &["--json", "status"], &[]);
+            if r.code == 0
+                && names.iter().all(|n| {
+                    r.json()["banks"]
+                        .as_array()
+                        .is_some_and(|b| b.iter().any(|x| x["name"] == *n && x["reachable"] == true))
+                })
+            {
+                return;
+            }
+            assert!(std::time::Instant::now() < deadline, "banks never registered");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    cluster_check(&["BankA", "BankB"]);
+    for (u, b, p) in [("user1", "BankA", "pass1"), ("user2", "BankB", "pass2")] {
+        let r = run_cli(d, &["login", "--bank", b, "--user", u], &[("STRIFE_PASSWORD", p)]);
+        assert_eq!(r.code, 0, "{r:?}");
+    }
+    let id = strife_core::PaymentId::new_random().to_string();
+    let pay = [
+        "--json",
+        "--as",
+        "user1@BankA",
+        "pay",
+        "--to",
+        "user2@BankB",
+        "--amount",
+        "10.00",
+        "--id",
+        id.as_str(),
+    ];
+    let first = run_cli(d, &pay, &[]);
+
+    // The victim died at the crash point; bring it back without the fault.
+    match victim {
+        Victim::Gateway => {
+            let code = wait_exit(&mut gateway.child);
+            assert_eq!(code, None, "the gateway died by a signal at {point}");
+            gateway = start_gateway(d, &gw, FAST);
+        }
+        Victim::BankA => {
+            let code = wait_exit(&mut bank_a.child);
+            assert_eq!(code, None, "BankA died by a signal at {point}");
+            bank_a = start_bank(d, "BankA", &gw, FAST);
+        }
+    }
+    cluster_check(&["BankA", "BankB"]);
+    let audit = wait_audit_ok(d);
+    assert_eq!(audit["conserved"], true);
+
+    // The customer asks again with the same id and gets the outcome; money moved at most once.
+    let again = run_cli(d, &pay, &[]);
+    let status = again.json()["status"].as_str().expect("status").to_owned();
+    assert!(status == "committed" || status == "declined", "{again:?}");
+    if first.code == 0 || first.code == 3 {
+        assert_eq!(first.json()["status"], status.as_str(), "the first answer was already the truth");
+    } else {
+        assert_eq!(first.code, 4, "the first attempt was queued: {first:?}");
+    }
+    assert_eq!(again.json()["replayed"], true, "{again:?}");
+    let balance = |who: &str| run_cli(d, &["--json", "--as", who, "balance"], &[]).json()["balance"].clone();
+    let (payer, payee) = if status == "committed" { ("990.00", "2010.00") } else { ("1000.00", "2000.00") };
+    assert_eq!(balance("user1@BankA"), payer, "{point}");
+    assert_eq!(balance("user2@BankB"), payee, "{point}");
+    // The queued first attempt, flushed, agrees too.
+    let r = run_cli(d, &["--json", "outbox", "flush"], &[]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(balance("user1@BankA"), payer, "flushing the outbox moved nothing more");
+    drop((gateway, bank_a));
+    if status == "committed" { "committed" } else { "declined" }
+}
+
+#[test]
+fn gateway_crash_after_recording_the_payment_aborts_it() {
+    assert_eq!(crash_and_recover("gateway.after_begin", Victim::Gateway), "declined");
+}
+
+#[test]
+fn gateway_crash_before_deciding_aborts_and_releases_holds() {
+    assert_eq!(crash_and_recover("gateway.before_decision", Victim::Gateway), "declined");
+}
+
+#[test]
+fn gateway_crash_after_forcing_commit_still_commits() {
+    assert_eq!(crash_and_recover("gateway.after_decision", Victim::Gateway), "committed");
+}
+
+#[test]
+fn gateway_crash_after_sending_commit_still_commits() {
+    assert_eq!(crash_and_recover("gateway.after_commit_sent", Victim::Gateway), "committed");
+}
+
+#[test]
+fn bank_crash_after_voting_yes_aborts_and_releases_the_hold() {
+    assert_eq!(crash_and_recover("bank.after_prepare", Victim::BankA), "declined");
+}
+
+#[test]
+fn bank_crash_before_applying_commit_applies_it_after_restart() {
+    assert_eq!(crash_and_recover("bank.before_commit", Victim::BankA), "committed");
+}
+
+#[test]
+fn bank_crash_after_applying_commit_keeps_it() {
+    assert_eq!(crash_and_recover("bank.after_commit", Victim::BankA), "committed");
+}
