@@ -351,6 +351,17 @@ impl Client {
         Ok(Reply::done(json, text.trim_end().to_owned()))
     }
 
+    /// One quiet try for every queued payment whose customer is logged in
+    /// (outcomes are recorded as not yet shown).
+    pub async fn send_pending_once(&mut self) {
+        let Ok(pending) = self.state.pending() else { return };
+        for p in pending {
+            if matches!(self.send(&p, false).await, Ok(Sent::Queued(_)) | Err(_)) {
+                return;
+            }
+        }
+    }
+
     /// Sends every queued payment now: up to `retry_burst_max` tries each
     /// while the gateway is unreachable, with backoff and jitter between.
     pub async fn outbox_flush(&mut self) -> Result<Reply, CliError> {

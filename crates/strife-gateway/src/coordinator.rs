@@ -37,6 +37,12 @@ pub struct PayRequest {
 }
 
 impl PayRequest {
+    /// SHA-256 of the canonical encoding of what the customer asked for.
+    pub fn fingerprint(&self) -> Vec<u8> {
+        let canonical = format!("strife.pay.v1\n{}\n{}\n{}", self.payer, self.payee, self.amount.minor());
+        ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes()).as_ref().to_vec()
+    }
+
     /// Names the fields in which `record` differs from this request.
     fn differences(&self, payee: &UserRef, amount_minor: i64) -> Vec<&'static str> {
         let mut out = Vec::new();
@@ -176,6 +182,7 @@ impl Gateway {
             acked: false,
             created_at_ms: now,
             deadline_at_ms: now.saturating_add(deadline_ms),
+            fingerprint: req.fingerprint(),
         };
         let begin = record.clone();
         if let Err(existing) = self.with_store(move |s| s.begin_payment(&begin)).await? {
@@ -399,8 +406,11 @@ fn id_reused(id: &PaymentId, fields: &[&str]) -> GatewayError {
 
 /// The answer for a payment id seen before.
 fn replay(req: &PayRequest, existing: &PaymentRecord) -> Result<PayOutcome, GatewayError> {
-    let diff = req.differences(&existing.payee, existing.amount_minor);
-    if !diff.is_empty() {
+    if existing.fingerprint != req.fingerprint() {
+        let mut diff = req.differences(&existing.payee, existing.amount_minor);
+        if diff.is_empty() {
+            diff.push("request");
+        }
         return Err(id_reused(&req.payment_id, &diff));
     }
     let outcome = match existing.state {

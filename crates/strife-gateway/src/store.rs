@@ -19,6 +19,9 @@ CREATE TABLE IF NOT EXISTS payments (
     payee_user   TEXT NOT NULL,
     payee_bank   TEXT NOT NULL,
     amount_minor INTEGER NOT NULL CHECK (amount_minor > 0),
+    -- SHA-256 of the canonical request (payer, payee, amount): the
+    -- idempotency check compares it before naming the fields that differ
+    fingerprint  BLOB NOT NULL,
     state        TEXT NOT NULL CHECK (state IN ('preparing', 'committed', 'aborted')),
     reason       TEXT,
     -- 1 once every bank involved acknowledged the decision
@@ -85,10 +88,12 @@ pub struct PaymentRecord {
     pub acked: bool,
     pub created_at_ms: i64,
     pub deadline_at_ms: i64,
+    /// SHA-256 of the canonical encoding of the request.
+    pub fingerprint: Vec<u8>,
 }
 
 const PAYMENT_COLUMNS: &str = "txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor, \
-                               state, reason, acked, created_at, deadline_at";
+                               state, reason, acked, created_at, deadline_at, fingerprint";
 
 fn payment_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PaymentRecord> {
     let reason: Option<String> = r.get(8)?;
@@ -103,6 +108,7 @@ fn payment_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PaymentRecord> {
         acked: r.get::<_, i64>(9)? != 0,
         created_at_ms: r.get(10)?,
         deadline_at_ms: r.get(11)?,
+        fingerprint: r.get(12)?,
     })
 }
 
@@ -168,7 +174,7 @@ impl Store {
             return Ok(Err(existing));
         }
         tx.execute(
-            &format!("INSERT INTO payments ({PAYMENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)"),
+            &format!("INSERT INTO payments ({PAYMENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
             params![
                 p.txn_id,
                 p.payment_id,
@@ -182,6 +188,7 @@ impl Store {
                 i64::from(p.acked),
                 p.created_at_ms,
                 p.deadline_at_ms,
+                p.fingerprint,
             ],
         )?;
         tx.commit()?;

@@ -42,11 +42,12 @@ mod imp {
             };
             Some((name, nth))
         });
-        if let Some((name, nth)) = target {
-            if name == point && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *nth {
-                eprintln!("strife: crash point {point} reached; aborting");
-                std::process::abort();
-            }
+        if let Some((name, nth)) = target
+            && name == point
+            && HITS.fetch_add(1, Ordering::SeqCst) + 1 == *nth
+        {
+            eprintln!("strife: crash point {point} reached; aborting");
+            std::process::abort();
         }
     }
 }

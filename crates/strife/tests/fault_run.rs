@@ -112,7 +112,7 @@ fn payments_survive_kills_and_pauses() {
         let mut tasks = Vec::new();
         for (n, (user, bank)) in payers.into_iter().enumerate() {
             let (ch, stop, sent) = (ch.clone(), stop.clone(), sent.clone());
-            let mut rng = Rng(seed ^ (n as u64 + 1) * 0x1234_5678);
+            let mut rng = Rng(seed ^ ((n as u64 + 1) * 0x1234_5678));
             tasks.push(tokio::spawn(async move {
                 let password = format!("pass{}", &user[4..]);
                 let token = loop {
@@ -166,7 +166,8 @@ fn payments_survive_kills_and_pauses() {
     // Heal: everything runs again; wait for the cluster to converge.
     let healed = Instant::now();
     let c = {
-        let (gateway, banks) = Arc::try_unwrap(procs).ok().expect("procs").into_inner().expect("lock");
+        let Ok(procs) = Arc::try_unwrap(procs) else { panic!("the chaos thread still holds the processes") };
+        let (gateway, banks) = procs.into_inner().expect("lock");
         Cluster { dir: tmp, gateway, banks, bank_names: vec!["BankA".into(), "BankB".into()] }
     };
     c.wait_registered();
@@ -174,7 +175,7 @@ fn payments_survive_kills_and_pauses() {
     let converge = healed.elapsed();
 
     // Every id's outcome, asked again: a client's final answer never changes.
-    let mut sent = Arc::try_unwrap(sent).ok().expect("sent").into_inner().expect("lock");
+    let mut sent = Arc::try_unwrap(sent).expect("sent").into_inner().expect("lock");
     let (mut committed, mut declined, mut unknown) = (0, 0, 0);
     rt.block_on(async {
         let ch = grpc::client_channel(c.path(), &c.gateway.addr).await;

@@ -96,8 +96,11 @@ pub fn spawn_until(
     marker: &str,
     envs: &[(&str, &str)],
 ) -> (Child, String, mpsc::Receiver<String>) {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let err_path = dir.join(format!("stderr-{}.log", N.fetch_add(1, Ordering::SeqCst)));
+    let err_file = std::fs::File::create(&err_path).expect("stderr file");
     let mut cmd = Command::new(BIN);
-    cmd.arg("--dir").arg(dir).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+    cmd.arg("--dir").arg(dir).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(err_file);
     for (k, v) in envs {
         cmd.env(k, v);
     }
@@ -121,7 +124,8 @@ pub fn spawn_until(
             Err(_) => {
                 let _ = child.kill();
                 let status = child.wait().ok();
-                panic!("strife {args:?} never printed {marker:?} (exit {status:?})");
+                let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+                panic!("strife {args:?} never printed {marker:?} (exit {status:?}); stderr:\n{err}");
             }
         }
     }

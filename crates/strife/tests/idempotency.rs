@@ -1,0 +1,245 @@
+//! Exactly once from the customer's side: one payment id runs once, however
+//! often and however concurrently it is sent, across restarts; the outbox
+//! keeps payments through outages, crashes and expired sessions.
+
+mod common;
+
+use common::grpc;
+use common::*;
+use nix::sys::signal::Signal;
+use tonic::Code;
+
+#[test]
+fn sixteen_concurrent_copies_move_money_once() {
+    let c = Cluster::start(&["BankA", "BankB"]);
+    let rt = grpc::runtime();
+    let (dir, addr) = (c.path().to_path_buf(), c.gateway.addr.clone());
+    let answers = rt.block_on(async move {
+        let ch = grpc::client_channel(&dir, &addr).await;
+        let token = grpc::login(&ch, "BankA", "user1", "pass1").await.expect("login");
+        let id = grpc::new_id();
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let (ch, token, id) = (ch.clone(), token.clone(), id.clone());
+                tokio::spawn(async move {
+                    grpc::pay(&ch, &token, &id, "user2", "BankB", "30.00").await.expect("pay")
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.expect("task"));
+        }
+        out
+    });
+    assert!(answers.iter().all(|a| a.status == 1), "all 16 committed: {answers:?}");
+    assert_eq!(answers.iter().filter(|a| a.replayed).count(), 15, "15 are replays");
+    c.login("user1", "BankA");
+    c.login("user2", "BankB");
+    assert_eq!(c.balance("user1@BankA").0, 100_000 - 3_000);
+    assert_eq!(c.balance("user2@BankB").0, 200_000 + 3_000);
+}
+
+#[test]
+fn replays_survive_restarts_and_a_declined_id_stays_declined() {
+    let mut c = Cluster::start(&["BankA", "BankB"]);
+    c.login("user1", "BankA");
+    c.login("user2", "BankB");
+    c.login("user3", "BankA");
+    let ok_id = strife_core::PaymentId::new_random().to_string();
+    let big_id = strife_core::PaymentId::new_random().to_string();
+    let dir = c.path().to_path_buf();
+    let pay = |id: &str, amount: &str| {
+        run_cli(
+            &dir,
+            &["--json", "--as", "user1@BankA", "pay", "--to", "user2@BankB", "--amount", amount, "--id", id],
+            &[],
+        )
+    };
+    let r = pay(&ok_id, "25");
+    assert_eq!((r.code, r.json()["replayed"].as_bool()), (0, Some(false)), "{r:?}");
+    let r = pay(&big_id, "1500");
+    assert_eq!((r.code, r.json()["reason"].as_str()), (3, Some("insufficient_funds")), "{r:?}");
+
+    // After a gateway restart.
+    c.restart_gateway();
+    let r = pay(&ok_id, "25");
+    assert_eq!(
+        (r.code, r.json()["status"].as_str(), r.json()["replayed"].as_bool()),
+        (0, Some("committed"), Some(true))
+    );
+    // After restarting the payer's bank.
+    let i = c.bank_index("BankA");
+    c.banks[i].stop();
+    c.banks[i] = start_bank(c.path(), "BankA", &c.gateway.addr, &[]);
+    c.wait_registered();
+    let r = pay(&ok_id, "25");
+    assert_eq!((r.code, r.json()["replayed"].as_bool()), (0, Some(true)), "{r:?}");
+
+    // The funds that were missing arrive; the declined id stays declined.
+    let r = c.pay("user3@BankA", "user1@BankA", "1000");
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = pay(&big_id, "1500");
+    assert_eq!(
+        (r.code, r.json()["reason"].as_str(), r.json()["replayed"].as_bool()),
+        (3, Some("insufficient_funds"), Some(true))
+    );
+    assert_eq!(c.balance("user1@BankA").0, 100_000 - 2_500 + 100_000);
+    assert_eq!(c.balance("user2@BankB").0, 200_000 + 2_500);
+    // The status query by id tells the same.
+    let r = c.cli(&["--json", "--as", "user1@BankA", "payment", "--id", &ok_id]);
+    assert_eq!((r.code, r.json()["status"].as_str()), (0, Some("committed")), "{r:?}");
+}
+
+#[test]
+fn the_same_id_for_another_payment_is_refused_naming_the_field() {
+    let c = Cluster::start(&["BankA", "BankB"]);
+    c.login("user1", "BankA");
+    c.login("user2", "BankB");
+    let id = strife_core::PaymentId::new_random().to_string();
+    let pay = |to: &str, amount: &str| {
+        c.cli(&["--json", "--as", "user1@BankA", "pay", "--to", to, "--amount", amount, "--id", &id])
+    };
+    assert_eq!(pay("user2@BankB", "10").code, 0);
+    let r = pay("user2@BankB", "11");
+    assert_eq!((r.code, r.json()["error"].as_str()), (7, Some("payment_id_reused")), "{r:?}");
+    assert!(r.json()["message"].as_str().is_some_and(|m| m.contains("amount differs")), "{r:?}");
+    let r = pay("user3@BankB", "10");
+    assert_eq!(r.code, 7, "{r:?}");
+    assert!(r.json()["message"].as_str().is_some_and(|m| m.contains("payee differs")), "{r:?}");
+    // Over the API too: FAILED_PRECONDITION.
+    let rt = grpc::runtime();
+    rt.block_on(async {
+        let ch = grpc::client_channel(c.path(), &c.gateway.addr).await;
+        let token = grpc::login(&ch, "BankA", "user1", "pass1").await.expect("login");
+        let e = grpc::pay(&ch, &token, &id, "user3", "BankB", "12").await.expect_err("reused");
+        assert_eq!(e.code(), Code::FailedPrecondition);
+        assert!(e.message().contains("payee and amount differ"), "{e:?}");
+        // Another customer may use the same id for a payment of their own: ids are per payer.
+        let other = grpc::login(&ch, "BankA", "user3", "pass3").await.expect("login");
+        let r = grpc::pay(&ch, &other, &id, "user2", "BankB", "1").await.expect("own id space");
+        assert_eq!((r.status, r.replayed), (1, false));
+    });
+    assert_eq!(c.balance("user1@BankA").0, 99_000);
+    assert_eq!(c.balance("user2@BankB").0, 201_100);
+}
+
+#[test]
+fn the_outbox_keeps_payments_while_the_gateway_is_down() {
+    let mut c = Cluster::start(&["BankA", "BankB"]);
+    c.login("user1", "BankA");
+    c.login("user2", "BankB");
+    let addr = c.gateway.addr.clone();
+    assert_eq!(c.gateway.stop(), Some(0), "SIGTERM stops the gateway with exit 0");
+    let r1 = c.pay("user1@BankA", "user2@BankB", "10");
+    assert_eq!((r1.code, r1.json()["status"].as_str()), (4, Some("queued")), "{r1:?}");
+    let r2 = c.cli(&["--as", "user1@BankA", "pay", "--to", "user2@BankB", "--amount", "5"]);
+    assert_eq!(r2.code, 4, "{r2:?}");
+    assert!(r2.stdout.contains("waits in the outbox"), "{r2:?}");
+    let list = c.cli(&["--json", "outbox", "list"]).json();
+    assert_eq!(list["pending"].as_array().map(Vec::len), Some(2), "{list}");
+    assert!(list["pending"][0]["last_error"].as_str().is_some_and(|e| e.contains("unreachable")), "{list}");
+    let r = c.cli_env(&["--json", "outbox", "flush"], &[("STRIFE_CLIENT_RETRY_FIRST_DELAY_MS", "10")]);
+    assert_eq!(r.code, 4, "still down: {r:?}");
+
+    c.gateway = start_gateway(c.path(), &addr, &[]);
+    c.wait_registered();
+    let r = c.cli(&["--json", "outbox", "watch"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json()["pending"].as_array().map(Vec::len), Some(0));
+    assert_eq!(c.balance("user1@BankA").0, 100_000 - 1_500, "each queued payment once");
+    // Flushing again sends nothing; the same ids replayed change nothing.
+    assert_eq!(c.cli(&["outbox", "flush"]).code, 0);
+    let id = r1.json()["payment_id"].as_str().expect("id").to_owned();
+    let r = c.cli(&[
+        "--json",
+        "--as",
+        "user1@BankA",
+        "pay",
+        "--to",
+        "user2@BankB",
+        "--amount",
+        "10",
+        "--id",
+        &id,
+    ]);
+    assert_eq!((r.code, r.json()["replayed"].as_bool()), (0, Some(true)), "{r:?}");
+    assert_eq!(c.balance("user2@BankB").0, 200_000 + 1_500);
+    let list = c.cli(&["--json", "outbox", "list"]).json();
+    assert_eq!(list["pending"].as_array().map(Vec::len), Some(0));
+}
+
+#[test]
+fn a_client_killed_mid_send_doubles_nothing() {
+    let c = Cluster::start_with(
+        &["BankA", "BankB"],
+        &[("STRIFE_GATEWAY_PREPARE_TIMEOUT_MS", "20000"), ("STRIFE_GATEWAY_PAYMENT_DEADLINE_MS", "30000")],
+    );
+    c.login("user1", "BankA");
+    c.login("user2", "BankB");
+    // Hold the payment mid-flight: the payee's bank is paused.
+    let b = &c.banks[c.bank_index("BankB")];
+    b.signal(Signal::SIGSTOP);
+    let mut client = std::process::Command::new(BIN)
+        .arg("--dir")
+        .arg(c.path())
+        .args(["--as", "user1@BankA", "pay", "--to", "user2@BankB", "--amount", "40"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("pay");
+    // Wait until the gateway has the payment in progress, then kill the client.
+    let deadline = std::time::Instant::now() + WAIT;
+    while c.cli(&["--json", "status"]).json()["payments_pending"] != 1 {
+        assert!(std::time::Instant::now() < deadline, "the payment never reached the gateway");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    client.kill().expect("kill -9 the client");
+    let _ = client.wait();
+    b.signal(Signal::SIGCONT);
+    // The restarted client finds the payment in its outbox and sends it with the same id.
+    let list = c.cli(&["--json", "outbox", "list"]).json();
+    assert_eq!(list["pending"].as_array().map(Vec::len), Some(1), "{list}");
+    let r = c.cli(&["--json", "outbox", "flush"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(r.json()["results"][0]["replayed"], true, "{r:?}");
+    assert_eq!(r.json()["results"][0]["status"], "committed", "{r:?}");
+    assert_eq!(c.balance("user1@BankA").0, 100_000 - 4_000, "moved once");
+    assert_eq!(c.balance("user2@BankB").0, 200_000 + 4_000);
+}
+
+#[test]
+fn a_payment_with_an_expired_session_waits_for_the_next_login() {
+    let c = Cluster::start(&["BankA", "BankB"]);
+    c.login("user1", "BankA");
+    c.login("user2", "BankB");
+    // Expire user1's session: put a token that expired long ago in its place.
+    let (kid, secret) = strife_gateway::tokens::load_or_create_key(&c.path().join("certs")).expect("key");
+    let keys = strife_gateway::tokens::TokenKeys::new(kid, &secret, 60);
+    let who = strife_core::UserRef::new("user1", "BankA").expect("who");
+    let old = keys.issue_at(&who, 1_000_000).expect("token").0;
+    let db = rusqlite::Connection::open(c.path().join("client.db")).expect("client.db");
+    db.execute("UPDATE sessions SET token = ?1 WHERE user = 'user1'", [old.expose()]).expect("expire");
+    drop(db);
+
+    let r = c.pay("user1@BankA", "user2@BankB", "7");
+    assert_eq!(r.code, 5, "{r:?}");
+    assert!(
+        r.json()["message"].as_str().is_some_and(|m| m.contains("expired") && m.contains("waits")),
+        "{r:?}"
+    );
+    let list = c.cli(&["--json", "outbox", "list"]).json();
+    assert_eq!(list["pending"].as_array().map(Vec::len), Some(1));
+    assert!(
+        list["pending"][0]["last_error"].as_str().is_some_and(|e| e.contains("waiting for login")),
+        "{list}"
+    );
+    assert_eq!(c.balance("user2@BankB").0, 200_000, "nothing moved yet");
+
+    let r = c.cli_env(&["login", "--bank", "BankA", "--user", "user1"], &[("STRIFE_PASSWORD", "pass1")]);
+    assert!(r.stdout.contains("1 queued payment"), "login says a payment can go: {r:?}");
+    let r = c.cli(&["--json", "outbox", "flush"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(c.balance("user2@BankB").0, 200_700);
+    assert_eq!(c.balance("user1@BankA").0, 99_300);
+}
