@@ -92,6 +92,8 @@ pub struct Gateway {
     slots: tokio::sync::Semaphore,
     /// Wakes the finisher when a decision could not be delivered.
     finisher_wake: Notify,
+    /// Failed-login counting and locks.
+    pub throttle: crate::throttle::LoginThrottle,
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, GatewayError> {
@@ -105,11 +107,16 @@ impl Gateway {
             registry,
             tokens,
             revoked: RwLock::new(HashSet::new()),
-            config,
             boot_id: uuid::Uuid::new_v4().to_string(),
             in_flight: Mutex::new(HashMap::new()),
             slots: tokio::sync::Semaphore::new(PAYMENTS_IN_FLIGHT_MAX),
             finisher_wake: Notify::new(),
+            throttle: crate::throttle::LoginThrottle::new(crate::throttle::Policy {
+                account_failures_max: config.login_failures_max,
+                peer_failures_max: config.login_peer_failures_max,
+                lock: Duration::from_secs(config.login_lock_secs),
+            }),
+            config,
         }
     }
 

@@ -9,6 +9,7 @@ pub mod registry;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod throttle;
 pub mod tokens;
 
 pub use server::{GATEWAY_ADDR_FILE, GatewayOptions, run};

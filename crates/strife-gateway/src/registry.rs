@@ -17,6 +17,8 @@ pub struct BankEntry {
     /// A client on a lazily connected channel that verifies the server's
     /// certificate names this bank.
     pub client: BankClient<Channel>,
+    /// The channel itself, for health checks.
+    pub channel: Channel,
     /// When it last registered; `None` if only known from the store.
     pub last_seen: Option<Instant>,
 }
@@ -33,6 +35,9 @@ pub enum Registered {
     /// First registration, or a new address: the caller persists it.
     Changed,
     Unchanged,
+    /// The bank is registered from another address and was seen lately:
+    /// the caller checks whether that one still runs before replacing it.
+    LiveElsewhere(BankEntry),
 }
 
 impl Registry {
@@ -40,21 +45,26 @@ impl Registry {
         Registry { tls, banks: RwLock::new(HashMap::new()), stale_after: register_interval * 3 }
     }
 
-    /// Adds or refreshes a bank.
-    pub fn register(&self, name: &str, address: &str) -> anyhow::Result<Registered> {
+    /// Adds or refreshes a bank. Unless `replace` is set, a bank seen
+    /// lately at another address is not replaced.
+    pub fn register(&self, name: &str, address: &str, replace: bool) -> anyhow::Result<Registered> {
         {
             let mut banks = self.banks.write().map_err(|_| anyhow::anyhow!("registry lock poisoned"))?;
-            if let Some(entry) = banks.get_mut(name)
-                && entry.address == address
-            {
-                entry.last_seen = Some(Instant::now());
-                return Ok(Registered::Unchanged);
+            if let Some(entry) = banks.get_mut(name) {
+                if entry.address == address {
+                    entry.last_seen = Some(Instant::now());
+                    return Ok(Registered::Unchanged);
+                }
+                if !replace && entry.last_seen.is_some_and(|t| t.elapsed() < self.stale_after) {
+                    return Ok(Registered::LiveElsewhere(entry.clone()));
+                }
             }
         }
         let channel = self.tls.channel(&Peer::Bank(name.to_owned()), address)?;
-        let client =
-            BankClient::new(channel).max_decoding_message_size(strife_core::limits::MESSAGE_MAX_BYTES * 64);
-        let entry = BankEntry { address: address.to_owned(), client, last_seen: Some(Instant::now()) };
+        let client = BankClient::new(channel.clone())
+            .max_decoding_message_size(strife_core::limits::MESSAGE_MAX_BYTES * 64);
+        let entry =
+            BankEntry { address: address.to_owned(), client, channel, last_seen: Some(Instant::now()) };
         let mut banks = self.banks.write().map_err(|_| anyhow::anyhow!("registry lock poisoned"))?;
         if banks.len() >= strife_core::limits::BANKS_MAX && !banks.contains_key(name) {
             anyhow::bail!("the gateway already knows {} banks", strife_core::limits::BANKS_MAX);
@@ -65,7 +75,7 @@ impl Registry {
 
     /// Restores a bank from the store, not yet seen in this run.
     pub fn restore(&self, name: &str, address: &str) -> anyhow::Result<()> {
-        self.register(name, address)?;
+        self.register(name, address, true)?;
         if let Ok(mut banks) = self.banks.write()
             && let Some(entry) = banks.get_mut(name)
         {

@@ -6,7 +6,7 @@ use crate::coordinator::Gateway;
 use crate::registry::Registry;
 use crate::service::{AdminService, PaymentsService, RegistryService, SessionService};
 use crate::store::Store;
-use crate::tokens::{TokenKeys, load_or_create_key, now_secs};
+use crate::tokens::{TokenKeys, load_keys, now_secs};
 use anyhow::Context;
 use std::future::Future;
 use std::path::PathBuf;
@@ -62,8 +62,7 @@ pub async fn run(
             tracing::warn!(bank = %name, error = %e, "cannot restore a bank from the registry");
         }
     }
-    let (kid, secret) = load_or_create_key(&certs.path)?;
-    let tokens = TokenKeys::new(kid, &secret, opts.config.gateway.token_ttl_secs);
+    let tokens = TokenKeys::with_keys(&load_keys(&certs.path)?, opts.config.gateway.token_ttl_secs);
     let gateway = Arc::new(Gateway::new(store, registry, tokens, opts.config.gateway.clone()));
     gateway.revoked.write().map_err(|_| anyhow::anyhow!("lock poisoned"))?.extend(revoked);
 

@@ -6,6 +6,7 @@ use crate::coordinator::{Gateway, Outcome, PayRequest};
 use crate::error::GatewayError;
 use crate::registry::Registered;
 use crate::store::{PaymentRecord, PaymentState};
+use crate::throttle::Key;
 use std::sync::Arc;
 use strife_core::limits::{ADDRESS_MAX, HISTORY_PAGE_DEFAULT, HISTORY_PAGE_MAX, PASSWORD_MAX};
 use strife_core::money::format_minor;
@@ -36,6 +37,7 @@ pub struct SessionService {
 #[tonic::async_trait]
 impl pb::session_server::Session for SessionService {
     async fn login(&self, req: Request<pb::LoginRequest>) -> Result<Response<pb::LoginResponse>, Status> {
+        let peer_ip = req.remote_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into());
         let req = req.into_inner();
         validate_bank_name(&req.bank).map_err(GatewayError::from)?;
         validate_user_name(&req.user).map_err(GatewayError::from)?;
@@ -47,6 +49,18 @@ impl pb::session_server::Session for SessionService {
             );
         }
         let password = Secret::new(req.password);
+        let account = who.to_string();
+        let keys = [Key::Account(&account), Key::Peer(&peer_ip)];
+        let throttle = &self.gateway.throttle;
+        if let Err(wait) = throttle.check(&keys, std::time::Instant::now()) {
+            let secs = wait.as_secs().max(1);
+            let mut status =
+                Status::resource_exhausted(format!("too many failed logins: try again in {secs} s"));
+            if let Ok(v) = secs.to_string().parse() {
+                status.metadata_mut().insert("retry-after", v);
+            }
+            return Err(status);
+        }
         let entry = self.gateway.bank(&who.bank).ok_or_else(|| {
             GatewayError::NotFound(format!("no bank named {} is connected to this gateway", who.bank))
         })?;
@@ -61,8 +75,11 @@ impl pb::session_server::Session for SessionService {
             Err(_) => return Err(unavailable(&who.bank, &Status::deadline_exceeded("timeout")).into()),
         };
         if !valid {
+            let delay = throttle.failed(&keys, std::time::Instant::now());
+            tokio::time::sleep(delay).await;
             return Err(GatewayError::Unauthenticated("wrong user name or password".into()).into());
         }
+        throttle.succeeded(&keys);
         let (token, claims) = self
             .gateway
             .tokens
@@ -153,6 +170,13 @@ impl pb::payments_server::Payments for PaymentsService {
         if payee == who {
             return Err(GatewayError::Invalid("you cannot pay yourself".into()).into());
         }
+        if self.gateway.bank(&payee.bank).is_none() {
+            return Err(GatewayError::NotFound(format!(
+                "no bank named {} is connected to this gateway",
+                payee.bank
+            ))
+            .into());
+        }
         let outcome = self.gateway.pay(PayRequest { payment_id, payer: who, payee, amount }).await?;
         let (status, reason) = match outcome.outcome {
             Outcome::Committed => (pb::PaymentStatus::Committed, String::new()),
@@ -220,11 +244,24 @@ impl pb::registry_server::Registry for RegistryService {
             )
             .into());
         }
-        let changed = self
-            .gateway
-            .registry
-            .register(&req.name, &req.address)
+        let registry = &self.gateway.registry;
+        let mut changed = registry
+            .register(&req.name, &req.address, false)
             .map_err(|e| GatewayError::Invalid(e.to_string()))?;
+        if let Registered::LiveElsewhere(old) = changed {
+            // A restarted bank comes back on a new address while its old
+            // registration still looks fresh; a second instance would still
+            // answer at the old one. Only the first may be replaced.
+            if still_serving(&old).await {
+                return Err(Status::already_exists(format!(
+                    "bank {} is already registered from {} and still serving there",
+                    req.name, old.address
+                )));
+            }
+            changed = registry
+                .register(&req.name, &req.address, true)
+                .map_err(|e| GatewayError::Invalid(e.to_string()))?;
+        }
         if let Registered::Changed = changed {
             let (name, address) = (req.name.clone(), req.address.clone());
             self.gateway.with_store(move |s| s.save_bank(&name, &address)).await?;
@@ -246,6 +283,20 @@ impl pb::registry_server::Registry for RegistryService {
         };
         Ok(Response::new(pb::InquireResponse { decision: decision.into() }))
     }
+}
+
+/// True when the bank answers a health check at its registered address
+/// (over mutual TLS that proves it is that bank).
+async fn still_serving(entry: &crate::registry::BankEntry) -> bool {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let mut health = HealthClient::new(entry.channel.clone());
+    let check = health.check(HealthCheckRequest { service: String::new() });
+    matches!(
+        tokio::time::timeout(std::time::Duration::from_millis(500), check).await,
+        Ok(Ok(resp)) if resp.get_ref().status() == ServingStatus::Serving
+    )
 }
 
 #[derive(Clone)]

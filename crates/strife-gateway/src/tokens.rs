@@ -34,11 +34,13 @@ impl Claims {
     }
 }
 
-/// The signing key and how long tokens live.
+/// The signing keys and how long tokens live.
 pub struct TokenKeys {
+    /// The id of the key that signs new tokens.
     kid: String,
     encoding: EncodingKey,
-    decoding: DecodingKey,
+    /// Every key that verifies, by key id (the signing key among them).
+    decoding: Vec<(String, DecodingKey)>,
     validation: Validation,
     pub ttl_secs: u64,
 }
@@ -55,24 +57,56 @@ pub enum TokenError {
     Invalid(String),
 }
 
-/// Reads the key file, creating it (32 random bytes, mode 0600) if missing.
-pub fn load_or_create_key(certs_dir: &Path) -> anyhow::Result<(String, Secret<Vec<u8>>)> {
+/// How many signing keys the key file keeps: the newest signs, every one
+/// verifies, so a rotation logs nobody out.
+pub const KEYS_MAX: usize = 3;
+
+fn random_key_line() -> anyhow::Result<String> {
+    let rng = ring::rand::SystemRandom::new();
+    let secret: [u8; 32] = ring::rand::generate(&rng).map_err(|_| anyhow::anyhow!("no randomness"))?.expose();
+    let kid: [u8; 4] = ring::rand::generate(&rng).map_err(|_| anyhow::anyhow!("no randomness"))?.expose();
+    Ok(format!("{} {}", hex(&kid), hex(&secret)))
+}
+
+/// Every key in the key file, newest first, creating the file (one key of
+/// 32 random bytes, mode 0600) if it is missing. One `KID HEX` per line.
+pub fn load_keys(certs_dir: &Path) -> anyhow::Result<Vec<(String, Secret<Vec<u8>>)>> {
     let path = certs_dir.join(KEY_FILE);
     if !path.exists() {
-        let rng = ring::rand::SystemRandom::new();
-        let secret: [u8; 32] =
-            ring::rand::generate(&rng).map_err(|_| anyhow::anyhow!("no randomness"))?.expose();
-        let kid: [u8; 4] = ring::rand::generate(&rng).map_err(|_| anyhow::anyhow!("no randomness"))?.expose();
-        strife_rpc::pki::write_private(&path, &format!("{} {}\n", hex(&kid), hex(&secret)))?;
+        strife_rpc::pki::write_private(&path, &format!("{}\n", random_key_line()?))?;
     }
     let text = std::fs::read_to_string(&path)?;
-    let (kid, secret) =
-        text.trim().split_once(' ').ok_or_else(|| anyhow::anyhow!("{} is malformed", path.display()))?;
-    let secret = unhex(secret).ok_or_else(|| anyhow::anyhow!("{} is malformed", path.display()))?;
-    if secret.len() < 32 {
-        anyhow::bail!("{}: the signing key is shorter than 32 bytes", path.display());
+    let mut keys = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()) {
+        let (kid, secret) =
+            line.trim().split_once(' ').ok_or_else(|| anyhow::anyhow!("{} is malformed", path.display()))?;
+        let secret = unhex(secret).ok_or_else(|| anyhow::anyhow!("{} is malformed", path.display()))?;
+        if secret.len() < 32 {
+            anyhow::bail!("{}: a signing key is shorter than 32 bytes", path.display());
+        }
+        keys.push((kid.to_owned(), Secret::new(secret)));
     }
-    Ok((kid.to_owned(), Secret::new(secret)))
+    if keys.is_empty() {
+        anyhow::bail!("{} holds no key", path.display());
+    }
+    Ok(keys)
+}
+
+/// The current signing key (creating the key file if missing).
+pub fn load_or_create_key(certs_dir: &Path) -> anyhow::Result<(String, Secret<Vec<u8>>)> {
+    let mut keys = load_keys(certs_dir)?;
+    Ok(keys.swap_remove(0))
+}
+
+/// Adds a new signing key in front, keeping at most [`KEYS_MAX`]. Tokens
+/// signed with the older keys stay valid until they expire (or until their
+/// key falls off the end). The gateway reads the file when it starts.
+pub fn rotate_key(certs_dir: &Path) -> anyhow::Result<String> {
+    let mut lines = vec![random_key_line()?];
+    let old = std::fs::read_to_string(certs_dir.join(KEY_FILE)).unwrap_or_default();
+    lines.extend(old.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned).take(KEYS_MAX - 1));
+    strife_rpc::pki::write_private(&certs_dir.join(KEY_FILE), &format!("{}\n", lines.join("\n")))?;
+    Ok(lines[0].split(' ').next().unwrap_or_default().to_owned())
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -92,15 +126,24 @@ pub fn now_secs() -> u64 {
 
 impl TokenKeys {
     pub fn new(kid: String, secret: &Secret<Vec<u8>>, ttl_secs: u64) -> TokenKeys {
+        TokenKeys::with_keys(&[(kid, secret.clone())], ttl_secs)
+    }
+
+    /// The first key signs; every key verifies tokens that name its id.
+    pub fn with_keys(keys: &[(String, Secret<Vec<u8>>)], ttl_secs: u64) -> TokenKeys {
+        assert!(!keys.is_empty(), "at least one signing key");
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_audience(&[AUDIENCE]);
         validation.set_issuer(&[ISSUER]);
         validation.set_required_spec_claims(&["exp", "sub", "aud", "iss"]);
         validation.leeway = LEEWAY_SECS;
         TokenKeys {
-            kid,
-            encoding: EncodingKey::from_secret(secret.expose()),
-            decoding: DecodingKey::from_secret(secret.expose()),
+            kid: keys[0].0.clone(),
+            encoding: EncodingKey::from_secret(keys[0].1.expose()),
+            decoding: keys
+                .iter()
+                .map(|(kid, s)| (kid.clone(), DecodingKey::from_secret(s.expose())))
+                .collect(),
             validation,
             ttl_secs,
         }
@@ -132,10 +175,13 @@ impl TokenKeys {
     /// Checks signature, algorithm, key id, issuer, audience and expiry.
     pub fn verify(&self, token: &str) -> Result<Claims, TokenError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| TokenError::Malformed)?;
-        if header.kid.as_deref() != Some(self.kid.as_str()) {
-            return Err(TokenError::BadSignature);
-        }
-        let data = jsonwebtoken::decode::<Claims>(token, &self.decoding, &self.validation).map_err(|e| {
+        let key = self
+            .decoding
+            .iter()
+            .find(|(kid, _)| Some(kid.as_str()) == header.kid.as_deref())
+            .map(|(_, k)| k)
+            .ok_or(TokenError::BadSignature)?;
+        let data = jsonwebtoken::decode::<Claims>(token, key, &self.validation).map_err(|e| {
             use jsonwebtoken::errors::ErrorKind as K;
             match e.kind() {
                 K::ExpiredSignature => TokenError::Expired,
@@ -174,6 +220,27 @@ mod tests {
         let parts: Vec<&str> = token.expose().split('.').collect();
         let none_header = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIiwia2lkIjoiazEifQ";
         assert!(keys(1).verify(&format!("{none_header}.{}.", parts[1])).is_err());
+    }
+
+    #[test]
+    fn rotation_keeps_older_tokens_valid() {
+        let dir = std::env::temp_dir().join(format!("strife-keys-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let who = UserRef::new("user1", "BankA").expect("name");
+        let before = TokenKeys::with_keys(&load_keys(&dir).expect("keys"), 60);
+        let (old_token, _) = before.issue(&who).expect("issue");
+        let new_kid = rotate_key(&dir).expect("rotate");
+        let after = TokenKeys::with_keys(&load_keys(&dir).expect("keys"), 60);
+        assert_eq!(after.kid, new_kid);
+        assert!(after.verify(old_token.expose()).is_ok(), "a rotation logs nobody out");
+        for _ in 0..KEYS_MAX {
+            rotate_key(&dir).expect("rotate");
+        }
+        let much_later = TokenKeys::with_keys(&load_keys(&dir).expect("keys"), 60);
+        assert_eq!(load_keys(&dir).expect("keys").len(), KEYS_MAX);
+        assert!(much_later.verify(old_token.expose()).is_err(), "retired keys verify nothing");
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     #[test]

@@ -38,6 +38,12 @@ pub struct GatewayConfig {
     pub retention_days: u64,
     /// Where the gateway keeps its data; empty means `DIR/gateway`.
     pub data_dir: String,
+    /// Failed logins in a row that lock an account for a while.
+    pub login_failures_max: u32,
+    /// Failed logins in a row from one address that lock that address.
+    pub login_peer_failures_max: u32,
+    /// How long the first lock lasts; each further lock doubles it (up to an hour).
+    pub login_lock_secs: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -87,6 +93,9 @@ impl Default for GatewayConfig {
             token_ttl_secs: 3_600,
             retention_days: 30,
             data_dir: String::new(),
+            login_failures_max: 5,
+            login_peer_failures_max: 50,
+            login_lock_secs: 60,
         }
     }
 }
@@ -198,6 +207,9 @@ impl Config {
             ("gateway.payment_deadline_ms", g.payment_deadline_ms),
             ("gateway.token_ttl_secs", g.token_ttl_secs),
             ("gateway.retention_days", g.retention_days),
+            ("gateway.login_failures_max", u64::from(g.login_failures_max)),
+            ("gateway.login_peer_failures_max", u64::from(g.login_peer_failures_max)),
+            ("gateway.login_lock_secs", g.login_lock_secs),
             ("bank.register_interval_ms", self.bank.register_interval_ms),
             ("bank.inquiry_interval_ms", self.bank.inquiry_interval_ms),
             ("client.request_timeout_ms", self.client.request_timeout_ms),

@@ -132,6 +132,9 @@ enum OutboxAction {
 enum CertsCommand {
     /// Create the CA and the gateway, bank and client certificates that are missing.
     Init(CertsInit),
+    /// Make a new token-signing key; tokens signed with the previous keys
+    /// stay valid (the gateway reads the keys when it starts).
+    RotateTokenKey,
     /// Add one identity to an existing PKI (or renew it).
     Issue {
         #[arg(long, conflicts_with = "client", required_unless_present = "client")]
@@ -329,6 +332,15 @@ fn certs(dir: &std::path::Path, cmd: CertsCommand) -> anyhow::Result<Reply> {
                 format!("Created certificates in {}: {}", certs.path.display(), names.join(", "))
             };
             Ok(Reply::done(serde_json::json!({ "dir": certs.path, "created": names }), text))
+        }
+        CertsCommand::RotateTokenKey => {
+            let kid = strife_gateway::tokens::rotate_key(&certs.path)?;
+            Ok(Reply::done(
+                serde_json::json!({ "kid": kid }),
+                format!(
+                    "New token-signing key {kid}; restart the gateway to sign with it. Older tokens stay valid."
+                ),
+            ))
         }
         CertsCommand::Issue { bank, client } => {
             let peer = match (bank, client) {

@@ -51,11 +51,13 @@ fn cli_refuses_bad_input_and_changes_nothing() {
         assert_eq!(r.code, 6, "{args:?} with --json: {r:?}");
         assert_eq!(r.json()["error"], "invalid_input");
     }
-    // Unknown payee or bank: a declined payment, nothing moved.
+    // Unknown payee: a declined payment (the payee's bank says so), nothing moved.
     let r = c.pay("user1@BankA", "user9@BankB", "5");
     assert_eq!((r.code, r.json()["reason"].as_str()), (3, Some("unknown_payee")), "{r:?}");
+    // Unknown bank: invalid input, refused before anything is recorded.
     let r = c.pay("user1@BankA", "user2@NoSuchBank", "5");
-    assert_eq!((r.code, r.json()["reason"].as_str()), (3, Some("unknown_bank")), "{r:?}");
+    assert_eq!((r.code, r.json()["error"].as_str()), (6, Some("invalid_input")), "{r:?}");
+    assert!(r.json()["message"].as_str().is_some_and(|m| m.contains("no bank named NoSuchBank")), "{r:?}");
     // Usage errors exit 2.
     assert_eq!(c.cli(&["pay", "--amount", "5"]).code, 2);
     assert_eq!(c.cli(&["no-such-command"]).code, 2);
