@@ -37,7 +37,7 @@ pub enum Registered {
     Unchanged,
     /// The bank is registered from another address and was seen lately:
     /// the caller checks whether that one still runs before replacing it.
-    LiveElsewhere(BankEntry),
+    LiveElsewhere(Box<BankEntry>),
 }
 
 impl Registry {
@@ -56,7 +56,7 @@ impl Registry {
                     return Ok(Registered::Unchanged);
                 }
                 if !replace && entry.last_seen.is_some_and(|t| t.elapsed() < self.stale_after) {
-                    return Ok(Registered::LiveElsewhere(entry.clone()));
+                    return Ok(Registered::LiveElsewhere(Box::new(entry.clone())));
                 }
             }
         }
