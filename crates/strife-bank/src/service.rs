@@ -48,15 +48,36 @@ impl BankService {
     }
 }
 
-fn check_user(user: &str) -> Result<(), BankError> {
+pub fn check_user(user: &str) -> Result<(), BankError> {
     validate_user_name(user).map_err(|e| BankError::Invalid(e.to_string()))
 }
 
-fn check_txn_id(txn_id: &str) -> Result<(), BankError> {
+pub fn check_txn_id(txn_id: &str) -> Result<(), BankError> {
     txn_id
         .parse::<strife_core::PaymentId>()
         .map(|_| ())
         .map_err(|_| BankError::Invalid("transaction id must be a UUID".into()))
+}
+
+/// Validates a prepare request (pure: the fuzz targets call it too).
+pub fn prepare_request(req: pb::PrepareRequest) -> Result<LegRequest, BankError> {
+    check_txn_id(&req.txn_id)?;
+    let payer = party(req.payer, "payer")?;
+    let payee = party(req.payee, "payee")?;
+    let amount = strife_core::Amount::from_minor(req.amount_minor)
+        .ok_or_else(|| BankError::Invalid("amount is out of range".into()))?;
+    if req.payment_id.len() > 64 {
+        return Err(BankError::Invalid("payment id is too long".into()));
+    }
+    Ok(LegRequest {
+        txn_id: req.txn_id,
+        payment_id: req.payment_id,
+        payer_user: payer.user,
+        payer_bank: payer.bank,
+        payee_user: payee.user,
+        payee_bank: payee.bank,
+        amount_minor: amount.minor(),
+    })
 }
 
 fn party(p: Option<pb::Party>, what: &str) -> Result<pb::Party, BankError> {
@@ -73,7 +94,7 @@ fn entry(leg: Leg) -> pb::LedgerEntry {
         payer: Some(pb::Party { user: leg.payer_user, bank: leg.payer_bank }),
         payee: Some(pb::Party { user: leg.payee_user, bank: leg.payee_bank }),
         amount_minor: leg.amount_minor,
-        state: leg.state.as_str().to_owned(),
+        state: crate::store::state_name(leg.state).to_owned(),
         at_unix_ms: leg.prepared_at_ms,
     }
 }
@@ -121,23 +142,9 @@ impl pb::bank_server::Bank for BankService {
         &self,
         req: Request<pb::PrepareRequest>,
     ) -> Result<Response<pb::PrepareResponse>, Status> {
-        let req = req.into_inner();
-        check_txn_id(&req.txn_id)?;
-        let payer = party(req.payer, "payer")?;
-        let payee = party(req.payee, "payee")?;
-        let amount = strife_core::Amount::from_minor(req.amount_minor)
-            .ok_or_else(|| BankError::Invalid("amount is out of range".into()))?;
-        record_user(&format_args!("{}@{}", payer.user, payer.bank));
-        record_payment(&req.payment_id, &amount);
-        let leg = LegRequest {
-            txn_id: req.txn_id,
-            payment_id: req.payment_id,
-            payer_user: payer.user,
-            payer_bank: payer.bank,
-            payee_user: payee.user,
-            payee_bank: payee.bank,
-            amount_minor: amount.minor(),
-        };
+        let leg = prepare_request(req.into_inner())?;
+        record_user(&format_args!("{}@{}", leg.payer_user, leg.payer_bank));
+        record_payment(&leg.payment_id, &strife_core::money::format_minor(leg.amount_minor));
         let vote = self.with_store(move |s| s.prepare(&leg)).await?;
         strife_rpc::fault::crash_point("bank.after_prepare");
         let (vote, reason) = match vote {

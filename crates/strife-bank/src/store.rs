@@ -46,29 +46,27 @@ CREATE INDEX IF NOT EXISTS legs_by_credit ON legs (credit_user, prepared_at);
 CREATE INDEX IF NOT EXISTS legs_open ON legs (state) WHERE state = 'prepared';
 ";
 
-/// A leg's state at this bank.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LegState {
-    Prepared,
-    Committed,
-    Aborted,
+/// A leg's state at this bank: the participant's states of the 2PC state
+/// machine in `strife-twopc`, which decides every transition below.
+pub use strife_twopc::participant::LegState;
+use strife_twopc::participant::{self as machine, Effect, Force};
+use strife_twopc::{Decision, Vote as MachineVote};
+
+fn parse_state(s: &str) -> Result<LegState, BankError> {
+    match s {
+        "prepared" => Ok(LegState::Prepared),
+        "committed" => Ok(LegState::Committed),
+        "aborted" => Ok(LegState::Aborted),
+        other => Err(BankError::Internal(format!("leg state '{other}' in the store"))),
+    }
 }
 
-impl LegState {
-    fn parse(s: &str) -> Result<LegState, BankError> {
-        match s {
-            "prepared" => Ok(LegState::Prepared),
-            "committed" => Ok(LegState::Committed),
-            "aborted" => Ok(LegState::Aborted),
-            other => Err(BankError::Internal(format!("leg state '{other}' in the store"))),
-        }
-    }
-    pub fn as_str(self) -> &'static str {
-        match self {
-            LegState::Prepared => "prepared",
-            LegState::Committed => "committed",
-            LegState::Aborted => "aborted",
-        }
+/// How a leg state is written in the store and shown to operators.
+pub fn state_name(state: LegState) -> &'static str {
+    match state {
+        LegState::Prepared => "prepared",
+        LegState::Committed => "committed",
+        LegState::Aborted => "aborted",
     }
 }
 
@@ -207,59 +205,71 @@ impl Store {
                 Ok((r.get(0)?, r.get(1)?, r.get(2)?))
             })
             .optional()?;
-        if let Some((state, reason, amount)) = existing {
-            return match LegState::parse(&state)? {
-                LegState::Prepared | LegState::Committed if amount == leg.amount_minor => Ok(Vote::Yes),
-                LegState::Prepared | LegState::Committed => Err(BankError::Conflict(format!(
-                    "payment {} was prepared with another amount",
-                    leg.txn_id
-                ))),
-                LegState::Aborted => Ok(Vote::No(
-                    reason.as_deref().and_then(DeclineReason::from_code).unwrap_or(DeclineReason::Timeout),
-                )),
-            };
-        }
-        let vote = Self::check_leg(&tx, debit, credit, leg.amount_minor)?;
-        let (state, reason) = match vote {
-            Vote::Yes => ("prepared", None),
-            Vote::No(r) => ("aborted", Some(r.code())),
+        let (current, stored_reason) = match existing {
+            Some((state, reason, amount)) => {
+                let state = parse_state(&state)?;
+                if state != LegState::Aborted && amount != leg.amount_minor {
+                    return Err(BankError::Conflict(format!(
+                        "payment {} was prepared with another amount",
+                        leg.txn_id
+                    )));
+                }
+                (Some(state), reason.as_deref().and_then(DeclineReason::from_code))
+            }
+            None => (None, None),
         };
-        if vote == Vote::Yes {
-            if let Some(user) = debit {
-                tx.execute(
-                    "UPDATE accounts SET held_minor = held_minor + ?2 WHERE user = ?1",
-                    params![user, leg.amount_minor],
-                )?;
+        let check = match current {
+            None => Self::check_leg(&tx, debit, credit, leg.amount_minor)?,
+            Some(_) => Vote::Yes,
+        };
+        let (force, vote) = machine::on_prepare(current, check == Vote::Yes);
+        let vote = match (vote, check) {
+            (MachineVote::Yes, _) => Vote::Yes,
+            (MachineVote::No, Vote::No(reason)) => Vote::No(reason),
+            (MachineVote::No, Vote::Yes) => Vote::No(stored_reason.unwrap_or(DeclineReason::Timeout)),
+        };
+        if let Some(Force { state, effect }) = force {
+            if effect == Some(Effect::PlaceHold) {
+                if let Some(user) = debit {
+                    tx.execute(
+                        "UPDATE accounts SET held_minor = held_minor + ?2 WHERE user = ?1",
+                        params![user, leg.amount_minor],
+                    )?;
+                }
+                if let Some(user) = credit {
+                    tx.execute(
+                        "UPDATE accounts SET incoming_minor = incoming_minor + ?2 WHERE user = ?1",
+                        params![user, leg.amount_minor],
+                    )?;
+                }
             }
-            if let Some(user) = credit {
-                tx.execute(
-                    "UPDATE accounts SET incoming_minor = incoming_minor + ?2 WHERE user = ?1",
-                    params![user, leg.amount_minor],
-                )?;
-            }
+            let reason = match vote {
+                Vote::No(r) => Some(r.code()),
+                Vote::Yes => None,
+            };
+            let now = now_ms();
+            tx.execute(
+                "INSERT INTO legs (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+                                   debit_user, credit_user, state, reason, prepared_at, decided_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+                params![
+                    leg.txn_id,
+                    leg.payment_id,
+                    leg.payer_user,
+                    leg.payer_bank,
+                    leg.payee_user,
+                    leg.payee_bank,
+                    leg.amount_minor,
+                    debit,
+                    credit,
+                    state_name(state),
+                    reason,
+                    now,
+                    (state == LegState::Aborted).then_some(now),
+                ],
+            )?;
+            tx.commit()?;
         }
-        let now = now_ms();
-        tx.execute(
-            "INSERT INTO legs (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-                               debit_user, credit_user, state, reason, prepared_at, decided_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-            params![
-                leg.txn_id,
-                leg.payment_id,
-                leg.payer_user,
-                leg.payer_bank,
-                leg.payee_user,
-                leg.payee_bank,
-                leg.amount_minor,
-                debit,
-                credit,
-                state,
-                reason,
-                now,
-                (state == "aborted").then_some(now),
-            ],
-        )?;
-        tx.commit()?;
         Ok(vote)
     }
 
@@ -298,17 +308,17 @@ impl Store {
 
     /// Phase two, commit: applies the hold and the credit. Idempotent.
     pub fn commit(&mut self, txn_id: &str) -> Result<(), BankError> {
-        self.decide(txn_id, LegState::Committed)
+        self.decide(txn_id, Decision::Commit)
     }
 
     /// Phase two, abort: releases the hold. Idempotent; an abort for a
     /// payment never prepared here leaves a record so that a late prepare
     /// votes no.
     pub fn abort(&mut self, txn_id: &str) -> Result<(), BankError> {
-        self.decide(txn_id, LegState::Aborted)
+        self.decide(txn_id, Decision::Abort)
     }
 
-    fn decide(&mut self, txn_id: &str, outcome: LegState) -> Result<(), BankError> {
+    fn decide(&mut self, txn_id: &str, decision: Decision) -> Result<(), BankError> {
         let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
         let row: Option<(String, i64, Option<String>, Option<String>)> = tx
             .query_row(
@@ -317,50 +327,48 @@ impl Store {
                 |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
             )
             .optional()?;
+        let current = row.as_ref().map(|r| parse_state(&r.0)).transpose()?;
+        // A decision that contradicts this leg's state is a protocol
+        // violation: refused, nothing changes, and the gateway logs it.
+        let force = machine::on_decision(current, decision)
+            .map_err(|v| BankError::Conflict(format!("payment {txn_id}: {v}")))?;
+        let Some(Force { state, effect }) = force else { return Ok(()) };
         let now = now_ms();
-        let Some((state, amount, debit, credit)) = row else {
-            if outcome == LegState::Committed {
-                return Err(BankError::Conflict(format!("payment {txn_id} was never prepared at this bank")));
+        match (row, effect) {
+            (None, _) => {
+                tx.execute(
+                    "INSERT INTO legs (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank,
+                                       amount_minor, state, reason, prepared_at, decided_at)
+                     VALUES (?1, '', '', '', '', '', 0, ?2, 'timeout', ?3, ?3)",
+                    params![txn_id, state_name(state), now],
+                )?;
             }
-            tx.execute(
-                "INSERT INTO legs (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank,
-                                   amount_minor, state, reason, prepared_at, decided_at)
-                 VALUES (?1, '', '', '', '', '', 0, 'aborted', 'timeout', ?2, ?2)",
-                params![txn_id, now],
-            )?;
-            tx.commit()?;
-            return Ok(());
-        };
-        match (LegState::parse(&state)?, outcome) {
-            (current, wanted) if current == wanted => return Ok(()),
-            (LegState::Prepared, _) => {}
-            (current, wanted) => {
-                return Err(BankError::Conflict(format!(
-                    "payment {txn_id} is already {} here; it cannot be {}",
-                    current.as_str(),
-                    wanted.as_str()
-                )));
+            (Some((_, amount, debit, credit)), effect) => {
+                let (release, apply) = match effect {
+                    Some(Effect::ApplyCommit) => (amount, amount),
+                    Some(Effect::ReleaseHold) => (amount, 0),
+                    Some(Effect::PlaceHold) | None => (0, 0),
+                };
+                if let Some(user) = debit {
+                    tx.execute(
+                        "UPDATE accounts SET held_minor = held_minor - ?2, balance_minor = balance_minor - ?3
+                         WHERE user = ?1",
+                        params![user, release, apply],
+                    )?;
+                }
+                if let Some(user) = credit {
+                    tx.execute(
+                        "UPDATE accounts SET incoming_minor = incoming_minor - ?2, balance_minor = balance_minor + ?3
+                         WHERE user = ?1",
+                        params![user, release, apply],
+                    )?;
+                }
+                tx.execute(
+                    "UPDATE legs SET state = ?2, decided_at = ?3 WHERE txn_id = ?1",
+                    params![txn_id, state_name(state), now],
+                )?;
             }
         }
-        if let Some(user) = debit {
-            let apply = if outcome == LegState::Committed { amount } else { 0 };
-            tx.execute(
-                "UPDATE accounts SET held_minor = held_minor - ?2, balance_minor = balance_minor - ?3 WHERE user = ?1",
-                params![user, amount, apply],
-            )?;
-        }
-        if let Some(user) = credit {
-            let apply = if outcome == LegState::Committed { amount } else { 0 };
-            tx.execute(
-                "UPDATE accounts SET incoming_minor = incoming_minor - ?2, balance_minor = balance_minor + ?3
-                 WHERE user = ?1",
-                params![user, amount, apply],
-            )?;
-        }
-        tx.execute(
-            "UPDATE legs SET state = ?2, decided_at = ?3 WHERE txn_id = ?1",
-            params![txn_id, outcome.as_str(), now],
-        )?;
         tx.commit()?;
         Ok(())
     }
@@ -414,7 +422,7 @@ impl Store {
 
     fn leg_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<Result<Leg, BankError>> {
         let state: String = r.get(7)?;
-        Ok(LegState::parse(&state).map(|state| Leg {
+        Ok(parse_state(&state).map(|state| Leg {
             txn_id: r.get(0).unwrap_or_default(),
             payment_id: r.get(1).unwrap_or_default(),
             payer_user: r.get(2).unwrap_or_default(),

@@ -16,6 +16,8 @@ use std::time::Duration;
 use strife_core::{Amount, DeclineReason, PaymentId, UserRef};
 use strife_proto::bank::v1 as bank;
 use strife_rpc::config::GatewayConfig;
+use strife_twopc::coordinator as machine;
+use strife_twopc::{Decision, Vote};
 use tokio::sync::{Notify, watch};
 
 /// Most payments the finisher re-sends decisions for in one pass.
@@ -244,10 +246,17 @@ impl Gateway {
             }
         })
         .await;
-        let refusal = votes.into_iter().flatten().next();
-        let (wanted, mut reason) = match refusal {
-            None => (PaymentState::Committed, None),
-            Some(r) => (PaymentState::Aborted, Some(r)),
+        // The pure coordinator decides: any no, or the deadline passed, aborts.
+        let ballots: Vec<Option<Vote>> =
+            votes.iter().map(|v| Some(if v.is_none() { Vote::Yes } else { Vote::No })).collect();
+        let past_deadline = now_ms() >= record.deadline_at_ms;
+        let mut reason = votes.into_iter().flatten().next();
+        let wanted = match machine::tally(&ballots, past_deadline) {
+            Some(Decision::Commit) => PaymentState::Committed,
+            _ => {
+                reason = reason.or(Some(DeclineReason::Timeout));
+                PaymentState::Aborted
+            }
         };
         strife_rpc::fault::crash_point("gateway.before_decision");
 
@@ -334,6 +343,7 @@ impl Gateway {
                     Err(e) => tracing::warn!(error = %e, "pruning failed"),
                 }
             }
+            self.abort_abandoned().await;
             match self.with_store(|s| s.unfinished(FINISH_BATCH_MAX)).await {
                 Ok(payments) => {
                     for p in payments {
@@ -379,16 +389,54 @@ impl Gateway {
     pub async fn inquire(&self, txn_id: String) -> Result<Option<PaymentState>, GatewayError> {
         let now = now_ms();
         self.with_store(move |s| {
-            let Some(p) = s.find_txn(&txn_id)? else { return Ok(Some(PaymentState::Aborted)) };
-            match p.state {
-                PaymentState::Preparing if now < p.deadline_at_ms => Ok(None),
-                PaymentState::Preparing => {
+            let record = s.find_txn(&txn_id)?;
+            let state = record.as_ref().map(|p| match p.state {
+                PaymentState::Preparing => machine::PaymentState::Preparing,
+                PaymentState::Committed => machine::PaymentState::Decided(Decision::Commit),
+                PaymentState::Aborted => machine::PaymentState::Decided(Decision::Abort),
+            });
+            let past_deadline = record.as_ref().is_some_and(|p| now >= p.deadline_at_ms);
+            match machine::on_inquiry(state, past_deadline) {
+                // Abort durably first, so that it can never commit later; if
+                // the payment was decided meanwhile, that decision stands.
+                (Some(_), _) => {
                     s.decide(&txn_id, PaymentState::Aborted, Some(DeclineReason::Timeout)).map(Some)
                 }
-                decided => Ok(Some(decided)),
+                (None, machine::InquiryAnswer::Decided(Decision::Commit)) => {
+                    Ok(Some(PaymentState::Committed))
+                }
+                (None, machine::InquiryAnswer::Decided(Decision::Abort)) => Ok(Some(PaymentState::Aborted)),
+                (None, machine::InquiryAnswer::NotYet) => Ok(None),
             }
         })
         .await
+    }
+
+    /// Aborts payments still `preparing` well past their deadline that no
+    /// task here is driving (their task failed): nobody else would.
+    async fn abort_abandoned(&self) {
+        let before = now_ms().saturating_sub(i64::try_from(self.config.payment_deadline_ms).unwrap_or(0));
+        let Ok(stale) = self.with_store(move |s| s.preparing_before(before, FINISH_BATCH_MAX)).await else {
+            return;
+        };
+        for p in stale {
+            let running = self
+                .in_flight
+                .lock()
+                .map(|m| m.values().any(|f| f.request.payment_id.to_string() == p.payment_id))
+                .unwrap_or(true);
+            if running {
+                continue;
+            }
+            let t = p.txn_id.clone();
+            match self
+                .with_store(move |s| s.decide(&t, PaymentState::Aborted, Some(DeclineReason::Timeout)))
+                .await
+            {
+                Ok(_) => tracing::warn!(txn_id = %p.txn_id, "aborted a payment nobody was driving"),
+                Err(e) => tracing::warn!(error = %e, "cannot abort an abandoned payment"),
+            }
+        }
     }
 
     /// Waits (bounded) for payments in flight to finish, at shutdown.

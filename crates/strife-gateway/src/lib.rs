@@ -11,5 +11,6 @@ pub mod service;
 pub mod store;
 pub mod throttle;
 pub mod tokens;
+pub mod validate;
 
 pub use server::{GATEWAY_ADDR_FILE, GatewayOptions, run};

@@ -2,15 +2,16 @@
 //! calls, behind [`crate::auth::CustomerAuth`]), Registry (banks) and Admin.
 
 use crate::auth::{Customer, customer};
-use crate::coordinator::{Gateway, Outcome, PayRequest};
+use crate::coordinator::{Gateway, Outcome};
 use crate::error::GatewayError;
 use crate::registry::Registered;
 use crate::store::{PaymentRecord, PaymentState};
 use crate::throttle::Key;
+use crate::validate;
 use std::sync::Arc;
-use strife_core::limits::{ADDRESS_MAX, HISTORY_PAGE_DEFAULT, HISTORY_PAGE_MAX, PASSWORD_MAX};
+use strife_core::limits::{ADDRESS_MAX, PASSWORD_MAX};
 use strife_core::money::format_minor;
-use strife_core::{Amount, PaymentId, Secret, UserRef, validate_bank_name, validate_user_name};
+use strife_core::{Secret, UserRef, validate_bank_name, validate_user_name};
 use strife_proto::bank::v1 as bank;
 use strife_proto::gateway::v1 as pb;
 use strife_rpc::Peer;
@@ -162,14 +163,9 @@ impl pb::payments_server::Payments for PaymentsService {
 
     async fn pay(&self, req: Request<pb::PayRequest>) -> Result<Response<pb::PayResponse>, Status> {
         let Customer { who, .. } = customer(&req)?;
-        let req = req.into_inner();
-        let payment_id: PaymentId = req.payment_id.parse().map_err(GatewayError::from)?;
-        let payee = UserRef::new(&req.payee_user, &req.payee_bank).map_err(GatewayError::from)?;
-        let amount = Amount::parse(&req.amount).map_err(GatewayError::from)?;
-        record_payment(&payment_id, &amount);
-        if payee == who {
-            return Err(GatewayError::Invalid("you cannot pay yourself".into()).into());
-        }
+        let pay = validate::pay(&who, req.get_ref())?;
+        record_payment(&pay.payment_id, &pay.amount);
+        let (payment_id, payee) = (pay.payment_id, pay.payee.clone());
         if self.gateway.bank(&payee.bank).is_none() {
             return Err(GatewayError::NotFound(format!(
                 "no bank named {} is connected to this gateway",
@@ -177,7 +173,7 @@ impl pb::payments_server::Payments for PaymentsService {
             ))
             .into());
         }
-        let outcome = self.gateway.pay(PayRequest { payment_id, payer: who, payee, amount }).await?;
+        let outcome = self.gateway.pay(pay).await?;
         let (status, reason) = match outcome.outcome {
             Outcome::Committed => (pb::PaymentStatus::Committed, String::new()),
             Outcome::Declined(r) => (pb::PaymentStatus::Declined, r.code().to_owned()),
@@ -195,7 +191,7 @@ impl pb::payments_server::Payments for PaymentsService {
         req: Request<pb::GetPaymentRequest>,
     ) -> Result<Response<pb::GetPaymentResponse>, Status> {
         let Customer { who, .. } = customer(&req)?;
-        let id: PaymentId = req.into_inner().payment_id.parse().map_err(GatewayError::from)?;
+        let id = validate::payment_id(&req.get_ref().payment_id)?;
         let me = who.clone();
         let found = self.gateway.with_store(move |s| s.find_payment(&me, &id.to_string())).await?;
         let p = found.ok_or_else(|| GatewayError::NotFound(format!("you made no payment with id {id}")))?;
@@ -207,8 +203,7 @@ impl pb::payments_server::Payments for PaymentsService {
         req: Request<pb::GetHistoryRequest>,
     ) -> Result<Response<pb::GetHistoryResponse>, Status> {
         let Customer { who, .. } = customer(&req)?;
-        let limit = req.into_inner().limit;
-        let limit = if limit == 0 { HISTORY_PAGE_DEFAULT } else { limit.min(HISTORY_PAGE_MAX) };
+        let limit = validate::history_limit(req.get_ref().limit);
         let me = who.clone();
         let rows = self.gateway.with_store(move |s| s.history(&me, limit)).await?;
         Ok(Response::new(pb::GetHistoryResponse {
@@ -230,7 +225,7 @@ impl pb::registry_server::Registry for RegistryService {
     ) -> Result<Response<pb::RegisterBankResponse>, Status> {
         let peer = strife_rpc::identity::require(&req, &[strife_rpc::PeerRole::Bank])?;
         let req = req.into_inner();
-        validate_bank_name(&req.name).map_err(GatewayError::from)?;
+        validate::register(&req)?;
         if peer != Peer::Bank(req.name.clone()) {
             return Err(GatewayError::PermissionDenied(format!(
                 "this certificate is for {peer}; it cannot register bank {}",
@@ -274,8 +269,8 @@ impl pb::registry_server::Registry for RegistryService {
         &self,
         req: Request<pb::InquireRequest>,
     ) -> Result<Response<pb::InquireResponse>, Status> {
+        validate::inquire(req.get_ref())?;
         let txn_id = req.into_inner().txn_id;
-        txn_id.parse::<PaymentId>().map_err(|_| GatewayError::Invalid("txn_id must be a UUID".into()))?;
         let decision = match self.gateway.inquire(txn_id).await? {
             None => pb::Decision::Unknown,
             Some(PaymentState::Committed) => pb::Decision::Commit,

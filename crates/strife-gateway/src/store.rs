@@ -236,6 +236,16 @@ impl Store {
         rows.collect()
     }
 
+    /// Payments still `preparing` that began before `before_ms`.
+    pub fn preparing_before(&self, before_ms: i64, limit: u32) -> rusqlite::Result<Vec<PaymentRecord>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {PAYMENT_COLUMNS} FROM payments WHERE acked = 0 AND state = 'preparing' AND created_at < ?1
+             ORDER BY created_at LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![before_ms, limit], payment_from_row)?;
+        rows.collect()
+    }
+
     /// A customer's payments, sent (any outcome) and received (committed),
     /// newest first.
     pub fn history(&self, who: &UserRef, limit: u32) -> rusqlite::Result<Vec<PaymentRecord>> {
@@ -315,7 +325,8 @@ impl Store {
     }
 
     /// Aborts every payment still `preparing`: after a restart nobody is
-    /// driving them, and under presumed abort that is always safe. Returns
+    /// driving them, and under presumed abort that is always safe (the
+    /// restart rule of `strife_twopc::coordinator::on_restart`). Returns
     /// how many.
     pub fn abort_all_preparing(&mut self) -> rusqlite::Result<usize> {
         self.conn.execute(

@@ -8,7 +8,7 @@ use anyhow::Context;
 use serde_json::json;
 use std::collections::HashMap;
 use std::path::Path;
-use strife_bank::store::{Leg, LegState, Store as BankStore};
+use strife_bank::store::{Leg, LegState, Store as BankStore, state_name};
 use strife_client::{Exit, Reply};
 use strife_core::money::format_minor;
 use strife_gateway::store::{PaymentState, Store as GatewayStore};
@@ -84,7 +84,7 @@ pub fn run(dir: &Path) -> anyhow::Result<Reply> {
                         problems.push(format!(
                             "payment {} is committed at the gateway but {} at {bank}",
                             p.payment_id,
-                            state.map_or("unknown", LegState::as_str)
+                            state.map_or("unknown", state_name)
                         ));
                     }
                 }
