@@ -28,6 +28,23 @@ pub fn sample_accounts() -> Vec<NewAccount> {
         .collect()
 }
 
+/// How an account from a file proves its password.
+#[derive(Debug, Clone)]
+pub enum Credential {
+    /// Hashed with Argon2id when the account is created.
+    Password(Secret<String>),
+    /// Already an Argon2id PHC string (`$argon2id$...`), stored as is.
+    Hash(String),
+}
+
+/// One account to create from an accounts file.
+#[derive(Debug, Clone)]
+pub struct AccountSpec {
+    pub user: String,
+    pub credential: Credential,
+    pub balance_minor: i64,
+}
+
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct AccountsFile {
@@ -38,7 +55,12 @@ struct AccountsFile {
 #[serde(deny_unknown_fields)]
 struct AccountEntry {
     user: String,
-    password: String,
+    /// A plaintext password (hashed on creation) ...
+    #[serde(default)]
+    password: Option<String>,
+    /// ... or an Argon2id hash made elsewhere, so no plaintext is on disk.
+    #[serde(default)]
+    password_hash: Option<String>,
     /// A decimal string like `"100.00"`; `"0"` is allowed.
     balance: String,
 }
@@ -47,29 +69,35 @@ struct AccountEntry {
 /// ```toml
 /// [[account]]
 /// user = "alice"
-/// password = "correct horse"
+/// password = "correct horse"          # or: password_hash = "$argon2id$..."
 /// balance = "100.00"
 /// ```
-pub fn load_accounts_file(path: &Path) -> anyhow::Result<Vec<NewAccount>> {
+pub fn load_accounts_file(path: &Path) -> anyhow::Result<Vec<AccountSpec>> {
     let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let file: AccountsFile = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
     let mut out = Vec::new();
     for entry in file.account {
         validate_user_name(&entry.user).with_context(|| format!("account '{}'", entry.user))?;
-        if entry.password.is_empty() || entry.password.len() > strife_core::limits::PASSWORD_MAX {
-            bail!(
-                "account '{}': the password must be 1 to {} bytes",
+        let credential = match (entry.password, entry.password_hash) {
+            (Some(p), None) if !p.is_empty() && p.len() <= strife_core::limits::PASSWORD_MAX => {
+                Credential::Password(Secret::new(p))
+            }
+            (None, Some(h)) if PasswordHash::new(&h).is_ok_and(|ph| ph.algorithm.as_str() == "argon2id") => {
+                Credential::Hash(h)
+            }
+            _ => bail!(
+                "account '{}': give either a password of 1 to {} bytes or an Argon2id password_hash",
                 entry.user,
                 strife_core::limits::PASSWORD_MAX
-            );
-        }
+            ),
+        };
         let balance_minor = match entry.balance.as_str() {
             "0" | "0.0" | "0.00" => 0,
             text => {
                 Amount::parse(text).with_context(|| format!("account '{}': balance", entry.user))?.minor()
             }
         };
-        out.push(NewAccount { user: entry.user, password: Secret::new(entry.password), balance_minor });
+        out.push(AccountSpec { user: entry.user, credential, balance_minor });
     }
     Ok(out)
 }

@@ -8,7 +8,6 @@ use anyhow::Context;
 use std::collections::HashMap;
 use std::future::Future;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use std::time::Instant;
 use strife_core::Secret;
@@ -51,19 +50,17 @@ pub async fn run(
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
     let mut store = Store::open(&data.join("bank.db"), &opts.name)
         .with_context(|| format!("opening {}", data.join("bank.db").display()))?;
-    let mut accounts = match &opts.accounts {
-        Some(path) => load_accounts_file(path)?,
-        None => Vec::new(),
+    let created = match &opts.accounts {
+        Some(path) => store.create_from_specs(&load_accounts_file(path)?)?,
+        None if store.account_count()? == 0 => store.create_accounts(&sample_accounts())?,
+        None => 0,
     };
-    if accounts.is_empty() && store.account_count()? == 0 {
-        accounts = sample_accounts();
-    }
-    let created = store.create_accounts(&accounts)?;
     if created > 0 {
         tracing::info!(created, "created accounts");
     }
     let decoy_hash = hash_password(&Secret::new(uuid_like()))?;
-    let service = BankService::new(Arc::new(Mutex::new(store)), decoy_hash);
+    let store = strife_rpc::group_commit::GroupCommit::start(&opts.name, store)?;
+    let service = BankService::new(store, decoy_hash);
     let open = service.with_store(|s| s.open_legs(i64::MAX, u32::MAX)).await?.len();
     if open > 0 {
         tracing::info!(open, "legs prepared and waiting for the gateway's decision");

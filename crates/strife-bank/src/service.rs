@@ -4,11 +4,12 @@
 use crate::accounts::verify_password;
 use crate::error::BankError;
 use crate::store::{Leg, LegRequest, Store, Vote};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use strife_core::limits::{HISTORY_PAGE_DEFAULT, HISTORY_PAGE_MAX, PASSWORD_MAX};
 use strife_core::{Secret, validate_bank_name, validate_user_name};
 use strife_proto::bank::v1 as pb;
 use strife_rpc::PeerRole;
+use strife_rpc::group_commit::GroupCommit;
 use strife_rpc::telemetry::{record_payment, record_user};
 use tonic::{Request, Response, Status};
 
@@ -20,17 +21,26 @@ pub fn only_gateway(req: Request<()>) -> Result<Request<()>, Status> {
 
 #[derive(Clone)]
 pub struct BankService {
-    /// The bank's one store; a std mutex because it is only held inside
-    /// blocking tasks, never across an await.
-    store: Arc<Mutex<Store>>,
+    /// The bank's one store, behind its group-commit thread.
+    store: GroupCommit<Store>,
     /// A hash of a random password, verified against when the user is
     /// unknown so that an unknown user costs as much as a wrong password.
     decoy_hash: Arc<String>,
+    /// Bounds password checks running at once: each takes ~19 MiB and a
+    /// core for tens of milliseconds, so a login flood cannot exhaust the bank.
+    password_checks: Arc<tokio::sync::Semaphore>,
 }
 
+/// Most password checks (Argon2id) running at once.
+pub const PASSWORD_CHECKS_MAX: usize = 2;
+
 impl BankService {
-    pub fn new(store: Arc<Mutex<Store>>, decoy_hash: String) -> BankService {
-        BankService { store, decoy_hash: Arc::new(decoy_hash) }
+    pub fn new(store: GroupCommit<Store>, decoy_hash: String) -> BankService {
+        BankService {
+            store,
+            decoy_hash: Arc::new(decoy_hash),
+            password_checks: Arc::new(tokio::sync::Semaphore::new(PASSWORD_CHECKS_MAX)),
+        }
     }
 
     pub async fn with_store<T, F>(&self, f: F) -> Result<T, BankError>
@@ -38,13 +48,7 @@ impl BankService {
         T: Send + 'static,
         F: FnOnce(&mut Store) -> Result<T, BankError> + Send + 'static,
     {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut guard = store.lock().map_err(|_| BankError::Internal("store lock poisoned".into()))?;
-            f(&mut guard)
-        })
-        .await
-        .map_err(|e| BankError::Internal(format!("blocking task: {e}")))?
+        self.store.run(f).await.map_err(|e| BankError::Internal(e.to_string()))?
     }
 }
 
@@ -115,6 +119,11 @@ impl pb::bank_server::Bank for BankService {
         let user = req.user;
         let stored = self.with_store(move |s| s.password_hash(&user)).await?;
         let decoy = self.decoy_hash.clone();
+        let _permit = self
+            .password_checks
+            .acquire()
+            .await
+            .map_err(|_| BankError::Internal("password checks closed".into()))?;
         let valid = tokio::task::spawn_blocking(move || match stored {
             Some(hash) => verify_password(&password, &hash),
             None => {

@@ -16,6 +16,7 @@ use std::time::Duration;
 use strife_core::{Amount, DeclineReason, PaymentId, UserRef};
 use strife_proto::bank::v1 as bank;
 use strife_rpc::config::GatewayConfig;
+use strife_rpc::group_commit::GroupCommit;
 use strife_twopc::coordinator as machine;
 use strife_twopc::{Decision, Vote};
 use tokio::sync::{Notify, watch};
@@ -80,7 +81,8 @@ struct InFlight {
 }
 
 pub struct Gateway {
-    pub store: Arc<Mutex<Store>>,
+    /// The gateway's store, behind its group-commit thread.
+    pub store: GroupCommit<Store>,
     pub registry: Registry,
     pub tokens: TokenKeys,
     /// Ids of revoked tokens that have not expired (mirrors the store).
@@ -103,9 +105,14 @@ fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, GatewayError> {
 }
 
 impl Gateway {
-    pub fn new(store: Store, registry: Registry, tokens: TokenKeys, config: GatewayConfig) -> Gateway {
+    pub fn new(
+        store: GroupCommit<Store>,
+        registry: Registry,
+        tokens: TokenKeys,
+        config: GatewayConfig,
+    ) -> Gateway {
         Gateway {
-            store: Arc::new(Mutex::new(store)),
+            store,
             registry,
             tokens,
             revoked: RwLock::new(HashSet::new()),
@@ -128,13 +135,11 @@ impl Gateway {
         T: Send + 'static,
         F: FnOnce(&mut Store) -> rusqlite::Result<T> + Send + 'static,
     {
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || {
-            let mut guard = lock(&store)?;
-            f(&mut guard).map_err(GatewayError::from)
-        })
-        .await
-        .map_err(|e| GatewayError::Internal(format!("blocking task: {e}")))?
+        self.store
+            .run(f)
+            .await
+            .map_err(|e| GatewayError::Internal(e.to_string()))?
+            .map_err(GatewayError::from)
     }
 
     pub fn bank(&self, name: &str) -> Option<BankEntry> {

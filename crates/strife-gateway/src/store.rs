@@ -6,7 +6,7 @@
 //! synced) before any bank hears it. `acked` turns 1 once every bank has
 //! acknowledged the decision.
 
-use rusqlite::{Connection, OptionalExtension, TransactionBehavior, params};
+use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
 use strife_core::{DeclineReason, UserRef};
 
@@ -125,6 +125,20 @@ pub struct Store {
     conn: Connection,
 }
 
+/// Group commit: the store's thread wraps batches of operations in one
+/// transaction; each operation is a savepoint inside it.
+impl strife_rpc::group_commit::Batched for Store {
+    fn begin(&mut self) -> Result<(), String> {
+        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| e.to_string())
+    }
+    fn commit(&mut self) -> Result<(), String> {
+        self.conn.execute_batch("COMMIT").map_err(|e| e.to_string())
+    }
+    fn rollback(&mut self) {
+        let _ = self.conn.execute_batch("ROLLBACK");
+    }
+}
+
 pub fn now_ms() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -163,7 +177,7 @@ impl Store {
     /// Records a new payment as `preparing`. Returns the existing record
     /// instead when the customer already used this payment id.
     pub fn begin_payment(&mut self, p: &PaymentRecord) -> rusqlite::Result<Result<(), PaymentRecord>> {
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.conn.savepoint()?;
         let existing = tx
             .prepare_cached(&format!(
                 "SELECT {PAYMENT_COLUMNS} FROM payments WHERE payer_bank = ?1 AND payer_user = ?2 AND payment_id = ?3"
@@ -205,7 +219,7 @@ impl Store {
         reason: Option<DeclineReason>,
     ) -> rusqlite::Result<PaymentState> {
         assert_ne!(outcome, PaymentState::Preparing, "a decision is commit or abort");
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let tx = self.conn.savepoint()?;
         let current: String =
             tx.query_row("SELECT state FROM payments WHERE txn_id = ?1", [txn_id], |r| r.get(0))?;
         let current = PaymentState::parse(&current)?;

@@ -2,6 +2,7 @@
 //! `main` parses flags, sets up logging and hands over to the crates.
 
 mod audit;
+mod bench;
 mod up;
 
 use clap::{Args, Parser, Subcommand};
@@ -116,6 +117,8 @@ enum Command {
     },
     /// Cross-check the gateway's payments against every bank's ledger (exit 0 when all agree).
     Audit,
+    /// Measure payments per second and latency (own cluster, or --gateway).
+    Bench(bench::BenchArgs),
 }
 
 #[derive(Subcommand, Debug, Clone, Copy)]
@@ -168,7 +171,10 @@ fn emit(reply: &Reply, json: bool) -> i32 {
         if !reply.text.is_empty() {
             println!("{}", reply.text);
         }
-    } else if matches!(reply.exit, Exit::Declined | Exit::Queued) || reply.json.get("problems").is_some() {
+    } else if matches!(reply.exit, Exit::Declined | Exit::Queued)
+        || reply.json.get("problems").is_some()
+        || reply.json.get("payments_per_sec").is_some()
+    {
         println!("{}", reply.text);
     } else {
         eprintln!("{}", reply.text);
@@ -201,6 +207,10 @@ fn run(cli: Cli) -> Result<Reply, CliError> {
         }
         Command::Certs(cmd) => certs(&dir, cmd).map_err(fatal),
         Command::Audit => audit::run(&dir).map_err(fatal),
+        Command::Bench(args) => {
+            strife_rpc::telemetry::init_stderr("warn");
+            runtime(false)?.block_on(bench::run(args, cli.dir, cli.gateway)).map_err(fatal)
+        }
         Command::Gateway { listen, config } => {
             let config = Config::load(&dir, config.as_deref()).map_err(fatal)?;
             strife_rpc::telemetry::init("gateway", &dir, &config.log.level).map_err(fatal)?;

@@ -1,0 +1,513 @@
+//! `strife bench`: starts a cluster of its own in a temporary directory (or
+//! targets a running one with `--gateway`), runs N payments from C
+//! concurrent payers, measures in the same run the rate of a no-op
+//! mutual-TLS call to the gateway, and checks at the end that the total of
+//! money is unchanged (exit 1 if not).
+
+use anyhow::{Context, bail};
+use clap::Args;
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use strife_client::{Exit, Reply};
+use strife_proto::gateway::v1 as pb;
+use tonic::transport::Channel;
+
+/// Connections the load generator spreads its calls over.
+const CONNECTIONS: usize = 4;
+/// Most logins in flight while preparing the payers.
+const LOGINS_IN_FLIGHT: usize = 8;
+/// The balance of every bench account, in minor units (1,000,000.00).
+const BENCH_BALANCE_MINOR: i64 = 100_000_000;
+
+#[derive(Args, Debug, Clone)]
+pub struct BenchArgs {
+    /// How many payments to make.
+    #[arg(long, default_value_t = 10_000)]
+    payments: u64,
+    /// How many payers run at once.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Banks in the bench's own cluster.
+    #[arg(long, default_value_t = 2)]
+    banks: usize,
+    /// Accounts per bank in the bench's own cluster.
+    #[arg(long, default_value_t = 1000)]
+    accounts: usize,
+    /// Skew: every payment comes from one of this many payers (hot accounts).
+    #[arg(long)]
+    hot: Option<usize>,
+    /// Seconds spent measuring the no-op call.
+    #[arg(long, default_value_t = 2.0)]
+    noop_secs: f64,
+    /// Keep the bench's cluster directory afterwards.
+    #[arg(long)]
+    keep: bool,
+}
+
+/// A customer the bench can act as.
+#[derive(Clone)]
+struct Customer {
+    user: String,
+    bank: String,
+    password: String,
+}
+
+/// A server the bench started.
+struct Server {
+    name: String,
+    child: Child,
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+pub async fn run(
+    args: BenchArgs,
+    dir_flag: Option<PathBuf>,
+    gateway: Option<String>,
+) -> anyhow::Result<Reply> {
+    if args.payments == 0 || args.concurrency == 0 {
+        bail!("--payments and --concurrency must be at least 1");
+    }
+    let own = gateway.is_none();
+    let (dir, servers, gw_addr, customers) = if own {
+        let dir = std::env::temp_dir().join(format!("strife-bench-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let (servers, addr, customers) = start_cluster(&dir, &args)?;
+        (dir, servers, addr, customers)
+    } else {
+        let dir = strife_client::connect::resolve_dir(dir_flag.as_deref());
+        let addr = gateway.unwrap_or_default();
+        let customers = sample_customers(&dir, &addr).await?;
+        (dir, Vec::new(), addr, customers)
+    };
+    let result = measure(&args, &dir, &gw_addr, &customers, &servers, own).await;
+    drop(servers);
+    if own && !args.keep {
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+    result
+}
+
+fn start_cluster(dir: &Path, args: &BenchArgs) -> anyhow::Result<(Vec<Server>, String, Vec<Customer>)> {
+    if args.banks == 0 || args.accounts == 0 {
+        bail!("--banks and --accounts must be at least 1");
+    }
+    let banks: Vec<String> = (0..args.banks).map(|i| format!("Bank{i}")).collect();
+    let peers = crate::up::identities(&banks)?;
+    let certs = strife_rpc::pki::CertDir::new(dir);
+    certs.init(&peers)?;
+    strife_gateway::tokens::load_or_create_key(&certs.path)?;
+    // One Argon2id hash serves every bench account (same password).
+    let hash = strife_bank::accounts::hash_password(&strife_core::Secret::new("bench".to_owned()))?;
+    let mut customers = Vec::new();
+    for bank in &banks {
+        let mut file = String::new();
+        for i in 0..args.accounts {
+            file.push_str(&format!(
+                "[[account]]\nuser = \"u{i}\"\npassword_hash = \"{hash}\"\nbalance = \"{}\"\n",
+                strife_core::money::format_minor(BENCH_BALANCE_MINOR)
+            ));
+            customers.push(Customer { user: format!("u{i}"), bank: bank.clone(), password: "bench".into() });
+        }
+        strife_rpc::pki::write_public_file(&dir.join(format!("{bank}.accounts.toml")), &file)?;
+    }
+    let exe = std::env::current_exe()?;
+    let quiet = [("STRIFE_LOG_LEVEL", "warn")];
+    let (gateway, addr) = spawn(&exe, dir, "gateway", &["gateway", "--listen", "127.0.0.1:0"], &quiet)?;
+    let mut servers = vec![gateway];
+    for bank in &banks {
+        let accounts = dir.join(format!("{bank}.accounts.toml"));
+        let accounts = accounts.to_string_lossy().into_owned();
+        let (server, _) = spawn(
+            &exe,
+            dir,
+            bank,
+            &["bank", "--name", bank, "--listen", "127.0.0.1:0", "--gateway", &addr, "--accounts", &accounts],
+            &quiet,
+        )?;
+        servers.push(server);
+    }
+    Ok((servers, addr, customers))
+}
+
+fn spawn(
+    exe: &Path,
+    dir: &Path,
+    name: &str,
+    args: &[&str],
+    env: &[(&str, &str)],
+) -> anyhow::Result<(Server, String)> {
+    let mut cmd = Command::new(exe);
+    cmd.arg("--dir").arg(dir).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().with_context(|| format!("starting {name}"))?;
+    let out = child.stdout.take().context("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(out).lines();
+        while let Some(Ok(line)) = lines.next() {
+            if let Some((_, addr)) = line.split_once(" listening on ") {
+                let _ = tx.send(addr.trim().to_owned());
+            }
+        }
+    });
+    let server = Server { name: name.to_owned(), child };
+    let addr = rx.recv_timeout(Duration::from_secs(120)).with_context(|| format!("{name} did not start"))?;
+    Ok((server, addr))
+}
+
+/// Against a running cluster: the contract's sample customers of every bank.
+async fn sample_customers(dir: &Path, addr: &str) -> anyhow::Result<Vec<Customer>> {
+    let channel = strife_client::connect::connect(dir, addr, Duration::from_secs(5))
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+    let status = pb::admin_client::AdminClient::new(channel).status(pb::StatusRequest {}).await?.into_inner();
+    let mut out = Vec::new();
+    for b in status.banks {
+        for n in 1..=5 {
+            out.push(Customer {
+                user: format!("user{n}"),
+                bank: b.name.clone(),
+                password: format!("pass{n}"),
+            });
+        }
+    }
+    Ok(out)
+}
+
+async fn channels(dir: &Path, addr: &str) -> anyhow::Result<Vec<Channel>> {
+    let mut out = Vec::new();
+    for _ in 0..CONNECTIONS {
+        let ch = strife_client::connect::connect(dir, addr, Duration::from_secs(10))
+            .await
+            .map_err(|e| anyhow::anyhow!("connecting to the gateway: {e:?}"))?;
+        out.push(ch);
+    }
+    Ok(out)
+}
+
+async fn wait_banks(channel: &Channel, want: usize) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let mut admin = pb::admin_client::AdminClient::new(channel.clone());
+        if let Ok(s) = admin.status(pb::StatusRequest {}).await
+            && s.get_ref().banks.iter().filter(|b| b.reachable).count() >= want
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    bail!("the banks did not register in time")
+}
+
+async fn login_all(chs: &[Channel], customers: &[Customer]) -> anyhow::Result<Vec<String>> {
+    let sem = Arc::new(tokio::sync::Semaphore::new(LOGINS_IN_FLIGHT));
+    let mut tasks = Vec::new();
+    for (i, c) in customers.iter().enumerate() {
+        let (ch, c, sem) = (chs[i % chs.len()].clone(), c.clone(), sem.clone());
+        tasks.push(tokio::spawn(async move {
+            let _permit = sem.acquire().await;
+            let mut s = pb::session_client::SessionClient::new(ch);
+            s.login(pb::LoginRequest {
+                bank: c.bank.clone(),
+                user: c.user.clone(),
+                password: c.password.clone(),
+            })
+            .await
+            .map(|r| r.into_inner().token)
+            .with_context(|| format!("login {}@{}", c.user, c.bank))
+        }));
+    }
+    let mut tokens = Vec::new();
+    for t in tasks {
+        tokens.push(t.await??);
+    }
+    Ok(tokens)
+}
+
+/// No-op mutual-TLS calls (gRPC health checks) per second, at the same
+/// concurrency as the payments.
+async fn noop_rate(chs: &[Channel], concurrency: usize, secs: f64) -> f64 {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let count = Arc::new(AtomicU64::new(0));
+    let end = Instant::now() + Duration::from_secs_f64(secs);
+    let mut tasks = Vec::new();
+    for i in 0..concurrency {
+        let (ch, count) = (chs[i % chs.len()].clone(), count.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut h = HealthClient::new(ch);
+            while Instant::now() < end {
+                if h.check(HealthCheckRequest { service: String::new() }).await.is_ok() {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        }));
+    }
+    let started = Instant::now();
+    for t in tasks {
+        let _ = t.await;
+    }
+    count.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64()
+}
+
+#[derive(Default)]
+struct Tally {
+    committed: AtomicU64,
+    declined: AtomicU64,
+    failed: AtomicU64,
+    /// Sum over payments of gRPC calls it takes (1 + 2 per bank involved).
+    calls: AtomicU64,
+}
+
+async fn measure(
+    args: &BenchArgs,
+    dir: &Path,
+    addr: &str,
+    customers: &[Customer],
+    servers: &[Server],
+    own: bool,
+) -> anyhow::Result<Reply> {
+    let chs = channels(dir, addr).await?;
+    let banks: std::collections::BTreeSet<&str> = customers.iter().map(|c| c.bank.as_str()).collect();
+    wait_banks(&chs[0], banks.len()).await?;
+    let payer_count = args.hot.unwrap_or(args.concurrency).clamp(1, customers.len());
+    // Payers spread over the banks: every bank's first accounts.
+    let per_bank = customers.len() / banks.len().max(1);
+    let payers: Vec<usize> =
+        (0..payer_count).map(|i| (i % banks.len()) * per_bank + i / banks.len()).collect();
+    let payer_customers: Vec<Customer> = payers.iter().map(|&i| customers[i].clone()).collect();
+    let tokens = login_all(&chs, &payer_customers).await?;
+
+    let noop = noop_rate(&chs, args.concurrency, args.noop_secs).await;
+    let before: Vec<(u64, u64)> = servers.iter().map(|s| cpu_ticks(s.child.id())).collect();
+    let bench_before = cpu_ticks(std::process::id());
+
+    let tally = Arc::new(Tally::default());
+    let next = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let progress = progress_bar(args.payments, next.clone(), started);
+    let mut workers = Vec::new();
+    let amount_max = if own { 100 } else { 10 };
+    for w in 0..args.concurrency {
+        let (ch, tally, next) = (chs[w % chs.len()].clone(), tally.clone(), next.clone());
+        let slot = w % payers.len();
+        let (payer, token) = (payers[slot], tokens[slot].clone());
+        let customers = customers.to_vec();
+        let total = args.payments;
+        workers.push(tokio::spawn(async move {
+            let mut rng = (w as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let mut lat = Vec::new();
+            let mut client = pb::payments_client::PaymentsClient::new(ch);
+            while next.fetch_add(1, Ordering::Relaxed) < total {
+                rng = splitmix(rng);
+                let mut payee = (rng % customers.len() as u64) as usize;
+                if payee == payer {
+                    payee = (payee + 1) % customers.len();
+                }
+                let (from, to) = (&customers[payer], &customers[payee]);
+                let amount = 1 + (splitmix(rng) % amount_max);
+                let mut req = tonic::Request::new(pb::PayRequest {
+                    payment_id: strife_core::PaymentId::new_random().to_string(),
+                    payee_user: to.user.clone(),
+                    payee_bank: to.bank.clone(),
+                    amount: strife_core::money::format_minor(amount as i64),
+                });
+                if let Ok(v) = format!("Bearer {token}").parse() {
+                    req.metadata_mut().insert("authorization", v);
+                }
+                let t0 = Instant::now();
+                let result = client.pay(req).await;
+                lat.push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX));
+                tally.calls.fetch_add(if from.bank == to.bank { 3 } else { 5 }, Ordering::Relaxed);
+                match result {
+                    Ok(r) if r.get_ref().status() == pb::PaymentStatus::Committed => &tally.committed,
+                    Ok(_) => &tally.declined,
+                    Err(_) => &tally.failed,
+                }
+                .fetch_add(1, Ordering::Relaxed);
+            }
+            lat
+        }));
+    }
+    let mut latencies = Vec::new();
+    for w in workers {
+        latencies.extend(w.await?);
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    progress.abort();
+    if std::io::stderr().is_terminal() {
+        eprintln!();
+    }
+    let after: Vec<(u64, u64)> = servers.iter().map(|s| cpu_ticks(s.child.id())).collect();
+    let bench_after = cpu_ticks(std::process::id());
+    latencies.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if latencies.is_empty() {
+            return 0.0;
+        }
+        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
+        f64::from(latencies[i]) / 1000.0
+    };
+    let done = latencies.len() as f64;
+    let rate = done / elapsed;
+    let calls_per_payment = tally.calls.load(Ordering::Relaxed) as f64 / done.max(1.0);
+    let ceiling_ratio = if noop > 0.0 { rate * calls_per_payment / noop } else { 0.0 };
+
+    // Conservation and agreement: wait (bounded) for the decisions to reach
+    // every bank, then audit the stores.
+    let mut audit = json!(null);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        match crate::audit::run(dir) {
+            Ok(r) if r.exit == Exit::Done => {
+                audit = r.json;
+                break;
+            }
+            Ok(r) => audit = r.json,
+            Err(e) => audit = json!({ "error": e.to_string(), "conserved": false }),
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let conserved = audit["conserved"] == true && audit["ok"] == true;
+
+    let tick = clock_ticks_per_sec();
+    let cpu_ms =
+        |b: (u64, u64), a: (u64, u64)| ((a.0 + a.1) - (b.0 + b.1)) as f64 * 1000.0 / tick / done.max(1.0);
+    let mut cpu = serde_json::Map::new();
+    let mut memory = serde_json::Map::new();
+    for (i, s) in servers.iter().enumerate() {
+        cpu.insert(s.name.clone(), json!(round3(cpu_ms(before[i], after[i]))));
+        memory.insert(s.name.clone(), json!(peak_rss_mb(s.child.id())));
+    }
+    cpu.insert("bench".into(), json!(round3(cpu_ms(bench_before, bench_after))));
+    let json = json!({
+        "payments": latencies.len(),
+        "concurrency": args.concurrency,
+        "mode": if args.hot.is_some() { "hot" } else { "uniform" },
+        "payers": payer_count,
+        "banks": banks.len(),
+        "accounts": customers.len(),
+        "seconds": round3(elapsed),
+        "payments_per_sec": round3(rate),
+        "latency_ms": { "p50": round3(pct(0.50)), "p90": round3(pct(0.90)), "p99": round3(pct(0.99)), "p999": round3(pct(0.999)) },
+        "committed": tally.committed.load(Ordering::Relaxed),
+        "declined": tally.declined.load(Ordering::Relaxed),
+        "failed": tally.failed.load(Ordering::Relaxed),
+        "noop_calls_per_sec": round3(noop),
+        "calls_per_payment": round3(calls_per_payment),
+        "ceiling_ratio": round3(ceiling_ratio),
+        "cpu_ms_per_payment": Value::Object(cpu),
+        "peak_memory_mb": Value::Object(memory),
+        "conserved": conserved,
+        "audit": audit,
+    });
+    let text = table(&json);
+    Ok(Reply { exit: if conserved { Exit::Done } else { Exit::Unexpected }, json, text })
+}
+
+fn table(j: &Value) -> String {
+    let mut t = String::new();
+    t.push_str(&format!(
+        "strife bench: {} payments, {} concurrent payers ({}, {} payer accounts), {} banks, {} accounts\n",
+        j["payments"],
+        j["concurrency"],
+        j["mode"].as_str().unwrap_or(""),
+        j["payers"],
+        j["banks"],
+        j["accounts"]
+    ));
+    t.push_str(&format!("  payments/s           {}\n", j["payments_per_sec"]));
+    t.push_str(&format!(
+        "  latency ms           p50 {}  p90 {}  p99 {}  p99.9 {}\n",
+        j["latency_ms"]["p50"], j["latency_ms"]["p90"], j["latency_ms"]["p99"], j["latency_ms"]["p999"]
+    ));
+    t.push_str(&format!(
+        "  outcomes             {} committed, {} declined, {} failed\n",
+        j["committed"], j["declined"], j["failed"]
+    ));
+    t.push_str(&format!("  no-op mTLS calls/s   {}\n", j["noop_calls_per_sec"]));
+    t.push_str(&format!(
+        "  ceiling ratio        {} (payments/s x {} calls per payment / no-op calls/s)\n",
+        j["ceiling_ratio"], j["calls_per_payment"]
+    ));
+    t.push_str(&format!("  CPU ms per payment   {}\n", j["cpu_ms_per_payment"]));
+    t.push_str(&format!("  peak memory MB       {}\n", j["peak_memory_mb"]));
+    t.push_str(&format!(
+        "  money conserved      {}",
+        if j["conserved"] == true { "yes (audit agrees)" } else { "NO: see the audit" }
+    ));
+    t
+}
+
+fn progress_bar(total: u64, next: Arc<AtomicU64>, started: Instant) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        if !std::io::stderr().is_terminal() {
+            return;
+        }
+        loop {
+            tokio::time::sleep(Duration::from_millis(250)).await;
+            let done = next.load(Ordering::Relaxed).min(total);
+            let width = 30;
+            let filled = (done * width / total.max(1)) as usize;
+            let rate = done as f64 / started.elapsed().as_secs_f64();
+            let mut err = std::io::stderr().lock();
+            let _ = write!(
+                err,
+                "\r[{}{}] {done}/{total} payments  {rate:.0}/s ",
+                "#".repeat(filled),
+                ".".repeat(width as usize - filled)
+            );
+            let _ = err.flush();
+        }
+    })
+}
+
+fn splitmix(x: u64) -> u64 {
+    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+fn round3(x: f64) -> f64 {
+    (x * 1000.0).round() / 1000.0
+}
+
+/// (user, system) CPU time of a process, in clock ticks.
+fn cpu_ticks(pid: u32) -> (u64, u64) {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let get = |i: usize| fields.get(i).and_then(|f| f.parse().ok()).unwrap_or(0);
+    (get(11), get(12))
+}
+
+fn clock_ticks_per_sec() -> f64 {
+    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().map_or(100.0, |t| t as f64)
+}
+
+/// Peak resident memory of a process, in MB.
+fn peak_rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .map_or(0.0, |kb| round3(kb / 1024.0))
+}
