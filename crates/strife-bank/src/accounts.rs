@@ -113,6 +113,38 @@ pub fn hash_password(password: &Secret<String>) -> anyhow::Result<String> {
     Ok(hash.to_string())
 }
 
+/// Checks a password against a stored hash in a caller-owned work area
+/// (`memory`, grown to the hash's memory cost once and then reused), so that
+/// repeated checks do not allocate ~19 MiB each. A malformed hash never
+/// matches; the comparison takes the same time wherever the bytes differ.
+pub fn verify_password_in(password: &Secret<String>, stored: &str, memory: &mut Vec<argon2::Block>) -> bool {
+    let Ok(hash) = PasswordHash::new(stored) else { return false };
+    let (Some(expected), Some(salt)) = (hash.hash, hash.salt) else { return false };
+    let Ok(params) = argon2::Params::try_from(&hash) else { return false };
+    let Ok(algorithm) = argon2::Algorithm::try_from(hash.algorithm) else { return false };
+    let version = hash.version.and_then(|v| argon2::Version::try_from(v).ok()).unwrap_or_default();
+    let mut salt_buf = [0u8; 64];
+    let Ok(salt) = salt.decode_b64(&mut salt_buf) else { return false };
+    if memory.len() < params.block_count() {
+        memory.resize(params.block_count(), argon2::Block::default());
+    }
+    let mut out = vec![0u8; expected.len()];
+    let argon = Argon2::new(algorithm, version, params.clone());
+    if argon
+        .hash_password_into_with_memory(
+            password.expose().as_bytes(),
+            salt,
+            &mut out,
+            &mut memory[..params.block_count()],
+        )
+        .is_err()
+    {
+        return false;
+    }
+    let diff = out.iter().zip(expected.as_bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b));
+    diff == 0 && out.len() == expected.len()
+}
+
 /// Checks a password against a stored hash. A malformed hash never matches.
 pub fn verify_password(password: &Secret<String>, stored: &str) -> bool {
     PasswordHash::new(stored)
@@ -131,6 +163,14 @@ mod tests {
         assert!(verify_password(&Secret::new("pass1".into()), &hash));
         assert!(!verify_password(&Secret::new("pass2".into()), &hash));
         assert!(!verify_password(&Secret::new("pass1".into()), "garbage"));
+        let mut memory = Vec::new();
+        assert!(verify_password_in(&Secret::new("pass1".into()), &hash, &mut memory));
+        assert!(!verify_password_in(&Secret::new("pass2".into()), &hash, &mut memory));
+        assert!(
+            verify_password_in(&Secret::new("pass1".into()), &hash, &mut memory),
+            "the work area is reused"
+        );
+        assert!(!verify_password_in(&Secret::new("pass1".into()), "garbage", &mut memory));
     }
 
     #[test]

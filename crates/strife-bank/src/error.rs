@@ -14,6 +14,9 @@ pub enum BankError {
     /// abort, or the reverse). It changes nothing.
     #[error("{0}")]
     Conflict(String),
+    /// Too much work queued; the caller may retry.
+    #[error("{0}")]
+    Busy(String),
     #[error("storage: {0}")]
     Storage(#[from] rusqlite::Error),
     #[error("internal: {0}")]
@@ -26,6 +29,7 @@ impl From<BankError> for Status {
             BankError::Invalid(m) => Status::invalid_argument(m),
             BankError::UnknownAccount(u) => Status::not_found(format!("no account '{u}' at this bank")),
             BankError::Conflict(m) => Status::failed_precondition(m),
+            BankError::Busy(m) => Status::resource_exhausted(m),
             BankError::Storage(err) => {
                 tracing::error!(error = %err, "storage failure");
                 Status::internal("internal error")

@@ -1,7 +1,7 @@
 //! The bank's gRPC service. Every method is for the gateway only (checked by
 //! [`only_gateway`]); storage work runs on the blocking pool.
 
-use crate::accounts::verify_password;
+use crate::accounts::verify_password_in;
 use crate::error::BankError;
 use crate::store::{Leg, LegRequest, Store, Vote};
 use std::sync::Arc;
@@ -26,21 +26,67 @@ pub struct BankService {
     /// A hash of a random password, verified against when the user is
     /// unknown so that an unknown user costs as much as a wrong password.
     decoy_hash: Arc<String>,
-    /// Bounds password checks running at once: each takes ~19 MiB and a
+    /// The threads that check passwords: each check takes ~19 MiB and a
     /// core for tens of milliseconds, so a login flood cannot exhaust the bank.
-    password_checks: Arc<tokio::sync::Semaphore>,
+    password_checks: PasswordChecks,
 }
 
-/// Most password checks (Argon2id) running at once.
+/// Most password checks (Argon2id) running at once: one thread each.
 pub const PASSWORD_CHECKS_MAX: usize = 2;
+/// Most password checks waiting for a thread.
+const PASSWORD_QUEUE_MAX: usize = 256;
+
+type Check = Box<dyn FnOnce(&mut Vec<argon2::Block>) + Send>;
+
+/// A fixed pool of threads for password checks. Fixed threads also keep
+/// Argon2's memory in a fixed number of allocator arenas.
+#[derive(Clone)]
+struct PasswordChecks {
+    queue: std::sync::mpsc::SyncSender<Check>,
+}
+
+impl PasswordChecks {
+    fn start() -> PasswordChecks {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Check>(PASSWORD_QUEUE_MAX);
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        for i in 0..PASSWORD_CHECKS_MAX {
+            let rx = rx.clone();
+            let _ = std::thread::Builder::new().name(format!("password-{i}")).spawn(move || {
+                // Each thread's Argon2 work area, allocated once.
+                let mut memory: Vec<argon2::Block> = Vec::new();
+                loop {
+                    let job = match rx.lock() {
+                        Ok(guard) => guard.recv(),
+                        Err(_) => return,
+                    };
+                    match job {
+                        Ok(job) => job(&mut memory),
+                        Err(_) => return,
+                    }
+                }
+            });
+        }
+        PasswordChecks { queue: tx }
+    }
+
+    async fn check(
+        &self,
+        f: impl FnOnce(&mut Vec<argon2::Block>) -> bool + Send + 'static,
+    ) -> Result<bool, BankError> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: Check = Box::new(move |memory| {
+            let _ = tx.send(f(memory));
+        });
+        self.queue
+            .try_send(job)
+            .map_err(|_| BankError::Busy("too many logins at once; try again shortly".into()))?;
+        rx.await.map_err(|_| BankError::Internal("password check thread gone".into()))
+    }
+}
 
 impl BankService {
     pub fn new(store: GroupCommit<Store>, decoy_hash: String) -> BankService {
-        BankService {
-            store,
-            decoy_hash: Arc::new(decoy_hash),
-            password_checks: Arc::new(tokio::sync::Semaphore::new(PASSWORD_CHECKS_MAX)),
-        }
+        BankService { store, decoy_hash: Arc::new(decoy_hash), password_checks: PasswordChecks::start() }
     }
 
     pub async fn with_store<T, F>(&self, f: F) -> Result<T, BankError>
@@ -119,20 +165,16 @@ impl pb::bank_server::Bank for BankService {
         let user = req.user;
         let stored = self.with_store(move |s| s.password_hash(&user)).await?;
         let decoy = self.decoy_hash.clone();
-        let _permit = self
+        let valid = self
             .password_checks
-            .acquire()
-            .await
-            .map_err(|_| BankError::Internal("password checks closed".into()))?;
-        let valid = tokio::task::spawn_blocking(move || match stored {
-            Some(hash) => verify_password(&password, &hash),
-            None => {
-                let _ = verify_password(&password, &decoy);
-                false
-            }
-        })
-        .await
-        .map_err(|e| BankError::Internal(format!("blocking task: {e}")))?;
+            .check(move |memory| match stored {
+                Some(hash) => verify_password_in(&password, &hash, memory),
+                None => {
+                    let _ = verify_password_in(&password, &decoy, memory);
+                    false
+                }
+            })
+            .await?;
         Ok(Response::new(pb::VerifyPasswordResponse { valid }))
     }
 

@@ -198,8 +198,17 @@ impl Gateway {
             deadline_at_ms: now.saturating_add(deadline_ms),
             fingerprint: req.fingerprint(),
         };
+        // The `preparing` record need not be durable before the prepares go
+        // out: if a crash loses it, no record means abort, the banks learn
+        // that by inquiry, and the customer (never answered) retries. It is
+        // durable before the decision, which is written in a later batch.
         let begin = record.clone();
-        if let Err(existing) = self.with_store(move |s| s.begin_payment(&begin)).await? {
+        let begun = self
+            .store
+            .run_before_commit(move |s| s.begin_payment(&begin))
+            .await
+            .map_err(|e| GatewayError::Internal(e.to_string()))??;
+        if let Err(existing) = begun {
             return replay(&req, &existing);
         }
         let txn_id = record.txn_id.clone();
@@ -282,8 +291,11 @@ impl Gateway {
             tokio::time::timeout(self.config.commit_timeout(), self.deliver(&txn_id, decision, &banks)).await;
         strife_rpc::fault::crash_point("gateway.after_commit_sent");
         if delivered == Ok(true) {
+            // A lazy write: if it is lost, the finisher re-sends the decision.
             let t = txn_id.clone();
-            self.with_store(move |s| s.mark_acked(&t)).await?;
+            self.store.run_lazily(move |s| {
+                let _ = s.mark_acked(&t);
+            });
         } else {
             self.finisher_wake.notify_one();
         }

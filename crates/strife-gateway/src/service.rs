@@ -72,6 +72,9 @@ impl pb::session_server::Session for SessionService {
         });
         let valid = match tokio::time::timeout(self.gateway.config.prepare_timeout(), call).await {
             Ok(Ok(resp)) => resp.into_inner().valid,
+            Ok(Err(status)) if status.code() == tonic::Code::ResourceExhausted => {
+                return Err(Status::resource_exhausted(status.message()));
+            }
             Ok(Err(status)) => return Err(unavailable(&who.bank, &status).into()),
             Err(_) => return Err(unavailable(&who.bank, &Status::deadline_exceeded("timeout")).into()),
         };

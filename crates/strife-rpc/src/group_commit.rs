@@ -70,6 +70,52 @@ impl<S: Batched> GroupCommit<S> {
         Ok(GroupCommit { queue: tx })
     }
 
+    /// Runs `op` in the next batch and answers as soon as it has run, before
+    /// the batch is durable. Only for writes whose loss in a crash is safe
+    /// (the gateway's `preparing` record: under presumed abort, no record
+    /// means abort). Later operations still see it, and it becomes durable
+    /// with its batch, before any later batch.
+    pub async fn run_before_commit<T, F>(&self, op: F) -> Result<T, GroupCommitError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut S) -> T + Send + 'static,
+    {
+        let (tx, rx) = oneshot::channel();
+        let job: Job<S> = Box::new(move |store: &mut S| {
+            let _ = tx.send(op(store));
+            Box::new(|_| {})
+        });
+        self.enqueue(job).await?;
+        rx.await.map_err(|_| GroupCommitError::Closed)
+    }
+
+    /// Queues `op` without waiting for it at all; dropped if the queue is
+    /// full. Only for writes that are redone if lost (marking a payment
+    /// acknowledged: the finisher re-sends its decision, harmlessly).
+    pub fn run_lazily<F>(&self, op: F)
+    where
+        F: FnOnce(&mut S) + Send + 'static,
+    {
+        let job: Job<S> = Box::new(move |store: &mut S| {
+            op(store);
+            Box::new(|_| {})
+        });
+        let _ = self.queue.try_send(job);
+    }
+
+    async fn enqueue(&self, job: Job<S>) -> Result<(), GroupCommitError> {
+        let queue = self.queue.clone();
+        // The queue is bounded: when it is full, wait off the async threads.
+        match queue.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(mpsc::TrySendError::Full(job)) => tokio::task::spawn_blocking(move || queue.send(job))
+                .await
+                .map_err(|_| GroupCommitError::Closed)?
+                .map_err(|_| GroupCommitError::Closed),
+            Err(mpsc::TrySendError::Disconnected(_)) => Err(GroupCommitError::Closed),
+        }
+    }
+
     /// Runs `op` on the store inside the next batch; returns its result once
     /// the batch is durable.
     pub async fn run<T, F>(&self, op: F) -> Result<T, GroupCommitError>
@@ -84,18 +130,7 @@ impl<S: Batched> GroupCommit<S> {
                 let _ = tx.send(committed.map(|()| result));
             })
         });
-        let queue = self.queue.clone();
-        // The queue is bounded: when it is full, wait off the async threads.
-        match queue.try_send(job) {
-            Ok(()) => {}
-            Err(mpsc::TrySendError::Full(job)) => {
-                tokio::task::spawn_blocking(move || queue.send(job))
-                    .await
-                    .map_err(|_| GroupCommitError::Closed)?
-                    .map_err(|_| GroupCommitError::Closed)?;
-            }
-            Err(mpsc::TrySendError::Disconnected(_)) => return Err(GroupCommitError::Closed),
-        }
+        self.enqueue(job).await?;
         match rx.await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(e)) => Err(GroupCommitError::Commit(e)),

@@ -5,12 +5,17 @@
 //! The TLS layer has already checked the chain to our CA; this module only
 //! reads the name, and [`require`] is the one check every server uses.
 
+use std::collections::HashMap;
 use std::fmt;
+use std::sync::{Mutex, OnceLock};
 use tonic::Status;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 const URI_PREFIX: &str = "strife://";
+/// Most certificates remembered by [`Peer::from_extensions`].
+const PEER_CACHE_MAX: usize = 1024;
+static PEER_CACHE: OnceLock<Mutex<HashMap<Box<[u8]>, Option<Peer>>>> = OnceLock::new();
 
 /// The identity a certificate proves.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -84,12 +89,26 @@ impl Peer {
     }
 
     /// The identity of the caller of a request, from the TLS connection.
+    /// Certificates already read are remembered (the chain was verified by
+    /// TLS; only the parsing is saved), so a call costs a lookup.
     pub fn from_extensions(ext: &http::Extensions) -> Option<Peer> {
         if let Some(peer) = ext.get::<Peer>() {
             return Some(peer.clone());
         }
         let certs = ext.get::<TlsConnectInfo<TcpConnectInfo>>()?.peer_certs()?;
-        Peer::from_der(certs.first()?)
+        let der: &[u8] = certs.first()?;
+        let cache = PEER_CACHE.get_or_init(|| Mutex::new(HashMap::new()));
+        if let Some(hit) = cache.lock().ok()?.get(der) {
+            return hit.clone();
+        }
+        let peer = Peer::from_der(der);
+        if let Ok(mut map) = cache.lock() {
+            if map.len() >= PEER_CACHE_MAX {
+                map.clear();
+            }
+            map.insert(der.into(), peer.clone());
+        }
+        peer
     }
 }
 
