@@ -18,6 +18,15 @@ pub struct Config {
     pub bank: BankConfig,
     pub client: ClientConfig,
     pub log: LogConfig,
+    pub runtime: RuntimeConfig,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RuntimeConfig {
+    /// Async worker threads per server process; 0 means one per core.
+    /// Co-located servers on few cores may do better with 1.
+    pub workers: u64,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -47,6 +47,11 @@ pub struct BenchArgs {
     /// Keep the bench's cluster directory afterwards.
     #[arg(long)]
     keep: bool,
+    /// Fill the bench cluster's stores with this many committed payments of
+    /// history first (written straight into SQLite, in pairs that cancel
+    /// out, so balances stay as they were), to measure a large ledger.
+    #[arg(long, default_value_t = 0)]
+    history: u64,
 }
 
 /// A customer the bench can act as.
@@ -124,6 +129,9 @@ fn start_cluster(dir: &Path, args: &BenchArgs) -> anyhow::Result<(Vec<Server>, S
         }
         strife_rpc::pki::write_public_file(&dir.join(format!("{bank}.accounts.toml")), &file)?;
     }
+    if args.history > 0 {
+        prefill_history(dir, &banks, args.accounts, args.history)?;
+    }
     let exe = std::env::current_exe()?;
     let quiet = [("STRIFE_LOG_LEVEL", "warn")];
     let (gateway, addr) = spawn(&exe, dir, "gateway", &["gateway", "--listen", "127.0.0.1:0"], &quiet)?;
@@ -141,6 +149,82 @@ fn start_cluster(dir: &Path, args: &BenchArgs) -> anyhow::Result<(Vec<Server>, S
         servers.push(server);
     }
     Ok((servers, addr, customers))
+}
+
+/// Writes `count` committed payments into the gateway's and the banks'
+/// stores, as pairs (a pays b, b pays a back) so that no balance changes.
+fn prefill_history(dir: &Path, banks: &[String], accounts: usize, count: u64) -> anyhow::Result<()> {
+    // Pairs cancel out only when complete.
+    anyhow::ensure!(count % 2 == 0, "--history must be even (payments come in pairs that cancel out)");
+    let config = strife_rpc::Config::default();
+    let gw_dir = config.gateway.data_dir(dir);
+    std::fs::create_dir_all(&gw_dir)?;
+    drop(strife_gateway::store::Store::open(&gw_dir.join("gateway.db"))?);
+    let mut bank_dbs = Vec::new();
+    for b in banks {
+        let d = config.bank.data_dir(dir, b);
+        std::fs::create_dir_all(&d)?;
+        drop(strife_bank::store::Store::open(&d.join("bank.db"), b)?);
+        let conn = rusqlite::Connection::open(d.join("bank.db"))?;
+        conn.execute_batch("BEGIN")?;
+        bank_dbs.push(conn);
+    }
+    let gw = rusqlite::Connection::open(gw_dir.join("gateway.db"))?;
+    gw.execute_batch("BEGIN")?;
+    let start_ms = strife_gateway::store::now_ms() - i64::try_from(count).unwrap_or(0) - 1;
+    let total = accounts * banks.len();
+    let mut rng = 0x5EED_u64;
+    {
+        let mut pay = gw.prepare(
+            "INSERT INTO payments (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+                                   fingerprint, state, acked, created_at, deadline_at, decided_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, zeroblob(32), 'committed', 1, ?8, ?8, ?8)",
+        )?;
+        let mut legs: Vec<rusqlite::Statement<'_>> = bank_dbs
+            .iter()
+            .map(|c| {
+                c.prepare(
+                    "INSERT INTO legs (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+                                       debit_user, credit_user, state, prepared_at, decided_at)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, 'committed', ?10, ?10)",
+                )
+            })
+            .collect::<Result<_, _>>()?;
+        let none: Option<&str> = None;
+        for n in 0..count {
+            let pair = n / 2;
+            if n % 2 == 0 {
+                rng = splitmix(rng);
+            }
+            let a = (pair as usize) % total;
+            let mut b = (rng as usize) % total;
+            if a == b {
+                b = (b + 1) % total;
+            }
+            let (mut from, mut to) = ((a / accounts, a % accounts), (b / accounts, b % accounts));
+            if n % 2 == 1 {
+                std::mem::swap(&mut from, &mut to);
+            }
+            let amount = 100 + i64::try_from(pair % 1000).unwrap_or(0);
+            let at = start_ms + i64::try_from(n).unwrap_or(0);
+            let txn = strife_core::PaymentId::new_random().to_string();
+            let id = strife_core::PaymentId::new_random().to_string();
+            let (fu, tu) = (format!("u{}", from.1), format!("u{}", to.1));
+            let (fb, tb) = (&banks[from.0], &banks[to.0]);
+            pay.execute(rusqlite::params![txn, id, fu, fb, tu, tb, amount, at])?;
+            if from.0 == to.0 {
+                legs[from.0].execute(rusqlite::params![txn, id, fu, fb, tu, tb, amount, fu, tu, at])?;
+            } else {
+                legs[from.0].execute(rusqlite::params![txn, id, fu, fb, tu, tb, amount, fu, none, at])?;
+                legs[to.0].execute(rusqlite::params![txn, id, fu, fb, tu, tb, amount, none, tu, at])?;
+            }
+        }
+    }
+    gw.execute_batch("COMMIT")?;
+    for c in &bank_dbs {
+        c.execute_batch("COMMIT")?;
+    }
+    Ok(())
 }
 
 fn spawn(

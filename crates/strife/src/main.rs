@@ -184,10 +184,18 @@ fn emit(reply: &Reply, json: bool) -> i32 {
 }
 
 fn runtime(single: bool) -> Result<tokio::runtime::Runtime, CliError> {
-    if single {
-        tokio::runtime::Builder::new_current_thread().enable_all().build()
-    } else {
-        tokio::runtime::Builder::new_multi_thread().enable_all().build()
+    server_runtime(if single { 1 } else { 0 })
+}
+
+/// A runtime with `workers` threads (0: one per core; 1: the current thread).
+fn server_runtime(workers: u64) -> Result<tokio::runtime::Runtime, CliError> {
+    match workers {
+        0 => tokio::runtime::Builder::new_multi_thread().enable_all().build(),
+        1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::try_from(n).unwrap_or(1))
+            .enable_all()
+            .build(),
     }
     .map_err(CliError::unexpected)
 }
@@ -215,8 +223,9 @@ fn run(cli: Cli) -> Result<Reply, CliError> {
             let config = Config::load(&dir, config.as_deref()).map_err(fatal)?;
             strife_rpc::telemetry::init("gateway", &dir, &config.log.level).map_err(fatal)?;
             let listen = listen.unwrap_or_else(|| config.gateway.listen.clone());
+            let workers = config.runtime.workers;
             let opts = strife_gateway::GatewayOptions { dir, config };
-            runtime(false)?
+            server_runtime(workers)?
                 .block_on(async move {
                     let (listener, _) = strife_rpc::serve::bind(&listen).await?;
                     strife_gateway::run(opts, listener, shutdown(cli.supervised)).await
@@ -232,8 +241,9 @@ fn run(cli: Cli) -> Result<Reply, CliError> {
             let config = Config::load(&dir, config.as_deref()).map_err(fatal)?;
             strife_rpc::telemetry::init(&name, &dir, &config.log.level).map_err(fatal)?;
             let listen = listen.unwrap_or_else(|| config.bank.listen.clone());
+            let workers = config.runtime.workers;
             let opts = strife_bank::BankOptions { dir, name, config, gateway: cli.gateway, accounts };
-            runtime(false)?
+            server_runtime(workers)?
                 .block_on(async move {
                     let (listener, _) = strife_rpc::serve::bind(&listen).await?;
                     strife_bank::run(opts, listener, shutdown(cli.supervised)).await
