@@ -15,7 +15,9 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 const URI_PREFIX: &str = "strife://";
 /// Most certificates remembered by [`Peer::from_extensions`].
 const PEER_CACHE_MAX: usize = 1024;
-static PEER_CACHE: OnceLock<Mutex<HashMap<Box<[u8]>, Option<Peer>>>> = OnceLock::new();
+/// Certificates (DER) already read, and whom they name.
+type PeerCache = Mutex<HashMap<Box<[u8]>, Option<Peer>>>;
+static PEER_CACHE: OnceLock<PeerCache> = OnceLock::new();
 
 /// The identity a certificate proves.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
