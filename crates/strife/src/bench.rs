@@ -155,7 +155,7 @@ fn start_cluster(dir: &Path, args: &BenchArgs) -> anyhow::Result<(Vec<Server>, S
 /// stores, as pairs (a pays b, b pays a back) so that no balance changes.
 fn prefill_history(dir: &Path, banks: &[String], accounts: usize, count: u64) -> anyhow::Result<()> {
     // Pairs cancel out only when complete.
-    anyhow::ensure!(count % 2 == 0, "--history must be even (payments come in pairs that cancel out)");
+    anyhow::ensure!(count.is_multiple_of(2), "--history must be even (payments come in pairs that cancel out)");
     let config = strife_rpc::Config::default();
     let gw_dir = config.gateway.data_dir(dir);
     std::fs::create_dir_all(&gw_dir)?;
@@ -193,7 +193,7 @@ fn prefill_history(dir: &Path, banks: &[String], accounts: usize, count: u64) ->
         let none: Option<&str> = None;
         for n in 0..count {
             let pair = n / 2;
-            if n % 2 == 0 {
+            if n.is_multiple_of(2) {
                 rng = splitmix(rng);
             }
             let a = (pair as usize) % total;
