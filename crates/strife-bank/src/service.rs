@@ -114,6 +114,9 @@ pub fn prepare_request(req: pb::PrepareRequest) -> Result<LegRequest, BankError>
     check_txn_id(&req.txn_id)?;
     let payer = party(req.payer, "payer")?;
     let payee = party(req.payee, "payee")?;
+    if payer == payee {
+        return Err(BankError::Invalid("payer and payee are the same account".into()));
+    }
     let amount = strife_core::Amount::from_minor(req.amount_minor)
         .ok_or_else(|| BankError::Invalid("amount is out of range".into()))?;
     if req.payment_id.len() > 64 {

@@ -547,7 +547,7 @@ mod tests {
     /// (shown on failure); `STRIFE_PROP_SEED=<n>` replays a run.
     #[test]
     fn random_operations_keep_every_money_rule() {
-        const OPERATIONS: u32 = 2_000;
+        const OPERATIONS: u32 = 3_000;
         const USERS: [&str; 5] = ["a", "b", "c", "d", "e"];
 
         /// A leg as the test expects the store to hold it.
@@ -650,6 +650,9 @@ mod tests {
         let mut balances: Vec<i64> = USERS.iter().map(|u| s.balance(u).expect("balance").0).collect();
         let total: i64 = balances.iter().sum();
         let mut legs: BTreeMap<String, Model> = BTreeMap::new();
+        // How often each case was met: every one must be, or the run proves little.
+        let mut hits: BTreeMap<&str, u32> = BTreeMap::new();
+        let mut hit = |case| *hits.entry(case).or_default() += 1;
         // Ids the store must not know: a commit for one is refused and
         // leaves no record.
         let mut fresh = 0u32;
@@ -702,15 +705,21 @@ mod tests {
                                 (Vote::No(r), Expect::Aborted(r))
                             };
                             assert_eq!(got.expect("prepare"), want, "{at}: amount {amount}");
+                            hit(if want == Vote::Yes { "prepare: yes" } else { "prepare: no" });
                             legs.insert(txn.clone(), Model { payer, payee, amount, state });
                         }
                         Some(Model { state: Expect::Aborted(r), .. }) => {
                             assert_eq!(got.expect("prepare"), Vote::No(r), "{at}");
+                            hit("prepare again: no");
                         }
-                        Some(l) if l.amount == amount => assert_eq!(got.expect("prepare"), Vote::Yes, "{at}"),
+                        Some(l) if l.amount == amount => {
+                            assert_eq!(got.expect("prepare"), Vote::Yes, "{at}");
+                            hit("prepare again: yes");
+                        }
                         Some(_) => {
                             assert!(matches!(got, Err(BankError::Conflict(_))), "{at}: {got:?}");
                             assert_eq!(snapshot(&s), before, "{at}: a refused prepare changed something");
+                            hit("prepare again: other amount, refused");
                         }
                     }
                 }
@@ -723,14 +732,21 @@ mod tests {
                             balances[l.payer] -= l.amount;
                             balances[l.payee] += l.amount;
                             legs.insert(txn.clone(), Model { state: Expect::Committed, ..l });
+                            hit("commit");
                         }
                         Some(Model { state: Expect::Committed, .. }) => {
                             got.expect("a repeated commit");
                             assert_eq!(snapshot(&s).0, before.0, "{at}: a repeated commit moved money");
+                            hit("commit again");
                         }
                         _ => {
                             assert!(matches!(got, Err(BankError::Conflict(_))), "{at}: {got:?}");
                             assert_eq!(snapshot(&s), before, "{at}: a refused commit changed something");
+                            hit(if known.is_some() {
+                                "commit after abort, refused"
+                            } else {
+                                "commit unknown, refused"
+                            });
                         }
                     }
                 }
@@ -742,26 +758,31 @@ mod tests {
                             got.expect("abort");
                             let state = Expect::Aborted(DeclineReason::Timeout);
                             legs.insert(txn.clone(), Model { state, ..l });
+                            hit("abort");
                         }
                         Some(Model { state: Expect::Aborted(_), .. }) => {
                             got.expect("a repeated abort");
                             assert_eq!(snapshot(&s).0, before.0, "{at}: a repeated abort moved money");
+                            hit("abort again");
                         }
                         Some(_) => {
                             assert!(matches!(got, Err(BankError::Conflict(_))), "{at}: {got:?}");
                             assert_eq!(snapshot(&s), before, "{at}: a refused abort changed something");
+                            hit("abort after commit, refused");
                         }
                         None => {
                             got.expect("abort of an unknown leg");
                             let state = Expect::Aborted(DeclineReason::Timeout);
                             legs.insert(txn.clone(), Model { payer: 0, payee: 1, amount: 0, state });
                             assert_eq!(snapshot(&s).0, before.0, "{at}: an unknown abort moved money");
+                            hit("abort unknown");
                         }
                     }
                 }
             }
             check(&s, &balances, &legs, total, &at);
         }
+        assert_eq!(hits.len(), 13, "seed {seed}: some cases never came up: {hits:?}");
 
         // Decide every open leg; then no hold and no reservation remains.
         let open: Vec<(String, Model)> =

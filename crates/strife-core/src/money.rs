@@ -146,3 +146,172 @@ mod tests {
         }
     }
 }
+
+/// Seeded properties over many random values. The seed is printed (shown
+/// when a test fails); `STRIFE_PROP_SEED=<n>` replays it.
+#[cfg(test)]
+mod properties {
+    use super::*;
+
+    /// Random values per property.
+    const CASES: u64 = 100_000;
+
+    /// SplitMix64: a tiny, well-mixed PRNG, so that a seed is all a run needs.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = self.0;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            z ^ (z >> 31)
+        }
+
+        /// A number in `lo..=hi`.
+        fn range(&mut self, lo: u64, hi: u64) -> u64 {
+            match (hi - lo).checked_add(1) {
+                Some(span) => lo + self.next() % span,
+                None => self.next(),
+            }
+        }
+
+        /// `n` random decimal digits.
+        fn digits(&mut self, n: u64) -> String {
+            (0..n).map(|_| char::from(b'0' + (self.next() % 10) as u8)).collect()
+        }
+    }
+
+    fn rng(test: &str) -> Rng {
+        let seed =
+            std::env::var("STRIFE_PROP_SEED").ok().and_then(|s| s.trim().parse().ok()).unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(1, |d| d.as_nanos() as u64)
+            });
+        eprintln!("seed {seed}; replay: STRIFE_PROP_SEED={seed} cargo test -p strife-core {test}");
+        Rng(seed)
+    }
+
+    /// A valid amount, biased towards the small and the largest ones.
+    fn valid_minor(rng: &mut Rng) -> i64 {
+        let hi = match rng.next() % 4 {
+            0 => 1_000,
+            1 => 10_000_000,
+            _ => AMOUNT_MAX_MINOR as u64,
+        };
+        let minor = if rng.next().is_multiple_of(8) {
+            AMOUNT_MAX_MINOR as u64 - rng.range(0, 99)
+        } else {
+            rng.range(1, hi)
+        };
+        minor as i64
+    }
+
+    /// What `format_minor` must show, by an independent route: i128 value
+    /// read back from the text.
+    fn value_of(text: &str) -> i128 {
+        let (negative, unsigned) = text.strip_prefix('-').map_or((false, text), |rest| (true, rest));
+        let (whole, frac) = unsigned.split_once('.').expect("a decimal point");
+        assert_eq!(frac.len(), 2, "{text:?}");
+        assert!(whole == "0" || !whole.starts_with('0'), "{text:?} has a leading zero");
+        let magnitude =
+            whole.parse::<i128>().expect("whole digits") * 100 + frac.parse::<i128>().expect("cents");
+        if negative { -magnitude } else { magnitude }
+    }
+
+    #[test]
+    fn every_valid_amount_round_trips_exactly() {
+        let mut rng = rng("every_valid_amount_round_trips_exactly");
+        for _ in 0..CASES {
+            let minor = valid_minor(&mut rng);
+            let text = format_minor(minor);
+            let amount = Amount::parse(&text).map(Amount::minor);
+            assert_eq!(amount, Ok(minor), "{minor} shown as {text:?}");
+            assert_eq!(Amount::from_minor(minor).map(|a| a.to_string()), Some(text));
+        }
+    }
+
+    #[test]
+    fn format_minor_shows_every_i64_exactly() {
+        let mut rng = rng("format_minor_shows_every_i64_exactly");
+        let edges = [i64::MIN, i64::MIN + 1, -100, -99, -1, 0, 1, 99, 100, i64::MAX - 1, i64::MAX];
+        for minor in edges.into_iter().chain((0..CASES).map(|_| rng.next() as i64)) {
+            let text = format_minor(minor);
+            assert_eq!(value_of(&text), i128::from(minor), "format_minor({minor}) = {text:?}");
+        }
+    }
+
+    #[test]
+    fn decimal_strings_parse_to_exact_minor_units() {
+        let mut rng = rng("decimal_strings_parse_to_exact_minor_units");
+        for _ in 0..CASES {
+            // Whole part of up to 11 digits (a little above the maximum),
+            // sometimes with leading zeros; then 0, 1 or 2 fraction digits.
+            let whole_digits = rng.range(1, 11);
+            let whole = format!("{}{}", "0".repeat(rng.range(0, 2) as usize), rng.digits(whole_digits));
+            let frac_digits = rng.range(0, 2);
+            let frac = rng.digits(frac_digits);
+            let text = if frac.is_empty() { whole.clone() } else { format!("{whole}.{frac}") };
+            let cents = match frac.len() {
+                0 => 0,
+                1 => i128::from(frac.as_bytes()[0] - b'0') * 10,
+                _ => frac.parse::<i128>().expect("two digits"),
+            };
+            let want = whole.parse::<i128>().expect("whole digits") * 100 + cents;
+            let got = Amount::parse(&text).map(|a| i128::from(a.minor()));
+            let expected = match want {
+                0 => Err(AmountError::NotPositive),
+                w if w > i128::from(AMOUNT_MAX_MINOR) => Err(AmountError::TooLarge),
+                w => Ok(w),
+            };
+            assert_eq!(got, expected, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn more_than_two_fraction_digits_are_refused() {
+        let mut rng = rng("more_than_two_fraction_digits_are_refused");
+        for _ in 0..CASES {
+            let whole_digits = rng.range(1, 12);
+            let frac_digits = rng.range(3, 32 - 1 - whole_digits);
+            let text = format!("{}.{}", rng.digits(whole_digits), rng.digits(frac_digits));
+            assert_eq!(Amount::parse(&text), Err(AmountError::TooPrecise), "{text:?}");
+        }
+    }
+
+    #[test]
+    fn amounts_above_the_maximum_are_refused_never_wrapped() {
+        let mut rng = rng("amounts_above_the_maximum_are_refused_never_wrapped");
+        // Values whose cents would wrap an i64 or a u64 to something small.
+        let wrapping = [
+            "92233720368547758.08",
+            "92233720368547758.07",
+            "184467440737095516.16",
+            "184467440737095516.17",
+        ];
+        for text in wrapping {
+            assert_eq!(Amount::parse(text), Err(AmountError::TooLarge), "{text:?}");
+        }
+        for _ in 0..CASES {
+            // Anything from just above the maximum to 29 whole digits (the
+            // text stays within AMOUNT_TEXT_MAX).
+            let over = match rng.next() % 3 {
+                0 => AMOUNT_MAX_MINOR as u128 + u128::from(rng.range(1, 1_000)),
+                1 => AMOUNT_MAX_MINOR as u128 + u128::from(rng.next()),
+                _ => {
+                    u128::from(rng.next()) * u128::from(rng.next()) % 10u128.pow(30)
+                        + AMOUNT_MAX_MINOR as u128
+                        + 1
+                }
+            };
+            let text = format!("{}.{:02}", over / 100, over % 100);
+            assert!(text.len() <= AMOUNT_TEXT_MAX, "{text:?}");
+            assert_eq!(Amount::parse(&text), Err(AmountError::TooLarge), "{text:?}");
+            let whole_only = (over / 100).to_string();
+            if over / 100 > (AMOUNT_MAX_MINOR / 100) as u128 {
+                assert_eq!(Amount::parse(&whole_only), Err(AmountError::TooLarge), "{whole_only:?}");
+            }
+        }
+    }
+}

@@ -155,7 +155,10 @@ fn start_cluster(dir: &Path, args: &BenchArgs) -> anyhow::Result<(Vec<Server>, S
 /// stores, as pairs (a pays b, b pays a back) so that no balance changes.
 fn prefill_history(dir: &Path, banks: &[String], accounts: usize, count: u64) -> anyhow::Result<()> {
     // Pairs cancel out only when complete.
-    anyhow::ensure!(count.is_multiple_of(2), "--history must be even (payments come in pairs that cancel out)");
+    anyhow::ensure!(
+        count.is_multiple_of(2),
+        "--history must be even (payments come in pairs that cancel out)"
+    );
     let config = strife_rpc::Config::default();
     let gw_dir = config.gateway.data_dir(dir);
     std::fs::create_dir_all(&gw_dir)?;
