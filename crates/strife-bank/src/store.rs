@@ -137,18 +137,15 @@ impl strife_rpc::group_commit::Batched for Store {
     }
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+pub use strife_core::unix_ms as now_ms;
 
 impl Store {
     pub fn open(path: &Path, bank: &str) -> Result<Store, BankError> {
         let conn = Connection::open(path)?;
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "FULL")?;
+        // 32 MiB of page cache keeps the indexes of a large ledger in memory.
+        conn.pragma_update(None, "cache_size", -32_768)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
         conn.execute_batch(SCHEMA)?;
@@ -566,20 +563,7 @@ mod tests {
             state: Expect,
         }
 
-        /// SplitMix64, so that a seed is all a run needs.
-        struct Rng(u64);
-        impl Rng {
-            fn next(&mut self) -> u64 {
-                self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-                let mut z = self.0;
-                z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-                z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-                z ^ (z >> 31)
-            }
-            fn below(&mut self, n: u64) -> u64 {
-                self.next() % n
-            }
-        }
+        use strife_core::rng::SplitMix64 as Rng;
 
         type Snapshot = (Vec<(String, i64, i64, i64)>, Vec<(String, String, i64)>);
         fn snapshot(s: &Store) -> Snapshot {

@@ -76,12 +76,7 @@ pub struct ClientState {
     conn: Connection,
 }
 
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
-        .unwrap_or(0)
-}
+use strife_core::unix_ms as now_ms;
 
 impl ClientState {
     pub fn open(dir: &Path) -> anyhow::Result<ClientState> {

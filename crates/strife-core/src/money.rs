@@ -156,30 +156,11 @@ mod properties {
     /// Random values per property.
     const CASES: u64 = 100_000;
 
-    /// SplitMix64: a tiny, well-mixed PRNG, so that a seed is all a run needs.
-    struct Rng(u64);
+    use crate::rng::SplitMix64 as Rng;
 
-    impl Rng {
-        fn next(&mut self) -> u64 {
-            self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = self.0;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            z ^ (z >> 31)
-        }
-
-        /// A number in `lo..=hi`.
-        fn range(&mut self, lo: u64, hi: u64) -> u64 {
-            match (hi - lo).checked_add(1) {
-                Some(span) => lo + self.next() % span,
-                None => self.next(),
-            }
-        }
-
-        /// `n` random decimal digits.
-        fn digits(&mut self, n: u64) -> String {
-            (0..n).map(|_| char::from(b'0' + (self.next() % 10) as u8)).collect()
-        }
+    /// `n` random decimal digits.
+    fn digits(rng: &mut Rng, n: u64) -> String {
+        (0..n).map(|_| char::from(b'0' + (rng.next() % 10) as u8)).collect()
     }
 
     fn rng(test: &str) -> Rng {
@@ -249,9 +230,9 @@ mod properties {
             // Whole part of up to 11 digits (a little above the maximum),
             // sometimes with leading zeros; then 0, 1 or 2 fraction digits.
             let whole_digits = rng.range(1, 11);
-            let whole = format!("{}{}", "0".repeat(rng.range(0, 2) as usize), rng.digits(whole_digits));
+            let whole = format!("{}{}", "0".repeat(rng.range(0, 2) as usize), digits(&mut rng, whole_digits));
             let frac_digits = rng.range(0, 2);
-            let frac = rng.digits(frac_digits);
+            let frac = digits(&mut rng, frac_digits);
             let text = if frac.is_empty() { whole.clone() } else { format!("{whole}.{frac}") };
             let cents = match frac.len() {
                 0 => 0,
@@ -275,7 +256,7 @@ mod properties {
         for _ in 0..CASES {
             let whole_digits = rng.range(1, 12);
             let frac_digits = rng.range(3, 32 - 1 - whole_digits);
-            let text = format!("{}.{}", rng.digits(whole_digits), rng.digits(frac_digits));
+            let text = format!("{}.{}", digits(&mut rng, whole_digits), digits(&mut rng, frac_digits));
             assert_eq!(Amount::parse(&text), Err(AmountError::TooPrecise), "{text:?}");
         }
     }

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use strife_client::{Exit, Reply};
+use strife_core::rng::SplitMix64;
 use strife_proto::gateway::v1 as pb;
 use tonic::transport::Channel;
 
@@ -176,7 +177,8 @@ fn prefill_history(dir: &Path, banks: &[String], accounts: usize, count: u64) ->
     gw.execute_batch("BEGIN")?;
     let start_ms = strife_gateway::store::now_ms() - i64::try_from(count).unwrap_or(0) - 1;
     let total = accounts * banks.len();
-    let mut rng = 0x5EED_u64;
+    let mut rng = SplitMix64(0x5EED);
+    let mut draw = 0;
     {
         let mut pay = gw.prepare(
             "INSERT INTO payments (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
@@ -197,10 +199,10 @@ fn prefill_history(dir: &Path, banks: &[String], accounts: usize, count: u64) ->
         for n in 0..count {
             let pair = n / 2;
             if n.is_multiple_of(2) {
-                rng = splitmix(rng);
+                draw = rng.below(total as u64) as usize;
             }
             let a = (pair as usize) % total;
-            let mut b = (rng as usize) % total;
+            let mut b = draw;
             if a == b {
                 b = (b + 1) % total;
             }
@@ -397,17 +399,16 @@ async fn measure(
         let customers = customers.to_vec();
         let total = args.payments;
         workers.push(tokio::spawn(async move {
-            let mut rng = (w as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            let mut rng = SplitMix64(w as u64 + 1);
             let mut lat = Vec::new();
             let mut client = pb::payments_client::PaymentsClient::new(ch);
             while next.fetch_add(1, Ordering::Relaxed) < total {
-                rng = splitmix(rng);
-                let mut payee = (rng % customers.len() as u64) as usize;
+                let mut payee = rng.below(customers.len() as u64) as usize;
                 if payee == payer {
                     payee = (payee + 1) % customers.len();
                 }
                 let (from, to) = (&customers[payer], &customers[payee]);
-                let amount = 1 + (splitmix(rng) % amount_max);
+                let amount = 1 + rng.below(amount_max);
                 let mut req = tonic::Request::new(pb::PayRequest {
                     payment_id: strife_core::PaymentId::new_random().to_string(),
                     payee_user: to.user.clone(),
@@ -562,13 +563,6 @@ fn progress_bar(total: u64, next: Arc<AtomicU64>, started: Instant) -> tokio::ta
             let _ = err.flush();
         }
     })
-}
-
-fn splitmix(x: u64) -> u64 {
-    let mut z = x.wrapping_add(0x9E37_79B9_7F4A_7C15);
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-    z ^ (z >> 31)
 }
 
 fn round3(x: f64) -> f64 {

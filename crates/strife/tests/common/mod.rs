@@ -1,6 +1,6 @@
 //! Test harness: real `strife` processes on 127.0.0.1 port 0, real TLS, real
 //! SQLite in a temporary directory. Processes are killed when dropped.
-#![allow(dead_code)]
+#![allow(dead_code, unused_imports)]
 
 pub mod grpc;
 
@@ -299,21 +299,8 @@ pub fn wait_audit_ok(dir: &Path) -> Value {
     }
 }
 
-/// A small seeded PRNG (SplitMix64) so a failing fault run can be replayed.
-pub struct Rng(pub u64);
-
-impl Rng {
-    pub fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+/// The seeded PRNG, so a failing run can be replayed.
+pub use strife_core::rng::SplitMix64 as Rng;
 
 /// The seed from `var`, or a fresh one; printed so a failure can be replayed.
 pub fn seed_from_env(var: &str) -> u64 {
