@@ -77,8 +77,10 @@ impl fmt::Display for UserRef {
 pub struct PaymentId(uuid::Uuid);
 
 impl PaymentId {
+    /// A new id: a UUIDv7, unique and time-ordered, so that the stores'
+    /// indexes grow at their end instead of everywhere.
     pub fn new_random() -> PaymentId {
-        PaymentId(uuid::Uuid::new_v4())
+        PaymentId(uuid::Uuid::now_v7())
     }
 }
 

@@ -212,7 +212,7 @@ fn prefill_history(dir: &Path, banks: &[String], accounts: usize, count: u64) ->
             }
             let amount = 100 + i64::try_from(pair % 1000).unwrap_or(0);
             let at = start_ms + i64::try_from(n).unwrap_or(0);
-            let txn = strife_core::PaymentId::new_random().to_string();
+            let txn = uuid::Uuid::now_v7().to_string();
             let id = strife_core::PaymentId::new_random().to_string();
             let (fu, tu) = (format!("u{}", from.1), format!("u{}", to.1));
             let (fb, tb) = (&banks[from.0], &banks[to.0]);
