@@ -240,6 +240,9 @@ fn spawn(
     env: &[(&str, &str)],
 ) -> anyhow::Result<(Server, String)> {
     let mut cmd = Command::new(exe);
+    if let Some((k, v)) = crate::up::co_located_env() {
+        cmd.env(k, v);
+    }
     cmd.arg("--dir").arg(dir).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::inherit());
     for (k, v) in env {
         cmd.env(k, v);

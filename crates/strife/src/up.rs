@@ -167,6 +167,12 @@ async fn wait_registered(dir: &Path, gateway: &str, banks: &[String]) -> anyhow:
     bail!("the cluster did not become ready within {READY_TIMEOUT:?}: {last}")
 }
 
+/// Servers that share one machine do best with one async worker each
+/// (measured in BENCHMARKS.md); an explicit STRIFE_RUNTIME_WORKERS wins.
+pub fn co_located_env() -> Option<(&'static str, &'static str)> {
+    std::env::var_os("STRIFE_RUNTIME_WORKERS").is_none().then_some(("STRIFE_RUNTIME_WORKERS", "1"))
+}
+
 struct ChildSpec {
     /// The component's name, for logs.
     name: String,
@@ -177,8 +183,11 @@ struct ChildSpec {
 
 impl ChildSpec {
     fn spawn(&self) -> anyhow::Result<Child> {
-        Command::new(&self.exe)
-            .arg("--dir")
+        let mut cmd = Command::new(&self.exe);
+        if let Some((k, v)) = co_located_env() {
+            cmd.env(k, v);
+        }
+        cmd.arg("--dir")
             .arg(&self.dir)
             .args(&self.args)
             .arg("--supervised")
