@@ -285,16 +285,8 @@ impl Client {
             text.push_str("  (no payments yet)");
         }
         for p in &resp.payments {
-            let status = match p.status() {
-                pb::PaymentStatus::Committed => "committed",
-                pb::PaymentStatus::Declined => "declined",
-                _ => "pending",
-            };
-            let reason = (!p.reason.is_empty()).then_some(p.reason.as_str());
-            rows.push(json!({
-                "payment_id": p.payment_id, "direction": p.direction, "counterparty": p.counterparty,
-                "amount": p.amount, "status": status, "reason": reason, "at": p.at,
-            }));
+            let (status, reason) = status_and_reason(p);
+            rows.push(payment_json(p));
             let arrow = if p.direction == "sent" { "sent to" } else { "received from" };
             text.push_str(&format!(
                 "  {}  {:>13} {:<13} {:<20} {}{}  {}\n",
@@ -466,17 +458,9 @@ impl Client {
             .map_err(|s| CliError::from_status(&s))?
             .into_inner();
         let p = resp.payment.ok_or_else(|| CliError::unexpected("the gateway sent no payment"))?;
-        let status = match p.status() {
-            pb::PaymentStatus::Committed => "committed",
-            pb::PaymentStatus::Declined => "declined",
-            _ => "pending",
-        };
-        let reason = (!p.reason.is_empty()).then_some(p.reason.as_str());
+        let (status, reason) = status_and_reason(&p);
         Ok(Reply::done(
-            json!({
-                "payment_id": p.payment_id, "direction": p.direction, "counterparty": p.counterparty,
-                "amount": p.amount, "status": status, "reason": reason, "at": p.at,
-            }),
+            payment_json(&p),
             format!(
                 "Payment {}: {} {} {}, {status}{} at {}",
                 p.payment_id,
@@ -520,6 +504,25 @@ impl Client {
             text.trim_end().to_owned(),
         ))
     }
+}
+
+/// A payment's status word and decline reason, as the contract shows them.
+fn status_and_reason(p: &pb::Payment) -> (&'static str, Option<&str>) {
+    let status = match p.status() {
+        pb::PaymentStatus::Committed => "committed",
+        pb::PaymentStatus::Declined => "declined",
+        _ => "pending",
+    };
+    (status, (!p.reason.is_empty()).then_some(p.reason.as_str()))
+}
+
+/// A payment in the contract's history shape.
+fn payment_json(p: &pb::Payment) -> Value {
+    let (status, reason) = status_and_reason(p);
+    json!({
+        "payment_id": p.payment_id, "direction": p.direction, "counterparty": p.counterparty,
+        "amount": p.amount, "status": status, "reason": reason, "at": p.at,
+    })
 }
 
 fn pending_json(p: &Pending) -> Value {

@@ -125,17 +125,10 @@ pub struct Store {
     conn: Connection,
 }
 
-/// Group commit: the store's thread wraps batches of operations in one
-/// transaction; each operation is a savepoint inside it.
-impl strife_rpc::group_commit::Batched for Store {
-    fn begin(&mut self) -> Result<(), String> {
-        self.conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| e.to_string())
-    }
-    fn commit(&mut self) -> Result<(), String> {
-        self.conn.execute_batch("COMMIT").map_err(|e| e.to_string())
-    }
-    fn rollback(&mut self) {
-        let _ = self.conn.execute_batch("ROLLBACK");
+/// Group commit drives the store's one connection.
+impl strife_rpc::sqlite::HasConnection for Store {
+    fn connection(&mut self) -> &mut Connection {
+        &mut self.conn
     }
 }
 
@@ -143,12 +136,7 @@ pub use strife_core::unix_ms as now_ms;
 
 impl Store {
     pub fn open(path: &Path) -> rusqlite::Result<Store> {
-        let conn = Connection::open(path)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
-        // 32 MiB of page cache keeps the indexes of a large ledger in memory.
-        conn.pragma_update(None, "cache_size", -32_768)?;
-        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let conn = strife_rpc::sqlite::open_durable(path)?;
         conn.execute_batch(SCHEMA)?;
         Ok(Store { conn })
     }

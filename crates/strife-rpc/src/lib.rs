@@ -8,6 +8,7 @@ pub mod group_commit;
 pub mod identity;
 pub mod pki;
 pub mod serve;
+pub mod sqlite;
 pub mod telemetry;
 pub mod tls;
 
