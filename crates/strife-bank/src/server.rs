@@ -14,6 +14,7 @@ use strife_core::Secret;
 use strife_core::limits::MESSAGE_MAX_BYTES;
 use strife_proto::bank::v1::bank_server::BankServer;
 use strife_proto::gateway::v1 as gw;
+use strife_rpc::config::GATEWAY_ADDR_FILE;
 use strife_rpc::pki::CertDir;
 use strife_rpc::tls::Tls;
 use strife_rpc::{Config, Peer};
@@ -21,9 +22,6 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
-
-/// The file `strife up` writes the gateway's address to.
-pub const GATEWAY_ADDR_FILE: &str = "gateway.addr";
 
 /// Everything a bank needs to start.
 #[derive(Debug, Clone)]

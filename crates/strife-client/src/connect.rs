@@ -33,7 +33,7 @@ pub fn gateway_address(dir: &Path, given: Option<&str>) -> Result<String, CliErr
     if let Some(addr) = given {
         return Ok(addr.to_owned());
     }
-    let file = dir.join("gateway.addr");
+    let file = dir.join(strife_rpc::config::GATEWAY_ADDR_FILE);
     std::fs::read_to_string(&file).map(|s| s.trim().to_owned()).map_err(|_| {
         CliError::new(
             Exit::Unexpected,

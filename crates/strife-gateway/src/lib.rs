@@ -13,4 +13,4 @@ pub mod throttle;
 pub mod tokens;
 pub mod validate;
 
-pub use server::{GATEWAY_ADDR_FILE, GatewayOptions, run};
+pub use server::{GatewayOptions, run};

@@ -21,9 +21,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::service::interceptor::InterceptedService;
 
-/// The file in the Strife directory that tells clients and banks where the
-/// gateway listens.
-pub const GATEWAY_ADDR_FILE: &str = "gateway.addr";
+use strife_rpc::config::GATEWAY_ADDR_FILE;
 /// How long shutdown waits for payments in flight.
 const DRAIN_MAX: Duration = Duration::from_secs(10);
 

@@ -10,6 +10,9 @@ use std::time::Duration;
 
 /// The name of the config file `strife` looks for in a Strife directory.
 pub const CONFIG_FILE: &str = "strife.toml";
+/// The file in a Strife directory where the gateway writes its address, for
+/// banks and clients to find it.
+pub const GATEWAY_ADDR_FILE: &str = "gateway.addr";
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
