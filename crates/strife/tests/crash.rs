@@ -34,24 +34,7 @@ fn crash_and_recover(point: &str, victim: Victim) -> &'static str {
     let gw = gateway.addr.clone();
     let mut bank_a = start_bank(d, "BankA", &gw, a_env);
     let _bank_b = start_bank(d, "BankB", &gw, FAST);
-    let cluster_check = |names: &[&str]| {
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            let r = run_cli(d, &["--json", "status"], &[]);
-            if r.code == 0
-                && names.iter().all(|n| {
-                    r.json()["banks"]
-                        .as_array()
-                        .is_some_and(|b| b.iter().any(|x| x["name"] == *n && x["reachable"] == true))
-                })
-            {
-                return;
-            }
-            assert!(std::time::Instant::now() < deadline, "banks never registered");
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    };
-    cluster_check(&["BankA", "BankB"]);
+    wait_registered(d, &["BankA", "BankB"]);
     for (u, b, p) in [("user1", "BankA", "pass1"), ("user2", "BankB", "pass2")] {
         let r = run_cli(d, &["login", "--bank", b, "--user", u], &[("STRIFE_PASSWORD", p)]);
         assert_eq!(r.code, 0, "{r:?}");
@@ -84,7 +67,7 @@ fn crash_and_recover(point: &str, victim: Victim) -> &'static str {
             bank_a = start_bank(d, "BankA", &gw, FAST);
         }
     }
-    cluster_check(&["BankA", "BankB"]);
+    wait_registered(d, &["BankA", "BankB"]);
     let audit = wait_audit_ok(d);
     assert_eq!(audit["conserved"], true);
 

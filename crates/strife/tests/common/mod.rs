@@ -193,26 +193,8 @@ impl Cluster {
 
     /// Waits until the gateway reports every bank registered and live.
     pub fn wait_registered(&self) {
-        let deadline = Instant::now() + WAIT;
-        loop {
-            let r = self.cli(&["--json", "status"]);
-            if r.code == 0 {
-                let s = r.json();
-                let live = s["banks"]
-                    .as_array()
-                    .map(|banks| {
-                        self.bank_names
-                            .iter()
-                            .all(|n| banks.iter().any(|b| b["name"] == n.as_str() && b["reachable"] == true))
-                    })
-                    .unwrap_or(false);
-                if live {
-                    return;
-                }
-            }
-            assert!(Instant::now() < deadline, "banks never registered: {r:?}");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let names: Vec<&str> = self.bank_names.iter().map(String::as_str).collect();
+        wait_registered(&self.dir.0, &names);
     }
 
     /// Logs `user@bank` in (sessions live side by side; use `--as`).
@@ -244,6 +226,29 @@ impl Cluster {
 
     pub fn bank_index(&self, name: &str) -> usize {
         self.bank_names.iter().position(|n| n == name).expect("bank")
+    }
+}
+
+/// Waits until the gateway of the cluster in `dir` reports every bank in
+/// `names` registered and live.
+pub fn wait_registered(dir: &Path, names: &[&str]) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = run_cli(dir, &["--json", "status"], &[]);
+        if r.code == 0 {
+            let s = r.json();
+            let live = s["banks"]
+                .as_array()
+                .map(|banks| {
+                    names.iter().all(|n| banks.iter().any(|b| b["name"] == *n && b["reachable"] == true))
+                })
+                .unwrap_or(false);
+            if live {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "banks never registered: {r:?}");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
