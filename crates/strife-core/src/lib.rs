@@ -8,7 +8,7 @@ pub mod rng;
 pub mod secret;
 
 pub use money::{Amount, AmountError};
-pub use names::{NameError, PaymentId, UserRef, validate_bank_name, validate_user_name};
+pub use names::{NameError, PaymentId, UserRef, banks_involved, validate_bank_name, validate_user_name};
 pub use reason::DeclineReason;
 pub use secret::Secret;
 

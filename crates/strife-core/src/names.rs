@@ -57,6 +57,16 @@ impl UserRef {
     }
 }
 
+/// The banks a payment from `payer` to `payee` involves: the payer's, then
+/// the payee's if it is another one. Each gets one prepare and one decision.
+pub fn banks_involved<'a>(payer: &'a UserRef, payee: &'a UserRef) -> Vec<&'a str> {
+    let mut banks = vec![payer.bank.as_str()];
+    if payee.bank != payer.bank {
+        banks.push(payee.bank.as_str());
+    }
+    banks
+}
+
 impl FromStr for UserRef {
     type Err = NameError;
     fn from_str(text: &str) -> Result<UserRef, NameError> {
@@ -115,6 +125,15 @@ mod tests {
         assert!("u@Bank.B".parse::<UserRef>().is_err());
         assert!("u v@BankB".parse::<UserRef>().is_err());
         assert!(format!("{}@B", "x".repeat(65)).parse::<UserRef>().is_err());
+    }
+
+    #[test]
+    fn one_or_two_banks() {
+        let a1 = UserRef::new("u1", "A").expect("name");
+        let a2 = UserRef::new("u2", "A").expect("name");
+        let b1 = UserRef::new("u1", "B").expect("name");
+        assert_eq!(banks_involved(&a1, &a2), ["A"]);
+        assert_eq!(banks_involved(&a1, &b1), ["A", "B"]);
     }
 
     #[test]

@@ -13,7 +13,7 @@ use crate::tokens::TokenKeys;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
-use strife_core::{Amount, DeclineReason, PaymentId, UserRef};
+use strife_core::{Amount, DeclineReason, PaymentId, UserRef, banks_involved};
 use strife_proto::bank::v1 as bank;
 use strife_rpc::config::GatewayConfig;
 use strife_rpc::group_commit::GroupCommit;
@@ -146,6 +146,12 @@ impl Gateway {
         self.registry.get(name)
     }
 
+    /// The registry entries of every bank a payment involves; `None` if any
+    /// of them is unknown.
+    fn entries(&self, payer: &UserRef, payee: &UserRef) -> Option<Vec<(String, BankEntry)>> {
+        banks_involved(payer, payee).into_iter().map(|n| self.bank(n).map(|e| (n.to_owned(), e))).collect()
+    }
+
     /// Pays, exactly once per (payer, payment id).
     pub async fn pay(self: &Arc<Self>, req: PayRequest) -> Result<PayOutcome, tonic::Status> {
         let key = (req.payer.clone(), req.payment_id);
@@ -216,17 +222,12 @@ impl Gateway {
         let txn_id = record.txn_id.clone();
         strife_rpc::fault::crash_point("gateway.after_begin");
 
-        let payer_bank = self.bank(&req.payer.bank);
-        let payee_bank = self.bank(&req.payee.bank);
-        let (payer_bank, payee_bank) = match (payer_bank, payee_bank) {
-            (_, None) => return self.decline_unsent(&txn_id, DeclineReason::UnknownBank).await,
-            (None, _) => return self.decline_unsent(&txn_id, DeclineReason::BankUnavailable).await,
-            (Some(a), Some(b)) => (a, b),
-        };
-        let mut banks = vec![(req.payer.bank.clone(), payer_bank)];
-        if req.payee.bank != req.payer.bank {
-            banks.push((req.payee.bank.clone(), payee_bank));
+        if self.bank(&req.payee.bank).is_none() {
+            return self.decline_unsent(&txn_id, DeclineReason::UnknownBank).await;
         }
+        let Some(banks) = self.entries(&req.payer, &req.payee) else {
+            return self.decline_unsent(&txn_id, DeclineReason::BankUnavailable).await;
+        };
 
         // Phase one: every bank votes; a refusal, an error or silence is no.
         let prepare = bank::PrepareRequest {
@@ -380,13 +381,12 @@ impl Gateway {
     }
 
     async fn finish(&self, p: &PaymentRecord) {
-        let mut names = vec![p.payer.bank.clone()];
-        if p.payee.bank != p.payer.bank {
-            names.push(p.payee.bank.clone());
-        }
+        // Tell every bank the registry knows; one it does not know (yet)
+        // keeps the payment unfinished, to be tried again.
+        let names = banks_involved(&p.payer, &p.payee);
         let banks: Vec<(String, BankEntry)> =
-            names.into_iter().filter_map(|n| self.bank(&n).map(|e| (n, e))).collect();
-        let all_known = banks.len() == if p.payee.bank != p.payer.bank { 2 } else { 1 };
+            names.iter().filter_map(|n| self.bank(n).map(|e| ((*n).to_owned(), e))).collect();
+        let all_known = banks.len() == names.len();
         let delivered =
             tokio::time::timeout(self.config.commit_timeout(), self.deliver(&p.txn_id, p.state, &banks))
                 .await

@@ -69,10 +69,7 @@ pub fn run(dir: &Path) -> anyhow::Result<Reply> {
     let (mut committed, mut declined) = (0u64, 0u64);
     for p in &payments {
         known.insert(p.txn_id.as_str());
-        let mut involved = vec![p.payer.bank.as_str()];
-        if p.payee.bank != p.payer.bank {
-            involved.push(p.payee.bank.as_str());
-        }
+        let involved = strife_core::banks_involved(&p.payer, &p.payee);
         match p.state {
             PaymentState::Preparing => problems
                 .push(format!("payment {} of {} is still undecided at the gateway", p.payment_id, p.payer)),
