@@ -83,7 +83,7 @@ impl CertDir {
             params.not_after = now + Duration::days(CA_VALIDITY_DAYS);
             let cert = params.self_signed(&key)?;
             write_private(&self.ca_key(), &key.serialize_pem())?;
-            write_public(&self.ca_cert(), &cert.pem())?;
+            write_public_file(&self.ca_cert(), &cert.pem())?;
         }
         let mut created = Vec::new();
         for peer in peers {
@@ -131,13 +131,9 @@ impl CertDir {
         let cert = params.signed_by(&key, &issuer)?;
         let files = self.identity(peer);
         write_private(&files.key, &key.serialize_pem())?;
-        write_public(&files.cert, &cert.pem())?;
+        write_public_file(&files.cert, &cert.pem())?;
         Ok(files)
     }
-}
-
-fn write_public(path: &Path, text: &str) -> anyhow::Result<()> {
-    write_file(path, text, 0o644)
 }
 
 /// Writes a non-secret file atomically (temp file, sync, rename).
