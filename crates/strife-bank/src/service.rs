@@ -5,7 +5,7 @@ use crate::accounts::verify_password_in;
 use crate::error::BankError;
 use crate::store::{Leg, LegRequest, Store, Vote};
 use std::sync::Arc;
-use strife_core::limits::{HISTORY_PAGE_DEFAULT, HISTORY_PAGE_MAX, PASSWORD_MAX};
+use strife_core::limits::{BANK_BATCH_MAX, HISTORY_PAGE_DEFAULT, HISTORY_PAGE_MAX, PASSWORD_MAX};
 use strife_core::{Secret, validate_bank_name, validate_user_name};
 use strife_proto::bank::v1 as pb;
 use strife_rpc::PeerRole;
@@ -140,6 +140,27 @@ fn party(p: Option<pb::Party>, what: &str) -> Result<pb::Party, BankError> {
     Ok(p)
 }
 
+/// A batch of at most [`BANK_BATCH_MAX`] items, or INVALID_ARGUMENT.
+fn check_batch(len: usize) -> Result<(), BankError> {
+    if len > BANK_BATCH_MAX {
+        return Err(BankError::Invalid(format!("a batch holds at most {BANK_BATCH_MAX} items, not {len}")));
+    }
+    Ok(())
+}
+
+/// How a single call's error travels inside a batch answer.
+fn refusal(e: BankError) -> pb::Refusal {
+    let status = Status::from(e);
+    pb::Refusal { code: status.code() as i32, message: status.message().to_owned() }
+}
+
+fn vote_message(vote: Vote) -> pb::PrepareResponse {
+    match vote {
+        Vote::Yes => pb::PrepareResponse { vote: pb::Vote::Yes.into(), reason: String::new() },
+        Vote::No(r) => pb::PrepareResponse { vote: pb::Vote::No.into(), reason: r.code().to_owned() },
+    }
+}
+
 fn entry(leg: Leg) -> pb::LedgerEntry {
     pb::LedgerEntry {
         txn_id: leg.txn_id,
@@ -201,11 +222,62 @@ impl pb::bank_server::Bank for BankService {
         record_payment(&leg.payment_id, &strife_core::money::format_minor(leg.amount_minor));
         let vote = self.with_store(move |s| s.prepare(&leg)).await?;
         strife_rpc::fault::crash_point("bank.after_prepare");
-        let (vote, reason) = match vote {
-            Vote::Yes => (pb::Vote::Yes, String::new()),
-            Vote::No(r) => (pb::Vote::No, r.code().to_owned()),
-        };
-        Ok(Response::new(pb::PrepareResponse { vote: vote.into(), reason }))
+        Ok(Response::new(vote_message(vote)))
+    }
+
+    async fn prepare_batch(
+        &self,
+        req: Request<pb::PrepareBatchRequest>,
+    ) -> Result<Response<pb::PrepareBatchResponse>, Status> {
+        let legs = req.into_inner().legs;
+        check_batch(legs.len())?;
+        let legs: Vec<Result<LegRequest, BankError>> = legs.into_iter().map(prepare_request).collect();
+        // One store operation for the whole batch: each leg still runs in
+        // its own savepoint (a failing one changes nothing), and every
+        // answer waits for the one commit that makes the batch durable.
+        let results = self
+            .with_store(move |s| {
+                Ok(legs.into_iter().map(|leg| leg.and_then(|leg| s.prepare(&leg))).collect::<Vec<_>>())
+            })
+            .await?;
+        strife_rpc::fault::crash_point("bank.after_prepare");
+        let results = results
+            .into_iter()
+            .map(|r| match r {
+                Ok(vote) => pb::PrepareResult { vote: Some(vote_message(vote)), refusal: None },
+                Err(e) => pb::PrepareResult { vote: None, refusal: Some(refusal(e)) },
+            })
+            .collect();
+        Ok(Response::new(pb::PrepareBatchResponse { results }))
+    }
+
+    async fn decide_batch(
+        &self,
+        req: Request<pb::DecideBatchRequest>,
+    ) -> Result<Response<pb::DecideBatchResponse>, Status> {
+        let decisions = req.into_inner().decisions;
+        check_batch(decisions.len())?;
+        let commits = decisions.iter().any(|d| d.commit);
+        if commits {
+            strife_rpc::fault::crash_point("bank.before_commit");
+        }
+        let results = self
+            .with_store(move |s| {
+                Ok(decisions
+                    .into_iter()
+                    .map(|d| {
+                        check_txn_id(&d.txn_id)?;
+                        if d.commit { s.commit(&d.txn_id) } else { s.abort(&d.txn_id) }
+                    })
+                    .collect::<Vec<_>>())
+            })
+            .await?;
+        if commits {
+            strife_rpc::fault::crash_point("bank.after_commit");
+        }
+        let results =
+            results.into_iter().map(|r| pb::DecisionResult { refusal: r.err().map(refusal) }).collect();
+        Ok(Response::new(pb::DecideBatchResponse { results }))
     }
 
     async fn commit(&self, req: Request<pb::CommitRequest>) -> Result<Response<pb::CommitResponse>, Status> {

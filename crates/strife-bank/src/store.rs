@@ -160,10 +160,9 @@ impl Store {
         let tx = self.conn.savepoint()?;
         let mut created = 0;
         for a in accounts {
-            let exists: bool =
-                tx.query_row("SELECT EXISTS(SELECT 1 FROM accounts WHERE user = ?1)", [&a.user], |r| {
-                    r.get(0)
-                })?;
+            let exists: bool = tx
+                .prepare_cached("SELECT EXISTS(SELECT 1 FROM accounts WHERE user = ?1)")?
+                .query_row([&a.user], |r| r.get(0))?;
             if exists {
                 continue;
             }
@@ -171,10 +170,7 @@ impl Store {
                 Credential::Password(p) => hash_password(p)?,
                 Credential::Hash(h) => h.clone(),
             };
-            tx.execute(
-                "INSERT INTO accounts (user, password_hash, balance_minor, opening_minor) VALUES (?1, ?2, ?3, ?3)",
-                params![a.user, hash, a.balance_minor],
-            )?;
+            tx.prepare_cached("INSERT INTO accounts (user, password_hash, balance_minor, opening_minor) VALUES (?1, ?2, ?3, ?3)")?.execute(params![a.user, hash, a.balance_minor])?;
             created += 1;
         }
         tx.commit()?;
@@ -182,22 +178,22 @@ impl Store {
     }
 
     pub fn account_count(&self) -> Result<u32, BankError> {
-        Ok(self.conn.query_row("SELECT COUNT(*) FROM accounts", [], |r| r.get(0))?)
+        Ok(self.conn.prepare_cached("SELECT COUNT(*) FROM accounts")?.query_row([], |r| r.get(0))?)
     }
 
     pub fn password_hash(&self, user: &str) -> Result<Option<String>, BankError> {
         Ok(self
             .conn
-            .query_row("SELECT password_hash FROM accounts WHERE user = ?1", [user], |r| r.get(0))
+            .prepare_cached("SELECT password_hash FROM accounts WHERE user = ?1")?
+            .query_row([user], |r| r.get(0))
             .optional()?)
     }
 
     /// `(balance, available)` in minor units.
     pub fn balance(&self, user: &str) -> Result<(i64, i64), BankError> {
         self.conn
-            .query_row("SELECT balance_minor, held_minor FROM accounts WHERE user = ?1", [user], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
-            })
+            .prepare_cached("SELECT balance_minor, held_minor FROM accounts WHERE user = ?1")?
+            .query_row([user], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)))
             .optional()?
             .map(|(balance, held)| (balance, balance - held))
             .ok_or_else(|| BankError::UnknownAccount(user.to_owned()))
@@ -217,9 +213,8 @@ impl Store {
         }
         let tx = self.conn.savepoint()?;
         let existing: Option<(String, Option<String>, i64)> = tx
-            .query_row("SELECT state, reason, amount_minor FROM legs WHERE txn_id = ?1", [&leg.txn_id], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })
+            .prepare_cached("SELECT state, reason, amount_minor FROM legs WHERE txn_id = ?1")?
+            .query_row([&leg.txn_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .optional()?;
         let (current, stored_reason) = match existing {
             Some((state, reason, amount)) => {
@@ -247,16 +242,14 @@ impl Store {
         if let Some(Force { state, effect }) = force {
             if effect == Some(Effect::PlaceHold) {
                 if let Some(user) = debit {
-                    tx.execute(
-                        "UPDATE accounts SET held_minor = held_minor + ?2 WHERE user = ?1",
-                        params![user, leg.amount_minor],
-                    )?;
+                    tx.prepare_cached("UPDATE accounts SET held_minor = held_minor + ?2 WHERE user = ?1")?
+                        .execute(params![user, leg.amount_minor])?;
                 }
                 if let Some(user) = credit {
-                    tx.execute(
+                    tx.prepare_cached(
                         "UPDATE accounts SET incoming_minor = incoming_minor + ?2 WHERE user = ?1",
-                        params![user, leg.amount_minor],
-                    )?;
+                    )?
+                    .execute(params![user, leg.amount_minor])?;
                 }
             }
             let reason = match vote {
@@ -264,11 +257,9 @@ impl Store {
                 Vote::Yes => None,
             };
             let now = now_ms();
-            tx.execute(
-                "INSERT INTO legs (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+            tx.prepare_cached("INSERT INTO legs (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
                                    debit_user, credit_user, state, reason, prepared_at, decided_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
-                params![
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)")?.execute(params![
                     leg.txn_id,
                     leg.payment_id,
                     leg.payer_user,
@@ -282,8 +273,7 @@ impl Store {
                     reason,
                     now,
                     (state == LegState::Aborted).then_some(now),
-                ],
-            )?;
+                ])?;
             tx.commit()?;
         }
         Ok(vote)
@@ -297,9 +287,8 @@ impl Store {
     ) -> Result<Vote, BankError> {
         if let Some(user) = debit {
             let row: Option<(i64, i64)> = tx
-                .query_row("SELECT balance_minor, held_minor FROM accounts WHERE user = ?1", [user], |r| {
-                    Ok((r.get(0)?, r.get(1)?))
-                })
+                .prepare_cached("SELECT balance_minor, held_minor FROM accounts WHERE user = ?1")?
+                .query_row([user], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
             let Some((balance, held)) = row else { return Ok(Vote::No(DeclineReason::UnknownPayer)) };
             if balance - held < amount {
@@ -308,11 +297,8 @@ impl Store {
         }
         if let Some(user) = credit {
             let row: Option<(i64, i64)> = tx
-                .query_row(
-                    "SELECT balance_minor, incoming_minor FROM accounts WHERE user = ?1",
-                    [user],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
+                .prepare_cached("SELECT balance_minor, incoming_minor FROM accounts WHERE user = ?1")?
+                .query_row([user], |r| Ok((r.get(0)?, r.get(1)?)))
                 .optional()?;
             let Some((balance, incoming)) = row else { return Ok(Vote::No(DeclineReason::UnknownPayee)) };
             if balance.saturating_add(incoming).saturating_add(amount) > BALANCE_MAX_MINOR {
@@ -337,11 +323,10 @@ impl Store {
     fn decide(&mut self, txn_id: &str, decision: Decision) -> Result<(), BankError> {
         let tx = self.conn.savepoint()?;
         let row: Option<(String, i64, Option<String>, Option<String>)> = tx
-            .query_row(
+            .prepare_cached(
                 "SELECT state, amount_minor, debit_user, credit_user FROM legs WHERE txn_id = ?1",
-                [txn_id],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
-            )
+            )?
+            .query_row([txn_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
             .optional()?;
         let current = row.as_ref().map(|r| parse_state(&r.0)).transpose()?;
         // A decision that contradicts this leg's state is a protocol
@@ -352,12 +337,12 @@ impl Store {
         let now = now_ms();
         match (row, effect) {
             (None, _) => {
-                tx.execute(
+                tx.prepare_cached(
                     "INSERT INTO legs (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank,
                                        amount_minor, state, reason, prepared_at, decided_at)
                      VALUES (?1, '', '', '', '', '', 0, ?2, 'timeout', ?3, ?3)",
-                    params![txn_id, state_name(state), now],
-                )?;
+                )?
+                .execute(params![txn_id, state_name(state), now])?;
             }
             (Some((_, amount, debit, credit)), effect) => {
                 let (release, apply) = match effect {
@@ -366,23 +351,18 @@ impl Store {
                     Some(Effect::PlaceHold) | None => (0, 0),
                 };
                 if let Some(user) = debit {
-                    tx.execute(
+                    tx.prepare_cached(
                         "UPDATE accounts SET held_minor = held_minor - ?2, balance_minor = balance_minor - ?3
                          WHERE user = ?1",
-                        params![user, release, apply],
-                    )?;
+                    )?
+                    .execute(params![user, release, apply])?;
                 }
                 if let Some(user) = credit {
-                    tx.execute(
-                        "UPDATE accounts SET incoming_minor = incoming_minor - ?2, balance_minor = balance_minor + ?3
-                         WHERE user = ?1",
-                        params![user, release, apply],
-                    )?;
+                    tx.prepare_cached("UPDATE accounts SET incoming_minor = incoming_minor - ?2, balance_minor = balance_minor + ?3
+                         WHERE user = ?1")?.execute(params![user, release, apply])?;
                 }
-                tx.execute(
-                    "UPDATE legs SET state = ?2, decided_at = ?3 WHERE txn_id = ?1",
-                    params![txn_id, state_name(state), now],
-                )?;
+                tx.prepare_cached("UPDATE legs SET state = ?2, decided_at = ?3 WHERE txn_id = ?1")?
+                    .execute(params![txn_id, state_name(state), now])?;
             }
         }
         tx.commit()?;
@@ -410,19 +390,20 @@ impl Store {
             .query_map([], Self::leg_from_row)?
             .map(|r| r.map_err(BankError::from).and_then(|l| l))
             .collect::<Result<Vec<_>, _>>()?;
-        let totals = self.conn.query_row(
-            "SELECT COUNT(*), COALESCE(SUM(balance_minor), 0), COALESCE(SUM(held_minor), 0),
+        let totals = self
+            .conn
+            .prepare_cached(
+                "SELECT COUNT(*), COALESCE(SUM(balance_minor), 0), COALESCE(SUM(held_minor), 0),
                     COALESCE(SUM(opening_minor), 0) FROM accounts",
-            [],
-            |r| {
+            )?
+            .query_row([], |r| {
                 Ok(Totals {
                     accounts: r.get(0)?,
                     balance_minor: r.get(1)?,
                     held_minor: r.get(2)?,
                     opening_minor: r.get(3)?,
                 })
-            },
-        )?;
+            })?;
         Ok((legs, totals))
     }
 

@@ -28,3 +28,6 @@ pub const HISTORY_PAGE_DEFAULT: u32 = 50;
 pub const STREAMS_PER_CONNECTION_MAX: u32 = 1024;
 /// Most banks one gateway keeps in its registry.
 pub const BANKS_MAX: usize = 256;
+/// Most legs or decisions in one batched call to a bank: 128 of the largest
+/// legs (~320 bytes each) stay well inside `MESSAGE_MAX_BYTES`.
+pub const BANK_BATCH_MAX: usize = 128;

@@ -239,12 +239,11 @@ impl Gateway {
         };
         let timeout = self.config.prepare_timeout();
         let votes = on_each_bank(&banks, |name, entry| {
-            let mut client = entry.client.clone();
+            let link = entry.link.clone();
             let req = prepare.clone();
             async move {
-                match tokio::time::timeout(timeout, client.prepare(req)).await {
+                match tokio::time::timeout(timeout, link.prepare(req)).await {
                     Ok(Ok(resp)) => {
-                        let resp = resp.into_inner();
                         if resp.vote() == bank::Vote::Yes {
                             None
                         } else {
@@ -327,13 +326,10 @@ impl Gateway {
             return false;
         }
         let acks = on_each_bank(banks, |name, entry| {
-            let mut client = entry.client.clone();
+            let link = entry.link.clone();
             let txn_id = txn_id.to_owned();
             async move {
-                let result = match decision {
-                    PaymentState::Committed => client.commit(bank::CommitRequest { txn_id }).await.map(|_| ()),
-                    _ => client.abort(bank::AbortRequest { txn_id }).await.map(|_| ()),
-                };
+                let result = link.decide(txn_id, decision == PaymentState::Committed).await;
                 if let Err(status) = &result {
                     if status.code() == tonic::Code::FailedPrecondition {
                         tracing::error!(bank = %name, message = status.message(), "bank contradicts a decision");

@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod coordinator;
 pub mod error;
+pub mod link;
 pub mod registry;
 pub mod server;
 pub mod service;

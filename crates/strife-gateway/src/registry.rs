@@ -2,6 +2,7 @@
 //! registered. Persisted in the store so that a restarted gateway can reach
 //! banks (to finish payments) before they register again.
 
+use crate::link::BankLink;
 use std::collections::HashMap;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
@@ -19,6 +20,8 @@ pub struct BankEntry {
     pub client: BankClient<Channel>,
     /// The channel itself, for health checks.
     pub channel: Channel,
+    /// Batched 2PC calls on that channel.
+    pub link: BankLink,
     /// When it last registered; `None` if only known from the store.
     pub last_seen: Option<Instant>,
 }
@@ -29,6 +32,9 @@ pub struct Registry {
     banks: RwLock<HashMap<String, BankEntry>>,
     /// A bank that has not registered for this long is shown as unreachable.
     stale_after: Duration,
+    /// How long a batched prepare or decision call may take.
+    prepare_timeout: Duration,
+    decide_timeout: Duration,
 }
 
 pub enum Registered {
@@ -41,8 +47,21 @@ pub enum Registered {
 }
 
 impl Registry {
-    pub fn new(tls: Tls, register_interval: Duration) -> Registry {
-        Registry { tls, banks: RwLock::new(HashMap::new()), stale_after: register_interval * 3 }
+    /// Batched calls to a bank give up after `prepare_timeout` (phase one)
+    /// or `decide_timeout` (phase two).
+    pub fn new(
+        tls: Tls,
+        register_interval: Duration,
+        prepare_timeout: Duration,
+        decide_timeout: Duration,
+    ) -> Registry {
+        Registry {
+            tls,
+            banks: RwLock::new(HashMap::new()),
+            stale_after: register_interval * 3,
+            prepare_timeout,
+            decide_timeout,
+        }
     }
 
     /// Adds or refreshes a bank. Unless `replace` is set, a bank seen
@@ -63,8 +82,9 @@ impl Registry {
         let channel = self.tls.channel(&Peer::Bank(name.to_owned()), address)?;
         let client = BankClient::new(channel.clone())
             .max_decoding_message_size(strife_core::limits::MESSAGE_MAX_BYTES * 64);
+        let link = BankLink::start(client.clone(), self.prepare_timeout, self.decide_timeout);
         let entry =
-            BankEntry { address: address.to_owned(), client, channel, last_seen: Some(Instant::now()) };
+            BankEntry { address: address.to_owned(), client, channel, link, last_seen: Some(Instant::now()) };
         let mut banks = self.banks.write().map_err(|_| anyhow::anyhow!("registry lock poisoned"))?;
         if banks.len() >= strife_core::limits::BANKS_MAX && !banks.contains_key(name) {
             anyhow::bail!("the gateway already knows {} banks", strife_core::limits::BANKS_MAX);

@@ -54,7 +54,12 @@ pub async fn run(
         tracing::warn!(aborted, "aborted payments left undecided by the previous run");
     }
     let revoked = store.revoked(i64::try_from(now_secs()).unwrap_or(i64::MAX))?;
-    let registry = Registry::new(tls.clone(), Duration::from_millis(opts.config.bank.register_interval_ms));
+    let registry = Registry::new(
+        tls.clone(),
+        Duration::from_millis(opts.config.bank.register_interval_ms),
+        opts.config.gateway.prepare_timeout(),
+        opts.config.gateway.commit_timeout(),
+    );
     for (name, address) in store.banks()? {
         if let Err(e) = registry.restore(&name, &address) {
             tracing::warn!(bank = %name, error = %e, "cannot restore a bank from the registry");

@@ -172,9 +172,7 @@ impl Store {
         if let Some(existing) = existing {
             return Ok(Err(existing));
         }
-        tx.execute(
-            &format!("INSERT INTO payments ({PAYMENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"),
-            params![
+        tx.prepare_cached(&format!("INSERT INTO payments ({PAYMENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"))?.execute(params![
                 p.txn_id,
                 p.payment_id,
                 p.payer.user,
@@ -188,8 +186,7 @@ impl Store {
                 p.created_at_ms,
                 p.deadline_at_ms,
                 p.fingerprint,
-            ],
-        )?;
+            ])?;
         tx.commit()?;
         Ok(Ok(()))
     }
@@ -205,23 +202,23 @@ impl Store {
     ) -> rusqlite::Result<PaymentState> {
         assert_ne!(outcome, PaymentState::Preparing, "a decision is commit or abort");
         let tx = self.conn.savepoint()?;
-        let current: String =
-            tx.query_row("SELECT state FROM payments WHERE txn_id = ?1", [txn_id], |r| r.get(0))?;
+        let current: String = tx
+            .prepare_cached("SELECT state FROM payments WHERE txn_id = ?1")?
+            .query_row([txn_id], |r| r.get(0))?;
         let current = PaymentState::parse(&current)?;
         if current != PaymentState::Preparing {
             return Ok(current);
         }
-        tx.execute(
-            "UPDATE payments SET state = ?2, reason = ?3, decided_at = ?4 WHERE txn_id = ?1",
-            params![txn_id, outcome.as_str(), reason.map(DeclineReason::code), now_ms()],
-        )?;
+        tx.prepare_cached("UPDATE payments SET state = ?2, reason = ?3, decided_at = ?4 WHERE txn_id = ?1")?
+            .execute(params![txn_id, outcome.as_str(), reason.map(DeclineReason::code), now_ms()])?;
         tx.commit()?;
         Ok(outcome)
     }
 
     pub fn mark_acked(&mut self, txn_id: &str) -> rusqlite::Result<()> {
         self.conn
-            .execute("UPDATE payments SET acked = 1 WHERE txn_id = ?1 AND state != 'preparing'", [txn_id])?;
+            .prepare_cached("UPDATE payments SET acked = 1 WHERE txn_id = ?1 AND state != 'preparing'")?
+            .execute([txn_id])?;
         Ok(())
     }
 
@@ -286,10 +283,11 @@ impl Store {
 
     /// Deletes decided, acknowledged payments created before `before_ms`.
     pub fn prune(&mut self, before_ms: i64) -> rusqlite::Result<usize> {
-        self.conn.execute(
-            "DELETE FROM payments WHERE created_at < ?1 AND acked = 1 AND state != 'preparing'",
-            [before_ms],
-        )
+        self.conn
+            .prepare_cached(
+                "DELETE FROM payments WHERE created_at < ?1 AND acked = 1 AND state != 'preparing'",
+            )?
+            .execute([before_ms])
     }
 
     pub fn banks(&self) -> rusqlite::Result<Vec<(String, String)>> {
@@ -299,25 +297,21 @@ impl Store {
     }
 
     pub fn save_bank(&mut self, name: &str, address: &str) -> rusqlite::Result<()> {
-        self.conn.execute(
-            "INSERT INTO banks (name, address, registered_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT (name) DO UPDATE SET address = excluded.address, registered_at = excluded.registered_at",
-            params![name, address, now_ms()],
-        )?;
+        self.conn.prepare_cached("INSERT INTO banks (name, address, registered_at) VALUES (?1, ?2, ?3)
+             ON CONFLICT (name) DO UPDATE SET address = excluded.address, registered_at = excluded.registered_at")?.execute(params![name, address, now_ms()])?;
         Ok(())
     }
 
     pub fn revoke(&mut self, jti: &str, expires_at: i64) -> rusqlite::Result<()> {
-        self.conn.execute(
-            "INSERT OR IGNORE INTO revoked_tokens (jti, expires_at) VALUES (?1, ?2)",
-            params![jti, expires_at],
-        )?;
+        self.conn
+            .prepare_cached("INSERT OR IGNORE INTO revoked_tokens (jti, expires_at) VALUES (?1, ?2)")?
+            .execute(params![jti, expires_at])?;
         Ok(())
     }
 
     /// Revoked tokens that have not expired yet (older ones are deleted).
     pub fn revoked(&mut self, now_secs: i64) -> rusqlite::Result<Vec<String>> {
-        self.conn.execute("DELETE FROM revoked_tokens WHERE expires_at < ?1", [now_secs])?;
+        self.conn.prepare_cached("DELETE FROM revoked_tokens WHERE expires_at < ?1")?.execute([now_secs])?;
         let mut stmt = self.conn.prepare_cached("SELECT jti FROM revoked_tokens")?;
         let rows = stmt.query_map([], |r| r.get(0))?;
         rows.collect()
@@ -328,9 +322,6 @@ impl Store {
     /// restart rule of `strife_twopc::coordinator::on_restart`). Returns
     /// how many.
     pub fn abort_all_preparing(&mut self) -> rusqlite::Result<usize> {
-        self.conn.execute(
-            "UPDATE payments SET state = 'aborted', reason = 'timeout', decided_at = ?1 WHERE state = 'preparing'",
-            [now_ms()],
-        )
+        self.conn.prepare_cached("UPDATE payments SET state = 'aborted', reason = 'timeout', decided_at = ?1 WHERE state = 'preparing'")?.execute([now_ms()])
     }
 }

@@ -6,6 +6,9 @@ use rusqlite::Connection;
 use std::path::Path;
 use std::time::Duration;
 
+/// Prepared statements kept per connection: more than any store uses.
+const STATEMENT_CACHE: usize = 64;
+
 /// Opens (creating if needed) a store with the durability every server
 /// relies on: WAL, `synchronous=FULL` (a commit is on disk when it
 /// returns), and 32 MiB of page cache so a large ledger's indexes stay in
@@ -16,6 +19,8 @@ pub fn open_durable(path: &Path) -> rusqlite::Result<Connection> {
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "cache_size", -32_768)?;
     conn.busy_timeout(Duration::from_secs(5))?;
+    // Every statement on a hot path is prepared once and reused.
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
     Ok(conn)
 }
 

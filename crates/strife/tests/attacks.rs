@@ -238,6 +238,32 @@ fn every_attack_is_refused_and_changes_nothing() {
             drop_ok(bank.commit(bankpb::CommitRequest { txn_id: grpc::new_id() }).await),
         );
         t.row(
+            "client certificate calling a bank's PrepareBatch",
+            Code::PermissionDenied,
+            drop_ok(
+                bank.prepare_batch(bankpb::PrepareBatchRequest {
+                    legs: vec![bankpb::PrepareRequest {
+                        txn_id: grpc::new_id(),
+                        payment_id: grpc::new_id(),
+                        payer: Some(bankpb::Party { user: "user1".into(), bank: "BankA".into() }),
+                        payee: Some(bankpb::Party { user: "user2".into(), bank: "BankA".into() }),
+                        amount_minor: 100,
+                    }],
+                })
+                .await,
+            ),
+        );
+        t.row(
+            "client certificate calling a bank's DecideBatch",
+            Code::PermissionDenied,
+            drop_ok(
+                bank.decide_batch(bankpb::DecideBatchRequest {
+                    decisions: vec![bankpb::Decision { txn_id: grpc::new_id(), commit: true }],
+                })
+                .await,
+            ),
+        );
+        t.row(
             "client certificate calling a bank's VerifyPassword",
             Code::PermissionDenied,
             drop_ok(
@@ -307,8 +333,19 @@ fn every_attack_is_refused_and_changes_nothing() {
             "bank certificate calling another bank's Commit",
             Code::PermissionDenied,
             drop_ok(
-                bankpb::bank_client::BankClient::new(as_bank_to_bank)
+                bankpb::bank_client::BankClient::new(as_bank_to_bank.clone())
                     .commit(bankpb::CommitRequest { txn_id: grpc::new_id() })
+                    .await,
+            ),
+        );
+        t.row(
+            "bank certificate calling another bank's DecideBatch",
+            Code::PermissionDenied,
+            drop_ok(
+                bankpb::bank_client::BankClient::new(as_bank_to_bank)
+                    .decide_batch(bankpb::DecideBatchRequest {
+                        decisions: vec![bankpb::Decision { txn_id: grpc::new_id(), commit: true }],
+                    })
                     .await,
             ),
         );

@@ -311,3 +311,125 @@ fn tls_refused(result: Result<String, tonic::Status>) -> bool {
         }
     }
 }
+
+/// A batched call answers each leg or decision as the single call would
+/// have: a bad item is refused alone, the others go through, and a batch
+/// over the limit is refused whole and changes nothing.
+#[test]
+fn a_banks_batches_answer_each_item_alone() {
+    let c = Cluster::start(&["BankA", "BankB"]);
+    let rt = grpc::runtime();
+    let dir = c.path().to_path_buf();
+    let bank_a = c.banks[c.bank_index("BankA")].addr.clone();
+    let leg =
+        |txn_id: &str, payer: (&str, &str), payee: (&str, &str), amount_minor: i64| bankpb::PrepareRequest {
+            txn_id: txn_id.to_owned(),
+            payment_id: grpc::new_id(),
+            payer: Some(bankpb::Party { user: payer.0.into(), bank: payer.1.into() }),
+            payee: Some(bankpb::Party { user: payee.0.into(), bank: payee.1.into() }),
+            amount_minor,
+        };
+    rt.block_on(async {
+        let ch = grpc::channel(&dir, Peer::Gateway, Peer::Bank("BankA".into()), &bank_a).await.expect("tls");
+        let mut bank = bankpb::bank_client::BankClient::new(ch);
+        let balance = |mut bank: bankpb::bank_client::BankClient<_>, user: &'static str| async move {
+            let b = bank.get_balance(bankpb::GetBalanceRequest { user: user.into() }).await.expect("balance");
+            let b = b.into_inner();
+            (b.balance_minor, b.available_minor)
+        };
+        let before = (balance(bank.clone(), "user1").await, balance(bank.clone(), "user3").await);
+
+        // Over the limit: refused whole, nothing prepared.
+        let too_many = (0..=strife_core::limits::BANK_BATCH_MAX)
+            .map(|_| leg(&grpc::new_id(), ("user1", "BankA"), ("user3", "BankA"), 1))
+            .collect();
+        let e = bank
+            .prepare_batch(bankpb::PrepareBatchRequest { legs: too_many })
+            .await
+            .expect_err("too many legs");
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains("at most"), "{e:?}");
+        assert_eq!((balance(bank.clone(), "user1").await, balance(bank.clone(), "user3").await), before);
+
+        let good = grpc::new_id();
+        let poor = grpc::new_id();
+        let results = bank
+            .prepare_batch(bankpb::PrepareBatchRequest {
+                legs: vec![
+                    leg(&good, ("user1", "BankA"), ("user3", "BankA"), 100),
+                    leg("not-a-uuid", ("user1", "BankA"), ("user3", "BankA"), 100),
+                    leg(&poor, ("user1", "BankA"), ("user3", "BankA"), before.0.0 + 1),
+                    leg(&grpc::new_id(), ("user2", "BankB"), ("user4", "BankB"), 100),
+                ],
+            })
+            .await
+            .expect("batch")
+            .into_inner()
+            .results;
+        assert_eq!(results.len(), 4);
+        let vote = |i: usize| results[i].vote.clone().map(|v| (v.vote(), v.reason));
+        let refused = |i: usize| results[i].refusal.clone().map(|r| Code::from_i32(r.code));
+        assert_eq!(vote(0), Some((bankpb::Vote::Yes, String::new())));
+        assert_eq!(refused(1), Some(Code::InvalidArgument), "{:?}", results[1]);
+        assert_eq!(vote(2), Some((bankpb::Vote::No, "insufficient_funds".into())));
+        assert_eq!(refused(3), Some(Code::InvalidArgument), "no leg at this bank: {:?}", results[3]);
+        // Only the good leg holds money.
+        assert_eq!(balance(bank.clone(), "user1").await, (before.0.0, before.0.1 - 100));
+
+        let decide = |txn_id: &str, commit: bool| bankpb::Decision { txn_id: txn_id.to_owned(), commit };
+        let never_prepared = grpc::new_id();
+        let results = bank
+            .decide_batch(bankpb::DecideBatchRequest {
+                decisions: vec![decide(&good, true), decide(&poor, true), decide(&never_prepared, false)],
+            })
+            .await
+            .expect("decide")
+            .into_inner()
+            .results;
+        let codes: Vec<Option<Code>> =
+            results.iter().map(|r| r.refusal.as_ref().map(|r| Code::from_i32(r.code))).collect();
+        // Committing a leg that voted no contradicts it: refused alone.
+        assert_eq!(codes, vec![None, Some(Code::FailedPrecondition), None]);
+        let after = (balance(bank.clone(), "user1").await, balance(bank.clone(), "user3").await);
+        assert_eq!(after, ((before.0.0 - 100, before.0.1 - 100), (before.1.0 + 100, before.1.1 + 100)));
+
+        // Decisions are idempotent in a batch as well; a prepare after the
+        // abort of a never-prepared payment votes no.
+        let results = bank
+            .decide_batch(bankpb::DecideBatchRequest { decisions: vec![decide(&good, true)] })
+            .await
+            .expect("again")
+            .into_inner()
+            .results;
+        assert!(results[0].refusal.is_none(), "{results:?}");
+        let late = bank
+            .prepare_batch(bankpb::PrepareBatchRequest {
+                legs: vec![leg(&never_prepared, ("user1", "BankA"), ("user3", "BankA"), 100)],
+            })
+            .await
+            .expect("late prepare")
+            .into_inner()
+            .results;
+        assert_eq!(late[0].vote.as_ref().map(|v| v.vote()), Some(bankpb::Vote::No), "{late:?}");
+        assert_eq!((balance(bank.clone(), "user1").await, balance(bank.clone(), "user3").await), after);
+
+        // Only the gateway may send batches.
+        let as_client =
+            grpc::channel(&dir, Peer::Client("client".into()), Peer::Bank("BankA".into()), &bank_a)
+                .await
+                .expect("tls");
+        let mut bank = bankpb::bank_client::BankClient::new(as_client);
+        let e = bank
+            .prepare_batch(bankpb::PrepareBatchRequest {
+                legs: vec![leg(&grpc::new_id(), ("user1", "BankA"), ("user3", "BankA"), 100)],
+            })
+            .await
+            .expect_err("client cert");
+        assert_eq!(e.code(), Code::PermissionDenied);
+        let e = bank
+            .decide_batch(bankpb::DecideBatchRequest { decisions: vec![decide(&good, false)] })
+            .await
+            .expect_err("client cert");
+        assert_eq!(e.code(), Code::PermissionDenied);
+    });
+}
