@@ -157,7 +157,7 @@ impl Store {
     /// Creates each account that does not exist yet (hashing a plaintext
     /// password only then); never touches an existing one.
     pub fn create_from_specs(&mut self, accounts: &[AccountSpec]) -> anyhow::Result<usize> {
-        let tx = self.conn.savepoint()?;
+        let tx = strife_rpc::sqlite::Savepoint::new(&self.conn)?;
         let mut created = 0;
         for a in accounts {
             let exists: bool = tx
@@ -211,7 +211,7 @@ impl Store {
                 leg.txn_id, self.bank
             )));
         }
-        let tx = self.conn.savepoint()?;
+        let tx = strife_rpc::sqlite::Savepoint::new(&self.conn)?;
         let existing: Option<(String, Option<String>, i64)> = tx
             .prepare_cached("SELECT state, reason, amount_minor FROM legs WHERE txn_id = ?1")?
             .query_row([&leg.txn_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
@@ -321,7 +321,7 @@ impl Store {
     }
 
     fn decide(&mut self, txn_id: &str, decision: Decision) -> Result<(), BankError> {
-        let tx = self.conn.savepoint()?;
+        let tx = strife_rpc::sqlite::Savepoint::new(&self.conn)?;
         let row: Option<(String, i64, Option<String>, Option<String>)> = tx
             .prepare_cached(
                 "SELECT state, amount_minor, debit_user, credit_user FROM legs WHERE txn_id = ?1",

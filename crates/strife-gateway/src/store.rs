@@ -161,18 +161,16 @@ impl Store {
 
     /// Records a new payment as `preparing`. Returns the existing record
     /// instead when the customer already used this payment id.
+    ///
+    /// One statement, so no savepoint: the insert either happens whole or,
+    /// when the id is taken (the UNIQUE index says so), not at all.
     pub fn begin_payment(&mut self, p: &PaymentRecord) -> rusqlite::Result<Result<(), PaymentRecord>> {
-        let tx = self.conn.savepoint()?;
-        let existing = tx
+        let inserted = self
+            .conn
             .prepare_cached(&format!(
-                "SELECT {PAYMENT_COLUMNS} FROM payments WHERE payer_bank = ?1 AND payer_user = ?2 AND payment_id = ?3"
+                "INSERT INTO payments ({PAYMENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
             ))?
-            .query_row(params![p.payer.bank, p.payer.user, p.payment_id], payment_from_row)
-            .optional()?;
-        if let Some(existing) = existing {
-            return Ok(Err(existing));
-        }
-        tx.prepare_cached(&format!("INSERT INTO payments ({PAYMENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"))?.execute(params![
+            .execute(params![
                 p.txn_id,
                 p.payment_id,
                 p.payer.user,
@@ -186,14 +184,25 @@ impl Store {
                 p.created_at_ms,
                 p.deadline_at_ms,
                 p.fingerprint,
-            ])?;
-        tx.commit()?;
-        Ok(Ok(()))
+            ]);
+        match inserted {
+            Ok(_) => Ok(Ok(())),
+            Err(rusqlite::Error::SqliteFailure(e, msg))
+                if e.code == rusqlite::ErrorCode::ConstraintViolation =>
+            {
+                match self.find_payment(&p.payer, &p.payment_id)? {
+                    Some(existing) => Ok(Err(existing)),
+                    None => Err(rusqlite::Error::SqliteFailure(e, msg)),
+                }
+            }
+            Err(e) => Err(e),
+        }
     }
 
     /// Writes the decision durably. Only a `preparing` payment can be
     /// decided; returns the state the payment ends up in, which is the
-    /// earlier decision if there was one.
+    /// earlier decision if there was one. One conditional update: no
+    /// savepoint needed.
     pub fn decide(
         &mut self,
         txn_id: &str,
@@ -201,18 +210,20 @@ impl Store {
         reason: Option<DeclineReason>,
     ) -> rusqlite::Result<PaymentState> {
         assert_ne!(outcome, PaymentState::Preparing, "a decision is commit or abort");
-        let tx = self.conn.savepoint()?;
-        let current: String = tx
+        let changed = self
+            .conn
+            .prepare_cached(
+                "UPDATE payments SET state = ?2, reason = ?3, decided_at = ?4 WHERE txn_id = ?1 AND state = 'preparing'",
+            )?
+            .execute(params![txn_id, outcome.as_str(), reason.map(DeclineReason::code), now_ms()])?;
+        if changed == 1 {
+            return Ok(outcome);
+        }
+        let current: String = self
+            .conn
             .prepare_cached("SELECT state FROM payments WHERE txn_id = ?1")?
             .query_row([txn_id], |r| r.get(0))?;
-        let current = PaymentState::parse(&current)?;
-        if current != PaymentState::Preparing {
-            return Ok(current);
-        }
-        tx.prepare_cached("UPDATE payments SET state = ?2, reason = ?3, decided_at = ?4 WHERE txn_id = ?1")?
-            .execute(params![txn_id, outcome.as_str(), reason.map(DeclineReason::code), now_ms()])?;
-        tx.commit()?;
-        Ok(outcome)
+        PaymentState::parse(&current)
     }
 
     pub fn mark_acked(&mut self, txn_id: &str) -> rusqlite::Result<()> {

@@ -9,6 +9,9 @@ use std::time::Duration;
 /// Prepared statements kept per connection: more than any store uses.
 const STATEMENT_CACHE: usize = 64;
 
+/// WAL pages between automatic checkpoints (16 MiB with 4 KiB pages).
+const WAL_CHECKPOINT_PAGES: u32 = 4000;
+
 /// Opens (creating if needed) a store with the durability every server
 /// relies on: WAL, `synchronous=FULL` (a commit is on disk when it
 /// returns), and 32 MiB of page cache so a large ledger's indexes stay in
@@ -21,6 +24,11 @@ pub fn open_durable(path: &Path) -> rusqlite::Result<Connection> {
     conn.busy_timeout(Duration::from_secs(5))?;
     // Every statement on a hot path is prepared once and reused.
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
+    // Checkpoint (copy the WAL back into the database, with its own fsync)
+    // every 4,000 pages rather than SQLite's 1,000: the store's thread does
+    // it inside a commit, so fewer, larger checkpoints stall it less, and a
+    // page written by many batches is copied once.
+    conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)?;
     Ok(conn)
 }
 
@@ -40,5 +48,79 @@ impl<T: HasConnection> Batched for T {
     }
     fn rollback(&mut self) {
         let _ = self.connection().execute_batch("ROLLBACK");
+    }
+}
+
+/// A savepoint around one operation inside a group-commit batch, like
+/// `rusqlite::Savepoint` but with its three statements prepared once per
+/// connection instead of parsed at every use (operations run thousands of
+/// times a second). Rolled back unless [`Savepoint::commit`] is called.
+pub struct Savepoint<'c> {
+    conn: &'c Connection,
+    open: bool,
+}
+
+impl<'c> Savepoint<'c> {
+    pub fn new(conn: &'c Connection) -> rusqlite::Result<Savepoint<'c>> {
+        conn.prepare_cached("SAVEPOINT op")?.execute([])?;
+        Ok(Savepoint { conn, open: true })
+    }
+
+    /// Keeps the operation's changes (they become durable with the batch).
+    pub fn commit(mut self) -> rusqlite::Result<()> {
+        self.open = false;
+        self.conn.prepare_cached("RELEASE op")?.execute([])?;
+        Ok(())
+    }
+}
+
+impl Drop for Savepoint<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            // Undo the operation, then close the savepoint.
+            let undo = self.conn.prepare_cached("ROLLBACK TO op").and_then(|mut s| s.execute([]));
+            let close = self.conn.prepare_cached("RELEASE op").and_then(|mut s| s.execute([]));
+            if let Err(e) = undo.and(close) {
+                tracing::error!(error = %e, "cannot roll back an operation's savepoint");
+            }
+        }
+    }
+}
+
+impl std::ops::Deref for Savepoint<'_> {
+    type Target = Connection;
+    fn deref(&self) -> &Connection {
+        self.conn
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_savepoint_keeps_or_undoes_one_operation_inside_a_transaction() {
+        let conn = Connection::open_in_memory().expect("open");
+        conn.execute_batch("CREATE TABLE t (x INTEGER); BEGIN").expect("setup");
+        let sp = Savepoint::new(&conn).expect("savepoint");
+        sp.execute("INSERT INTO t VALUES (1)", []).expect("insert");
+        sp.commit().expect("release");
+        {
+            let sp = Savepoint::new(&conn).expect("savepoint");
+            sp.execute("INSERT INTO t VALUES (2)", []).expect("insert");
+            // dropped without commit: undone
+        }
+        let sp = Savepoint::new(&conn).expect("savepoint, reused statements");
+        sp.execute("INSERT INTO t VALUES (3)", []).expect("insert");
+        sp.commit().expect("release");
+        conn.execute_batch("COMMIT").expect("commit");
+        let xs: Vec<i64> = conn
+            .prepare("SELECT x FROM t ORDER BY x")
+            .expect("prepare")
+            .query_map([], |r| r.get(0))
+            .expect("query")
+            .collect::<Result<_, _>>()
+            .expect("rows");
+        assert_eq!(xs, vec![1, 3]);
     }
 }
