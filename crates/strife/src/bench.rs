@@ -493,6 +493,7 @@ async fn measure(
         "payers": payer_count,
         "banks": banks.len(),
         "accounts": customers.len(),
+        "history": args.history,
         "seconds": round3(elapsed),
         "payments_per_sec": round3(rate),
         "latency_ms": { "p50": round3(pct(0.50)), "p90": round3(pct(0.90)), "p99": round3(pct(0.99)), "p999": round3(pct(0.999)) },
@@ -514,13 +515,14 @@ async fn measure(
 fn table(j: &Value) -> String {
     let mut t = String::new();
     t.push_str(&format!(
-        "strife bench: {} payments, {} concurrent payers ({}, {} payer accounts), {} banks, {} accounts\n",
+        "strife bench: {} payments, {} concurrent payers ({}, {} payer accounts), {} banks, {} accounts, {} payments of history\n",
         j["payments"],
         j["concurrency"],
         j["mode"].as_str().unwrap_or(""),
         j["payers"],
         j["banks"],
-        j["accounts"]
+        j["accounts"],
+        j["history"]
     ));
     t.push_str(&format!("  payments/s           {}\n", j["payments_per_sec"]));
     t.push_str(&format!(

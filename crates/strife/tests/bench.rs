@@ -35,6 +35,7 @@ fn a_small_uniform_run_reports_everything_and_conserves_money() {
     ] {
         assert!(!j[field].is_null(), "missing {field}: {j}");
     }
+    assert_eq!(j["history"], 1000, "{j}");
     for p in ["p50", "p90", "p99", "p999"] {
         assert!(j["latency_ms"][p].as_f64().is_some_and(|v| v > 0.0), "latency {p}: {j}");
     }
