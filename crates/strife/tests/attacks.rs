@@ -218,19 +218,17 @@ fn every_attack_is_refused_and_changes_nothing() {
                 .await
                 .expect("tls");
         let mut bank = bankpb::bank_client::BankClient::new(as_client_to_bank);
+        let leg = || bankpb::PrepareRequest {
+            txn_id: grpc::new_id(),
+            payment_id: grpc::new_id(),
+            payer: Some(bankpb::Party { user: "user1".into(), bank: "BankA".into() }),
+            payee: Some(bankpb::Party { user: "user2".into(), bank: "BankA".into() }),
+            amount_minor: 100,
+        };
         t.row(
             "client certificate calling a bank's Prepare",
             Code::PermissionDenied,
-            drop_ok(
-                bank.prepare(bankpb::PrepareRequest {
-                    txn_id: grpc::new_id(),
-                    payment_id: grpc::new_id(),
-                    payer: Some(bankpb::Party { user: "user1".into(), bank: "BankA".into() }),
-                    payee: Some(bankpb::Party { user: "user2".into(), bank: "BankA".into() }),
-                    amount_minor: 100,
-                })
-                .await,
-            ),
+            drop_ok(bank.prepare(leg()).await),
         );
         t.row(
             "client certificate calling a bank's Commit",
@@ -240,18 +238,7 @@ fn every_attack_is_refused_and_changes_nothing() {
         t.row(
             "client certificate calling a bank's PrepareBatch",
             Code::PermissionDenied,
-            drop_ok(
-                bank.prepare_batch(bankpb::PrepareBatchRequest {
-                    legs: vec![bankpb::PrepareRequest {
-                        txn_id: grpc::new_id(),
-                        payment_id: grpc::new_id(),
-                        payer: Some(bankpb::Party { user: "user1".into(), bank: "BankA".into() }),
-                        payee: Some(bankpb::Party { user: "user2".into(), bank: "BankA".into() }),
-                        amount_minor: 100,
-                    }],
-                })
-                .await,
-            ),
+            drop_ok(bank.prepare_batch(bankpb::PrepareBatchRequest { legs: vec![leg()] }).await),
         );
         t.row(
             "client certificate calling a bank's DecideBatch",
