@@ -1,12 +1,16 @@
-//! The bank's errors, and their one mapping to gRPC statuses.
+//! The bank's errors, and their one mapping to gRPC statuses (with the rich
+//! error details of [`strife_rpc::errors`]).
 
-use tonic::Status;
+use strife_proto::gateway::v1::ErrorReason;
+use strife_rpc::errors;
+use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum BankError {
-    /// The caller sent something malformed; the message is for a person.
-    #[error("{0}")]
-    Invalid(String),
+    /// The caller sent something malformed in `field`; the message is for a
+    /// person. Nothing changed.
+    #[error("{message}")]
+    Invalid { field: &'static str, message: String },
     /// No account of that name (only for reads; prepare votes no instead).
     #[error("no account '{0}' at this bank")]
     UnknownAccount(String),
@@ -23,20 +27,32 @@ pub enum BankError {
     Internal(String),
 }
 
+impl BankError {
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> BankError {
+        BankError::Invalid { field, message: message.into() }
+    }
+}
+
 impl From<BankError> for Status {
     fn from(e: BankError) -> Status {
         match e {
-            BankError::Invalid(m) => Status::invalid_argument(m),
-            BankError::UnknownAccount(u) => Status::not_found(format!("no account '{u}' at this bank")),
-            BankError::Conflict(m) => Status::failed_precondition(m),
-            BankError::Busy(m) => Status::resource_exhausted(m),
+            BankError::Invalid { field, message } => errors::invalid(field, message),
+            BankError::UnknownAccount(u) => errors::status(
+                Code::NotFound,
+                ErrorReason::AccountNotFound,
+                format!("no account '{u}' at this bank"),
+            ),
+            BankError::Conflict(m) => {
+                errors::status(Code::FailedPrecondition, ErrorReason::DecisionConflict, m)
+            }
+            BankError::Busy(m) => errors::status(Code::ResourceExhausted, ErrorReason::Overloaded, m),
             BankError::Storage(err) => {
                 tracing::error!(error = %err, "storage failure");
-                Status::internal("internal error")
+                errors::internal()
             }
             BankError::Internal(err) => {
                 tracing::error!(error = %err, "internal failure");
-                Status::internal("internal error")
+                errors::internal()
             }
         }
     }

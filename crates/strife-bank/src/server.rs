@@ -12,7 +12,7 @@ use std::time::Duration;
 use std::time::Instant;
 use strife_core::Secret;
 use strife_core::limits::MESSAGE_MAX_BYTES;
-use strife_proto::bank::v1::bank_server::BankServer;
+use strife_proto::bank::v1::bank_service_server::BankServiceServer;
 use strife_proto::gateway::v1 as gw;
 use strife_rpc::config::GATEWAY_ADDR_FILE;
 use strife_rpc::pki::CertDir;
@@ -65,10 +65,10 @@ pub async fn run(
     }
 
     let local = listener.local_addr()?;
-    let (_health_reporter, health, reflection) =
-        strife_rpc::serve::standard_services(&["strife.bank.v1.Bank"]).await?;
+    let (_health_reporter, health, reflection_v1, reflection_v1alpha) =
+        strife_rpc::serve::standard_services(&["strife.bank.v1.BankService"]).await?;
     let bank = InterceptedService::new(
-        BankServer::new(service.clone()).max_decoding_message_size(MESSAGE_MAX_BYTES),
+        BankServiceServer::new(service.clone()).max_decoding_message_size(MESSAGE_MAX_BYTES),
         only_gateway as fn(tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status>,
     );
 
@@ -80,7 +80,8 @@ pub async fn run(
     tracing::info!(bank = %opts.name, %local, data = %data.display(), "bank serving");
     let served = strife_rpc::serve::builder(&tls)?
         .add_service(health)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(bank)
         .serve_with_incoming_shutdown(strife_rpc::serve::incoming(listener), shutdown)
         .await;
@@ -143,7 +144,7 @@ async fn keep_registered(opts: BankOptions, tls: Tls, my_addr: String, mut stop:
         let outcome = match link.channel() {
             Err(why) => Err(why),
             Ok(ch) => {
-                let mut client = gw::registry_client::RegistryClient::new(ch);
+                let mut client = gw::registry_service_client::RegistryServiceClient::new(ch);
                 let req = gw::RegisterBankRequest { name: name.clone(), address: my_addr.clone() };
                 match tokio::time::timeout(interval.max(Duration::from_secs(2)), client.register_bank(req))
                     .await
@@ -213,7 +214,7 @@ async fn resolve_in_doubt(
         };
         next_try.retain(|txn, _| open.contains(txn));
         let Ok(channel) = link.channel() else { continue };
-        let mut client = gw::registry_client::RegistryClient::new(channel);
+        let mut client = gw::registry_service_client::RegistryServiceClient::new(channel);
         for txn_id in open {
             let now = Instant::now();
             if next_try.get(&txn_id).is_some_and(|(at, _)| *at > now) {
@@ -224,7 +225,7 @@ async fn resolve_in_doubt(
                 tokio::time::timeout(interval.max(Duration::from_secs(2)), client.inquire(req)).await;
             let decision = match answer {
                 Ok(Ok(resp)) => resp.into_inner().decision(),
-                _ => gw::Decision::Unknown,
+                _ => gw::Decision::Pending,
             };
             let t = txn_id.clone();
             let applied = match decision {
@@ -232,7 +233,8 @@ async fn resolve_in_doubt(
                     Some(service.with_store(move |s| s.commit(&t)).await.map(|_| "commit"))
                 }
                 gw::Decision::Abort => Some(service.with_store(move |s| s.abort(&t)).await.map(|_| "abort")),
-                gw::Decision::Unknown => None,
+                // Not decided yet (or an answer we do not know): ask again later.
+                gw::Decision::Pending | gw::Decision::Unspecified => None,
             };
             match applied {
                 Some(Ok(what)) => {

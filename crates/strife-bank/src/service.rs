@@ -99,14 +99,14 @@ impl BankService {
 }
 
 pub fn check_user(user: &str) -> Result<(), BankError> {
-    validate_user_name(user).map_err(|e| BankError::Invalid(e.to_string()))
+    validate_user_name(user).map_err(|e| BankError::invalid("user", e.to_string()))
 }
 
 pub fn check_txn_id(txn_id: &str) -> Result<(), BankError> {
     txn_id
         .parse::<strife_core::PaymentId>()
         .map(|_| ())
-        .map_err(|_| BankError::Invalid("transaction id must be a UUID".into()))
+        .map_err(|_| BankError::invalid("txn_id", "transaction id must be a UUID"))
 }
 
 /// Validates a prepare request (pure: the fuzz targets call it too).
@@ -115,12 +115,12 @@ pub fn prepare_request(req: pb::PrepareRequest) -> Result<LegRequest, BankError>
     let payer = party(req.payer, "payer")?;
     let payee = party(req.payee, "payee")?;
     if payer == payee {
-        return Err(BankError::Invalid("payer and payee are the same account".into()));
+        return Err(BankError::invalid("payee", "payer and payee are the same account"));
     }
     let amount = strife_core::Amount::from_minor(req.amount_minor)
-        .ok_or_else(|| BankError::Invalid("amount is out of range".into()))?;
+        .ok_or_else(|| BankError::invalid("amount_minor", "amount is out of range"))?;
     if req.payment_id.len() > 64 {
-        return Err(BankError::Invalid("payment id is too long".into()));
+        return Err(BankError::invalid("payment_id", "payment id is too long"));
     }
     Ok(LegRequest {
         txn_id: req.txn_id,
@@ -133,17 +133,20 @@ pub fn prepare_request(req: pb::PrepareRequest) -> Result<LegRequest, BankError>
     })
 }
 
-fn party(p: Option<pb::Party>, what: &str) -> Result<pb::Party, BankError> {
-    let p = p.ok_or_else(|| BankError::Invalid(format!("{what} is missing")))?;
+fn party(p: Option<pb::Party>, what: &'static str) -> Result<pb::Party, BankError> {
+    let p = p.ok_or_else(|| BankError::invalid(what, format!("{what} is missing")))?;
     check_user(&p.user)?;
-    validate_bank_name(&p.bank).map_err(|e| BankError::Invalid(e.to_string()))?;
+    validate_bank_name(&p.bank).map_err(|e| BankError::invalid(what, e.to_string()))?;
     Ok(p)
 }
 
 /// A batch of at most [`BANK_BATCH_MAX`] items, or INVALID_ARGUMENT.
-fn check_batch(len: usize) -> Result<(), BankError> {
+fn check_batch(field: &'static str, len: usize) -> Result<(), BankError> {
     if len > BANK_BATCH_MAX {
-        return Err(BankError::Invalid(format!("a batch holds at most {BANK_BATCH_MAX} items, not {len}")));
+        return Err(BankError::invalid(
+            field,
+            format!("a batch holds at most {BANK_BATCH_MAX} items, not {len}"),
+        ));
     }
     Ok(())
 }
@@ -151,7 +154,13 @@ fn check_batch(len: usize) -> Result<(), BankError> {
 /// How a single call's error travels inside a batch answer.
 fn refusal(e: BankError) -> pb::Refusal {
     let status = Status::from(e);
-    pb::Refusal { code: status.code() as i32, message: status.message().to_owned() }
+    let reason =
+        strife_rpc::errors::reason_of(&status).map(strife_rpc::errors::reason_code).unwrap_or_default();
+    pb::Refusal {
+        code: status.code() as i32,
+        message: status.message().to_owned(),
+        reason: reason.to_owned(),
+    }
 }
 
 fn vote_message(vote: Vote) -> pb::PrepareResponse {
@@ -174,7 +183,7 @@ fn entry(leg: Leg) -> pb::LedgerEntry {
 }
 
 #[tonic::async_trait]
-impl pb::bank_server::Bank for BankService {
+impl pb::bank_service_server::BankService for BankService {
     async fn verify_password(
         &self,
         req: Request<pb::VerifyPasswordRequest>,
@@ -183,7 +192,11 @@ impl pb::bank_server::Bank for BankService {
         check_user(&req.user)?;
         record_user(&req.user);
         if req.password.len() > PASSWORD_MAX {
-            return Err(BankError::Invalid(format!("password is longer than {PASSWORD_MAX} bytes")).into());
+            return Err(BankError::invalid(
+                "password",
+                format!("password is longer than {PASSWORD_MAX} bytes"),
+            )
+            .into());
         }
         let password = Secret::new(req.password);
         let user = req.user;
@@ -230,7 +243,7 @@ impl pb::bank_server::Bank for BankService {
         req: Request<pb::PrepareBatchRequest>,
     ) -> Result<Response<pb::PrepareBatchResponse>, Status> {
         let legs = req.into_inner().legs;
-        check_batch(legs.len())?;
+        check_batch("legs", legs.len())?;
         let legs: Vec<Result<LegRequest, BankError>> = legs.into_iter().map(prepare_request).collect();
         // One store operation for the whole batch: each leg still runs in
         // its own savepoint (a failing one changes nothing), and every
@@ -256,7 +269,7 @@ impl pb::bank_server::Bank for BankService {
         req: Request<pb::DecideBatchRequest>,
     ) -> Result<Response<pb::DecideBatchResponse>, Status> {
         let decisions = req.into_inner().decisions;
-        check_batch(decisions.len())?;
+        check_batch("decisions", decisions.len())?;
         let commits = decisions.iter().any(|d| d.commit);
         if commits {
             strife_rpc::fault::crash_point("bank.before_commit");

@@ -206,10 +206,10 @@ impl Store {
         let debit = (leg.payer_bank == self.bank).then_some(leg.payer_user.as_str());
         let credit = (leg.payee_bank == self.bank).then_some(leg.payee_user.as_str());
         if debit.is_none() && credit.is_none() {
-            return Err(BankError::Invalid(format!(
-                "payment {} has no leg at bank {}",
-                leg.txn_id, self.bank
-            )));
+            return Err(BankError::invalid(
+                "payee",
+                format!("payment {} has no leg at bank {}", leg.txn_id, self.bank),
+            ));
         }
         let tx = strife_rpc::sqlite::Savepoint::new(&self.conn)?;
         let existing: Option<(String, Option<String>, i64)> = tx

@@ -11,6 +11,7 @@ use strife_core::money::format_minor;
 use strife_core::{Amount, DeclineReason, PaymentId, Secret, UserRef};
 use strife_proto::gateway::v1 as pb;
 use strife_rpc::config::ClientConfig;
+use strife_rpc::wire::{account, decline_reason_from, rfc3339};
 use tonic::transport::Channel;
 
 /// One client invocation: where its state is, which gateway, which session.
@@ -101,7 +102,7 @@ impl Client {
         password: Secret<String>,
     ) -> Result<Reply, CliError> {
         let who = UserRef::new(user, bank).map_err(|e| CliError::new(Exit::Invalid, e.to_string()))?;
-        let mut client = pb::session_client::SessionClient::new(self.channel().await?);
+        let mut client = pb::session_service_client::SessionServiceClient::new(self.channel().await?);
         let resp = client
             .login(pb::LoginRequest {
                 bank: who.bank.clone(),
@@ -111,17 +112,18 @@ impl Client {
             .await
             .map_err(|s| CliError::from_status(&s))?
             .into_inner();
+        let expires_at = rfc3339(resp.expire_time.as_ref());
         let session =
-            Session { who: who.clone(), token: Secret::new(resp.token), expires_at: resp.expires_at.clone() };
+            Session { who: who.clone(), token: Secret::new(resp.token), expires_at: expires_at.clone() };
         self.state.save_session(&session)?;
         let waiting = self.state.pending()?.into_iter().filter(|p| p.payer == who).count();
-        let mut text = format!("Logged in as {who} until {}.", resp.expires_at);
+        let mut text = format!("Logged in as {who} until {expires_at}.");
         if waiting > 0 {
             text.push_str(&format!(
                 "\n{waiting} queued payment(s) of {who} can go now: run `strife outbox flush`."
             ));
         }
-        Ok(Reply::done(json!({ "user": who.user, "bank": who.bank, "expires_at": resp.expires_at }), text))
+        Ok(Reply::done(json!({ "user": who.user, "bank": who.bank, "expires_at": expires_at }), text))
     }
 
     pub async fn logout(&mut self) -> Result<Reply, CliError> {
@@ -129,7 +131,7 @@ impl Client {
         let who = session.who.clone();
         match self.channel().await {
             Ok(channel) => {
-                let mut client = pb::payments_client::PaymentsClient::new(channel);
+                let mut client = pb::payments_service_client::PaymentsServiceClient::new(channel);
                 match client.logout(with_token(pb::LogoutRequest {}, &session)?).await {
                     // An already invalid token is as good as logged out.
                     Ok(_) => {}
@@ -148,16 +150,19 @@ impl Client {
 
     pub async fn balance(&self) -> Result<Reply, CliError> {
         let session = self.session()?;
-        let mut client = pb::payments_client::PaymentsClient::new(self.channel().await?);
+        let mut client = pb::payments_service_client::PaymentsServiceClient::new(self.channel().await?);
         let resp = client
             .get_balance(with_token(pb::GetBalanceRequest {}, &session)?)
             .await
             .map_err(|s| CliError::from_status(&s))?
             .into_inner();
-        let text =
-            format!("{}@{}: balance {}, available {}", resp.user, resp.bank, resp.balance, resp.available);
+        let account = resp.account.unwrap_or_else(|| account(&session.who));
+        let text = format!(
+            "{}@{}: balance {}, available {}",
+            account.user, account.bank, resp.balance, resp.available
+        );
         Ok(Reply::done(
-            json!({ "user": resp.user, "bank": resp.bank, "balance": resp.balance, "available": resp.available }),
+            json!({ "user": account.user, "bank": account.bank, "balance": resp.balance, "available": resp.available }),
             text,
         ))
     }
@@ -225,18 +230,17 @@ impl Client {
             }
             Err(e @ ConnectError::Setup(_)) => return Err(e.into()),
         };
-        let mut client = pb::payments_client::PaymentsClient::new(channel);
+        let mut client = pb::payments_service_client::PaymentsServiceClient::new(channel);
         let req = pb::PayRequest {
             payment_id: p.payment_id.clone(),
-            payee_user: p.payee.user.clone(),
-            payee_bank: p.payee.bank.clone(),
+            payee: Some(account(&p.payee)),
             amount: format_minor(p.amount_minor),
         };
         match client.pay(with_token(req, &session)?).await {
             Ok(resp) => {
                 let resp = resp.into_inner();
                 let committed = resp.status() == pb::PaymentStatus::Committed;
-                let reason = (!resp.reason.is_empty()).then_some(resp.reason);
+                let reason = decline_reason_from(resp.reason()).map(|r| r.code().to_owned());
                 let status = if committed { "committed" } else { "declined" };
                 self.state.finish(p, status, reason.as_deref(), reported)?;
                 Ok(Sent::Final { committed, reason, replayed: resp.replayed })
@@ -271,35 +275,46 @@ impl Client {
         }
     }
 
-    pub async fn history(&self, limit: u32) -> Result<Reply, CliError> {
+    /// `strife history`: one page of `page.size` payments from `page.token`
+    /// (the first page without one), or every page with `page.all`.
+    pub async fn history(&self, page: HistoryPage) -> Result<Reply, CliError> {
         let session = self.session()?;
-        let mut client = pb::payments_client::PaymentsClient::new(self.channel().await?);
-        let resp = client
-            .get_history(with_token(pb::GetHistoryRequest { limit }, &session)?)
-            .await
-            .map_err(|s| CliError::from_status(&s))?
-            .into_inner();
-        let mut rows = Vec::new();
+        let mut client = pb::payments_service_client::PaymentsServiceClient::new(self.channel().await?);
+        let mut payments = Vec::new();
+        let mut token = page.token.unwrap_or_default();
+        loop {
+            let req = pb::ListPaymentsRequest {
+                page_size: i32::try_from(page.size).unwrap_or(i32::MAX),
+                page_token: token,
+                start_time: None,
+                end_time: None,
+            };
+            let resp = client
+                .list_payments(with_token(req, &session)?)
+                .await
+                .map_err(|s| CliError::from_status(&s))?
+                .into_inner();
+            payments.extend(resp.payments.iter().map(PaymentView::of));
+            token = resp.next_page_token;
+            if token.is_empty() || !page.all {
+                break;
+            }
+        }
         let mut text = format!("History of {}:\n", session.who);
-        if resp.payments.is_empty() {
-            text.push_str("  (no payments yet)");
+        if payments.is_empty() {
+            text.push_str("  (no payments yet)\n");
         }
-        for p in &resp.payments {
-            let (status, reason) = status_and_reason(p);
-            rows.push(payment_json(p));
-            let arrow = if p.direction == "sent" { "sent to" } else { "received from" };
-            text.push_str(&format!(
-                "  {}  {:>13} {:<13} {:<20} {}{}  {}\n",
-                p.at,
-                p.amount,
-                arrow,
-                p.counterparty,
-                status,
-                reason.map(|r| format!(" ({r})")).unwrap_or_default(),
-                p.payment_id
-            ));
+        for p in &payments {
+            text.push_str(&format!("  {}\n", p.row()));
         }
-        Ok(Reply::done(json!({ "payments": rows }), text.trim_end().to_owned()))
+        if !token.is_empty() {
+            text.push_str(&format!("More: strife history --page-token {token}\n"));
+        }
+        let next = (!token.is_empty()).then_some(token);
+        Ok(Reply::done(
+            json!({ "payments": payments.iter().map(PaymentView::json).collect::<Vec<_>>(), "next_page_token": next }),
+            text.trim_end().to_owned(),
+        ))
     }
 
     pub fn outbox_list(&mut self) -> Result<Reply, CliError> {
@@ -451,23 +466,25 @@ impl Client {
         let session = self.session()?;
         let id: PaymentId =
             id.parse().map_err(|e: strife_core::NameError| CliError::new(Exit::Invalid, e.to_string()))?;
-        let mut client = pb::payments_client::PaymentsClient::new(self.channel().await?);
+        let mut client = pb::payments_service_client::PaymentsServiceClient::new(self.channel().await?);
         let resp = client
             .get_payment(with_token(pb::GetPaymentRequest { payment_id: id.to_string() }, &session)?)
             .await
             .map_err(|s| CliError::from_status(&s))?
             .into_inner();
         let p = resp.payment.ok_or_else(|| CliError::unexpected("the gateway sent no payment"))?;
-        let (status, reason) = status_and_reason(&p);
+        let p = PaymentView::of(&p);
         Ok(Reply::done(
-            payment_json(&p),
+            p.json(),
             format!(
-                "Payment {}: {} {} {}, {status}{} at {}",
+                "Payment {}: {} {} {} {}, {}{} at {}",
                 p.payment_id,
                 p.amount,
+                p.direction,
                 if p.direction == "sent" { "to" } else { "from" },
                 p.counterparty,
-                reason.map(|r| format!(" ({r})")).unwrap_or_default(),
+                p.status,
+                p.reason.map(|r| format!(" ({r})")).unwrap_or_default(),
                 p.at
             ),
         ))
@@ -475,7 +492,7 @@ impl Client {
 
     /// The gateway's view of the cluster.
     pub async fn status(&self) -> Result<Reply, CliError> {
-        let mut client = pb::admin_client::AdminClient::new(self.channel().await?);
+        let mut client = pb::admin_service_client::AdminServiceClient::new(self.channel().await?);
         let s =
             client.status(pb::StatusRequest {}).await.map_err(|s| CliError::from_status(&s))?.into_inner();
         let mut text = format!(
@@ -506,23 +523,70 @@ impl Client {
     }
 }
 
-/// A payment's status word and decline reason, as the contract shows them.
-fn status_and_reason(p: &pb::Payment) -> (&'static str, Option<&str>) {
-    let status = match p.status() {
-        pb::PaymentStatus::Committed => "committed",
-        pb::PaymentStatus::Declined => "declined",
-        _ => "pending",
-    };
-    (status, (!p.reason.is_empty()).then_some(p.reason.as_str()))
+/// Which history page `strife history` shows.
+#[derive(Debug, Clone, Default)]
+pub struct HistoryPage {
+    /// Payments per page (the gateway caps it).
+    pub size: u32,
+    /// Where to start: a `next_page_token` from an earlier page.
+    pub token: Option<String>,
+    /// Follow the pages to the end.
+    pub all: bool,
 }
 
-/// A payment in the contract's history shape.
-fn payment_json(p: &pb::Payment) -> Value {
-    let (status, reason) = status_and_reason(p);
-    json!({
-        "payment_id": p.payment_id, "direction": p.direction, "counterparty": p.counterparty,
-        "amount": p.amount, "status": status, "reason": reason, "at": p.at,
-    })
+/// A payment as the contract shows it: words and text, not API enums.
+struct PaymentView {
+    payment_id: String,
+    direction: &'static str,
+    counterparty: String,
+    amount: String,
+    status: &'static str,
+    reason: Option<&'static str>,
+    at: String,
+}
+
+impl PaymentView {
+    fn of(p: &pb::Payment) -> PaymentView {
+        let status = match p.status() {
+            pb::PaymentStatus::Committed => "committed",
+            pb::PaymentStatus::Declined => "declined",
+            pb::PaymentStatus::Pending | pb::PaymentStatus::Unspecified => "pending",
+        };
+        PaymentView {
+            payment_id: p.payment_id.clone(),
+            direction: if p.direction() == pb::Direction::Received { "received" } else { "sent" },
+            counterparty: p
+                .counterparty
+                .as_ref()
+                .map(|a| format!("{}@{}", a.user, a.bank))
+                .unwrap_or_default(),
+            amount: p.amount.clone(),
+            status,
+            reason: decline_reason_from(p.reason()).map(DeclineReason::code),
+            at: rfc3339(p.create_time.as_ref()),
+        }
+    }
+
+    /// The contract's history shape.
+    fn json(&self) -> Value {
+        json!({
+            "payment_id": self.payment_id, "direction": self.direction, "counterparty": self.counterparty,
+            "amount": self.amount, "status": self.status, "reason": self.reason, "at": self.at,
+        })
+    }
+
+    /// One line of `strife history`.
+    fn row(&self) -> String {
+        let arrow = if self.direction == "sent" { "sent to" } else { "received from" };
+        let outcome = match self.reason {
+            Some(r) => format!("{} ({r})", self.status),
+            None => self.status.to_owned(),
+        };
+        format!(
+            "{}  {:>13} {:<13} {:<20} {:<30} {}",
+            self.at, self.amount, arrow, self.counterparty, outcome, self.payment_id
+        )
+    }
 }
 
 fn pending_json(p: &Pending) -> Value {

@@ -1,6 +1,7 @@
 //! The contract's exit codes, and what a command hands back to `main`.
 
 use serde_json::{Value, json};
+use strife_rpc::errors;
 
 /// The contract's exit codes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,42 +57,76 @@ impl Reply {
 pub struct CliError {
     pub exit: Exit,
     pub message: String,
+    /// The gateway's `ErrorInfo` reason, when the error came from it.
+    pub reason: Option<&'static str>,
+    /// The fields a reused payment id differs in.
+    pub fields: Vec<String>,
 }
 
 impl CliError {
     pub fn new(exit: Exit, message: impl Into<String>) -> CliError {
-        CliError { exit, message: message.into() }
+        CliError { exit, message: message.into(), reason: None, fields: Vec::new() }
     }
 
     pub fn unexpected(e: impl std::fmt::Display) -> CliError {
         CliError::new(Exit::Unexpected, e.to_string())
     }
 
-    /// Maps a gateway status to the contract's exit code.
+    /// Maps a gateway status to the contract's exit code, reading its
+    /// error details: the `ErrorInfo` reason where it decides, the fields a
+    /// reused id differs in, how long a throttled login must wait.
     pub fn from_status(status: &tonic::Status) -> CliError {
+        use strife_proto::gateway::v1::ErrorReason;
         use tonic::Code;
-        let exit = match status.code() {
-            Code::InvalidArgument | Code::NotFound | Code::OutOfRange => Exit::Invalid,
-            Code::Unauthenticated | Code::PermissionDenied | Code::ResourceExhausted => Exit::NotAllowed,
-            Code::FailedPrecondition => Exit::IdReused,
+        let reason = errors::reason_of(status);
+        let exit = match (reason, status.code()) {
+            (Some(ErrorReason::PaymentIdReused), _) => Exit::IdReused,
+            (Some(ErrorReason::InvalidRequest | ErrorReason::UnknownBank), _) => Exit::Invalid,
+            (
+                Some(
+                    ErrorReason::TokenMissing
+                    | ErrorReason::TokenInvalid
+                    | ErrorReason::TokenExpired
+                    | ErrorReason::TokenRevoked
+                    | ErrorReason::WrongCredentials
+                    | ErrorReason::WrongCertificate
+                    | ErrorReason::LoginThrottled,
+                ),
+                _,
+            ) => Exit::NotAllowed,
+            (_, Code::InvalidArgument | Code::NotFound | Code::OutOfRange) => Exit::Invalid,
+            (_, Code::Unauthenticated | Code::PermissionDenied | Code::ResourceExhausted) => Exit::NotAllowed,
+            (_, Code::FailedPrecondition) => Exit::IdReused,
             _ => Exit::Unexpected,
         };
+        let fields = errors::differing_fields(status);
         let message = match status.code() {
             Code::Unavailable | Code::DeadlineExceeded if status.message().is_empty() => {
                 "the gateway is unreachable".to_owned()
             }
             Code::Internal => "the gateway had an internal error; see its log".to_owned(),
-            _ => status.message().to_owned(),
+            _ if reason == Some(ErrorReason::PaymentIdReused) && !fields.is_empty() => format!(
+                "this payment id was already used for a different payment ({} differs); \
+                 use a new id for a new payment",
+                fields.join(" and ")
+            ),
+            _ => match errors::retry_after(status) {
+                Some(wait) => format!("too many failed logins: try again in {} s", wait.as_secs().max(1)),
+                None => status.message().to_owned(),
+            },
         };
-        CliError { exit, message }
+        CliError { exit, message, reason: reason.map(errors::reason_code), fields }
     }
 
     pub fn to_reply(&self) -> Reply {
-        Reply {
-            exit: self.exit,
-            json: json!({ "error": self.exit.name(), "message": self.message }),
-            text: format!("error: {}", self.message),
+        let mut json = json!({ "error": self.exit.name(), "message": self.message });
+        if let Some(reason) = self.reason {
+            json["reason"] = json!(reason);
         }
+        if !self.fields.is_empty() {
+            json["fields"] = json!(self.fields);
+        }
+        Reply { exit: self.exit, json, text: format!("error: {}", self.message) }
     }
 }
 

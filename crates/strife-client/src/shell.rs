@@ -81,7 +81,9 @@ pub async fn run(mut client: Client) -> Result<Reply, CliError> {
                 };
                 show(client.pay(&to, &amount, None).await);
             }
-            "4" => show(client.history(20).await),
+            "4" => {
+                show(client.history(crate::commands::HistoryPage { size: 20, ..Default::default() }).await)
+            }
             "5" => show(client.outbox_list()),
             "6" => show(client.outbox_flush().await),
             "7" => {

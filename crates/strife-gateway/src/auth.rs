@@ -3,10 +3,12 @@
 //! customer it proves into the request extensions for the handlers.
 
 use crate::coordinator::Gateway;
+use crate::error::GatewayError;
 use crate::tokens::{Claims, TokenError};
 use std::sync::Arc;
 use strife_core::UserRef;
 use strife_core::limits::TOKEN_MAX;
+use strife_proto::gateway::v1::ErrorReason;
 use strife_rpc::PeerRole;
 use strife_rpc::identity::require;
 use strife_rpc::telemetry::record_user;
@@ -41,25 +43,19 @@ pub struct CustomerAuth {
 impl tonic::service::Interceptor for CustomerAuth {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         require(&req, &[PeerRole::Client])?;
-        let header = req
-            .metadata()
-            .get("authorization")
-            .ok_or_else(|| Status::unauthenticated("not logged in: run `strife login` first"))?;
-        let header =
-            header.to_str().map_err(|_| Status::unauthenticated("the authorization header is malformed"))?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .ok_or_else(|| Status::unauthenticated("the authorization header must be `Bearer <token>`"))?;
+        let token = bearer_token(req.metadata())?;
         if token.len() > TOKEN_MAX {
-            return Err(Status::unauthenticated("the token is too long"));
+            return Err(refused(ErrorReason::TokenInvalid, "the token is too long: log in again"));
         }
         let claims = self.gateway.tokens.verify(token).map_err(|e| match e {
-            TokenError::Expired => Status::unauthenticated("your session has expired: log in again"),
-            other => Status::unauthenticated(format!("{other}: log in again")),
+            TokenError::Expired => {
+                refused(ErrorReason::TokenExpired, "your session has expired: log in again")
+            }
+            other => refused(ErrorReason::TokenInvalid, format!("{other}: log in again")),
         })?;
-        let revoked = self.gateway.revoked.read().map_err(|_| Status::internal("internal error"))?;
+        let revoked = self.gateway.revoked.read().map_err(|_| strife_rpc::errors::internal())?;
         if revoked.contains(&claims.jti) {
-            return Err(Status::unauthenticated("this session was logged out: log in again"));
+            return Err(refused(ErrorReason::TokenRevoked, "this session was logged out: log in again"));
         }
         drop(revoked);
         let who = claims.customer();
@@ -69,7 +65,55 @@ impl tonic::service::Interceptor for CustomerAuth {
     }
 }
 
+fn refused(reason: ErrorReason, message: impl Into<String>) -> Status {
+    GatewayError::unauthenticated(reason, message).into()
+}
+
+/// The token of an `authorization: Bearer <token>` header. The scheme is
+/// matched case-insensitively, as in HTTP (RFC 9110, section 11.1).
+fn bearer_token(metadata: &tonic::metadata::MetadataMap) -> Result<&str, Status> {
+    let header = metadata
+        .get("authorization")
+        .ok_or_else(|| refused(ErrorReason::TokenMissing, "not logged in: run `strife login` first"))?;
+    let malformed =
+        || refused(ErrorReason::TokenMissing, "the authorization header must be `Bearer <token>`");
+    let header = header.to_str().map_err(|_| malformed())?;
+    let (scheme, token) = header.split_once(' ').ok_or_else(malformed)?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(malformed());
+    }
+    let token = token.trim_start_matches(' ');
+    if token.is_empty() {
+        return Err(malformed());
+    }
+    Ok(token)
+}
+
 /// The customer of a request that passed [`CustomerAuth`].
 pub fn customer<T>(req: &Request<T>) -> Result<Customer, Status> {
-    req.extensions().get::<Customer>().cloned().ok_or_else(|| Status::unauthenticated("not logged in"))
+    req.extensions()
+        .get::<Customer>()
+        .cloned()
+        .ok_or_else(|| refused(ErrorReason::TokenMissing, "not logged in"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_scheme_is_case_insensitive() {
+        let with = |value: &str| {
+            let mut m = tonic::metadata::MetadataMap::new();
+            m.insert("authorization", value.parse().expect("ascii"));
+            bearer_token(&m).map(str::to_owned).map_err(|s| s.code())
+        };
+        for ok in ["Bearer abc", "bearer abc", "BEARER abc", "bEaReR  abc"] {
+            assert_eq!(with(ok), Ok("abc".to_owned()), "{ok}");
+        }
+        for bad in ["Basic abc", "Bearer", "Bearer ", "Bearerabc", "abc"] {
+            assert_eq!(with(bad), Err(tonic::Code::Unauthenticated), "{bad}");
+        }
+        assert!(bearer_token(&tonic::metadata::MetadataMap::new()).is_err());
+    }
 }

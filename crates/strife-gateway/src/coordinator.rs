@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use strife_core::{Amount, DeclineReason, PaymentId, UserRef, banks_involved};
 use strife_proto::bank::v1 as bank;
+use strife_proto::gateway::v1::ErrorReason;
 use strife_rpc::config::GatewayConfig;
 use strife_rpc::group_commit::GroupCommit;
 use strife_twopc::coordinator as machine;
@@ -161,7 +162,7 @@ impl Gateway {
                 Some(running) => {
                     let diff = req.differences(&running.request.payee, running.request.amount.minor());
                     if !diff.is_empty() {
-                        return Err(id_reused(&req.payment_id, &diff).into());
+                        return Err(id_reused(&req.payment_id, diff).into());
                     }
                     (running.outcome.clone(), false)
                 }
@@ -187,8 +188,9 @@ impl Gateway {
     }
 
     async fn execute(self: &Arc<Self>, req: PayRequest) -> Result<PayOutcome, GatewayError> {
-        let _slot =
-            self.slots.acquire().await.map_err(|_| GatewayError::Unavailable("shutting down".into()))?;
+        let _slot = self.slots.acquire().await.map_err(|_| {
+            GatewayError::unavailable(ErrorReason::Unavailable, "the gateway is shutting down")
+        })?;
         let now = now_ms();
         let deadline_ms = i64::try_from(self.config.payment_deadline_ms).unwrap_or(i64::MAX);
         let record = PaymentRecord {
@@ -467,11 +469,12 @@ impl Gateway {
     }
 }
 
-fn id_reused(id: &PaymentId, fields: &[&str]) -> GatewayError {
-    GatewayError::IdReused(format!(
+fn id_reused(id: &PaymentId, fields: Vec<&'static str>) -> GatewayError {
+    let message = format!(
         "payment id {id} was already used for a different payment ({} differs); use a new id for a new payment",
         fields.join(" and ")
-    ))
+    );
+    GatewayError::IdReused { payment_id: id.to_string(), fields, message }
 }
 
 /// The answer for a payment id seen before.
@@ -481,16 +484,16 @@ fn replay(req: &PayRequest, existing: &PaymentRecord) -> Result<PayOutcome, Gate
         if diff.is_empty() {
             diff.push("request");
         }
-        return Err(id_reused(&req.payment_id, &diff));
+        return Err(id_reused(&req.payment_id, diff));
     }
     let outcome = match existing.state {
         PaymentState::Committed => Outcome::Committed,
         PaymentState::Aborted => Outcome::Declined(existing.reason.unwrap_or(DeclineReason::Timeout)),
         PaymentState::Preparing => {
-            return Err(GatewayError::Unavailable(format!(
-                "payment {} is still being decided; ask again shortly",
-                req.payment_id
-            )));
+            return Err(GatewayError::unavailable(
+                ErrorReason::PaymentInProgress,
+                format!("payment {} is still being decided; ask again shortly", req.payment_id),
+            ));
         }
     };
     Ok(PayOutcome { outcome, replayed: true })

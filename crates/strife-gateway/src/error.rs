@@ -1,58 +1,106 @@
-//! The gateway's errors, and their one mapping to gRPC statuses.
+//! The gateway's errors, and their one mapping to gRPC statuses with the
+//! rich error details of [`strife_rpc::errors`] (the proto's `ErrorReason`).
 
-use tonic::Status;
+use std::time::Duration;
+use strife_proto::gateway::v1::ErrorReason;
+use strife_rpc::errors;
+use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    /// Malformed input; the message is for a person. Nothing changed.
-    #[error("{0}")]
-    Invalid(String),
-    #[error("{0}")]
-    Unauthenticated(String),
+    /// Malformed input in `field` (a request field path, like
+    /// `payee.bank`); the message is for a person. Nothing changed.
+    #[error("{message}")]
+    Invalid { field: &'static str, message: String },
+    /// The caller is not (or no longer) logged in.
+    #[error("{message}")]
+    Unauthenticated { reason: ErrorReason, message: String },
+    /// The caller's certificate may not do this.
     #[error("{0}")]
     PermissionDenied(String),
+    /// What the caller named does not exist (a bank, an account, a payment).
+    #[error("{message}")]
+    NotFound { reason: ErrorReason, message: String },
+    /// The payment id was used before for a different payment; `fields`
+    /// are the request fields that differ.
+    #[error("{message}")]
+    IdReused { payment_id: String, fields: Vec<&'static str>, message: String },
+    /// Too many failed logins; the caller may try again after `retry_after`.
+    #[error("{message}")]
+    Throttled { retry_after: Duration, message: String },
+    /// A bounded queue or table is full; the caller may retry shortly.
     #[error("{0}")]
-    NotFound(String),
-    /// The payment id was used before for a different payment.
+    Overloaded(String),
+    /// Another live instance holds what the caller asked for.
     #[error("{0}")]
-    IdReused(String),
-    #[error("{0}")]
-    Unavailable(String),
+    AlreadyExists(String),
+    /// Someone we depend on (a bank) or we ourselves cannot serve right now.
+    #[error("{message}")]
+    Unavailable { reason: ErrorReason, message: String },
     #[error("storage: {0}")]
     Storage(#[from] rusqlite::Error),
     #[error("internal: {0}")]
     Internal(String),
 }
 
+impl GatewayError {
+    pub fn invalid(field: &'static str, message: impl Into<String>) -> GatewayError {
+        GatewayError::Invalid { field, message: message.into() }
+    }
+
+    pub fn unauthenticated(reason: ErrorReason, message: impl Into<String>) -> GatewayError {
+        GatewayError::Unauthenticated { reason, message: message.into() }
+    }
+
+    pub fn not_found(reason: ErrorReason, message: impl Into<String>) -> GatewayError {
+        GatewayError::NotFound { reason, message: message.into() }
+    }
+
+    pub fn unavailable(reason: ErrorReason, message: impl Into<String>) -> GatewayError {
+        GatewayError::Unavailable { reason, message: message.into() }
+    }
+
+    /// No bank of that name is connected.
+    pub fn unknown_bank(bank: &str) -> GatewayError {
+        GatewayError::not_found(
+            ErrorReason::UnknownBank,
+            format!("no bank named {bank} is connected to this gateway"),
+        )
+    }
+}
+
 impl From<GatewayError> for Status {
     fn from(e: GatewayError) -> Status {
         match e {
-            GatewayError::Invalid(m) => Status::invalid_argument(m),
-            GatewayError::Unauthenticated(m) => Status::unauthenticated(m),
-            GatewayError::PermissionDenied(m) => Status::permission_denied(m),
-            GatewayError::NotFound(m) => Status::not_found(m),
-            GatewayError::IdReused(m) => Status::failed_precondition(m),
-            GatewayError::Unavailable(m) => Status::unavailable(m),
+            GatewayError::Invalid { field, message } => errors::invalid(field, message),
+            GatewayError::Unauthenticated { reason, message } => {
+                errors::status(Code::Unauthenticated, reason, message)
+            }
+            GatewayError::PermissionDenied(m) => {
+                errors::status(Code::PermissionDenied, ErrorReason::WrongCertificate, m)
+            }
+            GatewayError::NotFound { reason, message } => errors::status(Code::NotFound, reason, message),
+            GatewayError::IdReused { payment_id, fields, message } => {
+                errors::id_reused(&payment_id, &fields, message)
+            }
+            GatewayError::Throttled { retry_after, message } => errors::throttled(retry_after, message),
+            GatewayError::Overloaded(m) => {
+                errors::status(Code::ResourceExhausted, ErrorReason::Overloaded, m)
+            }
+            GatewayError::AlreadyExists(m) => {
+                errors::status(Code::AlreadyExists, ErrorReason::BankAlreadyRegistered, m)
+            }
+            GatewayError::Unavailable { reason, message } => {
+                errors::status(Code::Unavailable, reason, message)
+            }
             GatewayError::Storage(err) => {
                 tracing::error!(error = %err, "storage failure");
-                Status::internal("internal error")
+                errors::internal()
             }
             GatewayError::Internal(err) => {
                 tracing::error!(error = %err, "internal failure");
-                Status::internal("internal error")
+                errors::internal()
             }
         }
-    }
-}
-
-impl From<strife_core::AmountError> for GatewayError {
-    fn from(e: strife_core::AmountError) -> GatewayError {
-        GatewayError::Invalid(e.to_string())
-    }
-}
-
-impl From<strife_core::NameError> for GatewayError {
-    fn from(e: strife_core::NameError) -> GatewayError {
-        GatewayError::Invalid(e.to_string())
     }
 }

@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use strife_core::limits::BANK_BATCH_MAX;
 use strife_proto::bank::v1 as bank;
-use strife_proto::bank::v1::bank_client::BankClient;
+use strife_proto::bank::v1::bank_service_client::BankServiceClient;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -114,7 +114,7 @@ impl BankLink {
     /// Starts the link's batching tasks (needs a Tokio runtime). Each batch
     /// call gives up after the timeout of its phase.
     pub fn start(
-        client: BankClient<Channel>,
+        client: BankServiceClient<Channel>,
         prepare_timeout: Duration,
         decide_timeout: Duration,
     ) -> BankLink {
@@ -159,10 +159,14 @@ impl BankLink {
     }
 }
 
+/// The status a single call would have answered, with its `ErrorInfo`.
 fn status_of(refusal: bank::Refusal) -> Status {
     let code = match Code::from_i32(refusal.code) {
         Code::Ok => Code::Unknown,
         code => code,
     };
-    Status::new(code, refusal.message)
+    match strife_rpc::errors::reason_from_code(&refusal.reason) {
+        Some(reason) => strife_rpc::errors::status(code, reason, refusal.message),
+        None => Status::new(code, refusal.message),
+    }
 }

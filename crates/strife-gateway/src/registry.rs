@@ -6,7 +6,7 @@ use crate::link::BankLink;
 use std::collections::HashMap;
 use std::sync::RwLock;
 use std::time::{Duration, Instant};
-use strife_proto::bank::v1::bank_client::BankClient;
+use strife_proto::bank::v1::bank_service_client::BankServiceClient;
 use strife_rpc::Peer;
 use strife_rpc::tls::Tls;
 use tonic::transport::Channel;
@@ -17,7 +17,7 @@ pub struct BankEntry {
     pub address: String,
     /// A client on a lazily connected channel that verifies the server's
     /// certificate names this bank.
-    pub client: BankClient<Channel>,
+    pub client: BankServiceClient<Channel>,
     /// The channel itself, for health checks.
     pub channel: Channel,
     /// Batched 2PC calls on that channel.
@@ -80,7 +80,7 @@ impl Registry {
             }
         }
         let channel = self.tls.channel(&Peer::Bank(name.to_owned()), address)?;
-        let client = BankClient::new(channel.clone())
+        let client = BankServiceClient::new(channel.clone())
             .max_decoding_message_size(strife_core::limits::MESSAGE_MAX_BYTES * 64);
         let link = BankLink::start(client.clone(), self.prepare_timeout, self.decide_timeout);
         let entry =

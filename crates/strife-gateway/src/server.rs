@@ -72,30 +72,30 @@ pub async fn run(
 
     let local = listener.local_addr()?;
     strife_rpc::pki::write_public_file(&opts.dir.join(GATEWAY_ADDR_FILE), &format!("{local}\n"))?;
-    let (_health, health, reflection) = strife_rpc::serve::standard_services(&[
-        "strife.gateway.v1.Session",
-        "strife.gateway.v1.Payments",
-        "strife.gateway.v1.Registry",
-        "strife.gateway.v1.Admin",
+    let (_health, health, reflection_v1, reflection_v1alpha) = strife_rpc::serve::standard_services(&[
+        "strife.gateway.v1.SessionService",
+        "strife.gateway.v1.PaymentsService",
+        "strife.gateway.v1.RegistryService",
+        "strife.gateway.v1.AdminService",
     ])
     .await?;
     let session = InterceptedService::new(
-        pb::session_server::SessionServer::new(SessionService { gateway: gateway.clone() })
+        pb::session_service_server::SessionServiceServer::new(SessionService { gateway: gateway.clone() })
             .max_decoding_message_size(MESSAGE_MAX_BYTES),
         only_clients as Check,
     );
     let payments = InterceptedService::new(
-        pb::payments_server::PaymentsServer::new(PaymentsService { gateway: gateway.clone() })
+        pb::payments_service_server::PaymentsServiceServer::new(PaymentsService { gateway: gateway.clone() })
             .max_decoding_message_size(MESSAGE_MAX_BYTES),
         CustomerAuth { gateway: gateway.clone() },
     );
     let registry = InterceptedService::new(
-        pb::registry_server::RegistryServer::new(RegistryService { gateway: gateway.clone() })
+        pb::registry_service_server::RegistryServiceServer::new(RegistryService { gateway: gateway.clone() })
             .max_decoding_message_size(MESSAGE_MAX_BYTES),
         only_banks as Check,
     );
     let admin = InterceptedService::new(
-        pb::admin_server::AdminServer::new(AdminService { gateway: gateway.clone() })
+        pb::admin_service_server::AdminServiceServer::new(AdminService { gateway: gateway.clone() })
             .max_decoding_message_size(MESSAGE_MAX_BYTES),
         only_clients as Check,
     );
@@ -106,7 +106,8 @@ pub async fn run(
     tracing::info!(%local, data = %data.display(), boot_id = %gateway.boot_id, "gateway serving");
     let served = strife_rpc::serve::builder(&tls)?
         .add_service(health)
-        .add_service(reflection)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(session)
         .add_service(payments)
         .add_service(registry)

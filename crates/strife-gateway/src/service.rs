@@ -9,25 +9,22 @@ use crate::store::{PaymentRecord, PaymentState};
 use crate::throttle::Key;
 use crate::validate;
 use std::sync::Arc;
-use strife_core::limits::{ADDRESS_MAX, PASSWORD_MAX};
+use strife_core::UserRef;
 use strife_core::money::format_minor;
-use strife_core::{Secret, UserRef, validate_bank_name, validate_user_name};
 use strife_proto::bank::v1 as bank;
 use strife_proto::gateway::v1 as pb;
+use strife_proto::gateway::v1::ErrorReason;
 use strife_rpc::Peer;
 use strife_rpc::telemetry::{record_payment, record_user};
+use strife_rpc::wire::{account, decline_reason, timestamp};
 use tonic::{Request, Response, Status};
-
-pub fn rfc3339(unix_ms: i64) -> String {
-    time::OffsetDateTime::from_unix_timestamp(unix_ms.div_euclid(1000))
-        .ok()
-        .and_then(|t| t.format(&time::format_description::well_known::Rfc3339).ok())
-        .unwrap_or_default()
-}
 
 fn unavailable(bank: &str, status: &Status) -> GatewayError {
     tracing::warn!(%bank, code = ?status.code(), message = status.message(), "bank call failed");
-    GatewayError::Unavailable(format!("bank {bank} is unreachable right now; try again shortly"))
+    GatewayError::unavailable(
+        ErrorReason::BankUnavailable,
+        format!("bank {bank} is unreachable right now; try again shortly"),
+    )
 }
 
 #[derive(Clone)]
@@ -36,35 +33,23 @@ pub struct SessionService {
 }
 
 #[tonic::async_trait]
-impl pb::session_server::Session for SessionService {
+impl pb::session_service_server::SessionService for SessionService {
     async fn login(&self, req: Request<pb::LoginRequest>) -> Result<Response<pb::LoginResponse>, Status> {
         let peer_ip = req.remote_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into());
-        let req = req.into_inner();
-        validate_bank_name(&req.bank).map_err(GatewayError::from)?;
-        validate_user_name(&req.user).map_err(GatewayError::from)?;
-        let who = UserRef { user: req.user, bank: req.bank };
+        let (who, password) = validate::login(req.into_inner())?;
         record_user(&who);
-        if req.password.is_empty() || req.password.len() > PASSWORD_MAX {
-            return Err(
-                GatewayError::Invalid(format!("the password must be 1 to {PASSWORD_MAX} bytes")).into()
-            );
-        }
-        let password = Secret::new(req.password);
         let account = who.to_string();
         let keys = [Key::Account(&account), Key::Peer(&peer_ip)];
         let throttle = &self.gateway.throttle;
         if let Err(wait) = throttle.check(&keys, std::time::Instant::now()) {
             let secs = wait.as_secs().max(1);
-            let mut status =
-                Status::resource_exhausted(format!("too many failed logins: try again in {secs} s"));
-            if let Ok(v) = secs.to_string().parse() {
-                status.metadata_mut().insert("retry-after", v);
+            return Err(GatewayError::Throttled {
+                retry_after: wait,
+                message: format!("too many failed logins: try again in {secs} s"),
             }
-            return Err(status);
+            .into());
         }
-        let entry = self.gateway.bank(&who.bank).ok_or_else(|| {
-            GatewayError::NotFound(format!("no bank named {} is connected to this gateway", who.bank))
-        })?;
+        let entry = self.gateway.bank(&who.bank).ok_or_else(|| GatewayError::unknown_bank(&who.bank))?;
         let mut client = entry.client.clone();
         let call = client.verify_password(bank::VerifyPasswordRequest {
             user: who.user.clone(),
@@ -73,7 +58,7 @@ impl pb::session_server::Session for SessionService {
         let valid = match tokio::time::timeout(self.gateway.config.prepare_timeout(), call).await {
             Ok(Ok(resp)) => resp.into_inner().valid,
             Ok(Err(status)) if status.code() == tonic::Code::ResourceExhausted => {
-                return Err(Status::resource_exhausted(status.message()));
+                return Err(GatewayError::Overloaded(status.message().to_owned()).into());
             }
             Ok(Err(status)) => return Err(unavailable(&who.bank, &status).into()),
             Err(_) => return Err(unavailable(&who.bank, &Status::deadline_exceeded("timeout")).into()),
@@ -81,7 +66,11 @@ impl pb::session_server::Session for SessionService {
         if !valid {
             let delay = throttle.failed(&keys, std::time::Instant::now());
             tokio::time::sleep(delay).await;
-            return Err(GatewayError::Unauthenticated("wrong user name or password".into()).into());
+            return Err(GatewayError::unauthenticated(
+                ErrorReason::WrongCredentials,
+                "wrong user name or password",
+            )
+            .into());
         }
         throttle.succeeded(&keys);
         let (token, claims) = self
@@ -90,10 +79,10 @@ impl pb::session_server::Session for SessionService {
             .issue(&who)
             .map_err(|e| GatewayError::Internal(format!("issuing a token: {e}")))?;
         tracing::info!(customer = %who, "logged in");
-        let expires_ms = i64::try_from(claims.exp).unwrap_or(i64::MAX / 1000) * 1000;
+        let expires_ms = i64::try_from(claims.exp).unwrap_or(i64::MAX / 1000).saturating_mul(1000);
         Ok(Response::new(pb::LoginResponse {
             token: token.expose().clone(),
-            expires_at: rfc3339(expires_ms),
+            expire_time: Some(timestamp(expires_ms)),
         }))
     }
 }
@@ -116,23 +105,27 @@ fn view(me: &UserRef, p: PaymentRecord) -> pb::Payment {
     let sent = p.payer == *me;
     pb::Payment {
         payment_id: p.payment_id,
-        direction: if sent { "sent" } else { "received" }.to_owned(),
-        counterparty: if sent { p.payee.to_string() } else { p.payer.to_string() },
+        direction: if sent { pb::Direction::Sent } else { pb::Direction::Received }.into(),
+        counterparty: Some(account(if sent { &p.payee } else { &p.payer })),
         amount: format_minor(p.amount_minor),
         status: to_status(p.state).into(),
-        reason: p.reason.map(|r| r.code().to_owned()).unwrap_or_default(),
-        at: rfc3339(p.created_at_ms),
+        reason: p.reason.map(decline_reason).unwrap_or_default().into(),
+        create_time: Some(timestamp(p.created_at_ms)),
     }
 }
 
 #[tonic::async_trait]
-impl pb::payments_server::Payments for PaymentsService {
+impl pb::payments_service_server::PaymentsService for PaymentsService {
     async fn logout(&self, req: Request<pb::LogoutRequest>) -> Result<Response<pb::LogoutResponse>, Status> {
         let Customer { who, claims } = customer(&req)?;
         let jti = claims.jti.clone();
         let exp = i64::try_from(claims.exp).unwrap_or(i64::MAX);
         self.gateway.with_store(move |s| s.revoke(&jti, exp)).await?;
-        self.gateway.revoked.write().map_err(|_| Status::internal("internal error"))?.insert(claims.jti);
+        self.gateway
+            .revoked
+            .write()
+            .map_err(|_| GatewayError::Internal("revocation lock poisoned".into()))?
+            .insert(claims.jti);
         tracing::info!(customer = %who, "logged out");
         Ok(Response::new(pb::LogoutResponse {}))
     }
@@ -142,23 +135,28 @@ impl pb::payments_server::Payments for PaymentsService {
         req: Request<pb::GetBalanceRequest>,
     ) -> Result<Response<pb::GetBalanceResponse>, Status> {
         let Customer { who, .. } = customer(&req)?;
-        let entry = self
-            .gateway
-            .bank(&who.bank)
-            .ok_or_else(|| GatewayError::Unavailable(format!("bank {} is not connected", who.bank)))?;
+        let entry = self.gateway.bank(&who.bank).ok_or_else(|| {
+            GatewayError::unavailable(
+                ErrorReason::BankUnavailable,
+                format!("bank {} is not connected", who.bank),
+            )
+        })?;
         let mut client = entry.client.clone();
         let call = client.get_balance(bank::GetBalanceRequest { user: who.user.clone() });
         let resp = match tokio::time::timeout(self.gateway.config.prepare_timeout(), call).await {
             Ok(Ok(resp)) => resp.into_inner(),
             Ok(Err(status)) if status.code() == tonic::Code::NotFound => {
-                return Err(GatewayError::NotFound(format!("{who} has no account")).into());
+                return Err(GatewayError::not_found(
+                    ErrorReason::AccountNotFound,
+                    format!("{who} has no account"),
+                )
+                .into());
             }
             Ok(Err(status)) => return Err(unavailable(&who.bank, &status).into()),
             Err(_) => return Err(unavailable(&who.bank, &Status::deadline_exceeded("timeout")).into()),
         };
         Ok(Response::new(pb::GetBalanceResponse {
-            user: who.user,
-            bank: who.bank,
+            account: Some(account(&who)),
             balance: format_minor(resp.balance_minor),
             available: format_minor(resp.available_minor),
         }))
@@ -170,21 +168,17 @@ impl pb::payments_server::Payments for PaymentsService {
         record_payment(&pay.payment_id, &pay.amount);
         let (payment_id, payee) = (pay.payment_id, pay.payee.clone());
         if self.gateway.bank(&payee.bank).is_none() {
-            return Err(GatewayError::NotFound(format!(
-                "no bank named {} is connected to this gateway",
-                payee.bank
-            ))
-            .into());
+            return Err(GatewayError::unknown_bank(&payee.bank).into());
         }
         let outcome = self.gateway.pay(pay).await?;
         let (status, reason) = match outcome.outcome {
-            Outcome::Committed => (pb::PaymentStatus::Committed, String::new()),
-            Outcome::Declined(r) => (pb::PaymentStatus::Declined, r.code().to_owned()),
+            Outcome::Committed => (pb::PaymentStatus::Committed, pb::DeclineReason::Unspecified),
+            Outcome::Declined(r) => (pb::PaymentStatus::Declined, decline_reason(r)),
         };
         Ok(Response::new(pb::PayResponse {
             payment_id: payment_id.to_string(),
             status: status.into(),
-            reason,
+            reason: reason.into(),
             replayed: outcome.replayed,
         }))
     }
@@ -197,20 +191,28 @@ impl pb::payments_server::Payments for PaymentsService {
         let id = validate::payment_id(&req.get_ref().payment_id)?;
         let me = who.clone();
         let found = self.gateway.with_store(move |s| s.find_payment(&me, &id.to_string())).await?;
-        let p = found.ok_or_else(|| GatewayError::NotFound(format!("you made no payment with id {id}")))?;
+        let p = found.ok_or_else(|| {
+            GatewayError::not_found(
+                ErrorReason::PaymentNotFound,
+                format!("you made and received no payment with id {id}"),
+            )
+        })?;
         Ok(Response::new(pb::GetPaymentResponse { payment: Some(view(&who, p)) }))
     }
 
-    async fn get_history(
+    async fn list_payments(
         &self,
-        req: Request<pb::GetHistoryRequest>,
-    ) -> Result<Response<pb::GetHistoryResponse>, Status> {
+        req: Request<pb::ListPaymentsRequest>,
+    ) -> Result<Response<pb::ListPaymentsResponse>, Status> {
         let Customer { who, .. } = customer(&req)?;
-        let limit = validate::history_limit(req.get_ref().limit);
+        let req = req.get_ref();
+        let limit = validate::page_size(req.page_size)?;
+        let (_start_ms, _end_ms) = validate::time_bounds(req.start_time.as_ref(), req.end_time.as_ref())?;
         let me = who.clone();
         let rows = self.gateway.with_store(move |s| s.history(&me, limit)).await?;
-        Ok(Response::new(pb::GetHistoryResponse {
+        Ok(Response::new(pb::ListPaymentsResponse {
             payments: rows.into_iter().map(|p| view(&who, p)).collect(),
+            next_page_token: String::new(),
         }))
     }
 }
@@ -221,7 +223,7 @@ pub struct RegistryService {
 }
 
 #[tonic::async_trait]
-impl pb::registry_server::Registry for RegistryService {
+impl pb::registry_service_server::RegistryService for RegistryService {
     async fn register_bank(
         &self,
         req: Request<pb::RegisterBankRequest>,
@@ -236,29 +238,24 @@ impl pb::registry_server::Registry for RegistryService {
             ))
             .into());
         }
-        if req.address.len() > ADDRESS_MAX || req.address.parse::<std::net::SocketAddr>().is_err() {
-            return Err(GatewayError::Invalid(
-                "address must be an IP address and port, like 127.0.0.1:7001".into(),
-            )
-            .into());
-        }
         let registry = &self.gateway.registry;
         let mut changed = registry
             .register(&req.name, &req.address, false)
-            .map_err(|e| GatewayError::Invalid(e.to_string()))?;
+            .map_err(|e| GatewayError::Overloaded(e.to_string()))?;
         if let Registered::LiveElsewhere(old) = changed {
             // A restarted bank comes back on a new address while its old
             // registration still looks fresh; a second instance would still
             // answer at the old one. Only the first may be replaced.
             if still_serving(&old).await {
-                return Err(Status::already_exists(format!(
+                return Err(GatewayError::AlreadyExists(format!(
                     "bank {} is already registered from {} and still serving there",
                     req.name, old.address
-                )));
+                ))
+                .into());
             }
             changed = registry
                 .register(&req.name, &req.address, true)
-                .map_err(|e| GatewayError::Invalid(e.to_string()))?;
+                .map_err(|e| GatewayError::Overloaded(e.to_string()))?;
         }
         if let Registered::Changed = changed {
             let (name, address) = (req.name.clone(), req.address.clone());
@@ -275,7 +272,7 @@ impl pb::registry_server::Registry for RegistryService {
         validate::inquire(req.get_ref())?;
         let txn_id = req.into_inner().txn_id;
         let decision = match self.gateway.inquire(txn_id).await? {
-            None => pb::Decision::Unknown,
+            None => pb::Decision::Pending,
             Some(PaymentState::Committed) => pb::Decision::Commit,
             Some(_) => pb::Decision::Abort,
         };
@@ -303,7 +300,7 @@ pub struct AdminService {
 }
 
 #[tonic::async_trait]
-impl pb::admin_server::Admin for AdminService {
+impl pb::admin_service_server::AdminService for AdminService {
     async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
         let counts = self.gateway.with_store(|s| s.counts()).await?;
         let banks = self

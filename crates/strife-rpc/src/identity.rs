@@ -5,11 +5,13 @@
 //! The TLS layer has already checked the chain to our CA; this module only
 //! reads the name, and [`require`] is the one check every server uses.
 
+use crate::errors;
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Mutex, OnceLock};
-use tonic::Status;
+use strife_proto::gateway::v1::ErrorReason;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::{Code, Status};
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
 const URI_PREFIX: &str = "strife://";
@@ -127,12 +129,21 @@ impl fmt::Display for Peer {
 /// The caller's identity if its role is one of `allowed`, else
 /// PERMISSION_DENIED (UNAUTHENTICATED when the certificate names nobody).
 pub fn require<T>(req: &tonic::Request<T>, allowed: &[PeerRole]) -> Result<Peer, Status> {
-    let peer = Peer::from_extensions(req.extensions())
-        .ok_or_else(|| Status::unauthenticated("the client certificate names no Strife identity"))?;
+    let peer = Peer::from_extensions(req.extensions()).ok_or_else(|| {
+        errors::status(
+            Code::Unauthenticated,
+            ErrorReason::WrongCertificate,
+            "the client certificate names no Strife identity",
+        )
+    })?;
     if allowed.contains(&peer.role()) {
         Ok(peer)
     } else {
-        Err(Status::permission_denied(format!("{peer} may not call this service")))
+        Err(errors::status(
+            Code::PermissionDenied,
+            ErrorReason::WrongCertificate,
+            format!("{peer} may not call this service"),
+        ))
     }
 }
 

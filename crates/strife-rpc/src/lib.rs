@@ -3,6 +3,7 @@
 //! reflection. No business logic lives here.
 
 pub mod config;
+pub mod errors;
 pub mod fault;
 pub mod group_commit;
 pub mod identity;
@@ -11,6 +12,7 @@ pub mod serve;
 pub mod sqlite;
 pub mod telemetry;
 pub mod tls;
+pub mod wire;
 
 pub use config::Config;
 pub use identity::{Peer, PeerRole};

@@ -37,24 +37,45 @@ pub fn builder(tls: &crate::tls::Tls) -> anyhow::Result<Server<Stack<CallLogLaye
         .layer(CallLogLayer))
 }
 
-/// The standard services every Strife server also serves: gRPC health and
-/// server reflection. `services` are the fully-qualified names marked serving.
+/// The names of the standard services [`standard_services`] adds.
+const STANDARD_SERVICES: [&str; 3] = [
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+/// The standard services every Strife server also serves: gRPC health, and
+/// server reflection in both versions tools speak (`v1`, and `v1alpha` for
+/// older ones such as Python's grpcio-reflection). `services` are the
+/// fully-qualified names of the services the server itself serves: health
+/// marks them serving, and reflection advertises exactly them and the
+/// standard ones. Add all four to the server.
 pub async fn standard_services(
     services: &[&str],
 ) -> anyhow::Result<(
     tonic_health::server::HealthReporter,
     tonic_health::pb::health_server::HealthServer<impl tonic_health::pb::health_server::Health>,
     tonic_reflection::server::v1::ServerReflectionServer<impl tonic_reflection::server::v1::ServerReflection>,
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
 )> {
     let (reporter, health) = tonic_health::server::health_reporter();
     for name in services {
         reporter.set_service_status(*name, tonic_health::ServingStatus::Serving).await;
     }
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(strife_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    Ok((reporter, health, reflection))
+    let configure = || {
+        services.iter().chain(STANDARD_SERVICES.iter()).fold(
+            tonic_reflection::server::Builder::configure()
+                .include_reflection_service(false)
+                .register_encoded_file_descriptor_set(strife_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET),
+            |builder, name| builder.with_service_name(*name),
+        )
+    };
+    Ok((reporter, health, configure().build_v1()?, configure().build_v1alpha()?))
 }
 
 /// Resolves when the process gets SIGTERM or SIGINT.

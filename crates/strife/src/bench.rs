@@ -268,7 +268,10 @@ async fn sample_customers(dir: &Path, addr: &str) -> anyhow::Result<Vec<Customer
     let channel = strife_client::connect::connect(dir, addr, Duration::from_secs(5))
         .await
         .map_err(|e| anyhow::anyhow!("{e:?}"))?;
-    let status = pb::admin_client::AdminClient::new(channel).status(pb::StatusRequest {}).await?.into_inner();
+    let status = pb::admin_service_client::AdminServiceClient::new(channel)
+        .status(pb::StatusRequest {})
+        .await?
+        .into_inner();
     let mut out = Vec::new();
     for b in status.banks {
         for n in 1..=5 {
@@ -296,7 +299,7 @@ async fn channels(dir: &Path, addr: &str) -> anyhow::Result<Vec<Channel>> {
 async fn wait_banks(channel: &Channel, want: usize) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
-        let mut admin = pb::admin_client::AdminClient::new(channel.clone());
+        let mut admin = pb::admin_service_client::AdminServiceClient::new(channel.clone());
         if let Ok(s) = admin.status(pb::StatusRequest {}).await
             && s.get_ref().banks.iter().filter(|b| b.reachable).count() >= want
         {
@@ -314,7 +317,7 @@ async fn login_all(chs: &[Channel], customers: &[Customer]) -> anyhow::Result<Ve
         let (ch, c, sem) = (chs[i % chs.len()].clone(), c.clone(), sem.clone());
         tasks.push(tokio::spawn(async move {
             let _permit = sem.acquire().await;
-            let mut s = pb::session_client::SessionClient::new(ch);
+            let mut s = pb::session_service_client::SessionServiceClient::new(ch);
             s.login(pb::LoginRequest {
                 bank: c.bank.clone(),
                 user: c.user.clone(),
@@ -404,7 +407,7 @@ async fn measure(
         workers.push(tokio::spawn(async move {
             let mut rng = SplitMix64(w as u64 + 1);
             let mut lat = Vec::new();
-            let mut client = pb::payments_client::PaymentsClient::new(ch);
+            let mut client = pb::payments_service_client::PaymentsServiceClient::new(ch);
             while next.fetch_add(1, Ordering::Relaxed) < total {
                 let mut payee = rng.below(customers.len() as u64) as usize;
                 if payee == payer {
@@ -414,8 +417,7 @@ async fn measure(
                 let amount = 1 + rng.below(amount_max);
                 let mut req = tonic::Request::new(pb::PayRequest {
                     payment_id: strife_core::PaymentId::new_random().to_string(),
-                    payee_user: to.user.clone(),
-                    payee_bank: to.bank.clone(),
+                    payee: Some(pb::Account { user: to.user.clone(), bank: to.bank.clone() }),
                     amount: strife_core::money::format_minor(amount as i64),
                 });
                 if let Ok(v) = format!("Bearer {token}").parse() {

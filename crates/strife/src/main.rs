@@ -97,9 +97,15 @@ enum Command {
     },
     /// Show sent and received payments, newest first.
     History {
-        /// How many payments to show (at most 500).
+        /// How many payments a page shows (at most 500).
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        /// Start at this page: the `next_page_token` an earlier page gave.
+        #[arg(long, conflicts_with = "all")]
+        page_token: Option<String>,
+        /// Show every payment, following the pages to the end.
+        #[arg(long)]
+        all: bool,
     },
     /// Payments waiting to be sent.
     Outbox {
@@ -305,7 +311,9 @@ async fn client_command(client: &mut Client, command: Command) -> Result<Reply, 
         Command::Logout => client.logout().await,
         Command::Balance => client.balance().await,
         Command::Pay { to, amount, id } => client.pay(&to, &amount, id.as_deref()).await,
-        Command::History { limit } => client.history(limit).await,
+        Command::History { limit, page_token, all } => {
+            client.history(strife_client::commands::HistoryPage { size: limit, token: page_token, all }).await
+        }
         Command::Outbox { action } => match action.unwrap_or(OutboxAction::List) {
             OutboxAction::List => client.outbox_list(),
             OutboxAction::Flush => client.outbox_flush().await,

@@ -146,7 +146,7 @@ async fn wait_registered(dir: &Path, gateway: &str, banks: &[String]) -> anyhow:
     let mut last = String::from("the gateway did not answer");
     while tokio::time::Instant::now() < deadline {
         if let Ok(channel) = strife_client::connect::connect(dir, gateway, Duration::from_secs(2)).await {
-            let mut admin = pb::admin_client::AdminClient::new(channel);
+            let mut admin = pb::admin_service_client::AdminServiceClient::new(channel);
             match admin.status(pb::StatusRequest {}).await {
                 Ok(resp) => {
                     let status = resp.into_inner();

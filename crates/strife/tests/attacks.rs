@@ -115,7 +115,8 @@ fn every_attack_is_refused_and_changes_nothing() {
         t.row("garbage token", Code::Unauthenticated, drop_ok(grpc::balance(&ch, "abc.def.ghi").await));
 
         // A token reaches only its own account: there is no field to name another.
-        let own = grpc::balance(&ch, &user1).await.map(|b| (b.user, b.bank));
+        let own =
+            grpc::balance(&ch, &user1).await.map(|b| b.account.map(|a| (a.user, a.bank)).unwrap_or_default());
         t.row(
             "user1's token asking for a balance gets user1@BankA's only",
             Code::Ok,
@@ -127,13 +128,15 @@ fn every_attack_is_refused_and_changes_nothing() {
                 }
             }),
         );
-        let own_b = grpc::balance(&ch, &user1_b).await.map(|b| b.bank);
+        let own_b = grpc::balance(&ch, &user1_b).await.map(|b| b.account.map(|a| a.bank).unwrap_or_default());
         t.row(
             "user1@BankB's token reaches BankB's user1, not BankA's",
             Code::Ok,
             own_b.and_then(|b| if b == "BankB" { Ok(()) } else { Err(tonic::Status::internal(b)) }),
         );
-        let hist = grpc::payments(&ch).get_history(authed(pb::GetHistoryRequest { limit: 10 }, &user1)).await;
+        let hist = grpc::payments(&ch)
+            .list_payments(authed(pb::ListPaymentsRequest { page_size: 10, ..Default::default() }, &user1))
+            .await;
         t.row(
             "user1's token reads only user1's history (empty)",
             Code::Ok,
@@ -217,7 +220,7 @@ fn every_attack_is_refused_and_changes_nothing() {
             grpc::channel(&dir, Peer::Client("client".into()), Peer::Bank("BankA".into()), &bank_a)
                 .await
                 .expect("tls");
-        let mut bank = bankpb::bank_client::BankClient::new(as_client_to_bank);
+        let mut bank = bankpb::bank_service_client::BankServiceClient::new(as_client_to_bank);
         let leg = || bankpb::PrepareRequest {
             txn_id: grpc::new_id(),
             payment_id: grpc::new_id(),
@@ -275,9 +278,13 @@ fn every_attack_is_refused_and_changes_nothing() {
         t.row(
             "bank certificate calling Status",
             Code::PermissionDenied,
-            drop_ok(pb::admin_client::AdminClient::new(as_bank.clone()).status(pb::StatusRequest {}).await),
+            drop_ok(
+                pb::admin_service_client::AdminServiceClient::new(as_bank.clone())
+                    .status(pb::StatusRequest {})
+                    .await,
+            ),
         );
-        let mut reg = pb::registry_client::RegistryClient::new(as_bank.clone());
+        let mut reg = pb::registry_service_client::RegistryServiceClient::new(as_bank.clone());
         t.row(
             "BankA registering as BankB",
             Code::PermissionDenied,
@@ -304,7 +311,7 @@ fn every_attack_is_refused_and_changes_nothing() {
             "registering an unknown bank with a client certificate",
             Code::PermissionDenied,
             drop_ok(
-                pb::registry_client::RegistryClient::new(ch.clone())
+                pb::registry_service_client::RegistryServiceClient::new(ch.clone())
                     .register_bank(pb::RegisterBankRequest {
                         name: "BankX".into(),
                         address: "127.0.0.1:9".into(),
@@ -320,7 +327,7 @@ fn every_attack_is_refused_and_changes_nothing() {
             "bank certificate calling another bank's Commit",
             Code::PermissionDenied,
             drop_ok(
-                bankpb::bank_client::BankClient::new(as_bank_to_bank.clone())
+                bankpb::bank_service_client::BankServiceClient::new(as_bank_to_bank.clone())
                     .commit(bankpb::CommitRequest { txn_id: grpc::new_id() })
                     .await,
             ),
@@ -329,7 +336,7 @@ fn every_attack_is_refused_and_changes_nothing() {
             "bank certificate calling another bank's DecideBatch",
             Code::PermissionDenied,
             drop_ok(
-                bankpb::bank_client::BankClient::new(as_bank_to_bank)
+                bankpb::bank_service_client::BankServiceClient::new(as_bank_to_bank)
                     .decide_batch(bankpb::DecideBatchRequest {
                         decisions: vec![bankpb::Decision { txn_id: grpc::new_id(), commit: true }],
                     })

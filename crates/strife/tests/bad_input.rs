@@ -86,7 +86,8 @@ fn tokens_are_checked_and_logout_revokes_durably() {
         let token = grpc::login(&ch, "BankA", "user1", "pass1").await.expect("login");
         // The token works and names its own customer only.
         let b = grpc::balance(&ch, &token).await.expect("balance");
-        assert_eq!((b.user.as_str(), b.bank.as_str()), ("user1", "BankA"));
+        let account = b.account.expect("account");
+        assert_eq!((account.user.as_str(), account.bank.as_str()), ("user1", "BankA"));
 
         let mut p = grpc::payments(&ch);
         let missing = p.get_balance(pb::GetBalanceRequest {}).await.expect_err("no token");
@@ -174,12 +175,12 @@ fn the_api_refuses_bad_requests_with_the_right_status() {
         assert_eq!(e.code(), Code::InvalidArgument);
         let e = grpc::login(&ch, "BankA", "user1", &"p".repeat(300)).await.expect_err("long password");
         assert_eq!(e.code(), Code::InvalidArgument);
-        // History pages are capped.
-        let h = grpc::payments(&ch)
-            .get_history(authed(pb::GetHistoryRequest { limit: 1_000_000 }, &token))
-            .await
-            .expect("history");
+        // History pages are capped; a negative size is refused.
+        let page = |page_size| pb::ListPaymentsRequest { page_size, ..Default::default() };
+        let h = grpc::payments(&ch).list_payments(authed(page(1_000_000), &token)).await.expect("history");
         assert!(h.into_inner().payments.is_empty());
+        let e = grpc::payments(&ch).list_payments(authed(page(-1), &token)).await.expect_err("negative");
+        assert_eq!(e.code(), Code::InvalidArgument);
     });
     assert_eq!(snapshot_two(&c), before, "nothing changed");
 }
@@ -200,7 +201,7 @@ fn identities_are_enforced_by_certificate() {
         let ch = grpc::channel(&dir, Peer::Client("client".into()), Peer::Bank("BankA".into()), &bank_a)
             .await
             .expect("TLS itself is fine");
-        let mut bank = bankpb::bank_client::BankClient::new(ch);
+        let mut bank = bankpb::bank_service_client::BankServiceClient::new(ch);
         let e =
             bank.commit(bankpb::CommitRequest { txn_id: grpc::new_id() }).await.expect_err("client->bank");
         assert_eq!(e.code(), Code::PermissionDenied, "{e:?}");
@@ -217,7 +218,7 @@ fn identities_are_enforced_by_certificate() {
         let e = grpc::balance(&ch, "x").await.expect_err("bank->balance");
         assert_eq!(e.code(), Code::PermissionDenied);
         // ... nor register under another bank's name.
-        let mut reg = pb::registry_client::RegistryClient::new(ch.clone());
+        let mut reg = pb::registry_service_client::RegistryServiceClient::new(ch.clone());
         let e = reg
             .register_bank(pb::RegisterBankRequest { name: "BankB".into(), address: bank_a.clone() })
             .await
@@ -226,7 +227,7 @@ fn identities_are_enforced_by_certificate() {
         assert!(e.message().contains("BankB"));
         // A client certificate cannot register a bank.
         let ch = grpc::client_channel(&dir, &gw).await;
-        let mut reg = pb::registry_client::RegistryClient::new(ch);
+        let mut reg = pb::registry_service_client::RegistryServiceClient::new(ch);
         let e = reg
             .register_bank(pb::RegisterBankRequest { name: "BankA".into(), address: bank_a.clone() })
             .await
@@ -331,8 +332,8 @@ fn a_banks_batches_answer_each_item_alone() {
         };
     rt.block_on(async {
         let ch = grpc::channel(&dir, Peer::Gateway, Peer::Bank("BankA".into()), &bank_a).await.expect("tls");
-        let mut bank = bankpb::bank_client::BankClient::new(ch);
-        let balance = |mut bank: bankpb::bank_client::BankClient<_>, user: &'static str| async move {
+        let mut bank = bankpb::bank_service_client::BankServiceClient::new(ch);
+        let balance = |mut bank: bankpb::bank_service_client::BankServiceClient<_>, user: &'static str| async move {
             let b = bank.get_balance(bankpb::GetBalanceRequest { user: user.into() }).await.expect("balance");
             let b = b.into_inner();
             (b.balance_minor, b.available_minor)
@@ -418,7 +419,7 @@ fn a_banks_batches_answer_each_item_alone() {
             grpc::channel(&dir, Peer::Client("client".into()), Peer::Bank("BankA".into()), &bank_a)
                 .await
                 .expect("tls");
-        let mut bank = bankpb::bank_client::BankClient::new(as_client);
+        let mut bank = bankpb::bank_service_client::BankServiceClient::new(as_client);
         let e = bank
             .prepare_batch(bankpb::PrepareBatchRequest {
                 legs: vec![leg(&grpc::new_id(), ("user1", "BankA"), ("user3", "BankA"), 100)],

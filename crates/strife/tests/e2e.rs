@@ -61,7 +61,7 @@ fn walkthrough_through_strife_up() {
 
     // Logs name calls but never the password or the token.
     let logs = std::fs::read_to_string(d.join("logs/gateway.log")).expect("gateway.log");
-    assert!(logs.contains("/strife.gateway.v1.Payments/Pay"), "the call log records calls");
+    assert!(logs.contains("/strife.gateway.v1.PaymentsService/Pay"), "the call log records calls");
     assert!(!logs.contains("pass1") && !logs.contains("pass2"));
 
     // Ctrl-C stops the whole cluster gracefully.

@@ -103,8 +103,7 @@ fn valid_requests() -> Vec<Vec<u8>> {
     let token = fuzz_bodies::token_keys().issue(&fuzz_bodies::payer()).expect("issue a token").0;
     let pay = gw::PayRequest {
         payment_id: UUID.into(),
-        payee_user: "user2".into(),
-        payee_bank: "BankB".into(),
+        payee: Some(gw::Account { user: "user2".into(), bank: "BankB".into() }),
         amount: "12.50".into(),
     };
     let inputs = [
@@ -117,7 +116,10 @@ fn valid_requests() -> Vec<Vec<u8>> {
         (Rpc::GatewayBalance, gw::GetBalanceRequest {}.encode_to_vec()),
         (Rpc::Pay, pay.encode_to_vec()),
         (Rpc::GetPayment, gw::GetPaymentRequest { payment_id: UUID.into() }.encode_to_vec()),
-        (Rpc::GatewayHistory, gw::GetHistoryRequest { limit: 10 }.encode_to_vec()),
+        (
+            Rpc::GatewayHistory,
+            gw::ListPaymentsRequest { page_size: 10, ..Default::default() }.encode_to_vec(),
+        ),
         (
             Rpc::RegisterBank,
             gw::RegisterBankRequest { name: "BankB".into(), address: "127.0.0.1:7001".into() }
@@ -158,7 +160,8 @@ fn edge_case_request(rng: &mut Rng) -> Vec<u8> {
     let body = match rpc {
         Rpc::Login => gw::LoginRequest { bank: f(), user: f(), password: f() }.encode_to_vec(),
         Rpc::Pay => {
-            gw::PayRequest { payment_id: f(), payee_user: f(), payee_bank: f(), amount: f() }.encode_to_vec()
+            let payee = Some(gw::Account { user: f(), bank: f() });
+            gw::PayRequest { payment_id: f(), payee, amount: f() }.encode_to_vec()
         }
         Rpc::GetPayment => gw::GetPaymentRequest { payment_id: f() }.encode_to_vec(),
         Rpc::RegisterBank => gw::RegisterBankRequest { name: f(), address: f() }.encode_to_vec(),
@@ -182,7 +185,16 @@ fn edge_case_request(rng: &mut Rng) -> Vec<u8> {
             bank::PrepareRequest { txn_id, payment_id, payer, payee, amount_minor }.encode_to_vec()
         }
         Rpc::GatewayHistory => {
-            gw::GetHistoryRequest { limit: rng.next() as u32 >> rng.below(32) }.encode_to_vec()
+            let page_size = (rng.next() as u32 >> rng.below(32)) as i32;
+            let at = |rng: &mut Rng| {
+                (rng.below(2) == 0).then(|| prost_types::Timestamp {
+                    seconds: rng.next() as i64 >> rng.below(64),
+                    nanos: (rng.next() as i32) >> rng.below(32),
+                })
+            };
+            let (start_time, end_time) = (at(rng), at(rng));
+            let page_token = edge_case_field(rng);
+            gw::ListPaymentsRequest { page_size, page_token, start_time, end_time }.encode_to_vec()
         }
         Rpc::Logout | Rpc::GatewayBalance | Rpc::Status | Rpc::Audit => Vec::new(),
     };

@@ -25,7 +25,7 @@ pub async fn client_channel(dir: &Path, addr: &str) -> Channel {
 }
 
 pub async fn login(ch: &Channel, bank: &str, user: &str, password: &str) -> Result<String, tonic::Status> {
-    let mut c = pb::session_client::SessionClient::new(ch.clone());
+    let mut c = pb::session_service_client::SessionServiceClient::new(ch.clone());
     let r =
         c.login(pb::LoginRequest { bank: bank.into(), user: user.into(), password: password.into() }).await?;
     Ok(r.into_inner().token)
@@ -37,8 +37,8 @@ pub fn authed<T>(msg: T, token: &str) -> tonic::Request<T> {
     req
 }
 
-pub fn payments(ch: &Channel) -> pb::payments_client::PaymentsClient<Channel> {
-    pb::payments_client::PaymentsClient::new(ch.clone())
+pub fn payments(ch: &Channel) -> pb::payments_service_client::PaymentsServiceClient<Channel> {
+    pb::payments_service_client::PaymentsServiceClient::new(ch.clone())
 }
 
 pub async fn balance(ch: &Channel, token: &str) -> Result<pb::GetBalanceResponse, tonic::Status> {
@@ -55,8 +55,7 @@ pub async fn pay(
 ) -> Result<pb::PayResponse, tonic::Status> {
     let req = pb::PayRequest {
         payment_id: id.into(),
-        payee_user: to_user.into(),
-        payee_bank: to_bank.into(),
+        payee: Some(pb::Account { user: to_user.into(), bank: to_bank.into() }),
         amount: amount.into(),
     };
     Ok(payments(ch).pay(authed(req, token)).await?.into_inner())

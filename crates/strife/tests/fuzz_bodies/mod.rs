@@ -147,7 +147,7 @@ pub fn requests(data: &[u8]) -> Outcome {
         Rpc::GatewayBalance => decoded(gw::GetBalanceRequest::decode(body), |_| Outcome::Accepted),
         Rpc::Pay => decoded(gw::PayRequest::decode(body), check_pay),
         Rpc::GetPayment => decoded(gw::GetPaymentRequest::decode(body), |r| check_payment_id(&r.payment_id)),
-        Rpc::GatewayHistory => decoded(gw::GetHistoryRequest::decode(body), |r| check_history_limit(r.limit)),
+        Rpc::GatewayHistory => decoded(gw::ListPaymentsRequest::decode(body), check_list_payments),
         Rpc::RegisterBank => decoded(gw::RegisterBankRequest::decode(body), check_register),
         Rpc::Inquire => decoded(gw::InquireRequest::decode(body), check_inquire),
         Rpc::Status => decoded(gw::StatusRequest::decode(body), |_| Outcome::Accepted),
@@ -172,12 +172,12 @@ fn decoded<T>(message: Result<T, prost::DecodeError>, check: impl FnOnce(T) -> O
 /// A gateway validator may refuse only with `Invalid` (INVALID_ARGUMENT),
 /// never with an internal error.
 fn gateway_refusal(what: &str, e: &GatewayError) -> Outcome {
-    assert!(matches!(e, GatewayError::Invalid(_)), "{what} refused with {e:?}");
+    assert!(matches!(e, GatewayError::Invalid { .. }), "{what} refused with {e:?}");
     Outcome::Refused
 }
 
 fn bank_refusal(what: &str, e: &BankError) -> Outcome {
-    assert!(matches!(e, BankError::Invalid(_)), "{what} refused with {e:?}");
+    assert!(matches!(e, BankError::Invalid { .. }), "{what} refused with {e:?}");
     Outcome::Refused
 }
 
@@ -208,10 +208,8 @@ fn check_pay(req: gw::PayRequest) -> Outcome {
             assert_ne!(pay.payee, payer, "pay accepted a payment to oneself");
             assert_eq!(pay.payer, payer);
             assert!(valid_user_ref(&pay.payee), "pay accepted payee {:?}", pay.payee);
-            assert_eq!(
-                (pay.payee.user.as_str(), pay.payee.bank.as_str()),
-                (&*req.payee_user, &*req.payee_bank)
-            );
+            let payee = req.payee.as_ref().expect("pay accepted a payment with no payee");
+            assert_eq!((pay.payee.user.as_str(), pay.payee.bank.as_str()), (&*payee.user, &*payee.bank));
             assert_canonical_id(&req.payment_id, pay.payment_id);
             Outcome::Accepted
         }
@@ -237,13 +235,27 @@ fn check_payment_id(text: &str) -> Outcome {
     }
 }
 
-fn check_history_limit(limit: u32) -> Outcome {
-    let page = strife_gateway::validate::history_limit(limit);
-    assert!((1..=HISTORY_PAGE_MAX).contains(&page), "history_limit({limit}) = {page}");
-    if (1..=HISTORY_PAGE_MAX).contains(&limit) {
-        assert_eq!(page, limit, "history_limit changed a valid limit");
+fn check_list_payments(req: gw::ListPaymentsRequest) -> Outcome {
+    let limit = req.page_size;
+    let page = match strife_gateway::validate::page_size(limit) {
+        Ok(page) => page,
+        Err(e) => {
+            assert!(limit < 0, "page_size({limit}) refused");
+            return gateway_refusal("page_size", &e);
+        }
+    };
+    assert!((1..=HISTORY_PAGE_MAX).contains(&page), "page_size({limit}) = {page}");
+    if u32::try_from(limit).is_ok_and(|l| (1..=HISTORY_PAGE_MAX).contains(&l)) {
+        assert_eq!(i64::from(page), i64::from(limit), "page_size changed a valid size");
     }
-    Outcome::Accepted
+    match strife_gateway::validate::time_bounds(req.start_time.as_ref(), req.end_time.as_ref()) {
+        Ok((Some(start), Some(end))) => {
+            assert!(start <= end, "time bounds accepted {start} > {end}");
+            Outcome::Accepted
+        }
+        Ok(_) => Outcome::Accepted,
+        Err(e) => gateway_refusal("time bounds", &e),
+    }
 }
 
 fn check_register(req: gw::RegisterBankRequest) -> Outcome {
