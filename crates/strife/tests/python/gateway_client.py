@@ -52,7 +52,7 @@ GATEWAY_TLS_NAME = "gateway.strife"
 CALL_TIMEOUT_S = 30
 # Bound on the pages followed in ListPayments.
 PAGES_MAX = 20
-ERROR_DOMAIN = "strife.gateway.v1"
+ERROR_DOMAIN = "strife"
 
 # The services the gateway serves: reflection must list exactly these,
 # besides its own grpc.reflection.* services.
