@@ -30,10 +30,23 @@ struct Table {
 }
 
 impl Table {
+    /// One attack and the status it must get. A refusal made by a Strife
+    /// server (not by TLS or the gRPC framework) must also carry the
+    /// `ErrorInfo` reason that integrators match on.
     fn row(&mut self, attack: &str, expected: Code, got: Result<(), tonic::Status>) {
         let (got_text, ok) = match &got {
             Ok(()) => ("OK".to_owned(), expected == Code::Ok),
-            Err(s) => (format!("{:?}: {}", s.code(), s.message()), s.code() == expected),
+            Err(s) => {
+                let reason = strife_rpc::errors::reason_of(s);
+                let framework = matches!(s.code(), Code::OutOfRange | Code::Unavailable | Code::Unknown);
+                let text = format!(
+                    "{:?} ({}): {}",
+                    s.code(),
+                    reason.map_or("no ErrorInfo", strife_rpc::errors::reason_code),
+                    s.message()
+                );
+                (text, s.code() == expected && (reason.is_some() || framework))
+            }
         };
         self.rows.push((attack.to_owned(), format!("{expected:?}"), got_text, ok));
     }
@@ -418,24 +431,24 @@ fn every_attack_is_refused_and_changes_nothing() {
     // 50 wrong passwords in a row: throttled, then locked, then the right one works after the lock.
     rt.block_on(async {
         let ch = grpc::client_channel(&dir, &gw).await;
-        let mut codes = Vec::new();
+        let mut refusals = Vec::new();
         for _ in 0..50 {
-            codes.push(grpc::login(&ch, "BankB", "user5", "wrong").await.expect_err("wrong").code());
+            refusals.push(grpc::login(&ch, "BankB", "user5", "wrong").await.expect_err("wrong"));
         }
-        let unauth = codes.iter().filter(|c| **c == Code::Unauthenticated).count();
-        let exhausted = codes.iter().filter(|c| **c == Code::ResourceExhausted).count();
+        let count = |code| refusals.iter().filter(|s| s.code() == code).count();
+        let (unauth, exhausted) = (count(Code::Unauthenticated), count(Code::ResourceExhausted));
         t.row(
             &format!("50 wrong passwords ({unauth} refused, {exhausted} throttled)"),
             Code::ResourceExhausted,
-            Err(tonic::Status::new(*codes.last().expect("codes"), "")),
+            Err(refusals.pop().expect("refusals")),
         );
         let locked = grpc::login(&ch, "BankB", "user5", "pass5").await;
         let hint = locked.as_ref().err().and_then(|e| e.metadata().get("retry-after").cloned());
         t.row(
-            "the right password while locked (with a retry-after hint)",
+            "the right password while locked (with RetryInfo and retry-after)",
             Code::ResourceExhausted,
             match (locked, hint) {
-                (Err(e), Some(_)) => Err(e),
+                (Err(e), Some(_)) if strife_rpc::errors::retry_after(&e).is_some() => Err(e),
                 (other, _) => Err(tonic::Status::internal(format!("{other:?}"))),
             },
         );
