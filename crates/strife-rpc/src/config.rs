@@ -237,9 +237,29 @@ impl Config {
         Ok(())
     }
 
-    /// The defaults as a TOML document, for `strife up` to write out.
+    /// The defaults as a TOML document, for `strife up` to write out. An
+    /// empty `data_dir` means the default place, which a comment names.
     pub fn default_toml() -> String {
         let body = toml::to_string_pretty(&Config::default()).unwrap_or_default();
+        let mut section = "";
+        let body: String = body
+            .lines()
+            .map(|line| {
+                if line.starts_with('[') {
+                    section = line;
+                }
+                let place = match section {
+                    "[gateway]" => "DIR/gateway",
+                    "[bank]" => "DIR/banks/<name>",
+                    _ => "",
+                };
+                if line == "data_dir = \"\"" && !place.is_empty() {
+                    format!("{line}  # empty: {place}\n")
+                } else {
+                    format!("{line}\n")
+                }
+            })
+            .collect();
         format!(
             "# Strife settings. Every key is optional; these are the defaults.\n\
              # Any key can be overridden by STRIFE_<SECTION>_<KEY>, e.g. STRIFE_GATEWAY_PREPARE_TIMEOUT_MS.\n\
@@ -285,7 +305,10 @@ mod tests {
 
     #[test]
     fn written_defaults_parse_back() {
-        let c = Config::from_parts(&Config::default_toml(), env(&[])).expect("round trip");
+        let text = Config::default_toml();
+        let c = Config::from_parts(&text, env(&[])).expect("round trip");
         assert_eq!(c.gateway.token_ttl_secs, GatewayConfig::default().token_ttl_secs);
+        assert!(text.contains("data_dir = \"\"  # empty: DIR/gateway\n"), "{text}");
+        assert!(text.contains("data_dir = \"\"  # empty: DIR/banks/<name>\n"), "{text}");
     }
 }
