@@ -4,6 +4,7 @@
 
 pub mod config;
 pub mod fault;
+pub mod files;
 pub mod group_commit;
 pub mod identity;
 pub mod pki;
