@@ -3,7 +3,7 @@
 
 use crate::connect::{ConnectError, connect, gateway_address};
 use crate::exit::{CliError, Exit, Reply};
-use crate::state::{ClientState, Pending, Session};
+use crate::state::{ClientState, Enqueued, Pending, Session};
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -21,7 +21,9 @@ pub struct Client {
     /// `--as USER@BANK`; None means the most recent login.
     pub as_user: Option<UserRef>,
     pub config: ClientConfig,
-    state: ClientState,
+    /// `DIR/client.db`; None until a login creates it (commands that only
+    /// read never create anything).
+    state: Option<ClientState>,
 }
 
 /// What happened when a payment from the outbox was sent.
@@ -56,6 +58,14 @@ fn with_token<T>(msg: T, session: &Session) -> Result<tonic::Request<T>, CliErro
     Ok(req)
 }
 
+fn not_logged_in() -> CliError {
+    CliError::new(Exit::NotAllowed, "not logged in: run `strife login --bank BANK --user USER`")
+}
+
+fn storage_error(e: anyhow::Error) -> CliError {
+    CliError::unexpected(format!("client storage: {e:#}"))
+}
+
 /// The JSON of a pay outcome, as the contract shapes it.
 pub fn pay_json(id: &str, status: &str, reason: Option<&str>, replayed: bool) -> Value {
     json!({ "payment_id": id, "status": status, "reason": reason, "replayed": replayed })
@@ -68,8 +78,33 @@ impl Client {
         as_user: Option<UserRef>,
         config: ClientConfig,
     ) -> Result<Client, CliError> {
-        let state = ClientState::open(&dir).map_err(|e| CliError::unexpected(format!("{e:#}")))?;
+        let state = ClientState::open_existing(&dir).map_err(storage_error)?;
         Ok(Client { dir, gateway, as_user, config, state })
+    }
+
+    /// The client state, created if this directory has none yet.
+    fn state_created(&mut self) -> Result<&mut ClientState, CliError> {
+        let state = match self.state.take() {
+            Some(state) => state,
+            None => ClientState::create(&self.dir).map_err(storage_error)?,
+        };
+        Ok(self.state.insert(state))
+    }
+
+    /// The client state of a command that needs a session (so the state
+    /// exists).
+    fn state_mut(&mut self) -> Result<&mut ClientState, CliError> {
+        self.state.as_mut().ok_or_else(not_logged_in)
+    }
+
+    /// The payments waiting in the outbox (none when there is no state).
+    fn pending(&self) -> Result<Vec<Pending>, CliError> {
+        Ok(self.state.as_ref().map(ClientState::pending).transpose()?.unwrap_or_default())
+    }
+
+    /// Every session in this directory, the most recent login first.
+    pub fn sessions(&self) -> Result<Vec<Session>, CliError> {
+        Ok(self.state.as_ref().map(ClientState::sessions).transpose()?.unwrap_or_default())
     }
 
     fn timeout(&self) -> Duration {
@@ -84,13 +119,15 @@ impl Client {
 
     /// The session a command acts for.
     pub fn session(&self) -> Result<Session, CliError> {
-        self.state.session(self.as_user.as_ref())?.ok_or_else(|| match &self.as_user {
+        let found = match &self.state {
+            Some(state) => state.session(self.as_user.as_ref())?,
+            None => None,
+        };
+        found.ok_or_else(|| match &self.as_user {
             Some(who) => {
                 CliError::new(Exit::NotAllowed, format!("not logged in as {who}: run `strife login`"))
             }
-            None => {
-                CliError::new(Exit::NotAllowed, "not logged in: run `strife login --bank BANK --user USER`")
-            }
+            None => not_logged_in(),
         })
     }
 
@@ -113,8 +150,9 @@ impl Client {
             .into_inner();
         let session =
             Session { who: who.clone(), token: Secret::new(resp.token), expires_at: resp.expires_at.clone() };
-        self.state.save_session(&session)?;
-        let waiting = self.state.pending()?.into_iter().filter(|p| p.payer == who).count();
+        let state = self.state_created()?;
+        state.save_session(&session)?;
+        let waiting = state.pending()?.into_iter().filter(|p| p.payer == who).count();
         let mut text = format!("Logged in as {who} until {}.", resp.expires_at);
         if waiting > 0 {
             text.push_str(&format!(
@@ -139,7 +177,7 @@ impl Client {
             }
             Err(e) => return Err(e.into()),
         }
-        self.state.delete_session(&who)?;
+        self.state_mut()?.delete_session(&who)?;
         Ok(Reply::done(
             json!({ "user": who.user, "bank": who.bank, "logged_out": true }),
             format!("Logged out {who}."),
@@ -185,26 +223,24 @@ impl Client {
             attempts: 0,
             last_error: None,
         };
-        if let Some(existing) = self.state.enqueue(&pending)? {
+        if let Enqueued::Taken { payer, payee, amount_minor, decided } =
+            self.state_mut()?.enqueue(&pending)?
+        {
             let mut diff = Vec::new();
-            if existing.payer != pending.payer {
+            if payer != pending.payer {
                 diff.push("payer");
             }
-            if existing.payee != pending.payee {
+            if payee != pending.payee {
                 diff.push("payee");
             }
-            if existing.amount_minor != pending.amount_minor {
+            if amount_minor != pending.amount_minor {
                 diff.push("amount");
             }
-            if !diff.is_empty() {
-                return Err(CliError::new(
-                    Exit::IdReused,
-                    format!(
-                        "payment id {payment_id} is already queued for a different payment ({} differs)",
-                        diff.join(" and ")
-                    ),
-                ));
-            }
+            let was = if decided { "was already used for" } else { "is already queued for" };
+            return Err(CliError::new(
+                Exit::IdReused,
+                format!("payment id {payment_id} {was} a different payment ({} differs)", diff.join(" and ")),
+            ));
         }
         let sent = self.send(&pending, true).await?;
         Ok(describe(&pending, &sent))
@@ -212,15 +248,15 @@ impl Client {
 
     /// Sends one payment from the outbox and records what happened.
     pub async fn send(&mut self, p: &Pending, reported: bool) -> Result<Sent, CliError> {
-        let Some(session) = self.state.session(Some(&p.payer))? else {
+        let Some(session) = self.state_mut()?.session(Some(&p.payer))? else {
             let e = CliError::new(Exit::NotAllowed, format!("waiting for {} to log in", p.payer));
-            self.state.record_attempt(&p.payment_id, &e.message)?;
+            self.state_mut()?.record_attempt(&p.payment_id, &e.message)?;
             return Ok(Sent::Waiting(e));
         };
         let channel = match self.channel().await {
             Ok(c) => c,
             Err(ConnectError::Unreachable(why)) => {
-                self.state.record_attempt(&p.payment_id, &format!("gateway unreachable: {why}"))?;
+                self.state_mut()?.record_attempt(&p.payment_id, &format!("gateway unreachable: {why}"))?;
                 return Ok(Sent::Queued(why));
             }
             Err(e @ ConnectError::Setup(_)) => return Err(e.into()),
@@ -238,7 +274,7 @@ impl Client {
                 let committed = resp.status() == pb::PaymentStatus::Committed;
                 let reason = (!resp.reason.is_empty()).then_some(resp.reason);
                 let status = if committed { "committed" } else { "declined" };
-                self.state.finish(p, status, reason.as_deref(), reported)?;
+                self.state_mut()?.finish(p, status, reason.as_deref(), reported)?;
                 Ok(Sent::Final { committed, reason, replayed: resp.replayed })
             }
             Err(s) if is_outage(s.code()) => {
@@ -247,7 +283,7 @@ impl Client {
                 } else {
                     s.message().to_owned()
                 };
-                self.state.record_attempt(&p.payment_id, &why)?;
+                self.state_mut()?.record_attempt(&p.payment_id, &why)?;
                 Ok(Sent::Queued(why))
             }
             Err(s) if s.code() == tonic::Code::Unauthenticated => {
@@ -255,16 +291,17 @@ impl Client {
                     Exit::NotAllowed,
                     format!("{}; the payment waits in the outbox until {} logs in", s.message(), p.payer),
                 );
-                self.state.record_attempt(&p.payment_id, &format!("waiting for login: {}", s.message()))?;
+                self.state_mut()?
+                    .record_attempt(&p.payment_id, &format!("waiting for login: {}", s.message()))?;
                 Ok(Sent::Waiting(e))
             }
             Err(s) => {
                 let e = CliError::from_status(&s);
                 if matches!(e.exit, Exit::IdReused | Exit::Invalid) {
-                    self.state.finish(p, "refused", Some(&e.message), reported)?;
+                    self.state_mut()?.finish(p, "refused", Some(&e.message), reported)?;
                     Ok(Sent::Refused(e))
                 } else {
-                    self.state.record_attempt(&p.payment_id, &e.message)?;
+                    self.state_mut()?.record_attempt(&p.payment_id, &e.message)?;
                     Ok(Sent::Waiting(e))
                 }
             }
@@ -279,32 +316,17 @@ impl Client {
             .await
             .map_err(|s| CliError::from_status(&s))?
             .into_inner();
-        let mut rows = Vec::new();
-        let mut text = format!("History of {}:\n", session.who);
-        if resp.payments.is_empty() {
-            text.push_str("  (no payments yet)");
-        }
-        for p in &resp.payments {
-            let (status, reason) = status_and_reason(p);
-            rows.push(payment_json(p));
-            let arrow = if p.direction == "sent" { "sent to" } else { "received from" };
-            text.push_str(&format!(
-                "  {}  {:>13} {:<13} {:<20} {}{}  {}\n",
-                p.at,
-                p.amount,
-                arrow,
-                p.counterparty,
-                status,
-                reason.map(|r| format!(" ({r})")).unwrap_or_default(),
-                p.payment_id
-            ));
-        }
-        Ok(Reply::done(json!({ "payments": rows }), text.trim_end().to_owned()))
+        let rows: Vec<Value> = resp.payments.iter().map(payment_json).collect();
+        let text = format!("History of {}:\n{}", session.who, history_table(&resp.payments));
+        Ok(Reply::done(json!({ "payments": rows }), text))
     }
 
     pub fn outbox_list(&mut self) -> Result<Reply, CliError> {
-        let pending = self.state.pending()?;
-        let finished = self.state.take_unreported()?;
+        let pending = self.pending()?;
+        let finished = match self.state.as_mut() {
+            Some(state) => state.take_unreported()?,
+            None => Vec::new(),
+        };
         let mut text = String::new();
         for f in &finished {
             text.push_str(&format!(
@@ -346,7 +368,7 @@ impl Client {
     /// One quiet try for every queued payment whose customer is logged in
     /// (outcomes are recorded as not yet shown).
     pub async fn send_pending_once(&mut self) {
-        let Ok(pending) = self.state.pending() else { return };
+        let Ok(pending) = self.pending() else { return };
         for p in pending {
             if matches!(self.send(&p, false).await, Ok(Sent::Queued(_)) | Err(_)) {
                 return;
@@ -360,7 +382,7 @@ impl Client {
         let mut results = Vec::new();
         let mut text = String::new();
         let mut unreachable = false;
-        for p in self.state.pending()? {
+        for p in self.pending()? {
             let mut delay = Duration::from_millis(self.config.retry_first_delay_ms);
             let mut tries = 0;
             let sent = loop {
@@ -381,7 +403,7 @@ impl Client {
                 break;
             }
         }
-        let pending = self.state.pending()?;
+        let pending = self.pending()?;
         if results.is_empty() {
             text.push_str("The outbox is empty.");
         } else if !pending.is_empty() {
@@ -419,7 +441,7 @@ impl Client {
                 all.extend(results.iter().cloned());
             }
             if reply.exit != Exit::Queued {
-                let pending = self.state.pending()?;
+                let pending = self.pending()?;
                 let text = if pending.is_empty() {
                     "The outbox is empty: every payment has an outcome.".to_owned()
                 } else {
@@ -434,7 +456,7 @@ impl Client {
             tokio::select! {
                 _ = tokio::time::sleep(jitter(delay)) => {}
                 _ = &mut stop => {
-                    let pending = self.state.pending()?;
+                    let pending = self.pending()?;
                     return Ok(Reply {
                         exit: Exit::Queued,
                         json: json!({ "results": all, "pending": pending.iter().map(pending_json).collect::<Vec<_>>() }),
@@ -516,6 +538,43 @@ fn status_and_reason(p: &pb::Payment) -> (&'static str, Option<&str>) {
     (status, (!p.reason.is_empty()).then_some(p.reason.as_str()))
 }
 
+/// The history as a table for people: one payment a line, every column
+/// aligned whatever the lengths of the counterparty, and of the status with
+/// its reason.
+fn history_table(payments: &[pb::Payment]) -> String {
+    if payments.is_empty() {
+        return "  (no payments yet)".to_owned();
+    }
+    let cells: Vec<[String; 6]> = payments
+        .iter()
+        .map(|p| {
+            let (status, reason) = status_and_reason(p);
+            let arrow = if p.direction == "sent" { "sent to" } else { "received from" };
+            let status = match reason {
+                Some(r) => format!("{status} ({r})"),
+                None => status.to_owned(),
+            };
+            [
+                p.at.clone(),
+                p.amount.clone(),
+                arrow.to_owned(),
+                p.counterparty.clone(),
+                status,
+                p.payment_id.clone(),
+            ]
+        })
+        .collect();
+    let width = |i: usize| cells.iter().map(|c| c[i].chars().count()).max().unwrap_or(0);
+    let (at, amount, arrow, counterparty, status) = (width(0), width(1), width(2), width(3), width(4));
+    cells
+        .iter()
+        .map(|[t, a, d, c, s, id]| {
+            format!("  {t:<at$}  {a:>amount$}  {d:<arrow$}  {c:<counterparty$}  {s:<status$}  {id}")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
 /// A payment in the contract's history shape.
 fn payment_json(p: &pb::Payment) -> Value {
     let (status, reason) = status_and_reason(p);
@@ -581,5 +640,59 @@ pub fn describe(p: &Pending, sent: &Sent) -> Reply {
             ),
         },
         Sent::Waiting(e) | Sent::Refused(e) => e.to_reply(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(
+        id: &str,
+        direction: &str,
+        counterparty: &str,
+        amount: &str,
+        status: pb::PaymentStatus,
+        reason: &str,
+    ) -> pb::Payment {
+        pb::Payment {
+            payment_id: id.to_owned(),
+            direction: direction.to_owned(),
+            counterparty: counterparty.to_owned(),
+            amount: amount.to_owned(),
+            status: status as i32,
+            reason: reason.to_owned(),
+            at: "2026-11-29T15:04:48Z".to_owned(),
+        }
+    }
+
+    #[test]
+    fn history_columns_line_up_whatever_the_status_and_reason() {
+        use pb::PaymentStatus::{Committed, Declined};
+        let rows = [
+            row("id-1", "sent", "user2@BankB", "1.00", Committed, ""),
+            row("id-2", "sent", "user9@BankB", "100000.00", Declined, "insufficient_funds"),
+            row("id-3", "received", "user10@BankLongName", "12.50", Committed, ""),
+            row("id-4", "sent", "user2@BankB", "3.00", Declined, "unknown_payee"),
+        ];
+        let table = history_table(&rows);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        let column = |needle: &str| -> Vec<usize> {
+            lines.iter().map(|l| l.find(needle).expect("in every line")).collect()
+        };
+        let ids = column("id-");
+        assert!(ids.iter().all(|&i| i == ids[0]), "ids in one column:\n{table}");
+        let at = column("2026-");
+        assert!(at.iter().all(|&i| i == at[0]), "{table}");
+        // Amounts are right-aligned: they end in one column.
+        let ends: Vec<usize> = rows
+            .iter()
+            .zip(&lines)
+            .map(|(r, l)| l.find(&r.amount).expect("amount") + r.amount.len())
+            .collect();
+        assert!(ends.iter().all(|&e| e == ends[0]), "{table}");
+        assert!(lines[1].contains("declined (insufficient_funds)"), "{table}");
+        assert_eq!(history_table(&[]), "  (no payments yet)");
     }
 }
