@@ -3,7 +3,7 @@
 
 use crate::connect::{ConnectError, connect, gateway_address};
 use crate::exit::{CliError, Exit, Reply};
-use crate::state::{ClientState, Pending, Session};
+use crate::state::{ClientState, Enqueued, Pending, Session};
 use serde_json::{Value, json};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -22,7 +22,9 @@ pub struct Client {
     /// `--as USER@BANK`; None means the most recent login.
     pub as_user: Option<UserRef>,
     pub config: ClientConfig,
-    state: ClientState,
+    /// `DIR/client.db`; None until a login creates it (commands that only
+    /// read never create anything).
+    state: Option<ClientState>,
 }
 
 /// What happened when a payment from the outbox was sent.
@@ -57,6 +59,14 @@ fn with_token<T>(msg: T, session: &Session) -> Result<tonic::Request<T>, CliErro
     Ok(req)
 }
 
+fn not_logged_in() -> CliError {
+    CliError::new(Exit::NotAllowed, "not logged in: run `strife login --bank BANK --user USER`")
+}
+
+fn storage_error(e: anyhow::Error) -> CliError {
+    CliError::unexpected(format!("client storage: {e:#}"))
+}
+
 /// The JSON of a pay outcome, as the contract shapes it.
 pub fn pay_json(id: &str, status: &str, reason: Option<&str>, replayed: bool) -> Value {
     json!({ "payment_id": id, "status": status, "reason": reason, "replayed": replayed })
@@ -69,8 +79,33 @@ impl Client {
         as_user: Option<UserRef>,
         config: ClientConfig,
     ) -> Result<Client, CliError> {
-        let state = ClientState::open(&dir).map_err(|e| CliError::unexpected(format!("{e:#}")))?;
+        let state = ClientState::open_existing(&dir).map_err(storage_error)?;
         Ok(Client { dir, gateway, as_user, config, state })
+    }
+
+    /// The client state, created if this directory has none yet.
+    fn state_created(&mut self) -> Result<&mut ClientState, CliError> {
+        let state = match self.state.take() {
+            Some(state) => state,
+            None => ClientState::create(&self.dir).map_err(storage_error)?,
+        };
+        Ok(self.state.insert(state))
+    }
+
+    /// The client state of a command that needs a session (so the state
+    /// exists).
+    fn state_mut(&mut self) -> Result<&mut ClientState, CliError> {
+        self.state.as_mut().ok_or_else(not_logged_in)
+    }
+
+    /// The payments waiting in the outbox (none when there is no state).
+    fn pending(&self) -> Result<Vec<Pending>, CliError> {
+        Ok(self.state.as_ref().map(ClientState::pending).transpose()?.unwrap_or_default())
+    }
+
+    /// Every session in this directory, the most recent login first.
+    pub fn sessions(&self) -> Result<Vec<Session>, CliError> {
+        Ok(self.state.as_ref().map(ClientState::sessions).transpose()?.unwrap_or_default())
     }
 
     fn timeout(&self) -> Duration {
@@ -85,13 +120,15 @@ impl Client {
 
     /// The session a command acts for.
     pub fn session(&self) -> Result<Session, CliError> {
-        self.state.session(self.as_user.as_ref())?.ok_or_else(|| match &self.as_user {
+        let found = match &self.state {
+            Some(state) => state.session(self.as_user.as_ref())?,
+            None => None,
+        };
+        found.ok_or_else(|| match &self.as_user {
             Some(who) => {
                 CliError::new(Exit::NotAllowed, format!("not logged in as {who}: run `strife login`"))
             }
-            None => {
-                CliError::new(Exit::NotAllowed, "not logged in: run `strife login --bank BANK --user USER`")
-            }
+            None => not_logged_in(),
         })
     }
 
@@ -115,8 +152,9 @@ impl Client {
         let expires_at = rfc3339(resp.expire_time.as_ref());
         let session =
             Session { who: who.clone(), token: Secret::new(resp.token), expires_at: expires_at.clone() };
-        self.state.save_session(&session)?;
-        let waiting = self.state.pending()?.into_iter().filter(|p| p.payer == who).count();
+        let state = self.state_created()?;
+        state.save_session(&session)?;
+        let waiting = state.pending()?.into_iter().filter(|p| p.payer == who).count();
         let mut text = format!("Logged in as {who} until {expires_at}.");
         if waiting > 0 {
             text.push_str(&format!(
@@ -141,7 +179,7 @@ impl Client {
             }
             Err(e) => return Err(e.into()),
         }
-        self.state.delete_session(&who)?;
+        self.state_mut()?.delete_session(&who)?;
         Ok(Reply::done(
             json!({ "user": who.user, "bank": who.bank, "logged_out": true }),
             format!("Logged out {who}."),
@@ -190,26 +228,24 @@ impl Client {
             attempts: 0,
             last_error: None,
         };
-        if let Some(existing) = self.state.enqueue(&pending)? {
+        if let Enqueued::Taken { payer, payee, amount_minor, decided } =
+            self.state_mut()?.enqueue(&pending)?
+        {
             let mut diff = Vec::new();
-            if existing.payer != pending.payer {
+            if payer != pending.payer {
                 diff.push("payer");
             }
-            if existing.payee != pending.payee {
+            if payee != pending.payee {
                 diff.push("payee");
             }
-            if existing.amount_minor != pending.amount_minor {
+            if amount_minor != pending.amount_minor {
                 diff.push("amount");
             }
-            if !diff.is_empty() {
-                return Err(CliError::new(
-                    Exit::IdReused,
-                    format!(
-                        "payment id {payment_id} is already queued for a different payment ({} differs)",
-                        diff.join(" and ")
-                    ),
-                ));
-            }
+            let was = if decided { "was already used for" } else { "is already queued for" };
+            return Err(CliError::new(
+                Exit::IdReused,
+                format!("payment id {payment_id} {was} a different payment ({} differs)", diff.join(" and ")),
+            ));
         }
         let sent = self.send(&pending, true).await?;
         Ok(describe(&pending, &sent))
@@ -217,15 +253,15 @@ impl Client {
 
     /// Sends one payment from the outbox and records what happened.
     pub async fn send(&mut self, p: &Pending, reported: bool) -> Result<Sent, CliError> {
-        let Some(session) = self.state.session(Some(&p.payer))? else {
+        let Some(session) = self.state_mut()?.session(Some(&p.payer))? else {
             let e = CliError::new(Exit::NotAllowed, format!("waiting for {} to log in", p.payer));
-            self.state.record_attempt(&p.payment_id, &e.message)?;
+            self.state_mut()?.record_attempt(&p.payment_id, &e.message)?;
             return Ok(Sent::Waiting(e));
         };
         let channel = match self.channel().await {
             Ok(c) => c,
             Err(ConnectError::Unreachable(why)) => {
-                self.state.record_attempt(&p.payment_id, &format!("gateway unreachable: {why}"))?;
+                self.state_mut()?.record_attempt(&p.payment_id, &format!("gateway unreachable: {why}"))?;
                 return Ok(Sent::Queued(why));
             }
             Err(e @ ConnectError::Setup(_)) => return Err(e.into()),
@@ -242,7 +278,7 @@ impl Client {
                 let committed = resp.status() == pb::PaymentStatus::Committed;
                 let reason = decline_reason_from(resp.reason()).map(|r| r.code().to_owned());
                 let status = if committed { "committed" } else { "declined" };
-                self.state.finish(p, status, reason.as_deref(), reported)?;
+                self.state_mut()?.finish(p, status, reason.as_deref(), reported)?;
                 Ok(Sent::Final { committed, reason, replayed: resp.replayed })
             }
             Err(s) if is_outage(s.code()) => {
@@ -251,7 +287,7 @@ impl Client {
                 } else {
                     s.message().to_owned()
                 };
-                self.state.record_attempt(&p.payment_id, &why)?;
+                self.state_mut()?.record_attempt(&p.payment_id, &why)?;
                 Ok(Sent::Queued(why))
             }
             Err(s) if s.code() == tonic::Code::Unauthenticated => {
@@ -259,16 +295,17 @@ impl Client {
                     Exit::NotAllowed,
                     format!("{}; the payment waits in the outbox until {} logs in", s.message(), p.payer),
                 );
-                self.state.record_attempt(&p.payment_id, &format!("waiting for login: {}", s.message()))?;
+                self.state_mut()?
+                    .record_attempt(&p.payment_id, &format!("waiting for login: {}", s.message()))?;
                 Ok(Sent::Waiting(e))
             }
             Err(s) => {
                 let e = CliError::from_status(&s);
                 if matches!(e.exit, Exit::IdReused | Exit::Invalid) {
-                    self.state.finish(p, "refused", Some(&e.message), reported)?;
+                    self.state_mut()?.finish(p, "refused", Some(&e.message), reported)?;
                     Ok(Sent::Refused(e))
                 } else {
-                    self.state.record_attempt(&p.payment_id, &e.message)?;
+                    self.state_mut()?.record_attempt(&p.payment_id, &e.message)?;
                     Ok(Sent::Waiting(e))
                 }
             }
@@ -300,13 +337,7 @@ impl Client {
                 break;
             }
         }
-        let mut text = format!("History of {}:\n", session.who);
-        if payments.is_empty() {
-            text.push_str("  (no payments yet)\n");
-        }
-        for p in &payments {
-            text.push_str(&format!("  {}\n", p.row()));
-        }
+        let mut text = format!("History of {}:\n{}\n", session.who, history_table(&payments));
         if !token.is_empty() {
             text.push_str(&format!("More: strife history --page-token {token}\n"));
         }
@@ -318,8 +349,11 @@ impl Client {
     }
 
     pub fn outbox_list(&mut self) -> Result<Reply, CliError> {
-        let pending = self.state.pending()?;
-        let finished = self.state.take_unreported()?;
+        let pending = self.pending()?;
+        let finished = match self.state.as_mut() {
+            Some(state) => state.take_unreported()?,
+            None => Vec::new(),
+        };
         let mut text = String::new();
         for f in &finished {
             text.push_str(&format!(
@@ -361,7 +395,7 @@ impl Client {
     /// One quiet try for every queued payment whose customer is logged in
     /// (outcomes are recorded as not yet shown).
     pub async fn send_pending_once(&mut self) {
-        let Ok(pending) = self.state.pending() else { return };
+        let Ok(pending) = self.pending() else { return };
         for p in pending {
             if matches!(self.send(&p, false).await, Ok(Sent::Queued(_)) | Err(_)) {
                 return;
@@ -375,7 +409,7 @@ impl Client {
         let mut results = Vec::new();
         let mut text = String::new();
         let mut unreachable = false;
-        for p in self.state.pending()? {
+        for p in self.pending()? {
             let mut delay = Duration::from_millis(self.config.retry_first_delay_ms);
             let mut tries = 0;
             let sent = loop {
@@ -396,7 +430,7 @@ impl Client {
                 break;
             }
         }
-        let pending = self.state.pending()?;
+        let pending = self.pending()?;
         if results.is_empty() {
             text.push_str("The outbox is empty.");
         } else if !pending.is_empty() {
@@ -434,7 +468,7 @@ impl Client {
                 all.extend(results.iter().cloned());
             }
             if reply.exit != Exit::Queued {
-                let pending = self.state.pending()?;
+                let pending = self.pending()?;
                 let text = if pending.is_empty() {
                     "The outbox is empty: every payment has an outcome.".to_owned()
                 } else {
@@ -449,7 +483,7 @@ impl Client {
             tokio::select! {
                 _ = tokio::time::sleep(jitter(delay)) => {}
                 _ = &mut stop => {
-                    let pending = self.state.pending()?;
+                    let pending = self.pending()?;
                     return Ok(Reply {
                         exit: Exit::Queued,
                         json: json!({ "results": all, "pending": pending.iter().map(pending_json).collect::<Vec<_>>() }),
@@ -574,19 +608,42 @@ impl PaymentView {
             "amount": self.amount, "status": self.status, "reason": self.reason, "at": self.at,
         })
     }
+}
 
-    /// One line of `strife history`.
-    fn row(&self) -> String {
-        let arrow = if self.direction == "sent" { "sent to" } else { "received from" };
-        let outcome = match self.reason {
-            Some(r) => format!("{} ({r})", self.status),
-            None => self.status.to_owned(),
-        };
-        format!(
-            "{}  {:>13} {:<13} {:<20} {:<30} {}",
-            self.at, self.amount, arrow, self.counterparty, outcome, self.payment_id
-        )
+/// The history as a table for people: one payment a line, every column
+/// aligned whatever the lengths of the counterparty, and of the status with
+/// its reason.
+fn history_table(payments: &[PaymentView]) -> String {
+    if payments.is_empty() {
+        return "  (no payments yet)".to_owned();
     }
+    let cells: Vec<[String; 6]> = payments
+        .iter()
+        .map(|p| {
+            let arrow = if p.direction == "sent" { "sent to" } else { "received from" };
+            let status = match p.reason {
+                Some(r) => format!("{} ({r})", p.status),
+                None => p.status.to_owned(),
+            };
+            [
+                p.at.clone(),
+                p.amount.clone(),
+                arrow.to_owned(),
+                p.counterparty.clone(),
+                status,
+                p.payment_id.clone(),
+            ]
+        })
+        .collect();
+    let width = |i: usize| cells.iter().map(|c| c[i].chars().count()).max().unwrap_or(0);
+    let (at, amount, arrow, counterparty, status) = (width(0), width(1), width(2), width(3), width(4));
+    cells
+        .iter()
+        .map(|[t, a, d, c, s, id]| {
+            format!("  {t:<at$}  {a:>amount$}  {d:<arrow$}  {c:<counterparty$}  {s:<status$}  {id}")
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 fn pending_json(p: &Pending) -> Value {
@@ -645,5 +702,59 @@ pub fn describe(p: &Pending, sent: &Sent) -> Reply {
             ),
         },
         Sent::Waiting(e) | Sent::Refused(e) => e.to_reply(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(
+        id: &'static str,
+        direction: &'static str,
+        counterparty: &str,
+        amount: &str,
+        status: &'static str,
+        reason: Option<&'static str>,
+    ) -> PaymentView {
+        PaymentView {
+            payment_id: id.to_owned(),
+            direction,
+            counterparty: counterparty.to_owned(),
+            amount: amount.to_owned(),
+            status,
+            reason,
+            at: "2026-11-29T15:04:48Z".to_owned(),
+        }
+    }
+
+    #[test]
+    fn history_columns_line_up_whatever_the_status_and_reason() {
+        let (committed, declined) = ("committed", "declined");
+        let rows = [
+            row("id-1", "sent", "user2@BankB", "1.00", committed, None),
+            row("id-2", "sent", "user9@BankB", "100000.00", declined, Some("insufficient_funds")),
+            row("id-3", "received", "user10@BankLongName", "12.50", committed, None),
+            row("id-4", "sent", "user2@BankB", "3.00", declined, Some("unknown_payee")),
+        ];
+        let table = history_table(&rows);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 4, "{table}");
+        let column = |needle: &str| -> Vec<usize> {
+            lines.iter().map(|l| l.find(needle).expect("in every line")).collect()
+        };
+        let ids = column("id-");
+        assert!(ids.iter().all(|&i| i == ids[0]), "ids in one column:\n{table}");
+        let at = column("2026-");
+        assert!(at.iter().all(|&i| i == at[0]), "{table}");
+        // Amounts are right-aligned: they end in one column.
+        let ends: Vec<usize> = rows
+            .iter()
+            .zip(&lines)
+            .map(|(r, l)| l.find(&r.amount).expect("amount") + r.amount.len())
+            .collect();
+        assert!(ends.iter().all(|&e| e == ends[0]), "{table}");
+        assert!(lines[1].contains("declined (insufficient_funds)"), "{table}");
+        assert_eq!(history_table(&[]), "  (no payments yet)");
     }
 }

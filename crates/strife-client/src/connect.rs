@@ -15,17 +15,43 @@ pub const DEFAULT_DIR: &str = ".strife";
 /// The client identity `certs init` issues.
 pub const CLIENT_NAME: &str = "client";
 
-/// The Strife directory: `--dir`/`STRIFE_DIR` if given, else the nearest
-/// `.strife` in this directory or a parent, else `./.strife`.
-pub fn resolve_dir(given: Option<&Path>) -> PathBuf {
+/// The Strife directory, if there is one: `--dir`/`STRIFE_DIR` if given,
+/// else the nearest `.strife` in this directory or a parent.
+pub fn find_dir(given: Option<&Path>) -> Option<PathBuf> {
     if let Some(dir) = given {
-        return dir.to_path_buf();
+        return Some(dir.to_path_buf());
     }
-    let cwd = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
-    cwd.ancestors()
-        .map(|a| a.join(DEFAULT_DIR))
-        .find(|d| d.is_dir())
-        .unwrap_or_else(|| PathBuf::from(DEFAULT_DIR))
+    let cwd = std::env::current_dir().ok()?;
+    cwd.ancestors().map(|a| a.join(DEFAULT_DIR)).find(|d| d.is_dir())
+}
+
+/// The Strife directory of a command that may create it (`up`, `login`,
+/// the servers): [`find_dir`], else `./.strife`.
+pub fn resolve_dir(given: Option<&Path>) -> PathBuf {
+    find_dir(given).unwrap_or_else(|| PathBuf::from(DEFAULT_DIR))
+}
+
+/// The Strife directory of a command that only uses what is there: an
+/// error with `exit` when there is none, so that nothing is created.
+pub fn existing_dir(given: Option<&Path>, exit: Exit) -> Result<PathBuf, CliError> {
+    match find_dir(given) {
+        Some(dir) if dir.is_dir() => Ok(dir),
+        Some(dir) => Err(CliError::new(
+            exit,
+            format!(
+                "no Strife directory at {}: run `strife up --dir {}`, or pass the --dir of your cluster",
+                dir.display(),
+                dir.display()
+            ),
+        )),
+        None => Err(CliError::new(
+            exit,
+            format!(
+                "no Strife directory here (no {DEFAULT_DIR} in this directory or a parent): \
+                 run `strife up`, or pass --dir"
+            ),
+        )),
+    }
 }
 
 /// The gateway's address: the flag/env value, else `DIR/gateway.addr`.
@@ -53,19 +79,20 @@ pub async fn connect(dir: &Path, addr: &str, timeout: Duration) -> Result<Channe
     let endpoint = endpoint.timeout(timeout);
     match tokio::time::timeout(timeout, endpoint.connect()).await {
         Ok(Ok(channel)) => Ok(channel),
-        Ok(Err(e)) => Err(ConnectError::Unreachable(format!("{e}: {}", source_chain(&e)))),
-        Err(_) => Err(ConnectError::Unreachable("timed out".into())),
+        Ok(Err(e)) => Err(ConnectError::Unreachable(format!("{addr}: {}", root_cause(&e)))),
+        Err(_) => Err(ConnectError::Unreachable(format!("{addr}: no answer within {timeout:?}"))),
     }
 }
 
-fn source_chain(e: &dyn std::error::Error) -> String {
-    let mut out = Vec::new();
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        out.push(s.to_string());
-        cur = s.source();
+/// The innermost error of a chain, which says what went wrong ("Connection
+/// refused"); the layers above it ("transport error", "tcp connect error",
+/// the latter twice) only say where.
+fn root_cause(e: &dyn std::error::Error) -> String {
+    let mut cause = e;
+    while let Some(inner) = cause.source() {
+        cause = inner;
     }
-    out.join(": ")
+    cause.to_string()
 }
 
 #[derive(Debug, Clone)]

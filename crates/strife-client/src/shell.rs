@@ -94,16 +94,8 @@ pub async fn run(mut client: Client) -> Result<Reply, CliError> {
                 test_idempotency(&mut client, &to, &amount).await;
             }
             "8" => {
-                let Some(who) = input.ask("act as (user@bank): ") else { break };
-                match who.parse::<UserRef>() {
-                    Ok(w) => {
-                        client.as_user = Some(w);
-                        if let Err(e) = client.session() {
-                            println!("{}", e.to_reply().text);
-                            client.as_user = None;
-                        }
-                    }
-                    Err(e) => println!("error: {e}"),
+                if switch_session(&mut client, &mut input).is_none() {
+                    break;
                 }
             }
             "9" => {
@@ -119,6 +111,71 @@ pub async fn run(mut client: Client) -> Result<Reply, CliError> {
     Ok(Reply::done(serde_json::json!({ "exited": true }), ""))
 }
 
+/// Lists the sessions in this directory and acts for the one chosen (by
+/// its number or as user@bank). A choice that is not a logged-in session
+/// says so and changes nothing: the shell never falls back to another
+/// session on its own. None at end of input.
+fn switch_session(client: &mut Client, input: &mut Input) -> Option<()> {
+    let sessions = match client.sessions() {
+        Ok(s) => s,
+        Err(e) => {
+            println!("{}", e.to_reply().text);
+            return Some(());
+        }
+    };
+    let current = client.session().ok().map(|s| s.who);
+    let acting = current.as_ref().map_or_else(|| "nobody".to_owned(), UserRef::to_string);
+    if sessions.is_empty() {
+        println!("No sessions here: log in first (1).");
+        return Some(());
+    }
+    println!("Sessions (most recent login first):");
+    let now = time::OffsetDateTime::now_utc();
+    for (i, s) in sessions.iter().enumerate() {
+        let expired =
+            time::OffsetDateTime::parse(&s.expires_at, &time::format_description::well_known::Rfc3339)
+                .is_ok_and(|at| at <= now);
+        println!(
+            "  {}) {:<28} {} {}{}",
+            i + 1,
+            s.who.to_string(),
+            if expired { "expired" } else { "until" },
+            s.expires_at,
+            if current.as_ref() == Some(&s.who) { "  (current)" } else { "" }
+        );
+    }
+    let answer = input.ask("act as (number or user@bank, empty to keep): ")?;
+    if answer.is_empty() {
+        println!("Still acting as {acting}.");
+        return Some(());
+    }
+    let chosen = match answer.parse::<usize>() {
+        Ok(n) if (1..=sessions.len()).contains(&n) => sessions[n - 1].who.clone(),
+        Ok(_) => {
+            println!("error: {answer} is not on the list; still acting as {acting}.");
+            return Some(());
+        }
+        Err(_) => match answer.parse::<UserRef>() {
+            Ok(who) => who,
+            Err(e) => {
+                println!("error: {e}; still acting as {acting}.");
+                return Some(());
+            }
+        },
+    };
+    if sessions.iter().any(|s| s.who == chosen) {
+        println!("Now acting as {chosen}.");
+        client.as_user = Some(chosen);
+    } else {
+        println!("error: {chosen} is not logged in here (log in with 1); still acting as {acting}.");
+        // Pin the session in use, so that nothing changes under the customer.
+        if client.as_user.is_none() {
+            client.as_user = current;
+        }
+    }
+    Some(())
+}
+
 /// Sends the same payment twice with one id and shows that money moved once.
 async fn test_idempotency(client: &mut Client, to: &str, amount: &str) {
     let before = client.balance().await;
@@ -129,11 +186,10 @@ async fn test_idempotency(client: &mut Client, to: &str, amount: &str) {
     println!("payment id {id}");
     for (n, r) in [("first ", first), ("second", second)] {
         let reply = r.unwrap_or_else(|e| e.to_reply());
-        println!(
-            "  {n} send: {} (replayed: {})",
-            reply.json["status"].as_str().unwrap_or("error"),
-            reply.json["replayed"]
-        );
+        match (reply.json["status"].as_str(), reply.json["replayed"].as_bool()) {
+            (Some(status), Some(replayed)) => println!("  {n} send: {status} (replayed: {replayed})"),
+            _ => println!("  {n} send: {}", reply.text),
+        }
     }
     if let (Ok(b), Ok(a)) = (before, after) {
         let parse = |r: &Reply| {
@@ -142,12 +198,12 @@ async fn test_idempotency(client: &mut Client, to: &str, amount: &str) {
                 .unwrap_or(0)
         };
         let moved = parse(&b) - parse(&a);
-        println!(
-            "  balance {} -> {}: {} moved, once.",
-            b.json["balance"],
-            a.json["balance"],
-            format_minor(moved)
-        );
+        let (b, a) = (b.json["balance"].as_str().unwrap_or("?"), a.json["balance"].as_str().unwrap_or("?"));
+        if moved == 0 {
+            println!("  balance {b} -> {a}: nothing moved.");
+        } else {
+            println!("  balance {b} -> {a}: {} moved, once.", format_minor(moved));
+        }
     } else {
         println!("  {}", CliError::new(Exit::Unexpected, "could not read the balance").message);
     }

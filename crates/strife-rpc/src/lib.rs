@@ -5,6 +5,7 @@
 pub mod config;
 pub mod errors;
 pub mod fault;
+pub mod files;
 pub mod group_commit;
 pub mod identity;
 pub mod pki;

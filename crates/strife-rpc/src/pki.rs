@@ -70,7 +70,8 @@ impl CertDir {
     /// Creates the CA if missing, then every identity in `peers` that is
     /// missing. Existing files are never overwritten.
     pub fn init(&self, peers: &[Peer]) -> anyhow::Result<Vec<Peer>> {
-        fs::create_dir_all(&self.path).with_context(|| format!("creating {}", self.path.display()))?;
+        crate::files::create_private_dir_all(&self.path)
+            .with_context(|| format!("creating {}", self.path.display()))?;
         if !self.exists() {
             let key = KeyPair::generate()?;
             let mut params = CertificateParams::new(Vec::<String>::new())?;

@@ -15,8 +15,15 @@ const WAL_CHECKPOINT_PAGES: u32 = 4000;
 /// Opens (creating if needed) a store with the durability every server
 /// relies on: WAL, `synchronous=FULL` (a commit is on disk when it
 /// returns), and 32 MiB of page cache so a large ledger's indexes stay in
-/// memory.
+/// memory. A new database file is created 0600 before SQLite opens it, so
+/// its `-wal` and `-shm` files are 0600 too.
 pub fn open_durable(path: &Path) -> rusqlite::Result<Connection> {
+    crate::files::open_private_append(path).map_err(|e| {
+        rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+            Some(format!("{}: {e}", path.display())),
+        )
+    })?;
     let conn = Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;

@@ -22,13 +22,10 @@ use tracing_subscriber::util::SubscriberInitExt;
 /// two always agree.
 pub fn init(component: &str, dir: &Path, level: &str) -> anyhow::Result<()> {
     let logs = dir.join("logs");
-    fs::create_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
+    crate::files::create_private_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let path = logs.join(format!("{component}.log"));
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(&path)
-        .with_context(|| format!("opening {}", path.display()))?;
+    let file =
+        crate::files::open_private_append(&path).with_context(|| format!("opening {}", path.display()))?;
     let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(level))?;
     let tee = Tee { file: std::sync::Arc::new(Mutex::new(file)) };
     tracing_subscriber::registry()

@@ -21,15 +21,10 @@ struct Cli {
     /// (default: the nearest `.strife`, else `./.strife`).
     #[arg(long, global = true, env = "STRIFE_DIR")]
     dir: Option<PathBuf>,
-    /// The gateway's address (default: the one `strife up` wrote in DIR).
-    #[arg(long, global = true, env = "STRIFE_GATEWAY")]
-    gateway: Option<String>,
-    /// Which logged-in session to act for, as USER@BANK (default: the most recent login).
-    #[arg(long = "as", global = true, value_name = "USER@BANK")]
-    as_user: Option<String>,
-    /// Print one JSON object on stdout and nothing else there.
-    #[arg(long, global = true)]
-    json: bool,
+    /// The client's flags, given before the command (`strife --json
+    /// balance`); client commands take them after it too.
+    #[command(flatten, next_help_heading = "Client options (before or after a client command)")]
+    client: ClientFlags,
     /// Run as a child of `strife up`: stop when standard input closes.
     #[arg(long, global = true, hide = true)]
     supervised: bool,
@@ -37,13 +32,60 @@ struct Cli {
     command: Command,
 }
 
+/// The flags of client commands. `main` merges the ones given before the
+/// command with the ones given after it (those win), so both
+/// `strife --json balance` and `strife balance --json` work; servers do not
+/// list them. (No clap `env` here: a flag must win over STRIFE_GATEWAY
+/// wherever it is given, so the variable is read after the merge.)
+#[derive(Args, Debug, Clone, Default)]
+struct ClientFlags {
+    /// The gateway's address (default: STRIFE_GATEWAY, else the one `strife up` wrote in DIR).
+    #[arg(long, value_name = "ADDR")]
+    gateway: Option<String>,
+    /// Which logged-in session to act for, as USER@BANK (default: the most recent login).
+    #[arg(long = "as", value_name = "USER@BANK")]
+    as_user: Option<String>,
+    /// Print one JSON object on stdout and nothing else there.
+    #[arg(long)]
+    json: bool,
+}
+
+impl ClientFlags {
+    /// These flags, completed by `outer` (flags given earlier on the line).
+    fn over(&self, outer: &ClientFlags) -> ClientFlags {
+        ClientFlags {
+            gateway: self.gateway.clone().or_else(|| outer.gateway.clone()),
+            as_user: self.as_user.clone().or_else(|| outer.as_user.clone()),
+            json: self.json || outer.json,
+        }
+    }
+}
+
+/// `--json` for a tool or `certs`: global within its command, so
+/// `strife certs init --json` and `strife certs --json init` both work.
+#[derive(Args, Debug, Clone, Copy, Default)]
+struct JsonOutput {
+    /// Print one JSON object on stdout and nothing else there.
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+/// STRIFE_GATEWAY, for a `--gateway` that was not given.
+fn gateway_from_env() -> Option<String> {
+    std::env::var("STRIFE_GATEWAY").ok().filter(|v| !v.is_empty())
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Start a local cluster (PKI, gateway, one server per bank) in the foreground.
     Up(up::UpArgs),
     /// Manage the PKI in DIR/certs.
-    #[command(subcommand)]
-    Certs(CertsCommand),
+    Certs {
+        #[command(flatten)]
+        output: JsonOutput,
+        #[command(subcommand)]
+        command: CertsCommand,
+    },
     /// Run the gateway.
     Gateway {
         /// Address to listen on (`127.0.0.1:0` takes a free port).
@@ -61,6 +103,10 @@ enum Command {
         /// Address to listen on (`127.0.0.1:0` takes a free port).
         #[arg(long)]
         listen: Option<String>,
+        /// The gateway to register with (default: STRIFE_GATEWAY, else
+        /// the one `strife up` wrote in DIR).
+        #[arg(long, value_name = "ADDR")]
+        gateway: Option<String>,
         /// Accounts to create if they do not exist (TOML; see README).
         #[arg(long)]
         accounts: Option<PathBuf>,
@@ -78,11 +124,19 @@ enum Command {
         /// (otherwise STRIFE_PASSWORD, otherwise a prompt).
         #[arg(long)]
         password_stdin: bool,
+        #[command(flatten)]
+        client: ClientFlags,
     },
     /// End the session (the token stops working at the gateway).
-    Logout,
+    Logout {
+        #[command(flatten)]
+        client: ClientFlags,
+    },
     /// Show the balance and the available balance.
-    Balance,
+    Balance {
+        #[command(flatten)]
+        client: ClientFlags,
+    },
     /// Pay another customer.
     Pay {
         /// The payee, as USER@BANK.
@@ -94,6 +148,8 @@ enum Command {
         /// The payment's id (a UUID); the same id never pays twice.
         #[arg(long)]
         id: Option<String>,
+        #[command(flatten)]
+        client: ClientFlags,
     },
     /// Show sent and received payments, newest first.
     History {
@@ -106,35 +162,98 @@ enum Command {
         /// Show every payment, following the pages to the end.
         #[arg(long)]
         all: bool,
+        #[command(flatten)]
+        client: ClientFlags,
     },
     /// Payments waiting to be sent.
     Outbox {
+        #[command(flatten)]
+        client: ClientFlags,
         #[command(subcommand)]
         action: Option<OutboxAction>,
     },
     /// An interactive menu of every action.
-    Shell,
+    Shell {
+        #[command(flatten)]
+        client: ClientFlags,
+    },
     /// What the gateway knows: banks and payment counts.
-    Status,
+    Status {
+        #[command(flatten)]
+        client: ClientFlags,
+    },
     /// The outcome of one of your payments, by id.
     Payment {
         #[arg(long)]
         id: String,
+        #[command(flatten)]
+        client: ClientFlags,
     },
     /// Cross-check the gateway's payments against every bank's ledger (exit 0 when all agree).
-    Audit,
+    Audit {
+        #[command(flatten)]
+        output: JsonOutput,
+    },
     /// Measure payments per second and latency (own cluster, or --gateway).
-    Bench(bench::BenchArgs),
+    Bench {
+        #[command(flatten)]
+        args: bench::BenchArgs,
+        /// A running gateway to measure (default: the bench starts its own cluster).
+        #[arg(long, value_name = "ADDR")]
+        gateway: Option<String>,
+        #[command(flatten)]
+        output: JsonOutput,
+    },
 }
 
-#[derive(Subcommand, Debug, Clone, Copy)]
+#[derive(Subcommand, Debug, Clone)]
 enum OutboxAction {
     /// List waiting payments and outcomes not yet shown (the default).
-    List,
+    List(ClientFlags),
     /// Try to send every waiting payment now.
-    Flush,
+    Flush(ClientFlags),
     /// Keep sending until the outbox is empty (Ctrl-C stops).
-    Watch,
+    Watch(ClientFlags),
+}
+
+impl Command {
+    /// The client flags given after a client command, completed by the
+    /// ones given before it; None for the servers and tools.
+    fn client_flags(&self, outer: &ClientFlags) -> Option<ClientFlags> {
+        let inner = match self {
+            Command::Login { client, .. }
+            | Command::Logout { client }
+            | Command::Balance { client }
+            | Command::Pay { client, .. }
+            | Command::History { client, .. }
+            | Command::Shell { client }
+            | Command::Status { client }
+            | Command::Payment { client, .. } => client.over(outer),
+            Command::Outbox { client, action } => match action {
+                Some(OutboxAction::List(a) | OutboxAction::Flush(a) | OutboxAction::Watch(a)) => {
+                    a.over(&client.over(outer))
+                }
+                None => client.over(outer),
+            },
+            Command::Up(_)
+            | Command::Certs { .. }
+            | Command::Gateway { .. }
+            | Command::Bank { .. }
+            | Command::Audit { .. }
+            | Command::Bench { .. } => return None,
+        };
+        Some(inner)
+    }
+
+    /// Whether `--json` was given, before or after the command.
+    fn json(&self, outer: &ClientFlags) -> bool {
+        match self {
+            Command::Certs { output, .. } | Command::Audit { output } | Command::Bench { output, .. } => {
+                output.json || outer.json
+            }
+            other => other.client_flags(outer).is_some_and(|f| f.json) || outer.json,
+        }
+    }
 }
 
 #[derive(Subcommand, Debug)]
@@ -144,11 +263,15 @@ enum CertsCommand {
     /// Make a new token-signing key; tokens signed with the previous keys
     /// stay valid (the gateway reads the keys when it starts).
     RotateTokenKey,
-    /// Add one identity to an existing PKI (or renew it).
+    /// Add one identity to an existing PKI (or renew it): a bank's server
+    /// certificate or a client's certificate, signed by the CA in DIR/certs.
     Issue {
-        #[arg(long, conflicts_with = "client", required_unless_present = "client")]
+        /// The bank to issue a certificate for (its name, as in `--name` of `strife bank`).
+        #[arg(long, value_name = "NAME", conflicts_with = "client", required_unless_present = "client")]
         bank: Option<String>,
-        #[arg(long)]
+        /// The client identity to issue a certificate for (the client
+        /// commands use the one named `client`).
+        #[arg(long, value_name = "NAME")]
         client: Option<String>,
     },
 }
@@ -161,8 +284,11 @@ struct CertsInit {
 }
 
 fn main() {
+    // Everything strife creates under DIR is private, whatever the umask
+    // it was started with (children inherit it).
+    strife_rpc::files::restrict_umask();
     let cli = Cli::parse();
-    let json = cli.json;
+    let json = cli.command.json(&cli.client);
     let code = match run(cli) {
         Ok(reply) => emit(&reply, json),
         Err(e) => emit(&e.to_reply(), json),
@@ -213,17 +339,22 @@ fn fatal(e: anyhow::Error) -> CliError {
 
 fn run(cli: Cli) -> Result<Reply, CliError> {
     let dir = strife_client::connect::resolve_dir(cli.dir.as_deref());
+    let flags = cli.command.client_flags(&cli.client);
     match cli.command {
         Command::Up(args) => {
             let dir = cli.dir.unwrap_or_else(|| PathBuf::from(strife_client::connect::DEFAULT_DIR));
             runtime(false)?.block_on(up::run(dir, args)).map_err(fatal)?;
             Ok(Reply::done(serde_json::json!({"stopped": true}), ""))
         }
-        Command::Certs(cmd) => certs(&dir, cmd).map_err(fatal),
-        Command::Audit => audit::run(&dir).map_err(fatal),
-        Command::Bench(args) => {
+        Command::Certs { command, .. } => certs(&dir, command).map_err(fatal),
+        Command::Audit { .. } => {
+            let dir = strife_client::connect::existing_dir(cli.dir.as_deref(), Exit::Unexpected)?;
+            audit::run(&dir).map_err(fatal)
+        }
+        Command::Bench { args, gateway, .. } => {
             strife_rpc::telemetry::init_stderr("warn");
-            runtime(false)?.block_on(bench::run(args, cli.dir, cli.gateway)).map_err(fatal)
+            let gateway = gateway.or(cli.client.gateway).or_else(gateway_from_env);
+            runtime(false)?.block_on(bench::run(args, cli.dir, gateway)).map_err(fatal)
         }
         Command::Gateway { listen, config } => {
             let config = Config::load(&dir, config.as_deref()).map_err(fatal)?;
@@ -242,13 +373,14 @@ fn run(cli: Cli) -> Result<Reply, CliError> {
                 })?;
             Ok(Reply::done(serde_json::json!({"stopped": true}), ""))
         }
-        Command::Bank { name, listen, accounts, config } => {
+        Command::Bank { name, listen, gateway, accounts, config } => {
             strife_core::validate_bank_name(&name).map_err(|e| CliError::new(Exit::Usage, e.to_string()))?;
             let config = Config::load(&dir, config.as_deref()).map_err(fatal)?;
             strife_rpc::telemetry::init(&name, &dir, &config.log.level).map_err(fatal)?;
             let listen = listen.unwrap_or_else(|| config.bank.listen.clone());
             let workers = config.runtime.workers;
-            let opts = strife_bank::BankOptions { dir, name, config, gateway: cli.gateway, accounts };
+            let gateway = gateway.or(cli.client.gateway).or_else(gateway_from_env);
+            let opts = strife_bank::BankOptions { dir, name, config, gateway, accounts };
             server_runtime(workers)?
                 .block_on(async move {
                     let (listener, _) = strife_rpc::serve::bind(&listen).await?;
@@ -260,15 +392,37 @@ fn run(cli: Cli) -> Result<Reply, CliError> {
                 })?;
             Ok(Reply::done(serde_json::json!({"stopped": true}), ""))
         }
-        Command::Shell => {
-            let client = open_client(&dir, cli.gateway, cli.as_user.as_deref())?;
-            runtime(true)?.block_on(strife_client::shell::run(client))
-        }
         command => {
+            let flags = flags.unwrap_or_default();
+            let dir = match client_dir_need(&command) {
+                // Only a login (here or in the shell) may create DIR.
+                None => dir,
+                Some(exit) => strife_client::connect::existing_dir(cli.dir.as_deref(), exit)?,
+            };
+            let mut client = open_client(&dir, flags)?;
+            if let Command::Shell { .. } = command {
+                return runtime(true)?.block_on(strife_client::shell::run(client));
+            }
             strife_rpc::telemetry::init_stderr("warn");
-            let mut client = open_client(&dir, cli.gateway, cli.as_user.as_deref())?;
             runtime(true)?.block_on(client_command(&mut client, command))
         }
+    }
+}
+
+/// Whether a client command needs an existing Strife directory, and the
+/// exit code it gives when there is none: only `login` (and the shell,
+/// through its login) may create one. Commands that act for a session
+/// answer "not authenticated" (there is no session), the others
+/// "unexpected" (there is no cluster to ask).
+fn client_dir_need(command: &Command) -> Option<Exit> {
+    match command {
+        Command::Login { .. } | Command::Shell { .. } => None,
+        Command::Logout { .. }
+        | Command::Balance { .. }
+        | Command::Pay { .. }
+        | Command::History { .. }
+        | Command::Payment { .. } => Some(Exit::NotAllowed),
+        _ => Some(Exit::Unexpected),
     }
 }
 
@@ -290,37 +444,35 @@ async fn shutdown(supervised: bool) {
     }
 }
 
-fn open_client(
-    dir: &std::path::Path,
-    gateway: Option<String>,
-    as_user: Option<&str>,
-) -> Result<Client, CliError> {
-    let as_user = as_user
+fn open_client(dir: &std::path::Path, flags: ClientFlags) -> Result<Client, CliError> {
+    let as_user = flags
+        .as_user
         .map(|s| s.parse::<UserRef>().map_err(|e| CliError::new(Exit::Usage, format!("--as: {e}"))))
         .transpose()?;
     let config = Config::load(dir, None).map_err(fatal)?;
+    let gateway = flags.gateway.or_else(gateway_from_env);
     Client::open(dir.to_path_buf(), gateway, as_user, config.client)
 }
 
 async fn client_command(client: &mut Client, command: Command) -> Result<Reply, CliError> {
     match command {
-        Command::Login { bank, user, password_stdin } => {
+        Command::Login { bank, user, password_stdin, .. } => {
             let password = read_password(password_stdin)?;
             client.login(&bank, &user, password).await
         }
-        Command::Logout => client.logout().await,
-        Command::Balance => client.balance().await,
-        Command::Pay { to, amount, id } => client.pay(&to, &amount, id.as_deref()).await,
-        Command::History { limit, page_token, all } => {
+        Command::Logout { .. } => client.logout().await,
+        Command::Balance { .. } => client.balance().await,
+        Command::Pay { to, amount, id, .. } => client.pay(&to, &amount, id.as_deref()).await,
+        Command::History { limit, page_token, all, .. } => {
             client.history(strife_client::commands::HistoryPage { size: limit, token: page_token, all }).await
         }
-        Command::Outbox { action } => match action.unwrap_or(OutboxAction::List) {
-            OutboxAction::List => client.outbox_list(),
-            OutboxAction::Flush => client.outbox_flush().await,
-            OutboxAction::Watch => client.outbox_watch(strife_rpc::serve::shutdown_signal()).await,
+        Command::Outbox { action, .. } => match action {
+            None | Some(OutboxAction::List(_)) => client.outbox_list(),
+            Some(OutboxAction::Flush(_)) => client.outbox_flush().await,
+            Some(OutboxAction::Watch(_)) => client.outbox_watch(strife_rpc::serve::shutdown_signal()).await,
         },
-        Command::Status => client.status().await,
-        Command::Payment { id } => client.payment(&id).await,
+        Command::Status { .. } => client.status().await,
+        Command::Payment { id, .. } => client.payment(&id).await,
         other => Err(CliError::unexpected(format!("{other:?} is not a client command"))),
     }
 }
@@ -391,5 +543,105 @@ fn certs(dir: &std::path::Path, cmd: CertsCommand) -> anyhow::Result<Reply> {
                 format!("Issued {peer}: {} and {}", files.cert.display(), files.key.display()),
             ))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("strife").chain(args.iter().copied()))
+    }
+
+    /// The client flags a command line ends up with (None: not a client command).
+    fn flags(args: &[&str]) -> Option<ClientFlags> {
+        let cli = parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+        cli.command.client_flags(&cli.client)
+    }
+
+    #[test]
+    fn the_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn client_flags_work_before_and_after_the_command() {
+        for args in [
+            &["--json", "balance"][..],
+            &["balance", "--json"],
+            &["--json", "outbox", "list"],
+            &["outbox", "--json", "list"],
+            &["outbox", "list", "--json"],
+            &["outbox", "--json"],
+            &["--json", "pay", "--to", "u@B", "--amount", "1"],
+            &["pay", "--to", "u@B", "--amount", "1", "--json"],
+            &["history", "--json", "--limit", "3"],
+            &["status", "--json"],
+            &["--json", "login", "--bank", "B", "--user", "u"],
+        ] {
+            assert!(flags(args).is_some_and(|f| f.json), "{args:?}");
+        }
+        let f = flags(&["--as", "u1@A", "--gateway", "g1", "balance"]).expect("client");
+        assert_eq!((f.as_user.as_deref(), f.gateway.as_deref()), (Some("u1@A"), Some("g1")));
+        let f = flags(&["balance", "--as", "u1@A", "--gateway", "g1"]).expect("client");
+        assert_eq!((f.as_user.as_deref(), f.gateway.as_deref()), (Some("u1@A"), Some("g1")));
+        // Given both before and after the command, the later one wins.
+        let f = flags(&["--as", "u1@A", "outbox", "--as", "u2@A", "flush", "--as", "u3@A"]).expect("client");
+        assert_eq!(f.as_user.as_deref(), Some("u3@A"));
+        assert!(flags(&["balance"]).is_some_and(|f| !f.json && f.as_user.is_none()));
+    }
+
+    #[test]
+    fn tools_keep_their_json_and_gateway_flags() {
+        for args in [
+            &["--json", "audit"][..],
+            &["audit", "--json"],
+            &["--json", "bench"],
+            &["bench", "--json"],
+            &["certs", "init", "--json"],
+            &["certs", "--json", "init"],
+            &["--json", "certs", "init"],
+        ] {
+            let cli = parse(args).unwrap_or_else(|e| panic!("{args:?}: {e}"));
+            assert!(cli.command.json(&cli.client), "{args:?}");
+        }
+        for args in [&["bank", "--name", "B", "--gateway", "g"][..], &["bench", "--gateway", "g"]] {
+            assert!(parse(args).is_ok(), "{args:?}");
+        }
+        let cli = parse(&["--gateway", "g", "bank", "--name", "B"]).expect("before the command");
+        assert_eq!(cli.client.gateway.as_deref(), Some("g"));
+    }
+
+    #[test]
+    fn servers_take_no_client_flags() {
+        for args in [
+            &["up", "--json"][..],
+            &["up", "--as", "u@B"],
+            &["up", "--gateway", "g"],
+            &["gateway", "--json"],
+            &["gateway", "--as", "u@B"],
+            &["bank", "--name", "B", "--as", "u@B"],
+            &["certs", "init", "--as", "u@B"],
+        ] {
+            assert!(parse(args).is_err(), "{args:?} is refused");
+        }
+        let mut cmd = Cli::command();
+        for name in ["up", "gateway", "bank"] {
+            let help = cmd.find_subcommand_mut(name).expect(name).render_long_help().to_string();
+            assert!(!help.contains("--as") && !help.contains("--json"), "{name}: {help}");
+        }
+        let help = cmd.find_subcommand_mut("balance").expect("balance").render_long_help().to_string();
+        assert!(help.contains("--as") && help.contains("--json") && help.contains("--gateway"), "{help}");
+    }
+
+    #[test]
+    fn certs_issue_explains_its_flags() {
+        let mut cmd = Cli::command();
+        let certs = cmd.find_subcommand_mut("certs").expect("certs");
+        let help = certs.find_subcommand_mut("issue").expect("issue").render_long_help().to_string();
+        assert!(help.contains("The bank to issue a certificate for"), "{help}");
+        assert!(help.contains("The client identity to issue a certificate for"), "{help}");
     }
 }

@@ -237,8 +237,177 @@ fn the_shell_covers_every_action() {
     assert!(text.contains("The outbox is empty"), "{text}");
     assert!(text.contains("first  send: committed (replayed: false)"), "{text}");
     assert!(text.contains("second send: committed (replayed: true)"), "{text}");
-    assert!(text.contains("2.00 moved, once"), "{text}");
+    assert!(text.contains("balance 998.75 -> 996.75: 2.00 moved, once."), "unquoted amounts: {text}");
     assert!(text.contains("Logged out user1@BankA"), "{text}");
     c.login("user2", "BankB");
     assert_eq!(c.balance("user2@BankB").0, 200_000 + 125 + 200);
+}
+
+/// Runs `strife shell` with `script` on standard input; its stdout.
+fn run_shell(dir: &std::path::Path, script: &str) -> String {
+    let mut child = std::process::Command::new(BIN)
+        .arg("--dir")
+        .arg(dir)
+        .arg("shell")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("shell");
+    use std::io::Write;
+    child.stdin.take().expect("stdin").write_all(script.as_bytes()).expect("write");
+    let out = child.wait_with_output().expect("output");
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{text}");
+    text
+}
+
+#[test]
+fn the_shell_lists_sessions_and_never_switches_to_one_not_logged_in() {
+    let c = Cluster::start(&["BankA", "BankB"]);
+    c.login("user1", "BankA");
+    // user2@BankB is the most recent login; the shell acts for it, then
+    // switches to user1@BankA by number, then fails to switch to user3.
+    c.login("user2", "BankB");
+    let text = run_shell(c.path(), "8\n2\n8\nuser3@BankA\n2\n8\nnope\n8\n9\n0\n");
+    let sessions = text.find("Sessions (most recent login first):").expect("the menu lists the sessions");
+    let listed = &text[sessions..];
+    let (first, second) =
+        (listed.find("1) user2@BankB").expect("1"), listed.find("2) user1@BankA").expect("2"));
+    assert!(first < second, "{text}");
+    assert!(
+        listed.lines().nth(1).is_some_and(|l| l.contains("until 20") && l.contains("(current)")),
+        "{text}"
+    );
+    assert!(text.contains("Now acting as user1@BankA."), "{text}");
+    assert!(
+        text.contains(
+            "error: user3@BankA is not logged in here (log in with 1); still acting as user1@BankA."
+        ),
+        "{text}"
+    );
+    // The balance after the failed switch is user1's (1000.00, no quotes),
+    // never the most recent login's.
+    let after = &text[text.find("still acting as user1@BankA").expect("failed switch")..];
+    assert!(after.contains("user1@BankA: balance 1000.00, available 1000.00"), "{text}");
+    assert!(!after.contains("user2@BankB: balance"), "{text}");
+    assert!(text.contains("error: 9 is not on the list; still acting as user1@BankA."), "{text}");
+    assert_eq!(text.matches("still acting as user1@BankA.").count(), 3, "nope, 9 and user3: {text}");
+}
+
+#[test]
+fn commands_that_only_read_create_nothing_outside_a_strife_directory() {
+    let place = TempDir::new("nowhere");
+    let cwd = place.0.join("sub");
+    std::fs::create_dir_all(&cwd).expect("cwd");
+    assert!(
+        cwd.ancestors().all(|a| !a.join(".strife").exists()),
+        "the test needs a place with no .strife above it: {}",
+        cwd.display()
+    );
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(BIN)
+            .current_dir(&cwd)
+            .args(args)
+            .env_remove("STRIFE_DIR")
+            .env_remove("STRIFE_GATEWAY")
+            .env_remove("STRIFE_PASSWORD")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .expect("strife");
+        Run {
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        }
+    };
+    let id = strife_core::PaymentId::new_random().to_string();
+    let cases: [(&[&str], i32); 11] = [
+        (&["balance"], 5),
+        (&["history"], 5),
+        (&["payment", "--id", &id], 5),
+        (&["logout"], 5),
+        (&["pay", "--to", "user2@BankB", "--amount", "1"], 5),
+        (&["outbox"], 1),
+        (&["outbox", "list"], 1),
+        (&["outbox", "flush"], 1),
+        (&["status"], 1),
+        (&["audit"], 1),
+        (&["--dir", "elsewhere", "balance"], 5),
+    ];
+    for (args, code) in cases {
+        let r = run(args);
+        assert_eq!(r.code, code, "{args:?}: {r:?}");
+        assert!(r.stderr.contains("no Strife directory"), "{args:?}: {r:?}");
+        let mut json = vec!["--json"];
+        json.extend_from_slice(args);
+        let r = run(&json);
+        assert_eq!(r.code, code, "the same exit with --json: {args:?}: {r:?}");
+        assert!(r.json()["message"].as_str().is_some_and(|m| m.contains("no Strife directory")), "{r:?}");
+    }
+    // A login that cannot reach a cluster creates nothing either.
+    let r = run(&["login", "--bank", "BankA", "--user", "user1", "--password-stdin"]);
+    assert_eq!(r.code, 1, "{r:?}");
+    let created: Vec<_> = std::fs::read_dir(&place.0)
+        .expect("read")
+        .chain(std::fs::read_dir(&cwd).expect("read"))
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| *p != cwd)
+        .collect();
+    assert!(created.is_empty(), "nothing is created: {created:?}");
+}
+
+#[test]
+fn every_file_is_0600_and_every_directory_0700_whatever_the_umask() {
+    use std::os::unix::fs::PermissionsExt;
+    let place = TempDir::new("modes");
+    let dir = place.0.join("cluster");
+    // `strife up` started the way a shell with the usual umask starts it.
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", "umask 022 && exec \"$0\" \"$@\""])
+        .arg(BIN)
+        .arg("--dir")
+        .arg(&dir)
+        .args(["up", "--port", "0"]);
+    let (mut up, _ready, _lines) = spawn_command_until(cmd, &place.0, "strife: ready");
+    let r = run_cli(&dir, &["login", "--bank", "BankA", "--user", "user1"], &[("STRIFE_PASSWORD", "pass1")]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let r = run_cli(&dir, &["pay", "--to", "user2@BankB", "--amount", "1"], &[]);
+    assert_eq!(r.code, 0, "{r:?}");
+
+    let mut seen = Vec::new();
+    let mut stack = vec![dir.clone()];
+    while let Some(path) = stack.pop() {
+        let meta = std::fs::metadata(&path).expect("metadata");
+        let mode = meta.permissions().mode() & 0o777;
+        if meta.is_dir() {
+            assert_eq!(mode, 0o700, "{}", path.display());
+            stack.extend(std::fs::read_dir(&path).expect("read").filter_map(Result::ok).map(|e| e.path()));
+        } else {
+            assert_eq!(mode, 0o600, "{}", path.display());
+        }
+        seen.push(path.strip_prefix(&dir).expect("under DIR").to_string_lossy().into_owned());
+    }
+    for expected in [
+        "certs",
+        "certs/ca.key",
+        "logs",
+        "logs/gateway.log",
+        "logs/BankA.log",
+        "gateway",
+        "gateway/gateway.db",
+        "gateway/gateway.db-wal",
+        "gateway/gateway.db-shm",
+        "banks",
+        "banks/BankB",
+        "banks/BankB/bank.db",
+        "banks/BankB/bank.db-wal",
+        "client.db",
+    ] {
+        assert!(seen.iter().any(|s| s == expected), "{expected} was checked: {seen:?}");
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(up.id() as i32), nix::sys::signal::Signal::SIGTERM)
+        .expect("signal");
+    assert_eq!(wait_exit(&mut up), Some(0));
 }

@@ -41,6 +41,110 @@ fn sixteen_concurrent_copies_move_money_once() {
 }
 
 #[test]
+fn sixteen_cli_processes_with_one_id_in_one_directory_pay_once() {
+    let c = Cluster::start(&["BankA", "BankB"]);
+    c.login("user1", "BankA");
+    c.login("user2", "BankB");
+    let id = strife_core::PaymentId::new_random().to_string();
+    let pay = |to: &str, amount: &str, id: &str| {
+        Invocation::new(&["--json", "--as", "user1@BankA", "pay", "--to", to, "--amount", amount, "--id", id])
+    };
+    let runs = run_cli_concurrently(c.path(), &vec![pay("user2@BankB", "1.00", &id); 16]);
+    for r in &runs {
+        assert_eq!(r.code, 0, "every copy exits 0: {r:?}");
+        let j = r.json();
+        assert_eq!(
+            (j["payment_id"].as_str(), j["status"].as_str(), &j["reason"]),
+            (Some(id.as_str()), Some("committed"), &serde_json::Value::Null),
+            "every copy reports the one outcome: {r:?}"
+        );
+    }
+    let replayed = runs.iter().filter(|r| r.json()["replayed"] == true).count();
+    assert_eq!(replayed, 15, "one first attempt, 15 replays: {runs:?}");
+    assert_eq!(c.balance("user1@BankA").0, 100_000 - 100, "the money moved once");
+    assert_eq!(c.balance("user2@BankB").0, 200_000 + 100);
+    let list = c.cli(&["--json", "outbox", "list"]).json();
+    assert_eq!(list["pending"].as_array().map(Vec::len), Some(0), "{list}");
+
+    // The same id for another payment, from many processes at once: each is
+    // refused with exit 7 naming what differs, and nothing moves.
+    let mut others = vec![pay("user2@BankB", "2.00", &id); 8];
+    others.extend(vec![pay("user3@BankB", "1.00", &id); 8]);
+    let runs = run_cli_concurrently(c.path(), &others);
+    for (i, r) in runs.iter().enumerate() {
+        let field = if i < 8 { "amount differs" } else { "payee differs" };
+        assert_eq!((r.code, r.json()["error"].as_str()), (7, Some("payment_id_reused")), "{r:?}");
+        assert!(r.json()["message"].as_str().is_some_and(|m| m.contains(field)), "{field}: {r:?}");
+    }
+    assert_eq!(c.balance("user1@BankA").0, 100_000 - 100, "nothing more moved");
+
+    // A new id sent at once for two different amounts: whichever process
+    // records it first defines the payment; every copy of that one gets its
+    // outcome, every copy of the other exit 7, and the money moves once.
+    let id = strife_core::PaymentId::new_random().to_string();
+    let mut race = vec![pay("user2@BankB", "1.00", &id); 8];
+    race.extend(vec![pay("user2@BankB", "3.00", &id); 8]);
+    let runs = run_cli_concurrently(c.path(), &race);
+    let (ones, threes) = runs.split_at(8);
+    let (winners, losers, amount) = if ones[0].code == 0 { (ones, threes, 100) } else { (threes, ones, 300) };
+    assert!(winners.iter().all(|r| r.code == 0 && r.json()["status"] == "committed"), "{runs:?}");
+    assert_eq!(winners.iter().filter(|r| r.json()["replayed"] == false).count(), 1, "{runs:?}");
+    for r in losers {
+        assert_eq!(r.code, 7, "{r:?}");
+        assert!(r.json()["message"].as_str().is_some_and(|m| m.contains("amount differs")), "{r:?}");
+    }
+    assert_eq!(c.balance("user1@BankA").0, 100_000 - 100 - amount, "moved once");
+    assert_eq!(c.balance("user2@BankB").0, 200_000 + 100 + amount);
+}
+
+#[test]
+fn concurrent_logins_logouts_and_queries_share_one_directory() {
+    let c = Cluster::start(&["BankA", "BankB"]);
+    assert!(!c.path().join("client.db").exists(), "no client state before the first login");
+    let customers: Vec<(String, &str, u32)> = ["BankA", "BankB"]
+        .iter()
+        .flat_map(|bank| (1..=5).map(move |n| (format!("user{n}"), *bank, n)))
+        .collect();
+    let logins: Vec<_> = customers
+        .iter()
+        .map(|(user, bank, n)| {
+            Invocation::new(&["--json", "login", "--bank", bank, "--user", user])
+                .env("STRIFE_PASSWORD", &format!("pass{n}"))
+        })
+        .collect();
+    let runs = run_cli_concurrently(c.path(), &logins);
+    for (r, (user, bank, _)) in runs.iter().zip(&customers) {
+        assert_eq!(r.code, 0, "{r:?}");
+        assert_eq!(
+            (r.json()["user"].as_str(), r.json()["bank"].as_str()),
+            (Some(user.as_str()), Some(*bank))
+        );
+    }
+    for (user, bank, n) in &customers {
+        assert_eq!(c.balance(&format!("{user}@{bank}")).0, i64::from(*n) * 100_000, "{user}@{bank}");
+    }
+
+    // Logouts, balances and outbox listings, all at once.
+    let mut mixed = Vec::new();
+    for (user, bank, _) in &customers {
+        let who = format!("{user}@{bank}");
+        mixed.push(if *bank == "BankB" {
+            Invocation::new(&["--json", "--as", &who, "logout"])
+        } else {
+            Invocation::new(&["--json", "--as", &who, "balance"])
+        });
+        mixed.push(Invocation::new(&["--json", "outbox", "list"]));
+    }
+    let runs = run_cli_concurrently(c.path(), &mixed);
+    assert!(runs.iter().all(|r| r.code == 0), "{runs:?}");
+    for (user, bank, _) in &customers {
+        let r = c.cli(&["--json", "--as", &format!("{user}@{bank}"), "balance"]);
+        let expected = if *bank == "BankB" { 5 } else { 0 };
+        assert_eq!(r.code, expected, "{user}@{bank} logged out only if at BankB: {r:?}");
+    }
+}
+
+#[test]
 fn replays_survive_restarts_and_a_declined_id_stays_declined() {
     let mut c = Cluster::start(&["BankA", "BankB"]);
     c.login("user1", "BankA");
@@ -136,6 +240,10 @@ fn the_outbox_keeps_payments_while_the_gateway_is_down() {
     let r2 = c.cli(&["--as", "user1@BankA", "pay", "--to", "user2@BankB", "--amount", "5"]);
     assert_eq!(r2.code, 4, "{r2:?}");
     assert!(r2.stdout.contains("waits in the outbox"), "{r2:?}");
+    // Said once, clearly: where, and the cause (not "tcp connect error" twice).
+    let unreachable = format!("the gateway is unreachable ({addr}: Connection refused");
+    assert_eq!(r2.stdout.matches(&unreachable).count(), 1, "{r2:?}");
+    assert!(!r2.stdout.contains("connect error") && !r2.stdout.contains("transport error"), "{r2:?}");
     let list = c.cli(&["--json", "outbox", "list"]).json();
     assert_eq!(list["pending"].as_array().map(Vec::len), Some(2), "{list}");
     assert!(list["pending"][0]["last_error"].as_str().is_some_and(|e| e.contains("unreachable")), "{list}");

@@ -96,14 +96,26 @@ pub fn spawn_until(
     marker: &str,
     envs: &[(&str, &str)],
 ) -> (Child, String, mpsc::Receiver<String>) {
-    static N: AtomicU32 = AtomicU32::new(0);
-    let err_path = dir.join(format!("stderr-{}.log", N.fetch_add(1, Ordering::SeqCst)));
-    let err_file = std::fs::File::create(&err_path).expect("stderr file");
     let mut cmd = Command::new(BIN);
-    cmd.arg("--dir").arg(dir).args(args).stdin(Stdio::null()).stdout(Stdio::piped()).stderr(err_file);
+    cmd.arg("--dir").arg(dir).args(args);
     for (k, v) in envs {
         cmd.env(k, v);
     }
+    spawn_command_until(cmd, dir, marker)
+}
+
+/// Starts `cmd` (its stderr goes to a file in `err_dir`) and waits for a
+/// stdout line containing `marker`; returns the process and that line.
+pub fn spawn_command_until(
+    mut cmd: Command,
+    err_dir: &Path,
+    marker: &str,
+) -> (Child, String, mpsc::Receiver<String>) {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let err_path = err_dir.join(format!("stderr-{}.log", N.fetch_add(1, Ordering::SeqCst)));
+    let err_file = std::fs::File::create(&err_path).expect("stderr file");
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(err_file);
+    let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
     let mut child = cmd.spawn().expect("spawn strife");
     let out = child.stdout.take().expect("stdout");
     let (tx, rx) = mpsc::channel();
@@ -281,6 +293,56 @@ pub fn run_cli(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Run {
         stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
         stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
     }
+}
+
+/// One `strife --dir DIR` invocation for [`run_cli_concurrently`].
+#[derive(Debug, Clone)]
+pub struct Invocation {
+    pub args: Vec<String>,
+    /// Extra environment (STRIFE_PASSWORD is removed otherwise).
+    pub envs: Vec<(String, String)>,
+}
+
+impl Invocation {
+    pub fn new(args: &[&str]) -> Invocation {
+        Invocation { args: args.iter().map(|a| a.to_string()).collect(), envs: Vec::new() }
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Invocation {
+        self.envs.push((key.to_owned(), value.to_owned()));
+        self
+    }
+}
+
+/// Runs every invocation as its own process, all at once (each is started
+/// before any is waited for); the outputs in order.
+pub fn run_cli_concurrently(dir: &Path, runs: &[Invocation]) -> Vec<Run> {
+    let children: Vec<Child> = runs
+        .iter()
+        .map(|run| {
+            let mut cmd = Command::new(BIN);
+            cmd.arg("--dir")
+                .arg(dir)
+                .args(&run.args)
+                .stdin(Stdio::null())
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .env_remove("STRIFE_PASSWORD")
+                .envs(run.envs.iter().map(|(k, v)| (k, v)));
+            cmd.spawn().expect("spawn strife")
+        })
+        .collect();
+    children
+        .into_iter()
+        .map(|child| {
+            let out = child.wait_with_output().expect("wait for strife");
+            Run {
+                code: out.status.code().unwrap_or(-1),
+                stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+                stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+            }
+        })
+        .collect()
 }
 
 /// "12.50" -> 1250
