@@ -3,7 +3,7 @@
 
 use anyhow::{Context, bail};
 use argon2::Argon2;
-use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
+use argon2::{PasswordHash, PasswordHasher};
 use serde::Deserialize;
 use std::path::Path;
 use strife_core::{Amount, Secret, validate_user_name};
@@ -105,10 +105,9 @@ pub fn load_accounts_file(path: &Path) -> anyhow::Result<Vec<AccountSpec>> {
 /// Hashes a password with Argon2id and a fresh salt (PHC string format).
 pub fn hash_password(password: &Secret<String>) -> anyhow::Result<String> {
     // 16 bytes from the OS's random source (a v4 UUID is exactly that).
-    let salt = SaltString::encode_b64(uuid::Uuid::new_v4().as_bytes())
-        .map_err(|e| anyhow::anyhow!("making a salt: {e}"))?;
+    let salt = uuid::Uuid::new_v4();
     let hash = Argon2::default()
-        .hash_password(password.expose().as_bytes(), &salt)
+        .hash_password_with_salt(password.expose().as_bytes(), salt.as_bytes())
         .map_err(|e| anyhow::anyhow!("hashing a password: {e}"))?;
     Ok(hash.to_string())
 }
@@ -121,10 +120,8 @@ pub fn verify_password_in(password: &Secret<String>, stored: &str, memory: &mut 
     let Ok(hash) = PasswordHash::new(stored) else { return false };
     let (Some(expected), Some(salt)) = (hash.hash, hash.salt) else { return false };
     let Ok(params) = argon2::Params::try_from(&hash) else { return false };
-    let Ok(algorithm) = argon2::Algorithm::try_from(hash.algorithm) else { return false };
+    let Ok(algorithm) = argon2::Algorithm::try_from(hash.algorithm.as_str()) else { return false };
     let version = hash.version.and_then(|v| argon2::Version::try_from(v).ok()).unwrap_or_default();
-    let mut salt_buf = [0u8; 64];
-    let Ok(salt) = salt.decode_b64(&mut salt_buf) else { return false };
     if memory.len() < params.block_count() {
         memory.resize(params.block_count(), argon2::Block::default());
     }
@@ -133,7 +130,7 @@ pub fn verify_password_in(password: &Secret<String>, stored: &str, memory: &mut 
     if argon
         .hash_password_into_with_memory(
             password.expose().as_bytes(),
-            salt,
+            &salt,
             &mut out,
             &mut memory[..params.block_count()],
         )
