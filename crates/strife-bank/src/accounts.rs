@@ -161,6 +161,19 @@ mod tests {
     }
 
     #[test]
+    fn hashes_made_before_still_verify() {
+        // Made by `hash_password("pass1")` with argon2 0.5: accounts files
+        // and stores hold such hashes, and later versions must accept them.
+        let old = "$argon2id$v=19$m=19456,t=2,p=1$zNN1IpHjTMK/wZcA6gFdbQ$2OwkE0ulxPNd4IrxXvWyR0OZtYHLdoMghVr2oB/Jz9o";
+        let mut memory = Vec::new();
+        assert!(verify_password_in(&Secret::new("pass1".into()), old, &mut memory));
+        assert!(!verify_password_in(&Secret::new("pass2".into()), old, &mut memory));
+        // New hashes keep the same parameters (Argon2id, v=19, 19 MiB, 2 passes).
+        let new = hash_password(&Secret::new("pass1".into())).expect("hash");
+        assert!(new.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{new}");
+    }
+
+    #[test]
     fn samples_follow_the_contract() {
         let s = sample_accounts();
         assert_eq!(s.len(), 5);

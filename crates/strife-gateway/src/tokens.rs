@@ -228,6 +228,22 @@ mod tests {
     }
 
     #[test]
+    fn tokens_are_unchanged_across_library_versions() {
+        // Issued by jsonwebtoken 9 with key [7; 32]: sessions saved before an
+        // upgrade stay valid, and the same claims still give the same token.
+        let old = "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiIsImtpZCI6ImsxIn0.eyJzdWIiOiJ1c2VyMSIsImJhbmsiOiJCYW5rQSIsImlhdCI6MSwiZXhwIjo0MDAwMDAwMDAwLCJqdGkiOiJqIiwiaXNzIjoic3RyaWZlLWdhdGV3YXkiLCJhdWQiOiJzdHJpZmUifQ.sUp_r3CtGvJiU9y-6MSZLejK2dw-zgZvv9YTiVCe5QE";
+        let k = TokenKeys::new("k1".into(), &Secret::new(vec![7; 32]), 60).expect("keys");
+        let claims = k.verify(old).expect("an old token verifies");
+        assert_eq!(
+            (claims.sub.as_str(), claims.bank.as_str(), claims.exp),
+            ("user1", "BankA", 4_000_000_000)
+        );
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("k1".into());
+        assert_eq!(jsonwebtoken::encode(&header, &claims, &k.encoding).expect("encode"), old);
+    }
+
+    #[test]
     fn rotation_keeps_older_tokens_valid() {
         let dir = std::env::temp_dir().join(format!("strife-keys-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
