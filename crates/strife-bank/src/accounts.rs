@@ -3,7 +3,7 @@
 
 use anyhow::{Context, bail};
 use argon2::Argon2;
-use argon2::password_hash::{PasswordHash, PasswordHasher, SaltString};
+use argon2::{PasswordHash, PasswordHasher};
 use serde::Deserialize;
 use std::path::Path;
 use strife_core::{Amount, Secret, validate_user_name};
@@ -105,10 +105,9 @@ pub fn load_accounts_file(path: &Path) -> anyhow::Result<Vec<AccountSpec>> {
 /// Hashes a password with Argon2id and a fresh salt (PHC string format).
 pub fn hash_password(password: &Secret<String>) -> anyhow::Result<String> {
     // 16 bytes from the OS's random source (a v4 UUID is exactly that).
-    let salt = SaltString::encode_b64(uuid::Uuid::new_v4().as_bytes())
-        .map_err(|e| anyhow::anyhow!("making a salt: {e}"))?;
+    let salt = uuid::Uuid::new_v4();
     let hash = Argon2::default()
-        .hash_password(password.expose().as_bytes(), &salt)
+        .hash_password_with_salt(password.expose().as_bytes(), salt.as_bytes())
         .map_err(|e| anyhow::anyhow!("hashing a password: {e}"))?;
     Ok(hash.to_string())
 }
@@ -121,10 +120,8 @@ pub fn verify_password_in(password: &Secret<String>, stored: &str, memory: &mut 
     let Ok(hash) = PasswordHash::new(stored) else { return false };
     let (Some(expected), Some(salt)) = (hash.hash, hash.salt) else { return false };
     let Ok(params) = argon2::Params::try_from(&hash) else { return false };
-    let Ok(algorithm) = argon2::Algorithm::try_from(hash.algorithm) else { return false };
+    let Ok(algorithm) = argon2::Algorithm::try_from(hash.algorithm.as_str()) else { return false };
     let version = hash.version.and_then(|v| argon2::Version::try_from(v).ok()).unwrap_or_default();
-    let mut salt_buf = [0u8; 64];
-    let Ok(salt) = salt.decode_b64(&mut salt_buf) else { return false };
     if memory.len() < params.block_count() {
         memory.resize(params.block_count(), argon2::Block::default());
     }
@@ -133,7 +130,7 @@ pub fn verify_password_in(password: &Secret<String>, stored: &str, memory: &mut 
     if argon
         .hash_password_into_with_memory(
             password.expose().as_bytes(),
-            salt,
+            &salt,
             &mut out,
             &mut memory[..params.block_count()],
         )
@@ -161,6 +158,19 @@ mod tests {
             "the work area is reused"
         );
         assert!(!verify_password_in(&Secret::new("pass1".into()), "garbage", &mut memory));
+    }
+
+    #[test]
+    fn hashes_made_before_still_verify() {
+        // Made by `hash_password("pass1")` with argon2 0.5: accounts files
+        // and stores hold such hashes, and later versions must accept them.
+        let old = "$argon2id$v=19$m=19456,t=2,p=1$zNN1IpHjTMK/wZcA6gFdbQ$2OwkE0ulxPNd4IrxXvWyR0OZtYHLdoMghVr2oB/Jz9o";
+        let mut memory = Vec::new();
+        assert!(verify_password_in(&Secret::new("pass1".into()), old, &mut memory));
+        assert!(!verify_password_in(&Secret::new("pass2".into()), old, &mut memory));
+        // New hashes keep the same parameters (Argon2id, v=19, 19 MiB, 2 passes).
+        let new = hash_password(&Secret::new("pass1".into())).expect("hash");
+        assert!(new.starts_with("$argon2id$v=19$m=19456,t=2,p=1$"), "{new}");
     }
 
     #[test]

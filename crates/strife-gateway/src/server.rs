@@ -65,7 +65,7 @@ pub async fn run(
             tracing::warn!(bank = %name, error = %e, "cannot restore a bank from the registry");
         }
     }
-    let tokens = TokenKeys::with_keys(&load_keys(&certs.path)?, opts.config.gateway.token_ttl_secs);
+    let tokens = TokenKeys::with_keys(&load_keys(&certs.path)?, opts.config.gateway.token_ttl_secs)?;
     let store = strife_rpc::group_commit::GroupCommit::start("gateway", store)?;
     let gateway = Arc::new(Gateway::new(store, registry, tokens, opts.config.gateway.clone()));
     gateway.revoked.write().map_err(|_| anyhow::anyhow!("lock poisoned"))?.extend(revoked);

@@ -125,28 +125,29 @@ pub fn now_secs() -> u64 {
 }
 
 impl TokenKeys {
-    pub fn new(kid: String, secret: &Secret<Vec<u8>>, ttl_secs: u64) -> TokenKeys {
+    pub fn new(kid: String, secret: &Secret<Vec<u8>>, ttl_secs: u64) -> anyhow::Result<TokenKeys> {
         TokenKeys::with_keys(&[(kid, secret.clone())], ttl_secs)
     }
 
     /// The first key signs; every key verifies tokens that name its id.
-    pub fn with_keys(keys: &[(String, Secret<Vec<u8>>)], ttl_secs: u64) -> TokenKeys {
+    /// Fails on an empty secret.
+    pub fn with_keys(keys: &[(String, Secret<Vec<u8>>)], ttl_secs: u64) -> anyhow::Result<TokenKeys> {
         assert!(!keys.is_empty(), "at least one signing key");
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_audience(&[AUDIENCE]);
         validation.set_issuer(&[ISSUER]);
         validation.set_required_spec_claims(&["exp", "sub", "aud", "iss"]);
         validation.leeway = LEEWAY_SECS;
-        TokenKeys {
+        Ok(TokenKeys {
             kid: keys[0].0.clone(),
-            encoding: EncodingKey::from_secret(keys[0].1.expose()),
+            encoding: EncodingKey::from_secret(keys[0].1.expose())?,
             decoding: keys
                 .iter()
-                .map(|(kid, s)| (kid.clone(), DecodingKey::from_secret(s.expose())))
-                .collect(),
+                .map(|(kid, s)| Ok((kid.clone(), DecodingKey::from_secret(s.expose())?)))
+                .collect::<anyhow::Result<_>>()?,
             validation,
             ttl_secs,
-        }
+        })
     }
 
     /// Issues a token for `who`.
@@ -186,7 +187,11 @@ impl TokenKeys {
             match e.kind() {
                 K::ExpiredSignature => TokenError::Expired,
                 K::InvalidSignature | K::InvalidAlgorithm => TokenError::BadSignature,
-                K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) => TokenError::Malformed,
+                // A claim of the wrong type (a string `exp`) is malformed, as
+                // when it failed to deserialise before the library checked it.
+                K::InvalidToken | K::Base64(_) | K::Json(_) | K::Utf8(_) | K::InvalidClaimFormat(_) => {
+                    TokenError::Malformed
+                }
                 other => TokenError::Invalid(format!("{other:?}")),
             }
         })?;
@@ -206,7 +211,7 @@ mod tests {
     use super::*;
 
     fn keys(secret: u8) -> TokenKeys {
-        TokenKeys::new("k1".into(), &Secret::new(vec![secret; 32]), 60)
+        TokenKeys::new("k1".into(), &Secret::new(vec![secret; 32]), 60).expect("keys")
     }
 
     #[test]
@@ -223,21 +228,37 @@ mod tests {
     }
 
     #[test]
+    fn tokens_are_unchanged_across_library_versions() {
+        // Issued by jsonwebtoken 9 with key [7; 32]: sessions saved before an
+        // upgrade stay valid, and the same claims still give the same token.
+        let old = "eyJ0eXAiOiJKV1QiLCJhbGciOiJIUzI1NiIsImtpZCI6ImsxIn0.eyJzdWIiOiJ1c2VyMSIsImJhbmsiOiJCYW5rQSIsImlhdCI6MSwiZXhwIjo0MDAwMDAwMDAwLCJqdGkiOiJqIiwiaXNzIjoic3RyaWZlLWdhdGV3YXkiLCJhdWQiOiJzdHJpZmUifQ.sUp_r3CtGvJiU9y-6MSZLejK2dw-zgZvv9YTiVCe5QE";
+        let k = TokenKeys::new("k1".into(), &Secret::new(vec![7; 32]), 60).expect("keys");
+        let claims = k.verify(old).expect("an old token verifies");
+        assert_eq!(
+            (claims.sub.as_str(), claims.bank.as_str(), claims.exp),
+            ("user1", "BankA", 4_000_000_000)
+        );
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("k1".into());
+        assert_eq!(jsonwebtoken::encode(&header, &claims, &k.encoding).expect("encode"), old);
+    }
+
+    #[test]
     fn rotation_keeps_older_tokens_valid() {
         let dir = std::env::temp_dir().join(format!("strife-keys-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).expect("dir");
         let who = UserRef::new("user1", "BankA").expect("name");
-        let before = TokenKeys::with_keys(&load_keys(&dir).expect("keys"), 60);
+        let before = TokenKeys::with_keys(&load_keys(&dir).expect("keys"), 60).expect("keys");
         let (old_token, _) = before.issue(&who).expect("issue");
         let new_kid = rotate_key(&dir).expect("rotate");
-        let after = TokenKeys::with_keys(&load_keys(&dir).expect("keys"), 60);
+        let after = TokenKeys::with_keys(&load_keys(&dir).expect("keys"), 60).expect("keys");
         assert_eq!(after.kid, new_kid);
         assert!(after.verify(old_token.expose()).is_ok(), "a rotation logs nobody out");
         for _ in 0..KEYS_MAX {
             rotate_key(&dir).expect("rotate");
         }
-        let much_later = TokenKeys::with_keys(&load_keys(&dir).expect("keys"), 60);
+        let much_later = TokenKeys::with_keys(&load_keys(&dir).expect("keys"), 60).expect("keys");
         assert_eq!(load_keys(&dir).expect("keys").len(), KEYS_MAX);
         assert!(much_later.verify(old_token.expose()).is_err(), "retired keys verify nothing");
         let _ = std::fs::remove_dir_all(dir);
@@ -245,7 +266,7 @@ mod tests {
 
     #[test]
     fn expired_tokens_are_refused() {
-        let k = TokenKeys::new("k1".into(), &Secret::new(vec![1; 32]), 0);
+        let k = TokenKeys::new("k1".into(), &Secret::new(vec![1; 32]), 0).expect("keys");
         let mut header = Header::new(Algorithm::HS256);
         header.kid = Some("k1".into());
         let claims = Claims {

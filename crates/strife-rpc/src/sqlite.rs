@@ -106,6 +106,26 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_durable_store_has_the_durability_settings() {
+        let dir = std::env::temp_dir().join(format!("strife-durable-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let conn = open_durable(&dir.join("s.db")).expect("open");
+        let pragma = |name: &str| -> String {
+            conn.query_row(&format!("PRAGMA {name}"), [], |r| r.get::<_, rusqlite::types::Value>(0))
+                .map(|v| format!("{v:?}"))
+                .expect("pragma")
+        };
+        assert_eq!(pragma("journal_mode"), "Text(\"wal\")");
+        assert_eq!(pragma("synchronous"), "Integer(2)", "FULL");
+        assert_eq!(pragma("cache_size"), "Integer(-32768)");
+        assert_eq!(pragma("wal_autocheckpoint"), format!("Integer({WAL_CHECKPOINT_PAGES})"));
+        assert_eq!(pragma("busy_timeout"), "Integer(5000)");
+        drop(conn);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
     fn a_savepoint_keeps_or_undoes_one_operation_inside_a_transaction() {
         let conn = Connection::open_in_memory().expect("open");
         conn.execute_batch("CREATE TABLE t (x INTEGER); BEGIN").expect("setup");

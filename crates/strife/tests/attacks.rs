@@ -97,7 +97,8 @@ fn every_attack_is_refused_and_changes_nothing() {
 
         // Forged tokens.
         let foreign =
-            strife_gateway::tokens::TokenKeys::new("k1".into(), &strife_core::Secret::new(vec![9; 32]), 60);
+            strife_gateway::tokens::TokenKeys::new("k1".into(), &strife_core::Secret::new(vec![9; 32]), 60)
+                .expect("keys");
         let forged = foreign.issue(&who).expect("forge").0;
         t.row(
             "forged token (another key)",
@@ -117,7 +118,7 @@ fn every_attack_is_refused_and_changes_nothing() {
             drop_ok(grpc::balance(&ch, &tampered).await),
         );
         let (kid, secret) = strife_gateway::tokens::load_or_create_key(&dir.join("certs")).expect("key");
-        let real = strife_gateway::tokens::TokenKeys::new(kid, &secret, 60);
+        let real = strife_gateway::tokens::TokenKeys::new(kid, &secret, 60).expect("keys");
         let expired = real.issue_at(&who, 1_000_000).expect("old").0;
         t.row("expired token", Code::Unauthenticated, drop_ok(grpc::balance(&ch, expired.expose()).await));
         t.row(

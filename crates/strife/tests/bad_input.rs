@@ -99,7 +99,8 @@ fn tokens_are_checked_and_logout_revokes_durably() {
         // A token signed with another key, and one with tampered claims.
         let who = strife_core::UserRef::new("user2", "BankB").expect("name");
         let foreign =
-            strife_gateway::tokens::TokenKeys::new("k".into(), &strife_core::Secret::new(vec![7; 32]), 60);
+            strife_gateway::tokens::TokenKeys::new("k".into(), &strife_core::Secret::new(vec![7; 32]), 60)
+                .expect("keys");
         let forged = foreign.issue(&who).expect("forge").0;
         assert_eq!(
             grpc::balance(&ch, forged.expose()).await.expect_err("forged").code(),
@@ -110,7 +111,7 @@ fn tokens_are_checked_and_logout_revokes_durably() {
         assert_eq!(grpc::balance(&ch, &tampered).await.expect_err("tampered").code(), Code::Unauthenticated);
         // An expired token signed with the real key.
         let (kid, secret) = strife_gateway::tokens::load_or_create_key(&dir.join("certs")).expect("key");
-        let real = strife_gateway::tokens::TokenKeys::new(kid, &secret, 60);
+        let real = strife_gateway::tokens::TokenKeys::new(kid, &secret, 60).expect("keys");
         let old = real.issue_at(&who, 1_000_000).expect("old").0;
         let e = grpc::balance(&ch, old.expose()).await.expect_err("expired");
         assert_eq!(e.code(), Code::Unauthenticated);

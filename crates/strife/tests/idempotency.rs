@@ -323,7 +323,7 @@ fn a_payment_with_an_expired_session_waits_for_the_next_login() {
     c.login("user2", "BankB");
     // Expire user1's session: put a token that expired long ago in its place.
     let (kid, secret) = strife_gateway::tokens::load_or_create_key(&c.path().join("certs")).expect("key");
-    let keys = strife_gateway::tokens::TokenKeys::new(kid, &secret, 60);
+    let keys = strife_gateway::tokens::TokenKeys::new(kid, &secret, 60).expect("keys");
     let who = strife_core::UserRef::new("user1", "BankA").expect("who");
     let old = keys.issue_at(&who, 1_000_000).expect("token").0;
     let db = rusqlite::Connection::open(c.path().join("client.db")).expect("client.db");

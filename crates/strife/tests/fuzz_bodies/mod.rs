@@ -88,7 +88,7 @@ pub fn payer() -> UserRef {
 /// The token keys fuzzed tokens are verified with; the smoke test issues
 /// valid tokens with the same keys and mutates them.
 pub fn token_keys() -> TokenKeys {
-    TokenKeys::new("k".into(), &Secret::new(vec![1; 32]), 60)
+    TokenKeys::new("k".into(), &Secret::new(vec![1; 32]), 60).expect("a 32-byte key")
 }
 
 /// Target `amount`: parsing arbitrary text and formatting any `i64`.
