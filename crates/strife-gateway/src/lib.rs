@@ -6,6 +6,7 @@ pub mod auth;
 pub mod coordinator;
 pub mod error;
 pub mod link;
+pub mod page_token;
 pub mod registry;
 pub mod server;
 pub mod service;
