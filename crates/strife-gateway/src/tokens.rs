@@ -1,5 +1,8 @@
 //! Customers' bearer tokens: HS256 JWTs naming user and bank, signed with a
 //! key kept in `DIR/certs/token.key` (mode 0600) and identified by a key id.
+//! The HMAC is computed by `ring` through [`ring_provider`].
+
+mod ring_provider;
 
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
@@ -133,6 +136,8 @@ impl TokenKeys {
     /// Fails on an empty secret.
     pub fn with_keys(keys: &[(String, Secret<Vec<u8>>)], ttl_secs: u64) -> anyhow::Result<TokenKeys> {
         assert!(!keys.is_empty(), "at least one signing key");
+        // Before the first encode or decode, which would panic without it.
+        ring_provider::install()?;
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_audience(&[AUDIENCE]);
         validation.set_issuer(&[ISSUER]);
@@ -225,6 +230,21 @@ mod tests {
         let parts: Vec<&str> = token.expose().split('.').collect();
         let none_header = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIiwia2lkIjoiazEifQ";
         assert!(keys(1).verify(&format!("{none_header}.{}.", parts[1])).is_err());
+    }
+
+    #[test]
+    fn a_changed_signature_or_another_algorithm_is_refused() {
+        let who = UserRef::new("user1", "BankA").expect("name");
+        let (token, _) = keys(1).issue(&who).expect("issue");
+        let (rest, sig) = token.expose().rsplit_once('.').expect("three parts");
+        let flipped =
+            if sig.starts_with('A') { sig.replacen('A', "B", 1) } else { format!("A{}", &sig[1..]) };
+        assert!(matches!(keys(1).verify(&format!("{rest}.{flipped}")), Err(TokenError::BadSignature)));
+        assert!(matches!(keys(1).verify(&format!("{rest}.{sig}AAAA")), Err(TokenError::BadSignature)));
+        // {"alg":"HS512","typ":"JWT","kid":"k1"} over the same claims.
+        let payload = rest.split_once('.').expect("two parts").1;
+        let hs512 = format!("eyJhbGciOiJIUzUxMiIsInR5cCI6IkpXVCIsImtpZCI6ImsxIn0.{payload}.{sig}");
+        assert!(matches!(keys(1).verify(&hs512), Err(TokenError::BadSignature)));
     }
 
     #[test]
