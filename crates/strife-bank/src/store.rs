@@ -585,13 +585,7 @@ mod tests {
             legs.values().filter(|l| l.state == Expect::Prepared).map(|l| l.amount).sum()
         }
 
-        let seed =
-            std::env::var("STRIFE_PROP_SEED").ok().and_then(|s| s.trim().parse().ok()).unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(1, |d| d.as_nanos() as u64)
-            });
-        eprintln!("seed {seed}; replay: STRIFE_PROP_SEED={seed} cargo test -p strife-bank random_operations");
+        let seed = strife_core::rng::seed_from_env("STRIFE_PROP_SEED");
         let mut rng = Rng(seed);
         let (mut s, dir) = store();
         let more: Vec<NewAccount> = USERS[2..]

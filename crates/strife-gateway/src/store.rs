@@ -725,13 +725,7 @@ mod tests {
     /// `STRIFE_PROP_SEED`.
     #[test]
     fn paging_while_payments_arrive_skips_nothing_and_repeats_nothing() {
-        let seed =
-            std::env::var("STRIFE_PROP_SEED").ok().and_then(|s| s.trim().parse().ok()).unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(1, |d| d.as_nanos() as u64)
-            });
-        eprintln!("seed {seed}; replay: STRIFE_PROP_SEED={seed} cargo test -p strife-gateway paging_while");
+        let seed = strife_core::rng::seed_from_env("STRIFE_PROP_SEED");
         let mut rng = SplitMix64(seed);
         let customers = [user("a@BankA"), user("b@BankA"), user("a@BankB"), user("c@BankB")];
         let dir = TempDir::new("paging");
