@@ -5,6 +5,7 @@
 pub mod auth;
 pub mod coordinator;
 pub mod error;
+mod hex;
 pub mod link;
 pub mod page_token;
 pub mod registry;

@@ -20,6 +20,7 @@
 //! most a forged token can do is start the caller's own history at a point
 //! they could also reach with time bounds.
 
+use crate::hex;
 use crate::store::Cursor;
 use strife_core::limits::PAGE_TOKEN_MAX;
 
@@ -54,12 +55,7 @@ pub fn encode(cursor: &Cursor, start_ms: Option<i64>, end_ms: Option<i64>) -> St
     body.extend_from_slice(cursor.txn_id.as_bytes());
     let check = checksum(&body);
     body.extend_from_slice(&check);
-    let mut token = String::with_capacity(PREFIX.len() + 2 * body.len());
-    token.push_str(PREFIX);
-    for b in body {
-        token.push(HEX[usize::from(b >> 4)] as char);
-        token.push(HEX[usize::from(b & 0xf)] as char);
-    }
+    let token = format!("{PREFIX}{}", hex::encode(&body));
     debug_assert!(token.len() <= PAGE_TOKEN_MAX, "txn ids are UUIDs: a token fits its limit");
     token
 }
@@ -69,14 +65,14 @@ pub fn decode(token: &str, start_ms: Option<i64>, end_ms: Option<i64>) -> Result
     if token.len() > PAGE_TOKEN_MAX {
         return Err(PageTokenError::TooLong);
     }
-    let Some(hex) = token.strip_prefix(PREFIX) else {
+    let Some(hex_text) = token.strip_prefix(PREFIX) else {
         return Err(if looks_versioned(token) {
             PageTokenError::UnknownVersion
         } else {
             PageTokenError::Malformed
         });
     };
-    let body = unhex(hex).ok_or(PageTokenError::Malformed)?;
+    let body = hex::decode(hex_text).ok_or(PageTokenError::Malformed)?;
     if body.len() <= HEAD_LEN + CHECK_LEN {
         return Err(PageTokenError::Malformed);
     }
@@ -102,27 +98,11 @@ pub fn decode(token: &str, start_ms: Option<i64>, end_ms: Option<i64>) -> Result
     Ok(Cursor { created_at_ms: int(0), txn_id: txn_id.to_owned() })
 }
 
-const HEX: &[u8; 16] = b"0123456789abcdef";
-
 /// `p<digits>.`: a token of some version, not garbage.
 fn looks_versioned(token: &str) -> bool {
     let Some(rest) = token.strip_prefix('p') else { return false };
     let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
     digits > 0 && rest.as_bytes().get(digits) == Some(&b'.')
-}
-
-/// Lowercase hex only: one spelling per token.
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    let nibble = |c: u8| match c {
-        b'0'..=b'9' => Some(c - b'0'),
-        b'a'..=b'f' => Some(c - b'a' + 10),
-        _ => None,
-    };
-    let bytes = text.as_bytes();
-    if !bytes.len().is_multiple_of(2) {
-        return None;
-    }
-    bytes.chunks_exact(2).map(|p| Some((nibble(p[0])? << 4) | nibble(p[1])?)).collect()
 }
 
 fn checksum(fields: &[u8]) -> [u8; CHECK_LEN] {

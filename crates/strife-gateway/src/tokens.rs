@@ -4,6 +4,7 @@
 
 mod ring_provider;
 
+use crate::hex;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -68,7 +69,7 @@ fn random_key_line() -> anyhow::Result<String> {
     let rng = ring::rand::SystemRandom::new();
     let secret: [u8; 32] = ring::rand::generate(&rng).map_err(|_| anyhow::anyhow!("no randomness"))?.expose();
     let kid: [u8; 4] = ring::rand::generate(&rng).map_err(|_| anyhow::anyhow!("no randomness"))?.expose();
-    Ok(format!("{} {}", hex(&kid), hex(&secret)))
+    Ok(format!("{} {}", hex::encode(&kid), hex::encode(&secret)))
 }
 
 /// Every key in the key file, newest first, creating the file (one key of
@@ -83,7 +84,7 @@ pub fn load_keys(certs_dir: &Path) -> anyhow::Result<Vec<(String, Secret<Vec<u8>
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let (kid, secret) =
             line.trim().split_once(' ').ok_or_else(|| anyhow::anyhow!("{} is malformed", path.display()))?;
-        let secret = unhex(secret).ok_or_else(|| anyhow::anyhow!("{} is malformed", path.display()))?;
+        let secret = hex::decode(secret).ok_or_else(|| anyhow::anyhow!("{} is malformed", path.display()))?;
         if secret.len() < 32 {
             anyhow::bail!("{}: a signing key is shorter than 32 bytes", path.display());
         }
@@ -110,17 +111,6 @@ pub fn rotate_key(certs_dir: &Path) -> anyhow::Result<String> {
     lines.extend(old.lines().filter(|l| !l.trim().is_empty()).map(str::to_owned).take(KEYS_MAX - 1));
     strife_rpc::pki::write_private(&certs_dir.join(KEY_FILE), &format!("{}\n", lines.join("\n")))?;
     Ok(lines[0].split(' ').next().unwrap_or_default().to_owned())
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
 }
 
 pub fn now_secs() -> u64 {
