@@ -1,7 +1,7 @@
 //! The client commands. Each returns a [`Reply`] (JSON, text and exit code)
 //! or a [`CliError`]; `main` prints them.
 
-use crate::connect::{ConnectError, connect, gateway_address};
+use crate::connect::{ConnectError, connect_any, gateway_addresses};
 use crate::exit::{CliError, Exit, Reply};
 use crate::state::{ClientState, Enqueued, Pending, Session};
 use serde_json::{Value, json};
@@ -115,9 +115,9 @@ impl Client {
     }
 
     async fn channel(&self) -> Result<Channel, ConnectError> {
-        let addr = gateway_address(&self.dir, self.gateway.as_deref())
+        let addresses = gateway_addresses(&self.dir, self.gateway.as_deref())
             .map_err(|e| ConnectError::Setup(e.message))?;
-        connect(&self.dir, &addr, self.timeout()).await
+        connect_any(&self.dir, &addresses, self.timeout()).await
     }
 
     /// The session a command acts for.

@@ -1,6 +1,7 @@
-//! Finding and reaching the gateway: its address from `--gateway`,
-//! `STRIFE_GATEWAY` or `DIR/gateway.addr`; mutual TLS with the client
-//! certificate in `DIR/certs`.
+//! Finding and reaching the gateway: its addresses from `--gateway`,
+//! `STRIFE_GATEWAY` (a comma-separated list of replicas) or
+//! `DIR/gateway.addr`; mutual TLS with the client certificate in
+//! `DIR/certs`; the first replica that answers serves the command.
 
 use crate::exit::{CliError, Exit};
 use std::path::{Path, PathBuf};
@@ -54,11 +55,31 @@ pub fn existing_dir(given: Option<&Path>, exit: Exit) -> Result<PathBuf, CliErro
     }
 }
 
-/// The gateway's address: the flag/env value, else `DIR/gateway.addr`.
-pub fn gateway_address(dir: &Path, given: Option<&str>) -> Result<String, CliError> {
-    if let Some(addr) = given {
-        return Ok(addr.to_owned());
+/// Most gateway addresses one list may name.
+pub const GATEWAYS_MAX: usize = 64;
+
+/// The gateways' addresses: the flag/env value (`a,b,c`), else
+/// `DIR/gateway.addr`.
+pub fn gateway_addresses(dir: &Path, given: Option<&str>) -> Result<Vec<String>, CliError> {
+    let list = match given {
+        Some(list) => list.to_owned(),
+        None => read_address_file(dir)?,
+    };
+    let addresses: Vec<String> =
+        list.split(',').map(str::trim).filter(|a| !a.is_empty()).map(str::to_owned).collect();
+    if addresses.is_empty() {
+        return Err(CliError::new(Exit::Usage, "--gateway names no address (give ADDR or ADDR1,ADDR2,…)"));
     }
+    if addresses.len() > GATEWAYS_MAX {
+        return Err(CliError::new(
+            Exit::Usage,
+            format!("--gateway names more than {GATEWAYS_MAX} addresses"),
+        ));
+    }
+    Ok(addresses)
+}
+
+fn read_address_file(dir: &Path) -> Result<String, CliError> {
     let file = dir.join(strife_rpc::config::GATEWAY_ADDR_FILE);
     std::fs::read_to_string(&file).map(|s| s.trim().to_owned()).map_err(|_| {
         CliError::new(
@@ -69,6 +90,26 @@ pub fn gateway_address(dir: &Path, given: Option<&str>) -> Result<String, CliErr
             ),
         )
     })
+}
+
+/// A channel to the first of `addresses` that answers, trying them in order
+/// from a random one (so that clients spread over the replicas); an error
+/// naming why each failed when none does.
+pub async fn connect_any(
+    dir: &Path,
+    addresses: &[String],
+    timeout: Duration,
+) -> Result<Channel, ConnectError> {
+    let start = usize::try_from(uuid::Uuid::new_v4().as_u128() % addresses.len().max(1) as u128).unwrap_or(0);
+    let mut failures = Vec::new();
+    for addr in addresses.iter().cycle().skip(start).take(addresses.len()) {
+        match connect(dir, addr, timeout).await {
+            Ok(channel) => return Ok(channel),
+            Err(ConnectError::Unreachable(why)) => failures.push(why),
+            Err(setup) => return Err(setup),
+        }
+    }
+    Err(ConnectError::Unreachable(failures.join("; ")))
 }
 
 /// A channel to the gateway, connected (or an error saying it is down).

@@ -488,3 +488,38 @@ fn history_pages_through_every_payment_once_and_received_payments_are_found() {
         "{j}"
     );
 }
+
+#[test]
+fn a_list_of_gateways_is_served_by_whichever_answers() {
+    let c = Cluster::start(&["BankA", "BankB"]);
+    c.login("user1", "BankA");
+    c.login("user2", "BankB");
+    let live = c.gateway.addr.clone();
+    // Port 1 on loopback refuses connections: a dead replica.
+    let list = format!("127.0.0.1:1, {live}");
+    for _ in 0..4 {
+        let r = c.cli(&["--json", "--as", "user1@BankA", "--gateway", &list, "balance"]);
+        assert_eq!((r.code, r.json()["balance"].as_str()), (0, Some("1000.00")), "{r:?}");
+    }
+    let r = c.cli_env(
+        &["--json", "--as", "user1@BankA", "pay", "--to", "user2@BankB", "--amount", "1"],
+        &[("STRIFE_GATEWAY", &format!("{live},127.0.0.1:1"))],
+    );
+    assert_eq!((r.code, r.json()["status"].as_str()), (0, Some("committed")), "{r:?}");
+    // None answers: the payment is queued, and the message names each.
+    let r = c.cli(&[
+        "--as",
+        "user1@BankA",
+        "--gateway",
+        "127.0.0.1:1,127.0.0.1:2",
+        "pay",
+        "--to",
+        "user2@BankB",
+        "--amount",
+        "1",
+    ]);
+    assert_eq!(r.code, 4, "{r:?}");
+    assert!(r.stdout.contains("127.0.0.1:1") && r.stdout.contains("127.0.0.1:2"), "{r:?}");
+    let r = c.cli(&["--as", "user1@BankA", "--gateway", " , ", "balance"]);
+    assert_ne!(r.code, 0, "{r:?}");
+}
