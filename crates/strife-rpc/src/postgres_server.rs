@@ -83,7 +83,7 @@ impl Binaries {
             .filter_map(Result::ok)
             .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
             .collect();
-        versions.sort_by(|a, b| b.0.cmp(&a.0));
+        versions.sort_by_key(|v| std::cmp::Reverse(v.0));
         candidates.extend(versions.into_iter().map(|(_, dir)| dir));
         if let Some(path) = std::env::var_os("PATH") {
             candidates.extend(std::env::split_paths(&path));
