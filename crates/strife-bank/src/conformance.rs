@@ -289,13 +289,7 @@ pub async fn random_operations_keep_every_money_rule<L: Inspect>(s: &L) {
         legs.values().filter(|l| l.state == Expect::Prepared && l.payer == payer).map(|l| l.amount).sum()
     }
 
-    let seed =
-        std::env::var("STRIFE_PROP_SEED").ok().and_then(|s| s.trim().parse().ok()).unwrap_or_else(|| {
-            std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(1, |d| d.as_nanos() as u64)
-        });
-    eprintln!("seed {seed}; replay: STRIFE_PROP_SEED={seed} cargo test -p strife-bank random_operations");
+    let seed = strife_core::rng::seed_from_env("STRIFE_PROP_SEED");
     let mut rng = Rng(seed);
     let more: Vec<AccountSpec> = USERS[2..]
         .iter()

@@ -10,7 +10,9 @@ use std::time::Duration;
 use strife_core::money::format_minor;
 use strife_core::{Amount, DeclineReason, PaymentId, Secret, UserRef};
 use strife_proto::gateway::v1 as pb;
+use strife_proto::gateway::v1::ErrorReason;
 use strife_rpc::config::ClientConfig;
+use strife_rpc::errors;
 use strife_rpc::wire::{account, decline_reason_from, rfc3339};
 use tonic::transport::Channel;
 
@@ -242,10 +244,15 @@ impl Client {
                 diff.push("amount");
             }
             let was = if decided { "was already used for" } else { "is already queued for" };
-            return Err(CliError::new(
-                Exit::IdReused,
-                format!("payment id {payment_id} {was} a different payment ({} differs)", diff.join(" and ")),
-            ));
+            let message = format!(
+                "payment id {payment_id} {was} a different payment ({})",
+                strife_core::differences_text(&diff)
+            );
+            return Err(CliError {
+                reason: Some(errors::reason_code(ErrorReason::PaymentIdReused)),
+                fields: diff.into_iter().map(str::to_owned).collect(),
+                ..CliError::new(Exit::IdReused, message)
+            });
         }
         let sent = self.send(&pending, true).await?;
         Ok(describe(&pending, &sent))

@@ -106,9 +106,9 @@ impl CliError {
             }
             Code::Internal => "the gateway had an internal error; see its log".to_owned(),
             _ if reason == Some(ErrorReason::PaymentIdReused) && !fields.is_empty() => format!(
-                "this payment id was already used for a different payment ({} differs); \
+                "this payment id was already used for a different payment ({}); \
                  use a new id for a new payment",
-                fields.join(" and ")
+                strife_core::differences_text(&fields)
             ),
             _ => match errors::retry_after(status) {
                 Some(wait) => format!("too many failed logins: try again in {} s", wait.as_secs().max(1)),

@@ -24,6 +24,8 @@ pub const MESSAGE_MAX_BYTES: usize = 64 * 1024;
 pub const HISTORY_PAGE_MAX: u32 = 500;
 /// History page size when the caller does not ask for one.
 pub const HISTORY_PAGE_DEFAULT: u32 = 50;
+/// Longest page token accepted, in bytes (the gateway's own are ~140).
+pub const PAGE_TOKEN_MAX: usize = 256;
 /// Most concurrent HTTP/2 streams on one connection to a server.
 pub const STREAMS_PER_CONNECTION_MAX: u32 = 1024;
 /// Most banks one gateway keeps in its registry.

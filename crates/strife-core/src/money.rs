@@ -164,14 +164,8 @@ mod properties {
     }
 
     fn rng(test: &str) -> Rng {
-        let seed =
-            std::env::var("STRIFE_PROP_SEED").ok().and_then(|s| s.trim().parse().ok()).unwrap_or_else(|| {
-                std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map_or(1, |d| d.as_nanos() as u64)
-            });
-        eprintln!("seed {seed}; replay: STRIFE_PROP_SEED={seed} cargo test -p strife-core {test}");
-        Rng(seed)
+        eprintln!("replay: STRIFE_PROP_SEED=<seed> cargo test -p strife-core {test}");
+        Rng(crate::rng::seed_from_env("STRIFE_PROP_SEED"))
     }
 
     /// A valid amount, biased towards the small and the largest ones.

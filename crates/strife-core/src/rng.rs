@@ -31,6 +31,17 @@ impl SplitMix64 {
     }
 }
 
+/// The seed of a replayable run: the number in the environment variable
+/// `var` when it is set, else one from the clock. Printed on stderr with
+/// the variable to set to replay the run.
+pub fn seed_from_env(var: &str) -> u64 {
+    let seed = std::env::var(var).ok().and_then(|s| s.trim().parse().ok()).unwrap_or_else(|| {
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(1, |d| d.as_nanos() as u64)
+    });
+    eprintln!("{var}={seed} (set it to replay this run)");
+    seed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

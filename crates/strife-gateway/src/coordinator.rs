@@ -471,8 +471,8 @@ impl Gateway {
 
 fn id_reused(id: &PaymentId, fields: Vec<&'static str>) -> GatewayError {
     let message = format!(
-        "payment id {id} was already used for a different payment ({} differs); use a new id for a new payment",
-        fields.join(" and ")
+        "payment id {id} was already used for a different payment ({}); use a new id for a new payment",
+        strife_core::differences_text(&fields)
     );
     GatewayError::IdReused { payment_id: id.to_string(), fields, message }
 }

@@ -5,7 +5,9 @@
 pub mod auth;
 pub mod coordinator;
 pub mod error;
+mod hex;
 pub mod link;
+pub mod page_token;
 pub mod registry;
 pub mod server;
 pub mod service;

@@ -4,6 +4,7 @@
 use crate::auth::{Customer, customer};
 use crate::coordinator::{Gateway, Outcome};
 use crate::error::GatewayError;
+use crate::page_token;
 use crate::registry::Registered;
 use crate::store::{PaymentRecord, PaymentState};
 use crate::throttle::Key;
@@ -190,7 +191,7 @@ impl pb::payments_service_server::PaymentsService for PaymentsService {
         let Customer { who, .. } = customer(&req)?;
         let id = validate::payment_id(&req.get_ref().payment_id)?;
         let me = who.clone();
-        let found = self.gateway.with_store(move |s| s.find_payment(&me, &id.to_string())).await?;
+        let found = self.gateway.with_store(move |s| s.find_payment_for(&me, &id.to_string())).await?;
         let p = found.ok_or_else(|| {
             GatewayError::not_found(
                 ErrorReason::PaymentNotFound,
@@ -205,14 +206,13 @@ impl pb::payments_service_server::PaymentsService for PaymentsService {
         req: Request<pb::ListPaymentsRequest>,
     ) -> Result<Response<pb::ListPaymentsResponse>, Status> {
         let Customer { who, .. } = customer(&req)?;
-        let req = req.get_ref();
-        let limit = validate::page_size(req.page_size)?;
-        let (_start_ms, _end_ms) = validate::time_bounds(req.start_time.as_ref(), req.end_time.as_ref())?;
+        let query = validate::list_payments(req.get_ref())?;
+        let (start_ms, end_ms) = (query.start_ms, query.end_ms);
         let me = who.clone();
-        let rows = self.gateway.with_store(move |s| s.history(&me, limit)).await?;
+        let page = self.gateway.with_store(move |s| s.list_payments(&me, &query)).await?;
         Ok(Response::new(pb::ListPaymentsResponse {
-            payments: rows.into_iter().map(|p| view(&who, p)).collect(),
-            next_page_token: String::new(),
+            payments: page.payments.into_iter().map(|p| view(&who, p)).collect(),
+            next_page_token: page.next.map(|c| page_token::encode(&c, start_ms, end_ms)).unwrap_or_default(),
         }))
     }
 }

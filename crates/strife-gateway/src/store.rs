@@ -8,9 +8,13 @@
 
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
+use strife_core::limits::HISTORY_PAGE_MAX;
 use strife_core::{DeclineReason, UserRef};
 
-const SCHEMA: &str = "
+/// Version 1: the schema from before versioning (`PRAGMA user_version` 0),
+/// verbatim. On such a database every statement is a no-op; on a new one it
+/// creates the tables, and the migrations after it bring them up to date.
+const SCHEMA_V1: &str = "
 CREATE TABLE IF NOT EXISTS payments (
     txn_id       TEXT PRIMARY KEY,
     payment_id   TEXT NOT NULL,
@@ -45,6 +49,74 @@ CREATE TABLE IF NOT EXISTS revoked_tokens (
     expires_at INTEGER NOT NULL
 ) STRICT;
 ";
+
+/// Version 2: paged history and lookups by payment id. The payer and payee
+/// indexes end in `txn_id`, so a customer's payments come out of them in
+/// `(created_at, txn_id)` order, the page order; the idempotency key becomes
+/// a unique index that starts with `payment_id`, so it also finds a payment
+/// someone *received* by its id. A UNIQUE table constraint cannot be
+/// dropped, so the table is rebuilt (SQLite's documented procedure: create,
+/// copy, drop, rename, index); it keeps five indexes, as before.
+const SCHEMA_V2: &str = "
+CREATE TABLE payments_v2 (
+    txn_id       TEXT PRIMARY KEY,
+    payment_id   TEXT NOT NULL,
+    payer_user   TEXT NOT NULL,
+    payer_bank   TEXT NOT NULL,
+    payee_user   TEXT NOT NULL,
+    payee_bank   TEXT NOT NULL,
+    amount_minor INTEGER NOT NULL CHECK (amount_minor > 0),
+    -- SHA-256 of the canonical request (payer, payee, amount): the
+    -- idempotency check compares it before naming the fields that differ
+    fingerprint  BLOB NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('preparing', 'committed', 'aborted')),
+    reason       TEXT,
+    -- 1 once every bank involved acknowledged the decision
+    acked        INTEGER NOT NULL DEFAULT 0,
+    created_at   INTEGER NOT NULL,
+    deadline_at  INTEGER NOT NULL,
+    decided_at   INTEGER
+) STRICT;
+INSERT INTO payments_v2 (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+                         fingerprint, state, reason, acked, created_at, deadline_at, decided_at)
+    SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+           fingerprint, state, reason, acked, created_at, deadline_at, decided_at
+    FROM payments;
+DROP TABLE payments;
+ALTER TABLE payments_v2 RENAME TO payments;
+-- the idempotency key is scoped to the paying customer
+CREATE UNIQUE INDEX payments_by_id ON payments (payment_id, payer_bank, payer_user);
+CREATE INDEX payments_by_payer ON payments (payer_bank, payer_user, created_at, txn_id);
+CREATE INDEX payments_by_payee ON payments (payee_bank, payee_user, created_at, txn_id);
+CREATE INDEX payments_unfinished ON payments (state) WHERE acked = 0;
+";
+
+/// The schema's versions in order: a database at `PRAGMA user_version` n
+/// runs `MIGRATIONS[n..]`, all in one transaction, at open.
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
+
+/// Brings the database to the latest schema version in one transaction: a
+/// crash half-way leaves it as it was. Refuses a database from a newer
+/// gateway rather than guessing at its schema.
+fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
+    let tx = conn.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+    let version: i64 = tx.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    let applied = usize::try_from(version).unwrap_or(usize::MAX);
+    if applied > MIGRATIONS.len() {
+        return Err(rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_ERROR),
+            Some(format!(
+                "the gateway database has schema version {version}; this gateway knows versions up to {}",
+                MIGRATIONS.len()
+            )),
+        ));
+    }
+    for (version, sql) in (1_i64..).zip(MIGRATIONS.iter()).skip(applied) {
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", version)?;
+    }
+    tx.commit()
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PaymentState {
@@ -112,6 +184,86 @@ fn payment_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PaymentRecord> {
     })
 }
 
+/// Where a page of a customer's payments ended: the `(created_at, txn_id)`
+/// of its last (oldest) entry. The next page starts strictly after it, so a
+/// payment is never shown twice or skipped, however many arrive meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub created_at_ms: i64,
+    pub txn_id: String,
+}
+
+impl Cursor {
+    /// The cursor just past this payment.
+    pub fn after(p: &PaymentRecord) -> Cursor {
+        Cursor { created_at_ms: p.created_at_ms, txn_id: p.txn_id.clone() }
+    }
+}
+
+/// Which page of a customer's payments to read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PageQuery {
+    /// Most entries on the page; clamped to `1..=HISTORY_PAGE_MAX`.
+    pub limit: u32,
+    /// The end of the previous page; `None` for the first page.
+    pub after: Option<Cursor>,
+    /// Only payments created at or after this instant (ms since the epoch).
+    pub start_ms: Option<i64>,
+    /// Only payments created before this instant (exclusive).
+    pub end_ms: Option<i64>,
+}
+
+/// One page of a customer's payments, newest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentPage {
+    pub payments: Vec<PaymentRecord>,
+    /// Where the next page starts; `None` when this page is the last.
+    pub next: Option<Cursor>,
+}
+
+/// A customer's payments in page order: the ones they sent (any state) and
+/// the ones they received (committed only: a declined or undecided payment
+/// is the payer's business), by `(created_at, txn_id)` descending, strictly
+/// below the upper bound `(?4, ?5)` and from `created_at >= ?3` on.
+///
+/// Each arm is a range scan of its index, already in page order, so SQLite
+/// merges the two (no sort) and stops after `?6` rows: a page reads its own
+/// entries (and the received-but-declined ones between them, which it
+/// skips), however long the history. `INDEXED BY` pins the plan
+/// whatever statistics a later `ANALYZE` gathers. The payee arm's payer test
+/// only guards against a self-payment, which validation refuses.
+const PAGE_SQL: &str = "
+SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+       state, reason, acked, created_at, deadline_at, fingerprint
+FROM payments INDEXED BY payments_by_payer
+WHERE payer_bank = ?1 AND payer_user = ?2 AND created_at >= ?3 AND (created_at, txn_id) < (?4, ?5)
+UNION ALL
+SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+       state, reason, acked, created_at, deadline_at, fingerprint
+FROM payments INDEXED BY payments_by_payee
+WHERE payee_bank = ?1 AND payee_user = ?2 AND created_at >= ?3 AND (created_at, txn_id) < (?4, ?5)
+  AND state = 'committed' AND NOT (payer_bank = ?1 AND payer_user = ?2)
+ORDER BY created_at DESC, txn_id DESC
+LIMIT ?6";
+
+/// The payment a customer made under an id: one row of the unique index.
+const MADE_BY_ID_SQL: &str = "
+SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+       state, reason, acked, created_at, deadline_at, fingerprint
+FROM payments
+WHERE payment_id = ?3 AND payer_bank = ?1 AND payer_user = ?2";
+
+/// A payment a customer received, by its id: through the unique index that
+/// starts with `payment_id` (every payer that used this id, a handful at
+/// most), never through the customer's received payments.
+const RECEIVED_BY_ID_SQL: &str = "
+SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+       state, reason, acked, created_at, deadline_at, fingerprint
+FROM payments INDEXED BY payments_by_id
+WHERE payment_id = ?3 AND payee_bank = ?1 AND payee_user = ?2 AND state = 'committed'
+ORDER BY created_at DESC, txn_id DESC
+LIMIT 1";
+
 /// Counts of payments by state, for the status RPC.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PaymentCounts {
@@ -136,17 +288,15 @@ pub use strife_core::unix_ms as now_ms;
 
 impl Store {
     pub fn open(path: &Path) -> rusqlite::Result<Store> {
-        let conn = strife_rpc::sqlite::open_durable(path)?;
-        conn.execute_batch(SCHEMA)?;
+        let mut conn = strife_rpc::sqlite::open_durable(path)?;
+        migrate(&mut conn)?;
         Ok(Store { conn })
     }
 
     /// The payment a customer made under `payment_id`, if any.
     pub fn find_payment(&self, payer: &UserRef, payment_id: &str) -> rusqlite::Result<Option<PaymentRecord>> {
         self.conn
-            .prepare_cached(&format!(
-                "SELECT {PAYMENT_COLUMNS} FROM payments WHERE payer_bank = ?1 AND payer_user = ?2 AND payment_id = ?3"
-            ))?
+            .prepare_cached(MADE_BY_ID_SQL)?
             .query_row(params![payer.bank, payer.user, payment_id], payment_from_row)
             .optional()
     }
@@ -253,19 +403,54 @@ impl Store {
         rows.collect()
     }
 
-    /// A customer's payments, sent (any outcome) and received (committed),
-    /// newest first.
-    pub fn history(&self, who: &UserRef, limit: u32) -> rusqlite::Result<Vec<PaymentRecord>> {
-        let mut stmt = self.conn.prepare_cached(&format!(
-            "SELECT {PAYMENT_COLUMNS} FROM (
-                 SELECT * FROM payments WHERE payer_bank = ?1 AND payer_user = ?2
-                 UNION ALL
-                 SELECT * FROM payments WHERE payee_bank = ?1 AND payee_user = ?2 AND state = 'committed'
-                     AND NOT (payer_bank = ?1 AND payer_user = ?2)
-             ) ORDER BY created_at DESC, txn_id LIMIT ?3"
-        ))?;
-        let rows = stmt.query_map(params![who.bank, who.user, limit], payment_from_row)?;
-        rows.collect()
+    /// One page of a customer's payments, sent (any outcome) and received
+    /// (committed), newest first by `(created_at, txn_id)`; see [`PAGE_SQL`].
+    pub fn list_payments(&self, who: &UserRef, q: &PageQuery) -> rusqlite::Result<PaymentPage> {
+        let limit = q.limit.clamp(1, HISTORY_PAGE_MAX);
+        // `(created_at, txn_id) < (end, '')` is `created_at < end`: no txn
+        // id sorts below the empty string. The cursor, when there is one,
+        // is the tighter bound.
+        let end = (q.end_ms.unwrap_or(i64::MAX), "");
+        let upper = match &q.after {
+            Some(c) if (c.created_at_ms, c.txn_id.as_str()) < end => (c.created_at_ms, c.txn_id.as_str()),
+            _ => end,
+        };
+        let mut stmt = self.conn.prepare_cached(PAGE_SQL)?;
+        let rows = stmt.query_map(
+            params![
+                who.bank,
+                who.user,
+                q.start_ms.unwrap_or(i64::MIN),
+                upper.0,
+                upper.1,
+                // One more than the page, to know whether another follows.
+                i64::from(limit) + 1
+            ],
+            payment_from_row,
+        )?;
+        let mut payments = rows.collect::<rusqlite::Result<Vec<_>>>()?;
+        let more = payments.len() > limit as usize;
+        payments.truncate(limit as usize);
+        let next = if more { payments.last().map(Cursor::after) } else { None };
+        Ok(PaymentPage { payments, next })
+    }
+
+    /// The payment with this id that a customer made or received: the one
+    /// they made if any (ids are scoped to the payer), else the newest
+    /// committed one they received (several payers may have used the id).
+    /// Two lookups in the unique index on `payment_id`.
+    pub fn find_payment_for(
+        &self,
+        who: &UserRef,
+        payment_id: &str,
+    ) -> rusqlite::Result<Option<PaymentRecord>> {
+        if let Some(made) = self.find_payment(who, payment_id)? {
+            return Ok(Some(made));
+        }
+        self.conn
+            .prepare_cached(RECEIVED_BY_ID_SQL)?
+            .query_row(params![who.bank, who.user, payment_id], payment_from_row)
+            .optional()
     }
 
     /// Every payment, oldest first (for the audit).
@@ -334,5 +519,577 @@ impl Store {
     /// how many.
     pub fn abort_all_preparing(&mut self) -> rusqlite::Result<usize> {
         self.conn.prepare_cached("UPDATE payments SET state = 'aborted', reason = 'timeout', decided_at = ?1 WHERE state = 'preparing'")?.execute([now_ms()])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeSet;
+    use std::path::PathBuf;
+    use std::time::{Duration, Instant};
+    use strife_core::rng::SplitMix64;
+
+    /// A directory for one test's database, removed at the end.
+    struct TempDir(PathBuf);
+
+    impl TempDir {
+        fn new(name: &str) -> TempDir {
+            let dir = std::env::temp_dir().join(format!("strife-gw-store-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).expect("temp dir");
+            TempDir(dir)
+        }
+        fn db(&self) -> PathBuf {
+            self.0.join("gateway.db")
+        }
+    }
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn user(text: &str) -> UserRef {
+        text.parse().expect("user@bank")
+    }
+
+    /// A UUID-shaped id from a number (`n < 2^48`): ordered like the
+    /// number, and quick to make (the fill below makes a million).
+    fn uuid_of(n: u64) -> String {
+        format!("01990000-0000-7000-8000-{n:012x}")
+    }
+
+    fn payment(txn_id: String, payment_id: String, payer: &UserRef, payee: &UserRef) -> PaymentRecord {
+        PaymentRecord {
+            txn_id,
+            payment_id,
+            payer: payer.clone(),
+            payee: payee.clone(),
+            amount_minor: 100,
+            state: PaymentState::Committed,
+            reason: None,
+            acked: true,
+            created_at_ms: 1_000,
+            deadline_at_ms: 2_000,
+            fingerprint: vec![0; 32],
+        }
+    }
+
+    fn insert(s: &mut Store, p: &PaymentRecord) {
+        s.begin_payment(p).expect("insert").expect("a new payment");
+    }
+
+    /// What the caller may see in a listing: what they sent, and what
+    /// they received once it committed.
+    fn visible(me: &UserRef, p: &PaymentRecord) -> bool {
+        p.payer == *me || (p.payee == *me && p.state == PaymentState::Committed)
+    }
+
+    fn key(p: &PaymentRecord) -> (i64, String) {
+        (p.created_at_ms, p.txn_id.clone())
+    }
+
+    /// The query plan of `sql`, one detail line per step.
+    fn plan(s: &Store, sql: &str) -> String {
+        let mut stmt = s.conn.prepare(&format!("EXPLAIN QUERY PLAN {sql}")).expect("explain");
+        let nulls = vec![rusqlite::types::Null; stmt.parameter_count()];
+        let rows =
+            stmt.query_map(rusqlite::params_from_iter(nulls), |r| r.get::<_, String>(3)).expect("plan");
+        rows.collect::<rusqlite::Result<Vec<_>>>().expect("plan rows").join("\n")
+    }
+
+    fn payment_indexes(conn: &Connection) -> BTreeSet<String> {
+        let mut stmt = conn
+            .prepare("SELECT name FROM sqlite_master WHERE type = 'index' AND tbl_name = 'payments'")
+            .expect("indexes");
+        let rows = stmt.query_map([], |r| r.get(0)).expect("indexes");
+        rows.collect::<rusqlite::Result<_>>().expect("index names")
+    }
+
+    #[test]
+    fn pages_and_lookups_use_the_indexes_and_never_sort_or_scan() {
+        let dir = TempDir::new("plan");
+        let mut s = Store::open(&dir.db()).expect("open");
+        let check = |s: &Store| {
+            let page = plan(s, PAGE_SQL);
+            assert!(page.contains("USING INDEX payments_by_payer"), "{page}");
+            assert!(page.contains("USING INDEX payments_by_payee"), "{page}");
+            assert!(page.contains("MERGE"), "the two ordered scans are merged: {page}");
+            assert!(!page.contains("TEMP B-TREE"), "a page never sorts: {page}");
+            assert!(!page.contains("SCAN payments"), "a page never scans: {page}");
+            // Each arm is a range of its index: both bounds on created_at.
+            assert_eq!(page.matches("created_at>? AND (created_at,txn_id)<(?,?))").count(), 2, "{page}");
+            let made = plan(s, MADE_BY_ID_SQL);
+            assert!(
+                made.contains("USING INDEX payments_by_id (payment_id=? AND payer_bank=? AND payer_user=?)"),
+                "{made}"
+            );
+            let received = plan(s, RECEIVED_BY_ID_SQL);
+            // (It sorts the payments that share the id, a handful at most.)
+            assert!(received.contains("USING INDEX payments_by_id (payment_id=?)"), "{received}");
+            assert!(!received.contains("SCAN payments"), "{received}");
+        };
+        check(&s);
+        // Statistics from ANALYZE do not move the plan either.
+        let (a, b) = (user("a@BankA"), user("b@BankB"));
+        for n in 0..2_000 {
+            let (payer, payee) = if n % 2 == 0 { (&a, &b) } else { (&b, &a) };
+            insert(
+                &mut s,
+                &PaymentRecord {
+                    created_at_ms: n,
+                    ..payment(uuid_of(n as u64), uuid_of(n as u64), payer, payee)
+                },
+            );
+        }
+        s.conn.execute_batch("ANALYZE").expect("analyze");
+        check(&s);
+    }
+
+    #[test]
+    fn a_listing_has_what_the_caller_sent_and_the_committed_payments_they_received() {
+        let dir = TempDir::new("listing");
+        let mut s = Store::open(&dir.db()).expect("open");
+        let (me, other, third) = (user("me@BankA"), user("other@BankB"), user("third@BankA"));
+        let rows = [
+            (&me, &other, PaymentState::Committed),
+            (&me, &other, PaymentState::Aborted),
+            (&me, &third, PaymentState::Preparing),
+            (&other, &me, PaymentState::Committed),
+            (&other, &me, PaymentState::Aborted),
+            (&third, &me, PaymentState::Preparing),
+            (&other, &third, PaymentState::Committed),
+        ];
+        for (n, (payer, payee, state)) in rows.into_iter().enumerate() {
+            let n = n as u64;
+            let p = payment(uuid_of(n), uuid_of(100 + n), payer, payee);
+            insert(&mut s, &PaymentRecord { state, created_at_ms: 1_000 + n as i64, ..p });
+        }
+        let all = s.list_payments(&me, &PageQuery { limit: 10, ..PageQuery::default() }).expect("list");
+        let ids: Vec<&str> = all.payments.iter().map(|p| p.txn_id.as_str()).collect();
+        assert_eq!(ids, [uuid_of(3), uuid_of(2), uuid_of(1), uuid_of(0)], "newest first");
+        assert_eq!(all.next, None, "one page holds them all");
+
+        let first = s.list_payments(&me, &PageQuery { limit: 3, ..PageQuery::default() }).expect("list");
+        assert_eq!(first.payments, all.payments[..3]);
+        assert_eq!(first.next, Some(Cursor::after(&all.payments[2])));
+        let rest = s.list_payments(&me, &PageQuery { limit: 3, after: first.next, ..PageQuery::default() });
+        assert_eq!(rest.expect("list"), PaymentPage { payments: all.payments[3..].to_vec(), next: None });
+        let zero = s.list_payments(&me, &PageQuery { limit: 0, ..PageQuery::default() }).expect("list");
+        assert_eq!(zero.payments.len(), 1, "a page always has a bounded, non-zero size");
+        let huge =
+            s.list_payments(&me, &PageQuery { limit: u32::MAX, ..PageQuery::default() }).expect("list");
+        assert_eq!(huge.payments, all.payments);
+
+        let bounded =
+            PageQuery { limit: 10, start_ms: Some(1_001), end_ms: Some(1_003), ..PageQuery::default() };
+        let ids: Vec<String> =
+            s.list_payments(&me, &bounded).expect("list").payments.into_iter().map(|p| p.txn_id).collect();
+        assert_eq!(ids, [uuid_of(2), uuid_of(1)], "start inclusive, end exclusive");
+        assert!(s.list_payments(&user("nobody@BankA"), &bounded).expect("list").payments.is_empty());
+    }
+
+    #[test]
+    fn a_payment_is_found_by_id_by_whoever_made_or_received_it() {
+        let dir = TempDir::new("by-id");
+        let mut s = Store::open(&dir.db()).expect("open");
+        let (me, a, b) = (user("me@BankA"), user("a@BankB"), user("b@BankA"));
+        let shared = uuid_of(7);
+        // Two payers used the same id to pay me; then I used it too.
+        insert(&mut s, &PaymentRecord { created_at_ms: 10, ..payment(uuid_of(1), shared.clone(), &a, &me) });
+        insert(&mut s, &PaymentRecord { created_at_ms: 20, ..payment(uuid_of(2), shared.clone(), &b, &me) });
+        let newest = s.find_payment_for(&me, &shared).expect("find").expect("received");
+        assert_eq!(newest.txn_id, uuid_of(2), "the newest payment received under that id");
+        insert(&mut s, &PaymentRecord { created_at_ms: 5, ..payment(uuid_of(3), shared.clone(), &me, &a) });
+        let mine = s.find_payment_for(&me, &shared).expect("find").expect("made");
+        assert_eq!(mine.txn_id, uuid_of(3), "the one I made comes first");
+        assert_eq!(s.find_payment(&me, &shared).expect("find"), Some(mine), "idempotency lookup unchanged");
+        assert_eq!(s.find_payment(&b, &shared).expect("find").map(|p| p.txn_id), Some(uuid_of(2)));
+
+        let declined = uuid_of(8);
+        let p = payment(uuid_of(4), declined.clone(), &a, &me);
+        insert(&mut s, &PaymentRecord { state: PaymentState::Aborted, ..p });
+        assert_eq!(s.find_payment_for(&me, &declined).expect("find"), None, "declined: not the payee's");
+        assert!(s.find_payment_for(&a, &declined).expect("find").is_some(), "but the payer's");
+        assert_eq!(s.find_payment_for(&user("c@BankB"), &shared).expect("find"), None, "a stranger's");
+        assert_eq!(s.find_payment_for(&me, &uuid_of(99)).expect("find"), None);
+    }
+
+    /// A seeded random history among a few customers, paged through with
+    /// small pages while new payments (at any time, even in the past) keep
+    /// arriving: every payment that existed at the first page is listed
+    /// exactly once, in strictly decreasing (created_at, txn_id) order,
+    /// inside the time bounds. The seed is printed; replay with
+    /// `STRIFE_PROP_SEED`.
+    #[test]
+    fn paging_while_payments_arrive_skips_nothing_and_repeats_nothing() {
+        let seed = strife_core::rng::seed_from_env("STRIFE_PROP_SEED");
+        let mut rng = SplitMix64(seed);
+        let customers = [user("a@BankA"), user("b@BankA"), user("a@BankB"), user("c@BankB")];
+        let dir = TempDir::new("paging");
+        let mut s = Store::open(&dir.db()).expect("open");
+        let (mut serial, mut now_ms) = (0u64, 60i64);
+        // A payment arrives now (often at the same instant as the newest),
+        // or, one time in five, back in the past (a clock step).
+        let mut arrive = |s: &mut Store, rng: &mut SplitMix64, initial: bool| {
+            let payer = rng.below(customers.len() as u64) as usize;
+            let payee = (payer + 1 + rng.below(customers.len() as u64 - 1) as usize) % customers.len();
+            let state = match rng.below(10) {
+                0..=6 => PaymentState::Committed,
+                7 | 8 => PaymentState::Aborted,
+                _ => PaymentState::Preparing,
+            };
+            serial += 1;
+            // Random txn ids, and few distinct instants: many ties on
+            // created_at, broken by txn_id in no relation to arrival.
+            let txn = uuid::Uuid::from_u128((u128::from(rng.next()) << 64) | u128::from(serial)).to_string();
+            let p = payment(txn, uuid_of(serial), &customers[payer], &customers[payee]);
+            let at = if initial || rng.below(5) == 0 {
+                rng.range(0, now_ms as u64) as i64
+            } else {
+                now_ms += rng.below(2) as i64;
+                now_ms
+            };
+            insert(s, &PaymentRecord { state, created_at_ms: at, ..p });
+        };
+        for _ in 0..rng.range(0, 400) {
+            arrive(&mut s, &mut rng, true);
+        }
+        for round in 0..40 {
+            let me = &customers[rng.below(customers.len() as u64) as usize];
+            let (lo, hi) = (rng.range(0, 40) as i64, rng.range(20, 80) as i64);
+            let (start_ms, end_ms) = match rng.below(4) {
+                0 => (None, None),
+                1 => (Some(lo), None),
+                2 => (None, Some(hi)),
+                _ => (Some(lo), Some(hi)),
+            };
+            let within = |at: i64| start_ms.is_none_or(|s| at >= s) && end_ms.is_none_or(|e| at < e);
+            let expected: BTreeSet<String> = s
+                .all_payments()
+                .expect("all")
+                .into_iter()
+                .filter(|p| visible(me, p) && within(p.created_at_ms))
+                .map(|p| p.txn_id)
+                .collect();
+            let limit = rng.range(1, 7) as u32;
+            let at =
+                format!("seed {seed}, round {round}, {me}, limit {limit}, bounds {start_ms:?}..{end_ms:?}");
+            let (mut listed, mut seen) = (Vec::new(), BTreeSet::new());
+            let mut token: Option<String> = None;
+            for pages in 0.. {
+                assert!(pages < 10_000, "{at}: paging does not end");
+                let after = token.as_deref().map(|t| {
+                    crate::page_token::decode(t, start_ms, end_ms).unwrap_or_else(|e| panic!("{at}: {e}"))
+                });
+                let page = s.list_payments(me, &PageQuery { limit, after, start_ms, end_ms }).expect("page");
+                assert!(page.payments.len() <= limit as usize, "{at}");
+                for p in &page.payments {
+                    assert!(visible(me, p) && within(p.created_at_ms), "{at}: {p:?} does not belong");
+                    assert!(seen.insert(p.txn_id.clone()), "{at}: {} shown twice", p.txn_id);
+                    listed.push(key(p));
+                }
+                for _ in 0..rng.below(3) {
+                    arrive(&mut s, &mut rng, false);
+                }
+                match page.next {
+                    Some(next) => {
+                        assert_eq!(page.payments.len(), limit as usize, "{at}: a short page is the last");
+                        token = Some(crate::page_token::encode(&next, start_ms, end_ms));
+                    }
+                    None => break,
+                }
+            }
+            assert!(listed.windows(2).all(|w| w[0] > w[1]), "{at}: not strictly newest first: {listed:?}");
+            let skipped: Vec<&String> = expected.difference(&seen).collect();
+            assert!(skipped.is_empty(), "{at}: skipped {skipped:?}");
+        }
+    }
+
+    /// The schema as the gateway created it before versioning, copied
+    /// verbatim from that version (not from `SCHEMA_V1`): what a database
+    /// in the field has.
+    const OLD_SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS payments (
+    txn_id       TEXT PRIMARY KEY,
+    payment_id   TEXT NOT NULL,
+    payer_user   TEXT NOT NULL,
+    payer_bank   TEXT NOT NULL,
+    payee_user   TEXT NOT NULL,
+    payee_bank   TEXT NOT NULL,
+    amount_minor INTEGER NOT NULL CHECK (amount_minor > 0),
+    -- SHA-256 of the canonical request (payer, payee, amount): the
+    -- idempotency check compares it before naming the fields that differ
+    fingerprint  BLOB NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('preparing', 'committed', 'aborted')),
+    reason       TEXT,
+    -- 1 once every bank involved acknowledged the decision
+    acked        INTEGER NOT NULL DEFAULT 0,
+    created_at   INTEGER NOT NULL,
+    deadline_at  INTEGER NOT NULL,
+    decided_at   INTEGER,
+    -- the idempotency key is scoped to the paying customer
+    UNIQUE (payer_bank, payer_user, payment_id)
+) STRICT;
+CREATE INDEX IF NOT EXISTS payments_by_payee ON payments (payee_bank, payee_user, created_at);
+CREATE INDEX IF NOT EXISTS payments_by_payer ON payments (payer_bank, payer_user, created_at);
+CREATE INDEX IF NOT EXISTS payments_unfinished ON payments (state) WHERE acked = 0;
+CREATE TABLE IF NOT EXISTS banks (
+    name          TEXT PRIMARY KEY,
+    address       TEXT NOT NULL,
+    registered_at INTEGER NOT NULL
+) STRICT;
+CREATE TABLE IF NOT EXISTS revoked_tokens (
+    jti        TEXT PRIMARY KEY,
+    expires_at INTEGER NOT NULL
+) STRICT;
+";
+
+    /// Every row of every table, in a fixed order, as text.
+    fn dump(conn: &Connection) -> Vec<String> {
+        let mut out = Vec::new();
+        for (table, order) in [("payments", "txn_id"), ("banks", "name"), ("revoked_tokens", "jti")] {
+            let mut stmt = conn.prepare(&format!("SELECT * FROM {table} ORDER BY {order}")).expect("dump");
+            let width = stmt.column_count();
+            let rows = stmt
+                .query_map([], |r| {
+                    let cells: Vec<String> = (0..width)
+                        .map(|i| r.get::<_, rusqlite::types::Value>(i).map(|v| format!("{v:?}")))
+                        .collect::<rusqlite::Result<_>>()?;
+                    Ok(format!("{table}: {}", cells.join(", ")))
+                })
+                .expect("dump rows");
+            out.extend(rows.collect::<rusqlite::Result<Vec<_>>>().expect("dump rows"));
+        }
+        out
+    }
+
+    fn user_version(conn: &Connection) -> i64 {
+        conn.pragma_query_value(None, "user_version", |r| r.get(0)).expect("user_version")
+    }
+
+    fn schema(conn: &Connection) -> Vec<(String, Option<String>)> {
+        let mut stmt = conn.prepare("SELECT name, sql FROM sqlite_master ORDER BY name").expect("schema");
+        let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?))).expect("schema");
+        rows.collect::<rusqlite::Result<_>>().expect("schema rows")
+    }
+
+    #[test]
+    fn a_database_made_by_the_previous_gateway_keeps_its_data_and_gains_the_new_indexes() {
+        let dir = TempDir::new("migrate");
+        let old = Connection::open(dir.db()).expect("old db");
+        old.pragma_update(None, "journal_mode", "WAL").expect("wal");
+        old.execute_batch(OLD_SCHEMA).expect("old schema");
+        let (a, b, c) = (user("a@BankA"), user("b@BankB"), user("c@BankA"));
+        let rows = [
+            (1, 10, &a, &b, "committed", Some(1_010), 1),
+            (2, 10, &b, &a, "committed", Some(1_020), 1), // the same id, another payer
+            (3, 11, &a, &c, "aborted", Some(1_030), 0),
+            (4, 12, &c, &a, "preparing", None, 0),
+        ];
+        for (txn, id, payer, payee, state, decided, acked) in rows {
+            old.execute(
+                "INSERT INTO payments (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank,
+                     amount_minor, fingerprint, state, reason, acked, created_at, deadline_at, decided_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 250, zeroblob(32), ?7, NULL, ?8, ?9, ?10, ?11)",
+                params![
+                    uuid_of(txn),
+                    uuid_of(id),
+                    payer.user,
+                    payer.bank,
+                    payee.user,
+                    payee.bank,
+                    state,
+                    acked,
+                    1_000 + txn as i64,
+                    9_000,
+                    decided
+                ],
+            )
+            .expect("old row");
+        }
+        old.execute_batch(
+            "INSERT INTO banks VALUES ('BankA', '127.0.0.1:1', 5);
+             INSERT INTO revoked_tokens VALUES ('jti-1', 99999999999);",
+        )
+        .expect("old rows");
+        let before = dump(&old);
+        let indexes_before = payment_indexes(&old);
+        assert_eq!(user_version(&old), 0);
+        drop(old);
+
+        let mut s = Store::open(&dir.db()).expect("migrate");
+        assert_eq!(user_version(&s.conn), MIGRATIONS.len() as i64);
+        assert_eq!(dump(&s.conn), before, "every row of every table kept as it was");
+        let indexes_after = payment_indexes(&s.conn);
+        assert_eq!(indexes_before.len(), 5, "{indexes_before:?}");
+        assert_eq!(
+            indexes_after.len(),
+            indexes_before.len(),
+            "no extra index on the write path: {indexes_after:?}"
+        );
+        assert!(indexes_after.contains("payments_by_id"), "{indexes_after:?}");
+        let check: String = s.conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).expect("check");
+        assert_eq!(check, "ok");
+
+        // The idempotency key still holds, per payer.
+        let replay = payment(uuid_of(50), uuid_of(10), &a, &b);
+        assert_eq!(s.begin_payment(&replay).expect("begin").map_err(|p| p.txn_id), Err(uuid_of(1)));
+        insert(&mut s, &payment(uuid_of(51), uuid_of(10), &c, &b));
+        // And the new reads work on the old data.
+        let page = s.list_payments(&a, &PageQuery { limit: 10, ..PageQuery::default() }).expect("list");
+        let ids: Vec<String> = page.payments.into_iter().map(|p| p.txn_id).collect();
+        assert_eq!(ids, [uuid_of(3), uuid_of(2), uuid_of(1)], "the preparing payment to a is not a's yet");
+        assert_eq!(s.find_payment_for(&a, &uuid_of(10)).expect("find").map(|p| p.txn_id), Some(uuid_of(1)));
+        drop(s);
+
+        // Opening again migrates nothing; a new database gets the same schema.
+        let s = Store::open(&dir.db()).expect("reopen");
+        assert_eq!(user_version(&s.conn), MIGRATIONS.len() as i64);
+        let fresh_dir = TempDir::new("migrate-fresh");
+        let fresh = Store::open(&fresh_dir.db()).expect("fresh");
+        assert_eq!(schema(&fresh.conn), schema(&s.conn), "migrated and new databases look alike");
+
+        // A database from a newer gateway is refused, not guessed at.
+        s.conn.pragma_update(None, "user_version", 99).expect("set version");
+        drop(s);
+        let err = Store::open(&dir.db()).err().expect("refused");
+        assert!(err.to_string().contains("schema version 99"), "{err}");
+    }
+
+    /// The median of `runs` timings of `f`.
+    fn median_time(runs: usize, mut f: impl FnMut()) -> Duration {
+        let mut times: Vec<Duration> = (0..runs)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                t.elapsed()
+            })
+            .collect();
+        times.sort();
+        times[runs / 2]
+    }
+
+    /// One account with 1,000,000 payments (alternately sent and received,
+    /// two per millisecond, every tenth declined): the first pages, a page
+    /// in the middle (from a cursor) and a time-bounded page are exactly
+    /// the expected entries. Prints the fill time and the first page's time
+    /// fresh and at 1,000,000; timings are reported, not asserted (the
+    /// query-plan test is the deterministic check).
+    #[test]
+    fn a_million_payments_of_one_account_page_correctly() {
+        const COUNT: u64 = 1_000_000;
+        const PAGE: u32 = strife_core::limits::HISTORY_PAGE_DEFAULT;
+        let me = user("user1@BankA");
+        let others = [user("user2@BankA"), user("user1@BankB"), user("user3@BankB")];
+        let make = |n: u64| {
+            let other = &others[(n % 3) as usize];
+            let (payer, payee) = if n.is_multiple_of(2) { (&me, other) } else { (other, &me) };
+            let state =
+                if n % 10 == 3 || n % 10 == 4 { PaymentState::Aborted } else { PaymentState::Committed };
+            PaymentRecord {
+                state,
+                created_at_ms: 1_700_000_000_000 + (n / 2) as i64,
+                ..payment(uuid_of(n), uuid_of(n), payer, payee)
+            }
+        };
+        // Received and declined (n % 10 == 3) is not listed.
+        let listed = |n: u64| n % 10 != 3;
+        let first_page = |s: &Store| {
+            s.list_payments(&me, &PageQuery { limit: PAGE, ..PageQuery::default() }).expect("page")
+        };
+
+        let dir = TempDir::new("million");
+        let mut s = Store::open(&dir.db()).expect("open");
+        for n in 0..u64::from(PAGE) * 2 {
+            insert(&mut s, &make(n));
+        }
+        let fresh = median_time(51, || drop(first_page(&s)));
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir.0);
+        std::fs::create_dir_all(&dir.0).expect("dir");
+
+        let s = Store::open(&dir.db()).expect("open");
+        let t = Instant::now();
+        // Test-only, to fill fast: no fsync and no journal (a fresh file),
+        // one transaction, one prepared statement (every index maintained
+        // as on the write path), a page cache that holds the indexes being
+        // appended to; then back to the store's own settings.
+        s.conn.pragma_update(None, "synchronous", "OFF").expect("sync off");
+        s.conn.pragma_update(None, "journal_mode", "OFF").expect("no journal");
+        s.conn.pragma_update(None, "cache_size", -262_144).expect("cache");
+        s.conn.execute_batch("BEGIN").expect("begin");
+        {
+            let mut fill = s
+                .conn
+                .prepare(
+                    "INSERT INTO payments (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank,
+                         amount_minor, fingerprint, state, acked, created_at, deadline_at, decided_at)
+                     VALUES (?1, ?1, ?2, ?3, ?4, ?5, 100, zeroblob(32), ?6, 1, ?7, ?7, ?7)",
+                )
+                .expect("prepare");
+            for n in 0..COUNT {
+                let p = make(n);
+                fill.execute(params![
+                    p.txn_id,
+                    p.payer.user,
+                    p.payer.bank,
+                    p.payee.user,
+                    p.payee.bank,
+                    p.state.as_str(),
+                    p.created_at_ms
+                ])
+                .expect("fill");
+            }
+        }
+        s.conn.execute_batch("COMMIT").expect("commit");
+        s.conn.pragma_update(None, "journal_mode", "WAL").expect("wal");
+        s.conn.pragma_update(None, "synchronous", "FULL").expect("sync on");
+        s.conn.pragma_update(None, "cache_size", -32_768).expect("cache");
+        let fill = t.elapsed();
+
+        let expected: Vec<String> = (0..COUNT).rev().filter(|&n| listed(n)).map(uuid_of).collect();
+        let big = median_time(51, || drop(first_page(&s)));
+        let mut cursor = None;
+        for page_no in 0..3 {
+            let q = PageQuery { limit: PAGE, after: cursor.clone(), ..PageQuery::default() };
+            let page = s.list_payments(&me, &q).expect("page");
+            let ids: Vec<String> = page.payments.iter().map(|p| p.txn_id.clone()).collect();
+            let from = page_no * PAGE as usize;
+            assert_eq!(ids, expected[from..from + PAGE as usize], "page {page_no}");
+            cursor = page.next;
+        }
+        // A page from the middle, from a cursor.
+        let mid = expected.len() / 2;
+        let mid_row = s.find_txn(&expected[mid]).expect("find").expect("exists");
+        let q = PageQuery { limit: PAGE, after: Some(Cursor::after(&mid_row)), ..PageQuery::default() };
+        let middle = median_time(51, || drop(s.list_payments(&me, &q).expect("middle page")));
+        let page = s.list_payments(&me, &q).expect("middle page");
+        let ids: Vec<String> = page.payments.into_iter().map(|p| p.txn_id).collect();
+        assert_eq!(ids, expected[mid + 1..mid + 1 + PAGE as usize]);
+        // A time-bounded page in the middle: 10 ms hold 20 payments, 18 listed.
+        let start_ms = mid_row.created_at_ms - 10;
+        let q = PageQuery { limit: PAGE, start_ms: Some(start_ms), end_ms: Some(start_ms + 10), after: None };
+        let page = s.list_payments(&me, &q).expect("bounded page");
+        assert_eq!(page.next, None);
+        let want: Vec<String> = (0..COUNT)
+            .rev()
+            .filter(|&n| listed(n) && (start_ms..start_ms + 10).contains(&make(n).created_at_ms))
+            .map(uuid_of)
+            .collect();
+        assert_eq!(want.len(), 18);
+        assert_eq!(page.payments.into_iter().map(|p| p.txn_id).collect::<Vec<_>>(), want);
+
+        eprintln!(
+            "paging at {COUNT} payments of one account: fill {:.1} s; first page of {PAGE} (median of 51): \
+             fresh ({} payments) {:?}, at {COUNT} {:?}; a middle page {:?}",
+            fill.as_secs_f64(),
+            PAGE * 2,
+            fresh,
+            big,
+            middle
+        );
     }
 }

@@ -1,6 +1,10 @@
 //! Customers' bearer tokens: HS256 JWTs naming user and bank, signed with a
 //! key kept in `DIR/certs/token.key` (mode 0600) and identified by a key id.
+//! The HMAC is computed by `ring` through [`ring_provider`].
 
+mod ring_provider;
+
+use crate::hex;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
@@ -65,7 +69,7 @@ fn random_key_line() -> anyhow::Result<String> {
     let rng = ring::rand::SystemRandom::new();
     let secret: [u8; 32] = ring::rand::generate(&rng).map_err(|_| anyhow::anyhow!("no randomness"))?.expose();
     let kid: [u8; 4] = ring::rand::generate(&rng).map_err(|_| anyhow::anyhow!("no randomness"))?.expose();
-    Ok(format!("{} {}", hex(&kid), hex(&secret)))
+    Ok(format!("{} {}", hex::encode(&kid), hex::encode(&secret)))
 }
 
 /// Every key in the key file, newest first, creating the file (one key of
@@ -80,7 +84,7 @@ pub fn load_keys(certs_dir: &Path) -> anyhow::Result<Vec<(String, Secret<Vec<u8>
     for line in text.lines().filter(|l| !l.trim().is_empty()) {
         let (kid, secret) =
             line.trim().split_once(' ').ok_or_else(|| anyhow::anyhow!("{} is malformed", path.display()))?;
-        let secret = unhex(secret).ok_or_else(|| anyhow::anyhow!("{} is malformed", path.display()))?;
+        let secret = hex::decode(secret).ok_or_else(|| anyhow::anyhow!("{} is malformed", path.display()))?;
         if secret.len() < 32 {
             anyhow::bail!("{}: a signing key is shorter than 32 bytes", path.display());
         }
@@ -109,17 +113,6 @@ pub fn rotate_key(certs_dir: &Path) -> anyhow::Result<String> {
     Ok(lines[0].split(' ').next().unwrap_or_default().to_owned())
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn unhex(text: &str) -> Option<Vec<u8>> {
-    if !text.len().is_multiple_of(2) {
-        return None;
-    }
-    (0..text.len()).step_by(2).map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok()).collect()
-}
-
 pub fn now_secs() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
 }
@@ -133,6 +126,8 @@ impl TokenKeys {
     /// Fails on an empty secret.
     pub fn with_keys(keys: &[(String, Secret<Vec<u8>>)], ttl_secs: u64) -> anyhow::Result<TokenKeys> {
         assert!(!keys.is_empty(), "at least one signing key");
+        // Before the first encode or decode, which would panic without it.
+        ring_provider::install()?;
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_audience(&[AUDIENCE]);
         validation.set_issuer(&[ISSUER]);
@@ -225,6 +220,21 @@ mod tests {
         let parts: Vec<&str> = token.expose().split('.').collect();
         let none_header = "eyJhbGciOiJub25lIiwidHlwIjoiSldUIiwia2lkIjoiazEifQ";
         assert!(keys(1).verify(&format!("{none_header}.{}.", parts[1])).is_err());
+    }
+
+    #[test]
+    fn a_changed_signature_or_another_algorithm_is_refused() {
+        let who = UserRef::new("user1", "BankA").expect("name");
+        let (token, _) = keys(1).issue(&who).expect("issue");
+        let (rest, sig) = token.expose().rsplit_once('.').expect("three parts");
+        let flipped =
+            if sig.starts_with('A') { sig.replacen('A', "B", 1) } else { format!("A{}", &sig[1..]) };
+        assert!(matches!(keys(1).verify(&format!("{rest}.{flipped}")), Err(TokenError::BadSignature)));
+        assert!(matches!(keys(1).verify(&format!("{rest}.{sig}AAAA")), Err(TokenError::BadSignature)));
+        // {"alg":"HS512","typ":"JWT","kid":"k1"} over the same claims.
+        let payload = rest.split_once('.').expect("two parts").1;
+        let hs512 = format!("eyJhbGciOiJIUzUxMiIsInR5cCI6IkpXVCIsImtpZCI6ImsxIn0.{payload}.{sig}");
+        assert!(matches!(keys(1).verify(&hs512), Err(TokenError::BadSignature)));
     }
 
     #[test]

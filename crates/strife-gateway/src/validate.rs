@@ -3,6 +3,8 @@
 
 use crate::coordinator::PayRequest;
 use crate::error::GatewayError;
+use crate::page_token;
+use crate::store::PageQuery;
 use strife_core::limits::{ADDRESS_MAX, HISTORY_PAGE_DEFAULT, HISTORY_PAGE_MAX, PASSWORD_MAX};
 use strife_core::{Amount, PaymentId, Secret, UserRef, validate_bank_name, validate_user_name};
 use strife_proto::gateway::v1 as pb;
@@ -60,6 +62,21 @@ pub fn page_size(size: i32) -> Result<u32, GatewayError> {
         Ok(0) => Ok(HISTORY_PAGE_DEFAULT),
         Ok(n) => Ok(n.min(HISTORY_PAGE_MAX)),
     }
+}
+
+/// A history page request: its size, where it starts (the page token's
+/// cursor) and its time bounds.
+pub fn list_payments(req: &pb::ListPaymentsRequest) -> Result<PageQuery, GatewayError> {
+    let limit = page_size(req.page_size)?;
+    let (start_ms, end_ms) = time_bounds(req.start_time.as_ref(), req.end_time.as_ref())?;
+    let after = if req.page_token.is_empty() {
+        None
+    } else {
+        let cursor = page_token::decode(&req.page_token, start_ms, end_ms)
+            .map_err(|e| GatewayError::invalid("page_token", e.to_string()))?;
+        Some(cursor)
+    };
+    Ok(PageQuery { limit, after, start_ms, end_ms })
 }
 
 /// Optional time bounds `[start, end)` in Unix milliseconds.

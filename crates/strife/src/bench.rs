@@ -24,6 +24,8 @@ const CONNECTIONS: usize = 4;
 const LOGINS_IN_FLIGHT: usize = 8;
 /// The balance of every bench account, in minor units (1,000,000.00).
 const BENCH_BALANCE_MINOR: i64 = 100_000_000;
+/// Payments of prefilled history per transaction of each store.
+const PREFILL_BATCH: u64 = 100_000;
 
 #[derive(Args, Debug, Clone)]
 pub struct BenchArgs {
@@ -53,6 +55,11 @@ pub struct BenchArgs {
     /// out, so balances stay as they were), to measure a large ledger.
     #[arg(long, default_value_t = 0)]
     history: u64,
+    /// With --history: make every payment of that history one of this
+    /// account's (`u<i>@Bank<j>`), alternately sent and received, to
+    /// measure one customer's long history.
+    #[arg(long, value_name = "USER@BANK")]
+    history_account: Option<String>,
 }
 
 /// A customer the bench can act as.
@@ -112,6 +119,13 @@ fn start_cluster(dir: &Path, args: &BenchArgs) -> anyhow::Result<(Vec<Server>, S
         bail!("--banks and --accounts must be at least 1");
     }
     let banks: Vec<String> = (0..args.banks).map(|i| format!("Bank{i}")).collect();
+    let focus = match &args.history_account {
+        Some(who) => Some(bench_account(who, &banks, args.accounts)?),
+        None => None,
+    };
+    if focus.is_some() && args.history == 0 {
+        bail!("--history-account needs --history N");
+    }
     let peers = crate::up::identities(&banks)?;
     let certs = strife_rpc::pki::CertDir::new(dir);
     certs.init(&peers)?;
@@ -131,7 +145,7 @@ fn start_cluster(dir: &Path, args: &BenchArgs) -> anyhow::Result<(Vec<Server>, S
         strife_rpc::pki::write_public_file(&dir.join(format!("{bank}.accounts.toml")), &file)?;
     }
     if args.history > 0 {
-        prefill_history(dir, &banks, args.accounts, args.history)?;
+        prefill_history(dir, &banks, args.accounts, args.history, focus)?;
     }
     let exe = std::env::current_exe()?;
     let quiet = [("STRIFE_LOG_LEVEL", "warn")];
@@ -152,14 +166,40 @@ fn start_cluster(dir: &Path, args: &BenchArgs) -> anyhow::Result<(Vec<Server>, S
     Ok((servers, addr, customers))
 }
 
+/// The index (bank-major, as in `prefill_history`) of a bench account
+/// named `u<i>@Bank<j>`.
+fn bench_account(who: &str, banks: &[String], accounts: usize) -> anyhow::Result<usize> {
+    let who: strife_core::UserRef = who.parse().with_context(|| format!("--history-account {who}"))?;
+    let bank = banks.iter().position(|b| *b == who.bank);
+    let user = who.user.strip_prefix('u').and_then(|i| i.parse::<usize>().ok()).filter(|&i| i < accounts);
+    match (bank, user) {
+        (Some(b), Some(u)) if who.user == format!("u{u}") => Ok(b * accounts + u),
+        _ => bail!(
+            "--history-account {who}: the bench's accounts are u0..u{} at Bank0..Bank{}",
+            accounts - 1,
+            banks.len() - 1
+        ),
+    }
+}
+
 /// Writes `count` committed payments into the gateway's and the banks'
 /// stores, as pairs (a pays b, b pays a back) so that no balance changes.
-fn prefill_history(dir: &Path, banks: &[String], accounts: usize, count: u64) -> anyhow::Result<()> {
+/// With `focus` (an account's index), `a` is always that account, so it
+/// sends and receives every other payment.
+fn prefill_history(
+    dir: &Path,
+    banks: &[String],
+    accounts: usize,
+    count: u64,
+    focus: Option<usize>,
+) -> anyhow::Result<()> {
     // Pairs cancel out only when complete.
     anyhow::ensure!(
         count.is_multiple_of(2),
         "--history must be even (payments come in pairs that cancel out)"
     );
+    let total = accounts * banks.len();
+    anyhow::ensure!(total >= 2, "--history needs at least two accounts");
     let config = strife_rpc::Config::default();
     let gw_dir = config.gateway.data_dir(dir);
     std::fs::create_dir_all(&gw_dir)?;
@@ -176,7 +216,6 @@ fn prefill_history(dir: &Path, banks: &[String], accounts: usize, count: u64) ->
     let gw = rusqlite::Connection::open(gw_dir.join("gateway.db"))?;
     gw.execute_batch("BEGIN")?;
     let start_ms = strife_gateway::store::now_ms() - i64::try_from(count).unwrap_or(0) - 1;
-    let total = accounts * banks.len();
     let mut rng = SplitMix64(0x5EED);
     let mut draw = 0;
     {
@@ -197,11 +236,17 @@ fn prefill_history(dir: &Path, banks: &[String], accounts: usize, count: u64) ->
             .collect::<Result<_, _>>()?;
         let none: Option<&str> = None;
         for n in 0..count {
+            if n > 0 && n.is_multiple_of(PREFILL_BATCH) {
+                // Commit in batches: the WAL of each store stays bounded.
+                for c in std::iter::once(&gw).chain(&bank_dbs) {
+                    c.execute_batch("COMMIT; BEGIN")?;
+                }
+            }
             let pair = n / 2;
             if n.is_multiple_of(2) {
                 draw = rng.below(total as u64) as usize;
             }
-            let a = (pair as usize) % total;
+            let a = focus.unwrap_or((pair as usize) % total);
             let mut b = draw;
             if a == b {
                 b = (b + 1) % total;
@@ -496,6 +541,7 @@ async fn measure(
         "banks": banks.len(),
         "accounts": customers.len(),
         "history": args.history,
+        "history_account": args.history_account,
         "seconds": round3(elapsed),
         "payments_per_sec": round3(rate),
         "latency_ms": { "p50": round3(pct(0.50)), "p90": round3(pct(0.90)), "p99": round3(pct(0.99)), "p999": round3(pct(0.999)) },
@@ -517,14 +563,15 @@ async fn measure(
 fn table(j: &Value) -> String {
     let mut t = String::new();
     t.push_str(&format!(
-        "strife bench: {} payments, {} concurrent payers ({}, {} payer accounts), {} banks, {} accounts, {} payments of history\n",
+        "strife bench: {} payments, {} concurrent payers ({}, {} payer accounts), {} banks, {} accounts, {} payments of history{}\n",
         j["payments"],
         j["concurrency"],
         j["mode"].as_str().unwrap_or(""),
         j["payers"],
         j["banks"],
         j["accounts"],
-        j["history"]
+        j["history"],
+        j["history_account"].as_str().map(|a| format!(" (all {a}'s)")).unwrap_or_default()
     ));
     t.push_str(&format!("  payments/s           {}\n", j["payments_per_sec"]));
     t.push_str(&format!(

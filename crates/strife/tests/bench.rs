@@ -8,10 +8,17 @@ use common::*;
 
 fn bench(args: &[&str]) -> serde_json::Value {
     let dir = TempDir::new("bench");
+    bench_in(&dir, args)
+}
+
+/// Runs the bench with `TMPDIR` in `dir`, so that a `--keep` cluster
+/// directory lands there.
+fn bench_in(dir: &TempDir, args: &[&str]) -> serde_json::Value {
     let mut full = vec!["--json", "bench", "--payments", "300", "--concurrency", "8", "--accounts", "20"];
     full.extend_from_slice(&["--noop-secs", "0.2"]);
     full.extend_from_slice(args);
-    let r = run_cli(&dir.0, &full, &[]);
+    let tmp = dir.0.to_string_lossy().into_owned();
+    let r = run_cli(&dir.0, &full, &[("TMPDIR", &tmp)]);
     assert_eq!(r.code, 0, "{r:?}");
     r.json()
 }
@@ -55,4 +62,49 @@ fn hot_accounts_never_overdraw() {
     assert_eq!(j["payers"], 2);
     assert_eq!(j["conserved"], true);
     assert_eq!(j["failed"], 0, "{j}");
+}
+
+#[test]
+fn a_history_of_one_account_is_that_accounts_sent_and_received_payments() {
+    let dir = TempDir::new("bench-history");
+    let j = bench_in(&dir, &["--history", "2000", "--history-account", "u7@Bank1", "--keep"]);
+    assert_eq!(j["conserved"], true, "the prefill agrees at the gateway and both banks: {j}");
+    assert_eq!(j["audit"]["payments"], 2300, "{j}");
+    assert_eq!(j["history_account"], "u7@Bank1");
+
+    // Page through the account's history in the kept cluster's gateway store.
+    let kept = std::fs::read_dir(&dir.0)
+        .expect("read temp dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .find(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("strife-bench-")))
+        .expect("the kept bench directory");
+    let store =
+        strife_gateway::store::Store::open(&kept.join("gateway").join("gateway.db")).expect("gateway store");
+    let me: strife_core::UserRef = "u7@Bank1".parse().expect("user");
+    let (mut sent, mut received, mut prefilled_received, mut after) = (0, 0, 0, None);
+    loop {
+        let q = strife_gateway::store::PageQuery { limit: 500, after, ..Default::default() };
+        let page = store.list_payments(&me, &q).expect("page");
+        for p in &page.payments {
+            if p.payer == me {
+                sent += 1;
+            } else {
+                assert_eq!(p.payee, me);
+                received += 1;
+                // The prefill writes no request fingerprint.
+                prefilled_received += i32::from(p.fingerprint.iter().all(|&b| b == 0));
+            }
+        }
+        match page.next {
+            Some(next) => after = Some(next),
+            None => break,
+        }
+    }
+    // u7 is no bench payer (they are u0..u3 of each bank); it may be paid.
+    assert_eq!(sent, 1000, "every other payment of the history was sent");
+    assert_eq!(prefilled_received, 1000, "and every other received");
+    assert!(received - prefilled_received <= 300, "plus any bench payment to u7: {received}");
+    let total = store.all_payments().expect("all").len();
+    assert_eq!(total, 2300, "nothing else in the store");
 }

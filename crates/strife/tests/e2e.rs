@@ -411,3 +411,80 @@ fn every_file_is_0600_and_every_directory_0700_whatever_the_umask() {
         .expect("signal");
     assert_eq!(wait_exit(&mut up), Some(0));
 }
+
+#[test]
+fn history_pages_through_every_payment_once_and_received_payments_are_found() {
+    let c = Cluster::start(&["BankA", "BankB"]);
+    c.login("user1", "BankA");
+    c.login("user2", "BankB");
+    let mut ids = Vec::new();
+    for n in 1..=7 {
+        let r = c.pay("user1@BankA", "user2@BankB", &format!("{n}.00"));
+        assert_eq!(r.code, 0, "{r:?}");
+        ids.push(r.json()["payment_id"].as_str().expect("id").to_owned());
+    }
+    let r = c.pay("user2@BankB", "user1@BankA", "0.50");
+    assert_eq!(r.code, 0, "{r:?}");
+    ids.push(r.json()["payment_id"].as_str().expect("id").to_owned());
+    let newest_first: Vec<String> = ids.iter().rev().cloned().collect();
+    let page_ids = |j: &serde_json::Value| -> Vec<String> {
+        j["payments"]
+            .as_array()
+            .expect("payments")
+            .iter()
+            .map(|p| p["payment_id"].as_str().expect("id").to_owned())
+            .collect()
+    };
+
+    // Page by page with the token.
+    let mut seen = Vec::new();
+    let mut token: Option<String> = None;
+    loop {
+        let mut args = vec!["--json", "--as", "user1@BankA", "history", "--limit", "3"];
+        if let Some(t) = &token {
+            args.extend(["--page-token", t.as_str()]);
+        }
+        let r = c.cli(&args);
+        assert_eq!(r.code, 0, "{r:?}");
+        let j = r.json();
+        let page = page_ids(&j);
+        assert!(page.len() <= 3, "{j}");
+        seen.extend(page);
+        match j["next_page_token"].as_str() {
+            Some(t) => token = Some(t.to_owned()),
+            None => break,
+        }
+        // A payment arriving between pages shifts nothing.
+        if seen.len() == 3 {
+            let r = c.pay("user1@BankA", "user2@BankB", "0.01");
+            assert_eq!(r.code, 0, "{r:?}");
+        }
+    }
+    assert_eq!(seen, newest_first, "every payment once, newest first");
+
+    // --all follows the pages to the end (now with the payment made meanwhile).
+    let r = c.cli(&["--json", "--as", "user1@BankA", "history", "--all", "--limit", "2"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let j = r.json();
+    assert_eq!(page_ids(&j).len(), ids.len() + 1, "{j}");
+    assert!(j["next_page_token"].is_null(), "{j}");
+    let received = &j["payments"].as_array().expect("payments")[1];
+    assert_eq!(
+        (received["direction"].as_str(), received["counterparty"].as_str()),
+        (Some("received"), Some("user2@BankB"))
+    );
+
+    // A token that is not the gateway's is invalid input.
+    let r = c.cli(&["--as", "user1@BankA", "history", "--page-token", "p1.00"]);
+    assert_eq!(r.code, 6, "{r:?}");
+
+    // The payee finds a payment it received by id.
+    let r = c.cli(&["--json", "--as", "user2@BankB", "payment", "--id", &ids[0]]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let j = r.json();
+    assert_eq!(
+        (j["direction"].as_str(), j["counterparty"].as_str(), j["amount"].as_str()),
+        (Some("received"), Some("user1@BankA"), Some("1.00")),
+        "{j}"
+    );
+}

@@ -208,6 +208,11 @@ fn the_same_id_for_another_payment_is_refused_naming_the_field() {
     let r = pay("user2@BankB", "11");
     assert_eq!((r.code, r.json()["error"].as_str()), (7, Some("payment_id_reused")), "{r:?}");
     assert!(r.json()["message"].as_str().is_some_and(|m| m.contains("amount differs")), "{r:?}");
+    assert_eq!(
+        (r.json()["reason"].as_str(), &r.json()["fields"]),
+        (Some("PAYMENT_ID_REUSED"), &serde_json::json!(["amount"])),
+        "{r:?}"
+    );
     let r = pay("user3@BankB", "10");
     assert_eq!(r.code, 7, "{r:?}");
     assert!(r.json()["message"].as_str().is_some_and(|m| m.contains("payee differs")), "{r:?}");
@@ -218,7 +223,8 @@ fn the_same_id_for_another_payment_is_refused_naming_the_field() {
         let token = grpc::login(&ch, "BankA", "user1", "pass1").await.expect("login");
         let e = grpc::pay(&ch, &token, &id, "user3", "BankB", "12").await.expect_err("reused");
         assert_eq!(e.code(), Code::FailedPrecondition);
-        assert!(e.message().contains("payee and amount differ"), "{e:?}");
+        assert!(e.message().contains("(payee and amount differ)"), "{e:?}");
+        assert_eq!(strife_rpc::errors::differing_fields(&e), ["payee", "amount"]);
         // Another customer may use the same id for a payment of their own: ids are per payer.
         let other = grpc::login(&ch, "BankA", "user3", "pass3").await.expect("login");
         let r = grpc::pay(&ch, &other, &id, "user2", "BankB", "1").await.expect("own id space");

@@ -366,17 +366,5 @@ pub fn wait_audit_ok(dir: &Path) -> Value {
     }
 }
 
-/// The seeded PRNG, so a failing run can be replayed.
-pub use strife_core::rng::SplitMix64 as Rng;
-
-/// The seed from `var`, or a fresh one; printed so a failure can be replayed.
-pub fn seed_from_env(var: &str) -> u64 {
-    let seed = std::env::var(var).ok().and_then(|s| s.parse().ok()).unwrap_or_else(|| {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(1)
-    });
-    eprintln!("{var}={seed} (set it to replay this run)");
-    seed
-}
+/// The seeded PRNG, so a failing run can be replayed, and its seed.
+pub use strife_core::rng::{SplitMix64 as Rng, seed_from_env};

@@ -236,25 +236,21 @@ fn check_payment_id(text: &str) -> Outcome {
 }
 
 fn check_list_payments(req: gw::ListPaymentsRequest) -> Outcome {
-    let limit = req.page_size;
-    let page = match strife_gateway::validate::page_size(limit) {
-        Ok(page) => page,
-        Err(e) => {
-            assert!(limit < 0, "page_size({limit}) refused");
-            return gateway_refusal("page_size", &e);
-        }
-    };
-    assert!((1..=HISTORY_PAGE_MAX).contains(&page), "page_size({limit}) = {page}");
-    if u32::try_from(limit).is_ok_and(|l| (1..=HISTORY_PAGE_MAX).contains(&l)) {
-        assert_eq!(i64::from(page), i64::from(limit), "page_size changed a valid size");
-    }
-    match strife_gateway::validate::time_bounds(req.start_time.as_ref(), req.end_time.as_ref()) {
-        Ok((Some(start), Some(end))) => {
-            assert!(start <= end, "time bounds accepted {start} > {end}");
+    let size = req.page_size;
+    match strife_gateway::validate::list_payments(&req) {
+        Ok(query) => {
+            assert!(size >= 0, "page_size {size} accepted");
+            assert!((1..=HISTORY_PAGE_MAX).contains(&query.limit), "page_size {size} gave {}", query.limit);
+            if u32::try_from(size).is_ok_and(|l| (1..=HISTORY_PAGE_MAX).contains(&l)) {
+                assert_eq!(i64::from(query.limit), i64::from(size), "a valid page_size was changed");
+            }
+            if let (Some(start), Some(end)) = (query.start_ms, query.end_ms) {
+                assert!(start <= end, "time bounds accepted {start} > {end}");
+            }
+            assert_eq!(query.after.is_some(), !req.page_token.is_empty(), "a page token was ignored");
             Outcome::Accepted
         }
-        Ok(_) => Outcome::Accepted,
-        Err(e) => gateway_refusal("time bounds", &e),
+        Err(e) => gateway_refusal("list_payments", &e),
     }
 }
 
