@@ -23,8 +23,33 @@ pub enum BankError {
     Busy(String),
     #[error("storage: {0}")]
     Storage(#[from] rusqlite::Error),
+    /// The PostgreSQL backend's database failed (or refused a statement).
+    #[error("database: {}", with_cause(.0))]
+    Postgres(#[from] tokio_postgres::Error),
     #[error("internal: {0}")]
     Internal(String),
+}
+
+/// A database error with what the server said (tokio-postgres keeps that
+/// in the error's source).
+fn with_cause(e: &tokio_postgres::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
+
+/// A connection from the pool: none free in time means busy.
+impl From<deadpool_postgres::PoolError> for BankError {
+    fn from(e: deadpool_postgres::PoolError) -> BankError {
+        match e {
+            deadpool_postgres::PoolError::Timeout(_) => {
+                BankError::Busy("every database connection is busy; try again shortly".into())
+            }
+            deadpool_postgres::PoolError::Backend(e) => BankError::Postgres(e),
+            other => BankError::Internal(format!("database connection pool: {other}")),
+        }
+    }
 }
 
 impl BankError {
@@ -48,6 +73,10 @@ impl From<BankError> for Status {
             BankError::Busy(m) => errors::status(Code::ResourceExhausted, ErrorReason::Overloaded, m),
             BankError::Storage(err) => {
                 tracing::error!(error = %err, "storage failure");
+                errors::internal()
+            }
+            BankError::Postgres(err) => {
+                tracing::error!(error = %with_cause(&err), "database failure");
                 errors::internal()
             }
             BankError::Internal(err) => {

@@ -2,7 +2,11 @@
 //! gateway's two-phase commit. See ARCHITECTURE.md for the protocol.
 
 pub mod accounts;
+#[cfg(test)]
+mod conformance;
 pub mod error;
+pub mod ledger;
+pub mod postgres;
 pub mod server;
 pub mod service;
 pub mod store;

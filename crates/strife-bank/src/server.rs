@@ -1,9 +1,11 @@
 //! Starting a bank: storage, accounts, TLS, the gRPC server, and the task
 //! that keeps the bank registered with the gateway.
 
-use crate::accounts::{hash_password, load_accounts_file, sample_accounts};
+use crate::accounts::{AccountSpec, Credential, hash_password, load_accounts_file, sample_accounts};
+use crate::ledger::{Decision, Ledger, StoreUrl};
+use crate::postgres::PostgresLedger;
 use crate::service::{BankService, only_gateway};
-use crate::store::{Store, now_ms};
+use crate::store::{SqliteLedger, now_ms};
 use anyhow::Context;
 use std::collections::HashMap;
 use std::future::Future;
@@ -37,7 +39,8 @@ pub struct BankOptions {
     pub accounts: Option<PathBuf>,
 }
 
-/// Runs a bank on `listener` until `shutdown` resolves.
+/// Runs a bank on `listener` until `shutdown` resolves, with the ledger
+/// that `bank.store` names (SQLite by default, or PostgreSQL).
 pub async fn run(
     opts: BankOptions,
     listener: TcpListener,
@@ -45,21 +48,56 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let tls = Tls::load(&CertDir::new(&opts.dir), &Peer::Bank(opts.name.clone()))?;
     let data = opts.config.bank.data_dir(&opts.dir, &opts.name);
-    std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
-    let mut store = Store::open(&data.join("bank.db"), &opts.name)
-        .with_context(|| format!("opening {}", data.join("bank.db").display()))?;
+    let store = StoreUrl::parse(&opts.config.bank.store, &data)?;
+    tracing::info!(store = %store.redacted(), "opening the ledger");
+    match store {
+        StoreUrl::Sqlite(path) => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+            }
+            let ledger = SqliteLedger::open(&path, &opts.name)
+                .with_context(|| format!("opening {}", path.display()))?;
+            serve(opts, tls, ledger, listener, shutdown).await
+        }
+        StoreUrl::Postgres(url) => {
+            let ledger = PostgresLedger::connect(&url, &opts.name).await.with_context(|| {
+                format!("opening the ledger in {}", StoreUrl::Postgres(url.clone()).redacted())
+            })?;
+            serve(opts, tls, ledger, listener, shutdown).await
+        }
+    }
+}
+
+/// Creates the accounts of `--accounts FILE`, or the sample accounts in an
+/// empty ledger; then serves.
+async fn serve<L: Ledger>(
+    opts: BankOptions,
+    tls: Tls,
+    ledger: L,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
     let created = match &opts.accounts {
-        Some(path) => store.create_from_specs(&load_accounts_file(path)?)?,
-        None if store.account_count()? == 0 => store.create_accounts(&sample_accounts())?,
+        Some(path) => ledger.create_accounts(load_accounts_file(path)?).await?,
+        None if ledger.account_count().await? == 0 => {
+            let samples = sample_accounts()
+                .into_iter()
+                .map(|a| AccountSpec {
+                    user: a.user,
+                    credential: Credential::Password(a.password),
+                    balance_minor: a.balance_minor,
+                })
+                .collect();
+            ledger.create_accounts(samples).await?
+        }
         None => 0,
     };
     if created > 0 {
         tracing::info!(created, "created accounts");
     }
     let decoy_hash = hash_password(&Secret::new(uuid_like()))?;
-    let store = strife_rpc::group_commit::GroupCommit::start(&opts.name, store)?;
-    let service = BankService::new(store, decoy_hash);
-    let open = service.with_store(|s| s.open_legs(i64::MAX, u32::MAX)).await?.len();
+    let service = BankService::new(ledger, decoy_hash);
+    let open = service.ledger().open_legs(i64::MAX, u32::MAX).await?.len();
     if open > 0 {
         tracing::info!(open, "legs prepared and waiting for the gateway's decision");
     }
@@ -77,7 +115,7 @@ pub async fn run(
         tokio::spawn(keep_registered(opts.clone(), tls.clone(), local.to_string(), stop_rx.clone()));
     let inquiries = tokio::spawn(resolve_in_doubt(opts.clone(), tls.clone(), service, stop_rx));
     strife_rpc::serve::announce_listening(&opts.name, local);
-    tracing::info!(bank = %opts.name, %local, data = %data.display(), "bank serving");
+    tracing::info!(bank = %opts.name, %local, "bank serving");
     let served = strife_rpc::serve::builder(&tls)?
         .add_service(health)
         .add_service(reflection_v1)
@@ -189,10 +227,10 @@ const INQUIRY_BACKOFF_MAX: Duration = Duration::from_secs(30);
 /// Asks the gateway for the decision of every leg prepared here that has
 /// waited longer than an inquiry interval, with per-leg backoff, and applies
 /// the answer. A prepared hold is only ever released by a decision.
-async fn resolve_in_doubt(
+async fn resolve_in_doubt<L: Ledger>(
     opts: BankOptions,
     tls: Tls,
-    service: BankService,
+    service: BankService<L>,
     mut stop: watch::Receiver<bool>,
 ) {
     let interval = Duration::from_millis(opts.config.bank.inquiry_interval_ms);
@@ -205,7 +243,7 @@ async fn resolve_in_doubt(
             _ = stop.changed() => return,
         }
         let before = now_ms().saturating_sub(interval_ms);
-        let open = match service.with_store(move |s| s.open_legs(before, INQUIRY_BATCH_MAX)).await {
+        let open = match service.ledger().open_legs(before, INQUIRY_BATCH_MAX).await {
             Ok(open) => open,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot list legs in doubt");
@@ -228,11 +266,10 @@ async fn resolve_in_doubt(
                 _ => gw::Decision::Pending,
             };
             let t = txn_id.clone();
+            let ledger = service.ledger();
             let applied = match decision {
-                gw::Decision::Commit => {
-                    Some(service.with_store(move |s| s.commit(&t)).await.map(|_| "commit"))
-                }
-                gw::Decision::Abort => Some(service.with_store(move |s| s.abort(&t)).await.map(|_| "abort")),
+                gw::Decision::Commit => Some(ledger.decide(t, Decision::Commit).await.map(|_| "commit")),
+                gw::Decision::Abort => Some(ledger.decide(t, Decision::Abort).await.map(|_| "abort")),
                 // Not decided yet (or an answer we do not know): ask again later.
                 gw::Decision::Pending | gw::Decision::Unspecified => None,
             };

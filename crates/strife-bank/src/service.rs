@@ -1,15 +1,15 @@
-//! The bank's gRPC service. Every method is for the gateway only (checked by
-//! [`only_gateway`]); storage work runs on the blocking pool.
+//! The bank's gRPC service, generic over the bank's [`Ledger`] (SQLite or
+//! PostgreSQL). Every method is for the gateway only (checked by
+//! [`only_gateway`]).
 
 use crate::accounts::verify_password_in;
 use crate::error::BankError;
-use crate::store::{Leg, LegRequest, Store, Vote};
+use crate::ledger::{Decision, Ledger, Leg, LegRequest, Vote};
 use std::sync::Arc;
 use strife_core::limits::{BANK_BATCH_MAX, HISTORY_PAGE_DEFAULT, HISTORY_PAGE_MAX, PASSWORD_MAX};
 use strife_core::{Secret, validate_bank_name, validate_user_name};
 use strife_proto::bank::v1 as pb;
 use strife_rpc::PeerRole;
-use strife_rpc::group_commit::GroupCommit;
 use strife_rpc::telemetry::{record_payment, record_user};
 use tonic::{Request, Response, Status};
 
@@ -20,9 +20,9 @@ pub fn only_gateway(req: Request<()>) -> Result<Request<()>, Status> {
 }
 
 #[derive(Clone)]
-pub struct BankService {
-    /// The bank's one store, behind its group-commit thread.
-    store: GroupCommit<Store>,
+pub struct BankService<L> {
+    /// The bank's ledger: every read and durable write goes through it.
+    ledger: L,
     /// A hash of a random password, verified against when the user is
     /// unknown so that an unknown user costs as much as a wrong password.
     decoy_hash: Arc<String>,
@@ -84,17 +84,14 @@ impl PasswordChecks {
     }
 }
 
-impl BankService {
-    pub fn new(store: GroupCommit<Store>, decoy_hash: String) -> BankService {
-        BankService { store, decoy_hash: Arc::new(decoy_hash), password_checks: PasswordChecks::start() }
+impl<L: Ledger> BankService<L> {
+    pub fn new(ledger: L, decoy_hash: String) -> BankService<L> {
+        BankService { ledger, decoy_hash: Arc::new(decoy_hash), password_checks: PasswordChecks::start() }
     }
 
-    pub async fn with_store<T, F>(&self, f: F) -> Result<T, BankError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Store) -> Result<T, BankError> + Send + 'static,
-    {
-        self.store.run(f).await.map_err(|e| BankError::Internal(e.to_string()))?
+    /// The bank's ledger.
+    pub fn ledger(&self) -> &L {
+        &self.ledger
     }
 }
 
@@ -163,6 +160,40 @@ fn refusal(e: BankError) -> pb::Refusal {
     }
 }
 
+/// Runs the valid items of a batch through `run` (one durable write) and
+/// answers every item in order: an invalid one with its own error, a valid
+/// one with what the ledger said about it.
+async fn answer_each<I, T, F, Fut>(
+    items: Vec<Result<I, BankError>>,
+    run: F,
+) -> Result<Vec<Result<T, BankError>>, BankError>
+where
+    F: FnOnce(Vec<I>) -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<Result<T, BankError>>, BankError>>,
+{
+    let mut valid = Vec::with_capacity(items.len());
+    let mut answers: Vec<Option<Result<T, BankError>>> = Vec::with_capacity(items.len());
+    for item in items {
+        match item {
+            Ok(item) => {
+                valid.push(item);
+                answers.push(None);
+            }
+            Err(e) => answers.push(Some(Err(e))),
+        }
+    }
+    let mut done = if valid.is_empty() { Vec::new() } else { run(valid).await? }.into_iter();
+    Ok(answers
+        .into_iter()
+        .map(|a| match a {
+            Some(invalid) => invalid,
+            None => done
+                .next()
+                .unwrap_or_else(|| Err(BankError::Internal("a batch item without an answer".into()))),
+        })
+        .collect::<Vec<_>>())
+}
+
 fn vote_message(vote: Vote) -> pb::PrepareResponse {
     match vote {
         Vote::Yes => pb::PrepareResponse { vote: pb::Vote::Yes.into(), reason: String::new() },
@@ -177,13 +208,13 @@ fn entry(leg: Leg) -> pb::LedgerEntry {
         payer: Some(pb::Party { user: leg.payer_user, bank: leg.payer_bank }),
         payee: Some(pb::Party { user: leg.payee_user, bank: leg.payee_bank }),
         amount_minor: leg.amount_minor,
-        state: crate::store::state_name(leg.state).to_owned(),
+        state: crate::ledger::state_name(leg.state).to_owned(),
         at_unix_ms: leg.prepared_at_ms,
     }
 }
 
 #[tonic::async_trait]
-impl pb::bank_service_server::BankService for BankService {
+impl<L: Ledger> pb::bank_service_server::BankService for BankService<L> {
     async fn verify_password(
         &self,
         req: Request<pb::VerifyPasswordRequest>,
@@ -200,7 +231,7 @@ impl pb::bank_service_server::BankService for BankService {
         }
         let password = Secret::new(req.password);
         let user = req.user;
-        let stored = self.with_store(move |s| s.password_hash(&user)).await?;
+        let stored = self.ledger.password_hash(user).await?;
         let decoy = self.decoy_hash.clone();
         let valid = self
             .password_checks
@@ -222,7 +253,7 @@ impl pb::bank_service_server::BankService for BankService {
         let user = req.into_inner().user;
         check_user(&user)?;
         record_user(&user);
-        let (balance_minor, available_minor) = self.with_store(move |s| s.balance(&user)).await?;
+        let (balance_minor, available_minor) = self.ledger.balance(user).await?;
         Ok(Response::new(pb::GetBalanceResponse { balance_minor, available_minor }))
     }
 
@@ -233,7 +264,7 @@ impl pb::bank_service_server::BankService for BankService {
         let leg = prepare_request(req.into_inner())?;
         record_user(&format_args!("{}@{}", leg.payer_user, leg.payer_bank));
         record_payment(&leg.payment_id, &strife_core::money::format_minor(leg.amount_minor));
-        let vote = self.with_store(move |s| s.prepare(&leg)).await?;
+        let vote = self.ledger.prepare(leg).await?;
         strife_rpc::fault::crash_point("bank.after_prepare");
         Ok(Response::new(vote_message(vote)))
     }
@@ -245,14 +276,9 @@ impl pb::bank_service_server::BankService for BankService {
         let legs = req.into_inner().legs;
         check_batch("legs", legs.len())?;
         let legs: Vec<Result<LegRequest, BankError>> = legs.into_iter().map(prepare_request).collect();
-        // One store operation for the whole batch: each leg still runs in
-        // its own savepoint (a failing one changes nothing), and every
-        // answer waits for the one commit that makes the batch durable.
-        let results = self
-            .with_store(move |s| {
-                Ok(legs.into_iter().map(|leg| leg.and_then(|leg| s.prepare(&leg))).collect::<Vec<_>>())
-            })
-            .await?;
+        // One durable write for the whole batch: each leg still rolls back
+        // alone if it fails, and every answer waits for the batch's commit.
+        let results = answer_each(legs, |valid| self.ledger.prepare_batch(valid)).await?;
         strife_rpc::fault::crash_point("bank.after_prepare");
         let results = results
             .into_iter()
@@ -274,17 +300,14 @@ impl pb::bank_service_server::BankService for BankService {
         if commits {
             strife_rpc::fault::crash_point("bank.before_commit");
         }
-        let results = self
-            .with_store(move |s| {
-                Ok(decisions
-                    .into_iter()
-                    .map(|d| {
-                        check_txn_id(&d.txn_id)?;
-                        if d.commit { s.commit(&d.txn_id) } else { s.abort(&d.txn_id) }
-                    })
-                    .collect::<Vec<_>>())
+        let decisions: Vec<Result<(String, Decision), BankError>> = decisions
+            .into_iter()
+            .map(|d| {
+                check_txn_id(&d.txn_id)?;
+                Ok((d.txn_id, if d.commit { Decision::Commit } else { Decision::Abort }))
             })
-            .await?;
+            .collect();
+        let results = answer_each(decisions, |valid| self.ledger.decide_batch(valid)).await?;
         if commits {
             strife_rpc::fault::crash_point("bank.after_commit");
         }
@@ -297,7 +320,7 @@ impl pb::bank_service_server::BankService for BankService {
         let txn_id = req.into_inner().txn_id;
         check_txn_id(&txn_id)?;
         strife_rpc::fault::crash_point("bank.before_commit");
-        self.with_store(move |s| s.commit(&txn_id)).await?;
+        self.ledger.decide(txn_id, Decision::Commit).await?;
         strife_rpc::fault::crash_point("bank.after_commit");
         Ok(Response::new(pb::CommitResponse {}))
     }
@@ -305,7 +328,7 @@ impl pb::bank_service_server::BankService for BankService {
     async fn abort(&self, req: Request<pb::AbortRequest>) -> Result<Response<pb::AbortResponse>, Status> {
         let txn_id = req.into_inner().txn_id;
         check_txn_id(&txn_id)?;
-        self.with_store(move |s| s.abort(&txn_id)).await?;
+        self.ledger.decide(txn_id, Decision::Abort).await?;
         Ok(Response::new(pb::AbortResponse {}))
     }
 
@@ -318,12 +341,12 @@ impl pb::bank_service_server::BankService for BankService {
         record_user(&req.user);
         let limit = if req.limit == 0 { HISTORY_PAGE_DEFAULT } else { req.limit.min(HISTORY_PAGE_MAX) };
         let user = req.user;
-        let legs = self.with_store(move |s| s.history(&user, limit)).await?;
+        let legs = self.ledger.history(user, limit).await?;
         Ok(Response::new(pb::GetHistoryResponse { entries: legs.into_iter().map(entry).collect() }))
     }
 
     async fn audit(&self, _req: Request<pb::AuditRequest>) -> Result<Response<pb::AuditResponse>, Status> {
-        let (legs, totals) = self.with_store(|s| s.audit()).await?;
+        let (legs, totals) = self.ledger.audit().await?;
         Ok(Response::new(pb::AuditResponse {
             legs: legs.into_iter().map(entry).collect(),
             total_balance_minor: totals.balance_minor,

@@ -73,6 +73,11 @@ pub struct BankConfig {
     pub inquiry_interval_ms: u64,
     /// Where banks keep their data; empty means `DIR/banks/<name>`.
     pub data_dir: String,
+    /// The bank's ledger: empty means SQLite in `bank.db` of its data
+    /// directory; a path (or `sqlite://PATH`) another SQLite file; a
+    /// `postgres://USER:PASSWORD@HOST:PORT/DATABASE` URL a PostgreSQL
+    /// database (one per bank; the URL is a secret, never logged).
+    pub store: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -120,6 +125,7 @@ impl Default for BankConfig {
             register_interval_ms: 1_000,
             inquiry_interval_ms: 1_000,
             data_dir: String::new(),
+            store: String::new(),
         }
     }
 }
@@ -255,6 +261,8 @@ impl Config {
                 };
                 if line == "data_dir = \"\"" && !place.is_empty() {
                     format!("{line}  # empty: {place}\n")
+                } else if line == "store = \"\"" && section == "[bank]" {
+                    format!("{line}  # empty: SQLite, DIR/banks/<name>/bank.db; or postgres://USER:PASSWORD@HOST:PORT/DB\n")
                 } else {
                     format!("{line}\n")
                 }
@@ -310,5 +318,11 @@ mod tests {
         assert_eq!(c.gateway.token_ttl_secs, GatewayConfig::default().token_ttl_secs);
         assert!(text.contains("data_dir = \"\"  # empty: DIR/gateway\n"), "{text}");
         assert!(text.contains("data_dir = \"\"  # empty: DIR/banks/<name>\n"), "{text}");
+        assert!(
+            text.contains("store = \"\"  # empty: SQLite, DIR/banks/<name>/bank.db; or postgres://"),
+            "{text}"
+        );
+        let c = Config::from_parts("", env(&[("STRIFE_BANK_STORE", "postgres://b@h/db")])).expect("env");
+        assert_eq!(c.bank.store, "postgres://b@h/db");
     }
 }

@@ -9,6 +9,7 @@ pub mod files;
 pub mod group_commit;
 pub mod identity;
 pub mod pki;
+pub mod postgres_server;
 pub mod serve;
 pub mod sqlite;
 pub mod telemetry;

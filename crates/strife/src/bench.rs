@@ -511,7 +511,7 @@ async fn measure(
     let mut audit = json!(null);
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        match crate::audit::run(dir) {
+        match crate::audit::run(dir).await {
             Ok(r) if r.exit == Exit::Done => {
                 audit = r.json;
                 break;

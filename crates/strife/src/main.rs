@@ -349,7 +349,7 @@ fn run(cli: Cli) -> Result<Reply, CliError> {
         Command::Certs { command, .. } => certs(&dir, command).map_err(fatal),
         Command::Audit { .. } => {
             let dir = strife_client::connect::existing_dir(cli.dir.as_deref(), Exit::Unexpected)?;
-            audit::run(&dir).map_err(fatal)
+            runtime(true)?.block_on(audit::run(&dir)).map_err(fatal)
         }
         Command::Bench { args, gateway, .. } => {
             strife_rpc::telemetry::init_stderr("warn");

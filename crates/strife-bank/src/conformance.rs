@@ -1,0 +1,458 @@
+//! The ledger's conformance suite: what every backend of [`Ledger`] must do,
+//! run by each backend's tests on a fresh ledger of its own
+//! ([`conformance_suite!`]), so no backend can quietly mean something else.
+//!
+//! A fresh ledger belongs to bank `BankA` and has two accounts: `a` with
+//! 10.00 and `b` with nothing.
+
+use crate::accounts::{AccountSpec, Credential};
+use crate::error::BankError;
+use crate::ledger::{Decision, Ledger, LegRequest, LegState, Vote, state_name};
+use std::collections::BTreeMap;
+use std::future::Future;
+use strife_core::{DeclineReason, Secret};
+
+/// An account as stored: `(user, balance, held, incoming)`.
+pub type AccountRow = (String, i64, i64, i64);
+/// A leg as stored: `(txn_id, state, amount)`.
+pub type LegRow = (String, String, i64);
+
+/// What the suite reads straight from a backend's tables, to check it
+/// against a model: every account and every leg, sorted.
+pub trait Inspect: Ledger {
+    fn accounts(&self) -> impl Future<Output = Vec<AccountRow>> + Send;
+    fn legs(&self) -> impl Future<Output = Vec<LegRow>> + Send;
+}
+
+/// The accounts of every fresh ledger.
+pub fn opening_accounts() -> Vec<AccountSpec> {
+    [("a", 1000), ("b", 0)]
+        .into_iter()
+        .map(|(user, balance_minor)| AccountSpec {
+            user: user.into(),
+            // An Argon2id hash made elsewhere: the suite does not wait for hashing.
+            credential: Credential::Hash(TEST_HASH.into()),
+            balance_minor,
+        })
+        .collect()
+}
+
+/// `hash_password("p")`.
+pub const TEST_HASH: &str =
+    "$argon2id$v=19$m=19456,t=2,p=1$zNN1IpHjTMK/wZcA6gFdbQ$2OwkE0ulxPNd4IrxXvWyR0OZtYHLdoMghVr2oB/Jz9o";
+
+/// A leg between two accounts of `BankA`.
+pub fn leg(txn: &str, from: &str, to: &str, amount: i64) -> LegRequest {
+    LegRequest {
+        txn_id: txn.into(),
+        payment_id: txn.into(),
+        payer_user: from.into(),
+        payer_bank: "BankA".into(),
+        payee_user: to.into(),
+        payee_bank: "BankA".into(),
+        amount_minor: amount,
+    }
+}
+
+/// Generates one test per case of the suite, each on a fresh ledger from
+/// `$fresh` (an async function returning the ledger and a guard that keeps
+/// its storage alive).
+macro_rules! conformance_suite {
+    ($fresh:path) => {
+        mod conformance {
+            use super::*;
+            $crate::conformance::conformance_suite!(@case $fresh,
+                hold_then_commit_moves_money_once,
+                abort_releases_and_wins_over_a_late_prepare,
+                unknown_accounts_vote_no,
+                accounts_are_created_once,
+                reads_answer_what_was_written,
+                batches_answer_each_item_on_its_own,
+                random_operations_keep_every_money_rule);
+        }
+    };
+    (@case $fresh:path, $($case:ident),*) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $case() {
+                let (ledger, _guard) = $fresh().await;
+                $crate::conformance::$case(&ledger).await;
+            }
+        )*
+    };
+}
+pub(crate) use conformance_suite;
+
+pub async fn hold_then_commit_moves_money_once<L: Inspect>(s: &L) {
+    assert_eq!(s.prepare(leg("t1", "a", "b", 600)).await.expect("prepare"), Vote::Yes);
+    assert_eq!(s.balance("a".into()).await.expect("a"), (1000, 400));
+    assert_eq!(
+        s.prepare(leg("t2", "a", "b", 600)).await.expect("prepare"),
+        Vote::No(DeclineReason::InsufficientFunds)
+    );
+    assert_eq!(s.prepare(leg("t1", "a", "b", 600)).await.expect("again"), Vote::Yes, "prepare is idempotent");
+    s.decide("t1".into(), Decision::Commit).await.expect("commit");
+    s.decide("t1".into(), Decision::Commit).await.expect("commit is idempotent");
+    assert_eq!(s.balance("a".into()).await.expect("a"), (400, 400));
+    assert_eq!(s.balance("b".into()).await.expect("b"), (600, 600));
+    assert!(
+        matches!(s.decide("t1".into(), Decision::Abort).await, Err(BankError::Conflict(_))),
+        "a committed leg cannot be aborted"
+    );
+    let (_, totals) = s.audit().await.expect("audit");
+    assert_eq!((totals.balance_minor, totals.held_minor), (1000, 0));
+}
+
+pub async fn abort_releases_and_wins_over_a_late_prepare<L: Inspect>(s: &L) {
+    assert_eq!(s.prepare(leg("t1", "a", "b", 600)).await.expect("prepare"), Vote::Yes);
+    s.decide("t1".into(), Decision::Abort).await.expect("abort");
+    assert_eq!(s.balance("a".into()).await.expect("a"), (1000, 1000));
+    assert!(matches!(s.decide("t1".into(), Decision::Commit).await, Err(BankError::Conflict(_))));
+    s.decide("t9".into(), Decision::Abort).await.expect("abort of an unknown payment");
+    assert_eq!(s.prepare(leg("t9", "a", "b", 10)).await.expect("late"), Vote::No(DeclineReason::Timeout));
+    assert!(s.open_legs(i64::MAX, 10).await.expect("open").is_empty());
+    assert!(
+        matches!(s.decide("t8".into(), Decision::Commit).await, Err(BankError::Conflict(_))),
+        "a commit for a leg never prepared is refused"
+    );
+    assert!(!s.legs().await.iter().any(|l| l.0 == "t8"), "and leaves no record");
+}
+
+pub async fn unknown_accounts_vote_no<L: Inspect>(s: &L) {
+    assert_eq!(s.prepare(leg("t1", "zz", "b", 1)).await.expect("p"), Vote::No(DeclineReason::UnknownPayer));
+    assert_eq!(s.prepare(leg("t2", "a", "zz", 1)).await.expect("p"), Vote::No(DeclineReason::UnknownPayee));
+    assert_eq!(s.balance("a".into()).await.expect("a"), (1000, 1000));
+    assert!(matches!(s.balance("zz".into()).await, Err(BankError::UnknownAccount(_))));
+    let other_bank =
+        LegRequest { payer_bank: "BankB".into(), payee_bank: "BankC".into(), ..leg("t3", "a", "b", 1) };
+    assert!(matches!(s.prepare(other_bank).await, Err(BankError::Invalid { .. })), "no leg at this bank");
+}
+
+pub async fn accounts_are_created_once<L: Inspect>(s: &L) {
+    assert_eq!(s.account_count().await.expect("count"), 2);
+    let again = vec![
+        AccountSpec { user: "a".into(), credential: Credential::Hash(TEST_HASH.into()), balance_minor: 5 },
+        AccountSpec {
+            user: "c".into(),
+            credential: Credential::Password(Secret::new("pc".into())),
+            balance_minor: 7,
+        },
+    ];
+    assert_eq!(s.create_accounts(again.clone()).await.expect("create"), 1, "only the missing one");
+    assert_eq!(s.create_accounts(again).await.expect("again"), 0);
+    assert_eq!(s.account_count().await.expect("count"), 3);
+    assert_eq!(s.balance("a".into()).await.expect("a"), (1000, 1000), "an existing account is untouched");
+    assert_eq!(s.balance("c".into()).await.expect("c"), (7, 7));
+    assert_eq!(s.password_hash("a".into()).await.expect("hash").as_deref(), Some(TEST_HASH));
+    let hash = s.password_hash("c".into()).await.expect("hash").expect("c has a hash");
+    assert!(hash.starts_with("$argon2id$") && !hash.contains("pc"), "a plaintext password is stored hashed");
+    assert_eq!(s.password_hash("zz".into()).await.expect("hash"), None);
+    let (_, totals) = s.audit().await.expect("audit");
+    assert_eq!((totals.accounts, totals.opening_minor, totals.balance_minor), (3, 1007, 1007));
+}
+
+pub async fn reads_answer_what_was_written<L: Inspect>(s: &L) {
+    for (txn, amount) in [("t1", 100), ("t2", 200), ("t3", 300)] {
+        assert_eq!(s.prepare(leg(txn, "a", "b", amount)).await.expect("prepare"), Vote::Yes);
+    }
+    s.decide("t1".into(), Decision::Commit).await.expect("commit");
+    s.decide("t2".into(), Decision::Abort).await.expect("abort");
+    s.decide("t4".into(), Decision::Abort).await.expect("an abort record");
+
+    let history = s.history("a".into(), 10).await.expect("history");
+    assert_eq!(history.iter().map(|l| l.txn_id.as_str()).collect::<Vec<_>>(), ["t1"], "committed legs only");
+    let h = &history[0];
+    assert_eq!((h.payer_user.as_str(), h.payee_user.as_str(), h.amount_minor), ("a", "b", 100));
+    assert_eq!((h.payer_bank.as_str(), h.state), ("BankA", LegState::Committed));
+    assert!(h.prepared_at_ms > 0);
+    assert_eq!(s.history("b".into(), 10).await.expect("history").len(), 1, "the payee sees it too");
+    assert!(s.history("b".into(), 0).await.expect("history").is_empty(), "the limit holds");
+
+    assert_eq!(s.open_legs(i64::MAX, 10).await.expect("open"), ["t3"]);
+    assert!(s.open_legs(0, 10).await.expect("open").is_empty(), "only legs prepared before the bound");
+
+    let (legs, totals) = s.audit().await.expect("audit");
+    let mut seen: Vec<(&str, &str)> = legs.iter().map(|l| (l.txn_id.as_str(), state_name(l.state))).collect();
+    seen.sort();
+    assert_eq!(seen, [("t1", "committed"), ("t2", "aborted"), ("t3", "prepared")], "no bare abort records");
+    assert_eq!(
+        (totals.accounts, totals.balance_minor, totals.held_minor, totals.opening_minor),
+        (2, 1000, 300, 1000)
+    );
+}
+
+pub async fn batches_answer_each_item_on_its_own<L: Inspect>(s: &L) {
+    assert_eq!(s.prepare(leg("t0", "a", "b", 50)).await.expect("prepare"), Vote::Yes);
+    let other_bank =
+        LegRequest { payer_bank: "BankB".into(), payee_bank: "BankC".into(), ..leg("tx", "a", "b", 1) };
+    let votes = s
+        .prepare_batch(vec![
+            leg("t1", "a", "b", 100),
+            leg("t0", "a", "b", 51),
+            other_bank,
+            leg("t2", "a", "b", 900),
+            leg("t3", "a", "b", 850),
+            leg("t1", "a", "b", 100),
+        ])
+        .await
+        .expect("batch");
+    assert_eq!(votes.len(), 6);
+    assert!(matches!(votes[0], Ok(Vote::Yes)));
+    assert!(matches!(votes[1], Err(BankError::Conflict(_))), "{:?}", votes[1]);
+    assert!(matches!(votes[2], Err(BankError::Invalid { .. })), "{:?}", votes[2]);
+    assert!(matches!(votes[3], Ok(Vote::No(DeclineReason::InsufficientFunds))), "{:?}", votes[3]);
+    assert!(matches!(votes[4], Ok(Vote::Yes)), "earlier legs of the batch count: {:?}", votes[4]);
+    assert!(matches!(votes[5], Ok(Vote::Yes)), "a repeat inside the batch: {:?}", votes[5]);
+    assert_eq!(s.balance("a".into()).await.expect("a"), (1000, 0));
+
+    let results = s
+        .decide_batch(vec![
+            ("t0".into(), Decision::Commit),
+            ("t1".into(), Decision::Abort),
+            ("t2".into(), Decision::Commit),
+            ("t3".into(), Decision::Commit),
+            ("t0".into(), Decision::Abort),
+        ])
+        .await
+        .expect("batch");
+    assert_eq!(results.len(), 5);
+    assert!(results[0].is_ok() && results[1].is_ok() && results[3].is_ok(), "{results:?}");
+    assert!(matches!(results[2], Err(BankError::Conflict(_))), "t2 voted no: {:?}", results[2]);
+    assert!(matches!(results[4], Err(BankError::Conflict(_))), "t0 is committed: {:?}", results[4]);
+    assert_eq!(s.balance("a".into()).await.expect("a"), (100, 100));
+    assert_eq!(s.balance("b".into()).await.expect("b"), (900, 900));
+    assert!(s.prepare_batch(Vec::new()).await.expect("empty").is_empty());
+}
+
+/// A seeded random run of prepares, commits and aborts (duplicated, out of
+/// order, contradictory, for unknown ids) against a real ledger, with the
+/// money rules checked after every operation. The seed is printed (shown on
+/// failure); `STRIFE_PROP_SEED=<n>` replays a run.
+pub async fn random_operations_keep_every_money_rule<L: Inspect>(s: &L) {
+    const OPERATIONS: u32 = 3_000;
+    const USERS: [&str; 5] = ["a", "b", "c", "d", "e"];
+
+    /// A leg as the test expects the store to hold it.
+    #[derive(Debug, Clone, Copy, PartialEq)]
+    enum Expect {
+        Prepared,
+        Committed,
+        /// Aborted; a repeated prepare votes no with this reason.
+        Aborted(DeclineReason),
+    }
+    #[derive(Debug, Clone, Copy)]
+    struct Model {
+        payer: usize,
+        payee: usize,
+        amount: i64,
+        state: Expect,
+    }
+
+    use strife_core::rng::SplitMix64 as Rng;
+
+    type Snapshot = (Vec<AccountRow>, Vec<LegRow>);
+    async fn snapshot<L: Inspect>(s: &L) -> Snapshot {
+        (s.accounts().await, s.legs().await)
+    }
+
+    /// Every money rule, and the store against the model.
+    async fn check<L: Inspect>(
+        s: &L,
+        balances: &[i64],
+        legs: &BTreeMap<String, Model>,
+        total: i64,
+        at: &str,
+    ) {
+        let accounts = s.accounts().await;
+        let sum: i64 = accounts.iter().map(|a| a.1).sum();
+        assert_eq!(sum, total, "{at}: the sum of balances changed");
+        for (i, (user, balance, held, incoming)) in accounts.iter().enumerate() {
+            let open = || legs.values().filter(|l| l.state == Expect::Prepared);
+            let debits: i64 = open().filter(|l| l.payer == i).map(|l| l.amount).sum();
+            let credits: i64 = open().filter(|l| l.payee == i).map(|l| l.amount).sum();
+            assert!(*balance >= 0, "{at}: {user} has a negative balance {balance}");
+            assert!(0 <= *held && held <= balance, "{at}: {user} holds {held} of {balance}");
+            assert_eq!(*held, debits, "{at}: {user}'s hold is not the sum of its prepared debits");
+            assert_eq!(*incoming, credits, "{at}: {user}'s incoming is not the sum of its prepared credits");
+            assert_eq!(*balance, balances[i], "{at}: {user}'s balance");
+            assert_eq!(
+                s.balance(user.clone()).await.expect("balance"),
+                (*balance, balance - held),
+                "{at}: {user}"
+            );
+        }
+        let (_, totals) = s.audit().await.expect("audit");
+        let held: i64 = legs.values().filter(|l| l.state == Expect::Prepared).map(|l| l.amount).sum();
+        assert_eq!((totals.balance_minor, totals.held_minor), (total, held), "{at}: audit totals");
+    }
+    fn legs_held_by(legs: &BTreeMap<String, Model>, payer: usize) -> i64 {
+        legs.values().filter(|l| l.state == Expect::Prepared && l.payer == payer).map(|l| l.amount).sum()
+    }
+
+    let seed = strife_core::rng::seed_from_env("STRIFE_PROP_SEED");
+    let mut rng = Rng(seed);
+    let more: Vec<AccountSpec> = USERS[2..]
+        .iter()
+        .map(|u| AccountSpec {
+            user: (*u).into(),
+            credential: Credential::Hash(TEST_HASH.into()),
+            balance_minor: rng.below(5_000) as i64,
+        })
+        .collect();
+    s.create_accounts(more).await.expect("accounts");
+    let mut balances = Vec::new();
+    for u in USERS {
+        balances.push(s.balance(u.into()).await.expect("balance").0);
+    }
+    let total: i64 = balances.iter().sum();
+    let mut legs: BTreeMap<String, Model> = BTreeMap::new();
+    // How often each case was met: every one must be, or the run proves little.
+    let mut hits: BTreeMap<&str, u32> = BTreeMap::new();
+    // Ids the store must not know: a commit for one is refused and leaves
+    // no record.
+    let mut fresh = 0u32;
+
+    for step in 0..OPERATIONS {
+        let open: Vec<&String> =
+            legs.iter().filter(|(_, l)| l.state == Expect::Prepared).map(|(t, _)| t).collect();
+        // The leg an operation is about: mostly an open one, else any known
+        // one, else one the store never heard of.
+        let known_txn = match rng.below(10) {
+            0..6 if !open.is_empty() => Some(open[rng.below(open.len() as u64) as usize].clone()),
+            0..9 if !legs.is_empty() => legs.keys().nth(rng.below(legs.len() as u64) as usize).cloned(),
+            _ => None,
+        };
+        let txn = known_txn.unwrap_or_else(|| {
+            fresh += 1;
+            format!("t{fresh}")
+        });
+        let known = legs.get(&txn).copied();
+        let op = rng.below(10);
+        let at = format!("seed {seed}, step {step}, op {op} on {txn} ({known:?})");
+        let before = snapshot(s).await;
+        let mut hit = |case| *hits.entry(case).or_default() += 1;
+        match op {
+            // Prepare: a new leg, or a repeated one (same or other amount).
+            0..4 => {
+                let payer = rng.below(USERS.len() as u64) as usize;
+                let payee = (payer + 1 + rng.below(USERS.len() as u64 - 1) as usize) % USERS.len();
+                let available = balances[payer] - legs_held_by(&legs, payer);
+                let amount = match rng.below(4) {
+                    0 => available + 1 + rng.below(100) as i64,
+                    1 => available.max(1),
+                    _ => 1 + rng.below(balances[payer].max(1) as u64 * 2) as i64,
+                };
+                let (payer, payee, amount) = match known {
+                    Some(l) if rng.below(4) != 0 => (l.payer, l.payee, l.amount),
+                    _ => (payer, payee, amount),
+                };
+                let got = s.prepare(leg(&txn, USERS[payer], USERS[payee], amount)).await;
+                match known {
+                    None => {
+                        let available = balances[payer] - legs_held_by(&legs, payer);
+                        let (want, state) = if amount <= available {
+                            (Vote::Yes, Expect::Prepared)
+                        } else {
+                            let r = DeclineReason::InsufficientFunds;
+                            (Vote::No(r), Expect::Aborted(r))
+                        };
+                        assert_eq!(got.expect("prepare"), want, "{at}: amount {amount}");
+                        hit(if want == Vote::Yes { "prepare: yes" } else { "prepare: no" });
+                        legs.insert(txn.clone(), Model { payer, payee, amount, state });
+                    }
+                    Some(Model { state: Expect::Aborted(r), .. }) => {
+                        assert_eq!(got.expect("prepare"), Vote::No(r), "{at}");
+                        hit("prepare again: no");
+                    }
+                    Some(l) if l.amount == amount => {
+                        assert_eq!(got.expect("prepare"), Vote::Yes, "{at}");
+                        hit("prepare again: yes");
+                    }
+                    Some(_) => {
+                        assert!(matches!(got, Err(BankError::Conflict(_))), "{at}: {got:?}");
+                        assert_eq!(snapshot(s).await, before, "{at}: a refused prepare changed something");
+                        hit("prepare again: other amount, refused");
+                    }
+                }
+            }
+            // Commit.
+            4..7 => {
+                let got = s.decide(txn.clone(), Decision::Commit).await;
+                match known {
+                    Some(l) if l.state == Expect::Prepared => {
+                        got.expect("commit");
+                        balances[l.payer] -= l.amount;
+                        balances[l.payee] += l.amount;
+                        legs.insert(txn.clone(), Model { state: Expect::Committed, ..l });
+                        hit("commit");
+                    }
+                    Some(Model { state: Expect::Committed, .. }) => {
+                        got.expect("a repeated commit");
+                        assert_eq!(snapshot(s).await.0, before.0, "{at}: a repeated commit moved money");
+                        hit("commit again");
+                    }
+                    _ => {
+                        assert!(matches!(got, Err(BankError::Conflict(_))), "{at}: {got:?}");
+                        assert_eq!(snapshot(s).await, before, "{at}: a refused commit changed something");
+                        hit(if known.is_some() {
+                            "commit after abort, refused"
+                        } else {
+                            "commit unknown, refused"
+                        });
+                    }
+                }
+            }
+            // Abort.
+            _ => {
+                let got = s.decide(txn.clone(), Decision::Abort).await;
+                match known {
+                    Some(l) if l.state == Expect::Prepared => {
+                        got.expect("abort");
+                        let state = Expect::Aborted(DeclineReason::Timeout);
+                        legs.insert(txn.clone(), Model { state, ..l });
+                        hit("abort");
+                    }
+                    Some(Model { state: Expect::Aborted(_), .. }) => {
+                        got.expect("a repeated abort");
+                        assert_eq!(snapshot(s).await.0, before.0, "{at}: a repeated abort moved money");
+                        hit("abort again");
+                    }
+                    Some(_) => {
+                        assert!(matches!(got, Err(BankError::Conflict(_))), "{at}: {got:?}");
+                        assert_eq!(snapshot(s).await, before, "{at}: a refused abort changed something");
+                        hit("abort after commit, refused");
+                    }
+                    None => {
+                        got.expect("abort of an unknown leg");
+                        let state = Expect::Aborted(DeclineReason::Timeout);
+                        legs.insert(txn.clone(), Model { payer: 0, payee: 1, amount: 0, state });
+                        assert_eq!(snapshot(s).await.0, before.0, "{at}: an unknown abort moved money");
+                        hit("abort unknown");
+                    }
+                }
+            }
+        }
+        check(s, &balances, &legs, total, &at).await;
+    }
+    assert_eq!(hits.len(), 13, "seed {seed}: some cases never came up: {hits:?}");
+
+    // Decide every open leg; then no hold and no reservation remains.
+    let open: Vec<(String, Model)> =
+        legs.iter().filter(|(_, l)| l.state == Expect::Prepared).map(|(t, l)| (t.clone(), *l)).collect();
+    for (txn, l) in open {
+        let at = format!("seed {seed}, deciding {txn}");
+        if rng.below(2) == 0 {
+            s.decide(txn.clone(), Decision::Commit).await.expect("commit");
+            balances[l.payer] -= l.amount;
+            balances[l.payee] += l.amount;
+            legs.insert(txn, Model { state: Expect::Committed, ..l });
+        } else {
+            s.decide(txn.clone(), Decision::Abort).await.expect("abort");
+            legs.insert(txn, Model { state: Expect::Aborted(DeclineReason::Timeout), ..l });
+        }
+        check(s, &balances, &legs, total, &at).await;
+    }
+    let accounts = s.accounts().await;
+    assert!(accounts.iter().all(|a| a.2 == 0 && a.3 == 0), "seed {seed}: a hold remains: {accounts:?}");
+    assert!(s.open_legs(i64::MAX, u32::MAX).await.expect("open legs").is_empty(), "seed {seed}: an open leg");
+}

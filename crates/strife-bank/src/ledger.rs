@@ -1,0 +1,291 @@
+//! The bank's ledger: one interface ([`Ledger`]), two backends beside each
+//! other, chosen by the URL in `bank.store` ([`StoreUrl`]):
+//!
+//! - [`crate::store`]: SQLite in one file, driven by one group-commit thread
+//!   (the default: nothing to install);
+//! - [`crate::postgres`]: PostgreSQL through a connection pool, which
+//!   several processes of one bank may share.
+//!
+//! Both store the same things and answer the same way; one conformance
+//! suite (`conformance.rs`) runs against each. Neither decides anything about
+//! 2PC: every transition of a leg is decided by
+//! [`strife_twopc::participant`], and a backend only makes the write it is
+//! told to make, durably, before it answers.
+
+use crate::accounts::AccountSpec;
+use crate::error::BankError;
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use strife_core::limits::BALANCE_MAX_MINOR;
+use strife_core::{DeclineReason, Secret};
+
+pub use strife_twopc::Decision;
+/// A leg's state at this bank: the participant's states of the 2PC state
+/// machine in `strife-twopc`, which decides every transition.
+pub use strife_twopc::participant::LegState;
+
+/// How a leg state is written in a store and shown to operators.
+pub fn state_name(state: LegState) -> &'static str {
+    match state {
+        LegState::Prepared => "prepared",
+        LegState::Committed => "committed",
+        LegState::Aborted => "aborted",
+    }
+}
+
+/// A leg state as a store wrote it.
+pub fn parse_state(s: &str) -> Result<LegState, BankError> {
+    match s {
+        "prepared" => Ok(LegState::Prepared),
+        "committed" => Ok(LegState::Committed),
+        "aborted" => Ok(LegState::Aborted),
+        other => Err(BankError::Internal(format!("leg state '{other}' in the store"))),
+    }
+}
+
+/// What the gateway asks this bank to prepare.
+#[derive(Debug, Clone)]
+pub struct LegRequest {
+    pub txn_id: String,
+    pub payment_id: String,
+    pub payer_user: String,
+    pub payer_bank: String,
+    pub payee_user: String,
+    pub payee_bank: String,
+    pub amount_minor: i64,
+}
+
+impl LegRequest {
+    /// The accounts of this leg at `bank`: the payer's (debit) and the
+    /// payee's (credit), where they are here. A leg with neither is invalid.
+    pub fn sides(&self, bank: &str) -> Result<(Option<&str>, Option<&str>), BankError> {
+        let debit = (self.payer_bank == bank).then_some(self.payer_user.as_str());
+        let credit = (self.payee_bank == bank).then_some(self.payee_user.as_str());
+        if debit.is_none() && credit.is_none() {
+            return Err(BankError::invalid(
+                "payee",
+                format!("payment {} has no leg at bank {bank}", self.txn_id),
+            ));
+        }
+        Ok((debit, credit))
+    }
+}
+
+/// The bank's vote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Vote {
+    Yes,
+    No(DeclineReason),
+}
+
+/// A leg as stored, for history and audit.
+#[derive(Debug, Clone)]
+pub struct Leg {
+    pub txn_id: String,
+    pub payment_id: String,
+    pub payer_user: String,
+    pub payer_bank: String,
+    pub payee_user: String,
+    pub payee_bank: String,
+    pub amount_minor: i64,
+    pub state: LegState,
+    pub prepared_at_ms: i64,
+}
+
+/// Totals over every account, for the audit.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Totals {
+    pub accounts: u32,
+    pub balance_minor: i64,
+    pub held_minor: i64,
+    /// What the accounts held when created: the sum of balances must equal
+    /// the sum of opening balances plus committed credits from other banks
+    /// minus committed debits to them.
+    pub opening_minor: i64,
+}
+
+/// The money of an account as a prepare checks it, in minor units.
+#[derive(Debug, Clone, Copy)]
+pub struct Funds {
+    pub balance_minor: i64,
+    /// On hold for prepared debits.
+    pub held_minor: i64,
+    /// Reserved for prepared credits.
+    pub incoming_minor: i64,
+}
+
+/// The check of a new leg, made in the transaction that places its hold:
+/// the payer (`None`: no such account) must have the amount available, and
+/// the payee (`None`: no such account) must stay under the balance maximum
+/// with every prepared credit.
+pub fn check_leg(debit: Option<Option<Funds>>, credit: Option<Option<Funds>>, amount_minor: i64) -> Vote {
+    if let Some(payer) = debit {
+        let Some(payer) = payer else { return Vote::No(DeclineReason::UnknownPayer) };
+        if payer.balance_minor - payer.held_minor < amount_minor {
+            return Vote::No(DeclineReason::InsufficientFunds);
+        }
+    }
+    if let Some(payee) = credit {
+        let Some(payee) = payee else { return Vote::No(DeclineReason::UnknownPayee) };
+        if payee.balance_minor.saturating_add(payee.incoming_minor).saturating_add(amount_minor)
+            > BALANCE_MAX_MINOR
+        {
+            return Vote::No(DeclineReason::BalanceLimit);
+        }
+    }
+    Vote::Yes
+}
+
+/// A bank's ledger: accounts, and one leg per payment the bank takes part
+/// in. Every write is durable when its future resolves with `Ok`.
+///
+/// The futures are `Send` and named by the implementation (no boxing): the
+/// bank's service is generic over its ledger.
+pub trait Ledger: Clone + Send + Sync + 'static {
+    /// Creates each account that does not exist yet (hashing a plaintext
+    /// password only then); never touches an existing one. Returns how many
+    /// were created.
+    fn create_accounts(
+        &self,
+        accounts: Vec<AccountSpec>,
+    ) -> impl Future<Output = Result<usize, BankError>> + Send;
+
+    /// How many accounts there are.
+    fn account_count(&self) -> impl Future<Output = Result<u32, BankError>> + Send;
+
+    /// The Argon2id hash of `user`'s password, if there is such a user.
+    fn password_hash(&self, user: String) -> impl Future<Output = Result<Option<String>, BankError>> + Send;
+
+    /// `(balance, available)` of `user`, in minor units.
+    fn balance(&self, user: String) -> impl Future<Output = Result<(i64, i64), BankError>> + Send;
+
+    /// Phase one for one leg. Votes yes only once the hold (debit) and the
+    /// reservation (credit) are durable; a no vote is stored too (as an
+    /// aborted leg), so a repeated prepare gets the same answer. A repeated
+    /// prepare with another amount is refused (`Conflict`).
+    fn prepare(&self, leg: LegRequest) -> impl Future<Output = Result<Vote, BankError>> + Send;
+
+    /// Phase one for many legs in one durable write; each leg gets its own
+    /// answer, as [`Ledger::prepare`] would have given it. `Err` only when
+    /// the batch as a whole failed (nothing of it is durable).
+    fn prepare_batch(
+        &self,
+        legs: Vec<LegRequest>,
+    ) -> impl Future<Output = Result<Vec<Result<Vote, BankError>>, BankError>> + Send;
+
+    /// Phase two for one leg: commit applies the hold and the credit, abort
+    /// releases them. Idempotent; a decision that contradicts the leg's
+    /// state is refused (`Conflict`) and changes nothing; an abort for an
+    /// unknown leg leaves a record so that a late prepare votes no.
+    fn decide(
+        &self,
+        txn_id: String,
+        decision: Decision,
+    ) -> impl Future<Output = Result<(), BankError>> + Send;
+
+    /// Phase two for many legs in one durable write; each its own answer.
+    fn decide_batch(
+        &self,
+        decisions: Vec<(String, Decision)>,
+    ) -> impl Future<Output = Result<Vec<Result<(), BankError>>, BankError>> + Send;
+
+    /// Committed legs that touch `user`, newest first, at most `limit`.
+    fn history(&self, user: String, limit: u32) -> impl Future<Output = Result<Vec<Leg>, BankError>> + Send;
+
+    /// Every leg with an amount (not bare abort records), and the totals,
+    /// as of one moment.
+    fn audit(&self) -> impl Future<Output = Result<(Vec<Leg>, Totals), BankError>> + Send;
+
+    /// Transaction ids of legs prepared before `before_ms` and not decided
+    /// yet, oldest first, at most `limit`: the legs to ask the gateway about.
+    fn open_legs(
+        &self,
+        before_ms: i64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<String>, BankError>> + Send;
+}
+
+/// Where a bank keeps its ledger, from `bank.store`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreUrl {
+    /// A SQLite file (`bank.store` empty: `bank.db` in the bank's data
+    /// directory; or a path, or `sqlite://PATH`).
+    Sqlite(PathBuf),
+    /// A PostgreSQL database (`postgres://…` or `postgresql://…`). The URL
+    /// may hold a password: it is never logged (see [`StoreUrl::redacted`]).
+    Postgres(Secret<String>),
+}
+
+impl StoreUrl {
+    /// Reads `bank.store`; `data_dir` is the bank's data directory.
+    pub fn parse(store: &str, data_dir: &Path) -> anyhow::Result<StoreUrl> {
+        let store = store.trim();
+        if store.is_empty() {
+            return Ok(StoreUrl::Sqlite(data_dir.join("bank.db")));
+        }
+        if store.starts_with("postgres://") || store.starts_with("postgresql://") {
+            return Ok(StoreUrl::Postgres(Secret::new(store.to_owned())));
+        }
+        if let Some(path) = store.strip_prefix("sqlite://") {
+            return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
+        }
+        if let Some((scheme, _)) = store.split_once("://") {
+            anyhow::bail!(
+                "bank.store: unknown kind of store '{scheme}://' (use a file path or postgres://…)"
+            );
+        }
+        Ok(StoreUrl::Sqlite(PathBuf::from(store)))
+    }
+
+    /// What may be logged: the kind and place of the store, no credentials.
+    pub fn redacted(&self) -> String {
+        match self {
+            StoreUrl::Sqlite(path) => format!("sqlite {}", path.display()),
+            StoreUrl::Postgres(url) => {
+                let rest = url.expose().split_once("://").map_or("", |(_, rest)| rest);
+                let host_db = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+                let host_db = host_db.split_once('?').map_or(host_db, |(h, _)| h);
+                format!("postgres {host_db}")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_url_picks_the_backend() {
+        let data = Path::new("/d/banks/A");
+        assert_eq!(StoreUrl::parse("", data).expect("empty"), StoreUrl::Sqlite(data.join("bank.db")));
+        assert_eq!(StoreUrl::parse("/x/a.db", data).expect("path"), StoreUrl::Sqlite("/x/a.db".into()));
+        assert_eq!(
+            StoreUrl::parse("sqlite:///x/a.db", data).expect("url"),
+            StoreUrl::Sqlite("/x/a.db".into())
+        );
+        let pg = StoreUrl::parse("postgres://bank:s3cret@127.0.0.1:5432/bank_a?sslmode=disable", data)
+            .expect("postgres");
+        assert!(matches!(pg, StoreUrl::Postgres(_)));
+        assert_eq!(pg.redacted(), "postgres 127.0.0.1:5432/bank_a");
+        assert!(!format!("{pg:?}").contains("s3cret"), "{pg:?}");
+        assert!(matches!(StoreUrl::parse("postgresql://h/db", data), Ok(StoreUrl::Postgres(_))));
+        assert!(StoreUrl::parse("mysql://h/db", data).is_err());
+    }
+
+    #[test]
+    fn a_new_leg_is_checked_on_both_sides() {
+        let funds = |balance_minor, held_minor, incoming_minor| {
+            Some(Funds { balance_minor, held_minor, incoming_minor })
+        };
+        assert_eq!(check_leg(Some(funds(100, 40, 0)), None, 60), Vote::Yes);
+        assert_eq!(check_leg(Some(funds(100, 41, 0)), None, 60), Vote::No(DeclineReason::InsufficientFunds));
+        assert_eq!(check_leg(Some(None), Some(funds(0, 0, 0)), 1), Vote::No(DeclineReason::UnknownPayer));
+        assert_eq!(check_leg(None, Some(None), 1), Vote::No(DeclineReason::UnknownPayee));
+        assert_eq!(
+            check_leg(None, Some(funds(BALANCE_MAX_MINOR - 10, 0, 5)), 6),
+            Vote::No(DeclineReason::BalanceLimit)
+        );
+        assert_eq!(check_leg(None, Some(funds(BALANCE_MAX_MINOR - 10, 0, 5)), 5), Vote::Yes);
+    }
+}

@@ -1,0 +1,781 @@
+//! The PostgreSQL backend of the bank's ledger ([`Ledger`]): the tables of
+//! the SQLite store (`migrations/postgres`, applied at start by refinery),
+//! reached through one connection pool. Several processes of one bank may
+//! share the database.
+//!
+//! Durability: every write is one transaction, committed before its caller
+//! is answered, and the server must run with `synchronous_commit = on` (the
+//! default; checked at start), so a commit that returned is on disk.
+//!
+//! Holds stay exact whichever process prepares: a new leg first locks the
+//! rows of its accounts (`SELECT … FOR UPDATE`, in name order), checks the
+//! money it read and only then, in the same transaction, places the hold.
+//! A second prepare against the same account waits for the first to commit
+//! and then reads what it left. Two processes racing to write the record of
+//! one payment meet at its primary key: the loser (`ON CONFLICT DO NOTHING`
+//! inserts nothing) rolls its leg back and reads the winner's record. A
+//! transaction that PostgreSQL aborts for a deadlock is run again.
+//!
+//! A batch is one transaction with a savepoint per leg (or decision): a leg
+//! that fails rolls back alone, and every answer waits for the one commit.
+
+use crate::accounts::{AccountSpec, Credential, hash_password};
+use crate::error::BankError;
+use crate::ledger::{Decision, Funds, Ledger, Leg, LegRequest, LegState, Totals, Vote, check_leg};
+use crate::ledger::{parse_state, state_name};
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction};
+use std::sync::Arc;
+use std::time::Duration;
+use strife_core::{DeclineReason, Secret};
+use strife_twopc::Vote as MachineVote;
+use strife_twopc::participant::{self as machine, Effect, Force};
+use tokio_postgres::NoTls;
+use tokio_postgres::error::SqlState;
+
+refinery::embed_migrations!("migrations/postgres");
+
+/// Connections one bank process keeps to its database.
+pub const POOL_SIZE_MAX: usize = 16;
+/// Longest wait for a free connection; then the call fails as busy.
+const POOL_WAIT: Duration = Duration::from_secs(10);
+/// Longest wait to open a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Runs of one transaction that PostgreSQL aborted for a deadlock or a
+/// serialization failure (nothing of an aborted run remains).
+const TRANSACTION_TRIES_MAX: u32 = 8;
+/// Tries of one leg that lost the race for its record to another process.
+const LEG_TRIES_MAX: u32 = 3;
+/// The advisory lock that lets one process at a time migrate a database.
+const MIGRATION_LOCK: i64 = 0x5354_5249_4645_0001;
+
+/// The ledger in a PostgreSQL database; cheap to clone (one pool).
+#[derive(Clone)]
+pub struct PostgresLedger {
+    /// Connections to the bank's database.
+    pool: Pool,
+    /// This bank's name, to tell which side of a leg is ours.
+    bank: Arc<str>,
+}
+
+impl PostgresLedger {
+    /// Connects to the database at `url`, applies the migrations it lacks,
+    /// and claims the database for `bank` (a database holds one bank's
+    /// ledger; a process of another bank is refused).
+    pub async fn connect(url: &Secret<String>, bank: &str) -> Result<PostgresLedger, BankError> {
+        let mut config: tokio_postgres::Config = url
+            .expose()
+            .parse()
+            .map_err(|e| BankError::Internal(format!("bank.store is not a PostgreSQL URL: {e}")))?;
+        config.connect_timeout(CONNECT_TIMEOUT).application_name(format!("strife-bank-{bank}"));
+        let manager =
+            Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE_MAX)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| BankError::Internal(format!("connection pool: {e}")))?;
+        let ledger = PostgresLedger { pool, bank: Arc::from(bank) };
+        ledger.migrate().await?;
+        ledger.claim().await?;
+        Ok(ledger)
+    }
+
+    async fn migrate(&self) -> Result<(), BankError> {
+        let mut client = self.pool.get().await?;
+        let synchronous: String = client.query_one("SHOW synchronous_commit", &[]).await?.get(0);
+        if synchronous == "off" {
+            return Err(BankError::Internal(
+                "the database runs with synchronous_commit = off: a commit could be lost in a crash \
+                 after the bank answered; set it on"
+                    .into(),
+            ));
+        }
+        client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
+        let migrated = migrations::runner().run_async(&mut **client).await;
+        client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await?;
+        let report = migrated.map_err(|e| BankError::Internal(format!("migrating the ledger: {e}")))?;
+        for m in report.applied_migrations() {
+            tracing::info!(migration = %m, "applied a migration to the ledger");
+        }
+        Ok(())
+    }
+
+    async fn claim(&self) -> Result<(), BankError> {
+        let client = self.pool.get().await?;
+        client
+            .execute(
+                "INSERT INTO ledger (bank) VALUES ($1) ON CONFLICT (only_row) DO NOTHING",
+                &[&&*self.bank],
+            )
+            .await?;
+        let owner: String = client.query_one("SELECT bank FROM ledger", &[]).await?.get(0);
+        if owner != *self.bank {
+            return Err(BankError::Internal(format!(
+                "this database holds the ledger of bank {owner}, not of bank {}",
+                self.bank
+            )));
+        }
+        Ok(())
+    }
+
+    /// Runs `decisions` in one transaction, again if PostgreSQL aborts it
+    /// for a deadlock.
+    async fn decide_all(
+        &self,
+        decisions: &[(String, Decision)],
+    ) -> Result<Vec<Result<(), BankError>>, BankError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut client = self.pool.get().await?;
+            let run = async {
+                let mut tx = client.transaction().await?;
+                if let [(txn_id, decision)] = decisions {
+                    // Alone, a decision needs no savepoint: the transaction is its own.
+                    let done = decide_in(&tx, txn_id, *decision).await;
+                    return finish_alone(tx, done.map(|done| done.then_some(()))).await;
+                }
+                let mut results = Vec::with_capacity(decisions.len());
+                for (txn_id, decision) in decisions {
+                    results.push(per_item(decide_one(&mut tx, txn_id, *decision).await)?);
+                }
+                tx.commit().await?;
+                Ok(Some(results))
+            };
+            match (run.await, tries < TRANSACTION_TRIES_MAX) {
+                (Ok(Some(results)), _) => return Ok(results),
+                (Ok(None), true) => continue,
+                (Err(e), true) if e.is_retryable() => continue,
+                (Ok(None), false) => return Err(BankError::Internal(KEPT_CHANGING.into())),
+                (Err(e), _) => return Err(e),
+            }
+        }
+    }
+
+    /// Prepares `legs` in one transaction, again if PostgreSQL aborts it for
+    /// a deadlock.
+    async fn prepare_all(&self, legs: &[LegRequest]) -> Result<Vec<Result<Vote, BankError>>, BankError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let mut client = self.pool.get().await?;
+            let run = async {
+                let mut tx = client.transaction().await?;
+                if let [leg] = legs {
+                    // Alone, a leg needs no savepoint: the transaction is its own.
+                    let vote = prepare_in(&tx, &self.bank, leg).await;
+                    return finish_alone(tx, vote).await;
+                }
+                let mut votes = Vec::with_capacity(legs.len());
+                for leg in legs {
+                    votes.push(per_item(prepare_one(&mut tx, &self.bank, leg).await)?);
+                }
+                tx.commit().await?;
+                Ok(Some(votes))
+            };
+            match (run.await, tries < TRANSACTION_TRIES_MAX) {
+                (Ok(Some(votes)), _) => return Ok(votes),
+                (Ok(None), true) => continue,
+                (Err(e), true) if e.is_retryable() => continue,
+                (Ok(None), false) => return Err(BankError::Internal(KEPT_CHANGING.into())),
+                (Err(e), _) => return Err(e),
+            }
+        }
+    }
+}
+
+const KEPT_CHANGING: &str = "a payment's record kept changing under this bank's write";
+
+/// Ends the transaction of an item that ran alone: commits what it wrote;
+/// `None` when it lost the race for its record (run it again); its own error
+/// as its answer (rolled back), unless the error dooms the transaction.
+async fn finish_alone<T>(
+    tx: Transaction<'_>,
+    result: Result<Option<T>, BankError>,
+) -> Result<Option<Vec<Result<T, BankError>>>, BankError> {
+    match result {
+        Ok(Some(answer)) => {
+            tx.commit().await?;
+            Ok(Some(vec![Ok(answer)]))
+        }
+        Ok(None) => {
+            tx.rollback().await?;
+            Ok(None)
+        }
+        Err(e) if e.is_retryable() => Err(e),
+        Err(e) => {
+            tx.rollback().await?;
+            Ok(Some(vec![Err(e)]))
+        }
+    }
+}
+
+/// An item's error stays the item's, except one that dooms the whole
+/// transaction (a deadlock: the transaction runs again), which fails the
+/// batch.
+fn per_item<T>(result: Result<T, BankError>) -> Result<Result<T, BankError>, BankError> {
+    match result {
+        Err(e) if e.is_retryable() => Err(e),
+        other => Ok(other),
+    }
+}
+
+/// One leg of phase one inside `tx`, in its own savepoint.
+async fn prepare_one(tx: &mut Transaction<'_>, bank: &str, leg: &LegRequest) -> Result<Vote, BankError> {
+    for _ in 0..LEG_TRIES_MAX {
+        let sp = tx.savepoint("leg").await?;
+        match prepare_in(&sp, bank, leg).await {
+            Ok(Some(vote)) => {
+                sp.commit().await?;
+                return Ok(vote);
+            }
+            // Another process wrote this payment's record meanwhile: read it.
+            Ok(None) => sp.rollback().await?,
+            Err(e) => {
+                sp.rollback().await?;
+                return Err(e);
+            }
+        }
+    }
+    Err(BankError::Internal(format!("payment {}: {KEPT_CHANGING}", leg.txn_id)))
+}
+
+/// Phase one for one leg; `None` when another process inserted the leg's
+/// record first (this try must be rolled back and made again).
+async fn prepare_in(tx: &Transaction<'_>, bank: &str, leg: &LegRequest) -> Result<Option<Vote>, BankError> {
+    let (debit, credit) = leg.sides(bank)?;
+    let existing = tx
+        .query_opt(
+            &tx.prepare_cached("SELECT state, reason, amount_minor FROM legs WHERE txn_id = $1").await?,
+            &[&leg.txn_id],
+        )
+        .await?;
+    let (current, stored_reason) = match existing {
+        Some(row) => {
+            let state = parse_state(row.get(0))?;
+            let amount: i64 = row.get(2);
+            if state != LegState::Aborted && amount != leg.amount_minor {
+                return Err(BankError::Conflict(format!(
+                    "payment {} was prepared with another amount",
+                    leg.txn_id
+                )));
+            }
+            (Some(state), row.get::<_, Option<&str>>(1).and_then(DeclineReason::from_code))
+        }
+        None => (None, None),
+    };
+    let check = match current {
+        None => {
+            let funds = lock_funds(tx, debit, credit).await?;
+            let find = |user: &str| funds.iter().find(|(u, _)| u == user).map(|(_, f)| *f);
+            check_leg(debit.map(find), credit.map(find), leg.amount_minor)
+        }
+        Some(_) => Vote::Yes,
+    };
+    let (force, vote) = machine::on_prepare(current, check == Vote::Yes);
+    let vote = match (vote, check) {
+        (MachineVote::Yes, _) => Vote::Yes,
+        (MachineVote::No, Vote::No(reason)) => Vote::No(reason),
+        (MachineVote::No, Vote::Yes) => Vote::No(stored_reason.unwrap_or(DeclineReason::Timeout)),
+    };
+    let Some(Force { state, effect }) = force else { return Ok(Some(vote)) };
+    if effect == Some(Effect::PlaceHold) {
+        tx.execute(
+            &tx.prepare_cached(
+                "UPDATE accounts SET
+                     held_minor = held_minor + CASE WHEN user_name = $1 THEN $3::BIGINT ELSE 0 END,
+                     incoming_minor = incoming_minor + CASE WHEN user_name = $2 THEN $3::BIGINT ELSE 0 END
+                 WHERE user_name IN ($1, $2)",
+            )
+            .await?,
+            &[&debit, &credit, &leg.amount_minor],
+        )
+        .await?;
+    }
+    let reason = match vote {
+        Vote::No(r) => Some(r.code()),
+        Vote::Yes => None,
+    };
+    let now = crate::store::now_ms();
+    let decided_at = (state == LegState::Aborted).then_some(now);
+    let inserted = tx
+        .execute(
+            &tx.prepare_cached(
+                "INSERT INTO legs (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+                                   debit_user, credit_user, state, reason, prepared_at, decided_at)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
+                 ON CONFLICT (txn_id) DO NOTHING",
+            )
+            .await?,
+            &[
+                &leg.txn_id,
+                &leg.payment_id,
+                &leg.payer_user,
+                &leg.payer_bank,
+                &leg.payee_user,
+                &leg.payee_bank,
+                &leg.amount_minor,
+                &debit,
+                &credit,
+                &state_name(state),
+                &reason,
+                &now,
+                &decided_at,
+            ],
+        )
+        .await?;
+    Ok((inserted == 1).then_some(vote))
+}
+
+/// Locks the rows of a new leg's accounts (in name order, so two legs never
+/// wait for each other in a circle) and reads their money.
+async fn lock_funds(
+    tx: &Transaction<'_>,
+    debit: Option<&str>,
+    credit: Option<&str>,
+) -> Result<Vec<(String, Funds)>, BankError> {
+    let users: Vec<&str> = debit.into_iter().chain(credit).collect();
+    let rows = tx
+        .query(
+            &tx.prepare_cached(
+                "SELECT user_name, balance_minor, held_minor, incoming_minor FROM accounts
+                 WHERE user_name = ANY($1) ORDER BY user_name FOR UPDATE",
+            )
+            .await?,
+            &[&users],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (r.get(0), Funds { balance_minor: r.get(1), held_minor: r.get(2), incoming_minor: r.get(3) })
+        })
+        .collect())
+}
+
+/// One decision of phase two inside `tx`, in its own savepoint.
+async fn decide_one(tx: &mut Transaction<'_>, txn_id: &str, decision: Decision) -> Result<(), BankError> {
+    for _ in 0..LEG_TRIES_MAX {
+        let sp = tx.savepoint("leg").await?;
+        match decide_in(&sp, txn_id, decision).await {
+            Ok(true) => {
+                sp.commit().await?;
+                return Ok(());
+            }
+            Ok(false) => sp.rollback().await?,
+            Err(e) => {
+                sp.rollback().await?;
+                return Err(e);
+            }
+        }
+    }
+    Err(BankError::Internal(format!("payment {txn_id}: {KEPT_CHANGING}")))
+}
+
+/// Phase two for one leg; `false` when another process inserted the leg's
+/// record first (this try must be rolled back and made again).
+async fn decide_in(tx: &Transaction<'_>, txn_id: &str, decision: Decision) -> Result<bool, BankError> {
+    let row = tx
+        .query_opt(
+            &tx.prepare_cached(
+                "SELECT state, amount_minor, debit_user, credit_user FROM legs WHERE txn_id = $1 FOR UPDATE",
+            )
+            .await?,
+            &[&txn_id],
+        )
+        .await?;
+    let current = row.as_ref().map(|r| parse_state(r.get(0))).transpose()?;
+    // A decision that contradicts this leg's state is a protocol
+    // violation: refused, nothing changes, and the gateway logs it.
+    let force = machine::on_decision(current, decision)
+        .map_err(|v| BankError::Conflict(format!("payment {txn_id}: {v}")))?;
+    let Some(Force { state, effect }) = force else { return Ok(true) };
+    let now = crate::store::now_ms();
+    let Some(row) = row else {
+        let inserted = tx
+            .execute(
+                &tx.prepare_cached(
+                    "INSERT INTO legs (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank,
+                                       amount_minor, state, reason, prepared_at, decided_at)
+                     VALUES ($1, '', '', '', '', '', 0, $2, 'timeout', $3, $3)
+                     ON CONFLICT (txn_id) DO NOTHING",
+                )
+                .await?,
+                &[&txn_id, &state_name(state), &now],
+            )
+            .await?;
+        return Ok(inserted == 1);
+    };
+    let amount: i64 = row.get(1);
+    let (debit, credit): (Option<&str>, Option<&str>) = (row.get(2), row.get(3));
+    let (release, apply) = match effect {
+        Some(Effect::ApplyCommit) => (amount, amount),
+        Some(Effect::ReleaseHold) => (amount, 0),
+        Some(Effect::PlaceHold) | None => (0, 0),
+    };
+    if release != 0 || apply != 0 {
+        // The accounts are locked in name order, as a prepare locks them.
+        tx.execute(
+            &tx.prepare_cached(
+                "UPDATE accounts a SET
+                     held_minor = a.held_minor - CASE WHEN a.user_name = $1 THEN $3::BIGINT ELSE 0 END,
+                     incoming_minor = a.incoming_minor - CASE WHEN a.user_name = $2 THEN $3::BIGINT ELSE 0 END,
+                     balance_minor = a.balance_minor - CASE WHEN a.user_name = $1 THEN $4::BIGINT ELSE 0 END
+                                                     + CASE WHEN a.user_name = $2 THEN $4::BIGINT ELSE 0 END
+                 FROM (SELECT user_name FROM accounts WHERE user_name IN ($1, $2)
+                       ORDER BY user_name FOR UPDATE) locked
+                 WHERE a.user_name = locked.user_name",
+            )
+            .await?,
+            &[&debit, &credit, &release, &apply],
+        )
+        .await?;
+    }
+    tx.execute(
+        &tx.prepare_cached("UPDATE legs SET state = $2, decided_at = $3 WHERE txn_id = $1").await?,
+        &[&txn_id, &state_name(state), &now],
+    )
+    .await?;
+    Ok(true)
+}
+
+fn leg_from_row(r: &tokio_postgres::Row) -> Result<Leg, BankError> {
+    Ok(Leg {
+        txn_id: r.get(0),
+        payment_id: r.get(1),
+        payer_user: r.get(2),
+        payer_bank: r.get(3),
+        payee_user: r.get(4),
+        payee_bank: r.get(5),
+        amount_minor: r.get(6),
+        state: parse_state(r.get(7))?,
+        prepared_at_ms: r.get(8),
+    })
+}
+
+impl Ledger for PostgresLedger {
+    async fn create_accounts(&self, accounts: Vec<AccountSpec>) -> Result<usize, BankError> {
+        let mut client = self.pool.get().await?;
+        let names: Vec<&str> = accounts.iter().map(|a| a.user.as_str()).collect();
+        let existing: Vec<String> = client
+            .query("SELECT user_name FROM accounts WHERE user_name = ANY($1)", &[&names])
+            .await?
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        // Hash the new accounts' passwords first (slow, and off the async
+        // threads), then create them all in one transaction.
+        let mut new = Vec::new();
+        for a in accounts.into_iter().filter(|a| !existing.contains(&a.user)) {
+            let hash = match a.credential {
+                Credential::Hash(h) => h,
+                Credential::Password(p) => tokio::task::spawn_blocking(move || hash_password(&p))
+                    .await
+                    .map_err(|e| BankError::Internal(e.to_string()))?
+                    .map_err(|e| BankError::Internal(format!("{e:#}")))?,
+            };
+            new.push((a.user, hash, a.balance_minor));
+        }
+        let tx = client.transaction().await?;
+        let insert = tx
+            .prepare_cached(
+                "INSERT INTO accounts (user_name, password_hash, balance_minor, opening_minor)
+                 VALUES ($1, $2, $3, $3) ON CONFLICT (user_name) DO NOTHING",
+            )
+            .await?;
+        let mut created = 0;
+        for (user, hash, balance) in &new {
+            created += tx.execute(&insert, &[user, hash, balance]).await?;
+        }
+        tx.commit().await?;
+        Ok(usize::try_from(created).unwrap_or(usize::MAX))
+    }
+
+    async fn account_count(&self) -> Result<u32, BankError> {
+        let client = self.pool.get().await?;
+        let count: i64 = client.query_one("SELECT COUNT(*) FROM accounts", &[]).await?.get(0);
+        Ok(u32::try_from(count).unwrap_or(u32::MAX))
+    }
+
+    async fn password_hash(&self, user: String) -> Result<Option<String>, BankError> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached("SELECT password_hash FROM accounts WHERE user_name = $1").await?;
+        Ok(client.query_opt(&stmt, &[&user]).await?.map(|r| r.get(0)))
+    }
+
+    async fn balance(&self, user: String) -> Result<(i64, i64), BankError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached("SELECT balance_minor, held_minor FROM accounts WHERE user_name = $1")
+            .await?;
+        let row = client.query_opt(&stmt, &[&user]).await?.ok_or(BankError::UnknownAccount(user))?;
+        let (balance, held): (i64, i64) = (row.get(0), row.get(1));
+        Ok((balance, balance - held))
+    }
+
+    async fn prepare(&self, leg: LegRequest) -> Result<Vote, BankError> {
+        let mut votes = self.prepare_all(std::slice::from_ref(&leg)).await?;
+        votes.pop().unwrap_or_else(|| Err(BankError::Internal("a prepare without an answer".into())))
+    }
+
+    async fn prepare_batch(&self, legs: Vec<LegRequest>) -> Result<Vec<Result<Vote, BankError>>, BankError> {
+        self.prepare_all(&legs).await
+    }
+
+    async fn decide(&self, txn_id: String, decision: Decision) -> Result<(), BankError> {
+        let mut results = self.decide_all(&[(txn_id, decision)]).await?;
+        results.pop().unwrap_or_else(|| Err(BankError::Internal("a decision without an answer".into())))
+    }
+
+    async fn decide_batch(
+        &self,
+        decisions: Vec<(String, Decision)>,
+    ) -> Result<Vec<Result<(), BankError>>, BankError> {
+        self.decide_all(&decisions).await
+    }
+
+    async fn history(&self, user: String, limit: u32) -> Result<Vec<Leg>, BankError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor, state, prepared_at
+                 FROM legs WHERE state = 'committed' AND (debit_user = $1 OR credit_user = $1)
+                 ORDER BY prepared_at DESC, txn_id LIMIT $2",
+            )
+            .await?;
+        client.query(&stmt, &[&user, &i64::from(limit)]).await?.iter().map(leg_from_row).collect()
+    }
+
+    async fn audit(&self) -> Result<(Vec<Leg>, Totals), BankError> {
+        let mut client = self.pool.get().await?;
+        // One snapshot for the legs and the totals.
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let legs = tx
+            .query(
+                "SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor, state, prepared_at
+                 FROM legs WHERE amount_minor > 0 ORDER BY prepared_at, txn_id",
+                &[],
+            )
+            .await?
+            .iter()
+            .map(leg_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let row = tx
+            .query_one(
+                "SELECT COUNT(*), COALESCE(SUM(balance_minor), 0)::BIGINT, COALESCE(SUM(held_minor), 0)::BIGINT,
+                        COALESCE(SUM(opening_minor), 0)::BIGINT FROM accounts",
+                &[],
+            )
+            .await?;
+        tx.commit().await?;
+        let totals = Totals {
+            accounts: u32::try_from(row.get::<_, i64>(0)).unwrap_or(u32::MAX),
+            balance_minor: row.get(1),
+            held_minor: row.get(2),
+            opening_minor: row.get(3),
+        };
+        Ok((legs, totals))
+    }
+
+    async fn open_legs(&self, before_ms: i64, limit: u32) -> Result<Vec<String>, BankError> {
+        let client = self.pool.get().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT txn_id FROM legs WHERE state = 'prepared' AND prepared_at < $1
+                 ORDER BY prepared_at LIMIT $2",
+            )
+            .await?;
+        Ok(client.query(&stmt, &[&before_ms, &i64::from(limit)]).await?.iter().map(|r| r.get(0)).collect())
+    }
+}
+
+impl BankError {
+    /// Whether PostgreSQL aborted the whole transaction for a reason that
+    /// running it again may not meet (a deadlock, a serialization failure).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            BankError::Postgres(e) => e.code().is_some_and(|c| {
+                *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+            }),
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::{AccountRow, Inspect, LegRow, conformance_suite, leg, opening_accounts};
+    use strife_rpc::postgres_server::{PostgresServer, shared_for_tests, unique_name};
+
+    impl Inspect for PostgresLedger {
+        async fn accounts(&self) -> Vec<AccountRow> {
+            let client = self.pool.get().await.expect("connection");
+            let rows = client
+                .query(
+                    "SELECT user_name, balance_minor, held_minor, incoming_minor FROM accounts ORDER BY user_name",
+                    &[],
+                )
+                .await
+                .expect("accounts");
+            let mut rows: Vec<AccountRow> =
+                rows.iter().map(|r| (r.get(0), r.get(1), r.get(2), r.get(3))).collect();
+            rows.sort();
+            rows
+        }
+
+        async fn legs(&self) -> Vec<LegRow> {
+            let client = self.pool.get().await.expect("connection");
+            let rows = client.query("SELECT txn_id, state, amount_minor FROM legs", &[]).await.expect("legs");
+            let mut rows: Vec<LegRow> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
+            rows.sort();
+            rows
+        }
+    }
+
+    /// The test binary's PostgreSQL server; a test that cannot have it
+    /// fails, saying what to install.
+    fn server() -> &'static PostgresServer {
+        shared_for_tests().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A URL of a new, empty database.
+    fn new_database() -> Secret<String> {
+        server().create_database(&unique_name("ledger")).expect("a database")
+    }
+
+    /// A fresh PostgreSQL ledger of `BankA` in a database of its own.
+    async fn fresh() -> (PostgresLedger, ()) {
+        let ledger = PostgresLedger::connect(&new_database(), "BankA").await.expect("connect");
+        ledger.create_accounts(opening_accounts()).await.expect("accounts");
+        (ledger, ())
+    }
+
+    conformance_suite!(fresh);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_database_holds_one_banks_ledger_and_migrates_once() {
+        let url = new_database();
+        // Two processes of one bank starting at once: one migrates, both serve.
+        let (a, b) =
+            tokio::join!(PostgresLedger::connect(&url, "BankA"), PostgresLedger::connect(&url, "BankA"));
+        let (a, _b) = (a.expect("first"), b.expect("second"));
+        a.create_accounts(opening_accounts()).await.expect("accounts");
+        let other = PostgresLedger::connect(&url, "BankB").await.err().expect("another bank is refused");
+        assert!(other.to_string().contains("ledger of bank BankA"), "{other}");
+        let again = PostgresLedger::connect(&url, "BankA").await.expect("a restart");
+        assert_eq!(again.balance("a".into()).await.expect("a"), (1000, 1000), "the data survives");
+    }
+
+    /// Two replicas of one bank (two pools on one database) prepare against
+    /// one hot account from many tasks at once, some legs sent to both at
+    /// once, some prepares racing an abort of the same payment: the account
+    /// is never overdrawn, its hold is exactly the sum of its open legs, and
+    /// no money appears or disappears.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_keep_holds_exact_on_a_hot_account() {
+        const TASKS: u64 = 32;
+        const LEGS_PER_TASK: u64 = 20;
+        const HOT_MINOR: i64 = 20_000;
+        const PAYEES: u64 = 4;
+        let url = new_database();
+        let one = PostgresLedger::connect(&url, "BankA").await.expect("replica one");
+        let two = PostgresLedger::connect(&url, "BankA").await.expect("replica two");
+        let mut accounts = vec![AccountSpec {
+            user: "hot".into(),
+            credential: Credential::Hash(crate::conformance::TEST_HASH.into()),
+            balance_minor: HOT_MINOR,
+        }];
+        for p in 0..PAYEES {
+            accounts.push(AccountSpec {
+                user: format!("p{p}"),
+                credential: Credential::Hash(crate::conformance::TEST_HASH.into()),
+                balance_minor: 0,
+            });
+        }
+        one.create_accounts(accounts).await.expect("accounts");
+
+        let seed = strife_core::unix_ms().unsigned_abs();
+        eprintln!("seed {seed}");
+        let mut tasks = Vec::new();
+        for t in 0..TASKS {
+            let replicas = [one.clone(), two.clone()];
+            tasks.push(tokio::spawn(async move {
+                let mut rng =
+                    strife_core::rng::SplitMix64(seed ^ (t + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                // (txn, amount, committed?) of every yes vote that was decided; the open ones.
+                let (mut committed, mut open, mut no) = (0i64, Vec::new(), 0u32);
+                for j in 0..LEGS_PER_TASK {
+                    let txn = format!("h{t}-{j}");
+                    let amount = 1 + rng.below(700) as i64;
+                    let l = leg(&txn, "hot", &format!("p{}", rng.below(PAYEES)), amount);
+                    let me = &replicas[rng.below(2) as usize];
+                    let other = &replicas[rng.below(2) as usize];
+                    let vote = match rng.below(6) {
+                        // The same prepare at both replicas at once: one answer.
+                        0 => {
+                            let (x, y) = tokio::join!(me.prepare(l.clone()), other.prepare(l));
+                            let (x, y) = (x.expect("prepare"), y.expect("prepare"));
+                            assert_eq!(x, y, "{txn}: two answers to one prepare");
+                            x
+                        }
+                        // A prepare racing an abort: aborted either way.
+                        1 => {
+                            let (x, y) =
+                                tokio::join!(me.prepare(l), other.decide(txn.clone(), Decision::Abort));
+                            y.expect("abort");
+                            x.expect("prepare");
+                            continue;
+                        }
+                        // A batch of one leg and a repeat of it.
+                        2 => {
+                            let votes = me.prepare_batch(vec![l.clone(), l]).await.expect("batch");
+                            let (x, y) = (votes[0].as_ref().expect("vote"), votes[1].as_ref().expect("vote"));
+                            assert_eq!(x, y, "{txn}");
+                            *x
+                        }
+                        _ => me.prepare(l).await.expect("prepare"),
+                    };
+                    if vote != Vote::Yes {
+                        assert_eq!(vote, Vote::No(DeclineReason::InsufficientFunds), "{txn}");
+                        no += 1;
+                        continue;
+                    }
+                    match rng.below(10) {
+                        0..5 => {
+                            other.decide(txn, Decision::Commit).await.expect("commit");
+                            committed += amount;
+                        }
+                        5..8 => other.decide(txn, Decision::Abort).await.expect("abort"),
+                        _ => open.push(amount),
+                    }
+                }
+                (committed, open, no)
+            }));
+        }
+        let (mut committed, mut open_held, mut no) = (0i64, 0i64, 0u32);
+        for task in tasks {
+            let (c, open, n) = task.await.expect("task");
+            committed += c;
+            open_held += open.iter().sum::<i64>();
+            no += n;
+        }
+        let accounts = one.accounts().await;
+        let hot = accounts.iter().find(|a| a.0 == "hot").expect("hot");
+        assert!(0 <= hot.2 && hot.2 <= hot.1, "overdrawn: {hot:?}");
+        assert_eq!(hot.1, HOT_MINOR - committed, "the hot account paid exactly what was committed");
+        assert_eq!(hot.2, open_held, "the hold is exactly the open legs' amounts");
+        let payees: i64 = accounts.iter().filter(|a| a.0 != "hot").map(|a| a.1).sum();
+        assert_eq!(payees + hot.1, HOT_MINOR, "money is conserved");
+        let (_, totals) = two.audit().await.expect("audit");
+        assert_eq!((totals.balance_minor, totals.held_minor), (HOT_MINOR, open_held));
+        assert!(no > 0, "the account was never short: the test proves little (seed {seed})");
+    }
+}

@@ -1,0 +1,628 @@
+//! A private PostgreSQL server: for the tests, and for `strife up --postgres
+//! auto`. It uses Debian's `postgresql` package, whose `initdb` and `pg_ctl`
+//! are not on PATH (they live in `/usr/lib/postgresql/<version>/bin`).
+//!
+//! The server lives in one directory (its *base*):
+//!
+//! ```text
+//! base/                  0700, owned by the user the server runs as
+//!   data/                the cluster (initdb), 0700
+//!   superuser.password   0600: the password of the superuser `strife`
+//!   server.log           the server's log
+//!   .s.PGSQL.<port>      its only unix socket
+//! ```
+//!
+//! It listens on one free port of 127.0.0.1, authenticates every connection
+//! with SCRAM-SHA-256, and runs with `fsync` and `synchronous_commit` on, so
+//! a commit it acknowledged survives a crash of the machine.
+//!
+//! PostgreSQL refuses to run as root. When this process is root (CI is), every
+//! server command runs as Debian's `postgres` system user, which then owns
+//! the base directory; every parent of the base must let that user pass
+//! (temporary directories do). A directory a user keeps private (a Strife
+//! directory is 0700) does not: [`base_for_cluster`] puts the data of a
+//! cluster run by root outside it.
+//!
+//! The server is stopped (`pg_ctl stop -m fast`) when its [`PostgresServer`]
+//! is dropped. A small guardian process also stops it when this process ends
+//! without dropping it (a `static`, as the tests' shared server is, or kill
+//! -9): it waits for end-of-file on a pipe only this process holds.
+
+use anyhow::{Context, bail};
+use std::io::Write;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU32, Ordering};
+use strife_core::Secret;
+
+/// What to install when the server binaries are missing.
+pub const INSTALL_COMMAND: &str = "apt-get install -y postgresql";
+/// The superuser `initdb` creates.
+pub const SUPERUSER: &str = "strife";
+/// The unprivileged user the server runs as when this process is root.
+pub const SYSTEM_USER: &str = "postgres";
+/// Ports tried before giving up when another process takes the free port
+/// between our choosing it and the server binding it.
+const PORT_TRIES_MAX: u32 = 5;
+/// Longest wait for the server to accept connections, or to stop.
+const START_TIMEOUT_SECS: u32 = 60;
+/// Most connections the server accepts: every pool of every bank and test
+/// sharing one server must fit.
+const CONNECTIONS_MAX: u32 = 300;
+/// Longest a lock waits before the server looks for a deadlock. A deadlock
+/// aborts one transaction, which the stores retry; 1 s (the default) would
+/// stall every payment behind it that long.
+const DEADLOCK_TIMEOUT_MS: u32 = 100;
+/// Lines of the server log shown in an error.
+const LOG_TAIL_LINES: usize = 20;
+/// Longest identifier accepted for a database or role made here.
+const NAME_MAX: usize = 63;
+
+/// Where Debian's PostgreSQL server programs are.
+#[derive(Debug, Clone)]
+pub struct Binaries {
+    dir: PathBuf,
+}
+
+impl Binaries {
+    /// `pg_config --bindir`, else the newest `/usr/lib/postgresql/*/bin`,
+    /// else PATH; the first that holds `initdb` and `pg_ctl`.
+    pub fn find() -> anyhow::Result<Binaries> {
+        let mut candidates: Vec<PathBuf> = Vec::new();
+        if let Ok(out) = Command::new("pg_config").arg("--bindir").stderr(Stdio::null()).output()
+            && out.status.success()
+        {
+            candidates.push(PathBuf::from(String::from_utf8_lossy(&out.stdout).trim()));
+        }
+        let mut versions: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+            .into_iter()
+            .flatten()
+            .filter_map(Result::ok)
+            .filter_map(|e| Some((e.file_name().to_str()?.parse().ok()?, e.path().join("bin"))))
+            .collect();
+        versions.sort_by_key(|v| std::cmp::Reverse(v.0));
+        candidates.extend(versions.into_iter().map(|(_, dir)| dir));
+        if let Some(path) = std::env::var_os("PATH") {
+            candidates.extend(std::env::split_paths(&path));
+        }
+        candidates
+            .into_iter()
+            .find(|dir| ["initdb", "pg_ctl", "psql"].iter().all(|p| dir.join(p).is_file()))
+            .map(|dir| Binaries { dir })
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "PostgreSQL's server programs (initdb, pg_ctl) were not found \
+                     (looked at `pg_config --bindir`, /usr/lib/postgresql/*/bin and PATH); \
+                     install Debian's package with: {INSTALL_COMMAND}"
+                )
+            })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    fn program(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+/// The unprivileged user the server runs as, when this process is root.
+#[derive(Debug, Clone)]
+struct RunAs {
+    uid: u32,
+    gid: u32,
+}
+
+impl RunAs {
+    fn current() -> anyhow::Result<Option<RunAs>> {
+        if !nix::unistd::geteuid().is_root() {
+            return Ok(None);
+        }
+        let user = nix::unistd::User::from_name(SYSTEM_USER)
+            .context("looking up the postgres user")?
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "PostgreSQL refuses to run as root, and there is no '{SYSTEM_USER}' user to run it as; \
+                     Debian's package creates it: {INSTALL_COMMAND}"
+                )
+            })?;
+        Ok(Some(RunAs { uid: user.uid.as_raw(), gid: user.gid.as_raw() }))
+    }
+
+    /// Gives `path` to this user.
+    fn own(this: Option<&RunAs>, path: &Path) -> anyhow::Result<()> {
+        if let Some(u) = this {
+            std::os::unix::fs::chown(path, Some(u.uid), Some(u.gid))
+                .with_context(|| format!("giving {} to the {SYSTEM_USER} user", path.display()))?;
+        }
+        Ok(())
+    }
+}
+
+/// Whether the server's directory goes when the server stops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lifetime {
+    /// Kept: started again on the same base, the server resumes its data.
+    Kept,
+    /// Removed with everything in it once the server has stopped.
+    Temporary,
+}
+
+/// A running private server; stopped when dropped.
+pub struct PostgresServer {
+    /// The server's programs.
+    bin: Binaries,
+    /// Its directory (see the module's documentation).
+    base: PathBuf,
+    /// The port it listens on, on 127.0.0.1.
+    port: u16,
+    /// The superuser's password.
+    password: Secret<String>,
+    /// Whom the server's commands run as (`None`: this process's user).
+    run_as: Option<RunAs>,
+    /// Stops the server when this process ends; its stdin is the pipe.
+    guardian: Option<Child>,
+    lifetime: Lifetime,
+}
+
+impl std::fmt::Debug for PostgresServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresServer").field("base", &self.base).field("port", &self.port).finish()
+    }
+}
+
+impl PostgresServer {
+    /// Starts a server in `base` (creating the cluster on first use) on a
+    /// free port of 127.0.0.1, and returns once it accepts connections.
+    pub fn start(base: &Path, lifetime: Lifetime) -> anyhow::Result<PostgresServer> {
+        let bin = Binaries::find()?;
+        let run_as = RunAs::current()?;
+        crate::files::create_private_dir_all(base).with_context(|| format!("creating {}", base.display()))?;
+        std::fs::set_permissions(base, std::fs::Permissions::from_mode(crate::files::DIR_MODE))?;
+        RunAs::own(run_as.as_ref(), base)?;
+        let mut server = PostgresServer {
+            bin,
+            base: base.to_path_buf(),
+            port: 0,
+            password: Secret::new(String::new()),
+            run_as,
+            guardian: None,
+            lifetime,
+        };
+        server.check_reachable()?;
+        if !server.data().join("PG_VERSION").exists() {
+            server.init()?;
+        }
+        server.password = Secret::new(
+            std::fs::read_to_string(server.password_file())
+                .with_context(|| format!("reading {}", server.password_file().display()))?
+                .trim()
+                .to_owned(),
+        );
+        // A server left running in this directory (its owner was killed
+        // before its guardian could act) is ours to stop.
+        if server.pg_ctl(&["status", "-D"]).arg(server.data()).output().is_ok_and(|o| o.status.success()) {
+            server.stop_server()?;
+        }
+        server.guardian = Some(server.start_guardian()?);
+        server.start_on_free_port()?;
+        Ok(server)
+    }
+
+    /// The port the server listens on, on 127.0.0.1.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's directory.
+    pub fn base(&self) -> &Path {
+        &self.base
+    }
+
+    /// A URL for the superuser and `database`.
+    pub fn superuser_url(&self, database: &str) -> Secret<String> {
+        Secret::new(format!(
+            "postgres://{SUPERUSER}:{}@127.0.0.1:{}/{database}",
+            self.password.expose(),
+            self.port
+        ))
+    }
+
+    /// Creates an empty database owned by the superuser; returns its URL.
+    pub fn create_database(&self, name: &str) -> anyhow::Result<Secret<String>> {
+        check_name(name)?;
+        self.sql("postgres", &[&format!("CREATE DATABASE {name}")])?;
+        Ok(self.superuser_url(name))
+    }
+
+    /// Creates a role that may log in with a fresh password, and a database
+    /// that it owns and only it (and the superuser) may connect to; returns
+    /// the role's URL for that database. What one role owns, another role
+    /// made here can neither connect to nor read.
+    pub fn create_private_database(&self, role: &str, database: &str) -> anyhow::Result<Secret<String>> {
+        check_name(role)?;
+        check_name(database)?;
+        let password = random_password();
+        self.sql(
+            "postgres",
+            &[
+                &format!("CREATE ROLE {role} LOGIN PASSWORD '{}'", password.expose()),
+                &format!("CREATE DATABASE {database} OWNER {role}"),
+                &format!("REVOKE ALL ON DATABASE {database} FROM PUBLIC"),
+            ],
+        )?;
+        // A new database's public schema may be used by every role: only
+        // its owner may now.
+        self.sql(
+            database,
+            &["REVOKE ALL ON SCHEMA public FROM PUBLIC", &format!("GRANT ALL ON SCHEMA public TO {role}")],
+        )?;
+        Ok(Secret::new(format!("postgres://{role}:{}@127.0.0.1:{}/{database}", password.expose(), self.port)))
+    }
+
+    /// Runs `statements` as the superuser in `database` with `psql`, each
+    /// in its own transaction; returns what they printed (unaligned, tuples
+    /// only).
+    pub fn sql(&self, database: &str, statements: &[&str]) -> anyhow::Result<String> {
+        check_name(database)?;
+        self.psql(&self.superuser_url(database), statements)
+    }
+
+    /// Runs `statements` with `psql` at `url` (as whoever the URL names),
+    /// each in its own transaction.
+    pub fn psql(&self, url: &Secret<String>, statements: &[&str]) -> anyhow::Result<String> {
+        let (url, password) = split_password(url.expose())?;
+        let mut psql = Command::new(self.bin.program("psql"));
+        psql.args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-d", &url]);
+        for statement in statements {
+            psql.arg("-c").arg(statement);
+        }
+        let out = psql
+            // The password travels in the environment, never on a command
+            // line that `ps` shows.
+            .env("PGPASSWORD", password.expose())
+            .env("PGCONNECT_TIMEOUT", "10")
+            .stdin(Stdio::null())
+            .output()
+            .context("running psql")?;
+        if !out.status.success() {
+            bail!("psql failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    }
+
+    /// Stops the server (`pg_ctl stop -m fast`: open transactions roll back,
+    /// everything committed stays).
+    pub fn stop(&mut self) -> anyhow::Result<()> {
+        let stopped = self.stop_server();
+        // Closing the pipe lets the guardian go (and remove a temporary base).
+        if let Some(mut guardian) = self.guardian.take() {
+            drop(guardian.stdin.take());
+            let _ = guardian.wait();
+        }
+        stopped
+    }
+
+    fn data(&self) -> PathBuf {
+        self.base.join("data")
+    }
+
+    fn password_file(&self) -> PathBuf {
+        self.base.join("superuser.password")
+    }
+
+    fn log_file(&self) -> PathBuf {
+        self.base.join("server.log")
+    }
+
+    /// A server command, run as the server's user inside its directory.
+    fn command(&self, program: &str) -> Command {
+        let mut cmd = Command::new(self.bin.program(program));
+        cmd.current_dir(&self.base).stdin(Stdio::null()).env_remove("PGDATA");
+        if let Some(u) = &self.run_as {
+            cmd.uid(u.uid).gid(u.gid).env("HOME", &self.base);
+        }
+        cmd
+    }
+
+    fn pg_ctl(&self, args: &[&str]) -> Command {
+        let mut cmd = self.command("pg_ctl");
+        cmd.args(args);
+        cmd
+    }
+
+    /// Runs `cmd`; an error carries its output.
+    fn run(mut cmd: Command, what: &str) -> anyhow::Result<()> {
+        let out =
+            cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).output().with_context(|| what.to_owned())?;
+        if !out.status.success() {
+            bail!(
+                "{what} failed ({}): {}{}",
+                out.status,
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// The server's user must be able to enter its directory (and so every
+    /// parent of it) before anything else can work.
+    fn check_reachable(&self) -> anyhow::Result<()> {
+        match self.command("pg_ctl").arg("--version").stdout(Stdio::null()).stderr(Stdio::null()).status() {
+            Ok(status) if status.success() => Ok(()),
+            Ok(status) => bail!("{} --version failed ({status})", self.bin.program("pg_ctl").display()),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(
+                "the {SYSTEM_USER} user cannot enter {}: PostgreSQL runs as that user when Strife runs as \
+                 root, and every parent directory must let it pass (o+x)",
+                self.base.display()
+            ),
+            Err(e) => Err(e).context("running pg_ctl"),
+        }
+    }
+
+    /// `initdb` with a random superuser password, then Strife's settings.
+    fn init(&self) -> anyhow::Result<()> {
+        let password = random_password();
+        let file = self.password_file();
+        let mut f = crate::files::open_private_append(&file)
+            .and_then(|f| f.set_len(0).map(|()| f))
+            .with_context(|| format!("creating {}", file.display()))?;
+        writeln!(f, "{}", password.expose())?;
+        f.sync_all()?;
+        RunAs::own(self.run_as.as_ref(), &file)?;
+        let mut initdb = self.command("initdb");
+        initdb
+            .arg("-D")
+            .arg(self.data())
+            .args(["-U", SUPERUSER, "--auth=scram-sha-256", "--encoding=UTF8", "--no-locale"])
+            .arg(format!("--pwfile={}", file.display()));
+        Self::run(initdb, "initdb")?;
+        let socket_dir = self.base.to_string_lossy().replace('\'', "''");
+        let settings = format!(
+            "\n# Strife's private server\n\
+             listen_addresses = '127.0.0.1'\n\
+             unix_socket_directories = '{socket_dir}'\n\
+             unix_socket_permissions = 0700\n\
+             max_connections = {CONNECTIONS_MAX}\n\
+             password_encryption = 'scram-sha-256'\n\
+             fsync = on\n\
+             synchronous_commit = on\n\
+             full_page_writes = on\n\
+             deadlock_timeout = '{DEADLOCK_TIMEOUT_MS}ms'\n"
+        );
+        let conf = self.data().join("postgresql.conf");
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&conf)
+            .with_context(|| format!("opening {}", conf.display()))?;
+        f.write_all(settings.as_bytes())?;
+        f.sync_all()?;
+        Ok(())
+    }
+
+    /// Waits (as the server's user) for end-of-file on its stdin, which
+    /// comes when this process closes it or ends in any way; then stops the
+    /// server, and removes a temporary base.
+    fn start_guardian(&self) -> anyhow::Result<Child> {
+        let remove = if self.lifetime == Lifetime::Temporary { "rm -rf \"$2\"" } else { ":" };
+        let script = format!("cat >/dev/null; \"$0\" stop -D \"$1\" -m fast -s >/dev/null 2>&1; {remove}");
+        let mut cmd = Command::new("/bin/sh");
+        cmd.arg("-c").arg(script).arg(self.bin.program("pg_ctl")).arg(self.data()).arg(&self.base);
+        cmd.current_dir("/").stdin(Stdio::piped()).stdout(Stdio::null()).stderr(Stdio::null());
+        if let Some(u) = &self.run_as {
+            cmd.uid(u.uid).gid(u.gid);
+        }
+        cmd.spawn().context("starting the server's guardian")
+    }
+
+    /// Chooses a free port and starts the server on it, choosing again if
+    /// another process took the port in between.
+    fn start_on_free_port(&mut self) -> anyhow::Result<()> {
+        let mut last = String::new();
+        for _ in 0..PORT_TRIES_MAX {
+            let port = free_port()?;
+            let log_len = std::fs::metadata(self.log_file()).map_or(0, |m| m.len());
+            let mut start = self.pg_ctl(&["start", "-w", "-t", &START_TIMEOUT_SECS.to_string(), "-D"]);
+            start.arg(self.data()).arg("-l").arg(self.log_file()).arg("-o").arg(format!("-p {port}"));
+            match Self::run(start, "pg_ctl start") {
+                Ok(()) => {
+                    self.port = port;
+                    return Ok(());
+                }
+                Err(e) => {
+                    let log = self.log_since(log_len);
+                    if !(log.contains("could not bind") || log.contains("Address already in use")) {
+                        bail!("{e:#}; the server's log ({}) says:\n{log}", self.log_file().display());
+                    }
+                    last = log;
+                }
+            }
+        }
+        bail!("no free port after {PORT_TRIES_MAX} tries; the last log:\n{last}")
+    }
+
+    /// The last lines the server logged after `from` bytes.
+    fn log_since(&self, from: u64) -> String {
+        let text = std::fs::read(self.log_file()).unwrap_or_default();
+        let text = String::from_utf8_lossy(text.get(usize::try_from(from).unwrap_or(0)..).unwrap_or(&[]))
+            .into_owned();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
+    }
+
+    fn stop_server(&self) -> anyhow::Result<()> {
+        let mut stop =
+            self.pg_ctl(&["stop", "-m", "fast", "-w", "-t", &START_TIMEOUT_SECS.to_string(), "-D"]);
+        stop.arg(self.data());
+        Self::run(stop, "pg_ctl stop")
+    }
+}
+
+impl Drop for PostgresServer {
+    fn drop(&mut self) {
+        if self.guardian.is_some()
+            && let Err(e) = self.stop()
+        {
+            tracing::warn!(error = %format!("{e:#}"), "stopping the private PostgreSQL server");
+        }
+    }
+}
+
+/// A port of 127.0.0.1 that was free a moment ago.
+fn free_port() -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("looking for a free port")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// `postgres://user:password@host/…` as the URL without its password, and
+/// the password.
+fn split_password(url: &str) -> anyhow::Result<(String, Secret<String>)> {
+    let (scheme, rest) = url.split_once("://").context("a postgres:// URL")?;
+    let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+    let Some((userinfo, host)) = authority.rsplit_once('@') else {
+        return Ok((url.to_owned(), Secret::new(String::new())));
+    };
+    let (user, password) = userinfo.split_once(':').unwrap_or((userinfo, ""));
+    Ok((format!("{scheme}://{user}@{host}/{path}"), Secret::new(password.to_owned())))
+}
+
+/// 256 bits from the operating system's random source, as hex.
+fn random_password() -> Secret<String> {
+    Secret::new(format!("{}{}", uuid::Uuid::new_v4().simple(), uuid::Uuid::new_v4().simple()))
+}
+
+/// Names made here go into SQL as identifiers: lower-case letters, digits
+/// and `_` only, starting with a letter.
+fn check_name(name: &str) -> anyhow::Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= NAME_MAX
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if !ok {
+        bail!("'{name}' is not a database or role name Strife makes (a-z, 0-9, _; at most {NAME_MAX})");
+    }
+    Ok(())
+}
+
+/// Where `strife up --postgres auto` keeps the server of the cluster in
+/// `dir`. Normally `DIR/postgres`. When this process is root the server runs
+/// as the `postgres` user, which cannot enter a private (0700) `DIR` or its
+/// parents (e.g. `/root`); so the data lives in a directory of its own under
+/// `outside` (the `postgres` user's home on Debian, see
+/// [`SYSTEM_DATA_ROOT`]), named in `DIR/postgres/location` so that the next
+/// `up` on `DIR` finds it again.
+pub fn base_for_cluster(dir: &Path, outside: &Path) -> anyhow::Result<PathBuf> {
+    let inside = dir.join("postgres");
+    if !nix::unistd::geteuid().is_root() {
+        return Ok(inside);
+    }
+    let location = inside.join("location");
+    if let Ok(text) = std::fs::read_to_string(&location) {
+        return Ok(PathBuf::from(text.trim()));
+    }
+    crate::files::create_private_dir_all(&inside)?;
+    let base = outside.join(uuid::Uuid::new_v4().simple().to_string());
+    let mut f = crate::files::open_private_append(&location)?;
+    writeln!(f, "{}", base.display())?;
+    f.sync_all()?;
+    Ok(base)
+}
+
+/// Where [`base_for_cluster`] puts the data of clusters run by root.
+pub const SYSTEM_DATA_ROOT: &str = "/var/lib/postgresql/strife";
+
+/// One server per test binary, started on first use and stopped when the
+/// binary ends; each test makes its own database on it
+/// ([`unique_name`]). An error says what to install: tests that need
+/// PostgreSQL fail with it, never skip.
+pub fn shared_for_tests() -> Result<&'static PostgresServer, String> {
+    static SERVER: OnceLock<Result<PostgresServer, String>> = OnceLock::new();
+    SERVER
+        .get_or_init(|| {
+            let base = std::env::temp_dir().join(format!("strife-pg-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&base);
+            PostgresServer::start(&base, Lifetime::Temporary).map_err(|e| {
+                format!("cannot start a private PostgreSQL server for the tests: {e:#}\n(install it with: {INSTALL_COMMAND})")
+            })
+        })
+        .as_ref()
+        .map_err(Clone::clone)
+}
+
+/// A database or role name no other caller in this process gets.
+pub fn unique_name(prefix: &str) -> String {
+    static N: AtomicU32 = AtomicU32::new(0);
+    format!("{prefix}_{}_{}", std::process::id(), N.fetch_add(1, Ordering::SeqCst))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_url_gives_up_its_password() {
+        let (url, password) = split_password("postgres://r:pw@127.0.0.1:5/db").expect("split");
+        assert_eq!((url.as_str(), password.expose().as_str()), ("postgres://r@127.0.0.1:5/db", "pw"));
+        let (url, password) = split_password("postgres://127.0.0.1:5/db").expect("split");
+        assert_eq!((url.as_str(), password.expose().as_str()), ("postgres://127.0.0.1:5/db", ""));
+    }
+
+    #[test]
+    fn names_are_checked_before_they_reach_sql() {
+        for good in ["bank_a", "t1", "strife_123_4"] {
+            check_name(good).expect(good);
+        }
+        for bad in ["", "Bank", "a-b", "a;drop", "1a", "a b", &"a".repeat(64)] {
+            assert!(check_name(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_cluster_run_by_root_keeps_its_data_outside_its_private_directory() {
+        let tmp = std::env::temp_dir().join(format!("strife-pg-base-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&tmp);
+        let dir = tmp.join("cluster");
+        let outside = tmp.join("outside");
+        let base = base_for_cluster(&dir, &outside).expect("base");
+        if nix::unistd::geteuid().is_root() {
+            assert!(base.starts_with(&outside), "{}", base.display());
+            assert_eq!(base_for_cluster(&dir, &outside).expect("again"), base, "found again");
+        } else {
+            assert_eq!(base, dir.join("postgres"));
+        }
+        let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    /// The server starts, takes SQL, isolates private databases, and stops.
+    #[test]
+    fn a_private_server_starts_serves_and_stops() {
+        let base = std::env::temp_dir().join(format!("strife-pg-own-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let mut server = PostgresServer::start(&base, Lifetime::Temporary)
+            .unwrap_or_else(|e| panic!("{e:#}\n(install PostgreSQL with: {INSTALL_COMMAND})"));
+        assert_eq!(server.sql("postgres", &["SHOW fsync"]).expect("sql"), "on");
+        assert_eq!(server.sql("postgres", &["SHOW synchronous_commit"]).expect("sql"), "on");
+        assert_eq!(server.sql("postgres", &["SHOW listen_addresses"]).expect("sql"), "127.0.0.1");
+        let mode =
+            std::fs::metadata(base.join("superuser.password")).expect("password file").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+
+        let a = server.create_private_database("role_a", "db_a").expect("a");
+        let b = server.create_private_database("role_b", "db_b").expect("b");
+        server.psql(&a, &["CREATE TABLE t (x INT)", "INSERT INTO t VALUES (1)"]).expect("a's own database");
+        assert_eq!(server.psql(&a, &["SELECT x FROM t"]).expect("read"), "1");
+        let a_at_b = Secret::new(a.expose().replace("/db_a", "/db_b"));
+        let err = server.psql(&a_at_b, &["SELECT 1"]).expect_err("a cannot connect to b's database");
+        assert!(format!("{err:#}").contains("permission denied"), "{err:#}");
+        let wrong = Secret::new(b.expose().replace("role_b:", "role_b:x"));
+        assert!(server.psql(&wrong, &["SELECT 1"]).is_err(), "a wrong password is refused");
+
+        server.stop().expect("stop");
+        assert!(!base.exists(), "a temporary base is removed");
+    }
+}

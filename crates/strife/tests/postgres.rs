@@ -1,0 +1,112 @@
+//! Banks whose ledgers live in PostgreSQL (`STRIFE_BANK_STORE=postgres://…`),
+//! the gateway on SQLite as before: payments end to end, `strife audit`
+//! (which asks such banks for their ledgers over their `Audit` RPC), and a
+//! bank killed with SIGKILL keeps every payment it acknowledged.
+//!
+//! One private PostgreSQL server serves this test binary
+//! (`strife_rpc::postgres_server::shared_for_tests`); each bank gets a role
+//! and a database of its own. Without PostgreSQL installed the test fails,
+//! naming the package to install.
+
+mod common;
+
+use common::*;
+use strife_core::Secret;
+use strife_rpc::postgres_server::{PostgresServer, shared_for_tests, unique_name};
+
+fn server() -> &'static PostgresServer {
+    shared_for_tests().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// A role and a database of its own for one bank; returns the bank's URL
+/// and its database's name.
+fn bank_database(bank: &str) -> (Secret<String>, String) {
+    let bank = bank.to_ascii_lowercase();
+    let database = unique_name(&format!("ledger_{bank}"));
+    let url =
+        server().create_private_database(&unique_name(&format!("role_{bank}")), &database).expect("database");
+    (url, database)
+}
+
+fn start_pg_bank(dir: &std::path::Path, name: &str, gateway: &str, url: &Secret<String>) -> Proc {
+    start_bank(dir, name, gateway, &[("STRIFE_BANK_STORE", url.expose())])
+}
+
+#[test]
+fn banks_on_postgres_serve_payments_audit_and_survive_kill_9() {
+    let (url_a, db_a) = bank_database("BankA");
+    let (url_b, db_b) = bank_database("BankB");
+    // A bank's role can reach neither another bank's database nor its tables.
+    let a_at_b = Secret::new(url_a.expose().replace(&format!("/{db_a}"), &format!("/{db_b}")));
+    let refused = server().psql(&a_at_b, &["SELECT 1"]).expect_err("BankA's role at BankB's database");
+    assert!(format!("{refused:#}").contains("permission denied"), "{refused:#}");
+
+    let dir = TempDir::new("postgres");
+    let r = run_cli(&dir.0, &["certs", "init", "--bank", "BankA", "--bank", "BankB"], &[]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let gateway = start_gateway(&dir.0, "127.0.0.1:0", &[]);
+    let banks = vec![
+        start_pg_bank(&dir.0, "BankA", &gateway.addr, &url_a),
+        start_pg_bank(&dir.0, "BankB", &gateway.addr, &url_b),
+    ];
+    let mut c = Cluster { dir, gateway, banks, bank_names: vec!["BankA".into(), "BankB".into()] };
+    c.wait_registered();
+    assert!(!c.path().join("banks/BankA/bank.db").exists(), "BankA's ledger is not in SQLite");
+    let (password_b, _) =
+        url_b.expose().rsplit_once('@').and_then(|(u, _)| u.rsplit_once(':')).expect("password");
+    assert!(
+        server().psql(&url_b, &["SELECT COUNT(*) FROM accounts"]).expect("BankB's own database") == "5",
+        "the sample accounts are in BankB's database"
+    );
+
+    c.login("user1", "BankA");
+    c.login("user2", "BankB");
+    let r = c.pay("user1@BankA", "user2@BankB", "12.50");
+    assert_eq!((r.code, r.json()["status"].as_str()), (0, Some("committed")), "{r:?}");
+    let r = c.pay("user1@BankA", "user3@BankA", "1.00");
+    assert_eq!((r.code, r.json()["status"].as_str()), (0, Some("committed")), "within one bank: {r:?}");
+    let r = c.pay("user2@BankB", "user1@BankA", "1000000.00");
+    assert_eq!((r.code, r.json()["reason"].as_str()), (3, Some("insufficient_funds")), "{r:?}");
+    assert_eq!(c.balance("user1@BankA"), (98_650, 98_650));
+    assert_eq!(c.balance("user2@BankB"), (201_250, 201_250));
+    let r = c.cli(&["--json", "--as", "user2@BankB", "history"]);
+    let payments = r.json()["payments"].as_array().cloned().unwrap_or_default();
+    assert!(
+        payments
+            .iter()
+            .any(|p| p["direction"] == "received" && p["amount"] == "12.50" && p["status"] == "committed"),
+        "{payments:?}"
+    );
+
+    let audit = wait_audit_ok(c.path());
+    assert_eq!(audit["committed"], 2, "{audit}");
+    assert_eq!(audit["declined"], 1, "{audit}");
+    assert_eq!(audit["banks"].as_array().map(Vec::len), Some(2), "both banks audited: {audit}");
+
+    // Payments acknowledged one after another, then SIGKILL for both banks:
+    // each acknowledged payment is in their databases when they come back.
+    for _ in 0..10 {
+        let r = c.pay("user1@BankA", "user2@BankB", "0.25");
+        assert_eq!(r.code, 0, "{r:?}");
+    }
+    for i in 0..c.banks.len() {
+        c.banks[i].kill9();
+        let (name, url) = if i == 0 { ("BankA", &url_a) } else { ("BankB", &url_b) };
+        c.banks[i] = start_pg_bank(c.path(), name, &c.gateway.addr, url);
+    }
+    c.wait_registered();
+    assert_eq!(c.balance("user1@BankA").0, 98_650 - 250);
+    assert_eq!(c.balance("user2@BankB").0, 201_250 + 250);
+    let r = c.pay("user2@BankB", "user1@BankA", "2.50");
+    assert_eq!(r.code, 0, "payments go on after the restart: {r:?}");
+    let audit = wait_audit_ok(c.path());
+    assert_eq!(audit["committed"], 13, "{audit}");
+    assert_eq!(audit["held"], "0.00", "{audit}");
+
+    // The database password is a secret: never in a log.
+    for bank in ["BankA", "BankB"] {
+        let log = std::fs::read_to_string(c.path().join(format!("logs/{bank}.log"))).expect("bank log");
+        assert!(log.contains("opening the ledger"), "{log}");
+        assert!(!log.contains(password_b), "a database password in {bank}.log");
+    }
+}
