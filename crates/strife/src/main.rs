@@ -39,7 +39,7 @@ struct Cli {
 /// wherever it is given, so the variable is read after the merge.)
 #[derive(Args, Debug, Clone, Default)]
 struct ClientFlags {
-    /// The gateway's address (default: STRIFE_GATEWAY, else the one `strife up` wrote in DIR).
+    /// The gateway: ADDR, or a comma-separated list of replicas, the first that answers serving (default: STRIFE_GATEWAY, else the one `strife up` wrote in DIR).
     #[arg(long, value_name = "ADDR")]
     gateway: Option<String>,
     /// Which logged-in session to act for, as USER@BANK (default: the most recent login).
@@ -182,7 +182,7 @@ enum Command {
         #[command(flatten)]
         client: ClientFlags,
     },
-    /// The outcome of one of your payments, by id.
+    /// One payment you made or received, by its id.
     Payment {
         #[arg(long)]
         id: String,
