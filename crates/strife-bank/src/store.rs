@@ -307,6 +307,24 @@ impl Store {
             .query_map([], Self::leg_from_row)?
             .map(|r| r.map_err(BankError::from).and_then(|l| l))
             .collect::<Result<Vec<_>, _>>()?;
+        Ok((legs, self.totals()?))
+    }
+
+    /// At most `limit` legs with an amount, by transaction id, after
+    /// `after`: the audit reads a ledger of any size this way, a page at a
+    /// time, in bounded memory.
+    pub fn legs_after(&self, after: Option<&str>, limit: u32) -> Result<Vec<Leg>, BankError> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor, state, prepared_at
+             FROM legs WHERE amount_minor > 0 AND txn_id > ?1 ORDER BY txn_id LIMIT ?2",
+        )?;
+        stmt.query_map(rusqlite::params![after.unwrap_or(""), limit], Self::leg_from_row)?
+            .map(|r| r.map_err(BankError::from).and_then(|l| l))
+            .collect()
+    }
+
+    /// The sums over every account.
+    pub fn totals(&self) -> Result<Totals, BankError> {
         let totals = self
             .conn
             .prepare_cached(
@@ -321,7 +339,7 @@ impl Store {
                     opening_minor: r.get(3)?,
                 })
             })?;
-        Ok((legs, totals))
+        Ok(totals)
     }
 
     /// Transaction ids of legs prepared here before `before_ms` and not yet

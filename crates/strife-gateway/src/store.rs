@@ -453,12 +453,23 @@ impl Store {
             .optional()
     }
 
-    /// Every payment, oldest first (for the audit).
+    /// Every payment, oldest first.
     pub fn all_payments(&self) -> rusqlite::Result<Vec<PaymentRecord>> {
         let mut stmt = self
             .conn
             .prepare_cached(&format!("SELECT {PAYMENT_COLUMNS} FROM payments ORDER BY created_at"))?;
         let rows = stmt.query_map([], payment_from_row)?;
+        rows.collect()
+    }
+
+    /// At most `limit` payments by transaction id, after `after`: the audit
+    /// reads a log of any size this way, a page at a time (the primary key
+    /// index), in bounded memory.
+    pub fn payments_after(&self, after: Option<&str>, limit: u32) -> rusqlite::Result<Vec<PaymentRecord>> {
+        let mut stmt = self.conn.prepare_cached(&format!(
+            "SELECT {PAYMENT_COLUMNS} FROM payments WHERE txn_id > ?1 ORDER BY txn_id LIMIT ?2"
+        ))?;
+        let rows = stmt.query_map(params![after.unwrap_or(""), limit], payment_from_row)?;
         rows.collect()
     }
 

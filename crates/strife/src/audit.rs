@@ -8,7 +8,6 @@
 
 use anyhow::Context;
 use serde_json::json;
-use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 use strife_bank::store::{Leg, LegState, Store as BankStore, Totals, state_name};
@@ -25,18 +24,24 @@ const AUDIT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
 /// Largest `Audit` answer read (every leg of a bank in one message).
 const AUDIT_MESSAGE_MAX_BYTES: usize = 256 * 1024 * 1024;
 
+/// Rows read from a store at a time: the audit's memory is bounded by this
+/// (times the number of banks), whatever the size of the ledgers. Debug
+/// builds (the tests') read small pages, so that every test's audit
+/// crosses page boundaries.
+const AUDIT_PAGE_ROWS: u32 = if cfg!(debug_assertions) { 16 } else { 10_000 };
+/// Problems listed in full; any more are counted.
+const PROBLEMS_LISTED_MAX: usize = 1_000;
+
 pub async fn run(dir: &Path) -> anyhow::Result<Reply> {
     let config = Config::load(dir, None)?;
     let gw_db = config.gateway.data_dir(dir).join("gateway.db");
     anyhow::ensure!(gw_db.exists(), "no gateway data at {}", gw_db.display());
     let gateway = GatewayStore::open(&gw_db).with_context(|| format!("opening {}", gw_db.display()))?;
-    let payments = gateway.all_payments()?;
     let registered = gateway.banks()?;
-    drop(gateway);
 
-    let mut problems: Vec<String> = Vec::new();
+    let mut problems = Problems::default();
     let banks_dir = config.bank.data_dir(dir, "");
-    let mut banks: Vec<(String, Vec<Leg>, Totals)> = Vec::new();
+    let mut banks: Vec<BankLegs> = Vec::new();
     let mut entries: Vec<_> = match std::fs::read_dir(&banks_dir) {
         Ok(entries) => entries.filter_map(Result::ok).collect(),
         // Banks whose ledgers are all elsewhere leave no directory here.
@@ -51,26 +56,29 @@ pub async fn run(dir: &Path) -> anyhow::Result<Reply> {
             continue;
         }
         let store = BankStore::open(&db, &name).with_context(|| format!("opening {}", db.display()))?;
-        let (legs, totals) = store.audit()?;
-        banks.push((name, legs, totals));
+        let totals = store.totals()?;
+        banks.push(BankLegs::new(name, LegSource::Local(store), totals));
     }
     let remote: Vec<(String, String)> =
-        registered.into_iter().filter(|(name, _)| !banks.iter().any(|b| b.0 == *name)).collect();
+        registered.into_iter().filter(|(name, _)| !banks.iter().any(|b| b.name == *name)).collect();
     if !remote.is_empty() {
         let tls = Tls::load(&CertDir::new(dir), &Peer::Gateway)
             .context("asking banks for their ledgers needs the gateway's certificate")?;
         for (name, address) in remote {
             match audit_over_rpc(&tls, &name, &address).await {
-                Ok((legs, totals)) => banks.push((name, legs, totals)),
+                Ok((mut legs, totals)) => {
+                    legs.sort_by(|a, b| a.txn_id.cmp(&b.txn_id));
+                    banks.push(BankLegs::new(name, LegSource::Remote(legs.into_iter()), totals));
+                }
                 Err(e) => problems.push(format!("cannot read the ledger of {name} at {address}: {e:#}")),
             }
         }
-        banks.sort_by(|a, b| a.0.cmp(&b.0));
+        banks.sort_by(|a, b| a.name.cmp(&b.name));
     }
 
-    let total_balance: i64 = banks.iter().map(|b| b.2.balance_minor).sum();
-    let total_opening: i64 = banks.iter().map(|b| b.2.opening_minor).sum();
-    let total_held: i64 = banks.iter().map(|b| b.2.held_minor).sum();
+    let total_balance: i64 = banks.iter().map(|b| b.totals.balance_minor).sum();
+    let total_opening: i64 = banks.iter().map(|b| b.totals.opening_minor).sum();
+    let total_held: i64 = banks.iter().map(|b| b.totals.held_minor).sum();
     if total_balance != total_opening {
         problems.push(format!(
             "money is not conserved: balances sum to {}, accounts opened with {}",
@@ -79,77 +87,81 @@ pub async fn run(dir: &Path) -> anyhow::Result<Reply> {
         ));
     }
 
-    // Every leg, by bank and transaction id.
-    let mut legs: HashMap<(&str, &str), &Leg> = HashMap::new();
-    for (name, bank_legs, _) in &banks {
-        for leg in bank_legs {
-            legs.insert((name.as_str(), leg.txn_id.as_str()), leg);
-            if leg.state == LegState::Prepared {
-                problems.push(format!(
-                    "open hold at {name}: payment {} ({}) is prepared and undecided",
-                    leg.payment_id,
-                    format_minor(leg.amount_minor)
-                ));
+    // One pass over the gateway's payments and every bank's legs together,
+    // all in transaction-id order (a merge join), a page at a time.
+    let (mut payments, mut committed, mut declined) = (0u64, 0u64, 0u64);
+    let mut after: Option<String> = None;
+    loop {
+        let page = gateway.payments_after(after.as_deref(), AUDIT_PAGE_ROWS)?;
+        let Some(last) = page.last() else { break };
+        after = Some(last.txn_id.clone());
+        for p in &page {
+            payments += 1;
+            let mut here: Vec<(&str, LegState)> = Vec::new();
+            for bank in &mut banks {
+                // Legs before this payment's are of payments the gateway does not know.
+                while let Some(leg) = bank.next_before(&p.txn_id)? {
+                    unknown_leg(&bank.name, &leg, &mut problems);
+                }
+                if let Some(leg) = bank.next_if(&p.txn_id)? {
+                    open_hold(&bank.name, &leg, &mut problems);
+                    here.push((bank.name.as_str(), leg.state));
+                }
             }
-        }
-    }
-    let mut known = std::collections::HashSet::new();
-    let (mut committed, mut declined) = (0u64, 0u64);
-    for p in &payments {
-        known.insert(p.txn_id.as_str());
-        let involved = strife_core::banks_involved(&p.payer, &p.payee);
-        match p.state {
-            PaymentState::Preparing => problems
-                .push(format!("payment {} of {} is still undecided at the gateway", p.payment_id, p.payer)),
-            PaymentState::Committed => {
-                committed += 1;
-                for bank in &involved {
-                    let state = legs.get(&(*bank, p.txn_id.as_str())).map(|l| l.state);
-                    if state != Some(LegState::Committed) {
-                        problems.push(format!(
-                            "payment {} is committed at the gateway but {} at {bank}",
-                            p.payment_id,
-                            state.map_or("unknown", state_name)
-                        ));
+            let state_at = |bank: &str| here.iter().find(|(b, _)| *b == bank).map(|(_, s)| *s);
+            let involved = strife_core::banks_involved(&p.payer, &p.payee);
+            match p.state {
+                PaymentState::Preparing => problems.push(format!(
+                    "payment {} of {} is still undecided at the gateway",
+                    p.payment_id, p.payer
+                )),
+                PaymentState::Committed => {
+                    committed += 1;
+                    for bank in &involved {
+                        let state = state_at(bank);
+                        if state != Some(LegState::Committed) {
+                            problems.push(format!(
+                                "payment {} is committed at the gateway but {} at {bank}",
+                                p.payment_id,
+                                state.map_or("unknown", state_name)
+                            ));
+                        }
+                    }
+                }
+                PaymentState::Aborted => {
+                    declined += 1;
+                    for bank in &involved {
+                        if state_at(bank) == Some(LegState::Committed) {
+                            problems.push(format!(
+                                "payment {} is aborted at the gateway but committed at {bank}",
+                                p.payment_id
+                            ));
+                        }
                     }
                 }
             }
-            PaymentState::Aborted => {
-                declined += 1;
-                for bank in &involved {
-                    if legs.get(&(*bank, p.txn_id.as_str())).is_some_and(|l| l.state == LegState::Committed) {
-                        problems.push(format!(
-                            "payment {} is aborted at the gateway but committed at {bank}",
-                            p.payment_id
-                        ));
-                    }
-                }
-            }
         }
     }
-    for ((bank, txn), leg) in &legs {
-        if !known.contains(txn) && leg.state == LegState::Committed {
-            problems.push(format!(
-                "payment {} is committed at {bank} but unknown to the gateway",
-                leg.payment_id
-            ));
+    drop(gateway);
+    for bank in &mut banks {
+        while let Some(leg) = bank.next_before_end()? {
+            unknown_leg(&bank.name, &leg, &mut problems);
         }
     }
 
     let bank_json: Vec<_> = banks
         .iter()
-        .map(|(name, legs, t)| {
+        .map(|b| {
             json!({
-                "name": name, "accounts": t.accounts, "legs": legs.len(),
-                "balance": format_minor(t.balance_minor), "held": format_minor(t.held_minor),
+                "name": b.name, "accounts": b.totals.accounts, "legs": b.legs_read,
+                "balance": format_minor(b.totals.balance_minor), "held": format_minor(b.totals.held_minor),
             })
         })
         .collect();
-    let ok = problems.is_empty();
+    let ok = problems.count == 0;
     let mut text = format!(
-        "audit of {}: {} payments ({committed} committed, {declined} declined), {} banks, total {} (opened with {}), held {}\n",
+        "audit of {}: {payments} payments ({committed} committed, {declined} declined), {} banks, total {} (opened with {}), held {}\n",
         dir.display(),
-        payments.len(),
         banks.len(),
         format_minor(total_balance),
         format_minor(total_opening),
@@ -158,9 +170,12 @@ pub async fn run(dir: &Path) -> anyhow::Result<Reply> {
     if ok {
         text.push_str("everything agrees: money conserved, one outcome per payment everywhere, no open hold");
     } else {
-        text.push_str(&format!("{} problem(s):\n", problems.len()));
-        for p in &problems {
+        text.push_str(&format!("{} problem(s):\n", problems.count));
+        for p in &problems.listed {
             text.push_str(&format!("  - {p}\n"));
+        }
+        if problems.count > problems.listed.len() {
+            text.push_str(&format!("  … and {} more\n", problems.count - problems.listed.len()));
         }
     }
     Ok(Reply {
@@ -171,12 +186,115 @@ pub async fn run(dir: &Path) -> anyhow::Result<Reply> {
             "total": format_minor(total_balance),
             "opening_total": format_minor(total_opening),
             "held": format_minor(total_held),
-            "payments": payments.len(), "committed": committed, "declined": declined,
+            "payments": payments, "committed": committed, "declined": declined,
             "banks": bank_json,
-            "problems": problems,
+            "problems": problems.listed,
+            "problem_count": problems.count,
         }),
         text: text.trim_end().to_owned(),
     })
+}
+
+/// What disagrees: the first [`PROBLEMS_LISTED_MAX`] in full, and how many.
+#[derive(Default)]
+struct Problems {
+    listed: Vec<String>,
+    count: usize,
+}
+
+impl Problems {
+    fn push(&mut self, problem: String) {
+        self.count += 1;
+        if self.listed.len() < PROBLEMS_LISTED_MAX {
+            self.listed.push(problem);
+        }
+    }
+}
+
+/// A prepared leg is a hold nobody has decided.
+fn open_hold(bank: &str, leg: &Leg, problems: &mut Problems) {
+    if leg.state == LegState::Prepared {
+        problems.push(format!(
+            "open hold at {bank}: payment {} ({}) is prepared and undecided",
+            leg.payment_id,
+            format_minor(leg.amount_minor)
+        ));
+    }
+}
+
+/// A leg of a payment the gateway has no record of: money moved for it is
+/// a problem, and so is a hold.
+fn unknown_leg(bank: &str, leg: &Leg, problems: &mut Problems) {
+    open_hold(bank, leg, problems);
+    if leg.state == LegState::Committed {
+        problems
+            .push(format!("payment {} is committed at {bank} but unknown to the gateway", leg.payment_id));
+    }
+}
+
+/// Where a bank's legs come from: its SQLite file, read a page at a time,
+/// or the answer of its `Audit` RPC (held whole: that RPC answers in one
+/// message).
+enum LegSource {
+    Local(BankStore),
+    Remote(std::vec::IntoIter<Leg>),
+}
+
+/// One bank's legs in transaction-id order, a page at a time.
+struct BankLegs {
+    name: String,
+    source: LegSource,
+    totals: Totals,
+    /// The page being read.
+    page: std::collections::VecDeque<Leg>,
+    /// The last transaction id read from the source.
+    last: Option<String>,
+    /// The source has no more legs.
+    done: bool,
+    legs_read: u64,
+}
+
+impl BankLegs {
+    fn new(name: String, source: LegSource, totals: Totals) -> BankLegs {
+        BankLegs { name, source, totals, page: Default::default(), last: None, done: false, legs_read: 0 }
+    }
+
+    /// The next leg, reading the next page when this one is used up.
+    fn peek(&mut self) -> anyhow::Result<Option<&Leg>> {
+        if self.page.is_empty() && !self.done {
+            let page: Vec<Leg> = match &mut self.source {
+                LegSource::Local(store) => store.legs_after(self.last.as_deref(), AUDIT_PAGE_ROWS)?,
+                LegSource::Remote(legs) => legs.by_ref().take(AUDIT_PAGE_ROWS as usize).collect(),
+            };
+            self.done = page.len() < AUDIT_PAGE_ROWS as usize;
+            self.last = page.last().map(|l| l.txn_id.clone()).or(self.last.take());
+            self.legs_read += page.len() as u64;
+            self.page.extend(page);
+        }
+        Ok(self.page.front())
+    }
+
+    /// The next leg if its transaction id sorts before `txn_id`.
+    fn next_before(&mut self, txn_id: &str) -> anyhow::Result<Option<Leg>> {
+        Ok(match self.peek()? {
+            Some(leg) if leg.txn_id.as_str() < txn_id => self.page.pop_front(),
+            _ => None,
+        })
+    }
+
+    /// The next leg if it is `txn_id`'s.
+    fn next_if(&mut self, txn_id: &str) -> anyhow::Result<Option<Leg>> {
+        Ok(match self.peek()? {
+            Some(leg) if leg.txn_id == txn_id => self.page.pop_front(),
+            _ => None,
+        })
+    }
+
+    /// The next leg, whatever its id (after the gateway's last payment).
+    fn next_before_end(&mut self) -> anyhow::Result<Option<Leg>> {
+        self.peek()?;
+        Ok(self.page.pop_front())
+    }
 }
 
 /// A bank's legs and totals from its `Audit` RPC.

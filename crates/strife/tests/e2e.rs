@@ -523,3 +523,78 @@ fn a_list_of_gateways_is_served_by_whichever_answers() {
     let r = c.cli(&["--as", "user1@BankA", "--gateway", " , ", "balance"]);
     assert_ne!(r.code, 0, "{r:?}");
 }
+
+/// The audit is only worth its exit 0 if it fails on every kind of
+/// disagreement: each tampering below must be named.
+#[test]
+fn the_audit_names_every_disagreement() {
+    let mut c = Cluster::start(&["BankA", "BankB"]);
+    c.login("user1", "BankA");
+    c.login("user2", "BankB");
+    let mut committed = Vec::new();
+    for n in 1..=40 {
+        let r = c.pay("user1@BankA", "user2@BankB", &format!("{n}.00"));
+        assert_eq!(r.code, 0, "{r:?}");
+        committed.push(r.json()["payment_id"].as_str().expect("id").to_owned());
+    }
+    let r = c.pay("user1@BankA", "user2@BankB", "5000");
+    assert_eq!(r.code, 3, "{r:?}");
+    let declined = r.json()["payment_id"].as_str().expect("id").to_owned();
+    let audit = wait_audit_ok(c.path());
+    assert_eq!((audit["payments"].as_u64(), audit["committed"].as_u64()), (Some(41), Some(40)), "{audit}");
+    assert_eq!(audit["banks"][1]["legs"].as_u64(), Some(41), "every leg read, over several pages: {audit}");
+    for bank in &mut c.banks {
+        assert_eq!(bank.stop(), Some(0));
+    }
+    assert_eq!(c.gateway.stop(), Some(0));
+
+    let bank_b = rusqlite::Connection::open(c.path().join("banks/BankB/bank.db")).expect("BankB's ledger");
+    let bank_a = rusqlite::Connection::open(c.path().join("banks/BankA/bank.db")).expect("BankA's ledger");
+    // A committed payment that BankB says was aborted.
+    bank_b
+        .execute("UPDATE legs SET state = 'aborted' WHERE payment_id = ?1", [&committed[3]])
+        .expect("tamper");
+    // A hold left open at BankA.
+    bank_a
+        .execute("UPDATE legs SET state = 'prepared' WHERE payment_id = ?1", [&committed[17]])
+        .expect("tamper");
+    // A declined payment that BankA committed after all.
+    bank_a.execute("UPDATE legs SET state = 'committed' WHERE payment_id = ?1", [&declined]).expect("tamper");
+    // Money that appeared from nowhere at BankB, and a payment the gateway never saw.
+    bank_b
+        .execute("UPDATE accounts SET balance_minor = balance_minor + 1 WHERE user = 'user5'", [])
+        .expect("tamper");
+    bank_b
+        .execute(
+            "INSERT INTO legs (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+                               state, prepared_at)
+             VALUES ('ffffffff-ffff-7fff-bfff-ffffffffffff', 'made-up', 'user1', 'BankA', 'user2', 'BankB', 100,
+                     'committed', 0)",
+            [],
+        )
+        .expect("tamper");
+    drop((bank_a, bank_b));
+
+    let r = run_cli(c.path(), &["--json", "audit"], &[]);
+    assert_eq!(r.code, 1, "{r:?}");
+    let j = r.json();
+    let problems: Vec<&str> =
+        j["problems"].as_array().expect("problems").iter().filter_map(|p| p.as_str()).collect();
+    let named = |needle: &str| problems.iter().any(|p| p.contains(needle));
+    assert!(named("money is not conserved"), "{problems:#?}");
+    assert!(
+        named(&format!("payment {} is committed at the gateway but aborted at BankB", committed[3])),
+        "{problems:#?}"
+    );
+    assert!(named(&format!("open hold at BankA: payment {}", committed[17])), "{problems:#?}");
+    assert!(
+        named(&format!("payment {} is committed at the gateway but prepared at BankA", committed[17])),
+        "{problems:#?}"
+    );
+    assert!(
+        named(&format!("payment {declined} is aborted at the gateway but committed at BankA")),
+        "{problems:#?}"
+    );
+    assert!(named("payment made-up is committed at BankB but unknown to the gateway"), "{problems:#?}");
+    assert_eq!(j["problem_count"].as_u64(), Some(problems.len() as u64), "{j}");
+}
