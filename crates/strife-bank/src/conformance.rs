@@ -179,6 +179,19 @@ pub async fn reads_answer_what_was_written<L: Inspect>(s: &L) {
         (totals.accounts, totals.balance_minor, totals.held_minor, totals.opening_minor),
         (2, 1000, 300, 1000)
     );
+    // Page by page: the same legs, in transaction-id order, and the same totals.
+    let (mut paged, mut after) = (Vec::new(), None);
+    loop {
+        let (page, page_totals) = s.audit_page(after.clone(), 2).await.expect("audit page");
+        assert_eq!((page_totals.balance_minor, page_totals.held_minor), (1000, 300));
+        let last_page = page.len() < 2;
+        after = page.last().map(|l| l.txn_id.clone()).or(after);
+        paged.extend(page.into_iter().map(|l| l.txn_id));
+        if last_page {
+            break;
+        }
+    }
+    assert_eq!(paged, ["t1", "t2", "t3"]);
 }
 
 pub async fn batches_answer_each_item_on_its_own<L: Inspect>(s: &L) {

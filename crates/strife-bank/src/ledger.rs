@@ -196,6 +196,15 @@ pub trait Ledger: Clone + Send + Sync + 'static {
     /// as of one moment.
     fn audit(&self) -> impl Future<Output = Result<(Vec<Leg>, Totals), BankError>> + Send;
 
+    /// At most `limit` legs with an amount whose transaction id sorts after
+    /// `after`, in transaction-id order, and the totals: the audit reads a
+    /// ledger of any size this way, a page at a time.
+    fn audit_page(
+        &self,
+        after: Option<String>,
+        limit: u32,
+    ) -> impl Future<Output = Result<(Vec<Leg>, Totals), BankError>> + Send;
+
     /// Transaction ids of legs prepared before `before_ms` and not decided
     /// yet, oldest first, at most `limit`: the legs to ask the gateway about.
     fn open_legs(

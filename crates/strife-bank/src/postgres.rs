@@ -441,6 +441,23 @@ async fn decide_in(tx: &Transaction<'_>, txn_id: &str, decision: Decision) -> Re
     Ok(true)
 }
 
+/// The sums over every account, in `tx`'s snapshot.
+async fn totals_in(tx: &Transaction<'_>) -> Result<Totals, BankError> {
+    let row = tx
+        .query_one(
+            "SELECT COUNT(*), COALESCE(SUM(balance_minor), 0)::BIGINT, COALESCE(SUM(held_minor), 0)::BIGINT,
+                    COALESCE(SUM(opening_minor), 0)::BIGINT FROM accounts",
+            &[],
+        )
+        .await?;
+    Ok(Totals {
+        accounts: u32::try_from(row.get::<_, i64>(0)).unwrap_or(u32::MAX),
+        balance_minor: row.get(1),
+        held_minor: row.get(2),
+        opening_minor: row.get(3),
+    })
+}
+
 fn leg_from_row(r: &tokio_postgres::Row) -> Result<Leg, BankError> {
     Ok(Leg {
         txn_id: r.get(0),
@@ -567,20 +584,32 @@ impl Ledger for PostgresLedger {
             .iter()
             .map(leg_from_row)
             .collect::<Result<Vec<_>, _>>()?;
-        let row = tx
-            .query_one(
-                "SELECT COUNT(*), COALESCE(SUM(balance_minor), 0)::BIGINT, COALESCE(SUM(held_minor), 0)::BIGINT,
-                        COALESCE(SUM(opening_minor), 0)::BIGINT FROM accounts",
-                &[],
-            )
-            .await?;
+        let totals = totals_in(&tx).await?;
         tx.commit().await?;
-        let totals = Totals {
-            accounts: u32::try_from(row.get::<_, i64>(0)).unwrap_or(u32::MAX),
-            balance_minor: row.get(1),
-            held_minor: row.get(2),
-            opening_minor: row.get(3),
-        };
+        Ok((legs, totals))
+    }
+
+    async fn audit_page(&self, after: Option<String>, limit: u32) -> Result<(Vec<Leg>, Totals), BankError> {
+        let mut client = self.pool.get().await?;
+        // One snapshot for the page and the totals.
+        let tx = client
+            .build_transaction()
+            .isolation_level(tokio_postgres::IsolationLevel::RepeatableRead)
+            .read_only(true)
+            .start()
+            .await?;
+        let legs = tx
+            .query(
+                "SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor, state, prepared_at
+                 FROM legs WHERE amount_minor > 0 AND txn_id > $1 ORDER BY txn_id LIMIT $2",
+                &[&after.unwrap_or_default(), &i64::from(limit)],
+            )
+            .await?
+            .iter()
+            .map(leg_from_row)
+            .collect::<Result<Vec<_>, _>>()?;
+        let totals = totals_in(&tx).await?;
+        tx.commit().await?;
         Ok((legs, totals))
     }
 

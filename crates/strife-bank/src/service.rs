@@ -31,6 +31,9 @@ pub struct BankService<L> {
     password_checks: PasswordChecks,
 }
 
+/// Most legs in one `Audit` answer (~2.5 MB).
+pub const AUDIT_PAGE_MAX: u32 = 10_000;
+
 /// Most password checks (Argon2id) running at once: one thread each.
 pub const PASSWORD_CHECKS_MAX: usize = 2;
 /// Most password checks waiting for a thread.
@@ -345,8 +348,19 @@ impl<L: Ledger> pb::bank_service_server::BankService for BankService<L> {
         Ok(Response::new(pb::GetHistoryResponse { entries: legs.into_iter().map(entry).collect() }))
     }
 
-    async fn audit(&self, _req: Request<pb::AuditRequest>) -> Result<Response<pb::AuditResponse>, Status> {
-        let (legs, totals) = self.ledger.audit().await?;
+    async fn audit(&self, req: Request<pb::AuditRequest>) -> Result<Response<pb::AuditResponse>, Status> {
+        let req = req.into_inner();
+        let size = match req.page_size {
+            0 => AUDIT_PAGE_MAX,
+            n => n.min(AUDIT_PAGE_MAX),
+        };
+        let after = if req.after_txn_id.is_empty() {
+            None
+        } else {
+            check_txn_id(&req.after_txn_id)?;
+            Some(req.after_txn_id)
+        };
+        let (legs, totals) = self.ledger.audit_page(after, size).await?;
         Ok(Response::new(pb::AuditResponse {
             legs: legs.into_iter().map(entry).collect(),
             total_balance_minor: totals.balance_minor,

@@ -442,6 +442,10 @@ impl Ledger for SqliteLedger {
         self.run(|s| s.audit()).await
     }
 
+    async fn audit_page(&self, after: Option<String>, limit: u32) -> Result<(Vec<Leg>, Totals), BankError> {
+        self.run(move |s| Ok((s.legs_after(after.as_deref(), limit)?, s.totals()?))).await
+    }
+
     async fn open_legs(&self, before_ms: i64, limit: u32) -> Result<Vec<String>, BankError> {
         self.run(move |s| s.open_legs(before_ms, limit)).await
     }

@@ -21,8 +21,8 @@ use strife_rpc::{Config, Peer};
 
 /// Longest wait for one bank's `Audit` answer.
 const AUDIT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Largest `Audit` answer read (every leg of a bank in one message).
-const AUDIT_MESSAGE_MAX_BYTES: usize = 256 * 1024 * 1024;
+/// Largest `Audit` answer read: a page of at most 10,000 legs is ~2.5 MB.
+const AUDIT_MESSAGE_MAX_BYTES: usize = 16 * 1024 * 1024;
 
 /// Rows read from a store at a time: the audit's memory is bounded by this
 /// (times the number of banks), whatever the size of the ledgers. Debug
@@ -65,10 +65,16 @@ pub async fn run(dir: &Path) -> anyhow::Result<Reply> {
         let tls = Tls::load(&CertDir::new(dir), &Peer::Gateway)
             .context("asking banks for their ledgers needs the gateway's certificate")?;
         for (name, address) in remote {
-            match audit_over_rpc(&tls, &name, &address).await {
-                Ok((mut legs, totals)) => {
-                    legs.sort_by(|a, b| a.txn_id.cmp(&b.txn_id));
-                    banks.push(BankLegs::new(name, LegSource::Remote(legs.into_iter()), totals));
+            let first = async {
+                let mut client = bank_client(&tls, &name, &address)?;
+                let (legs, totals) = audit_page_over_rpc(&mut client, None).await?;
+                anyhow::Ok((client, legs, totals))
+            };
+            match first.await {
+                Ok((client, legs, totals)) => {
+                    let mut bank = BankLegs::new(name, LegSource::Remote(client), totals);
+                    bank.take_page(legs);
+                    banks.push(bank);
                 }
                 Err(e) => problems.push(format!("cannot read the ledger of {name} at {address}: {e:#}")),
             }
@@ -100,10 +106,10 @@ pub async fn run(dir: &Path) -> anyhow::Result<Reply> {
             let mut here: Vec<(&str, LegState)> = Vec::new();
             for bank in &mut banks {
                 // Legs before this payment's are of payments the gateway does not know.
-                while let Some(leg) = bank.next_before(&p.txn_id)? {
+                while let Some(leg) = bank.next_before(&p.txn_id).await? {
                     unknown_leg(&bank.name, &leg, &mut problems);
                 }
-                if let Some(leg) = bank.next_if(&p.txn_id)? {
+                if let Some(leg) = bank.next_if(&p.txn_id).await? {
                     open_hold(&bank.name, &leg, &mut problems);
                     here.push((bank.name.as_str(), leg.state));
                 }
@@ -144,7 +150,7 @@ pub async fn run(dir: &Path) -> anyhow::Result<Reply> {
     }
     drop(gateway);
     for bank in &mut banks {
-        while let Some(leg) = bank.next_before_end()? {
+        while let Some(leg) = bank.next_before_end().await? {
             unknown_leg(&bank.name, &leg, &mut problems);
         }
     }
@@ -232,12 +238,11 @@ fn unknown_leg(bank: &str, leg: &Leg, problems: &mut Problems) {
     }
 }
 
-/// Where a bank's legs come from: its SQLite file, read a page at a time,
-/// or the answer of its `Audit` RPC (held whole: that RPC answers in one
-/// message).
+/// Where a bank's legs come from, a page at a time: its SQLite file, or its
+/// `Audit` RPC.
 enum LegSource {
     Local(BankStore),
-    Remote(std::vec::IntoIter<Leg>),
+    Remote(BankClient),
 }
 
 /// One bank's legs in transaction-id order, a page at a time.
@@ -259,50 +264,68 @@ impl BankLegs {
         BankLegs { name, source, totals, page: Default::default(), last: None, done: false, legs_read: 0 }
     }
 
+    /// Takes `page`, the legs after the last ones read.
+    fn take_page(&mut self, page: Vec<Leg>) {
+        self.done = page.len() < AUDIT_PAGE_ROWS as usize;
+        self.last = page.last().map(|l| l.txn_id.clone()).or(self.last.take());
+        self.legs_read += page.len() as u64;
+        self.page.extend(page);
+    }
+
     /// The next leg, reading the next page when this one is used up.
-    fn peek(&mut self) -> anyhow::Result<Option<&Leg>> {
+    async fn peek(&mut self) -> anyhow::Result<Option<&Leg>> {
         if self.page.is_empty() && !self.done {
-            let page: Vec<Leg> = match &mut self.source {
+            let page = match &mut self.source {
                 LegSource::Local(store) => store.legs_after(self.last.as_deref(), AUDIT_PAGE_ROWS)?,
-                LegSource::Remote(legs) => legs.by_ref().take(AUDIT_PAGE_ROWS as usize).collect(),
+                LegSource::Remote(client) => audit_page_over_rpc(client, self.last.as_deref()).await?.0,
             };
-            self.done = page.len() < AUDIT_PAGE_ROWS as usize;
-            self.last = page.last().map(|l| l.txn_id.clone()).or(self.last.take());
-            self.legs_read += page.len() as u64;
-            self.page.extend(page);
+            self.take_page(page);
         }
         Ok(self.page.front())
     }
 
     /// The next leg if its transaction id sorts before `txn_id`.
-    fn next_before(&mut self, txn_id: &str) -> anyhow::Result<Option<Leg>> {
-        Ok(match self.peek()? {
+    async fn next_before(&mut self, txn_id: &str) -> anyhow::Result<Option<Leg>> {
+        Ok(match self.peek().await? {
             Some(leg) if leg.txn_id.as_str() < txn_id => self.page.pop_front(),
             _ => None,
         })
     }
 
     /// The next leg if it is `txn_id`'s.
-    fn next_if(&mut self, txn_id: &str) -> anyhow::Result<Option<Leg>> {
-        Ok(match self.peek()? {
+    async fn next_if(&mut self, txn_id: &str) -> anyhow::Result<Option<Leg>> {
+        Ok(match self.peek().await? {
             Some(leg) if leg.txn_id == txn_id => self.page.pop_front(),
             _ => None,
         })
     }
 
     /// The next leg, whatever its id (after the gateway's last payment).
-    fn next_before_end(&mut self) -> anyhow::Result<Option<Leg>> {
-        self.peek()?;
+    async fn next_before_end(&mut self) -> anyhow::Result<Option<Leg>> {
+        self.peek().await?;
         Ok(self.page.pop_front())
     }
 }
 
-/// A bank's legs and totals from its `Audit` RPC.
-async fn audit_over_rpc(tls: &Tls, name: &str, address: &str) -> anyhow::Result<(Vec<Leg>, Totals)> {
+type BankClient = bank_pb::bank_service_client::BankServiceClient<tonic::transport::Channel>;
+
+/// A client for a bank's `Audit` RPC, as the gateway.
+fn bank_client(tls: &Tls, name: &str, address: &str) -> anyhow::Result<BankClient> {
     let channel = tls.channel(&Peer::Bank(name.to_owned()), address)?;
-    let mut client = bank_pb::bank_service_client::BankServiceClient::new(channel)
-        .max_decoding_message_size(AUDIT_MESSAGE_MAX_BYTES);
-    let answer = tokio::time::timeout(AUDIT_CALL_TIMEOUT, client.audit(bank_pb::AuditRequest {}))
+    Ok(BankClient::new(channel).max_decoding_message_size(AUDIT_MESSAGE_MAX_BYTES))
+}
+
+/// One page of a bank's legs (after `after`, in transaction-id order) and
+/// its totals, from its `Audit` RPC.
+async fn audit_page_over_rpc(
+    client: &mut BankClient,
+    after: Option<&str>,
+) -> anyhow::Result<(Vec<Leg>, Totals)> {
+    let req = bank_pb::AuditRequest {
+        after_txn_id: after.unwrap_or_default().to_owned(),
+        page_size: AUDIT_PAGE_ROWS,
+    };
+    let answer = tokio::time::timeout(AUDIT_CALL_TIMEOUT, client.audit(req))
         .await
         .context("no answer in time")?
         .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?

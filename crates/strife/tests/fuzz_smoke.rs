@@ -146,7 +146,7 @@ fn valid_requests() -> Vec<Vec<u8>> {
         (Rpc::Commit, bank::CommitRequest { txn_id: UUID.into() }.encode_to_vec()),
         (Rpc::Abort, bank::AbortRequest { txn_id: UUID.into() }.encode_to_vec()),
         (Rpc::BankHistory, bank::GetHistoryRequest { user: "user1".into(), limit: 5 }.encode_to_vec()),
-        (Rpc::Audit, bank::AuditRequest {}.encode_to_vec()),
+        (Rpc::Audit, bank::AuditRequest::default().encode_to_vec()),
         (Rpc::Token, token.expose().as_bytes().to_vec()),
     ];
     inputs.into_iter().map(|(rpc, body)| [vec![rpc.selector()], body].concat()).collect()
