@@ -99,7 +99,7 @@ pub async fn hold_then_commit_moves_money_once<L: Inspect>(s: &L) {
         matches!(s.decide("t1".into(), Decision::Abort).await, Err(BankError::Conflict(_))),
         "a committed leg cannot be aborted"
     );
-    let (_, totals) = s.audit().await.expect("audit");
+    let (_, totals) = s.audit_page(None, u32::MAX).await.expect("audit");
     assert_eq!((totals.balance_minor, totals.held_minor), (1000, 0));
 }
 
@@ -147,7 +147,7 @@ pub async fn accounts_are_created_once<L: Inspect>(s: &L) {
     let hash = s.password_hash("c".into()).await.expect("hash").expect("c has a hash");
     assert!(hash.starts_with("$argon2id$") && !hash.contains("pc"), "a plaintext password is stored hashed");
     assert_eq!(s.password_hash("zz".into()).await.expect("hash"), None);
-    let (_, totals) = s.audit().await.expect("audit");
+    let (_, totals) = s.audit_page(None, u32::MAX).await.expect("audit");
     assert_eq!((totals.accounts, totals.opening_minor, totals.balance_minor), (3, 1007, 1007));
 }
 
@@ -171,7 +171,7 @@ pub async fn reads_answer_what_was_written<L: Inspect>(s: &L) {
     assert_eq!(s.open_legs(i64::MAX, 10).await.expect("open"), ["t3"]);
     assert!(s.open_legs(0, 10).await.expect("open").is_empty(), "only legs prepared before the bound");
 
-    let (legs, totals) = s.audit().await.expect("audit");
+    let (legs, totals) = s.audit_page(None, u32::MAX).await.expect("audit");
     let mut seen: Vec<(&str, &str)> = legs.iter().map(|l| (l.txn_id.as_str(), state_name(l.state))).collect();
     seen.sort();
     assert_eq!(seen, [("t1", "committed"), ("t2", "aborted"), ("t3", "prepared")], "no bare abort records");
@@ -294,7 +294,7 @@ pub async fn random_operations_keep_every_money_rule<L: Inspect>(s: &L) {
                 "{at}: {user}"
             );
         }
-        let (_, totals) = s.audit().await.expect("audit");
+        let (_, totals) = s.audit_page(None, u32::MAX).await.expect("audit");
         let held: i64 = legs.values().filter(|l| l.state == Expect::Prepared).map(|l| l.amount).sum();
         assert_eq!((totals.balance_minor, totals.held_minor), (total, held), "{at}: audit totals");
     }

@@ -192,13 +192,10 @@ pub trait Ledger: Clone + Send + Sync + 'static {
     /// Committed legs that touch `user`, newest first, at most `limit`.
     fn history(&self, user: String, limit: u32) -> impl Future<Output = Result<Vec<Leg>, BankError>> + Send;
 
-    /// Every leg with an amount (not bare abort records), and the totals,
-    /// as of one moment.
-    fn audit(&self) -> impl Future<Output = Result<(Vec<Leg>, Totals), BankError>> + Send;
-
-    /// At most `limit` legs with an amount whose transaction id sorts after
-    /// `after`, in transaction-id order, and the totals: the audit reads a
-    /// ledger of any size this way, a page at a time.
+    /// At most `limit` legs with an amount (not bare abort records) whose
+    /// transaction id sorts after `after`, in transaction-id order, and the
+    /// totals, as of one moment: the audit reads a ledger of any size this
+    /// way, a page at a time.
     fn audit_page(
         &self,
         after: Option<String>,
