@@ -75,9 +75,7 @@ fn walkthrough_through_strife_up() {
     let (mut up, _ready, _lines) = spawn_until(&dir.0, &["up", "--port", "0"], "strife: ready", &[]);
     let r = run_cli(d, &["--json", "--as", "user1@BankA", "balance"], &[]);
     assert_eq!(r.json()["balance"], "987.50", "{r:?}");
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(up.id() as i32), nix::sys::signal::Signal::SIGTERM)
-        .expect("signal");
-    assert_eq!(wait_exit(&mut up), Some(0));
+    assert_eq!(terminate(&mut up), Some(0));
 }
 
 #[test]
@@ -407,9 +405,7 @@ fn every_file_is_0600_and_every_directory_0700_whatever_the_umask() {
     ] {
         assert!(seen.iter().any(|s| s == expected), "{expected} was checked: {seen:?}");
     }
-    nix::sys::signal::kill(nix::unistd::Pid::from_raw(up.id() as i32), nix::sys::signal::Signal::SIGTERM)
-        .expect("signal");
-    assert_eq!(wait_exit(&mut up), Some(0));
+    assert_eq!(terminate(&mut up), Some(0));
 }
 
 #[test]

@@ -65,9 +65,15 @@ impl Proc {
 
     /// SIGTERM; returns the exit code.
     pub fn stop(&mut self) -> Option<i32> {
-        self.signal(nix::sys::signal::Signal::SIGTERM);
-        wait_exit(&mut self.child)
+        terminate(&mut self.child)
     }
+}
+
+/// SIGTERM to `child`, then its exit code once it is gone.
+pub fn terminate(child: &mut Child) -> Option<i32> {
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(child.id()).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM).expect("signal");
+    wait_exit(child)
 }
 
 impl Drop for Proc {
