@@ -82,17 +82,6 @@ pub async fn run(dir: &Path) -> anyhow::Result<Reply> {
         banks.sort_by(|a, b| a.name.cmp(&b.name));
     }
 
-    let total_balance: i64 = banks.iter().map(|b| b.totals.balance_minor).sum();
-    let total_opening: i64 = banks.iter().map(|b| b.totals.opening_minor).sum();
-    let total_held: i64 = banks.iter().map(|b| b.totals.held_minor).sum();
-    if total_balance != total_opening {
-        problems.push(format!(
-            "money is not conserved: balances sum to {}, accounts opened with {}",
-            format_minor(total_balance),
-            format_minor(total_opening)
-        ));
-    }
-
     // One pass over the gateway's payments and every bank's legs together,
     // all in transaction-id order (a merge join), a page at a time.
     let (mut payments, mut committed, mut declined) = (0u64, 0u64, 0u64);
@@ -153,6 +142,28 @@ pub async fn run(dir: &Path) -> anyhow::Result<Reply> {
         while let Some(leg) = bank.next_before_end().await? {
             unknown_leg(&bank.name, &leg, &mut problems);
         }
+        // The totals as of after the legs: on a cluster at rest, a hold is
+        // exactly the prepared legs; a disagreement (or a cluster still
+        // moving) is a problem, so a clean audit always reports held 0.
+        bank.refresh_totals()?;
+        if bank.totals.held_minor != bank.prepared_minor {
+            problems.push(format!(
+                "{} holds {} but its prepared legs add up to {}",
+                bank.name,
+                format_minor(bank.totals.held_minor),
+                format_minor(bank.prepared_minor)
+            ));
+        }
+    }
+    let total_balance: i64 = banks.iter().map(|b| b.totals.balance_minor).sum();
+    let total_opening: i64 = banks.iter().map(|b| b.totals.opening_minor).sum();
+    let total_held: i64 = banks.iter().map(|b| b.totals.held_minor).sum();
+    if total_balance != total_opening {
+        problems.push(format!(
+            "money is not conserved: balances sum to {}, accounts opened with {}",
+            format_minor(total_balance),
+            format_minor(total_opening)
+        ));
     }
 
     let bank_json: Vec<_> = banks
@@ -257,11 +268,22 @@ struct BankLegs {
     /// The source has no more legs.
     done: bool,
     legs_read: u64,
+    /// The sum of the prepared legs read: what the bank should hold.
+    prepared_minor: i64,
 }
 
 impl BankLegs {
     fn new(name: String, source: LegSource, totals: Totals) -> BankLegs {
-        BankLegs { name, source, totals, page: Default::default(), last: None, done: false, legs_read: 0 }
+        BankLegs {
+            name,
+            source,
+            totals,
+            page: Default::default(),
+            last: None,
+            done: false,
+            legs_read: 0,
+            prepared_minor: 0,
+        }
     }
 
     /// Takes `page`, the legs after the last ones read.
@@ -269,6 +291,8 @@ impl BankLegs {
         self.done = page.len() < AUDIT_PAGE_ROWS as usize;
         self.last = page.last().map(|l| l.txn_id.clone()).or(self.last.take());
         self.legs_read += page.len() as u64;
+        self.prepared_minor +=
+            page.iter().filter(|l| l.state == LegState::Prepared).map(|l| l.amount_minor).sum::<i64>();
         self.page.extend(page);
     }
 
@@ -277,11 +301,23 @@ impl BankLegs {
         if self.page.is_empty() && !self.done {
             let page = match &mut self.source {
                 LegSource::Local(store) => store.legs_after(self.last.as_deref(), AUDIT_PAGE_ROWS)?,
-                LegSource::Remote(client) => audit_page_over_rpc(client, self.last.as_deref()).await?.0,
+                LegSource::Remote(client) => {
+                    let (legs, totals) = audit_page_over_rpc(client, self.last.as_deref()).await?;
+                    self.totals = totals;
+                    legs
+                }
             };
             self.take_page(page);
         }
         Ok(self.page.front())
+    }
+
+    /// The totals as they are now (a bank read over RPC: as of its last page).
+    fn refresh_totals(&mut self) -> anyhow::Result<()> {
+        if let LegSource::Local(store) = &self.source {
+            self.totals = store.totals()?;
+        }
+        Ok(())
     }
 
     /// The next leg if its transaction id sorts before `txn_id`.
