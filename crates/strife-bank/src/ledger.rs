@@ -15,9 +15,8 @@
 use crate::accounts::AccountSpec;
 use crate::error::BankError;
 use std::future::Future;
-use std::path::{Path, PathBuf};
+use strife_core::DeclineReason;
 use strife_core::limits::BALANCE_MAX_MINOR;
-use strife_core::{DeclineReason, Secret};
 
 pub use strife_twopc::Decision;
 /// A leg's state at this bank: the participant's states of the 2PC state
@@ -212,72 +211,11 @@ pub trait Ledger: Clone + Send + Sync + 'static {
 }
 
 /// Where a bank keeps its ledger, from `bank.store`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum StoreUrl {
-    /// A SQLite file (`bank.store` empty: `bank.db` in the bank's data
-    /// directory; or a path, or `sqlite://PATH`).
-    Sqlite(PathBuf),
-    /// A PostgreSQL database (`postgres://…` or `postgresql://…`). The URL
-    /// may hold a password: it is never logged (see [`StoreUrl::redacted`]).
-    Postgres(Secret<String>),
-}
-
-impl StoreUrl {
-    /// Reads `bank.store`; `data_dir` is the bank's data directory.
-    pub fn parse(store: &str, data_dir: &Path) -> anyhow::Result<StoreUrl> {
-        let store = store.trim();
-        if store.is_empty() {
-            return Ok(StoreUrl::Sqlite(data_dir.join("bank.db")));
-        }
-        if store.starts_with("postgres://") || store.starts_with("postgresql://") {
-            return Ok(StoreUrl::Postgres(Secret::new(store.to_owned())));
-        }
-        if let Some(path) = store.strip_prefix("sqlite://") {
-            return Ok(StoreUrl::Sqlite(PathBuf::from(path)));
-        }
-        if let Some((scheme, _)) = store.split_once("://") {
-            anyhow::bail!(
-                "bank.store: unknown kind of store '{scheme}://' (use a file path or postgres://…)"
-            );
-        }
-        Ok(StoreUrl::Sqlite(PathBuf::from(store)))
-    }
-
-    /// What may be logged: the kind and place of the store, no credentials.
-    pub fn redacted(&self) -> String {
-        match self {
-            StoreUrl::Sqlite(path) => format!("sqlite {}", path.display()),
-            StoreUrl::Postgres(url) => {
-                let rest = url.expose().split_once("://").map_or("", |(_, rest)| rest);
-                let host_db = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
-                let host_db = host_db.split_once('?').map_or(host_db, |(h, _)| h);
-                format!("postgres {host_db}")
-            }
-        }
-    }
-}
+pub use strife_rpc::store_url::StoreUrl;
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn the_url_picks_the_backend() {
-        let data = Path::new("/d/banks/A");
-        assert_eq!(StoreUrl::parse("", data).expect("empty"), StoreUrl::Sqlite(data.join("bank.db")));
-        assert_eq!(StoreUrl::parse("/x/a.db", data).expect("path"), StoreUrl::Sqlite("/x/a.db".into()));
-        assert_eq!(
-            StoreUrl::parse("sqlite:///x/a.db", data).expect("url"),
-            StoreUrl::Sqlite("/x/a.db".into())
-        );
-        let pg = StoreUrl::parse("postgres://bank:s3cret@127.0.0.1:5432/bank_a?sslmode=disable", data)
-            .expect("postgres");
-        assert!(matches!(pg, StoreUrl::Postgres(_)));
-        assert_eq!(pg.redacted(), "postgres 127.0.0.1:5432/bank_a");
-        assert!(!format!("{pg:?}").contains("s3cret"), "{pg:?}");
-        assert!(matches!(StoreUrl::parse("postgresql://h/db", data), Ok(StoreUrl::Postgres(_))));
-        assert!(StoreUrl::parse("mysql://h/db", data).is_err());
-    }
 
     #[test]
     fn a_new_leg_is_checked_on_both_sides() {

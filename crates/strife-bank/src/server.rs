@@ -48,7 +48,7 @@ pub async fn run(
 ) -> anyhow::Result<()> {
     let tls = Tls::load(&CertDir::new(&opts.dir), &Peer::Bank(opts.name.clone()))?;
     let data = opts.config.bank.data_dir(&opts.dir, &opts.name);
-    let store = StoreUrl::parse(&opts.config.bank.store, &data)?;
+    let store = StoreUrl::parse("bank.store", &opts.config.bank.store, data.join("bank.db"))?;
     tracing::info!(store = %store.redacted(), "opening the ledger");
     match store {
         StoreUrl::Sqlite(path) => {

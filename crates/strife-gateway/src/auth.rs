@@ -2,6 +2,7 @@
 //! certificate and a valid, unrevoked token; the interceptor puts the
 //! customer it proves into the request extensions for the handlers.
 
+use crate::backend::GatewayStore;
 use crate::coordinator::Gateway;
 use crate::error::GatewayError;
 use crate::tokens::{Claims, TokenError};
@@ -34,13 +35,15 @@ pub fn only_banks(req: Request<()>) -> Result<Request<()>, Status> {
     Ok(req)
 }
 
-/// Interceptor for customers' calls: a client certificate and a bearer token.
+/// Interceptor for customers' calls: a client certificate and a bearer
+/// token this gateway's keys signed. Whether the token was revoked (at any
+/// replica) is a question for the store, which [`signed_in`] asks.
 #[derive(Clone)]
-pub struct CustomerAuth {
-    pub gateway: Arc<Gateway>,
+pub struct CustomerAuth<S> {
+    pub gateway: Arc<Gateway<S>>,
 }
 
-impl tonic::service::Interceptor for CustomerAuth {
+impl<S: GatewayStore> tonic::service::Interceptor for CustomerAuth<S> {
     fn call(&mut self, mut req: Request<()>) -> Result<Request<()>, Status> {
         require(&req, &[PeerRole::Client])?;
         let token = bearer_token(req.metadata())?;
@@ -53,11 +56,6 @@ impl tonic::service::Interceptor for CustomerAuth {
             }
             other => refused(ErrorReason::TokenInvalid, format!("{other}: log in again")),
         })?;
-        let revoked = self.gateway.revoked.read().map_err(|_| strife_rpc::errors::internal())?;
-        if revoked.contains(&claims.jti) {
-            return Err(refused(ErrorReason::TokenRevoked, "this session was logged out: log in again"));
-        }
-        drop(revoked);
         let who = claims.customer();
         record_user(&who);
         req.extensions_mut().insert(Customer { who, claims });
@@ -90,6 +88,19 @@ fn bearer_token(metadata: &tonic::metadata::MetadataMap) -> Result<&str, Status>
 }
 
 /// The customer of a request that passed [`CustomerAuth`].
+/// The customer of a request the interceptor let through, once the store
+/// confirms that their token was not revoked.
+pub async fn signed_in<S: GatewayStore, T>(
+    gateway: &Gateway<S>,
+    req: &Request<T>,
+) -> Result<Customer, Status> {
+    let customer = customer(req)?;
+    if gateway.store.is_revoked(customer.claims.jti.clone()).await? {
+        return Err(refused(ErrorReason::TokenRevoked, "this session was logged out: log in again"));
+    }
+    Ok(customer)
+}
+
 pub fn customer<T>(req: &Request<T>) -> Result<Customer, Status> {
     req.extensions()
         .get::<Customer>()

@@ -6,18 +6,18 @@
 //! that arrive while it runs wait for its outcome (the in-flight map), and
 //! copies that arrive later read it from the store.
 
+use crate::backend::GatewayStore;
 use crate::error::GatewayError;
 use crate::registry::{BankEntry, Registry};
-use crate::store::{PaymentRecord, PaymentState, Store, now_ms};
+use crate::store::{PaymentRecord, PaymentState, now_ms};
 use crate::tokens::TokenKeys;
-use std::collections::{HashMap, HashSet};
-use std::sync::{Arc, Mutex, RwLock};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use strife_core::{Amount, DeclineReason, PaymentId, UserRef, banks_involved};
 use strife_proto::bank::v1 as bank;
 use strife_proto::gateway::v1::ErrorReason;
 use strife_rpc::config::GatewayConfig;
-use strife_rpc::group_commit::GroupCommit;
 use strife_twopc::coordinator as machine;
 use strife_twopc::{Decision, Vote};
 use tokio::sync::{Notify, watch};
@@ -28,6 +28,11 @@ const FINISH_BATCH_MAX: u32 = 256;
 const FINISH_INTERVAL: Duration = Duration::from_secs(1);
 /// How often old payments are pruned.
 const PRUNE_INTERVAL: Duration = Duration::from_secs(3600);
+/// Longest a copy of a payment id waits for another replica's decision.
+const REPLAY_WAIT_MAX: Duration = Duration::from_secs(10);
+/// First and longest pause between two looks at that decision.
+const REPLAY_POLL_FIRST: Duration = Duration::from_millis(5);
+const REPLAY_POLL_MAX: Duration = Duration::from_millis(100);
 /// Most payments in flight at once; more wait for a slot.
 pub const PAYMENTS_IN_FLIGHT_MAX: usize = 4096;
 
@@ -81,13 +86,11 @@ struct InFlight {
     outcome: OutcomeCell,
 }
 
-pub struct Gateway {
-    /// The gateway's store, behind its group-commit thread.
-    pub store: GroupCommit<Store>,
+pub struct Gateway<S> {
+    /// The gateway's store (SQLite, or PostgreSQL shared by replicas).
+    pub store: S,
     pub registry: Registry,
     pub tokens: TokenKeys,
-    /// Ids of revoked tokens that have not expired (mirrors the store).
-    pub revoked: RwLock<HashSet<String>>,
     pub config: GatewayConfig,
     /// Changes at every start; banks re-register when it changes.
     pub boot_id: String,
@@ -105,18 +108,12 @@ fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, GatewayError> {
     m.lock().map_err(|_| GatewayError::Internal("lock poisoned".into()))
 }
 
-impl Gateway {
-    pub fn new(
-        store: GroupCommit<Store>,
-        registry: Registry,
-        tokens: TokenKeys,
-        config: GatewayConfig,
-    ) -> Gateway {
+impl<S: GatewayStore> Gateway<S> {
+    pub fn new(store: S, registry: Registry, tokens: TokenKeys, config: GatewayConfig) -> Gateway<S> {
         Gateway {
             store,
             registry,
             tokens,
-            revoked: RwLock::new(HashSet::new()),
             boot_id: uuid::Uuid::new_v4().to_string(),
             in_flight: Mutex::new(HashMap::new()),
             slots: tokio::sync::Semaphore::new(PAYMENTS_IN_FLIGHT_MAX),
@@ -128,19 +125,6 @@ impl Gateway {
             }),
             config,
         }
-    }
-
-    /// Runs `f` on the store in the blocking pool.
-    pub async fn with_store<T, F>(&self, f: F) -> Result<T, GatewayError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Store) -> rusqlite::Result<T> + Send + 'static,
-    {
-        self.store
-            .run(f)
-            .await
-            .map_err(|e| GatewayError::Internal(e.to_string()))?
-            .map_err(GatewayError::from)
     }
 
     pub fn bank(&self, name: &str) -> Option<BankEntry> {
@@ -212,14 +196,8 @@ impl Gateway {
         // out: if a crash loses it, no record means abort, the banks learn
         // that by inquiry, and the customer (never answered) retries. It is
         // durable before the decision, which is written in a later batch.
-        let begin = record.clone();
-        let begun = self
-            .store
-            .run_before_commit(move |s| s.begin_payment(&begin))
-            .await
-            .map_err(|e| GatewayError::Internal(e.to_string()))??;
-        if let Err(existing) = begun {
-            return replay(&req, &existing);
+        if let Err(existing) = self.store.begin_payment(record.clone()).await? {
+            return self.replay(&req, existing).await;
         }
         let txn_id = record.txn_id.clone();
         strife_rpc::fault::crash_point("gateway.after_begin");
@@ -281,8 +259,7 @@ impl Gateway {
         // The decision is durable before any bank hears it. A bank's inquiry
         // may have aborted the payment first (past its deadline): then that
         // decision stands.
-        let t = txn_id.clone();
-        let decision = self.with_store(move |s| s.decide(&t, wanted, reason)).await?;
+        let decision = self.store.decide(txn_id.clone(), wanted, reason).await?;
         if decision != wanted {
             tracing::warn!(%txn_id, "the payment passed its deadline before the votes were in; it stays aborted");
             reason = Some(DeclineReason::Timeout);
@@ -296,10 +273,7 @@ impl Gateway {
         strife_rpc::fault::crash_point("gateway.after_commit_sent");
         if delivered == Ok(true) {
             // A lazy write: if it is lost, the finisher re-sends the decision.
-            let t = txn_id.clone();
-            self.store.run_lazily(move |s| {
-                let _ = s.mark_acked(&t);
-            });
+            self.store.mark_acked_lazily(txn_id.clone());
         } else {
             self.finisher_wake.notify_one();
         }
@@ -311,14 +285,56 @@ impl Gateway {
         Ok(PayOutcome { outcome, replayed: false })
     }
 
+    /// The answer for a payment id seen before. A payment still
+    /// `preparing` is being driven by another replica (or was, by one that
+    /// died): wait for its decision, polling the store, for at most
+    /// [`REPLAY_WAIT_MAX`] and not past its deadline plus the commit
+    /// timeout; then the customer is told to ask again.
+    async fn replay(
+        &self,
+        req: &PayRequest,
+        mut existing: PaymentRecord,
+    ) -> Result<PayOutcome, GatewayError> {
+        if existing.fingerprint != req.fingerprint() {
+            let mut diff = req.differences(&existing.payee, existing.amount_minor);
+            if diff.is_empty() {
+                diff.push("request");
+            }
+            return Err(id_reused(&req.payment_id, diff));
+        }
+        let commit_ms = i64::try_from(self.config.commit_timeout_ms).unwrap_or(i64::MAX);
+        let wait_ms = i64::try_from(REPLAY_WAIT_MAX.as_millis()).unwrap_or(i64::MAX);
+        let give_up = now_ms().saturating_add(wait_ms).min(existing.deadline_at_ms.saturating_add(commit_ms));
+        let mut pause = REPLAY_POLL_FIRST;
+        loop {
+            match existing.state {
+                PaymentState::Committed => {
+                    return Ok(PayOutcome { outcome: Outcome::Committed, replayed: true });
+                }
+                PaymentState::Aborted => {
+                    let reason = existing.reason.unwrap_or(DeclineReason::Timeout);
+                    return Ok(PayOutcome { outcome: Outcome::Declined(reason), replayed: true });
+                }
+                PaymentState::Preparing if now_ms() >= give_up => {
+                    return Err(GatewayError::unavailable(
+                        ErrorReason::PaymentInProgress,
+                        format!("payment {} is still being decided; ask again shortly", req.payment_id),
+                    ));
+                }
+                PaymentState::Preparing => {}
+            }
+            tokio::time::sleep(pause).await;
+            pause = (pause * 2).min(REPLAY_POLL_MAX);
+            existing = self.store.find_txn(existing.txn_id.clone()).await?.ok_or_else(|| {
+                GatewayError::Internal(format!("payment {} vanished while being decided", existing.txn_id))
+            })?;
+        }
+    }
+
     /// Declines a payment no bank has heard of.
     async fn decline_unsent(&self, txn_id: &str, reason: DeclineReason) -> Result<PayOutcome, GatewayError> {
-        let t = txn_id.to_owned();
-        self.with_store(move |s| {
-            s.decide(&t, PaymentState::Aborted, Some(reason))?;
-            s.mark_acked(&t)
-        })
-        .await?;
+        self.store.decide(txn_id.to_owned(), PaymentState::Aborted, Some(reason)).await?;
+        self.store.mark_acked(txn_id.to_owned()).await?;
         Ok(PayOutcome { outcome: Outcome::Declined(reason), replayed: false })
     }
 
@@ -355,14 +371,14 @@ impl Gateway {
                 last_prune = tokio::time::Instant::now();
                 let days = i64::try_from(self.config.retention_days).unwrap_or(i64::MAX);
                 let before = now_ms().saturating_sub(days.saturating_mul(86_400_000));
-                match self.with_store(move |s| s.prune(before)).await {
+                match self.store.prune(before).await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(pruned = n, "pruned payments past the retention window"),
                     Err(e) => tracing::warn!(error = %e, "pruning failed"),
                 }
             }
             self.abort_abandoned().await;
-            match self.with_store(|s| s.unfinished(FINISH_BATCH_MAX)).await {
+            match self.store.claim_unfinished(FINISH_BATCH_MAX).await {
                 Ok(payments) => {
                     for p in payments {
                         self.finish(&p).await;
@@ -390,8 +406,7 @@ impl Gateway {
                 .await
                 == Ok(true);
         if delivered && all_known {
-            let t = p.txn_id.clone();
-            if let Err(e) = self.with_store(move |s| s.mark_acked(&t)).await {
+            if let Err(e) = self.store.mark_acked(p.txn_id.clone()).await {
                 tracing::warn!(error = %e, "cannot mark a payment finished");
             } else {
                 tracing::info!(txn_id = %p.txn_id, decision = p.state.as_str(), "decision delivered to every bank");
@@ -405,8 +420,8 @@ impl Gateway {
     /// abort (presumed abort). `None` means "not decided yet, ask again".
     pub async fn inquire(&self, txn_id: String) -> Result<Option<PaymentState>, GatewayError> {
         let now = now_ms();
-        self.with_store(move |s| {
-            let record = s.find_txn(&txn_id)?;
+        let record = self.store.find_txn(txn_id.clone()).await?;
+        {
             let state = record.as_ref().map(|p| match p.state {
                 PaymentState::Preparing => machine::PaymentState::Preparing,
                 PaymentState::Committed => machine::PaymentState::Decided(Decision::Commit),
@@ -416,24 +431,25 @@ impl Gateway {
             match machine::on_inquiry(state, past_deadline) {
                 // Abort durably first, so that it can never commit later; if
                 // the payment was decided meanwhile, that decision stands.
-                (Some(_), _) => {
-                    s.decide(&txn_id, PaymentState::Aborted, Some(DeclineReason::Timeout)).map(Some)
-                }
+                (Some(_), _) => self
+                    .store
+                    .decide(txn_id, PaymentState::Aborted, Some(DeclineReason::Timeout))
+                    .await
+                    .map(Some),
                 (None, machine::InquiryAnswer::Decided(Decision::Commit)) => {
                     Ok(Some(PaymentState::Committed))
                 }
                 (None, machine::InquiryAnswer::Decided(Decision::Abort)) => Ok(Some(PaymentState::Aborted)),
                 (None, machine::InquiryAnswer::NotYet) => Ok(None),
             }
-        })
-        .await
+        }
     }
 
     /// Aborts payments still `preparing` well past their deadline that no
     /// task here is driving (their task failed): nobody else would.
     async fn abort_abandoned(&self) {
         let before = now_ms().saturating_sub(i64::try_from(self.config.payment_deadline_ms).unwrap_or(0));
-        let Ok(stale) = self.with_store(move |s| s.preparing_before(before, FINISH_BATCH_MAX)).await else {
+        let Ok(stale) = self.store.preparing_before(before, FINISH_BATCH_MAX).await else {
             return;
         };
         for p in stale {
@@ -445,12 +461,16 @@ impl Gateway {
             if running {
                 continue;
             }
-            let t = p.txn_id.clone();
             match self
-                .with_store(move |s| s.decide(&t, PaymentState::Aborted, Some(DeclineReason::Timeout)))
+                .store
+                .decide(p.txn_id.clone(), PaymentState::Aborted, Some(DeclineReason::Timeout))
                 .await
             {
-                Ok(_) => tracing::warn!(txn_id = %p.txn_id, "aborted a payment nobody was driving"),
+                Ok(PaymentState::Aborted) => {
+                    tracing::warn!(txn_id = %p.txn_id, "aborted a payment nobody was driving")
+                }
+                // Its driver decided it meanwhile; that decision stands.
+                Ok(_) => {}
                 Err(e) => tracing::warn!(error = %e, "cannot abort an abandoned payment"),
             }
         }
@@ -475,28 +495,6 @@ fn id_reused(id: &PaymentId, fields: Vec<&'static str>) -> GatewayError {
         strife_core::differences_text(&fields)
     );
     GatewayError::IdReused { payment_id: id.to_string(), fields, message }
-}
-
-/// The answer for a payment id seen before.
-fn replay(req: &PayRequest, existing: &PaymentRecord) -> Result<PayOutcome, GatewayError> {
-    if existing.fingerprint != req.fingerprint() {
-        let mut diff = req.differences(&existing.payee, existing.amount_minor);
-        if diff.is_empty() {
-            diff.push("request");
-        }
-        return Err(id_reused(&req.payment_id, diff));
-    }
-    let outcome = match existing.state {
-        PaymentState::Committed => Outcome::Committed,
-        PaymentState::Aborted => Outcome::Declined(existing.reason.unwrap_or(DeclineReason::Timeout)),
-        PaymentState::Preparing => {
-            return Err(GatewayError::unavailable(
-                ErrorReason::PaymentInProgress,
-                format!("payment {} is still being decided; ask again shortly", req.payment_id),
-            ));
-        }
-    };
-    Ok(PayOutcome { outcome, replayed: true })
 }
 
 async fn wait_outcome(mut rx: OutcomeCell) -> Result<PayOutcome, tonic::Status> {

@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md for the protocol and what is forced to disk when.
 
 pub mod auth;
+pub mod backend;
 pub mod coordinator;
 pub mod error;
 mod hex;

@@ -2,11 +2,11 @@
 //! registry, the gRPC services, and the finisher task.
 
 use crate::auth::{CustomerAuth, only_banks, only_clients};
+use crate::backend::{GatewayStore, SqliteStore, StoreUrl};
 use crate::coordinator::Gateway;
 use crate::registry::Registry;
 use crate::service::{AdminService, PaymentsService, RegistryService, SessionService};
-use crate::store::Store;
-use crate::tokens::{TokenKeys, load_keys, now_secs};
+use crate::tokens::{TokenKeys, load_keys};
 use anyhow::Context;
 use std::future::Future;
 use std::path::PathBuf;
@@ -44,31 +44,48 @@ pub async fn run(
     let tls = Tls::load(&certs, &Peer::Gateway)?;
     let data = opts.config.gateway.data_dir(&opts.dir);
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
-    let db = data.join("gateway.db");
-    let mut store = Store::open(&db).with_context(|| format!("opening {}", db.display()))?;
+    let store = StoreUrl::parse("gateway.store", &opts.config.gateway.store, data.join("gateway.db"))?;
+    tracing::info!(store = %store.redacted(), "opening the store");
+    match store {
+        StoreUrl::Sqlite(path) => {
+            let store = SqliteStore::open(&path)?;
+            serve(opts, tls, store, listener, shutdown).await
+        }
+        StoreUrl::Postgres(_) => {
+            anyhow::bail!("gateway.store: PostgreSQL is not supported by this build yet")
+        }
+    }
+}
 
+/// Recovers what the store says was left half-done, restores the bank
+/// registry, and serves until `shutdown` resolves.
+async fn serve<S: GatewayStore>(
+    opts: GatewayOptions,
+    tls: Tls,
+    store: S,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    let certs = CertDir::new(&opts.dir);
     // Recovery: nobody drives a payment that was preparing when we stopped;
     // under presumed abort it is aborted, and the finisher tells its banks.
-    let aborted = store.abort_all_preparing()?;
+    let aborted = store.recover().await?;
     if aborted > 0 {
         tracing::warn!(aborted, "aborted payments left undecided by the previous run");
     }
-    let revoked = store.revoked(i64::try_from(now_secs()).unwrap_or(i64::MAX))?;
     let registry = Registry::new(
         tls.clone(),
         Duration::from_millis(opts.config.bank.register_interval_ms),
         opts.config.gateway.prepare_timeout(),
         opts.config.gateway.commit_timeout(),
     );
-    for (name, address) in store.banks()? {
+    for (name, address) in store.banks().await? {
         if let Err(e) = registry.restore(&name, &address) {
             tracing::warn!(bank = %name, error = %e, "cannot restore a bank from the registry");
         }
     }
     let tokens = TokenKeys::with_keys(&load_keys(&certs.path)?, opts.config.gateway.token_ttl_secs)?;
-    let store = strife_rpc::group_commit::GroupCommit::start("gateway", store)?;
     let gateway = Arc::new(Gateway::new(store, registry, tokens, opts.config.gateway.clone()));
-    gateway.revoked.write().map_err(|_| anyhow::anyhow!("lock poisoned"))?.extend(revoked);
 
     let local = listener.local_addr()?;
     strife_rpc::pki::write_public_file(&opts.dir.join(GATEWAY_ADDR_FILE), &format!("{local}\n"))?;
@@ -103,7 +120,7 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let finisher = tokio::spawn(gateway.clone().run_finisher(stop_rx));
     strife_rpc::serve::announce_listening("gateway", local);
-    tracing::info!(%local, data = %data.display(), boot_id = %gateway.boot_id, "gateway serving");
+    tracing::info!(%local, boot_id = %gateway.boot_id, "gateway serving");
     let served = strife_rpc::serve::builder(&tls)?
         .add_service(health)
         .add_service(reflection_v1)

@@ -1,7 +1,8 @@
 //! The gateway's gRPC services: Session (login), Payments (customers'
 //! calls, behind [`crate::auth::CustomerAuth`]), Registry (banks) and Admin.
 
-use crate::auth::{Customer, customer};
+use crate::auth::{Customer, signed_in};
+use crate::backend::GatewayStore;
 use crate::coordinator::{Gateway, Outcome};
 use crate::error::GatewayError;
 use crate::page_token;
@@ -29,12 +30,12 @@ fn unavailable(bank: &str, status: &Status) -> GatewayError {
 }
 
 #[derive(Clone)]
-pub struct SessionService {
-    pub gateway: Arc<Gateway>,
+pub struct SessionService<S> {
+    pub gateway: Arc<Gateway<S>>,
 }
 
 #[tonic::async_trait]
-impl pb::session_service_server::SessionService for SessionService {
+impl<S: GatewayStore> pb::session_service_server::SessionService for SessionService<S> {
     async fn login(&self, req: Request<pb::LoginRequest>) -> Result<Response<pb::LoginResponse>, Status> {
         let peer_ip = req.remote_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into());
         let (who, password) = validate::login(req.into_inner())?;
@@ -89,8 +90,8 @@ impl pb::session_service_server::SessionService for SessionService {
 }
 
 #[derive(Clone)]
-pub struct PaymentsService {
-    pub gateway: Arc<Gateway>,
+pub struct PaymentsService<S> {
+    pub gateway: Arc<Gateway<S>>,
 }
 
 fn to_status(state: PaymentState) -> pb::PaymentStatus {
@@ -116,17 +117,12 @@ fn view(me: &UserRef, p: PaymentRecord) -> pb::Payment {
 }
 
 #[tonic::async_trait]
-impl pb::payments_service_server::PaymentsService for PaymentsService {
+impl<S: GatewayStore> pb::payments_service_server::PaymentsService for PaymentsService<S> {
     async fn logout(&self, req: Request<pb::LogoutRequest>) -> Result<Response<pb::LogoutResponse>, Status> {
-        let Customer { who, claims } = customer(&req)?;
+        let Customer { who, claims } = signed_in(&self.gateway, &req).await?;
         let jti = claims.jti.clone();
         let exp = i64::try_from(claims.exp).unwrap_or(i64::MAX);
-        self.gateway.with_store(move |s| s.revoke(&jti, exp)).await?;
-        self.gateway
-            .revoked
-            .write()
-            .map_err(|_| GatewayError::Internal("revocation lock poisoned".into()))?
-            .insert(claims.jti);
+        self.gateway.store.revoke(jti, exp).await?;
         tracing::info!(customer = %who, "logged out");
         Ok(Response::new(pb::LogoutResponse {}))
     }
@@ -135,7 +131,7 @@ impl pb::payments_service_server::PaymentsService for PaymentsService {
         &self,
         req: Request<pb::GetBalanceRequest>,
     ) -> Result<Response<pb::GetBalanceResponse>, Status> {
-        let Customer { who, .. } = customer(&req)?;
+        let Customer { who, .. } = signed_in(&self.gateway, &req).await?;
         let entry = self.gateway.bank(&who.bank).ok_or_else(|| {
             GatewayError::unavailable(
                 ErrorReason::BankUnavailable,
@@ -164,7 +160,7 @@ impl pb::payments_service_server::PaymentsService for PaymentsService {
     }
 
     async fn pay(&self, req: Request<pb::PayRequest>) -> Result<Response<pb::PayResponse>, Status> {
-        let Customer { who, .. } = customer(&req)?;
+        let Customer { who, .. } = signed_in(&self.gateway, &req).await?;
         let pay = validate::pay(&who, req.get_ref())?;
         record_payment(&pay.payment_id, &pay.amount);
         let (payment_id, payee) = (pay.payment_id, pay.payee.clone());
@@ -188,10 +184,10 @@ impl pb::payments_service_server::PaymentsService for PaymentsService {
         &self,
         req: Request<pb::GetPaymentRequest>,
     ) -> Result<Response<pb::GetPaymentResponse>, Status> {
-        let Customer { who, .. } = customer(&req)?;
+        let Customer { who, .. } = signed_in(&self.gateway, &req).await?;
         let id = validate::payment_id(&req.get_ref().payment_id)?;
         let me = who.clone();
-        let found = self.gateway.with_store(move |s| s.find_payment_for(&me, &id.to_string())).await?;
+        let found = self.gateway.store.find_payment_for(me, id.to_string()).await?;
         let p = found.ok_or_else(|| {
             GatewayError::not_found(
                 ErrorReason::PaymentNotFound,
@@ -205,11 +201,11 @@ impl pb::payments_service_server::PaymentsService for PaymentsService {
         &self,
         req: Request<pb::ListPaymentsRequest>,
     ) -> Result<Response<pb::ListPaymentsResponse>, Status> {
-        let Customer { who, .. } = customer(&req)?;
+        let Customer { who, .. } = signed_in(&self.gateway, &req).await?;
         let query = validate::list_payments(req.get_ref())?;
         let (start_ms, end_ms) = (query.start_ms, query.end_ms);
         let me = who.clone();
-        let page = self.gateway.with_store(move |s| s.list_payments(&me, &query)).await?;
+        let page = self.gateway.store.list_payments(me, query).await?;
         Ok(Response::new(pb::ListPaymentsResponse {
             payments: page.payments.into_iter().map(|p| view(&who, p)).collect(),
             next_page_token: page.next.map(|c| page_token::encode(&c, start_ms, end_ms)).unwrap_or_default(),
@@ -218,12 +214,12 @@ impl pb::payments_service_server::PaymentsService for PaymentsService {
 }
 
 #[derive(Clone)]
-pub struct RegistryService {
-    pub gateway: Arc<Gateway>,
+pub struct RegistryService<S> {
+    pub gateway: Arc<Gateway<S>>,
 }
 
 #[tonic::async_trait]
-impl pb::registry_service_server::RegistryService for RegistryService {
+impl<S: GatewayStore> pb::registry_service_server::RegistryService for RegistryService<S> {
     async fn register_bank(
         &self,
         req: Request<pb::RegisterBankRequest>,
@@ -258,8 +254,7 @@ impl pb::registry_service_server::RegistryService for RegistryService {
                 .map_err(|e| GatewayError::Overloaded(e.to_string()))?;
         }
         if let Registered::Changed = changed {
-            let (name, address) = (req.name.clone(), req.address.clone());
-            self.gateway.with_store(move |s| s.save_bank(&name, &address)).await?;
+            self.gateway.store.save_bank(req.name.clone(), req.address.clone()).await?;
             tracing::info!(bank = %req.name, address = %req.address, "bank registered");
         }
         Ok(Response::new(pb::RegisterBankResponse { gateway_boot_id: self.gateway.boot_id.clone() }))
@@ -295,14 +290,14 @@ async fn still_serving(entry: &crate::registry::BankEntry) -> bool {
 }
 
 #[derive(Clone)]
-pub struct AdminService {
-    pub gateway: Arc<Gateway>,
+pub struct AdminService<S> {
+    pub gateway: Arc<Gateway<S>>,
 }
 
 #[tonic::async_trait]
-impl pb::admin_service_server::AdminService for AdminService {
+impl<S: GatewayStore> pb::admin_service_server::AdminService for AdminService<S> {
     async fn status(&self, _req: Request<pb::StatusRequest>) -> Result<Response<pb::StatusResponse>, Status> {
-        let counts = self.gateway.with_store(|s| s.counts()).await?;
+        let counts = self.gateway.store.counts().await?;
         let banks = self
             .gateway
             .registry

@@ -56,6 +56,12 @@ pub struct GatewayConfig {
     pub login_peer_failures_max: u32,
     /// How long the first lock lasts; each further lock doubles it (up to an hour).
     pub login_lock_secs: u64,
+    /// The gateway's store: empty means SQLite in `gateway.db` of its data
+    /// directory; a path (or `sqlite://PATH`) another SQLite file; a
+    /// `postgres://USER:PASSWORD@HOST:PORT/DATABASE` URL a PostgreSQL
+    /// database, which several gateways may share (the URL is a secret,
+    /// never logged).
+    pub store: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -113,6 +119,7 @@ impl Default for GatewayConfig {
             login_failures_max: 5,
             login_peer_failures_max: 50,
             login_lock_secs: 60,
+            store: String::new(),
         }
     }
 }
@@ -261,8 +268,11 @@ impl Config {
                 };
                 if line == "data_dir = \"\"" && !place.is_empty() {
                     format!("{line}  # empty: {place}\n")
-                } else if line == "store = \"\"" && section == "[bank]" {
-                    format!("{line}  # empty: SQLite, DIR/banks/<name>/bank.db; or postgres://USER:PASSWORD@HOST:PORT/DB\n")
+                } else if line == "store = \"\"" && !place.is_empty() {
+                    let file = if section == "[bank]" { "bank.db" } else { "gateway.db" };
+                    format!(
+                        "{line}  # empty: SQLite, {place}/{file}; or postgres://USER:PASSWORD@HOST:PORT/DB\n"
+                    )
                 } else {
                     format!("{line}\n")
                 }

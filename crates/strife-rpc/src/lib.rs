@@ -12,6 +12,7 @@ pub mod pki;
 pub mod postgres_server;
 pub mod serve;
 pub mod sqlite;
+pub mod store_url;
 pub mod telemetry;
 pub mod tls;
 pub mod wire;

@@ -1,0 +1,288 @@
+//! The gateway's store: one interface ([`GatewayStore`]), two backends,
+//! chosen by the URL in `gateway.store` ([`StoreUrl`]):
+//!
+//! - [`SqliteStore`]: SQLite in one file ([`crate::store::Store`]), driven
+//!   by one group-commit thread; one gateway process (the default: nothing
+//!   to install);
+//! - [`crate::postgres::PostgresStore`]: PostgreSQL through a connection
+//!   pool; any number of gateway replicas share it.
+//!
+//! Both store the same things and answer the same way; one conformance
+//! suite (`conformance.rs`) runs against each. Neither decides anything
+//! about 2PC: the coordinator ([`crate::coordinator`]) decides, and a
+//! backend makes the write it is told to, durably (unless the method says
+//! otherwise), before its future resolves.
+//!
+//! What makes replicas safe is in the statements, not in any process's
+//! memory: a payment id is taken by one unique index, a decision is one
+//! conditional update from `preparing` (so a payment never gets two), and a
+//! replica claims the delivery of a decision before it drives it.
+
+use crate::error::GatewayError;
+use crate::store::{PageQuery, PaymentCounts, PaymentPage, PaymentRecord, PaymentState, Store};
+use std::collections::HashSet;
+use std::future::{Future, ready};
+use std::sync::{Arc, RwLock};
+use strife_core::{DeclineReason, UserRef};
+use strife_rpc::group_commit::GroupCommit;
+
+pub use strife_rpc::store_url::StoreUrl;
+
+/// The gateway's durable state: payments (the coordinator's log), the bank
+/// registry and revoked tokens. Cheap to clone.
+///
+/// The futures are `Send` and named by the implementation (no boxing): the
+/// gateway is generic over its store.
+pub trait GatewayStore: Clone + Send + Sync + 'static {
+    /// Records a new payment as `preparing`, or returns the record that
+    /// already holds this `(payer, payment id)`. The first of any number of
+    /// concurrent begins of one id wins, across every replica. Need not be
+    /// durable when it resolves (a lost `preparing` record means abort,
+    /// which is what presumed abort assumes anyway), but it is durable
+    /// before any later durable write of this store.
+    fn begin_payment(
+        &self,
+        payment: PaymentRecord,
+    ) -> impl Future<Output = Result<Result<(), PaymentRecord>, GatewayError>> + Send;
+
+    /// Writes the decision durably if the payment is still `preparing`, and
+    /// returns the state it ends up in: this decision, or the one made
+    /// before (by this or another replica). A payment never gets two.
+    fn decide(
+        &self,
+        txn_id: String,
+        outcome: PaymentState,
+        reason: Option<DeclineReason>,
+    ) -> impl Future<Output = Result<PaymentState, GatewayError>> + Send;
+
+    /// Notes, durably, that every bank applied the decision.
+    fn mark_acked(&self, txn_id: String) -> impl Future<Output = Result<(), GatewayError>> + Send;
+
+    /// Notes it without waiting and without forcing it to disk: if the note
+    /// is lost, the decision is delivered again, which banks ignore.
+    fn mark_acked_lazily(&self, txn_id: String);
+
+    /// The payment with this 2PC transaction id.
+    fn find_txn(
+        &self,
+        txn_id: String,
+    ) -> impl Future<Output = Result<Option<PaymentRecord>, GatewayError>> + Send;
+
+    /// The payment `payer` made under `payment_id`.
+    fn find_payment(
+        &self,
+        payer: UserRef,
+        payment_id: String,
+    ) -> impl Future<Output = Result<Option<PaymentRecord>, GatewayError>> + Send;
+
+    /// The payment with this id that `who` made, else the newest committed
+    /// one `who` received.
+    fn find_payment_for(
+        &self,
+        who: UserRef,
+        payment_id: String,
+    ) -> impl Future<Output = Result<Option<PaymentRecord>, GatewayError>> + Send;
+
+    /// One page of `who`'s payments, newest first by `(created_at, txn_id)`.
+    fn list_payments(
+        &self,
+        who: UserRef,
+        query: PageQuery,
+    ) -> impl Future<Output = Result<PaymentPage, GatewayError>> + Send;
+
+    /// At most `limit` payments whose transaction id sorts after `after`,
+    /// in transaction-id order: the audit reads the log a page at a time.
+    fn payments_after(
+        &self,
+        after: Option<String>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<PaymentRecord>, GatewayError>> + Send;
+
+    /// Claims at most `limit` decided payments that some bank may not have
+    /// applied yet and that no other replica is delivering: this replica's
+    /// own, and those whose claim lapsed (their replica died). Until the
+    /// claim lapses, no other replica gets them.
+    fn claim_unfinished(
+        &self,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<PaymentRecord>, GatewayError>> + Send;
+
+    /// Payments still `preparing` that began before `before_ms`, oldest
+    /// first: the ones to abort if nobody is driving them.
+    fn preparing_before(
+        &self,
+        before_ms: i64,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<PaymentRecord>, GatewayError>> + Send;
+
+    /// Aborts, at start, the payments this process was driving when it
+    /// stopped. SQLite: every `preparing` payment (one gateway owns the
+    /// file). PostgreSQL: none (other replicas may be driving them; the
+    /// deadline sweep aborts the abandoned ones). Returns how many.
+    fn recover(&self) -> impl Future<Output = Result<usize, GatewayError>> + Send;
+
+    /// Counts of payments by state.
+    fn counts(&self) -> impl Future<Output = Result<PaymentCounts, GatewayError>> + Send;
+
+    /// Deletes decided, acknowledged payments created before `before_ms`.
+    fn prune(&self, before_ms: i64) -> impl Future<Output = Result<usize, GatewayError>> + Send;
+
+    /// Every `(bank name, address)` registered.
+    fn banks(&self) -> impl Future<Output = Result<Vec<(String, String)>, GatewayError>> + Send;
+
+    /// Records that `name` registered from `address`.
+    fn save_bank(
+        &self,
+        name: String,
+        address: String,
+    ) -> impl Future<Output = Result<(), GatewayError>> + Send;
+
+    /// Revokes a token (by its id) until it expires (`expires_at`, seconds
+    /// since the epoch), durably: every replica refuses it once this
+    /// resolves.
+    fn revoke(&self, jti: String, expires_at: i64) -> impl Future<Output = Result<(), GatewayError>> + Send;
+
+    /// Whether a token was revoked, by this replica or any other.
+    fn is_revoked(&self, jti: String) -> impl Future<Output = Result<bool, GatewayError>> + Send;
+}
+
+fn internal(e: impl std::fmt::Display) -> GatewayError {
+    GatewayError::Internal(e.to_string())
+}
+
+/// The SQLite backend: [`Store`] behind its group-commit thread, with the
+/// revoked tokens in memory as well (one gateway owns the file, so the set
+/// it loaded at start plus its own revocations is every revocation).
+#[derive(Clone)]
+pub struct SqliteStore {
+    store: GroupCommit<Store>,
+    revoked: Arc<RwLock<HashSet<String>>>,
+}
+
+impl SqliteStore {
+    /// Opens the file and starts its group-commit thread.
+    pub fn open(path: &std::path::Path) -> anyhow::Result<SqliteStore> {
+        use anyhow::Context;
+        let mut store = Store::open(path).with_context(|| format!("opening {}", path.display()))?;
+        let now_secs = strife_core::unix_ms() / 1000;
+        let revoked = store.revoked(now_secs)?;
+        let store = GroupCommit::start("gateway", store)?;
+        Ok(SqliteStore { store, revoked: Arc::new(RwLock::new(revoked.into_iter().collect())) })
+    }
+
+    /// Runs `f` on the store in its thread, in the next batch; resolves
+    /// after the batch's commit.
+    async fn run<T, F>(&self, f: F) -> Result<T, GatewayError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Store) -> rusqlite::Result<T> + Send + 'static,
+    {
+        self.store.run(f).await.map_err(internal)?.map_err(GatewayError::from)
+    }
+}
+
+impl GatewayStore for SqliteStore {
+    async fn begin_payment(&self, payment: PaymentRecord) -> Result<Result<(), PaymentRecord>, GatewayError> {
+        self.store
+            .run_before_commit(move |s| s.begin_payment(&payment))
+            .await
+            .map_err(internal)?
+            .map_err(GatewayError::from)
+    }
+
+    async fn decide(
+        &self,
+        txn_id: String,
+        outcome: PaymentState,
+        reason: Option<DeclineReason>,
+    ) -> Result<PaymentState, GatewayError> {
+        self.run(move |s| s.decide(&txn_id, outcome, reason)).await
+    }
+
+    async fn mark_acked(&self, txn_id: String) -> Result<(), GatewayError> {
+        self.run(move |s| s.mark_acked(&txn_id)).await
+    }
+
+    fn mark_acked_lazily(&self, txn_id: String) {
+        self.store.run_lazily(move |s| {
+            let _ = s.mark_acked(&txn_id);
+        });
+    }
+
+    async fn find_txn(&self, txn_id: String) -> Result<Option<PaymentRecord>, GatewayError> {
+        self.run(move |s| s.find_txn(&txn_id)).await
+    }
+
+    async fn find_payment(
+        &self,
+        payer: UserRef,
+        payment_id: String,
+    ) -> Result<Option<PaymentRecord>, GatewayError> {
+        self.run(move |s| s.find_payment(&payer, &payment_id)).await
+    }
+
+    async fn find_payment_for(
+        &self,
+        who: UserRef,
+        payment_id: String,
+    ) -> Result<Option<PaymentRecord>, GatewayError> {
+        self.run(move |s| s.find_payment_for(&who, &payment_id)).await
+    }
+
+    async fn list_payments(&self, who: UserRef, query: PageQuery) -> Result<PaymentPage, GatewayError> {
+        self.run(move |s| s.list_payments(&who, &query)).await
+    }
+
+    async fn payments_after(
+        &self,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<PaymentRecord>, GatewayError> {
+        self.run(move |s| s.payments_after(after.as_deref(), limit)).await
+    }
+
+    async fn claim_unfinished(&self, limit: u32) -> Result<Vec<PaymentRecord>, GatewayError> {
+        // One process owns the file: every unfinished payment is its own.
+        self.run(move |s| s.unfinished(limit)).await
+    }
+
+    async fn preparing_before(&self, before_ms: i64, limit: u32) -> Result<Vec<PaymentRecord>, GatewayError> {
+        self.run(move |s| s.preparing_before(before_ms, limit)).await
+    }
+
+    async fn recover(&self) -> Result<usize, GatewayError> {
+        self.run(Store::abort_all_preparing).await
+    }
+
+    async fn counts(&self) -> Result<PaymentCounts, GatewayError> {
+        self.run(|s| s.counts()).await
+    }
+
+    async fn prune(&self, before_ms: i64) -> Result<usize, GatewayError> {
+        self.run(move |s| s.prune(before_ms)).await
+    }
+
+    async fn banks(&self) -> Result<Vec<(String, String)>, GatewayError> {
+        self.run(|s| s.banks()).await
+    }
+
+    async fn save_bank(&self, name: String, address: String) -> Result<(), GatewayError> {
+        self.run(move |s| s.save_bank(&name, &address)).await
+    }
+
+    async fn revoke(&self, jti: String, expires_at: i64) -> Result<(), GatewayError> {
+        let id = jti.clone();
+        self.run(move |s| s.revoke(&id, expires_at)).await?;
+        self.revoked.write().map_err(|_| internal("revocation lock poisoned"))?.insert(jti);
+        Ok(())
+    }
+
+    fn is_revoked(&self, jti: String) -> impl Future<Output = Result<bool, GatewayError>> + Send {
+        ready(
+            self.revoked
+                .read()
+                .map(|set| set.contains(&jti))
+                .map_err(|_| internal("revocation lock poisoned")),
+        )
+    }
+}
