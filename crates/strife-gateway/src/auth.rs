@@ -50,7 +50,7 @@ impl<S: GatewayStore> tonic::service::Interceptor for CustomerAuth<S> {
         if token.len() > TOKEN_MAX {
             return Err(refused(ErrorReason::TokenInvalid, "the token is too long: log in again"));
         }
-        let claims = self.gateway.tokens.verify(token).map_err(|e| match e {
+        let claims = self.gateway.tokens().verify(token).map_err(|e| match e {
             TokenError::Expired => {
                 refused(ErrorReason::TokenExpired, "your session has expired: log in again")
             }

@@ -20,6 +20,8 @@
 
 use crate::error::GatewayError;
 use crate::store::{PageQuery, PaymentCounts, PaymentPage, PaymentRecord, PaymentState, Store};
+use crate::throttle::{self, Entry, Rule};
+use crate::tokens::SigningKey;
 use std::collections::HashSet;
 use std::future::{Future, ready};
 use std::sync::{Arc, RwLock};
@@ -124,8 +126,40 @@ pub trait GatewayStore: Clone + Send + Sync + 'static {
     /// Counts of payments by state.
     fn counts(&self) -> impl Future<Output = Result<PaymentCounts, GatewayError>> + Send;
 
-    /// Deletes decided, acknowledged payments created before `before_ms`.
+    /// Deletes decided, acknowledged payments created before `before_ms`,
+    /// and login counts idle since [`throttle::IDLE_FORGET`] and not locked.
+    /// Returns how many payments.
     fn prune(&self, before_ms: i64) -> impl Future<Output = Result<usize, GatewayError>> + Send;
+
+    /// The login counts of each key (fresh entries for keys never seen).
+    fn throttle_entries(
+        &self,
+        keys: Vec<String>,
+    ) -> impl Future<Output = Result<Vec<Entry>, GatewayError>> + Send;
+
+    /// Counts one failed login of `key` by `rule` ([`Rule::after_failure`]),
+    /// reading and writing its entry in one transaction, so that failures
+    /// at every replica add up; durable. Returns the new entry.
+    fn throttle_failure(
+        &self,
+        key: String,
+        rule: Rule,
+        now_ms: i64,
+    ) -> impl Future<Output = Result<Entry, GatewayError>> + Send;
+
+    /// A successful login clears the key's failures (not its locks).
+    fn throttle_success(&self, key: String) -> impl Future<Output = Result<(), GatewayError>> + Send;
+
+    /// The token signing keys every replica uses, newest first, at most
+    /// [`crate::tokens::KEYS_MAX`], after adding those of `from_file` (this
+    /// process's key file, newest first) that the store lacks. SQLite: the
+    /// file is the only source, and comes back as it is. PostgreSQL: the
+    /// keys are shared, so a key rotated into one gateway's file reaches
+    /// every replica.
+    fn token_keys(
+        &self,
+        from_file: Vec<SigningKey>,
+    ) -> impl Future<Output = Result<Vec<SigningKey>, GatewayError>> + Send;
 
     /// Every `(bank name, address)` registered.
     fn banks(&self) -> impl Future<Output = Result<Vec<(String, String)>, GatewayError>> + Send;
@@ -144,6 +178,11 @@ pub trait GatewayStore: Clone + Send + Sync + 'static {
 
     /// Whether a token was revoked, by this replica or any other.
     fn is_revoked(&self, jti: String) -> impl Future<Output = Result<bool, GatewayError>> + Send;
+}
+
+/// [`throttle::IDLE_FORGET`] in ms.
+pub fn idle_forget_ms() -> i64 {
+    i64::try_from(throttle::IDLE_FORGET.as_millis()).unwrap_or(i64::MAX)
 }
 
 fn internal(e: impl std::fmt::Display) -> GatewayError {
@@ -259,7 +298,27 @@ impl GatewayStore for SqliteStore {
     }
 
     async fn prune(&self, before_ms: i64) -> Result<usize, GatewayError> {
-        self.run(move |s| s.prune(before_ms)).await
+        let idle_before = strife_core::unix_ms().saturating_sub(idle_forget_ms());
+        self.run(move |s| s.prune(before_ms, idle_before)).await
+    }
+
+    async fn throttle_entries(&self, keys: Vec<String>) -> Result<Vec<Entry>, GatewayError> {
+        self.run(move |s| keys.iter().map(|k| s.throttle_entry(k)).collect()).await
+    }
+
+    async fn throttle_failure(&self, key: String, rule: Rule, now_ms: i64) -> Result<Entry, GatewayError> {
+        self.run(move |s| s.throttle_failure(&key, rule, now_ms)).await
+    }
+
+    async fn throttle_success(&self, key: String) -> Result<(), GatewayError> {
+        self.run(move |s| s.throttle_success(&key)).await
+    }
+
+    fn token_keys(
+        &self,
+        from_file: Vec<SigningKey>,
+    ) -> impl Future<Output = Result<Vec<SigningKey>, GatewayError>> + Send {
+        ready(Ok(from_file))
     }
 
     async fn banks(&self) -> Result<Vec<(String, String)>, GatewayError> {

@@ -10,9 +10,10 @@ use crate::backend::GatewayStore;
 use crate::error::GatewayError;
 use crate::registry::{BankEntry, Registry};
 use crate::store::{PaymentRecord, PaymentState, now_ms};
-use crate::tokens::TokenKeys;
+use crate::tokens::{TokenKeys, load_keys};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 use strife_core::{Amount, DeclineReason, PaymentId, UserRef, banks_involved};
 use strife_proto::bank::v1 as bank;
@@ -90,7 +91,10 @@ pub struct Gateway<S> {
     /// The gateway's store (SQLite, or PostgreSQL shared by replicas).
     pub store: S,
     pub registry: Registry,
-    pub tokens: TokenKeys,
+    /// The keys that sign and verify tokens; replaced when they change.
+    tokens: RwLock<Arc<TokenKeys>>,
+    /// Where this gateway's token key file is.
+    key_dir: PathBuf,
     pub config: GatewayConfig,
     /// Changes at every start; banks re-register when it changes.
     pub boot_id: String,
@@ -100,8 +104,8 @@ pub struct Gateway<S> {
     slots: tokio::sync::Semaphore,
     /// Wakes the finisher when a decision could not be delivered.
     finisher_wake: Notify,
-    /// Failed-login counting and locks.
-    pub throttle: crate::throttle::LoginThrottle,
+    /// Thresholds of failed logins (the counts are in the store).
+    pub throttle: crate::throttle::Policy,
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, GatewayError> {
@@ -109,22 +113,55 @@ fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, GatewayError> {
 }
 
 impl<S: GatewayStore> Gateway<S> {
-    pub fn new(store: S, registry: Registry, tokens: TokenKeys, config: GatewayConfig) -> Gateway<S> {
+    pub fn new(
+        store: S,
+        registry: Registry,
+        tokens: TokenKeys,
+        key_dir: PathBuf,
+        config: GatewayConfig,
+    ) -> Gateway<S> {
         Gateway {
             store,
             registry,
-            tokens,
+            tokens: RwLock::new(Arc::new(tokens)),
+            key_dir,
             boot_id: uuid::Uuid::new_v4().to_string(),
             in_flight: Mutex::new(HashMap::new()),
             slots: tokio::sync::Semaphore::new(PAYMENTS_IN_FLIGHT_MAX),
             finisher_wake: Notify::new(),
-            throttle: crate::throttle::LoginThrottle::new(crate::throttle::Policy {
+            throttle: crate::throttle::Policy {
                 account_failures_max: config.login_failures_max,
                 peer_failures_max: config.login_peer_failures_max,
                 lock: Duration::from_secs(config.login_lock_secs),
-            }),
+            },
             config,
         }
+    }
+
+    /// The token keys in use now.
+    pub fn tokens(&self) -> Arc<TokenKeys> {
+        match self.tokens.read() {
+            Ok(keys) => keys.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Reads the key file again and takes the keys the store says every
+    /// replica uses: a key rotated into the file (`strife rotate-key`) or
+    /// into another replica's store signs here within one finisher pass.
+    async fn refresh_keys(&self) -> Result<(), GatewayError> {
+        let from_file = load_keys(&self.key_dir).map_err(|e| GatewayError::Internal(format!("{e:#}")))?;
+        let keys = self.store.token_keys(from_file).await?;
+        let current = self.tokens();
+        if current.key_ids() != keys.iter().map(|(kid, _)| kid.as_str()).collect::<Vec<_>>() {
+            let fresh = TokenKeys::with_keys(&keys, current.ttl_secs)
+                .map_err(|e| GatewayError::Internal(format!("{e:#}")))?;
+            tracing::info!(signing_key = %keys[0].0, keys = keys.len(), "token keys changed");
+            let mut slot =
+                self.tokens.write().map_err(|_| GatewayError::Internal("key lock poisoned".into()))?;
+            *slot = Arc::new(fresh);
+        }
+        Ok(())
     }
 
     pub fn bank(&self, name: &str) -> Option<BankEntry> {
@@ -378,6 +415,9 @@ impl<S: GatewayStore> Gateway<S> {
                 }
             }
             self.abort_abandoned().await;
+            if let Err(e) = self.refresh_keys().await {
+                tracing::warn!(error = %e, "cannot refresh the token keys");
+            }
             match self.store.claim_unfinished(FINISH_BATCH_MAX).await {
                 Ok(payments) => {
                     for p in payments {

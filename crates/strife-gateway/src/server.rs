@@ -84,8 +84,10 @@ async fn serve<S: GatewayStore>(
             tracing::warn!(bank = %name, error = %e, "cannot restore a bank from the registry");
         }
     }
-    let tokens = TokenKeys::with_keys(&load_keys(&certs.path)?, opts.config.gateway.token_ttl_secs)?;
-    let gateway = Arc::new(Gateway::new(store, registry, tokens, opts.config.gateway.clone()));
+    let keys = store.token_keys(load_keys(&certs.path)?).await?;
+    let tokens = TokenKeys::with_keys(&keys, opts.config.gateway.token_ttl_secs)?;
+    let gateway =
+        Arc::new(Gateway::new(store, registry, tokens, certs.path.clone(), opts.config.gateway.clone()));
 
     let local = listener.local_addr()?;
     strife_rpc::pki::write_public_file(&opts.dir.join(GATEWAY_ADDR_FILE), &format!("{local}\n"))?;

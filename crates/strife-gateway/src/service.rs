@@ -8,7 +8,7 @@ use crate::error::GatewayError;
 use crate::page_token;
 use crate::registry::Registered;
 use crate::store::{PaymentRecord, PaymentState};
-use crate::throttle::Key;
+use crate::throttle::{self, Key};
 use crate::validate;
 use std::sync::Arc;
 use strife_core::UserRef;
@@ -42,8 +42,9 @@ impl<S: GatewayStore> pb::session_service_server::SessionService for SessionServ
         record_user(&who);
         let account = who.to_string();
         let keys = [Key::Account(&account), Key::Peer(&peer_ip)];
-        let throttle = &self.gateway.throttle;
-        if let Err(wait) = throttle.check(&keys, std::time::Instant::now()) {
+        let store = &self.gateway.store;
+        let found = store.throttle_entries(keys.iter().map(Key::text).collect()).await?;
+        if let Err(wait) = throttle::check(&found, strife_core::unix_ms()) {
             let secs = wait.as_secs().max(1);
             return Err(GatewayError::Throttled {
                 retry_after: wait,
@@ -66,18 +67,33 @@ impl<S: GatewayStore> pb::session_service_server::SessionService for SessionServ
             Err(_) => return Err(unavailable(&who.bank, &Status::deadline_exceeded("timeout")).into()),
         };
         if !valid {
-            let delay = throttle.failed(&keys, std::time::Instant::now());
-            tokio::time::sleep(delay).await;
+            let mut counted = Vec::with_capacity(keys.len());
+            for key in &keys {
+                let rule = key.rule(&self.gateway.throttle);
+                counted.push(store.throttle_failure(key.text(), rule, strife_core::unix_ms()).await?);
+            }
+            for ((key, before), after) in keys.iter().zip(&found).zip(&counted) {
+                if after.locks > before.locks {
+                    let secs = (after.locked_until_ms - strife_core::unix_ms()).max(0) / 1000;
+                    tracing::warn!(key = %key.text(), lock_secs = secs, "too many failed logins; locked");
+                }
+            }
+            tokio::time::sleep(throttle::delay_after(&found, &counted)).await;
             return Err(GatewayError::unauthenticated(
                 ErrorReason::WrongCredentials,
                 "wrong user name or password",
             )
             .into());
         }
-        throttle.succeeded(&keys);
+        // Failures count in a row: a success starts the count again.
+        for (key, entry) in keys.iter().zip(&found) {
+            if entry.failures > 0 {
+                store.throttle_success(key.text()).await?;
+            }
+        }
         let (token, claims) = self
             .gateway
-            .tokens
+            .tokens()
             .issue(&who)
             .map_err(|e| GatewayError::Internal(format!("issuing a token: {e}")))?;
         tracing::info!(customer = %who, "logged in");

@@ -6,6 +6,7 @@
 //! synced) before any bank hears it. `acked` turns 1 once every bank has
 //! acknowledged the decision.
 
+use crate::throttle::{Entry, Rule};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
 use strife_core::limits::HISTORY_PAGE_MAX;
@@ -91,9 +92,22 @@ CREATE INDEX payments_by_payee ON payments (payee_bank, payee_user, created_at, 
 CREATE INDEX payments_unfinished ON payments (state) WHERE acked = 0;
 ";
 
+/// Version 3: failed logins, counted in the store so that the counts
+/// survive a restart (see [`crate::throttle`]).
+const SCHEMA_V3: &str = "
+CREATE TABLE login_throttle (
+    key             TEXT PRIMARY KEY,
+    failures        INTEGER NOT NULL,
+    locks           INTEGER NOT NULL,
+    -- ms since the epoch; 0 when never locked
+    locked_until    INTEGER NOT NULL,
+    last_failure_at INTEGER NOT NULL
+) STRICT;
+";
+
 /// The schema's versions in order: a database at `PRAGMA user_version` n
 /// runs `MIGRATIONS[n..]`, all in one transaction, at open.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
 
 /// Brings the database to the latest schema version in one transaction: a
 /// crash half-way leaves it as it was. Refuses a database from a newer
@@ -488,13 +502,52 @@ impl Store {
         Ok(counts)
     }
 
-    /// Deletes decided, acknowledged payments created before `before_ms`.
-    pub fn prune(&mut self, before_ms: i64) -> rusqlite::Result<usize> {
+    /// Deletes decided, acknowledged payments created before `before_ms`,
+    /// and login counts idle since `idle_before_ms` and not locked.
+    pub fn prune(&mut self, before_ms: i64, idle_before_ms: i64) -> rusqlite::Result<usize> {
+        self.conn
+            .prepare_cached("DELETE FROM login_throttle WHERE last_failure_at < ?1 AND locked_until < ?1")?
+            .execute([idle_before_ms])?;
         self.conn
             .prepare_cached(
                 "DELETE FROM payments WHERE created_at < ?1 AND acked = 1 AND state != 'preparing'",
             )?
             .execute([before_ms])
+    }
+
+    /// The login counts of `key` (a fresh entry when there are none).
+    pub fn throttle_entry(&self, key: &str) -> rusqlite::Result<Entry> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT failures, locks, locked_until FROM login_throttle WHERE key = ?1")?
+            .query_row([key], |r| {
+                Ok(Entry { failures: r.get(0)?, locks: r.get(1)?, locked_until_ms: r.get(2)? })
+            })
+            .optional()?
+            .unwrap_or_default())
+    }
+
+    /// Counts one failed login of `key` by `rule`; returns the new entry.
+    /// Read and write are in one transaction of the group-commit thread.
+    pub fn throttle_failure(&mut self, key: &str, rule: Rule, now_ms: i64) -> rusqlite::Result<Entry> {
+        let e = rule.after_failure(self.throttle_entry(key)?, now_ms);
+        self.conn
+            .prepare_cached(
+                "INSERT INTO login_throttle (key, failures, locks, locked_until, last_failure_at)
+                 VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (key) DO UPDATE SET failures = excluded.failures, locks = excluded.locks,
+                     locked_until = excluded.locked_until, last_failure_at = excluded.last_failure_at",
+            )?
+            .execute(params![key, e.failures, e.locks, e.locked_until_ms, now_ms])?;
+        Ok(e)
+    }
+
+    /// A successful login clears the key's failures (not its locks).
+    pub fn throttle_success(&mut self, key: &str) -> rusqlite::Result<()> {
+        self.conn
+            .prepare_cached("UPDATE login_throttle SET failures = 0 WHERE key = ?1 AND failures > 0")?
+            .execute([key])?;
+        Ok(())
     }
 
     pub fn banks(&self) -> rusqlite::Result<Vec<(String, String)>> {

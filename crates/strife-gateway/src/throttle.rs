@@ -3,10 +3,14 @@
 //! and past a threshold the key is locked for a while (longer each time).
 //! An unknown user and a wrong password count alike, so the throttle says
 //! nothing about which accounts exist.
+//!
+//! The counts live in the gateway's store ([`crate::backend::GatewayStore`]),
+//! so they survive a restart and, on PostgreSQL, every replica counts into
+//! the same rows: N gateways do not give an attacker N times the tries. The
+//! rules are here, as pure functions the stores apply inside the
+//! transaction that reads and writes a key's entry.
 
-use std::collections::HashMap;
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Delay added to the answer of the first failure; doubles with each one.
 const FAILURE_DELAY_FIRST: Duration = Duration::from_millis(50);
@@ -14,10 +18,9 @@ const FAILURE_DELAY_FIRST: Duration = Duration::from_millis(50);
 const FAILURE_DELAY_MAX: Duration = Duration::from_secs(2);
 /// Longest lock.
 const LOCK_MAX: Duration = Duration::from_secs(3600);
-/// Most keys tracked; past it, entries idle for a while are dropped.
-const ENTRIES_MAX: usize = 100_000;
-/// An entry idle this long is forgotten when the table is full.
-const IDLE_FORGET: Duration = Duration::from_secs(3600);
+/// An entry idle this long (and not locked) is forgotten when the store
+/// prunes.
+pub const IDLE_FORGET: Duration = Duration::from_secs(3600);
 
 /// Thresholds, from the settings.
 #[derive(Debug, Clone, Copy)]
@@ -30,17 +33,45 @@ pub struct Policy {
     pub lock: Duration,
 }
 
-#[derive(Debug, Default)]
-struct Entry {
-    failures: u32,
-    locks: u32,
-    locked_until: Option<Instant>,
-    last: Option<Instant>,
+/// What is known of one key: failures since the last lock or success,
+/// how many locks it had, and until when it is locked (ms since the epoch;
+/// 0 when it never was).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Entry {
+    pub failures: u32,
+    pub locks: u32,
+    pub locked_until_ms: i64,
 }
 
-pub struct LoginThrottle {
-    policy: Policy,
-    entries: Mutex<HashMap<String, Entry>>,
+/// The threshold and first lock that apply to one key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rule {
+    pub failures_max: u32,
+    pub lock: Duration,
+}
+
+impl Rule {
+    /// The entry after one more failure at `now_ms`: past the threshold
+    /// the key is locked, each lock twice as long as the one before.
+    pub fn after_failure(&self, e: Entry, now_ms: i64) -> Entry {
+        let failures = e.failures.saturating_add(1);
+        if failures < self.failures_max {
+            return Entry { failures, ..e };
+        }
+        let lock = (self.lock * 2u32.pow(e.locks.min(16))).min(LOCK_MAX);
+        let lock_ms = i64::try_from(lock.as_millis()).unwrap_or(i64::MAX);
+        Entry {
+            failures: 0,
+            locks: e.locks.saturating_add(1),
+            locked_until_ms: now_ms.saturating_add(lock_ms),
+        }
+    }
+}
+
+/// How long to wait before answering the `failures`-th failure in a row.
+fn failure_delay(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(16);
+    (FAILURE_DELAY_FIRST * 2u32.pow(exp)).min(FAILURE_DELAY_MAX)
 }
 
 /// Which kind of key, for the thresholds.
@@ -51,73 +82,42 @@ pub enum Key<'a> {
 }
 
 impl Key<'_> {
-    fn text(&self) -> String {
+    /// The key as the store keeps it.
+    pub fn text(&self) -> String {
         match self {
             Key::Account(a) => format!("account:{a}"),
             Key::Peer(p) => format!("peer:{p}"),
         }
     }
+
+    pub fn rule(&self, policy: &Policy) -> Rule {
+        let failures_max = match self {
+            Key::Account(_) => policy.account_failures_max,
+            Key::Peer(_) => policy.peer_failures_max,
+        };
+        Rule { failures_max, lock: policy.lock }
+    }
 }
 
-impl LoginThrottle {
-    pub fn new(policy: Policy) -> LoginThrottle {
-        LoginThrottle { policy, entries: Mutex::new(HashMap::new()) }
+/// `Err(retry_after)` while any of `entries` is locked at `now_ms`.
+pub fn check(entries: &[Entry], now_ms: i64) -> Result<(), Duration> {
+    let wait = entries.iter().map(|e| e.locked_until_ms.saturating_sub(now_ms)).filter(|ms| *ms > 0).max();
+    match wait {
+        Some(ms) => Err(Duration::from_millis(u64::try_from(ms).unwrap_or(0))),
+        None => Ok(()),
     }
+}
 
-    /// `Err(retry_after)` while any of `keys` is locked.
-    pub fn check(&self, keys: &[Key<'_>], now: Instant) -> Result<(), Duration> {
-        let Ok(entries) = self.entries.lock() else { return Ok(()) };
-        let wait = keys
-            .iter()
-            .filter_map(|k| entries.get(&k.text())?.locked_until)
-            .filter(|until| *until > now)
-            .map(|until| until - now)
-            .max();
-        match wait {
-            Some(w) => Err(w),
-            None => Ok(()),
-        }
-    }
-
-    /// Records a failure; returns how long to wait before answering.
-    pub fn failed(&self, keys: &[Key<'_>], now: Instant) -> Duration {
-        let Ok(mut entries) = self.entries.lock() else { return FAILURE_DELAY_MAX };
-        if entries.len() >= ENTRIES_MAX {
-            entries.retain(|_, e| e.last.is_some_and(|t| now.duration_since(t) < IDLE_FORGET));
-        }
-        let mut delay = Duration::ZERO;
-        for key in keys {
-            let max = match key {
-                Key::Account(_) => self.policy.account_failures_max,
-                Key::Peer(_) => self.policy.peer_failures_max,
-            };
-            let e = entries.entry(key.text()).or_default();
-            e.failures += 1;
-            e.last = Some(now);
-            let exp = e.failures.saturating_sub(1).min(16);
-            delay = delay.max((FAILURE_DELAY_FIRST * 2u32.pow(exp)).min(FAILURE_DELAY_MAX));
-            if e.failures >= max {
-                let lock = (self.policy.lock * 2u32.pow(e.locks.min(16))).min(LOCK_MAX);
-                e.locks += 1;
-                e.failures = 0;
-                e.locked_until = Some(now + lock);
-                tracing::warn!(key = %key.text(), lock_secs = lock.as_secs(), "too many failed logins; locked");
-            }
-        }
-        delay
-    }
-
-    /// A successful login clears the account's failures (not the peer's
-    /// lock history).
-    pub fn succeeded(&self, keys: &[Key<'_>]) {
-        if let Ok(mut entries) = self.entries.lock() {
-            for key in keys {
-                if let Some(e) = entries.get_mut(&key.text()) {
-                    e.failures = 0;
-                }
-            }
-        }
-    }
+/// How long to wait before answering a failure, from the entries it left
+/// (`before`: the entries it found): the delay grows with the failures in
+/// a row, and the failure that locks a key waits longest.
+pub fn delay_after(before: &[Entry], after: &[Entry]) -> Duration {
+    before
+        .iter()
+        .zip(after)
+        .map(|(b, a)| if a.locks > b.locks { FAILURE_DELAY_MAX } else { failure_delay(a.failures) })
+        .max()
+        .unwrap_or(Duration::ZERO)
 }
 
 #[cfg(test)]
@@ -126,30 +126,27 @@ mod tests {
 
     #[test]
     fn locks_after_the_threshold_and_unlocks_later() {
-        let t = LoginThrottle::new(Policy {
-            account_failures_max: 3,
-            peer_failures_max: 100,
-            lock: Duration::from_secs(10),
-        });
-        let now = Instant::now();
-        let keys = [Key::Account("u@B"), Key::Peer("127.0.0.1")];
-        let d1 = t.failed(&keys, now);
-        let d2 = t.failed(&keys, now);
-        assert!(d2 > d1, "delays grow");
-        assert!(t.check(&keys, now).is_ok());
-        t.failed(&keys, now);
-        let wait = t.check(&keys, now).expect_err("locked");
-        assert_eq!(wait, Duration::from_secs(10));
-        assert!(t.check(&keys, now + Duration::from_secs(11)).is_ok());
+        let policy =
+            Policy { account_failures_max: 3, peer_failures_max: 100, lock: Duration::from_secs(10) };
+        let rule = Key::Account("u@B").rule(&policy);
+        let now = 1_000_000;
+        let e1 = rule.after_failure(Entry::default(), now);
+        let e2 = rule.after_failure(e1, now);
+        assert!(delay_after(&[e1], &[e2]) > delay_after(&[Entry::default()], &[e1]), "delays grow");
+        assert!(check(&[e2], now).is_ok());
+        let e3 = rule.after_failure(e2, now);
+        assert_eq!(delay_after(&[e2], &[e3]), FAILURE_DELAY_MAX, "the locking failure waits longest");
+        assert_eq!(check(&[e3], now).expect_err("locked"), Duration::from_secs(10));
+        assert!(check(&[e3], now + 11_000).is_ok());
         // The second lock lasts twice as long.
-        for _ in 0..3 {
-            t.failed(&keys, now + Duration::from_secs(11));
-        }
-        assert_eq!(
-            t.check(&keys, now + Duration::from_secs(11)).expect_err("locked"),
-            Duration::from_secs(20)
-        );
-        // Other accounts are not affected by this account's lock.
-        assert!(t.check(&[Key::Account("v@B")], now + Duration::from_secs(11)).is_ok());
+        let later = now + 11_000;
+        let e6 = (0..3).fold(e3, |e, _| rule.after_failure(e, later));
+        assert_eq!(check(&[e6], later).expect_err("locked"), Duration::from_secs(20));
+        // A peer key has its own, higher threshold.
+        let peer = Key::Peer("127.0.0.1").rule(&policy);
+        assert_eq!(peer.after_failure(e2, now).locks, 0);
+        // Locks never pass an hour.
+        let many = Entry { failures: 2, locks: 40, locked_until_ms: 0 };
+        assert_eq!(check(&[rule.after_failure(many, now)], now).expect_err("locked"), LOCK_MAX);
     }
 }

@@ -61,6 +61,9 @@ pub enum TokenError {
     Invalid(String),
 }
 
+/// A signing key: its id and its secret.
+pub type SigningKey = (String, Secret<Vec<u8>>);
+
 /// How many signing keys the key file keeps: the newest signs, every one
 /// verifies, so a rotation logs nobody out.
 pub const KEYS_MAX: usize = 3;
@@ -104,7 +107,8 @@ pub fn load_or_create_key(certs_dir: &Path) -> anyhow::Result<(String, Secret<Ve
 
 /// Adds a new signing key in front, keeping at most [`KEYS_MAX`]. Tokens
 /// signed with the older keys stay valid until they expire (or until their
-/// key falls off the end). The gateway reads the file when it starts.
+/// key falls off the end). A running gateway reads the file again every
+/// finisher pass (about a second).
 pub fn rotate_key(certs_dir: &Path) -> anyhow::Result<String> {
     let mut lines = vec![random_key_line()?];
     let old = std::fs::read_to_string(certs_dir.join(KEY_FILE)).unwrap_or_default();
@@ -143,6 +147,11 @@ impl TokenKeys {
             validation,
             ttl_secs,
         })
+    }
+
+    /// The key ids, the signing key first.
+    pub fn key_ids(&self) -> Vec<&str> {
+        self.decoding.iter().map(|(kid, _)| kid.as_str()).collect()
     }
 
     /// Issues a token for `who`.

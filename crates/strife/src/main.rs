@@ -518,7 +518,7 @@ fn certs(dir: &std::path::Path, cmd: CertsCommand) -> anyhow::Result<Reply> {
             Ok(Reply::done(
                 serde_json::json!({ "kid": kid }),
                 format!(
-                    "New token-signing key {kid}; restart the gateway to sign with it. Older tokens stay valid."
+                    "New token-signing key {kid}; running gateways sign with it within seconds. Older tokens stay valid."
                 ),
             ))
         }

@@ -594,3 +594,62 @@ fn the_audit_names_every_disagreement() {
     assert!(named("payment made-up is committed at BankB but unknown to the gateway"), "{problems:#?}");
     assert_eq!(j["problem_count"].as_u64(), Some(problems.len() as u64), "{j}");
 }
+
+#[test]
+fn failed_logins_are_remembered_across_a_gateway_crash() {
+    // The defaults: 5 failures in a row lock an account for a minute.
+    let mut c = Cluster::start(&["BankA", "BankB"]);
+    let rt = grpc::runtime();
+    let gw = c.gateway.addr.clone();
+    rt.block_on(async {
+        let ch = grpc::client_channel(c.path(), &gw).await;
+        for _ in 0..5 {
+            let refused = grpc::login(&ch, "BankA", "user1", "wrong").await.expect_err("wrong password");
+            assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+        }
+        let locked = grpc::login(&ch, "BankA", "user1", "pass1").await.expect_err("locked");
+        assert_eq!(locked.code(), tonic::Code::ResourceExhausted, "{locked:?}");
+    });
+    c.gateway.kill9();
+    c.gateway = start_gateway(c.path(), &gw, &[]);
+    c.wait_registered();
+    rt.block_on(async {
+        let ch = grpc::client_channel(c.path(), &gw).await;
+        let locked = grpc::login(&ch, "BankA", "user1", "pass1").await.expect_err("still locked");
+        assert_eq!(locked.code(), tonic::Code::ResourceExhausted, "{locked:?}");
+        // Another account is not affected.
+        grpc::login(&ch, "BankA", "user3", "pass3").await.expect("another account logs in");
+    });
+}
+
+#[test]
+fn a_rotated_token_key_signs_new_tokens_without_a_restart() {
+    let c = Cluster::start(&["BankA"]);
+    let rt = grpc::runtime();
+    let gw = c.gateway.addr.clone();
+    let header = |token: &str| token.split('.').next().expect("JWT header").to_owned();
+    let (old_token, old_header) = rt.block_on(async {
+        let ch = grpc::client_channel(c.path(), &gw).await;
+        let t = grpc::login(&ch, "BankA", "user1", "pass1").await.expect("login");
+        let h = header(&t);
+        (t, h)
+    });
+    let r = c.cli(&["--json", "certs", "rotate-token-key"]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let kid = r.json()["kid"].as_str().expect("kid").to_owned();
+    rt.block_on(async {
+        let ch = grpc::client_channel(c.path(), &gw).await;
+        // The gateway takes the new key within a pass of its finisher.
+        let deadline = std::time::Instant::now() + WAIT;
+        let new_token = loop {
+            let t = grpc::login(&ch, "BankA", "user3", "pass3").await.expect("login");
+            if header(&t) != old_header || std::time::Instant::now() > deadline {
+                break t;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        assert_ne!(header(&new_token), old_header, "new tokens are signed with key {kid}");
+        grpc::balance(&ch, &new_token).await.expect("a token of the new key works");
+        grpc::balance(&ch, &old_token).await.expect("a token of the old key still works");
+    });
+}
