@@ -307,6 +307,17 @@ impl PostgresServer {
         stopped
     }
 
+    /// Crashes the server and starts it again on the same port
+    /// (`pg_ctl restart -m immediate`: no checkpoint, every client cut off;
+    /// the server recovers from its WAL, so every commit that returned is
+    /// still there). Returns once it accepts connections again.
+    pub fn restart_immediately(&self) -> anyhow::Result<()> {
+        let mut restart =
+            self.pg_ctl(&["restart", "-m", "immediate", "-w", "-t", &START_TIMEOUT_SECS.to_string(), "-D"]);
+        restart.arg(self.data()).arg("-l").arg(self.log_file()).arg("-o").arg(format!("-p {}", self.port));
+        Self::run(restart, "pg_ctl restart -m immediate")
+    }
+
     fn data(&self) -> PathBuf {
         self.base.join("data")
     }
@@ -621,6 +632,12 @@ mod tests {
         assert!(format!("{err:#}").contains("permission denied"), "{err:#}");
         let wrong = Secret::new(b.expose().replace("role_b:", "role_b:x"));
         assert!(server.psql(&wrong, &["SELECT 1"]).is_err(), "a wrong password is refused");
+
+        // A crash of the server loses no commit, and it comes back on its port.
+        let port = server.port();
+        server.restart_immediately().expect("restart -m immediate");
+        assert_eq!(server.port(), port);
+        assert_eq!(server.psql(&a, &["SELECT x FROM t"]).expect("read after the crash"), "1");
 
         server.stop().expect("stop");
         assert!(!base.exists(), "a temporary base is removed");
