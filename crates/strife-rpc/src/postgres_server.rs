@@ -218,6 +218,13 @@ impl PostgresServer {
         self.port
     }
 
+    /// The process id of the server's postmaster (the parent of every
+    /// backend), if it runs.
+    pub fn pid(&self) -> Option<u32> {
+        let text = std::fs::read_to_string(self.data().join("postmaster.pid")).ok()?;
+        text.lines().next()?.trim().parse().ok()
+    }
+
     /// The server's directory.
     pub fn base(&self) -> &Path {
         &self.base

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use strife_client::{Exit, Reply};
 use strife_core::rng::SplitMix64;
 use strife_proto::gateway::v1 as pb;
+use strife_rpc::postgres_server::{Lifetime, PostgresServer};
 use tonic::transport::Channel;
 
 /// Connections the load generator spreads its calls over.
@@ -55,6 +56,14 @@ pub struct BenchArgs {
     /// out, so balances stay as they were), to measure a large ledger.
     #[arg(long, default_value_t = 0)]
     history: u64,
+    /// Run the bench's own cluster on a private PostgreSQL server started
+    /// for the run (Debian's `postgresql` package), instead of SQLite.
+    #[arg(long)]
+    postgres: bool,
+    /// Gateway processes in the bench's own cluster, sharing one database
+    /// (more than one needs --postgres); payers spread over them.
+    #[arg(long, default_value_t = 1)]
+    gateways: usize,
     /// With --history: make every payment of that history one of this
     /// account's (`u<i>@Bank<j>`), alternately sent and received, to
     /// measure one customer's long history.
@@ -95,28 +104,53 @@ pub async fn run(
         bail!("--payments and --concurrency must be at least 1");
     }
     let own = gateway.is_none();
-    let (dir, servers, gw_addr, customers) = if own {
+    let (dir, cluster, gw_addrs, customers) = if own {
         let dir = std::env::temp_dir().join(format!("strife-bench-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let (servers, addr, customers) = start_cluster(&dir, &args)?;
-        (dir, servers, addr, customers)
+        let (cluster, addrs, customers) = start_cluster(&dir, &args)?;
+        (dir, cluster, addrs, customers)
     } else {
         let dir = strife_client::connect::resolve_dir(dir_flag.as_deref());
-        let addr = gateway.unwrap_or_default();
-        let customers = sample_customers(&dir, &addr).await?;
-        (dir, Vec::new(), addr, customers)
+        let addrs = strife_client::connect::gateway_addresses(&dir, gateway.as_deref())
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?;
+        let customers = sample_customers(&dir, &addrs[0]).await?;
+        (dir, OwnCluster::default(), addrs, customers)
     };
-    let result = measure(&args, &dir, &gw_addr, &customers, &servers, own).await;
-    drop(servers);
+    let result = measure(&args, &dir, &gw_addrs, &customers, &cluster, own).await;
+    // The servers stop before their database does.
+    drop(cluster);
     if own && !args.keep {
         let _ = std::fs::remove_dir_all(&dir);
     }
     result
 }
 
-fn start_cluster(dir: &Path, args: &BenchArgs) -> anyhow::Result<(Vec<Server>, String, Vec<Customer>)> {
-    if args.banks == 0 || args.accounts == 0 {
-        bail!("--banks and --accounts must be at least 1");
+/// The bench's own cluster: its servers, and the PostgreSQL server under
+/// them if any (dropped after them).
+#[derive(Default)]
+struct OwnCluster {
+    servers: Vec<Server>,
+    postgres: Option<PostgresServer>,
+}
+
+impl Drop for OwnCluster {
+    fn drop(&mut self) {
+        self.servers.clear();
+        if let Some(mut pg) = self.postgres.take() {
+            let _ = pg.stop();
+        }
+    }
+}
+
+fn start_cluster(dir: &Path, args: &BenchArgs) -> anyhow::Result<(OwnCluster, Vec<String>, Vec<Customer>)> {
+    if args.banks == 0 || args.accounts == 0 || args.gateways == 0 {
+        bail!("--banks, --accounts and --gateways must be at least 1");
+    }
+    if args.gateways > 1 && !args.postgres {
+        bail!("--gateways {} needs --postgres: gateways share their state only in PostgreSQL", args.gateways);
+    }
+    if args.postgres && args.history > 0 {
+        bail!("--history writes SQLite stores; it cannot be combined with --postgres");
     }
     let banks: Vec<String> = (0..args.banks).map(|i| format!("Bank{i}")).collect();
     let focus = match &args.history_account {
@@ -147,23 +181,61 @@ fn start_cluster(dir: &Path, args: &BenchArgs) -> anyhow::Result<(Vec<Server>, S
     if args.history > 0 {
         prefill_history(dir, &banks, args.accounts, args.history, focus)?;
     }
+    let mut cluster = OwnCluster::default();
+    // On PostgreSQL, one database for the gateways and one per bank, each
+    // with its own role; the URLs go to the servers in their environment.
+    let mut gateway_env: Vec<(String, String)> = vec![("STRIFE_LOG_LEVEL".into(), "warn".into())];
+    let mut bank_env: Vec<Vec<(String, String)>> = vec![gateway_env.clone(); banks.len()];
+    if args.postgres {
+        let base = std::env::temp_dir().join(format!("strife-bench-pg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let pg = PostgresServer::start(&base, Lifetime::Temporary)?;
+        let url = pg.create_private_database("strife_gateway", "strife_gateway")?;
+        // The audit at the end reads the gateway's store through the settings.
+        strife_rpc::pki::write_private(
+            &dir.join(strife_rpc::config::CONFIG_FILE),
+            &format!("[gateway]\nstore = \"{}\"\n", url.expose()),
+        )?;
+        gateway_env.push(("STRIFE_GATEWAY_STORE".into(), url.expose().clone()));
+        for (bank, env) in banks.iter().zip(&mut bank_env) {
+            let name = format!("strife_{}", bank.to_ascii_lowercase());
+            let url = pg.create_private_database(&name, &name)?;
+            env.push(("STRIFE_BANK_STORE".into(), url.expose().clone()));
+        }
+        cluster.postgres = Some(pg);
+    }
     let exe = std::env::current_exe()?;
-    let quiet = [("STRIFE_LOG_LEVEL", "warn")];
-    let (gateway, addr) = spawn(&exe, dir, "gateway", &["gateway", "--listen", "127.0.0.1:0"], &quiet)?;
-    let mut servers = vec![gateway];
-    for bank in &banks {
+    let mut addrs = Vec::new();
+    for g in 0..args.gateways {
+        let name = if args.gateways == 1 { "gateway".to_owned() } else { format!("gateway{g}") };
+        let (gateway, addr) = spawn(&exe, dir, &name, &["gateway", "--listen", "127.0.0.1:0"], &gateway_env)?;
+        cluster.servers.push(gateway);
+        addrs.push(addr);
+    }
+    let gateway_list = addrs.join(",");
+    for (bank, env) in banks.iter().zip(&bank_env) {
         let accounts = dir.join(format!("{bank}.accounts.toml"));
         let accounts = accounts.to_string_lossy().into_owned();
         let (server, _) = spawn(
             &exe,
             dir,
             bank,
-            &["bank", "--name", bank, "--listen", "127.0.0.1:0", "--gateway", &addr, "--accounts", &accounts],
-            &quiet,
+            &[
+                "bank",
+                "--name",
+                bank,
+                "--listen",
+                "127.0.0.1:0",
+                "--gateway",
+                &gateway_list,
+                "--accounts",
+                &accounts,
+            ],
+            env,
         )?;
-        servers.push(server);
+        cluster.servers.push(server);
     }
-    Ok((servers, addr, customers))
+    Ok((cluster, addrs, customers))
 }
 
 /// The index (bank-major, as in `prefill_history`) of a bench account
@@ -282,7 +354,7 @@ fn spawn(
     dir: &Path,
     name: &str,
     args: &[&str],
-    env: &[(&str, &str)],
+    env: &[(String, String)],
 ) -> anyhow::Result<(Server, String)> {
     let mut cmd = Command::new(exe);
     if let Some((k, v)) = crate::up::co_located_env() {
@@ -330,9 +402,12 @@ async fn sample_customers(dir: &Path, addr: &str) -> anyhow::Result<Vec<Customer
     Ok(out)
 }
 
-async fn channels(dir: &Path, addr: &str) -> anyhow::Result<Vec<Channel>> {
+/// `CONNECTIONS` channels to every gateway, interleaved, so that payers
+/// spread evenly over the gateways.
+async fn channels(dir: &Path, addrs: &[String]) -> anyhow::Result<Vec<Channel>> {
     let mut out = Vec::new();
-    for _ in 0..CONNECTIONS {
+    for i in 0..CONNECTIONS * addrs.len() {
+        let addr = &addrs[i % addrs.len()];
         let ch = strife_client::connect::connect(dir, addr, Duration::from_secs(10))
             .await
             .map_err(|e| anyhow::anyhow!("connecting to the gateway: {e:?}"))?;
@@ -417,14 +492,18 @@ struct Tally {
 async fn measure(
     args: &BenchArgs,
     dir: &Path,
-    addr: &str,
+    addrs: &[String],
     customers: &[Customer],
-    servers: &[Server],
+    cluster: &OwnCluster,
     own: bool,
 ) -> anyhow::Result<Reply> {
-    let chs = channels(dir, addr).await?;
+    let servers = &cluster.servers;
+    let chs = channels(dir, addrs).await?;
     let banks: std::collections::BTreeSet<&str> = customers.iter().map(|c| c.bank.as_str()).collect();
-    wait_banks(&chs[0], banks.len()).await?;
+    // The first channels go one to each gateway; every one must know every bank.
+    for ch in &chs[..addrs.len()] {
+        wait_banks(ch, banks.len()).await?;
+    }
     let payer_count = args.hot.unwrap_or(args.concurrency).clamp(1, customers.len());
     // Payers spread over the banks: every bank's first accounts.
     let per_bank = customers.len() / banks.len().max(1);
@@ -436,6 +515,7 @@ async fn measure(
     let noop = noop_rate(&chs, args.concurrency, args.noop_secs).await;
     let before: Vec<(u64, u64)> = servers.iter().map(|s| cpu_ticks(s.child.id())).collect();
     let bench_before = cpu_ticks(std::process::id());
+    let postgres_before = cluster.postgres.as_ref().map(|pg| postgres_ticks(pg.pid()));
 
     let tally = Arc::new(Tally::default());
     let next = Arc::new(AtomicU64::new(0));
@@ -493,6 +573,7 @@ async fn measure(
     }
     let after: Vec<(u64, u64)> = servers.iter().map(|s| cpu_ticks(s.child.id())).collect();
     let bench_after = cpu_ticks(std::process::id());
+    let postgres_after = cluster.postgres.as_ref().map(|pg| postgres_ticks(pg.pid()));
     latencies.sort_unstable();
     let pct = |p: f64| -> f64 {
         if latencies.is_empty() {
@@ -533,12 +614,17 @@ async fn measure(
         memory.insert(s.name.clone(), json!(peak_rss_mb(s.child.id())));
     }
     cpu.insert("bench".into(), json!(round3(cpu_ms(bench_before, bench_after))));
+    if let (Some(b), Some(a)) = (postgres_before, postgres_after) {
+        cpu.insert("postgres".into(), json!(round3(cpu_ms(b, a))));
+    }
     let json = json!({
         "payments": latencies.len(),
         "concurrency": args.concurrency,
         "mode": if args.hot.is_some() { "hot" } else { "uniform" },
         "payers": payer_count,
         "banks": banks.len(),
+        "gateways": addrs.len(),
+        "store": if cluster.postgres.is_some() { "postgres" } else if own { "sqlite" } else { "external" },
         "accounts": customers.len(),
         "history": args.history,
         "history_account": args.history_account,
@@ -563,11 +649,13 @@ async fn measure(
 fn table(j: &Value) -> String {
     let mut t = String::new();
     t.push_str(&format!(
-        "strife bench: {} payments, {} concurrent payers ({}, {} payer accounts), {} banks, {} accounts, {} payments of history{}\n",
+        "strife bench: {} payments, {} concurrent payers ({}, {} payer accounts), {} gateway(s) on {}, {} banks, {} accounts, {} payments of history{}\n",
         j["payments"],
         j["concurrency"],
         j["mode"].as_str().unwrap_or(""),
         j["payers"],
+        j["gateways"],
+        j["store"].as_str().unwrap_or(""),
         j["banks"],
         j["accounts"],
         j["history"],
@@ -621,6 +709,25 @@ fn progress_bar(total: u64, next: Arc<AtomicU64>, started: Instant) -> tokio::ta
 
 fn round3(x: f64) -> f64 {
     (x * 1000.0).round() / 1000.0
+}
+
+/// (user, system) CPU time of a PostgreSQL server: its postmaster and
+/// every process it started (the backends serving the pools), in clock
+/// ticks. A backend that exits during the run takes its time with it.
+fn postgres_ticks(postmaster: Option<u32>) -> (u64, u64) {
+    let Some(root) = postmaster else { return (0, 0) };
+    let mut total = cpu_ticks(root);
+    let Ok(procs) = std::fs::read_dir("/proc") else { return total };
+    for entry in procs.filter_map(Result::ok) {
+        let Some(pid) = entry.file_name().to_str().and_then(|p| p.parse::<u32>().ok()) else { continue };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        let ppid = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().nth(1)?.parse::<u32>().ok());
+        if ppid == Some(root) {
+            let (u, s) = cpu_ticks(pid);
+            total = (total.0 + u, total.1 + s);
+        }
+    }
+    total
 }
 
 /// (user, system) CPU time of a process, in clock ticks.
