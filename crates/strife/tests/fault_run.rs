@@ -10,14 +10,12 @@
 
 mod common;
 
-use common::grpc;
 use common::*;
+use common::{fault, grpc};
 use nix::sys::signal::Signal;
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tonic::Code;
 
 const FAST: &[(&str, &str)] = &[
     ("STRIFE_GATEWAY_PREPARE_TIMEOUT_MS", "1000"),
@@ -26,22 +24,6 @@ const FAST: &[(&str, &str)] = &[
     ("STRIFE_BANK_INQUIRY_INTERVAL_MS", "200"),
     ("STRIFE_BANK_REGISTER_INTERVAL_MS", "200"),
 ];
-
-#[derive(Debug, Clone)]
-struct Sent {
-    payer: (String, String),
-    payee: (String, String),
-    amount_minor: i64,
-    /// 1 committed, 2 declined, None: no final answer reached the client.
-    outcome: Option<i32>,
-}
-
-fn outage(code: Code) -> bool {
-    matches!(
-        code,
-        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded | Code::Internal
-    )
-}
 
 #[test]
 fn payments_survive_kills_and_pauses() {
@@ -96,71 +78,14 @@ fn payments_survive_kills_and_pauses() {
     };
 
     let rt = grpc::runtime();
-    let sent: Arc<Mutex<HashMap<String, Sent>>> = Arc::new(Mutex::new(HashMap::new()));
-    let payers = [
-        ("user1", "BankA"),
-        ("user2", "BankA"),
-        ("user3", "BankA"),
-        ("user4", "BankA"),
-        ("user1", "BankB"),
-        ("user2", "BankB"),
-        ("user3", "BankB"),
-        ("user4", "BankB"),
-    ];
-    rt.block_on(async {
-        let ch = grpc::client_channel(&dir, &gw_addr).await;
-        let mut tasks = Vec::new();
-        for (n, (user, bank)) in payers.into_iter().enumerate() {
-            let (ch, stop, sent) = (ch.clone(), stop.clone(), sent.clone());
-            let mut rng = Rng(seed ^ ((n as u64 + 1) * 0x1234_5678));
-            tasks.push(tokio::spawn(async move {
-                let password = format!("pass{}", &user[4..]);
-                let token = loop {
-                    match grpc::login(&ch, bank, user, &password).await {
-                        Ok(t) => break t,
-                        Err(e) if outage(e.code()) => tokio::time::sleep(Duration::from_millis(100)).await,
-                        Err(e) => panic!("login {user}@{bank}: {e:?}"),
-                    }
-                };
-                while !stop.load(Ordering::SeqCst) {
-                    let other = if bank == "BankA" { "BankB" } else { "BankA" };
-                    let payee = format!("user{}", 1 + rng.below(5));
-                    let amount_minor = 100 + rng.below(5_000) as i64;
-                    let amount = strife_core::money::format_minor(amount_minor);
-                    let id = grpc::new_id();
-                    sent.lock().expect("sent").insert(
-                        id.clone(),
-                        Sent {
-                            payer: (user.into(), bank.into()),
-                            payee: (payee.clone(), other.into()),
-                            amount_minor,
-                            outcome: None,
-                        },
-                    );
-                    // Retry the same id until a final answer, as the outbox does.
-                    let give_up = Instant::now() + Duration::from_secs(20);
-                    while Instant::now() < give_up {
-                        let call = grpc::pay(&ch, &token, &id, &payee, other, &amount);
-                        match tokio::time::timeout(Duration::from_secs(5), call).await {
-                            Ok(Ok(resp)) => {
-                                sent.lock().expect("sent").get_mut(&id).expect("id").outcome =
-                                    Some(resp.status);
-                                break;
-                            }
-                            Ok(Err(e)) if !outage(e.code()) => panic!("pay: {e:?}"),
-                            _ => tokio::time::sleep(Duration::from_millis(100)).await,
-                        }
-                        if stop.load(Ordering::SeqCst) {
-                            break;
-                        }
-                    }
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.expect("payer");
-        }
-    });
+    let commits = Arc::new(Mutex::new(Vec::new()));
+    let sent = rt.block_on(fault::pay_until_stopped(
+        &dir,
+        std::slice::from_ref(&gw_addr),
+        seed,
+        stop.clone(),
+        commits,
+    ));
     let (kills, pauses) = chaos.join().expect("chaos");
 
     // Heal: everything runs again; wait for the cluster to converge.
@@ -174,57 +99,9 @@ fn payments_survive_kills_and_pauses() {
     let audit = wait_audit_ok(c.path());
     let converge = healed.elapsed();
 
-    // Every id's outcome, asked again: a client's final answer never changes.
     let mut sent = Arc::try_unwrap(sent).expect("sent").into_inner().expect("lock");
-    let (mut committed, mut declined, mut unknown) = (0, 0, 0);
-    rt.block_on(async {
-        let ch = grpc::client_channel(c.path(), &c.gateway.addr).await;
-        let mut tokens = HashMap::new();
-        for (user, bank) in payers {
-            let t = grpc::login(&ch, bank, user, &format!("pass{}", &user[4..])).await.expect("login");
-            tokens.insert((user.to_string(), bank.to_string()), t);
-        }
-        for (id, s) in sent.iter_mut() {
-            let token = &tokens[&s.payer];
-            let amount = strife_core::money::format_minor(s.amount_minor);
-            let r = grpc::pay(&ch, token, id, &s.payee.0, &s.payee.1, &amount).await.expect("replay");
-            match s.outcome {
-                Some(o) => {
-                    assert!(r.replayed, "{id} was answered before, so it is a replay");
-                    assert_eq!(o, r.status, "payment {id}: the client's answer changed");
-                }
-                // Never answered: it may never have reached the gateway, and
-                // runs now, once, as an outbox retry would.
-                None => {
-                    unknown += 1;
-                    s.outcome = Some(r.status);
-                }
-            }
-            if r.status == 1 { committed += 1 } else { declined += 1 }
-        }
-    });
-
-    // Balances: exactly the committed payments, each once.
-    let mut expected: HashMap<(String, String), i64> = HashMap::new();
-    for bank in ["BankA", "BankB"] {
-        for n in 1..=5i64 {
-            expected.insert((format!("user{n}"), bank.into()), n * 100_000);
-        }
-    }
-    for s in sent.values().filter(|s| s.outcome == Some(1)) {
-        *expected.get_mut(&s.payer).expect("payer") -= s.amount_minor;
-        *expected.get_mut(&s.payee).expect("payee") += s.amount_minor;
-    }
-    for ((user, bank), want) in &expected {
-        c.login(user, bank);
-        let (balance, available) = c.balance(&format!("{user}@{bank}"));
-        assert!(balance >= 0);
-        assert_eq!(
-            (balance, available),
-            (*want, *want),
-            "{user}@{bank}: committed payments applied exactly once"
-        );
-    }
+    let tally = rt.block_on(fault::check_after_healing(c.path(), &c.gateway.addr, &mut sent));
+    let fault::Tally { committed, declined, unknown } = tally;
     assert_eq!(audit["conserved"], true);
     assert_eq!(audit["held"], "0.00");
     eprintln!(
