@@ -30,6 +30,9 @@ use tonic::{Code, Status};
 /// Replicas one call tries: the one whose turn it is and, if that one
 /// fails in a way another may not, the next.
 pub const ATTEMPTS_MAX: usize = 2;
+/// A replica not seen for this many stale periods is forgotten when its
+/// bank registers (until then the status shows it as unreachable).
+const FORGET_AFTER_STALE_PERIODS: u32 = 10;
 /// A registration is written to the store again after this long even if
 /// nothing changed, so that its `registered_at` stays fresh: the store
 /// drops addresses that have not registered for a day.
@@ -61,10 +64,10 @@ impl Known {
         self.last_seen.is_some_and(|t| t.elapsed() < stale_after)
     }
 
-    /// Not live, and not even given the stale period since this gateway
-    /// learnt of it: a process that is gone (or moved).
-    fn gone(&self, stale_after: Duration) -> bool {
-        self.last_seen.unwrap_or(self.known_since).elapsed() >= stale_after
+    /// Not seen for `forget_after`, or not at all for that long since this
+    /// gateway learnt of it: a process that is gone (or moved).
+    fn gone(&self, forget_after: Duration) -> bool {
+        self.last_seen.unwrap_or(self.known_since).elapsed() >= forget_after
     }
 }
 
@@ -92,6 +95,8 @@ pub struct Registry {
     /// A replica that has not registered for this long is shown as
     /// unreachable and skipped while another is live.
     stale_after: Duration,
+    /// A replica not seen for this long is forgotten when its bank registers.
+    forget_after: Duration,
     /// How long a batched prepare or decision call may take.
     prepare_timeout: Duration,
     decide_timeout: Duration,
@@ -117,13 +122,15 @@ impl Registry {
             tls,
             banks: RwLock::new(HashMap::new()),
             stale_after: register_interval * 3,
+            forget_after: register_interval * 3 * FORGET_AFTER_STALE_PERIODS,
             prepare_timeout,
             decide_timeout,
         }
     }
 
     /// A replica of bank `name` at `address` registers: refreshes it, or
-    /// adds it. Replicas of that bank that are gone are forgotten; a bank
+    /// adds it. Replicas of that bank not seen for `forget_after` are
+    /// forgotten; a bank
     /// at [`REPLICAS_PER_BANK_MAX`] makes room by dropping its least
     /// recently seen replica that is not live, and refuses a new one if
     /// every replica is live.
@@ -132,8 +139,8 @@ impl Registry {
         {
             let mut banks = self.write()?;
             if let Some(bank) = banks.get_mut(name) {
-                let stale_after = self.stale_after;
-                bank.replicas.retain(|k| k.replica.address == address || !k.gone(stale_after));
+                let forget_after = self.forget_after;
+                bank.replicas.retain(|k| k.replica.address == address || !k.gone(forget_after));
                 if let Some(known) = bank.replicas.iter_mut().find(|k| k.replica.address == address) {
                     return Ok(refresh(known, now));
                 }
@@ -370,7 +377,10 @@ mod tests {
         let status = r.status();
         assert_eq!(status[0], ("BankA".into(), "127.0.0.1:1001".into(), false));
         assert_eq!(status[1], ("BankA".into(), "127.0.0.1:1002".into(), true));
-        // The next registration of the bank forgets it.
+        assert!(matches!(r.register("BankA", "127.0.0.1:1002"), Ok(Registered::Unchanged)));
+        assert_eq!(r.status().len(), 2, "shown for a while");
+        // Long gone, it is forgotten when the bank next registers.
+        age(&r, "127.0.0.1:1001", INTERVAL * 3 * FORGET_AFTER_STALE_PERIODS);
         assert!(matches!(r.register("BankA", "127.0.0.1:1002"), Ok(Registered::Unchanged)));
         assert_eq!(order(&r), ["127.0.0.1:1002"]);
     }
