@@ -166,7 +166,10 @@ fn gateway_addresses(opts: &BankOptions) -> Vec<String> {
 fn check_gateway_list(opts: &BankOptions) -> anyhow::Result<()> {
     for list in [opts.gateway.as_deref(), Some(opts.config.bank.gateway.as_str())].into_iter().flatten() {
         let count = list.split(',').filter(|a| !a.trim().is_empty()).count();
-        anyhow::ensure!(count <= GATEWAYS_MAX, "{count} gateways listed; a bank registers with at most {GATEWAYS_MAX}");
+        anyhow::ensure!(
+            count <= GATEWAYS_MAX,
+            "{count} gateways listed; a bank registers with at most {GATEWAYS_MAX}"
+        );
     }
     Ok(())
 }
@@ -254,14 +257,16 @@ async fn register_with(
             Some(ch) => {
                 let mut client = gw::registry_service_client::RegistryServiceClient::new(ch.clone());
                 let req = gw::RegisterBankRequest { name: name.clone(), address: my_addr.clone() };
-                let outcome =
-                    match tokio::time::timeout(interval.max(Duration::from_secs(2)), client.register_bank(req))
-                        .await
-                    {
-                        Ok(Ok(resp)) => Ok(resp.into_inner().gateway_boot_id),
-                        Ok(Err(status)) => Err(format!("gateway refused: {}", status.message())),
-                        Err(_) => Err("gateway did not answer in time".to_owned()),
-                    };
+                let outcome = match tokio::time::timeout(
+                    interval.max(Duration::from_secs(2)),
+                    client.register_bank(req),
+                )
+                .await
+                {
+                    Ok(Ok(resp)) => Ok(resp.into_inner().gateway_boot_id),
+                    Ok(Err(status)) => Err(format!("gateway refused: {}", status.message())),
+                    Err(_) => Err("gateway did not answer in time".to_owned()),
+                };
                 match outcome {
                     Ok(id) => {
                         if id != boot_id {

@@ -327,8 +327,9 @@ impl Gateway {
             return false;
         }
         let acks = on_each_bank(banks, |name, entry| {
+            let txn_id = txn_id.to_owned();
             async move {
-                let result = entry.decide(txn_id, decision == PaymentState::Committed).await;
+                let result = entry.decide(&txn_id, decision == PaymentState::Committed).await;
                 if let Err(status) = &result {
                     if status.code() == tonic::Code::FailedPrecondition {
                         tracing::error!(bank = %name, message = status.message(), "bank contradicts a decision");

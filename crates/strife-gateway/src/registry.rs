@@ -207,7 +207,7 @@ impl Registry {
             let turn = bank.next.fetch_add(1, Ordering::Relaxed) % live.len();
             live.rotate_left(turn);
         }
-        rest.sort_by(|a, b| b.last_seen.cmp(&a.last_seen));
+        rest.sort_by_key(|k| std::cmp::Reverse(k.last_seen));
         let replicas: Vec<Arc<Replica>> = live.into_iter().chain(rest).map(|k| k.replica.clone()).collect();
         (!replicas.is_empty()).then(|| BankEntry { name: name.to_owned(), replicas })
     }

@@ -52,7 +52,8 @@ impl pb::session_service_server::SessionService for SessionService {
         }
         let entry = self.gateway.bank(&who.bank).ok_or_else(|| GatewayError::unknown_bank(&who.bank))?;
         let call = entry.call(|mut client| {
-            let req = bank::VerifyPasswordRequest { user: who.user.clone(), password: password.expose().clone() };
+            let req =
+                bank::VerifyPasswordRequest { user: who.user.clone(), password: password.expose().clone() };
             async move { client.verify_password(req).await }
         });
         let valid = match tokio::time::timeout(self.gateway.config.prepare_timeout(), call).await {

@@ -1048,10 +1048,7 @@ CREATE TABLE IF NOT EXISTS revoked_tokens (
         let banks = s.banks().expect("banks");
         assert_eq!(
             banks,
-            [
-                ("BankA".to_owned(), "127.0.0.1:3".to_owned()),
-                ("BankB".to_owned(), "127.0.0.1:2".to_owned()),
-            ],
+            [("BankA".to_owned(), "127.0.0.1:3".to_owned()), ("BankB".to_owned(), "127.0.0.1:2".to_owned())],
             "BankA's address from time 5 is more than a day old; BankB's stays, being its newest"
         );
         s.conn.execute("UPDATE banks SET registered_at = ?1", [now_ms()]).expect("all fresh");

@@ -540,7 +540,10 @@ fn a_bank_registers_with_every_gateway_it_lists() {
         loop {
             let r = run_cli(&dir.0, &["--json", "--gateway", &g.addr, "status"], &[]);
             let banks = if r.code == 0 { r.json()["banks"].clone() } else { serde_json::Value::Null };
-            if banks.as_array().is_some_and(|b| b.iter().any(|b| b["name"] == "BankA" && b["reachable"] == true)) {
+            if banks
+                .as_array()
+                .is_some_and(|b| b.iter().any(|b| b["name"] == "BankA" && b["reachable"] == true))
+            {
                 break;
             }
             assert!(std::time::Instant::now() < deadline, "BankA never registered at {}: {r:?}", g.addr);

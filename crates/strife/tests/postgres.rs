@@ -136,7 +136,9 @@ fn start_replica(dir: &Path, name: &str, gateway: &str, url: &Secret<String>) ->
 /// Prepare batches a replica answered, counted in its own call log.
 fn prepares_answered(log: &Path) -> usize {
     let text = std::fs::read_to_string(log).expect("replica log");
-    text.lines().filter(|l| l.contains("/PrepareBatch") && l.contains(" done ") && l.contains("\"OK\"")).count()
+    text.lines()
+        .filter(|l| l.contains("/PrepareBatch") && l.contains(" done ") && l.contains("\"OK\""))
+        .count()
 }
 
 /// Waits until the gateway's status shows the replicas of `bank` as
@@ -217,7 +219,11 @@ fn bank_replicas_share_the_calls_and_one_killed_loses_no_payment() {
                     let id = grpc::new_id();
                     let args = ["--json", "--as", from, "pay", "--to", to, "--amount", "1.00", "--id", &id];
                     let r = run_cli(&dir, &args, &[]);
-                    assert_eq!((r.code, r.json()["status"].as_str()), (0, Some("committed")), "{from}: {r:?}");
+                    assert_eq!(
+                        (r.code, r.json()["status"].as_str()),
+                        (0, Some("committed")),
+                        "{from}: {r:?}"
+                    );
                     done.fetch_add(1, Ordering::SeqCst);
                 }
             })
