@@ -1,5 +1,6 @@
-//! Starting a bank: storage, accounts, TLS, the gRPC server, and the task
-//! that keeps the bank registered with the gateway.
+//! Starting a bank: storage, accounts, TLS, the gRPC server, the tasks
+//! that keep the bank registered with every gateway it lists, and the one
+//! that asks them about legs in doubt.
 
 use crate::accounts::{AccountSpec, Credential, hash_password, load_accounts_file, sample_accounts};
 use crate::ledger::{Decision, Ledger, StoreUrl};
@@ -33,7 +34,8 @@ pub struct BankOptions {
     /// This bank's name; its certificate must name it.
     pub name: String,
     pub config: Config,
-    /// The gateway's address, overriding config and `DIR/gateway.addr`.
+    /// The gateways' addresses (comma-separated), overriding config and
+    /// `DIR/gateway.addr`; the bank registers with every one.
     pub gateway: Option<String>,
     /// Accounts to create if they do not exist yet.
     pub accounts: Option<PathBuf>,
@@ -46,6 +48,7 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> anyhow::Result<()> {
+    check_gateway_list(&opts)?;
     let tls = Tls::load(&CertDir::new(&opts.dir), &Peer::Bank(opts.name.clone()))?;
     let data = opts.config.bank.data_dir(&opts.dir, &opts.name);
     let store = StoreUrl::parse("bank.store", &opts.config.bank.store, data.join("bank.db"))?;
@@ -135,87 +138,215 @@ fn uuid_like() -> String {
     strife_core::PaymentId::new_random().to_string()
 }
 
-/// Where the gateway is: `--gateway`, then config, then `DIR/gateway.addr`
-/// (read again each time, so a gateway restarted elsewhere is found).
-fn gateway_address(opts: &BankOptions) -> Option<String> {
-    opts.gateway
+/// Most gateways one bank registers with.
+pub const GATEWAYS_MAX: usize = 16;
+
+/// The gateways: `--gateway`, then config, then `DIR/gateway.addr` (read
+/// again each time, so a gateway restarted elsewhere is found); each a
+/// list separated by commas (or, in the file, by white space). Duplicates
+/// are dropped, and any beyond [`GATEWAYS_MAX`].
+fn gateway_addresses(opts: &BankOptions) -> Vec<String> {
+    let text = opts
+        .gateway
         .clone()
         .or_else(|| (!opts.config.bank.gateway.is_empty()).then(|| opts.config.bank.gateway.clone()))
-        .or_else(|| {
-            std::fs::read_to_string(opts.dir.join(GATEWAY_ADDR_FILE)).ok().map(|s| s.trim().to_owned())
-        })
-}
-
-/// A channel to the gateway, remade when its address changes.
-struct GatewayLink {
-    opts: BankOptions,
-    tls: Tls,
-    current: Option<(String, Channel)>,
-}
-
-impl GatewayLink {
-    fn channel(&mut self) -> Result<Channel, String> {
-        let addr = gateway_address(&self.opts).ok_or_else(|| {
-            "no gateway address: pass --gateway, set bank.gateway, or start with `strife up`".to_owned()
-        })?;
-        if self.current.as_ref().is_none_or(|(a, _)| *a != addr) {
-            let channel = self
-                .tls
-                .channel(&Peer::Gateway, &addr)
-                .map_err(|e| format!("gateway address '{addr}': {e}"))?;
-            self.current = Some((addr, channel));
+        .or_else(|| std::fs::read_to_string(opts.dir.join(GATEWAY_ADDR_FILE)).ok())
+        .unwrap_or_default();
+    let mut out: Vec<String> = Vec::new();
+    for addr in text.split(|c: char| c == ',' || c.is_whitespace()).filter(|a| !a.is_empty()) {
+        if out.len() < GATEWAYS_MAX && !out.iter().any(|a| a == addr) {
+            out.push(addr.to_owned());
         }
-        self.current.as_ref().map(|(_, c)| c.clone()).ok_or_else(|| "no channel".to_owned())
+    }
+    out
+}
+
+/// Refuses a `--gateway` or `bank.gateway` list longer than [`GATEWAYS_MAX`]
+/// rather than quietly ignoring part of it.
+fn check_gateway_list(opts: &BankOptions) -> anyhow::Result<()> {
+    for list in [opts.gateway.as_deref(), Some(opts.config.bank.gateway.as_str())].into_iter().flatten() {
+        let count = list.split(',').filter(|a| !a.trim().is_empty()).count();
+        anyhow::ensure!(
+            count <= GATEWAYS_MAX,
+            "{count} gateways listed; a bank registers with at most {GATEWAYS_MAX}"
+        );
+    }
+    Ok(())
+}
+
+const NO_GATEWAY: &str = "no gateway address: pass --gateway, set bank.gateway, or start with `strife up`";
+
+/// Keeps the bank registered with every gateway: one loop per gateway
+/// address ([`register_with`]), started and stopped as the list changes
+/// (it is read again every interval); all of them end at `stop`.
+async fn keep_registered(opts: BankOptions, tls: Tls, my_addr: String, mut stop: watch::Receiver<bool>) {
+    let interval = Duration::from_millis(opts.config.bank.register_interval_ms);
+    let mut loops: HashMap<String, (watch::Sender<bool>, tokio::task::JoinHandle<()>)> = HashMap::new();
+    let mut backoff = Duration::from_millis(50);
+    let mut warned = false;
+    loop {
+        let wanted = gateway_addresses(&opts);
+        let gone: Vec<String> = loops.keys().filter(|a| !wanted.contains(a)).cloned().collect();
+        for addr in gone {
+            if let Some((tx, task)) = loops.remove(&addr) {
+                tracing::info!(gateway = %addr, "no longer registering with this gateway");
+                let _ = tx.send(true);
+                let _ = task.await;
+            }
+        }
+        for addr in &wanted {
+            if !loops.contains_key(addr) {
+                let (tx, rx) = watch::channel(false);
+                let task = tokio::spawn(register_with(
+                    opts.name.clone(),
+                    tls.clone(),
+                    addr.clone(),
+                    my_addr.clone(),
+                    interval,
+                    rx,
+                ));
+                loops.insert(addr.clone(), (tx, task));
+            }
+        }
+        // Until some gateway is known, look again soon.
+        let wait = if wanted.is_empty() {
+            if !warned {
+                tracing::warn!(why = NO_GATEWAY, "cannot register with the gateway; retrying");
+                warned = true;
+            }
+            backoff = (backoff * 2).min(interval);
+            backoff
+        } else {
+            interval
+        };
+        tokio::select! {
+            _ = tokio::time::sleep(wait) => {}
+            _ = stop.changed() => break,
+        }
+    }
+    for (_, (tx, task)) in loops {
+        let _ = tx.send(true);
+        let _ = task.await;
     }
 }
 
-/// Registers with the gateway now, and again every interval, which is also
-/// how the bank notices that the gateway restarted (its boot id changes).
-async fn keep_registered(opts: BankOptions, tls: Tls, my_addr: String, mut stop: watch::Receiver<bool>) {
-    let interval = Duration::from_millis(opts.config.bank.register_interval_ms);
-    let name = opts.name.clone();
-    let mut link = GatewayLink { opts, tls, current: None };
+/// Registers with the gateway at `gateway` now, and again every interval,
+/// which is also how the bank notices that it restarted (its boot id
+/// changes).
+async fn register_with(
+    name: String,
+    tls: Tls,
+    gateway: String,
+    my_addr: String,
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let channel = match tls.channel(&Peer::Gateway, &gateway) {
+        Ok(channel) => Some(channel),
+        Err(e) => {
+            tracing::warn!(%gateway, error = %e, "not a gateway address; not registering there");
+            None
+        }
+    };
     let mut boot_id = String::new();
     let mut failing = false;
     let mut backoff = Duration::from_millis(50);
     loop {
-        let outcome = match link.channel() {
-            Err(why) => Err(why),
-            Ok(ch) => {
-                let mut client = gw::registry_service_client::RegistryServiceClient::new(ch);
+        let wait = match &channel {
+            None => interval,
+            Some(ch) => {
+                let mut client = gw::registry_service_client::RegistryServiceClient::new(ch.clone());
                 let req = gw::RegisterBankRequest { name: name.clone(), address: my_addr.clone() };
-                match tokio::time::timeout(interval.max(Duration::from_secs(2)), client.register_bank(req))
-                    .await
+                let outcome = match tokio::time::timeout(
+                    interval.max(Duration::from_secs(2)),
+                    client.register_bank(req),
+                )
+                .await
                 {
                     Ok(Ok(resp)) => Ok(resp.into_inner().gateway_boot_id),
                     Ok(Err(status)) => Err(format!("gateway refused: {}", status.message())),
                     Err(_) => Err("gateway did not answer in time".to_owned()),
+                };
+                match outcome {
+                    Ok(id) => {
+                        if id != boot_id {
+                            tracing::info!(%gateway, gateway_boot_id = %id, "registered with the gateway");
+                            boot_id = id;
+                        }
+                        failing = false;
+                        backoff = Duration::from_millis(50);
+                        interval
+                    }
+                    Err(why) => {
+                        if !failing {
+                            tracing::warn!(%gateway, %why, "cannot register with the gateway; retrying");
+                            failing = true;
+                        }
+                        backoff = (backoff * 2).min(interval);
+                        backoff
+                    }
                 }
-            }
-        };
-        let wait = match outcome {
-            Ok(id) => {
-                if id != boot_id {
-                    tracing::info!(gateway_boot_id = %id, "registered with the gateway");
-                    boot_id = id;
-                }
-                failing = false;
-                backoff = Duration::from_millis(50);
-                interval
-            }
-            Err(why) => {
-                if !failing {
-                    tracing::warn!(%why, "cannot register with the gateway; retrying");
-                    failing = true;
-                }
-                backoff = (backoff * 2).min(interval);
-                backoff
             }
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
             _ = stop.changed() => return,
         }
+    }
+}
+
+/// The gateways a bank asks about its legs in doubt, with a channel to
+/// each: the one that answered last is asked first, the others in turn
+/// when it does not answer.
+struct Gateways {
+    opts: BankOptions,
+    tls: Tls,
+    /// `(address, channel)` in the order of the list.
+    channels: Vec<(String, Channel)>,
+    /// The address that answered last.
+    preferred: Option<String>,
+}
+
+impl Gateways {
+    /// Reads the list again, keeping the channels of unchanged addresses.
+    fn refresh(&mut self) {
+        let mut channels = Vec::new();
+        for addr in gateway_addresses(&self.opts) {
+            let known = self.channels.iter().position(|(a, _)| *a == addr);
+            let channel = match known {
+                Some(i) => self.channels.swap_remove(i).1,
+                None => match self.tls.channel(&Peer::Gateway, &addr) {
+                    Ok(channel) => channel,
+                    Err(_) => continue,
+                },
+            };
+            channels.push((addr, channel));
+        }
+        self.channels = channels;
+    }
+
+    /// The decision of `txn_id` from the first gateway that answers, or
+    /// `None` if none does.
+    async fn inquire(&mut self, txn_id: &str, timeout: Duration) -> Option<gw::Decision> {
+        let first = self.preferred.as_ref().and_then(|p| self.channels.iter().position(|(a, _)| a == p));
+        let count = self.channels.len();
+        let order = first.into_iter().chain((0..count).filter(|i| Some(*i) != first));
+        for i in order {
+            let (addr, channel) = &self.channels[i];
+            let mut client = gw::registry_service_client::RegistryServiceClient::new(channel.clone());
+            let req = gw::InquireRequest { txn_id: txn_id.to_owned() };
+            match tokio::time::timeout(timeout, client.inquire(req)).await {
+                Ok(Ok(resp)) => {
+                    self.preferred = Some(addr.clone());
+                    return Some(resp.into_inner().decision());
+                }
+                Ok(Err(status)) => {
+                    tracing::debug!(gateway = %addr, %txn_id, message = status.message(), "inquiry failed")
+                }
+                Err(_) => tracing::debug!(gateway = %addr, %txn_id, "inquiry timed out"),
+            }
+        }
+        None
     }
 }
 
@@ -235,7 +366,7 @@ async fn resolve_in_doubt<L: Ledger>(
 ) {
     let interval = Duration::from_millis(opts.config.bank.inquiry_interval_ms);
     let interval_ms = i64::try_from(opts.config.bank.inquiry_interval_ms).unwrap_or(i64::MAX);
-    let mut link = GatewayLink { opts, tls, current: None };
+    let mut gateways = Gateways { opts, tls, channels: Vec::new(), preferred: None };
     let mut next_try: HashMap<String, (Instant, Duration)> = HashMap::new();
     loop {
         tokio::select! {
@@ -251,19 +382,17 @@ async fn resolve_in_doubt<L: Ledger>(
             }
         };
         next_try.retain(|txn, _| open.contains(txn));
-        let Ok(channel) = link.channel() else { continue };
-        let mut client = gw::registry_service_client::RegistryServiceClient::new(channel);
+        gateways.refresh();
         for txn_id in open {
             let now = Instant::now();
             if next_try.get(&txn_id).is_some_and(|(at, _)| *at > now) {
                 continue;
             }
-            let req = gw::InquireRequest { txn_id: txn_id.clone() };
-            let answer =
-                tokio::time::timeout(interval.max(Duration::from_secs(2)), client.inquire(req)).await;
-            let decision = match answer {
-                Ok(Ok(resp)) => resp.into_inner().decision(),
-                _ => gw::Decision::Pending,
+            let answer = gateways.inquire(&txn_id, interval.max(Duration::from_secs(2))).await;
+            let Some(decision) = answer else {
+                // No gateway answers: ask about the rest in the next round.
+                tracing::debug!(%txn_id, "no gateway answered an inquiry");
+                break;
             };
             let t = txn_id.clone();
             let ledger = service.ledger();

@@ -30,6 +30,9 @@ pub const PAGE_TOKEN_MAX: usize = 256;
 pub const STREAMS_PER_CONNECTION_MAX: u32 = 1024;
 /// Most banks one gateway keeps in its registry.
 pub const BANKS_MAX: usize = 256;
+/// Most replicas (processes under one name, at their own addresses) of one
+/// bank in a gateway's registry.
+pub const REPLICAS_PER_BANK_MAX: usize = 16;
 /// Most legs or decisions in one batched call to a bank: 128 of the largest
 /// legs (~320 bytes each) stay well inside `MESSAGE_MAX_BYTES`.
 pub const BANK_BATCH_MAX: usize = 128;

@@ -256,10 +256,9 @@ impl<S: GatewayStore> Gateway<S> {
         };
         let timeout = self.config.prepare_timeout();
         let votes = on_each_bank(&banks, |name, entry| {
-            let link = entry.link.clone();
             let req = prepare.clone();
             async move {
-                match tokio::time::timeout(timeout, link.prepare(req)).await {
+                match tokio::time::timeout(timeout, entry.prepare(req)).await {
                     Ok(Ok(resp)) => {
                         if resp.vote() == bank::Vote::Yes {
                             None
@@ -381,10 +380,9 @@ impl<S: GatewayStore> Gateway<S> {
             return false;
         }
         let acks = on_each_bank(banks, |name, entry| {
-            let link = entry.link.clone();
             let txn_id = txn_id.to_owned();
             async move {
-                let result = link.decide(txn_id, decision == PaymentState::Committed).await;
+                let result = entry.decide(&txn_id, decision == PaymentState::Committed).await;
                 if let Err(status) = &result {
                     if status.code() == tonic::Code::FailedPrecondition {
                         tracing::error!(bank = %name, message = status.message(), "bank contradicts a decision");

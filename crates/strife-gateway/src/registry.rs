@@ -1,49 +1,112 @@
-//! The live banks: name, address, a channel to each, and when it last
-//! registered. Persisted in the store so that a restarted gateway can reach
-//! banks (to finish payments) before they register again.
+//! The live banks. A bank is a name with one or more *replicas*: processes
+//! that present the bank's certificate (which proves they are that bank)
+//! and share its ledger. Each replica has its own address, channel, batched
+//! link and last registration. Persisted in the store, a row per
+//! `(name, address)`, so that a restarted gateway can reach banks (to finish
+//! payments) before they register again.
+//!
+//! Calls are spread over the live replicas of a bank in turn (round robin).
+//! A replica not seen for the stale period is skipped while a live one
+//! exists; one known only from the store is tried when nothing else is. A
+//! call that fails at one replica in a way another may not (unreachable,
+//! overloaded, timed out) is tried once more at the next one: prepares and
+//! decisions are idempotent per transaction id at the bank, whichever
+//! replica gets them, so a repeat gets the answer the first would have.
 
 use crate::link::BankLink;
 use std::collections::HashMap;
-use std::sync::RwLock;
+use std::future::Future;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
+use strife_core::limits::{BANKS_MAX, REPLICAS_PER_BANK_MAX};
+use strife_proto::bank::v1 as bank;
 use strife_proto::bank::v1::bank_service_client::BankServiceClient;
 use strife_rpc::Peer;
 use strife_rpc::tls::Tls;
 use tonic::transport::Channel;
+use tonic::{Code, Status};
 
-/// One bank the gateway knows.
-#[derive(Clone)]
-pub struct BankEntry {
+/// Replicas one call tries: the one whose turn it is and, if that one
+/// fails in a way another may not, the next.
+pub const ATTEMPTS_MAX: usize = 2;
+/// A replica not seen for this many stale periods is forgotten when its
+/// bank registers (until then the status shows it as unreachable).
+const FORGET_AFTER_STALE_PERIODS: u32 = 10;
+/// A registration is written to the store again after this long even if
+/// nothing changed, so that its `registered_at` stays fresh: the store
+/// drops addresses that have not registered for a day.
+const RESAVE_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// One process of a bank.
+pub struct Replica {
     pub address: String,
     /// A client on a lazily connected channel that verifies the server's
     /// certificate names this bank.
     pub client: BankServiceClient<Channel>,
-    /// The channel itself, for health checks.
-    pub channel: Channel,
     /// Batched 2PC calls on that channel.
     pub link: BankLink,
+}
+
+/// What the registry knows of one replica.
+struct Known {
+    replica: Arc<Replica>,
     /// When it last registered; `None` if only known from the store.
-    pub last_seen: Option<Instant>,
+    last_seen: Option<Instant>,
+    /// When this gateway learnt of it (from the store or a registration).
+    known_since: Instant,
+    /// When its registration was last handed to the caller to persist.
+    saved_at: Option<Instant>,
+}
+
+impl Known {
+    fn live(&self, stale_after: Duration) -> bool {
+        self.last_seen.is_some_and(|t| t.elapsed() < stale_after)
+    }
+
+    /// Not seen for `forget_after`, or not at all for that long since this
+    /// gateway learnt of it: a process that is gone (or moved).
+    fn gone(&self, forget_after: Duration) -> bool {
+        self.last_seen.unwrap_or(self.known_since).elapsed() >= forget_after
+    }
+}
+
+/// The replicas of one bank.
+#[derive(Default)]
+struct Bank {
+    replicas: Vec<Known>,
+    /// Whose turn it is among the live replicas.
+    next: AtomicUsize,
+}
+
+/// One bank for one call: its replicas in the order to try them.
+#[derive(Clone)]
+pub struct BankEntry {
+    pub name: String,
+    /// The live replicas, starting with the one whose turn it is; then the
+    /// others, most recently seen first. Never empty.
+    pub replicas: Vec<Arc<Replica>>,
 }
 
 pub struct Registry {
     /// Our TLS identity, to make channels to banks.
     tls: Tls,
-    banks: RwLock<HashMap<String, BankEntry>>,
-    /// A bank that has not registered for this long is shown as unreachable.
+    banks: RwLock<HashMap<String, Bank>>,
+    /// A replica that has not registered for this long is shown as
+    /// unreachable and skipped while another is live.
     stale_after: Duration,
+    /// A replica not seen for this long is forgotten when its bank registers.
+    forget_after: Duration,
     /// How long a batched prepare or decision call may take.
     prepare_timeout: Duration,
     decide_timeout: Duration,
 }
 
 pub enum Registered {
-    /// First registration, or a new address: the caller persists it.
+    /// A new replica, its first registration since this gateway started,
+    /// or one due to be saved again: the caller persists it.
     Changed,
     Unchanged,
-    /// The bank is registered from another address and was seen lately:
-    /// the caller checks whether that one still runs before replacing it.
-    LiveElsewhere(Box<BankEntry>),
 }
 
 impl Registry {
@@ -59,66 +122,337 @@ impl Registry {
             tls,
             banks: RwLock::new(HashMap::new()),
             stale_after: register_interval * 3,
+            forget_after: register_interval * 3 * FORGET_AFTER_STALE_PERIODS,
             prepare_timeout,
             decide_timeout,
         }
     }
 
-    /// Adds or refreshes a bank. Unless `replace` is set, a bank seen
-    /// lately at another address is not replaced.
-    pub fn register(&self, name: &str, address: &str, replace: bool) -> anyhow::Result<Registered> {
+    /// A replica of bank `name` at `address` registers: refreshes it, or
+    /// adds it. Replicas of that bank not seen for `forget_after` are
+    /// forgotten; a bank
+    /// at [`REPLICAS_PER_BANK_MAX`] makes room by dropping its least
+    /// recently seen replica that is not live, and refuses a new one if
+    /// every replica is live.
+    pub fn register(&self, name: &str, address: &str) -> anyhow::Result<Registered> {
+        let now = Instant::now();
         {
-            let mut banks = self.banks.write().map_err(|_| anyhow::anyhow!("registry lock poisoned"))?;
-            if let Some(entry) = banks.get_mut(name) {
-                if entry.address == address {
-                    entry.last_seen = Some(Instant::now());
-                    return Ok(Registered::Unchanged);
-                }
-                if !replace && entry.last_seen.is_some_and(|t| t.elapsed() < self.stale_after) {
-                    return Ok(Registered::LiveElsewhere(Box::new(entry.clone())));
+            let mut banks = self.write()?;
+            if let Some(bank) = banks.get_mut(name) {
+                let forget_after = self.forget_after;
+                bank.replicas.retain(|k| k.replica.address == address || !k.gone(forget_after));
+                if let Some(known) = bank.replicas.iter_mut().find(|k| k.replica.address == address) {
+                    return Ok(refresh(known, now));
                 }
             }
         }
-        let channel = self.tls.channel(&Peer::Bank(name.to_owned()), address)?;
-        let client = BankServiceClient::new(channel.clone())
-            .max_decoding_message_size(strife_core::limits::MESSAGE_MAX_BYTES * 64);
-        let link = BankLink::start(client.clone(), self.prepare_timeout, self.decide_timeout);
-        let entry =
-            BankEntry { address: address.to_owned(), client, channel, link, last_seen: Some(Instant::now()) };
-        let mut banks = self.banks.write().map_err(|_| anyhow::anyhow!("registry lock poisoned"))?;
-        if banks.len() >= strife_core::limits::BANKS_MAX && !banks.contains_key(name) {
-            anyhow::bail!("the gateway already knows {} banks", strife_core::limits::BANKS_MAX);
+        // A channel and link for the new replica, made outside the lock.
+        let replica = Arc::new(self.replica(name, address)?);
+        let mut banks = self.write()?;
+        if banks.len() >= BANKS_MAX && !banks.contains_key(name) {
+            anyhow::bail!("the gateway already knows {BANKS_MAX} banks");
         }
-        banks.insert(name.to_owned(), entry);
+        let bank = banks.entry(name.to_owned()).or_default();
+        if let Some(known) = bank.replicas.iter_mut().find(|k| k.replica.address == address) {
+            // Registered concurrently by another call.
+            return Ok(refresh(known, now));
+        }
+        if bank.replicas.len() >= REPLICAS_PER_BANK_MAX {
+            let stale_after = self.stale_after;
+            let evict = bank
+                .replicas
+                .iter()
+                .enumerate()
+                .filter(|(_, k)| !k.live(stale_after))
+                .min_by_key(|(_, k)| k.last_seen)
+                .map(|(i, _)| i);
+            match evict {
+                Some(i) => {
+                    let old = bank.replicas.remove(i);
+                    tracing::info!(bank = %name, address = %old.replica.address, "forgot a replica not seen lately, to make room");
+                }
+                None => anyhow::bail!("bank {name} already has {REPLICAS_PER_BANK_MAX} live replicas"),
+            }
+        }
+        bank.replicas.push(Known { replica, last_seen: Some(now), known_since: now, saved_at: Some(now) });
         Ok(Registered::Changed)
     }
 
-    /// Restores a bank from the store, not yet seen in this run.
+    /// Restores a replica from the store, not yet seen in this run.
     pub fn restore(&self, name: &str, address: &str) -> anyhow::Result<()> {
-        self.register(name, address, true)?;
-        if let Ok(mut banks) = self.banks.write()
-            && let Some(entry) = banks.get_mut(name)
-        {
-            entry.last_seen = None;
+        let replica = Arc::new(self.replica(name, address)?);
+        let mut banks = self.write()?;
+        if banks.len() >= BANKS_MAX && !banks.contains_key(name) {
+            anyhow::bail!("the gateway already knows {BANKS_MAX} banks");
+        }
+        let bank = banks.entry(name.to_owned()).or_default();
+        if bank.replicas.len() >= REPLICAS_PER_BANK_MAX {
+            anyhow::bail!("bank {name} already has {REPLICAS_PER_BANK_MAX} replicas");
+        }
+        if !bank.replicas.iter().any(|k| k.replica.address == address) {
+            let now = Instant::now();
+            bank.replicas.push(Known { replica, last_seen: None, known_since: now, saved_at: None });
         }
         Ok(())
     }
 
+    /// Bank `name` for one call, its replicas in the order to try them;
+    /// each call takes the next live replica's turn.
     pub fn get(&self, name: &str) -> Option<BankEntry> {
-        self.banks.read().ok()?.get(name).cloned()
+        let banks = self.banks.read().ok()?;
+        let bank = banks.get(name)?;
+        let (mut live, mut rest): (Vec<&Known>, Vec<&Known>) =
+            bank.replicas.iter().partition(|k| k.live(self.stale_after));
+        if !live.is_empty() {
+            let turn = bank.next.fetch_add(1, Ordering::Relaxed) % live.len();
+            live.rotate_left(turn);
+        }
+        rest.sort_by_key(|k| std::cmp::Reverse(k.last_seen));
+        let replicas: Vec<Arc<Replica>> = live.into_iter().chain(rest).map(|k| k.replica.clone()).collect();
+        (!replicas.is_empty()).then(|| BankEntry { name: name.to_owned(), replicas })
     }
 
-    /// `(name, address, reachable)` of every bank, sorted by name.
+    /// `(name, address, reachable)` of every replica of every bank, sorted
+    /// by name and address: one row per bank when each runs once.
     pub fn status(&self) -> Vec<(String, String, bool)> {
         let Ok(banks) = self.banks.read() else { return Vec::new() };
         let mut out: Vec<_> = banks
             .iter()
-            .map(|(name, e)| {
-                let live = e.last_seen.is_some_and(|t| t.elapsed() < self.stale_after);
-                (name.clone(), e.address.clone(), live)
+            .flat_map(|(name, bank)| {
+                bank.replicas
+                    .iter()
+                    .map(|k| (name.clone(), k.replica.address.clone(), k.live(self.stale_after)))
             })
             .collect();
         out.sort();
         out
+    }
+
+    fn replica(&self, name: &str, address: &str) -> anyhow::Result<Replica> {
+        let channel = self.tls.channel(&Peer::Bank(name.to_owned()), address)?;
+        let client = BankServiceClient::new(channel)
+            .max_decoding_message_size(strife_core::limits::MESSAGE_MAX_BYTES * 64);
+        let link = BankLink::start(client.clone(), self.prepare_timeout, self.decide_timeout);
+        Ok(Replica { address: address.to_owned(), client, link })
+    }
+
+    fn write(&self) -> anyhow::Result<std::sync::RwLockWriteGuard<'_, HashMap<String, Bank>>> {
+        self.banks.write().map_err(|_| anyhow::anyhow!("registry lock poisoned"))
+    }
+}
+
+/// A known replica registers again.
+fn refresh(known: &mut Known, now: Instant) -> Registered {
+    let first = known.last_seen.is_none();
+    known.last_seen = Some(now);
+    if first || known.saved_at.is_none_or(|t| now.duration_since(t) >= RESAVE_INTERVAL) {
+        known.saved_at = Some(now);
+        Registered::Changed
+    } else {
+        Registered::Unchanged
+    }
+}
+
+/// Whether another replica may answer where this one failed: it was
+/// unreachable, overloaded or too slow, or failed inside. A deliberate
+/// answer about the item itself (invalid, contradicting a decision) would
+/// be the same at every replica.
+fn another_may_answer(code: Code) -> bool {
+    matches!(
+        code,
+        Code::Unavailable
+            | Code::Unknown
+            | Code::Cancelled
+            | Code::DeadlineExceeded
+            | Code::ResourceExhausted
+            | Code::Aborted
+            | Code::Internal
+    )
+}
+
+impl BankEntry {
+    /// Phase one for one leg, at the replica whose turn it is, or at the
+    /// next if that one fails (a prepare is idempotent per `txn_id`).
+    pub async fn prepare(&self, leg: bank::PrepareRequest) -> Result<bank::PrepareResponse, Status> {
+        self.first_answer(|r| {
+            let leg = leg.clone();
+            async move { r.link.prepare(leg).await }
+        })
+        .await
+    }
+
+    /// Phase two for one payment, at the replica whose turn it is, or at
+    /// the next if that one fails (a decision is idempotent per `txn_id`).
+    pub async fn decide(&self, txn_id: &str, commit: bool) -> Result<(), Status> {
+        self.first_answer(|r| {
+            let txn_id = txn_id.to_owned();
+            async move { r.link.decide(txn_id, commit).await }
+        })
+        .await
+    }
+
+    /// Any other call, with the same choice of replicas; `call` must be
+    /// safe to repeat at another replica.
+    pub async fn call<T, F, Fut>(&self, call: F) -> Result<T, Status>
+    where
+        F: Fn(BankServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        self.first_answer(|r| call(r.client.clone())).await
+    }
+
+    async fn first_answer<T, F, Fut>(&self, mut call: F) -> Result<T, Status>
+    where
+        F: FnMut(Arc<Replica>) -> Fut,
+        Fut: Future<Output = Result<T, Status>>,
+    {
+        let attempts = self.replicas.len().min(ATTEMPTS_MAX);
+        let mut failed = Status::unavailable(format!("bank {} has no replica", self.name));
+        for (i, replica) in self.replicas.iter().take(attempts).enumerate() {
+            match call(replica.clone()).await {
+                Ok(answer) => return Ok(answer),
+                Err(status) if i + 1 < attempts && another_may_answer(status.code()) => {
+                    tracing::warn!(bank = %self.name, address = %replica.address, code = ?status.code(),
+                        message = status.message(), "a replica failed; trying another");
+                    failed = status;
+                }
+                Err(status) => return Err(status),
+            }
+        }
+        Err(failed)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use strife_rpc::pki::CertDir;
+
+    const INTERVAL: Duration = Duration::from_secs(60);
+
+    struct Dir(std::path::PathBuf);
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn registry() -> (Registry, Dir) {
+        let dir = Dir(std::env::temp_dir().join(format!("strife-registry-{}", uuid::Uuid::new_v4())));
+        let certs = CertDir::new(&dir.0);
+        certs.init(&[Peer::Gateway, Peer::Bank("BankA".into())]).expect("certs");
+        let tls = Tls::load(&certs, &Peer::Gateway).expect("tls");
+        (Registry::new(tls, INTERVAL, Duration::from_secs(1), Duration::from_secs(1)), dir)
+    }
+
+    fn order(r: &Registry) -> Vec<String> {
+        r.get("BankA").expect("known").replicas.iter().map(|x| x.address.clone()).collect()
+    }
+
+    fn age(r: &Registry, address: &str, by: Duration) {
+        let mut banks = r.write().expect("lock");
+        let known = banks
+            .get_mut("BankA")
+            .and_then(|b| b.replicas.iter_mut().find(|k| k.replica.address == address))
+            .expect("replica");
+        known.last_seen = known.last_seen.map(|t| t.checked_sub(by).expect("uptime"));
+        known.known_since = known.known_since.checked_sub(by).expect("uptime");
+    }
+
+    #[tokio::test]
+    async fn calls_take_turns_over_live_replicas_and_skip_stale_ones() {
+        let (r, _dir) = registry();
+        assert!(matches!(r.register("BankA", "127.0.0.1:1001"), Ok(Registered::Changed)));
+        assert!(matches!(r.register("BankA", "127.0.0.1:1002"), Ok(Registered::Changed)));
+        assert!(matches!(r.register("BankA", "127.0.0.1:1002"), Ok(Registered::Unchanged)));
+        let firsts: Vec<String> = (0..4).map(|_| order(&r)[0].clone()).collect();
+        assert_eq!(firsts, ["127.0.0.1:1001", "127.0.0.1:1002", "127.0.0.1:1001", "127.0.0.1:1002"]);
+        assert_eq!(r.status().len(), 2, "one row per replica");
+
+        // A stale replica comes last, after every live one.
+        age(&r, "127.0.0.1:1001", INTERVAL * 4);
+        for _ in 0..3 {
+            assert_eq!(order(&r), ["127.0.0.1:1002", "127.0.0.1:1001"]);
+        }
+        let status = r.status();
+        assert_eq!(status[0], ("BankA".into(), "127.0.0.1:1001".into(), false));
+        assert_eq!(status[1], ("BankA".into(), "127.0.0.1:1002".into(), true));
+        assert!(matches!(r.register("BankA", "127.0.0.1:1002"), Ok(Registered::Unchanged)));
+        assert_eq!(r.status().len(), 2, "shown for a while");
+        // Long gone, it is forgotten when the bank next registers.
+        age(&r, "127.0.0.1:1001", INTERVAL * 3 * FORGET_AFTER_STALE_PERIODS);
+        assert!(matches!(r.register("BankA", "127.0.0.1:1002"), Ok(Registered::Unchanged)));
+        assert_eq!(order(&r), ["127.0.0.1:1002"]);
+    }
+
+    #[tokio::test]
+    async fn a_replica_known_only_from_the_store_is_tried_when_nothing_else_is() {
+        let (r, _dir) = registry();
+        r.restore("BankA", "127.0.0.1:1001").expect("restore");
+        r.restore("BankA", "127.0.0.1:1002").expect("restore");
+        assert_eq!(order(&r).len(), 2, "both tried");
+        assert_eq!(r.status().iter().filter(|s| s.2).count(), 0, "neither seen yet");
+        // Its first registration in this run is persisted again; then a
+        // live replica goes first, the other only after it.
+        assert!(matches!(r.register("BankA", "127.0.0.1:1002"), Ok(Registered::Changed)));
+        assert_eq!(order(&r), ["127.0.0.1:1002", "127.0.0.1:1001"]);
+    }
+
+    #[tokio::test]
+    async fn a_bank_keeps_at_most_its_limit_of_replicas() {
+        let (r, _dir) = registry();
+        r.restore("BankA", "127.0.0.1:1999").expect("restore");
+        for port in 1..REPLICAS_PER_BANK_MAX {
+            r.register("BankA", &format!("127.0.0.1:{}", 2000 + port)).expect("register");
+        }
+        // One that is not live makes room.
+        r.register("BankA", "127.0.0.1:3000").expect("room");
+        let addresses = order(&r);
+        assert_eq!(addresses.len(), REPLICAS_PER_BANK_MAX);
+        assert!(!addresses.contains(&"127.0.0.1:1999".to_owned()), "{addresses:?}");
+        let err = r.register("BankA", "127.0.0.1:3001").err().expect("every replica is live");
+        assert!(err.to_string().contains("live replicas"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_call_failing_at_one_replica_is_answered_by_the_next() {
+        let (r, _dir) = registry();
+        r.register("BankA", "127.0.0.1:1001").expect("register");
+        r.register("BankA", "127.0.0.1:1002").expect("register");
+        let entry = r.get("BankA").expect("known");
+        let tried = std::sync::Mutex::new(Vec::new());
+        let answer = entry
+            .first_answer(|replica| {
+                tried.lock().expect("lock").push(replica.address.clone());
+                let first = tried.lock().expect("lock").len() == 1;
+                async move { if first { Err(Status::unavailable("gone")) } else { Ok(7) } }
+            })
+            .await;
+        assert_eq!(answer.expect("the second answers"), 7);
+        assert_eq!(*tried.lock().expect("lock"), ["127.0.0.1:1001", "127.0.0.1:1002"]);
+
+        // A deliberate refusal is the same everywhere: not repeated.
+        let calls = AtomicUsize::new(0);
+        let refused = entry
+            .first_answer(|_| {
+                calls.fetch_add(1, Ordering::Relaxed);
+                async { Err::<(), _>(Status::failed_precondition("contradicts the decision")) }
+            })
+            .await;
+        assert_eq!(refused.err().map(|s| s.code()), Some(Code::FailedPrecondition));
+        assert_eq!(calls.load(Ordering::Relaxed), 1);
+
+        // At most ATTEMPTS_MAX replicas per call.
+        r.register("BankA", "127.0.0.1:1003").expect("register");
+        let entry = r.get("BankA").expect("known");
+        let calls = AtomicUsize::new(0);
+        let failed = entry
+            .first_answer(|_| {
+                calls.fetch_add(1, Ordering::Relaxed);
+                async { Err::<(), _>(Status::unavailable("gone")) }
+            })
+            .await;
+        assert_eq!(failed.err().map(|s| s.code()), Some(Code::Unavailable));
+        assert_eq!(calls.load(Ordering::Relaxed), ATTEMPTS_MAX);
     }
 }

@@ -53,10 +53,10 @@ impl<S: GatewayStore> pb::session_service_server::SessionService for SessionServ
             .into());
         }
         let entry = self.gateway.bank(&who.bank).ok_or_else(|| GatewayError::unknown_bank(&who.bank))?;
-        let mut client = entry.client.clone();
-        let call = client.verify_password(bank::VerifyPasswordRequest {
-            user: who.user.clone(),
-            password: password.expose().clone(),
+        let call = entry.call(|mut client| {
+            let req =
+                bank::VerifyPasswordRequest { user: who.user.clone(), password: password.expose().clone() };
+            async move { client.verify_password(req).await }
         });
         let valid = match tokio::time::timeout(self.gateway.config.prepare_timeout(), call).await {
             Ok(Ok(resp)) => resp.into_inner().valid,
@@ -154,8 +154,10 @@ impl<S: GatewayStore> pb::payments_service_server::PaymentsService for PaymentsS
                 format!("bank {} is not connected", who.bank),
             )
         })?;
-        let mut client = entry.client.clone();
-        let call = client.get_balance(bank::GetBalanceRequest { user: who.user.clone() });
+        let call = entry.call(|mut client| {
+            let req = bank::GetBalanceRequest { user: who.user.clone() };
+            async move { client.get_balance(req).await }
+        });
         let resp = match tokio::time::timeout(self.gateway.config.prepare_timeout(), call).await {
             Ok(Ok(resp)) => resp.into_inner(),
             Ok(Err(status)) if status.code() == tonic::Code::NotFound => {
@@ -250,25 +252,13 @@ impl<S: GatewayStore> pb::registry_service_server::RegistryService for RegistryS
             ))
             .into());
         }
-        let registry = &self.gateway.registry;
-        let mut changed = registry
-            .register(&req.name, &req.address, false)
+        // The certificate proves the caller is this bank: a new address is
+        // another replica of it.
+        let changed = self
+            .gateway
+            .registry
+            .register(&req.name, &req.address)
             .map_err(|e| GatewayError::Overloaded(e.to_string()))?;
-        if let Registered::LiveElsewhere(old) = changed {
-            // A restarted bank comes back on a new address while its old
-            // registration still looks fresh; a second instance would still
-            // answer at the old one. Only the first may be replaced.
-            if still_serving(&old).await {
-                return Err(GatewayError::AlreadyExists(format!(
-                    "bank {} is already registered from {} and still serving there",
-                    req.name, old.address
-                ))
-                .into());
-            }
-            changed = registry
-                .register(&req.name, &req.address, true)
-                .map_err(|e| GatewayError::Overloaded(e.to_string()))?;
-        }
         if let Registered::Changed = changed {
             self.gateway.store.save_bank(req.name.clone(), req.address.clone()).await?;
             tracing::info!(bank = %req.name, address = %req.address, "bank registered");
@@ -289,20 +279,6 @@ impl<S: GatewayStore> pb::registry_service_server::RegistryService for RegistryS
         };
         Ok(Response::new(pb::InquireResponse { decision: decision.into() }))
     }
-}
-
-/// True when the bank answers a health check at its registered address
-/// (over mutual TLS that proves it is that bank).
-async fn still_serving(entry: &crate::registry::BankEntry) -> bool {
-    use tonic_health::pb::{
-        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
-    };
-    let mut health = HealthClient::new(entry.channel.clone());
-    let check = health.check(HealthCheckRequest { service: String::new() });
-    matches!(
-        tokio::time::timeout(std::time::Duration::from_millis(500), check).await,
-        Ok(Ok(resp)) if resp.get_ref().status() == ServingStatus::Serving
-    )
 }
 
 #[derive(Clone)]

@@ -92,9 +92,24 @@ CREATE INDEX payments_by_payee ON payments (payee_bank, payee_user, created_at, 
 CREATE INDEX payments_unfinished ON payments (state) WHERE acked = 0;
 ";
 
-/// Version 3: failed logins, counted in the store so that the counts
-/// survive a restart (see [`crate::throttle`]).
+/// Version 3: bank replicas. A bank may run as several processes, each at
+/// its own address, so the registry has a row per `(name, address)`; the
+/// table is rebuilt to change its key, keeping every row.
 const SCHEMA_V3: &str = "
+CREATE TABLE banks_v3 (
+    name          TEXT NOT NULL,
+    address       TEXT NOT NULL,
+    registered_at INTEGER NOT NULL,
+    PRIMARY KEY (name, address)
+) STRICT;
+INSERT INTO banks_v3 (name, address, registered_at) SELECT name, address, registered_at FROM banks;
+DROP TABLE banks;
+ALTER TABLE banks_v3 RENAME TO banks;
+";
+
+/// Version 4: failed logins, counted in the store so that the counts
+/// survive a restart (see [`crate::throttle`]).
+const SCHEMA_V4: &str = "
 CREATE TABLE login_throttle (
     key             TEXT PRIMARY KEY,
     failures        INTEGER NOT NULL,
@@ -107,7 +122,11 @@ CREATE TABLE login_throttle (
 
 /// The schema's versions in order: a database at `PRAGMA user_version` n
 /// runs `MIGRATIONS[n..]`, all in one transaction, at open.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
+
+/// A bank's address that has not registered for this long is dropped from
+/// the registry when any bank registers, unless it is the bank's newest.
+const BANK_ADDRESS_RETENTION_MS: i64 = 24 * 3600 * 1000;
 
 /// Brings the database to the latest schema version in one transaction: a
 /// crash half-way leaves it as it was. Refuses a database from a newer
@@ -550,15 +569,34 @@ impl Store {
         Ok(())
     }
 
+    /// Every known `(name, address)` of every bank's replicas, by name, the
+    /// most recently registered address of a bank first.
     pub fn banks(&self) -> rusqlite::Result<Vec<(String, String)>> {
-        let mut stmt = self.conn.prepare_cached("SELECT name, address FROM banks ORDER BY name")?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name, address FROM banks ORDER BY name, registered_at DESC, address")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         rows.collect()
     }
 
+    /// Records that a replica of bank `name` registered from `address`,
+    /// and drops addresses not registered for `BANK_ADDRESS_RETENTION_MS`
+    /// (a bank's newest address stays, however old).
     pub fn save_bank(&mut self, name: &str, address: &str) -> rusqlite::Result<()> {
-        self.conn.prepare_cached("INSERT INTO banks (name, address, registered_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT (name) DO UPDATE SET address = excluded.address, registered_at = excluded.registered_at")?.execute(params![name, address, now_ms()])?;
+        let now = now_ms();
+        self.conn
+            .prepare_cached(
+                "INSERT INTO banks (name, address, registered_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name, address) DO UPDATE SET registered_at = excluded.registered_at",
+            )?
+            .execute(params![name, address, now])?;
+        self.conn
+            .prepare_cached(
+                "DELETE FROM banks WHERE registered_at < ?1
+                   AND registered_at < (SELECT MAX(newest.registered_at) FROM banks AS newest
+                                        WHERE newest.name = banks.name)",
+            )?
+            .execute([now.saturating_sub(BANK_ADDRESS_RETENTION_MS)])?;
         Ok(())
     }
 
@@ -1021,6 +1059,62 @@ CREATE TABLE IF NOT EXISTS revoked_tokens (
         drop(s);
         let err = Store::open(&dir.db()).err().expect("refused");
         assert!(err.to_string().contains("schema version 99"), "{err}");
+    }
+
+    /// A version-2 database (one address per bank) becomes version 3 (an
+    /// address per replica): its banks are kept, a second address of a bank
+    /// is a second row, and addresses not registered for a day are dropped
+    /// unless they are their bank's newest.
+    #[test]
+    fn a_version_2_database_keeps_its_banks_and_holds_replicas() {
+        let dir = TempDir::new("migrate-v2");
+        let old = Connection::open(dir.db()).expect("old db");
+        old.pragma_update(None, "journal_mode", "WAL").expect("wal");
+        for sql in &MIGRATIONS[..2] {
+            old.execute_batch(sql).expect("schema up to v2");
+        }
+        old.pragma_update(None, "user_version", 2).expect("version 2");
+        old.execute_batch(
+            "INSERT INTO banks VALUES ('BankB', '127.0.0.1:2', 7);
+             INSERT INTO banks VALUES ('BankA', '127.0.0.1:1', 5);
+             INSERT INTO revoked_tokens VALUES ('jti-1', 99999999999);",
+        )
+        .expect("old rows");
+        let err = old
+            .execute("INSERT INTO banks VALUES ('BankA', '127.0.0.1:3', 6)", [])
+            .expect_err("version 2 keeps one address per bank");
+        assert!(err.to_string().contains("UNIQUE"), "{err}");
+        let before = dump(&old);
+        drop(old);
+
+        let mut s = Store::open(&dir.db()).expect("migrate");
+        assert_eq!(user_version(&s.conn), MIGRATIONS.len() as i64);
+        assert_eq!(dump(&s.conn), before, "every row of every table kept as it was");
+        assert_eq!(
+            s.banks().expect("banks"),
+            [("BankA".to_owned(), "127.0.0.1:1".to_owned()), ("BankB".to_owned(), "127.0.0.1:2".to_owned())]
+        );
+
+        // A second replica of BankA; registering again adds no row.
+        s.save_bank("BankA", "127.0.0.1:3").expect("save");
+        s.save_bank("BankA", "127.0.0.1:3").expect("save again");
+        let banks = s.banks().expect("banks");
+        assert_eq!(
+            banks,
+            [("BankA".to_owned(), "127.0.0.1:3".to_owned()), ("BankB".to_owned(), "127.0.0.1:2".to_owned())],
+            "BankA's address from time 5 is more than a day old; BankB's stays, being its newest"
+        );
+        s.conn.execute("UPDATE banks SET registered_at = ?1", [now_ms()]).expect("all fresh");
+        s.save_bank("BankA", "127.0.0.1:1").expect("save");
+        assert_eq!(s.banks().expect("banks").len(), 3, "fresh addresses are kept");
+        let check: String = s.conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).expect("check");
+        assert_eq!(check, "ok");
+        drop(s);
+
+        let fresh_dir = TempDir::new("migrate-v2-fresh");
+        let fresh = Store::open(&fresh_dir.db()).expect("fresh");
+        let s = Store::open(&dir.db()).expect("reopen");
+        assert_eq!(schema(&fresh.conn), schema(&s.conn), "migrated and new databases look alike");
     }
 
     /// The median of `runs` timings of `f`.

@@ -69,7 +69,9 @@ pub struct GatewayConfig {
 pub struct BankConfig {
     /// Where a bank listens when `--listen` is not given.
     pub listen: String,
-    /// The gateway's address; empty means the one `up` wrote to `DIR/gateway.addr`.
+    /// The gateway's address, or a comma-separated list of gateway replicas
+    /// (the bank registers with each); empty means the one `up` wrote to
+    /// `DIR/gateway.addr`.
     pub gateway: String,
     /// How often a bank re-registers with the gateway (a heartbeat, which is
     /// also how it notices that the gateway restarted).

@@ -59,24 +59,42 @@ pub async fn run(dir: &Path) -> anyhow::Result<Reply> {
         let totals = store.totals()?;
         banks.push(BankLegs::new(name, LegSource::Local(store), totals));
     }
-    let remote: Vec<(String, String)> =
-        registered.into_iter().filter(|(name, _)| !banks.iter().any(|b| b.name == *name)).collect();
+    // A bank may have several replicas (addresses) on one ledger: it is
+    // read once, from the first of them that answers (newest first).
+    let mut remote: Vec<(String, Vec<String>)> = Vec::new();
+    for (name, address) in registered {
+        if banks.iter().any(|b| b.name == name) {
+            continue;
+        }
+        match remote.last_mut() {
+            Some((last, addresses)) if *last == name => addresses.push(address),
+            _ => remote.push((name, vec![address])),
+        }
+    }
     if !remote.is_empty() {
         let tls = Tls::load(&CertDir::new(dir), &Peer::Gateway)
             .context("asking banks for their ledgers needs the gateway's certificate")?;
-        for (name, address) in remote {
-            let first = async {
-                let mut client = bank_client(&tls, &name, &address)?;
-                let (legs, totals) = audit_page_over_rpc(&mut client, None).await?;
-                anyhow::Ok((client, legs, totals))
-            };
-            match first.await {
-                Ok((client, legs, totals)) => {
-                    let mut bank = BankLegs::new(name, LegSource::Remote(client), totals);
-                    bank.take_page(legs);
-                    banks.push(bank);
+        for (name, addresses) in remote {
+            let mut failures = Vec::new();
+            for address in &addresses {
+                let first = async {
+                    let mut client = bank_client(&tls, &name, address)?;
+                    let (legs, totals) = audit_page_over_rpc(&mut client, None).await?;
+                    anyhow::Ok((client, legs, totals))
+                };
+                match first.await {
+                    Ok((client, legs, totals)) => {
+                        let mut bank = BankLegs::new(name.clone(), LegSource::Remote(client), totals);
+                        bank.take_page(legs);
+                        banks.push(bank);
+                        failures.clear();
+                        break;
+                    }
+                    Err(e) => failures.push(format!("at {address}: {e:#}")),
                 }
-                Err(e) => problems.push(format!("cannot read the ledger of {name} at {address}: {e:#}")),
+            }
+            if !failures.is_empty() {
+                problems.push(format!("cannot read the ledger of {name} {}", failures.join("; ")));
             }
         }
         banks.sort_by(|a, b| a.name.cmp(&b.name));

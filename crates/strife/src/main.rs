@@ -103,8 +103,10 @@ enum Command {
         /// Address to listen on (`127.0.0.1:0` takes a free port).
         #[arg(long)]
         listen: Option<String>,
-        /// The gateway to register with (default: STRIFE_GATEWAY, else
-        /// the one `strife up` wrote in DIR).
+        /// The gateway to register with, or a comma-separated list of
+        /// gateway replicas (sharing one payment log) to register with
+        /// every one of (default: STRIFE_GATEWAY, else the one `strife up`
+        /// wrote in DIR).
         #[arg(long, value_name = "ADDR")]
         gateway: Option<String>,
         /// Accounts to create if they do not exist (TOML; see README).
@@ -177,7 +179,7 @@ enum Command {
         #[command(flatten)]
         client: ClientFlags,
     },
-    /// What the gateway knows: banks and payment counts.
+    /// What the gateway knows: banks (a row per replica) and payment counts.
     Status {
         #[command(flatten)]
         client: ClientFlags,

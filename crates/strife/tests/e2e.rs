@@ -520,6 +520,44 @@ fn a_list_of_gateways_is_served_by_whichever_answers() {
     assert_ne!(r.code, 0, "{r:?}");
 }
 
+/// A bank given a list of gateways registers with every one (each its own
+/// loop: a dead address in the list keeps it from none of the others), and
+/// each gateway can reach it.
+#[test]
+fn a_bank_registers_with_every_gateway_it_lists() {
+    let dir = TempDir::new("two-gateways");
+    let r = run_cli(&dir.0, &["certs", "init", "--bank", "BankA"], &[]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let data = |n: &str| dir.0.join(n).to_string_lossy().into_owned();
+    let (data1, data2) = (data("gateway-1"), data("gateway-2"));
+    let g1 = start_gateway(&dir.0, "127.0.0.1:0", &[("STRIFE_GATEWAY_DATA_DIR", &data1)]);
+    let g2 = start_gateway(&dir.0, "127.0.0.1:0", &[("STRIFE_GATEWAY_DATA_DIR", &data2)]);
+    // Port 1 on loopback refuses connections: a gateway that is down.
+    let list = format!("127.0.0.1:1,{},{}", g1.addr, g2.addr);
+    let _bank = start_bank(&dir.0, "BankA", &list, &[]);
+    for g in [&g1, &g2] {
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let r = run_cli(&dir.0, &["--json", "--gateway", &g.addr, "status"], &[]);
+            let banks = if r.code == 0 { r.json()["banks"].clone() } else { serde_json::Value::Null };
+            if banks
+                .as_array()
+                .is_some_and(|b| b.iter().any(|b| b["name"] == "BankA" && b["reachable"] == true))
+            {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "BankA never registered at {}: {r:?}", g.addr);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        let r = run_cli(
+            &dir.0,
+            &["--json", "--gateway", &g.addr, "login", "--bank", "BankA", "--user", "user1"],
+            &[("STRIFE_PASSWORD", "pass1")],
+        );
+        assert_eq!(r.code, 0, "a login at {} reaches the bank: {r:?}", g.addr);
+    }
+}
+
 /// The audit is only worth its exit 0 if it fails on every kind of
 /// disagreement: each tampering below must be named.
 #[test]

@@ -1,7 +1,8 @@
 //! Banks whose ledgers live in PostgreSQL (`STRIFE_BANK_STORE=postgres://…`),
 //! the gateway on SQLite as before: payments end to end, `strife audit`
 //! (which asks such banks for their ledgers over their `Audit` RPC), and a
-//! bank killed with SIGKILL keeps every payment it acknowledged.
+//! bank killed with SIGKILL keeps every payment it acknowledged; and a bank
+//! run as two replicas on one database, one of them killed under load.
 //!
 //! One private PostgreSQL server serves this test binary
 //! (`strife_rpc::postgres_server::shared_for_tests`); each bank gets a role
@@ -11,6 +12,10 @@
 mod common;
 
 use common::*;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Instant;
 use strife_core::Secret;
 use strife_rpc::postgres_server::{PostgresServer, shared_for_tests, unique_name};
 
@@ -109,4 +114,150 @@ fn banks_on_postgres_serve_payments_audit_and_survive_kill_9() {
         assert!(log.contains("opening the ledger"), "{log}");
         assert!(!log.contains(password_b), "a database password in {bank}.log");
     }
+}
+
+/// Fast heartbeats and inquiries: a replica killed is skipped after three
+/// missed heartbeats (0.6 s).
+const FAST: [(&str, &str); 2] =
+    [("STRIFE_BANK_REGISTER_INTERVAL_MS", "200"), ("STRIFE_BANK_INQUIRY_INTERVAL_MS", "200")];
+
+/// One replica (process) of bank `name` on the ledger at `url`, and the file
+/// its stderr goes to: its own log (the replicas share `logs/NAME.log`).
+fn start_replica(dir: &Path, name: &str, gateway: &str, url: &Secret<String>) -> (Proc, PathBuf) {
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("--dir").arg(dir);
+    cmd.args(["bank", "--name", name, "--listen", "127.0.0.1:0", "--gateway", gateway]);
+    cmd.env("STRIFE_BANK_STORE", url.expose()).envs(FAST);
+    let (child, line, lines, log) = spawn_command_logged(cmd, dir, "listening on");
+    let addr = line.rsplit(' ').next().expect("addr").to_owned();
+    (Proc { name: name.into(), child, addr, lines }, log)
+}
+
+/// Prepare batches a replica answered, counted in its own call log.
+fn prepares_answered(log: &Path) -> usize {
+    let text = std::fs::read_to_string(log).expect("replica log");
+    text.lines()
+        .filter(|l| l.contains("/PrepareBatch") && l.contains(" done ") && l.contains("\"OK\""))
+        .count()
+}
+
+/// Waits until the gateway's status shows the replicas of `bank` as
+/// `want` accepts them; returns them as `(address, reachable)`, sorted.
+fn wait_replicas(dir: &Path, bank: &str, want: impl Fn(&[(String, bool)]) -> bool) -> Vec<(String, bool)> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = run_cli(dir, &["--json", "status"], &[]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let mut rows: Vec<(String, bool)> = r.json()["banks"]
+            .as_array()
+            .expect("banks")
+            .iter()
+            .filter(|b| b["name"] == bank)
+            .map(|b| (b["address"].as_str().expect("address").to_owned(), b["reachable"] == true))
+            .collect();
+        rows.sort();
+        if want(&rows) {
+            return rows;
+        }
+        assert!(Instant::now() < deadline, "the replicas of {bank} never became as wanted: {rows:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// BankA runs as two processes on one PostgreSQL database, registered at one
+/// gateway: the status shows both, and payments one after another are
+/// prepared by each in turn (counted in each one's log). Then, under a
+/// stream of payments from two payers, one replica is killed with SIGKILL:
+/// every payment commits at its first attempt (the gateway retries a failed
+/// call at the other replica), each moves its money once, and the audit is
+/// clean.
+#[test]
+fn bank_replicas_share_the_calls_and_one_killed_loses_no_payment() {
+    let (url_a, _) = bank_database("BankA");
+    let (url_b, _) = bank_database("BankB");
+    let dir = TempDir::new("replicas");
+    let r = run_cli(&dir.0, &["certs", "init", "--bank", "BankA", "--bank", "BankB"], &[]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let gateway = start_gateway(&dir.0, "127.0.0.1:0", &FAST);
+    let (mut a1, log1) = start_replica(&dir.0, "BankA", &gateway.addr, &url_a);
+    let (a2, log2) = start_replica(&dir.0, "BankA", &gateway.addr, &url_a);
+    let b = start_replica(&dir.0, "BankB", &gateway.addr, &url_b).0;
+    let c = Cluster { dir, gateway, banks: vec![b], bank_names: vec!["BankA".into(), "BankB".into()] };
+    c.wait_registered();
+
+    let rows = wait_replicas(c.path(), "BankA", |r| r.len() == 2 && r.iter().all(|(_, live)| *live));
+    let mut expected = vec![a1.addr.clone(), a2.addr.clone()];
+    expected.sort();
+    assert_eq!(rows.iter().map(|(a, _)| a.clone()).collect::<Vec<_>>(), expected, "a row per replica");
+    let text = c.cli(&["status"]);
+    assert!(text.stdout.contains(&a1.addr) && text.stdout.contains(&a2.addr), "{}", text.stdout);
+
+    for (user, bank) in [("user1", "BankA"), ("user2", "BankB"), ("user3", "BankB"), ("user4", "BankA")] {
+        c.login(user, bank);
+    }
+    // One after another, BankA's prepares go to each replica in turn.
+    const ONE_BY_ONE: usize = 10;
+    let before = (prepares_answered(&log1), prepares_answered(&log2));
+    for _ in 0..ONE_BY_ONE {
+        let r = c.pay("user1@BankA", "user2@BankB", "1.00");
+        assert_eq!((r.code, r.json()["status"].as_str()), (0, Some("committed")), "{r:?}");
+    }
+    let answered = (prepares_answered(&log1) - before.0, prepares_answered(&log2) - before.1);
+    eprintln!("prepares answered by each replica of BankA: {answered:?}");
+    assert!(answered.0 > 0 && answered.1 > 0, "both replicas prepare: {answered:?}");
+    assert_eq!(answered.0 + answered.1, ONE_BY_ONE, "one prepare call per payment");
+
+    // A stream of payments from two payers; SIGKILL for one replica under it.
+    const PER_PAYER: usize = 20;
+    let done = Arc::new(AtomicUsize::new(0));
+    let payers: Vec<_> = [("user1@BankA", "user2@BankB"), ("user3@BankB", "user4@BankA")]
+        .into_iter()
+        .map(|(from, to)| {
+            let (dir, done) = (c.path().to_path_buf(), done.clone());
+            std::thread::spawn(move || {
+                for _ in 0..PER_PAYER {
+                    let id = grpc::new_id();
+                    let args = ["--json", "--as", from, "pay", "--to", to, "--amount", "1.00", "--id", &id];
+                    let r = run_cli(&dir, &args, &[]);
+                    assert_eq!(
+                        (r.code, r.json()["status"].as_str()),
+                        (0, Some("committed")),
+                        "{from}: {r:?}"
+                    );
+                    done.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + WAIT;
+    while done.load(Ordering::SeqCst) < 4 {
+        assert!(Instant::now() < deadline, "the payments never started");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    a1.kill9();
+    let at_kill = done.load(Ordering::SeqCst);
+    let answered_at_kill = prepares_answered(&log2);
+    // The killed replica is no longer live (shown as unreachable, later
+    // forgotten); the other serves on.
+    let (dead, alive) = ((a1.addr.clone(), true), (a2.addr.clone(), true));
+    wait_replicas(c.path(), "BankA", |r| !r.contains(&dead) && r.contains(&alive));
+    for payer in payers {
+        payer.join().expect("every payment committed");
+    }
+    assert!(at_kill < 2 * PER_PAYER, "payments went on after the kill ({at_kill} before it)");
+    assert!(prepares_answered(&log2) > answered_at_kill, "the other replica took over");
+    let gateway_log = std::fs::read_to_string(c.path().join("logs/gateway.log")).expect("gateway log");
+    let retried = gateway_log.lines().filter(|l| l.contains("a replica failed; trying another")).count();
+    eprintln!("{at_kill} payments before the kill; calls retried at the other replica: {retried}");
+
+    // Each payment moved its money once.
+    let paid = (ONE_BY_ONE + PER_PAYER) as i64 * 100;
+    assert_eq!(c.balance("user1@BankA").0, 100_000 - paid);
+    assert_eq!(c.balance("user2@BankB").0, 200_000 + paid);
+    assert_eq!(c.balance("user3@BankB").0, 300_000 - PER_PAYER as i64 * 100);
+    assert_eq!(c.balance("user4@BankA").0, 400_000 + PER_PAYER as i64 * 100);
+    let audit = wait_audit_ok(c.path());
+    assert_eq!(audit["committed"], ONE_BY_ONE + 2 * PER_PAYER, "{audit}");
+    assert_eq!(audit["declined"], 0, "{audit}");
+    assert_eq!(audit["held"], "0.00", "{audit}");
 }

@@ -114,10 +114,21 @@ pub fn spawn_until(
 /// Starts `cmd` (its stderr goes to a file in `err_dir`) and waits for a
 /// stdout line containing `marker`; returns the process and that line.
 pub fn spawn_command_until(
-    mut cmd: Command,
+    cmd: Command,
     err_dir: &Path,
     marker: &str,
 ) -> (Child, String, mpsc::Receiver<String>) {
+    let (child, line, lines, _) = spawn_command_logged(cmd, err_dir, marker);
+    (child, line, lines)
+}
+
+/// [`spawn_command_until`], also returning the file that gets the
+/// process's stderr (its own log, where processes share a log file).
+pub fn spawn_command_logged(
+    mut cmd: Command,
+    err_dir: &Path,
+    marker: &str,
+) -> (Child, String, mpsc::Receiver<String>, PathBuf) {
     static N: AtomicU32 = AtomicU32::new(0);
     let err_path = err_dir.join(format!("stderr-{}.log", N.fetch_add(1, Ordering::SeqCst)));
     let err_file = std::fs::File::create(&err_path).expect("stderr file");
@@ -138,7 +149,7 @@ pub fn spawn_command_until(
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         match rx.recv_timeout(left) {
-            Ok(line) if line.contains(marker) => return (child, line, rx),
+            Ok(line) if line.contains(marker) => return (child, line, rx, err_path),
             Ok(_) => continue,
             Err(_) => {
                 let _ = child.kill();
