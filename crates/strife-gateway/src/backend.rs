@@ -28,6 +28,10 @@ use strife_rpc::group_commit::GroupCommit;
 
 pub use strife_rpc::store_url::StoreUrl;
 
+/// Addresses kept per bank name (a bank may run as several processes, and
+/// each restart on a free port brings a new address): the newest ones.
+pub const BANK_ADDRESSES_MAX: u32 = 16;
+
 /// The gateway's durable state: payments (the coordinator's log), the bank
 /// registry and revoked tokens. Cheap to clone.
 ///
@@ -127,10 +131,14 @@ pub trait GatewayStore: Clone + Send + Sync + 'static {
     /// Deletes decided, acknowledged payments created before `before_ms`.
     fn prune(&self, before_ms: i64) -> impl Future<Output = Result<usize, GatewayError>> + Send;
 
-    /// Every `(bank name, address)` registered.
+    /// Every `(bank name, address)` registered (at most
+    /// [`BANK_ADDRESSES_MAX`] per name), by name, each name's newest
+    /// registration last.
     fn banks(&self) -> impl Future<Output = Result<Vec<(String, String)>, GatewayError>> + Send;
 
-    /// Records that `name` registered from `address`.
+    /// Records that `name` registered from `address` (beside its other
+    /// addresses: a bank may have several replicas), and forgets all but
+    /// its newest [`BANK_ADDRESSES_MAX`] addresses.
     fn save_bank(
         &self,
         name: String,
@@ -286,3 +294,4 @@ impl GatewayStore for SqliteStore {
         )
     }
 }
+

@@ -91,9 +91,24 @@ CREATE INDEX payments_by_payee ON payments (payee_bank, payee_user, created_at, 
 CREATE INDEX payments_unfinished ON payments (state) WHERE acked = 0;
 ";
 
+/// Version 3: a bank may run as several processes (replicas), each at its
+/// own address: the registry is keyed by `(name, address)`. The table is
+/// rebuilt (a primary key cannot be changed in place).
+const SCHEMA_V3: &str = "
+CREATE TABLE banks_v3 (
+    name          TEXT NOT NULL,
+    address       TEXT NOT NULL,
+    registered_at INTEGER NOT NULL,
+    PRIMARY KEY (name, address)
+) STRICT;
+INSERT INTO banks_v3 (name, address, registered_at) SELECT name, address, registered_at FROM banks;
+DROP TABLE banks;
+ALTER TABLE banks_v3 RENAME TO banks;
+";
+
 /// The schema's versions in order: a database at `PRAGMA user_version` n
 /// runs `MIGRATIONS[n..]`, all in one transaction, at open.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3];
 
 /// Brings the database to the latest schema version in one transaction: a
 /// crash half-way leaves it as it was. Refuses a database from a newer
@@ -497,15 +512,30 @@ impl Store {
             .execute([before_ms])
     }
 
+    /// Every `(name, address)` registered, each name's newest last.
     pub fn banks(&self) -> rusqlite::Result<Vec<(String, String)>> {
-        let mut stmt = self.conn.prepare_cached("SELECT name, address FROM banks ORDER BY name")?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name, address FROM banks ORDER BY name, registered_at, address")?;
         let rows = stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))?;
         rows.collect()
     }
 
+    /// Records that `name` registered from `address`, and forgets all but
+    /// its newest `BANK_ADDRESSES_MAX` addresses.
     pub fn save_bank(&mut self, name: &str, address: &str) -> rusqlite::Result<()> {
-        self.conn.prepare_cached("INSERT INTO banks (name, address, registered_at) VALUES (?1, ?2, ?3)
-             ON CONFLICT (name) DO UPDATE SET address = excluded.address, registered_at = excluded.registered_at")?.execute(params![name, address, now_ms()])?;
+        self.conn
+            .prepare_cached(
+                "INSERT INTO banks (name, address, registered_at) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (name, address) DO UPDATE SET registered_at = excluded.registered_at",
+            )?
+            .execute(params![name, address, now_ms()])?;
+        self.conn
+            .prepare_cached(
+                "DELETE FROM banks WHERE name = ?1 AND address NOT IN (
+                     SELECT address FROM banks WHERE name = ?1 ORDER BY registered_at DESC, address LIMIT ?2)",
+            )?
+            .execute(params![name, crate::backend::BANK_ADDRESSES_MAX])?;
         Ok(())
     }
 
