@@ -9,6 +9,7 @@ pub mod error;
 mod hex;
 pub mod link;
 pub mod page_token;
+pub mod postgres;
 pub mod registry;
 pub mod server;
 pub mod service;
