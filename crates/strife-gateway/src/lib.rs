@@ -4,6 +4,8 @@
 
 pub mod auth;
 pub mod backend;
+#[cfg(test)]
+mod conformance;
 pub mod coordinator;
 pub mod error;
 mod hex;

@@ -644,3 +644,156 @@ impl GatewayError {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::{conformance_suite, record, replica_suite, user, uuid_of};
+    use strife_rpc::postgres_server::{PostgresServer, shared_for_tests, unique_name};
+
+    /// The test binary's PostgreSQL server; a test that cannot have it
+    /// fails, saying what to install.
+    fn server() -> &'static PostgresServer {
+        shared_for_tests().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A URL of a new, empty database.
+    fn new_database() -> Secret<String> {
+        server().create_database(&unique_name("gateway")).expect("a database")
+    }
+
+    /// Leases that outlast any test.
+    const LONG: Leases =
+        Leases { after_deadline: Duration::from_secs(3600), claim: Duration::from_secs(3600) };
+    /// Leases that lapse at once: a process long gone.
+    const LAPSED: Leases = Leases { after_deadline: Duration::ZERO, claim: Duration::ZERO };
+
+    /// Two instances (two pools, as two gateway processes) of a fresh store.
+    async fn fresh() -> (PostgresStore, PostgresStore, ()) {
+        let url = new_database();
+        let a = PostgresStore::connect(&url, LONG).await.expect("connect");
+        let b = PostgresStore::connect(&url, LONG).await.expect("connect");
+        (a, b, ())
+    }
+
+    /// And a third whose leases lapse at once.
+    async fn fresh_replicas() -> (PostgresStore, PostgresStore, PostgresStore, ()) {
+        let url = new_database();
+        let a = PostgresStore::connect(&url, LONG).await.expect("connect");
+        let b = PostgresStore::connect(&url, LONG).await.expect("connect");
+        let quick = PostgresStore::connect(&url, LAPSED).await.expect("connect");
+        (a, b, quick, ())
+    }
+
+    conformance_suite!(fresh);
+    replica_suite!(fresh_replicas);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_migrate_once_and_a_start_aborts_nothing() {
+        let url = new_database();
+        // Three processes starting at once: one migrates, all serve.
+        let (a, b, c) = tokio::join!(
+            PostgresStore::connect(&url, LONG),
+            PostgresStore::connect(&url, LONG),
+            PostgresStore::connect(&url, LONG)
+        );
+        let (a, b, _c) = (a.expect("first"), b.expect("second"), c.expect("third"));
+        assert_ne!(a.instance(), b.instance(), "each process has its own instance id");
+        let (x, y) = (user("x@BankA"), user("y@BankB"));
+        a.begin_payment(record(1, 1, &x, &y, PaymentState::Preparing)).await.expect("begin").expect("new");
+        // Another replica may be driving it: a start leaves it alone.
+        let again = PostgresStore::connect(&url, LONG).await.expect("a restart");
+        assert_eq!(again.recover().await.expect("recover"), 0);
+        let p = again.find_txn(uuid_of(1)).await.expect("find").expect("the data survives");
+        assert_eq!(p.state, PaymentState::Preparing);
+        let history = server()
+            .psql(&url, &["SELECT COUNT(*) FROM gateway_schema_history"])
+            .expect("refinery's own table");
+        assert_eq!(history, "1", "one migration, applied once");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connect_errors_do_not_show_the_password() {
+        let url = new_database();
+        let (head, tail) = url.expose().rsplit_once('@').expect("a password in the URL");
+        let wrong = Secret::new(format!("{head}x-wrong-secret@{tail}"));
+        let err = PostgresStore::connect(&wrong, LONG).await.err().expect("a wrong password is refused");
+        let text = format!("{err} {err:?}");
+        assert!(!text.contains("x-wrong-secret"), "{text}");
+        let (_, password) = head.rsplit_once(':').expect("user:password");
+        assert!(!text.contains(password), "{text}");
+    }
+
+    /// The plan of `sql` with `params` (EXPLAIN, text format), in the
+    /// plan cache mode `mode`.
+    async fn plan_in(s: &PostgresStore, mode: &str, sql: &str, params: &[&(dyn ToSql + Sync)]) -> String {
+        let client = s.client().await.expect("connection");
+        client.batch_execute(&format!("SET plan_cache_mode = {mode}")).await.expect("mode");
+        let rows = client.query(&format!("EXPLAIN {sql}"), params).await.expect("explain");
+        client.batch_execute("RESET plan_cache_mode").await.expect("reset");
+        rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>().join("\n")
+    }
+
+    async fn plan(s: &PostgresStore, sql: &str, params: &[&(dyn ToSql + Sync)]) -> String {
+        plan_in(s, "auto", sql, params).await
+    }
+
+    /// On a table of 20,000 payments among 200 customers (statistics
+    /// gathered): a page is two backward range scans of the payer and payee
+    /// indexes merged in page order under a limit (no sort, no scan of the
+    /// table); lookups by id, by transaction id, claims and the sweep each
+    /// use their index.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pages_and_lookups_use_the_indexes_and_never_sort_or_scan() {
+        let url = new_database();
+        let s = PostgresStore::connect(&url, LONG).await.expect("connect");
+        server()
+            .psql(
+                &url,
+                &["INSERT INTO payments (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank,
+                      amount_minor, fingerprint, state, acked, created_at, deadline_at, owner, lease_until)
+                   SELECT lpad(to_hex(n), 36, '0'), lpad(to_hex(n), 36, '0'), 'u' || (n % 200), 'BankA',
+                          'u' || ((n + 1) % 200), 'BankB', 100, '\\x00', 
+                          CASE WHEN n % 10 = 0 THEN 'aborted' ELSE 'committed' END, n % 100 <> 0,
+                          1000000 + n, 2000000 + n, gen_random_uuid(), 0
+                   FROM generate_series(1, 20000) AS n",
+                  "ANALYZE payments"],
+            )
+            .expect("fill");
+        let (bank, who, start, end, txn, limit) = ("BankA", "u7", i64::MIN, i64::MAX, "", 51i64);
+        // The plan made for these values, and the generic one a prepared
+        // statement may switch to: the same shape.
+        for mode in ["auto", "force_generic_plan"] {
+            let page = plan_in(&s, mode, PAGE_SQL, &[&bank, &who, &start, &end, &txn, &limit]).await;
+            assert!(page.starts_with("Limit"), "{mode}: stops at the page size: {page}");
+            assert!(page.contains("Merge Append"), "{mode}: the two ordered scans are merged: {page}");
+            assert!(page.contains("Index Scan Backward using payments_by_payer"), "{mode}: {page}");
+            assert!(page.contains("Index Scan Backward using payments_by_payee"), "{mode}: {page}");
+            assert_eq!(page.matches("Limit").count(), 3, "{mode}: each arm stops at the page size: {page}");
+            assert!(
+                !page.contains("Sort  ") && !page.contains("Seq Scan"),
+                "{mode}: never sorts or scans: {page}"
+            );
+            // Each arm is a range of its index: both bounds on created_at.
+            assert_eq!(page.matches("AND (created_at >= ").count(), 2, "{mode}: {page}");
+            assert_eq!(page.matches("AND (ROW(created_at, txn_id) < ROW(").count(), 2, "{mode}: {page}");
+        }
+
+        let id = "0000000000000000000000000000000000ff".to_owned();
+        let made = plan(&s, MADE_BY_ID_SQL, &[&bank, &who, &id]).await;
+        assert!(made.contains("Index Scan using payments_by_id"), "{made}");
+        let received = plan(&s, RECEIVED_BY_ID_SQL, &[&"BankB", &who, &id]).await;
+        assert!(received.contains("using payments_by_id"), "{received}");
+        let by_txn =
+            plan(&s, &format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE txn_id = $1"), &[&id]).await;
+        assert!(by_txn.contains("Index Scan using payments_pkey"), "{by_txn}");
+        let after = plan(&s, AFTER_SQL, &[&id, &16i64]).await;
+        assert!(after.contains("Index Scan using payments_pkey") && !after.contains("Sort"), "{after}");
+        let claim = plan(&s, CLAIM_SQL, &[&s.instance(), &0i64, &1i64, &256i64]).await;
+        assert!(claim.contains("payments_unfinished"), "{claim}");
+        assert!(!claim.contains("Seq Scan"), "{claim}");
+        let sweep = plan(&s, PREPARING_BEFORE_SQL, &[&0i64, &256i64]).await;
+        assert!(sweep.contains("payments_preparing"), "{sweep}");
+        let prune = plan(&s, PRUNE_SQL, &[&1_000_100i64]).await;
+        assert!(prune.contains("payments_finished"), "{prune}");
+    }
+}
