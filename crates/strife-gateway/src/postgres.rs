@@ -77,7 +77,9 @@ const NOT_FORCED: &str = "SET LOCAL synchronous_commit = off";
 pub struct Leases {
     /// A payment this process began: until its deadline plus this (its
     /// task decides by the deadline, then delivers for at most the commit
-    /// timeout).
+    /// timeout). The deadline is set by this process's clock and read
+    /// against the database's: their clocks must agree to well within the
+    /// slack this leaves (15 s by default).
     pub after_deadline: Duration,
     /// A decided payment this process claimed for delivery: this long from
     /// the claim (the finisher delivers a claim for at most the commit
@@ -356,18 +358,23 @@ UNION ALL
 ORDER BY created_at DESC, txn_id DESC
 LIMIT $6";
 
-/// Claims (owner `$1`, until `$2 + $3`) at most `$4` decided payments not
-/// yet acknowledged, oldest first, that are this process's or whose lease
-/// lapsed before `$2`. `SKIP LOCKED`: rows another claim is taking right now
-/// are left to it, so two claims never return one payment.
+/// Claims (owner `$1`, for `$2` ms) at most `$3` decided payments not yet
+/// acknowledged, oldest first, that are this process's or whose lease has
+/// lapsed. `SKIP LOCKED`: rows another claim is taking right now are left
+/// to it, so two claims never return one payment. Claims are timed by the
+/// database's clock, one clock for every replica. (`= ANY(ARRAY(…))`: the
+/// claimed rows are then updated through the primary key, whatever the
+/// statistics say.)
 const CLAIM_SQL: &str = "
-UPDATE payments SET owner = $1::text::uuid, lease_until = $2::bigint + $3::bigint
-WHERE txn_id IN (
+UPDATE payments
+SET owner = $1::text::uuid, lease_until = (extract(epoch FROM statement_timestamp()) * 1000)::bigint + $2
+WHERE txn_id = ANY(ARRAY(
     SELECT txn_id FROM payments
-    WHERE NOT acked AND state <> 'preparing' AND (owner = $1::text::uuid OR lease_until < $2)
+    WHERE NOT acked AND state <> 'preparing'
+      AND (owner = $1::text::uuid OR lease_until < (extract(epoch FROM statement_timestamp()) * 1000)::bigint)
     ORDER BY created_at
-    LIMIT $4
-    FOR UPDATE SKIP LOCKED)
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED))
 RETURNING txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
           state, reason, acked, created_at, deadline_at, fingerprint";
 
@@ -537,11 +544,9 @@ impl GatewayStore for PostgresStore {
     }
 
     async fn claim_unfinished(&self, limit: u32) -> Result<Vec<PaymentRecord>, GatewayError> {
-        let now = now_ms();
         self.retrying(|client| async move {
             let stmt = client.prepare_cached(CLAIM_SQL).await?;
-            let rows =
-                client.query(&stmt, &[&&*self.instance, &now, &self.claim_ms, &i64::from(limit)]).await?;
+            let rows = client.query(&stmt, &[&&*self.instance, &self.claim_ms, &i64::from(limit)]).await?;
             let mut claimed = rows.iter().map(payment_from_row).collect::<Result<Vec<_>, _>>()?;
             claimed.sort_by_key(|p| p.created_at_ms);
             Ok(claimed)
@@ -788,8 +793,9 @@ mod tests {
         assert!(by_txn.contains("Index Scan using payments_pkey"), "{by_txn}");
         let after = plan(&s, AFTER_SQL, &[&id, &16i64]).await;
         assert!(after.contains("Index Scan using payments_pkey") && !after.contains("Sort"), "{after}");
-        let claim = plan(&s, CLAIM_SQL, &[&s.instance(), &0i64, &1i64, &256i64]).await;
-        assert!(claim.contains("payments_unfinished"), "{claim}");
+        let claim = plan(&s, CLAIM_SQL, &[&s.instance(), &1i64, &256i64]).await;
+        assert!(claim.contains("Index Scan using payments_unfinished"), "{claim}");
+        assert!(claim.contains("Index Scan using payments_pkey"), "{claim}");
         assert!(!claim.contains("Seq Scan"), "{claim}");
         let sweep = plan(&s, PREPARING_BEFORE_SQL, &[&0i64, &256i64]).await;
         assert!(sweep.contains("payments_preparing"), "{sweep}");
