@@ -580,13 +580,16 @@ impl GatewayStore for PostgresStore {
     }
 
     async fn prune(&self, before_ms: i64) -> Result<usize, GatewayError> {
-        let client = self.client().await?;
-        let stmt = client.prepare_cached(PRUNE_SQL).await?;
-        let pruned = client.execute(&stmt, &[&before_ms]).await?;
-        // Now and then, too: revocations of tokens that have expired.
-        let stmt = client.prepare_cached("DELETE FROM revoked_tokens WHERE expires_at < $1").await?;
-        client.execute(&stmt, &[&(now_ms() / 1000)]).await?;
-        Ok(usize::try_from(pruned).unwrap_or(usize::MAX))
+        // Every replica prunes now and then; two at once may meet on a row.
+        self.retrying(|client| async move {
+            let stmt = client.prepare_cached(PRUNE_SQL).await?;
+            let pruned = client.execute(&stmt, &[&before_ms]).await?;
+            // Now and then, too: revocations of tokens that have expired.
+            let stmt = client.prepare_cached("DELETE FROM revoked_tokens WHERE expires_at < $1").await?;
+            client.execute(&stmt, &[&(now_ms() / 1000)]).await?;
+            Ok(usize::try_from(pruned).unwrap_or(usize::MAX))
+        })
+        .await
     }
 
     async fn banks(&self) -> Result<Vec<(String, String)>, GatewayError> {
