@@ -30,6 +30,14 @@ use strife_rpc::group_commit::GroupCommit;
 
 pub use strife_rpc::store_url::StoreUrl;
 
+/// Addresses kept per bank name (a bank may run as several processes, and
+/// each restart on a free port brings a new address): the newest ones.
+pub const BANK_ADDRESSES_MAX: u32 = 16;
+
+/// A bank's address that has not registered for this long is forgotten
+/// when the bank registers again, unless it is the bank's newest.
+pub const BANK_ADDRESS_RETENTION_MS: i64 = 24 * 3600 * 1000;
+
 /// The gateway's durable state: payments (the coordinator's log), the bank
 /// registry and revoked tokens. Cheap to clone.
 ///
@@ -161,10 +169,14 @@ pub trait GatewayStore: Clone + Send + Sync + 'static {
         from_file: Vec<SigningKey>,
     ) -> impl Future<Output = Result<Vec<SigningKey>, GatewayError>> + Send;
 
-    /// Every `(bank name, address)` registered.
+    /// Every `(bank name, address)` registered, by name, each bank's most
+    /// recently registered address first.
     fn banks(&self) -> impl Future<Output = Result<Vec<(String, String)>, GatewayError>> + Send;
 
-    /// Records that `name` registered from `address`.
+    /// Records that `name` registered from `address` (beside its other
+    /// addresses: a bank may have several replicas), and forgets its
+    /// addresses not registered for a day (never the newest) and all but
+    /// its newest [`BANK_ADDRESSES_MAX`].
     fn save_bank(
         &self,
         name: String,
@@ -343,5 +355,51 @@ impl GatewayStore for SqliteStore {
                 .map(|set| set.contains(&jti))
                 .map_err(|_| internal("revocation lock poisoned")),
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::{conformance_suite, record, user};
+
+    /// A directory removed when dropped.
+    pub struct TempDir(std::path::PathBuf);
+
+    impl Drop for TempDir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A fresh SQLite store in a directory of its own; one process owns a
+    /// SQLite file, so its "other instance" is itself.
+    async fn fresh() -> (SqliteStore, SqliteStore, TempDir) {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let dir = std::env::temp_dir().join(format!("strife-gw-backend-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let store = SqliteStore::open(&dir.join("gateway.db")).expect("open");
+        (store.clone(), store, TempDir(dir))
+    }
+
+    conformance_suite!(fresh);
+
+    /// One gateway owns the file: at start, nobody drives what was
+    /// preparing, so it is aborted; revocations survive the restart.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_restart_aborts_what_was_preparing_and_keeps_revocations() {
+        let (s, _, dir) = fresh().await;
+        let (x, y) = (user("x@BankA"), user("y@BankB"));
+        s.begin_payment(record(1, 1, &x, &y, PaymentState::Preparing)).await.expect("begin").expect("new");
+        s.begin_payment(record(2, 2, &x, &y, PaymentState::Committed)).await.expect("begin").expect("new");
+        s.revoke("j1".into(), strife_core::unix_ms() / 1000 + 60).await.expect("revoke");
+        drop(s);
+        let s = SqliteStore::open(&dir.0.join("gateway.db")).expect("reopen");
+        assert_eq!(s.recover().await.expect("recover"), 1);
+        let p = s.find_txn(crate::conformance::uuid_of(1)).await.expect("find").expect("exists");
+        assert_eq!((p.state, p.reason), (PaymentState::Aborted, Some(DeclineReason::Timeout)));
+        assert!(s.is_revoked("j1".into()).await.expect("revoked?"));
     }
 }

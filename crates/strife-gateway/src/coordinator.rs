@@ -418,9 +418,15 @@ impl<S: GatewayStore> Gateway<S> {
             }
             match self.store.claim_unfinished(FINISH_BATCH_MAX).await {
                 Ok(payments) => {
+                    // A claim lasts a bounded time (a replica's store lets
+                    // others take it over after that): deliver all of it at
+                    // once, each delivery bounded by the commit timeout.
+                    let mut deliveries = tokio::task::JoinSet::new();
                     for p in payments {
-                        self.finish(&p).await;
+                        let gateway = self.clone();
+                        deliveries.spawn(async move { gateway.finish(&p).await });
                     }
+                    while deliveries.join_next().await.is_some() {}
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot read unfinished payments"),
             }

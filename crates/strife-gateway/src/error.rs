@@ -39,8 +39,33 @@ pub enum GatewayError {
     Unavailable { reason: ErrorReason, message: String },
     #[error("storage: {0}")]
     Storage(#[from] rusqlite::Error),
+    /// The PostgreSQL store's database failed (or refused a statement).
+    #[error("database: {}", with_cause(.0))]
+    Postgres(#[from] tokio_postgres::Error),
     #[error("internal: {0}")]
     Internal(String),
+}
+
+/// A database error with what the server said (tokio-postgres keeps that
+/// in the error's source).
+fn with_cause(e: &tokio_postgres::Error) -> String {
+    match std::error::Error::source(e) {
+        Some(cause) => format!("{e}: {cause}"),
+        None => e.to_string(),
+    }
+}
+
+/// A connection from the pool: none free in time means overloaded.
+impl From<deadpool_postgres::PoolError> for GatewayError {
+    fn from(e: deadpool_postgres::PoolError) -> GatewayError {
+        match e {
+            deadpool_postgres::PoolError::Timeout(_) => {
+                GatewayError::Overloaded("every database connection is busy; try again shortly".into())
+            }
+            deadpool_postgres::PoolError::Backend(e) => GatewayError::Postgres(e),
+            other => GatewayError::Internal(format!("database connection pool: {other}")),
+        }
+    }
 }
 
 impl GatewayError {
@@ -95,6 +120,10 @@ impl From<GatewayError> for Status {
             }
             GatewayError::Storage(err) => {
                 tracing::error!(error = %err, "storage failure");
+                errors::internal()
+            }
+            GatewayError::Postgres(err) => {
+                tracing::error!(error = %with_cause(&err), "database failure");
                 errors::internal()
             }
             GatewayError::Internal(err) => {

@@ -4,11 +4,14 @@
 
 pub mod auth;
 pub mod backend;
+#[cfg(test)]
+mod conformance;
 pub mod coordinator;
 pub mod error;
 mod hex;
 pub mod link;
 pub mod page_token;
+pub mod postgres;
 pub mod registry;
 pub mod server;
 pub mod service;

@@ -4,6 +4,7 @@
 use crate::auth::{CustomerAuth, only_banks, only_clients};
 use crate::backend::{GatewayStore, SqliteStore, StoreUrl};
 use crate::coordinator::Gateway;
+use crate::postgres::{Leases, PostgresStore};
 use crate::registry::Registry;
 use crate::service::{AdminService, PaymentsService, RegistryService, SessionService};
 use crate::tokens::{TokenKeys, load_keys};
@@ -45,14 +46,20 @@ pub async fn run(
     let data = opts.config.gateway.data_dir(&opts.dir);
     std::fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
     let store = StoreUrl::parse("gateway.store", &opts.config.gateway.store, data.join("gateway.db"))?;
-    tracing::info!(store = %store.redacted(), "opening the store");
+    let shown = store.redacted();
+    tracing::info!(store = %shown, "opening the store");
     match store {
         StoreUrl::Sqlite(path) => {
             let store = SqliteStore::open(&path)?;
             serve(opts, tls, store, listener, shutdown).await
         }
-        StoreUrl::Postgres(_) => {
-            anyhow::bail!("gateway.store: PostgreSQL is not supported by this build yet")
+        StoreUrl::Postgres(url) => {
+            let leases = Leases::for_commit_timeout(opts.config.gateway.commit_timeout());
+            let store = PostgresStore::connect(&url, leases)
+                .await
+                .with_context(|| format!("opening the store in {shown}"))?;
+            tracing::info!(instance = %store.instance(), "serving as one replica of the gateway");
+            serve(opts, tls, store, listener, shutdown).await
         }
     }
 }

@@ -1,8 +1,11 @@
 //! `strife audit`: cross-checks the gateway's log against every bank's
-//! ledger. A bank's ledger in SQLite is read from its file (safe while the
-//! servers run: WAL readers never block writers); a bank the gateway knows
-//! whose ledger is elsewhere (PostgreSQL) is asked for it over its `Audit`
-//! RPC, as the gateway (with the gateway's certificate from `DIR/certs`).
+//! ledger. The gateway's log is read through its store (`gateway.store`: its
+//! SQLite file, or the PostgreSQL database its replicas share). A bank's
+//! ledger in SQLite is read from its file (safe while the servers run: WAL
+//! readers never block writers); a bank the gateway knows whose ledger is
+//! elsewhere (PostgreSQL) is asked for it over its `Audit` RPC, as the
+//! gateway (with the gateway's certificate from `DIR/certs`), at the first of
+//! its registered addresses (replicas) that answers.
 //! Exit 0 only when the total of money is conserved, every payment has the
 //! same outcome everywhere, and no hold is open.
 
@@ -13,7 +16,9 @@ use std::time::Duration;
 use strife_bank::store::{Leg, LegState, Store as BankStore, Totals, state_name};
 use strife_client::{Exit, Reply};
 use strife_core::money::format_minor;
-use strife_gateway::store::{PaymentState, Store as GatewayStore};
+use strife_gateway::backend::{GatewayStore, SqliteStore, StoreUrl};
+use strife_gateway::postgres::{Leases, PostgresStore};
+use strife_gateway::store::PaymentState;
 use strife_proto::bank::v1 as bank_pb;
 use strife_rpc::pki::CertDir;
 use strife_rpc::tls::Tls;
@@ -34,10 +39,42 @@ const PROBLEMS_LISTED_MAX: usize = 1_000;
 
 pub async fn run(dir: &Path) -> anyhow::Result<Reply> {
     let config = Config::load(dir, None)?;
-    let gw_db = config.gateway.data_dir(dir).join("gateway.db");
-    anyhow::ensure!(gw_db.exists(), "no gateway data at {}", gw_db.display());
-    let gateway = GatewayStore::open(&gw_db).with_context(|| format!("opening {}", gw_db.display()))?;
-    let registered = gateway.banks()?;
+    let default_file = config.gateway.data_dir(dir).join("gateway.db");
+    let store = StoreUrl::parse("gateway.store", &config.gateway.store, default_file)?;
+    let shown = store.redacted();
+    match store {
+        StoreUrl::Sqlite(path) => {
+            anyhow::ensure!(path.exists(), "no gateway data at {}", path.display());
+            let gateway = SqliteStore::open(&path).with_context(|| format!("opening {}", path.display()))?;
+            audit(dir, &config, gateway).await
+        }
+        StoreUrl::Postgres(url) => {
+            let leases = Leases::for_commit_timeout(config.gateway.commit_timeout());
+            let gateway = PostgresStore::connect(&url, leases)
+                .await
+                .with_context(|| format!("opening the gateway's store in {shown}"))?;
+            audit(dir, &config, gateway).await
+        }
+    }
+}
+
+/// Every bank the gateway registered, each with its addresses (one per
+/// replica), newest first.
+fn by_bank(registered: Vec<(String, String)>) -> Vec<(String, Vec<String>)> {
+    let mut banks: Vec<(String, Vec<String>)> = Vec::new();
+    // `registered` is by name, each name's newest address first.
+    for (name, address) in registered {
+        match banks.last_mut() {
+            Some((last, addresses)) if *last == name => addresses.push(address),
+            _ => banks.push((name, vec![address])),
+        }
+    }
+    banks
+}
+
+/// Audits with the gateway's log in `gateway`, whichever store holds it.
+async fn audit<S: GatewayStore>(dir: &Path, config: &Config, gateway: S) -> anyhow::Result<Reply> {
+    let registered = gateway.banks().await?;
 
     let mut problems = Problems::default();
     let banks_dir = config.bank.data_dir(dir, "");
@@ -59,22 +96,13 @@ pub async fn run(dir: &Path) -> anyhow::Result<Reply> {
         let totals = store.totals()?;
         banks.push(BankLegs::new(name, LegSource::Local(store), totals));
     }
-    // A bank may have several replicas (addresses) on one ledger: it is
-    // read once, from the first of them that answers (newest first).
-    let mut remote: Vec<(String, Vec<String>)> = Vec::new();
-    for (name, address) in registered {
-        if banks.iter().any(|b| b.name == name) {
-            continue;
-        }
-        match remote.last_mut() {
-            Some((last, addresses)) if *last == name => addresses.push(address),
-            _ => remote.push((name, vec![address])),
-        }
-    }
+    let remote: Vec<(String, Vec<String>)> =
+        by_bank(registered).into_iter().filter(|(name, _)| !banks.iter().any(|b| b.name == *name)).collect();
     if !remote.is_empty() {
         let tls = Tls::load(&CertDir::new(dir), &Peer::Gateway)
             .context("asking banks for their ledgers needs the gateway's certificate")?;
         for (name, addresses) in remote {
+            // Replicas of a bank share its ledger: the first that answers serves.
             let mut failures = Vec::new();
             for address in &addresses {
                 let first = async {
@@ -94,7 +122,7 @@ pub async fn run(dir: &Path) -> anyhow::Result<Reply> {
                 }
             }
             if !failures.is_empty() {
-                problems.push(format!("cannot read the ledger of {name} {}", failures.join("; ")));
+                problems.push(format!("cannot read the ledger of {name} ({})", failures.join("; ")));
             }
         }
         banks.sort_by(|a, b| a.name.cmp(&b.name));
@@ -105,7 +133,7 @@ pub async fn run(dir: &Path) -> anyhow::Result<Reply> {
     let (mut payments, mut committed, mut declined) = (0u64, 0u64, 0u64);
     let mut after: Option<String> = None;
     loop {
-        let page = gateway.payments_after(after.as_deref(), AUDIT_PAGE_ROWS)?;
+        let page = gateway.payments_after(after.clone(), AUDIT_PAGE_ROWS).await?;
         let Some(last) = page.last() else { break };
         after = Some(last.txn_id.clone());
         for p in &page {

@@ -1,16 +1,19 @@
-//! Banks whose ledgers live in PostgreSQL (`STRIFE_BANK_STORE=postgres://…`),
-//! the gateway on SQLite as before: payments end to end, `strife audit`
-//! (which asks such banks for their ledgers over their `Audit` RPC), and a
-//! bank killed with SIGKILL keeps every payment it acknowledged; and a bank
-//! run as two replicas on one database, one of them killed under load.
+//! Servers whose stores live in PostgreSQL: banks (`STRIFE_BANK_STORE=postgres://…`)
+//! with the gateway on SQLite as before (payments end to end, `strife audit`,
+//! which asks such banks for their ledgers over their `Audit` RPC, and a bank
+//! killed with SIGKILL keeps every payment it acknowledged); a bank run as two
+//! replicas on one database, one of them killed under load; and three
+//! gateway replicas on one database (`STRIFE_GATEWAY_STORE=postgres://…`),
+//! which share payment ids, tokens, revocations and the bank registry.
 //!
 //! One private PostgreSQL server serves this test binary
-//! (`strife_rpc::postgres_server::shared_for_tests`); each bank gets a role
-//! and a database of its own. Without PostgreSQL installed the test fails,
-//! naming the package to install.
+//! (`strife_rpc::postgres_server::shared_for_tests`); each bank, and the
+//! gateways together, get a role and a database of their own. Without
+//! PostgreSQL installed the test fails, naming the package to install.
 
 mod common;
 
+use common::grpc;
 use common::*;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -31,6 +34,11 @@ fn bank_database(bank: &str) -> (Secret<String>, String) {
     let url =
         server().create_private_database(&unique_name(&format!("role_{bank}")), &database).expect("database");
     (url, database)
+}
+
+/// A role and a database of their own for the gateway replicas.
+fn gateway_database() -> Secret<String> {
+    server().create_private_database(&unique_name("role_gateway"), &unique_name("gateway")).expect("database")
 }
 
 fn start_pg_bank(dir: &std::path::Path, name: &str, gateway: &str, url: &Secret<String>) -> Proc {
@@ -260,4 +268,103 @@ fn bank_replicas_share_the_calls_and_one_killed_loses_no_payment() {
     assert_eq!(audit["committed"], ONE_BY_ONE + 2 * PER_PAYER, "{audit}");
     assert_eq!(audit["declined"], 0, "{audit}");
     assert_eq!(audit["held"], "0.00", "{audit}");
+}
+
+/// Three gateways on one PostgreSQL database and two banks (each a replica
+/// per gateway on its own database: a bank registers with one gateway): one
+/// payment id sent 16 times at once across the three moves the money once;
+/// a token from one gateway works at the others, and once logged out at one
+/// is refused at every other; the audit reads the shared log and agrees.
+#[test]
+fn three_gateways_on_one_database_pay_once_share_tokens_and_audit_clean() {
+    const GATEWAYS: usize = 3;
+    const COPIES: usize = 16;
+    let (url_a, _) = bank_database("BankA");
+    let (url_b, _) = bank_database("BankB");
+    let url_g = gateway_database();
+    let store = [("STRIFE_GATEWAY_STORE", url_g.expose().as_str())];
+
+    let dir = TempDir::new("gateways");
+    let r = run_cli(&dir.0, &["certs", "init", "--bank", "BankA", "--bank", "BankB"], &[]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let gateways: Vec<Proc> = (0..GATEWAYS).map(|_| start_gateway(&dir.0, "127.0.0.1:0", &store)).collect();
+    let mut banks = Vec::new();
+    for g in &gateways {
+        banks.push(start_pg_bank(&dir.0, "BankA", &g.addr, &url_a));
+        banks.push(start_pg_bank(&dir.0, "BankB", &g.addr, &url_b));
+    }
+    for g in &gateways {
+        wait_registered_at(&dir.0, Some(&g.addr), &["BankA", "BankB"]);
+    }
+    assert!(!dir.0.join("gateway/gateway.db").exists(), "the gateways' log is not in SQLite");
+    let registered =
+        server().psql(&url_g, &["SELECT COUNT(*) FROM banks"]).expect("the gateways' own database");
+    assert_eq!(
+        registered,
+        (2 * GATEWAYS).to_string(),
+        "every replica of each bank is in the shared registry"
+    );
+
+    let rt = grpc::runtime();
+    let (path, addrs) = (dir.0.clone(), gateways.iter().map(|g| g.addr.clone()).collect::<Vec<_>>());
+    rt.block_on(async move {
+        let mut channels = Vec::new();
+        for addr in &addrs {
+            channels.push(grpc::client_channel(&path, addr).await);
+        }
+        let token = grpc::login(&channels[0], "BankA", "user1", "pass1").await.expect("login at gateway 1");
+
+        // One payment id, 16 copies at once, spread over the three gateways.
+        let id = grpc::new_id();
+        let tasks: Vec<_> = (0..COPIES)
+            .map(|n| {
+                let (ch, token, id) = (channels[n % GATEWAYS].clone(), token.clone(), id.clone());
+                tokio::spawn(async move { grpc::pay(&ch, &token, &id, "user2", "BankB", "30.00").await })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for t in tasks {
+            answers.push(t.await.expect("task").expect("pay"));
+        }
+        assert!(answers.iter().all(|a| a.status == 1), "all 16 committed: {answers:?}");
+        assert_eq!(answers.iter().filter(|a| a.replayed).count(), COPIES - 1, "15 replays: {answers:?}");
+
+        // The token from gateway 1 works at 2 and 3, and sees the money moved once.
+        for ch in &channels[1..] {
+            let b = grpc::balance(ch, &token).await.expect("a token from gateway 1");
+            assert_eq!(b.balance, "970.00", "{b:?}");
+        }
+        let payee = grpc::login(&channels[2], "BankB", "user2", "pass2").await.expect("login at gateway 3");
+        assert_eq!(grpc::balance(&channels[1], &payee).await.expect("balance").balance, "2030.00");
+
+        // Logged out at gateway 1: refused at every gateway, at once.
+        let logout = grpc::payments(&channels[0])
+            .logout(grpc::authed(strife_proto::gateway::v1::LogoutRequest {}, &token))
+            .await;
+        logout.expect("logout at gateway 1");
+        for (n, ch) in channels.iter().enumerate() {
+            let refused = grpc::balance(ch, &token).await.expect_err("a revoked token");
+            assert_eq!(refused.code(), tonic::Code::Unauthenticated, "gateway {}: {refused:?}", n + 1);
+        }
+        assert!(grpc::balance(&channels[0], &payee).await.is_ok(), "other sessions go on");
+    });
+
+    let audit = wait_audit_ok_with(&dir.0, &store);
+    assert_eq!(audit["committed"], 1, "{audit}");
+    assert_eq!(audit["payments"], 1, "{audit}");
+    assert_eq!(audit["banks"].as_array().map(Vec::len), Some(2), "both banks audited: {audit}");
+    assert_eq!(audit["held"], "0.00", "{audit}");
+
+    // The database password is a secret: never in a log.
+    let (password, _) = url_g
+        .expose()
+        .rsplit_once('@')
+        .and_then(|(u, _)| u.rsplit_once(':'))
+        .map(|(_, p)| (p, ()))
+        .expect("password");
+    let log = std::fs::read_to_string(dir.0.join("logs/gateway.log")).expect("gateway log");
+    assert!(log.contains("serving as one replica of the gateway"), "{log}");
+    assert!(!log.contains(password), "the database password in gateway.log");
+    drop(banks);
+    drop(gateways);
 }

@@ -262,9 +262,19 @@ impl Cluster {
 /// Waits until the gateway of the cluster in `dir` reports every bank in
 /// `names` registered and live.
 pub fn wait_registered(dir: &Path, names: &[&str]) {
+    wait_registered_at(dir, None, names);
+}
+
+/// Waits until the gateway at `gateway` (default: the cluster's in `dir`)
+/// reports every bank in `names` registered and live.
+pub fn wait_registered_at(dir: &Path, gateway: Option<&str>, names: &[&str]) {
     let deadline = Instant::now() + WAIT;
+    let mut args = vec!["--json", "status"];
+    if let Some(addr) = gateway {
+        args.splice(0..0, ["--gateway", addr]);
+    }
     loop {
-        let r = run_cli(dir, &["--json", "status"], &[]);
+        let r = run_cli(dir, &args, &[]);
         if r.code == 0 {
             let s = r.json();
             let live = s["banks"]
@@ -373,9 +383,15 @@ pub fn minor(text: &str) -> i64 {
 /// Runs `strife audit` until it reports that everything agrees; returns its
 /// JSON. Panics with the last report if it does not within the bound.
 pub fn wait_audit_ok(dir: &Path) -> Value {
+    wait_audit_ok_with(dir, &[])
+}
+
+/// [`wait_audit_ok`] with extra environment (settings overrides, e.g. the
+/// gateway's store).
+pub fn wait_audit_ok_with(dir: &Path, envs: &[(&str, &str)]) -> Value {
     let deadline = Instant::now() + WAIT;
     loop {
-        let r = run_cli(dir, &["--json", "audit"], &[]);
+        let r = run_cli(dir, &["--json", "audit"], envs);
         if r.code == 0 {
             return r.json();
         }

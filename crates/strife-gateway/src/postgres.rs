@@ -1,0 +1,909 @@
+//! The PostgreSQL backend of the gateway's store ([`GatewayStore`]): the
+//! tables of the SQLite store (`migrations/postgres`, applied at start by
+//! refinery), reached through one connection pool. Any number of gateway
+//! processes (replicas) share one database.
+//!
+//! Durability: a write the trait calls durable is one transaction, committed
+//! before its future resolves, and the server must run with
+//! `synchronous_commit = on` (checked at start), so a commit that returned is
+//! on disk. Two writes are not forced: the `preparing` record and the lazy
+//! acknowledgement marks (their transactions set `synchronous_commit = off`).
+//! PostgreSQL writes one log in order, so the next forced commit of any
+//! replica flushes them first: a `preparing` record is durable before its
+//! decision, wherever the decision is made.
+//!
+//! What keeps replicas apart is in the statements, not in memory:
+//! - a payment id is taken by one `INSERT … ON CONFLICT DO NOTHING` on the
+//!   unique `(payment_id, payer_bank, payer_user)` index: the first insert
+//!   wins, and every other reads its row;
+//! - a decision is one `UPDATE … WHERE state = 'preparing'`: the first wins,
+//!   and every later one reads it;
+//! - a payment is driven by its `owner`, this process's instance id, until
+//!   `lease_until`: the process that began it until its deadline plus the
+//!   commit timeout, then whoever claimed its delivery ([`PostgresStore`]'s
+//!   `claim_unfinished`: `FOR UPDATE SKIP LOCKED` on the unfinished rows, so
+//!   two claims never take one row), and after a lapse anyone.
+
+use crate::backend::{BANK_ADDRESS_RETENTION_MS, BANK_ADDRESSES_MAX, GatewayStore, idle_forget_ms};
+use crate::error::GatewayError;
+use crate::store::{Cursor, PageQuery, PaymentCounts, PaymentPage, PaymentRecord, PaymentState, now_ms};
+use crate::throttle::{Entry, Rule};
+use crate::tokens::{KEYS_MAX, SigningKey};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+use strife_core::limits::HISTORY_PAGE_MAX;
+use strife_core::{DeclineReason, Secret, UserRef};
+use tokio::sync::mpsc;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
+use tokio_postgres::{NoTls, Row};
+
+refinery::embed_migrations!("migrations/postgres");
+
+/// Connections one gateway process keeps to the database.
+pub const POOL_SIZE_MAX: usize = 16;
+/// Longest wait for a free connection; then the call fails as overloaded.
+const POOL_WAIT: Duration = Duration::from_secs(10);
+/// Longest wait to open a connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Runs of one transaction that PostgreSQL aborted for a deadlock or a
+/// serialization failure (nothing of an aborted run remains).
+const TRANSACTION_TRIES_MAX: u32 = 8;
+/// Tries of a begin whose id was taken by a payment that was then pruned
+/// before it could be read.
+const BEGIN_TRIES_MAX: u32 = 3;
+/// The advisory lock that lets one process at a time migrate a database.
+const MIGRATION_LOCK: i64 = 0x5354_5249_4645_0002;
+/// Where refinery records the applied migrations (not its default name, so
+/// that a database shared with a bank's ledger would not mix the two).
+const MIGRATION_TABLE: &str = "gateway_schema_history";
+/// Revoked tokens remembered in memory (a revocation is final).
+const REVOKED_CACHED_MAX: usize = 100_000;
+/// Lazy acknowledgement marks waiting to be written; more are dropped (the
+/// finisher delivers those decisions again).
+const LAZY_ACKS_QUEUED_MAX: usize = 8192;
+/// Lazy acknowledgement marks written in one statement.
+const LAZY_ACKS_BATCH_MAX: usize = 512;
+/// What a lease covers beyond the commit timeout: a wait for a database
+/// connection to write the acknowledgement, and a margin.
+const LEASE_SLACK: Duration = Duration::from_secs(15);
+/// Makes the rest of a transaction not wait for its commit to reach disk.
+const NOT_FORCED: &str = "SET LOCAL synchronous_commit = off";
+
+/// How long this process's hold on a payment lasts; until it lapses no
+/// other replica drives the payment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Leases {
+    /// A payment this process began: until its deadline plus this (its
+    /// task decides by the deadline, then delivers for at most the commit
+    /// timeout). The deadline is set by this process's clock and read
+    /// against the database's: their clocks must agree to well within the
+    /// slack this leaves (15 s by default).
+    pub after_deadline: Duration,
+    /// A decided payment this process claimed for delivery: this long from
+    /// the claim (the finisher delivers a claim for at most the commit
+    /// timeout, then writes the acknowledgement).
+    pub claim: Duration,
+}
+
+impl Leases {
+    /// The leases of a gateway whose deliveries wait `commit_timeout` at most.
+    pub fn for_commit_timeout(commit_timeout: Duration) -> Leases {
+        Leases { after_deadline: commit_timeout + LEASE_SLACK, claim: commit_timeout + LEASE_SLACK }
+    }
+}
+
+/// The gateway's store in a PostgreSQL database; cheap to clone (one pool).
+#[derive(Clone)]
+pub struct PostgresStore {
+    /// Connections to the database.
+    pool: Pool,
+    /// This process's id: the `owner` of the payments it drives. New at
+    /// every connect, so a restarted process claims nothing of its past
+    /// life before the leases lapse.
+    instance: Arc<str>,
+    /// The leases, in ms.
+    after_deadline_ms: i64,
+    claim_ms: i64,
+    /// Tokens known to be revoked, with their expiry (seconds since the
+    /// epoch): a revocation never ends, so a positive answer can be kept.
+    revoked: Arc<RwLock<HashMap<String, i64>>>,
+    /// Lazy acknowledgement marks, for the task that writes them in batches.
+    lazy_acks: mpsc::Sender<String>,
+}
+
+fn millis(d: Duration) -> i64 {
+    i64::try_from(d.as_millis()).unwrap_or(i64::MAX)
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` and applies the migrations it
+    /// lacks (one process at a time). Errors never show the URL: the
+    /// caller names the store by [`crate::backend::StoreUrl::redacted`].
+    pub async fn connect(url: &Secret<String>, leases: Leases) -> Result<PostgresStore, GatewayError> {
+        let mut config: tokio_postgres::Config = url
+            .expose()
+            .parse()
+            .map_err(|e| GatewayError::Internal(format!("gateway.store is not a PostgreSQL URL: {e}")))?;
+        config.connect_timeout(CONNECT_TIMEOUT).application_name("strife-gateway");
+        let manager =
+            Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
+        let pool = Pool::builder(manager)
+            .max_size(POOL_SIZE_MAX)
+            .runtime(Runtime::Tokio1)
+            .wait_timeout(Some(POOL_WAIT))
+            .create_timeout(Some(CONNECT_TIMEOUT))
+            .build()
+            .map_err(|e| GatewayError::Internal(format!("connection pool: {e}")))?;
+        migrate(&pool).await?;
+        let (lazy_acks, queue) = mpsc::channel(LAZY_ACKS_QUEUED_MAX);
+        // Ends when the last clone of the store is dropped (the queue closes).
+        tokio::spawn(write_lazy_acks(pool.clone(), queue));
+        Ok(PostgresStore {
+            pool,
+            instance: Arc::from(uuid::Uuid::new_v4().to_string()),
+            after_deadline_ms: millis(leases.after_deadline),
+            claim_ms: millis(leases.claim),
+            revoked: Arc::new(RwLock::new(HashMap::new())),
+            lazy_acks,
+        })
+    }
+
+    /// This process's instance id (the `owner` of what it drives).
+    pub fn instance(&self) -> &str {
+        &self.instance
+    }
+
+    async fn client(&self) -> Result<Object, GatewayError> {
+        Ok(self.pool.get().await?)
+    }
+
+    /// Runs `op` on a connection, and again on a fresh one if PostgreSQL
+    /// aborted its transaction for a deadlock or a serialization failure.
+    async fn retrying<T, F, Fut>(&self, op: F) -> Result<T, GatewayError>
+    where
+        F: Fn(Object) -> Fut,
+        Fut: Future<Output = Result<T, GatewayError>>,
+    {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match op(self.client().await?).await {
+                Err(e) if tries < TRANSACTION_TRIES_MAX && e.is_retryable() => continue,
+                done => return done,
+            }
+        }
+    }
+
+    /// Reads payments with `sql`, whose parameters are `params`.
+    async fn payments(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<PaymentRecord>, GatewayError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(sql).await?;
+        client.query(&stmt, params).await?.iter().map(payment_from_row).collect()
+    }
+
+    async fn payment(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Option<PaymentRecord>, GatewayError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(sql).await?;
+        client.query_opt(&stmt, params).await?.as_ref().map(payment_from_row).transpose()
+    }
+
+    fn revoked_cached(&self, jti: &str) -> Result<bool, GatewayError> {
+        let cache = self.revoked.read().map_err(|_| internal("revocation cache lock poisoned"))?;
+        Ok(cache.contains_key(jti))
+    }
+
+    fn cache_revoked(&self, jti: String, expires_at: i64) -> Result<(), GatewayError> {
+        let mut cache = self.revoked.write().map_err(|_| internal("revocation cache lock poisoned"))?;
+        if cache.len() >= REVOKED_CACHED_MAX {
+            let now_secs = now_ms() / 1000;
+            cache.retain(|_, expires| *expires >= now_secs);
+            if cache.len() >= REVOKED_CACHED_MAX {
+                // Still full of live revocations: start over (the table has them all).
+                cache.clear();
+            }
+        }
+        cache.insert(jti, expires_at);
+        Ok(())
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> GatewayError {
+    GatewayError::Internal(e.to_string())
+}
+
+/// Checks the server forces commits, then applies the migrations the
+/// database lacks, one process at a time.
+async fn migrate(pool: &Pool) -> Result<(), GatewayError> {
+    let mut client = pool.get().await?;
+    let synchronous: String = client.query_one("SHOW synchronous_commit", &[]).await?.try_get(0)?;
+    if synchronous == "off" {
+        return Err(GatewayError::Internal(
+            "the database runs with synchronous_commit = off: a decision could be lost in a crash \
+             after the gateway announced it; set it on"
+                .into(),
+        ));
+    }
+    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
+    let mut runner = migrations::runner();
+    runner.set_migration_table_name(MIGRATION_TABLE);
+    let migrated = runner.run_async(&mut **client).await;
+    client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await?;
+    let report =
+        migrated.map_err(|e| GatewayError::Internal(format!("migrating the gateway's store: {e}")))?;
+    for m in report.applied_migrations() {
+        tracing::info!(migration = %m, "applied a migration to the gateway's store");
+    }
+    Ok(())
+}
+
+/// Writes the lazy acknowledgement marks queued meanwhile, a batch per
+/// transaction, not forced; until the queue closes.
+async fn write_lazy_acks(pool: Pool, mut queue: mpsc::Receiver<String>) {
+    let mut batch = Vec::with_capacity(LAZY_ACKS_BATCH_MAX);
+    while queue.recv_many(&mut batch, LAZY_ACKS_BATCH_MAX).await > 0 {
+        // Rows in one order, so two batches never wait for each other in a circle.
+        batch.sort_unstable();
+        if let Err(e) = ack_lazily(&pool, &batch).await {
+            tracing::debug!(error = %e, marks = batch.len(), "acknowledgement marks not written; the finisher delivers again");
+        }
+        batch.clear();
+    }
+}
+
+async fn ack_lazily(pool: &Pool, txn_ids: &[String]) -> Result<(), GatewayError> {
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    let stmt = tx.prepare_cached(ACK_MANY_SQL).await?;
+    let params: [&(dyn ToSql + Sync); 1] = [&txn_ids];
+    tokio::try_join!(tx.batch_execute(NOT_FORCED), tx.execute(&stmt, &params))?;
+    tx.commit().await?;
+    Ok(())
+}
+
+const PAYMENT_COLUMNS: &str = "txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor, \
+                               state, reason, acked, created_at, deadline_at, fingerprint";
+
+fn payment_from_row(r: &Row) -> Result<PaymentRecord, GatewayError> {
+    let state: &str = r.try_get(7)?;
+    let reason: Option<&str> = r.try_get(8)?;
+    Ok(PaymentRecord {
+        txn_id: r.try_get(0)?,
+        payment_id: r.try_get(1)?,
+        payer: UserRef { user: r.try_get(2)?, bank: r.try_get(3)? },
+        payee: UserRef { user: r.try_get(4)?, bank: r.try_get(5)? },
+        amount_minor: r.try_get(6)?,
+        state: match state {
+            "preparing" => PaymentState::Preparing,
+            "committed" => PaymentState::Committed,
+            "aborted" => PaymentState::Aborted,
+            other => return Err(GatewayError::Internal(format!("payment state '{other}' in the store"))),
+        },
+        reason: reason.and_then(DeclineReason::from_code),
+        acked: r.try_get(9)?,
+        created_at_ms: r.try_get(10)?,
+        deadline_at_ms: r.try_get(11)?,
+        fingerprint: r.try_get(12)?,
+    })
+}
+
+/// A new payment; nothing when its `(payer, payment id)` is taken.
+const BEGIN_SQL: &str = "
+INSERT INTO payments (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+                      state, reason, acked, created_at, deadline_at, fingerprint, owner, lease_until)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14::text::uuid, $15)
+ON CONFLICT (payment_id, payer_bank, payer_user) DO NOTHING";
+
+/// The decision, if the payment has none yet.
+const DECIDE_SQL: &str = "
+UPDATE payments SET state = $2, reason = $3, decided_at = $4
+WHERE txn_id = $1 AND state = 'preparing'";
+
+const ACK_SQL: &str = "UPDATE payments SET acked = TRUE WHERE txn_id = $1 AND state <> 'preparing'";
+const ACK_MANY_SQL: &str = "UPDATE payments SET acked = TRUE WHERE txn_id = ANY($1) AND state <> 'preparing'";
+
+/// The payment a customer made under an id: one row of the unique index.
+const MADE_BY_ID_SQL: &str = "
+SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+       state, reason, acked, created_at, deadline_at, fingerprint
+FROM payments
+WHERE payment_id = $3 AND payer_bank = $1 AND payer_user = $2";
+
+/// A committed payment a customer received, by its id: through the unique
+/// index that starts with `payment_id` (every payer that used this id).
+const RECEIVED_BY_ID_SQL: &str = "
+SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+       state, reason, acked, created_at, deadline_at, fingerprint
+FROM payments
+WHERE payment_id = $3 AND payee_bank = $1 AND payee_user = $2 AND state = 'committed'
+ORDER BY created_at DESC, txn_id DESC
+LIMIT 1";
+
+/// A page of a customer's payments, as the SQLite store's `PAGE_SQL`: what
+/// they sent (any state) and the committed payments they received, by
+/// `(created_at, txn_id)` descending, strictly below `($4, $5)` and from
+/// `created_at >= $3` on, at most `$6`.
+///
+/// Each arm is a backward range scan of its index, already in page order,
+/// stopped at the page size; PostgreSQL merges the two (Merge Append, no
+/// sort) and stops at the page size again: a page reads its own entries
+/// (and the received-but-declined ones between them), however long the
+/// history. The limit inside each arm is what makes that plan: PostgreSQL
+/// merges `UNION ALL` arms in order only when each arm is a subquery of its
+/// own (arms with a `WHERE` are not flattened into one scan).
+const PAGE_SQL: &str = "
+(SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+        state, reason, acked, created_at, deadline_at, fingerprint
+ FROM payments
+ WHERE payer_bank = $1 AND payer_user = $2 AND created_at >= $3 AND (created_at, txn_id) < ($4, $5)
+ ORDER BY created_at DESC, txn_id DESC
+ LIMIT $6)
+UNION ALL
+(SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+        state, reason, acked, created_at, deadline_at, fingerprint
+ FROM payments
+ WHERE payee_bank = $1 AND payee_user = $2 AND created_at >= $3 AND (created_at, txn_id) < ($4, $5)
+   AND state = 'committed' AND NOT (payer_bank = $1 AND payer_user = $2)
+ ORDER BY created_at DESC, txn_id DESC
+ LIMIT $6)
+ORDER BY created_at DESC, txn_id DESC
+LIMIT $6";
+
+/// Claims (owner `$1`, for `$2` ms) at most `$3` decided payments not yet
+/// acknowledged, oldest first, that are this process's or whose lease has
+/// lapsed. `SKIP LOCKED`: rows another claim is taking right now are left
+/// to it, so two claims never return one payment. Claims are timed by the
+/// database's clock, one clock for every replica. (`= ANY(ARRAY(…))`: the
+/// claimed rows are then updated through the primary key, whatever the
+/// statistics say.)
+const CLAIM_SQL: &str = "
+UPDATE payments
+SET owner = $1::text::uuid, lease_until = (extract(epoch FROM statement_timestamp()) * 1000)::bigint + $2
+WHERE txn_id = ANY(ARRAY(
+    SELECT txn_id FROM payments
+    WHERE NOT acked AND state <> 'preparing'
+      AND (owner = $1::text::uuid OR lease_until < (extract(epoch FROM statement_timestamp()) * 1000)::bigint)
+    ORDER BY created_at
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED))
+RETURNING txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+          state, reason, acked, created_at, deadline_at, fingerprint";
+
+const PREPARING_BEFORE_SQL: &str = "
+SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+       state, reason, acked, created_at, deadline_at, fingerprint
+FROM payments WHERE state = 'preparing' AND created_at < $1
+ORDER BY created_at LIMIT $2";
+
+const AFTER_SQL: &str = "
+SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+       state, reason, acked, created_at, deadline_at, fingerprint
+FROM payments WHERE txn_id > $1 ORDER BY txn_id LIMIT $2";
+
+const PRUNE_SQL: &str = "DELETE FROM payments WHERE acked AND created_at < $1 AND state <> 'preparing'";
+
+const SAVE_BANK_SQL: &str = "
+INSERT INTO banks (name, address, registered_at) VALUES ($1, $2, $3)
+ON CONFLICT (name, address) DO UPDATE SET registered_at = excluded.registered_at";
+
+/// Forgets all but the newest `$2` addresses of bank `$1`, and those not
+/// registered since `$3` (ms) unless they are their bank's newest.
+const TRIM_BANK_SQL: &str = "
+DELETE FROM banks WHERE name = $1 AND (
+    address NOT IN (SELECT address FROM banks WHERE name = $1 ORDER BY registered_at DESC, address LIMIT $2)
+    OR registered_at < LEAST($3, (SELECT MAX(registered_at) FROM banks WHERE name = $1)))";
+
+/// Adds a failed login's key with fresh counts if it has none.
+const THROTTLE_NEW_SQL: &str = "
+INSERT INTO login_throttle (key, failures, locks, locked_until, last_failure_at) VALUES ($1, 0, 0, 0, $2)
+ON CONFLICT (key) DO NOTHING";
+
+const THROTTLE_READ_SQL: &str =
+    "SELECT key, failures, locks, locked_until FROM login_throttle WHERE key = ANY($1)";
+
+impl GatewayStore for PostgresStore {
+    async fn begin_payment(&self, p: PaymentRecord) -> Result<Result<(), PaymentRecord>, GatewayError> {
+        let lease_until = p.deadline_at_ms.saturating_add(self.after_deadline_ms);
+        let (state, reason) = (p.state.as_str(), p.reason.map(DeclineReason::code));
+        let (record, instance) = (&p, &*self.instance);
+        for _ in 0..BEGIN_TRIES_MAX {
+            let inserted = self
+                .retrying(|mut client| async move {
+                    let p = record;
+                    let tx = client.transaction().await?;
+                    let stmt = tx.prepare_cached(BEGIN_SQL).await?;
+                    let params: [&(dyn ToSql + Sync); 15] = [
+                        &p.txn_id,
+                        &p.payment_id,
+                        &p.payer.user,
+                        &p.payer.bank,
+                        &p.payee.user,
+                        &p.payee.bank,
+                        &p.amount_minor,
+                        &state,
+                        &reason,
+                        &p.acked,
+                        &p.created_at_ms,
+                        &p.deadline_at_ms,
+                        &p.fingerprint,
+                        &instance,
+                        &lease_until,
+                    ];
+                    let insert = tx.execute(&stmt, &params);
+                    // Not forced: see the module's documentation. One round trip for both.
+                    let ((), inserted) = tokio::try_join!(tx.batch_execute(NOT_FORCED), insert)?;
+                    tx.commit().await?;
+                    Ok(inserted)
+                })
+                .await?;
+            if inserted == 1 {
+                return Ok(Ok(()));
+            }
+            // Taken (by another begin that committed first, here or at another replica).
+            if let Some(existing) = self.find_payment(p.payer.clone(), p.payment_id.clone()).await? {
+                return Ok(Err(existing));
+            }
+        }
+        Err(GatewayError::Internal(format!(
+            "payment id {} kept changing while it was recorded",
+            p.payment_id
+        )))
+    }
+
+    async fn decide(
+        &self,
+        txn_id: String,
+        outcome: PaymentState,
+        reason: Option<DeclineReason>,
+    ) -> Result<PaymentState, GatewayError> {
+        assert_ne!(outcome, PaymentState::Preparing, "a decision is commit or abort");
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(DECIDE_SQL).await?;
+        let changed = client
+            .execute(&stmt, &[&txn_id, &outcome.as_str(), &reason.map(DeclineReason::code), &now_ms()])
+            .await?;
+        if changed == 1 {
+            return Ok(outcome);
+        }
+        // Decided before (by this or another replica): that decision stands.
+        let stmt = client.prepare_cached("SELECT state FROM payments WHERE txn_id = $1").await?;
+        match client.query_opt(&stmt, &[&txn_id]).await? {
+            Some(row) => match row.try_get::<_, &str>(0)? {
+                "committed" => Ok(PaymentState::Committed),
+                "aborted" => Ok(PaymentState::Aborted),
+                other => {
+                    Err(GatewayError::Internal(format!("payment {txn_id} is {other} after its decision")))
+                }
+            },
+            None => Err(GatewayError::Internal(format!("no payment {txn_id} to decide"))),
+        }
+    }
+
+    async fn mark_acked(&self, txn_id: String) -> Result<(), GatewayError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(ACK_SQL).await?;
+        client.execute(&stmt, &[&txn_id]).await?;
+        Ok(())
+    }
+
+    fn mark_acked_lazily(&self, txn_id: String) {
+        if self.lazy_acks.try_send(txn_id).is_err() {
+            tracing::debug!("too many acknowledgement marks queued; the finisher delivers again");
+        }
+    }
+
+    async fn find_txn(&self, txn_id: String) -> Result<Option<PaymentRecord>, GatewayError> {
+        self.payment(&format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE txn_id = $1"), &[&txn_id]).await
+    }
+
+    async fn find_payment(
+        &self,
+        payer: UserRef,
+        payment_id: String,
+    ) -> Result<Option<PaymentRecord>, GatewayError> {
+        self.payment(MADE_BY_ID_SQL, &[&payer.bank, &payer.user, &payment_id]).await
+    }
+
+    async fn find_payment_for(
+        &self,
+        who: UserRef,
+        payment_id: String,
+    ) -> Result<Option<PaymentRecord>, GatewayError> {
+        if let Some(made) = self.payment(MADE_BY_ID_SQL, &[&who.bank, &who.user, &payment_id]).await? {
+            return Ok(Some(made));
+        }
+        self.payment(RECEIVED_BY_ID_SQL, &[&who.bank, &who.user, &payment_id]).await
+    }
+
+    async fn list_payments(&self, who: UserRef, q: PageQuery) -> Result<PaymentPage, GatewayError> {
+        let limit = q.limit.clamp(1, HISTORY_PAGE_MAX);
+        // `(created_at, txn_id) < (end, '')` is `created_at < end`: no txn
+        // id sorts below the empty string. The cursor, when there is one,
+        // is the tighter bound.
+        let end = (q.end_ms.unwrap_or(i64::MAX), "");
+        let upper = match &q.after {
+            Some(c) if (c.created_at_ms, c.txn_id.as_str()) < end => (c.created_at_ms, c.txn_id.as_str()),
+            _ => end,
+        };
+        // One more than the page, to know whether another follows.
+        let fetch = i64::from(limit) + 1;
+        let start = q.start_ms.unwrap_or(i64::MIN);
+        let mut payments =
+            self.payments(PAGE_SQL, &[&who.bank, &who.user, &start, &upper.0, &upper.1, &fetch]).await?;
+        let more = payments.len() > limit as usize;
+        payments.truncate(limit as usize);
+        let next = if more { payments.last().map(Cursor::after) } else { None };
+        Ok(PaymentPage { payments, next })
+    }
+
+    async fn payments_after(
+        &self,
+        after: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<PaymentRecord>, GatewayError> {
+        self.payments(AFTER_SQL, &[&after.unwrap_or_default(), &i64::from(limit)]).await
+    }
+
+    async fn claim_unfinished(&self, limit: u32) -> Result<Vec<PaymentRecord>, GatewayError> {
+        self.retrying(|client| async move {
+            let stmt = client.prepare_cached(CLAIM_SQL).await?;
+            let rows = client.query(&stmt, &[&&*self.instance, &self.claim_ms, &i64::from(limit)]).await?;
+            let mut claimed = rows.iter().map(payment_from_row).collect::<Result<Vec<_>, _>>()?;
+            claimed.sort_by_key(|p| p.created_at_ms);
+            Ok(claimed)
+        })
+        .await
+    }
+
+    async fn preparing_before(&self, before_ms: i64, limit: u32) -> Result<Vec<PaymentRecord>, GatewayError> {
+        self.payments(PREPARING_BEFORE_SQL, &[&before_ms, &i64::from(limit)]).await
+    }
+
+    async fn recover(&self) -> Result<usize, GatewayError> {
+        // Other replicas may be driving the payments still preparing; the
+        // deadline sweep aborts those nobody drives (a conditional decision).
+        Ok(0)
+    }
+
+    async fn counts(&self) -> Result<PaymentCounts, GatewayError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached("SELECT state, COUNT(*) FROM payments GROUP BY state").await?;
+        let mut counts = PaymentCounts::default();
+        for row in client.query(&stmt, &[]).await? {
+            let n = u64::try_from(row.try_get::<_, i64>(1)?).unwrap_or(0);
+            match row.try_get::<_, &str>(0)? {
+                "committed" => counts.committed = n,
+                "aborted" => counts.aborted = n,
+                _ => counts.preparing = n,
+            }
+        }
+        Ok(counts)
+    }
+
+    async fn prune(&self, before_ms: i64) -> Result<usize, GatewayError> {
+        // Every replica prunes now and then; two at once may meet on a row.
+        self.retrying(|client| async move {
+            let stmt = client.prepare_cached(PRUNE_SQL).await?;
+            let pruned = client.execute(&stmt, &[&before_ms]).await?;
+            // Now and then, too: revocations of tokens that have expired,
+            // and login counts idle and unlocked.
+            let stmt = client.prepare_cached("DELETE FROM revoked_tokens WHERE expires_at < $1").await?;
+            client.execute(&stmt, &[&(now_ms() / 1000)]).await?;
+            let idle_before = now_ms().saturating_sub(idle_forget_ms());
+            let stmt = client
+                .prepare_cached("DELETE FROM login_throttle WHERE last_failure_at < $1 AND locked_until < $1")
+                .await?;
+            client.execute(&stmt, &[&idle_before]).await?;
+            Ok(usize::try_from(pruned).unwrap_or(usize::MAX))
+        })
+        .await
+    }
+
+    async fn banks(&self) -> Result<Vec<(String, String)>, GatewayError> {
+        let client = self.client().await?;
+        // Each bank's newest registration first.
+        let stmt = client
+            .prepare_cached("SELECT name, address FROM banks ORDER BY name, registered_at DESC, address")
+            .await?;
+        client.query(&stmt, &[]).await?.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
+    }
+
+    async fn save_bank(&self, name: String, address: String) -> Result<(), GatewayError> {
+        let now = now_ms();
+        let (name, address) = (&name, &address);
+        self.retrying(|mut client| async move {
+            let tx = client.transaction().await?;
+            let save = tx.prepare_cached(SAVE_BANK_SQL).await?;
+            tx.execute(&save, &[name, address, &now]).await?;
+            let trim = tx.prepare_cached(TRIM_BANK_SQL).await?;
+            let forget_before = now.saturating_sub(BANK_ADDRESS_RETENTION_MS);
+            tx.execute(&trim, &[name, &i64::from(BANK_ADDRESSES_MAX), &forget_before]).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    async fn revoke(&self, jti: String, expires_at: i64) -> Result<(), GatewayError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "INSERT INTO revoked_tokens (jti, expires_at) VALUES ($1, $2) ON CONFLICT (jti) DO NOTHING",
+            )
+            .await?;
+        client.execute(&stmt, &[&jti, &expires_at]).await?;
+        self.cache_revoked(jti, expires_at)
+    }
+
+    async fn is_revoked(&self, jti: String) -> Result<bool, GatewayError> {
+        if self.revoked_cached(&jti)? {
+            return Ok(true);
+        }
+        let client = self.client().await?;
+        let stmt = client.prepare_cached("SELECT expires_at FROM revoked_tokens WHERE jti = $1").await?;
+        let Some(row) = client.query_opt(&stmt, &[&jti]).await? else { return Ok(false) };
+        self.cache_revoked(jti, row.try_get(0)?)?;
+        Ok(true)
+    }
+    async fn throttle_entries(&self, keys: Vec<String>) -> Result<Vec<Entry>, GatewayError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(THROTTLE_READ_SQL).await?;
+        let mut found = HashMap::new();
+        for row in client.query(&stmt, &[&keys]).await? {
+            found.insert(row.try_get::<_, String>(0)?, entry_from_row(&row, 1)?);
+        }
+        Ok(keys.iter().map(|k| found.get(k).copied().unwrap_or_default()).collect())
+    }
+
+    async fn throttle_failure(&self, key: String, rule: Rule, now_ms: i64) -> Result<Entry, GatewayError> {
+        let key = &key;
+        // The row is locked from read to write: failures at every replica add up.
+        self.retrying(|mut client| async move {
+            let tx = client.transaction().await?;
+            let add = tx.prepare_cached(THROTTLE_NEW_SQL).await?;
+            tx.execute(&add, &[key, &now_ms]).await?;
+            let read = tx
+                .prepare_cached("SELECT failures, locks, locked_until FROM login_throttle WHERE key = $1 FOR UPDATE")
+                .await?;
+            let e = rule.after_failure(entry_from_row(&tx.query_one(&read, &[key]).await?, 0)?, now_ms);
+            let write = tx
+                .prepare_cached(
+                    "UPDATE login_throttle SET failures = $2, locks = $3, locked_until = $4, last_failure_at = $5
+                     WHERE key = $1",
+                )
+                .await?;
+            let (failures, locks) = (i32::try_from(e.failures).unwrap_or(i32::MAX), i32::try_from(e.locks).unwrap_or(i32::MAX));
+            tx.execute(&write, &[key, &failures, &locks, &e.locked_until_ms, &now_ms]).await?;
+            tx.commit().await?;
+            Ok(e)
+        })
+        .await
+    }
+
+    async fn throttle_success(&self, key: String) -> Result<(), GatewayError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached("UPDATE login_throttle SET failures = 0 WHERE key = $1 AND failures > 0")
+            .await?;
+        client.execute(&stmt, &[&key]).await?;
+        Ok(())
+    }
+
+    async fn token_keys(&self, from_file: Vec<SigningKey>) -> Result<Vec<SigningKey>, GatewayError> {
+        let from_file = &from_file;
+        self.retrying(|mut client| async move {
+            let kids: Vec<&str> = from_file.iter().map(|(kid, _)| kid.as_str()).collect();
+            let known = client.prepare_cached("SELECT kid FROM token_keys WHERE kid = ANY($1)").await?;
+            let known: Vec<String> =
+                client.query(&known, &[&kids]).await?.iter().map(|r| r.try_get(0)).collect::<Result<_, _>>()?;
+            if known.len() < kids.len() {
+                // Oldest first, so the file's newest key gets the highest seq.
+                let tx = client.transaction().await?;
+                let add = tx
+                    .prepare_cached(
+                        "INSERT INTO token_keys (kid, secret, added_at) VALUES ($1, $2, $3) ON CONFLICT (kid) DO NOTHING",
+                    )
+                    .await?;
+                for (kid, secret) in from_file.iter().rev().filter(|(kid, _)| !known.contains(kid)) {
+                    tx.execute(&add, &[kid, secret.expose(), &now_ms()]).await?;
+                }
+                tx.commit().await?;
+            }
+            let newest =
+                client.prepare_cached("SELECT kid, secret FROM token_keys ORDER BY seq DESC LIMIT $1").await?;
+            let rows = client.query(&newest, &[&i64::try_from(KEYS_MAX).unwrap_or(i64::MAX)]).await?;
+            rows.iter()
+                .map(|r| Ok((r.try_get::<_, String>(0)?, Secret::new(r.try_get::<_, Vec<u8>>(1)?))))
+                .collect()
+        })
+        .await
+    }
+}
+
+/// Login counts from `row`, starting at column `at`: failures, locks,
+/// locked until.
+fn entry_from_row(row: &Row, at: usize) -> Result<Entry, GatewayError> {
+    let count = |i: usize| -> Result<u32, GatewayError> {
+        Ok(u32::try_from(row.try_get::<_, i32>(at + i)?).unwrap_or(0))
+    };
+    Ok(Entry { failures: count(0)?, locks: count(1)?, locked_until_ms: row.try_get(at + 2)? })
+}
+
+impl GatewayError {
+    /// Whether PostgreSQL aborted the whole transaction for a reason that
+    /// running it again may not meet (a deadlock, a serialization failure).
+    pub fn is_retryable(&self) -> bool {
+        match self {
+            GatewayError::Postgres(e) => e.code().is_some_and(|c| {
+                *c == SqlState::T_R_DEADLOCK_DETECTED || *c == SqlState::T_R_SERIALIZATION_FAILURE
+            }),
+            _ => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::conformance::{conformance_suite, record, replica_suite, user, uuid_of};
+    use strife_rpc::postgres_server::{PostgresServer, shared_for_tests, unique_name};
+
+    /// The test binary's PostgreSQL server; a test that cannot have it
+    /// fails, saying what to install.
+    fn server() -> &'static PostgresServer {
+        shared_for_tests().unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// A URL of a new, empty database.
+    fn new_database() -> Secret<String> {
+        server().create_database(&unique_name("gateway")).expect("a database")
+    }
+
+    /// Leases that outlast any test.
+    const LONG: Leases =
+        Leases { after_deadline: Duration::from_secs(3600), claim: Duration::from_secs(3600) };
+    /// Leases that lapse at once: a process long gone.
+    const LAPSED: Leases = Leases { after_deadline: Duration::ZERO, claim: Duration::ZERO };
+
+    /// Two instances (two pools, as two gateway processes) of a fresh store.
+    async fn fresh() -> (PostgresStore, PostgresStore, ()) {
+        let url = new_database();
+        let a = PostgresStore::connect(&url, LONG).await.expect("connect");
+        let b = PostgresStore::connect(&url, LONG).await.expect("connect");
+        (a, b, ())
+    }
+
+    /// And a third whose leases lapse at once.
+    async fn fresh_replicas() -> (PostgresStore, PostgresStore, PostgresStore, ()) {
+        let url = new_database();
+        let a = PostgresStore::connect(&url, LONG).await.expect("connect");
+        let b = PostgresStore::connect(&url, LONG).await.expect("connect");
+        let quick = PostgresStore::connect(&url, LAPSED).await.expect("connect");
+        (a, b, quick, ())
+    }
+
+    conformance_suite!(fresh);
+    replica_suite!(fresh_replicas);
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_migrate_once_and_a_start_aborts_nothing() {
+        let url = new_database();
+        // Three processes starting at once: one migrates, all serve.
+        let (a, b, c) = tokio::join!(
+            PostgresStore::connect(&url, LONG),
+            PostgresStore::connect(&url, LONG),
+            PostgresStore::connect(&url, LONG)
+        );
+        let (a, b, _c) = (a.expect("first"), b.expect("second"), c.expect("third"));
+        assert_ne!(a.instance(), b.instance(), "each process has its own instance id");
+        let (x, y) = (user("x@BankA"), user("y@BankB"));
+        a.begin_payment(record(1, 1, &x, &y, PaymentState::Preparing)).await.expect("begin").expect("new");
+        // Another replica may be driving it: a start leaves it alone.
+        let again = PostgresStore::connect(&url, LONG).await.expect("a restart");
+        assert_eq!(again.recover().await.expect("recover"), 0);
+        let p = again.find_txn(uuid_of(1)).await.expect("find").expect("the data survives");
+        assert_eq!(p.state, PaymentState::Preparing);
+        let history = server()
+            .psql(&url, &["SELECT COUNT(*) FROM gateway_schema_history"])
+            .expect("refinery's own table");
+        assert_eq!(history, "2", "each migration applied once");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn connect_errors_do_not_show_the_password() {
+        let url = new_database();
+        let (head, tail) = url.expose().rsplit_once('@').expect("a password in the URL");
+        let wrong = Secret::new(format!("{head}x-wrong-secret@{tail}"));
+        let err = PostgresStore::connect(&wrong, LONG).await.err().expect("a wrong password is refused");
+        let text = format!("{err} {err:?}");
+        assert!(!text.contains("x-wrong-secret"), "{text}");
+        let (_, password) = head.rsplit_once(':').expect("user:password");
+        assert!(!text.contains(password), "{text}");
+    }
+
+    /// The plan of `sql` with `params` (EXPLAIN, text format), in the
+    /// plan cache mode `mode`.
+    async fn plan_in(s: &PostgresStore, mode: &str, sql: &str, params: &[&(dyn ToSql + Sync)]) -> String {
+        let client = s.client().await.expect("connection");
+        client.batch_execute(&format!("SET plan_cache_mode = {mode}")).await.expect("mode");
+        let rows = client.query(&format!("EXPLAIN {sql}"), params).await.expect("explain");
+        client.batch_execute("RESET plan_cache_mode").await.expect("reset");
+        rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>().join("\n")
+    }
+
+    async fn plan(s: &PostgresStore, sql: &str, params: &[&(dyn ToSql + Sync)]) -> String {
+        plan_in(s, "auto", sql, params).await
+    }
+
+    /// On a table of 20,000 payments among 200 customers (statistics
+    /// gathered): a page is two backward range scans of the payer and payee
+    /// indexes merged in page order under a limit (no sort, no scan of the
+    /// table); lookups by id, by transaction id, claims and the sweep each
+    /// use their index.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pages_and_lookups_use_the_indexes_and_never_sort_or_scan() {
+        let url = new_database();
+        let s = PostgresStore::connect(&url, LONG).await.expect("connect");
+        server()
+            .psql(
+                &url,
+                &["INSERT INTO payments (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank,
+                      amount_minor, fingerprint, state, acked, created_at, deadline_at, owner, lease_until)
+                   SELECT lpad(to_hex(n), 36, '0'), lpad(to_hex(n), 36, '0'), 'u' || (n % 200), 'BankA',
+                          'u' || ((n + 1) % 200), 'BankB', 100, '\\x00', 
+                          CASE WHEN n % 10 = 0 THEN 'aborted' ELSE 'committed' END, n % 100 <> 0,
+                          1000000 + n, 2000000 + n, gen_random_uuid(), 0
+                   FROM generate_series(1, 20000) AS n",
+                  "ANALYZE payments"],
+            )
+            .expect("fill");
+        let (bank, who, start, end, txn, limit) = ("BankA", "u7", i64::MIN, i64::MAX, "", 51i64);
+        // The plan made for these values, and the generic one a prepared
+        // statement may switch to: the same shape.
+        for mode in ["auto", "force_generic_plan"] {
+            let page = plan_in(&s, mode, PAGE_SQL, &[&bank, &who, &start, &end, &txn, &limit]).await;
+            assert!(page.starts_with("Limit"), "{mode}: stops at the page size: {page}");
+            assert!(page.contains("Merge Append"), "{mode}: the two ordered scans are merged: {page}");
+            assert!(page.contains("Index Scan Backward using payments_by_payer"), "{mode}: {page}");
+            assert!(page.contains("Index Scan Backward using payments_by_payee"), "{mode}: {page}");
+            assert_eq!(page.matches("Limit").count(), 3, "{mode}: each arm stops at the page size: {page}");
+            assert!(
+                !page.contains("Sort  ") && !page.contains("Seq Scan"),
+                "{mode}: never sorts or scans: {page}"
+            );
+            // Each arm is a range of its index: both bounds on created_at.
+            assert_eq!(page.matches("AND (created_at >= ").count(), 2, "{mode}: {page}");
+            assert_eq!(page.matches("AND (ROW(created_at, txn_id) < ROW(").count(), 2, "{mode}: {page}");
+        }
+
+        let id = "0000000000000000000000000000000000ff".to_owned();
+        let made = plan(&s, MADE_BY_ID_SQL, &[&bank, &who, &id]).await;
+        assert!(made.contains("Index Scan using payments_by_id"), "{made}");
+        let received = plan(&s, RECEIVED_BY_ID_SQL, &[&"BankB", &who, &id]).await;
+        assert!(received.contains("using payments_by_id"), "{received}");
+        let by_txn =
+            plan(&s, &format!("SELECT {PAYMENT_COLUMNS} FROM payments WHERE txn_id = $1"), &[&id]).await;
+        assert!(by_txn.contains("Index Scan using payments_pkey"), "{by_txn}");
+        let after = plan(&s, AFTER_SQL, &[&id, &16i64]).await;
+        assert!(after.contains("Index Scan using payments_pkey") && !after.contains("Sort"), "{after}");
+        let claim = plan(&s, CLAIM_SQL, &[&s.instance(), &1i64, &256i64]).await;
+        assert!(claim.contains("Index Scan using payments_unfinished"), "{claim}");
+        assert!(claim.contains("Index Scan using payments_pkey"), "{claim}");
+        assert!(!claim.contains("Seq Scan"), "{claim}");
+        let sweep = plan(&s, PREPARING_BEFORE_SQL, &[&0i64, &256i64]).await;
+        assert!(sweep.contains("payments_preparing"), "{sweep}");
+        let prune = plan(&s, PRUNE_SQL, &[&1_000_100i64]).await;
+        assert!(prune.contains("payments_finished"), "{prune}");
+    }
+}
