@@ -465,6 +465,8 @@ impl ChildSpec {
         if let Some((k, v)) = co_located_env() {
             cmd.env(k, v);
         }
+        // The administrator's URL stays with `up`.
+        cmd.env_remove("STRIFE_POSTGRES");
         for (k, v) in &self.envs {
             cmd.env(k, v.expose());
         }

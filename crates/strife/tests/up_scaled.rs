@@ -145,6 +145,41 @@ fn up_with_a_private_postgres_runs_the_cluster_on_it_and_stops_it() {
     stop_and_check_nothing_is_left(&mut up, &pids(&instances));
 }
 
+/// Passes on today's servers: `--postgres URL` (here from STRIFE_POSTGRES,
+/// off the command line) makes the cluster's roles and databases on a
+/// running server, which `up` leaves running when it stops.
+#[test]
+fn up_with_a_postgres_url_keeps_its_databases_on_that_server() {
+    let server = strife_rpc::postgres_server::shared_for_tests().unwrap_or_else(|e| panic!("{e}"));
+    let admin = server.superuser_url("postgres");
+    let dir = TempDir::new("up-url");
+    let d = &dir.0;
+    let (mut up, ready, _lines) =
+        spawn_until(d, &["up", "--port", "0"], "strife: ready", &[("STRIFE_POSTGRES", admin.expose())]);
+    let gateways = ready_gateways(&ready);
+    login(d, "user2", "BankB", &gateways[0]);
+    let r = run_cli(d, &["--json", "pay", "--to", "user1@BankA", "--amount", "2"], &[]);
+    assert_eq!((r.code, r.json()["status"].as_str()), (0, Some("committed")), "{r:?}");
+    let instances = status_when(d, |list| list.len() == 4 && list.iter().all(|i| i["healthy"] == true));
+    let postgres = of(&instances, "postgres", "postgres");
+    assert_eq!(postgres[0]["address"], format!("127.0.0.1:{}", server.port()), "{instances:?}");
+    assert_eq!(postgres[0]["pid"], Value::Null, "not a process of this cluster");
+    let id = std::fs::read_to_string(d.join("stores/cluster.id")).expect("cluster id");
+    let databases = server
+        .sql(
+            "postgres",
+            &[&format!(
+                "SELECT datname FROM pg_database WHERE datname LIKE 'strife_{}_%' ORDER BY 1",
+                id.trim()
+            )],
+        )
+        .expect("databases");
+    let expected = ["bank_banka", "bank_bankb", "gateway"].map(|k| format!("strife_{}_{k}", id.trim()));
+    assert_eq!(databases.lines().collect::<Vec<_>>(), expected, "one database per kind of server");
+    stop_and_check_nothing_is_left(&mut up, &pids(&instances));
+    assert_eq!(server.sql("postgres", &["SELECT 1"]).expect("the server runs on"), "1");
+}
+
 /// The scaled-out cluster. Needs gateways that share their store in
 /// PostgreSQL (`gateway.store`) and a registry that takes several processes
 /// of one bank, with banks that register with a list of gateways.
