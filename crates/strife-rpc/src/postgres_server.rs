@@ -548,8 +548,11 @@ pub const TRAVERSE_ONLY_DIR_MODE: u32 = 0o711;
 /// [`TRAVERSE_ONLY_DIR_MODE`]; when a parent is closed to it (`/root` is
 /// 0700), the data lives in a directory of its own under `outside` (see
 /// [`SYSTEM_DATA_ROOT`]), named in `DIR/postgres.location` so that the next
-/// `up` on `DIR` finds it again.
+/// `up` on `DIR` finds it again. `DIR` must exist; the path returned is
+/// absolute.
 pub fn base_for_cluster(dir: &Path, outside: &Path) -> anyhow::Result<PathBuf> {
+    // Absolute: the server's commands run in its directory.
+    let dir = std::fs::canonicalize(dir).with_context(|| format!("finding {}", dir.display()))?;
     let inside = dir.join("postgres");
     let Some(run_as) = RunAs::current()? else {
         return Ok(inside);
@@ -558,7 +561,6 @@ pub fn base_for_cluster(dir: &Path, outside: &Path) -> anyhow::Result<PathBuf> {
     if let Ok(text) = std::fs::read_to_string(&location) {
         return Ok(PathBuf::from(text.trim()));
     }
-    let dir = std::fs::canonicalize(dir).with_context(|| format!("finding {}", dir.display()))?;
     let parent_open = dir.parent().is_none_or(|parent| run_as.can_enter(parent));
     if inside.join("data").exists() || parent_open {
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(TRAVERSE_ONLY_DIR_MODE))
@@ -636,6 +638,11 @@ mod tests {
         let outside = tmp.join("outside");
         let base = base_for_cluster(&dir, &outside).expect("base");
         assert_eq!(base, dir.join("postgres"));
+        // A relative DIR gives an absolute base (the server's commands run inside it).
+        let cwd = std::env::current_dir().expect("cwd");
+        let relative =
+            PathBuf::from("../".repeat(cwd.components().count())).join(dir.strip_prefix("/").expect("dir"));
+        assert_eq!(base_for_cluster(&relative, &outside).expect("base"), base);
         let mode = |p: &Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
         if nix::unistd::geteuid().is_root() {
             assert_eq!(mode(&dir), TRAVERSE_ONLY_DIR_MODE, "the server's user may pass DIR");

@@ -81,7 +81,7 @@ fn gateway_from_env() -> Option<String> {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Start a local cluster (PKI, gateway, one server per bank) in the foreground.
+    /// Start a local cluster (PKI, gateway, one server per bank; with --postgres, replicas) in the foreground.
     Up(up::UpArgs),
     /// Manage the PKI in DIR/certs.
     Certs {
