@@ -243,6 +243,29 @@ impl PostgresServer {
         text.lines().next()?.trim().parse().ok()
     }
 
+    /// Whether the server's process is there.
+    pub fn is_running(&self) -> bool {
+        let Some(pid) = self.pid().and_then(|p| i32::try_from(p).ok()) else { return false };
+        matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Ok(()) | Err(nix::errno::Errno::EPERM)
+        )
+    }
+
+    /// Starts the server again, on its port, when it is not running (it
+    /// crashed, or was killed); true when it did. A server killed with
+    /// SIGKILL may leave backends that hold its shared memory for a moment:
+    /// then this fails, and a later call succeeds.
+    pub fn restart_if_stopped(&mut self) -> anyhow::Result<bool> {
+        if self.is_running() {
+            return Ok(false);
+        }
+        let mut start = self.pg_ctl(&["start", "-w", "-t", &START_TIMEOUT_SECS.to_string(), "-D"]);
+        start.arg(self.data()).arg("-l").arg(self.log_file()).arg("-o").arg(format!("-p {}", self.port));
+        Self::run(start, "pg_ctl start")?;
+        Ok(true)
+    }
+
     /// The server's directory.
     pub fn base(&self) -> &Path {
         &self.base

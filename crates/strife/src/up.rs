@@ -32,6 +32,8 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Pause before restarting a child that died.
 const RESTART_DELAY: Duration = Duration::from_secs(1);
+/// How often `up` checks that its PostgreSQL server still runs.
+const POSTGRES_CHECK_INTERVAL: Duration = Duration::from_secs(1);
 /// Most gateway processes one `up` runs (each holds connections to the
 /// database; the private server accepts 300).
 pub const GATEWAYS_MAX: u32 = 8;
@@ -172,9 +174,9 @@ struct Cluster {
     supervisors: Vec<JoinHandle<()>>,
     /// What runs where, for `DIR/instances.json` and `DIR/gateway.addr`.
     roster: Arc<Roster>,
-    /// The private PostgreSQL server (`--postgres auto`), stopped after the
-    /// servers that use it.
-    postgres: Option<PostgresServer>,
+    /// The private PostgreSQL server (`--postgres auto`), restarted if it
+    /// dies, stopped after the servers that use it.
+    postgres: Option<Arc<Mutex<PostgresServer>>>,
 }
 
 impl Cluster {
@@ -247,15 +249,18 @@ impl Cluster {
                 .context("starting the private PostgreSQL server (--postgres auto)")?;
                 tracing::info!(port = server.port(), base = %server.base().display(), "PostgreSQL serving");
                 let address = format!("127.0.0.1:{}", server.port());
-                self.roster.add(Instance {
+                let slot = self.roster.add(Instance {
                     role: Role::Postgres,
                     name: "postgres".into(),
                     replica: 1,
-                    address,
+                    address: address.clone(),
                     pid: server.pid(),
                 });
                 let admin = server.superuser_url("postgres");
-                self.postgres = Some(server);
+                let server = Arc::new(Mutex::new(server));
+                self.postgres = Some(server.clone());
+                let watch = PostgresWatch { server, address, slot, roster: self.roster.clone() };
+                self.supervisors.push(tokio::spawn(watch.run(self.stop_tx.subscribe())));
                 admin
             }
         };
@@ -302,8 +307,8 @@ impl Cluster {
         for supervisor in self.supervisors.drain(..) {
             let _ = supervisor.await;
         }
-        if let Some(mut server) = self.postgres.take() {
-            match tokio::task::spawn_blocking(move || server.stop()).await {
+        if let Some(server) = self.postgres.take() {
+            match tokio::task::spawn_blocking(move || lock(&server).stop()).await {
                 Ok(Ok(())) => tracing::info!("PostgreSQL stopped"),
                 Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "stopping PostgreSQL"),
                 Err(e) => tracing::error!(error = %e, "stopping PostgreSQL"),
@@ -312,6 +317,50 @@ impl Cluster {
         instances::remove(&self.dir);
         tracing::info!("cluster stopped");
     }
+}
+
+/// Keeps the private PostgreSQL server running, as the supervisors do
+/// the servers: started again on its port if it dies.
+struct PostgresWatch {
+    server: Arc<Mutex<PostgresServer>>,
+    /// Where it listens.
+    address: String,
+    /// Its place in the roster.
+    slot: usize,
+    roster: Arc<Roster>,
+}
+
+impl PostgresWatch {
+    async fn run(self, mut stop: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(POSTGRES_CHECK_INTERVAL) => {}
+                _ = stop.changed() => return,
+            }
+            let server = self.server.clone();
+            let checked = tokio::task::spawn_blocking(move || {
+                let mut server = lock(&server);
+                server.restart_if_stopped().map(|restarted| (restarted, server.pid()))
+            })
+            .await;
+            match checked {
+                Ok(Ok((false, _))) => {}
+                Ok(Ok((true, pid))) => {
+                    tracing::error!("PostgreSQL had stopped; restarted it");
+                    self.roster.started(self.slot, &self.address, pid);
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %format!("{e:#}"), "PostgreSQL is down; trying again");
+                    self.roster.exited(self.slot);
+                }
+                Err(e) => tracing::error!(error = %e, "checking PostgreSQL"),
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// A child being started: its name and, once it listens, its address.
@@ -353,7 +402,7 @@ struct RosterState {
 
 impl Roster {
     fn state(&self) -> std::sync::MutexGuard<'_, RosterState> {
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        lock(&self.state)
     }
 
     /// Adds an instance; returns its slot.

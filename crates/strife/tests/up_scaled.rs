@@ -70,8 +70,8 @@ fn stop_and_check_nothing_is_left(up: &mut std::process::Child, pids: &[u64]) {
 }
 
 /// Passes on today's servers: one gateway and one process per bank, their
-/// data in a private PostgreSQL server that `up` starts, supervises with
-/// them, and stops; a second `up` finds the data again.
+/// data in a private PostgreSQL server that `up` starts, restarts with them
+/// when one dies, and stops; a second `up` finds the data again.
 #[test]
 fn up_with_a_private_postgres_runs_the_cluster_on_it_and_stops_it() {
     let dir = TempDir::new("up-pg");
@@ -113,6 +113,31 @@ fn up_with_a_private_postgres_runs_the_cluster_on_it_and_stops_it() {
     let r = run_cli(d, &["--json", "balance"], &[]);
     assert_eq!(r.json()["balance"], "987.50", "{r:?}");
 
+    // PostgreSQL killed with SIGKILL is started again on its port, and
+    // payments go on (one declined meanwhile moved nothing).
+    let postgres_pid = of(&instances, "postgres", "postgres")[0]["pid"].as_u64().expect("pid");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(postgres_pid).expect("pid")),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill");
+    let instances = status_when(d, |list| {
+        all_healthy(list)
+            && of(list, "postgres", "postgres").iter().all(|p| p["pid"].as_u64() != Some(postgres_pid))
+    });
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let r = run_cli(d, &["--json", "pay", "--to", "user2@BankB", "--amount", "1"], &[]);
+        if r.code == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "payments never resumed after PostgreSQL restarted: {r:?}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let r = run_cli(d, &["--json", "balance"], &[]);
+    assert_eq!(r.json()["balance"], "986.50", "{r:?}");
+    wait_audit_ok(d);
+
     // Secrets: private files, and in no log.
     let mut passwords = Vec::new();
     for entry in std::fs::read_dir(d.join("stores")).expect("stores") {
@@ -140,7 +165,7 @@ fn up_with_a_private_postgres_runs_the_cluster_on_it_and_stops_it() {
     let (mut up, _ready, _lines) =
         spawn_until(d, &["up", "--port", "0", "--postgres", "auto"], "strife: ready", &[]);
     let r = run_cli(d, &["--json", "balance"], &[]);
-    assert_eq!(r.json()["balance"], "987.50", "{r:?}");
+    assert_eq!(r.json()["balance"], "986.50", "{r:?}");
     let instances = status_when(d, all_healthy);
     stop_and_check_nothing_is_left(&mut up, &pids(&instances));
 }
