@@ -3,6 +3,7 @@
 
 use crate::connect::{ConnectError, connect_any, gateway_addresses};
 use crate::exit::{CliError, Exit, Reply};
+use crate::instances::{self, Instance, Role};
 use crate::state::{ClientState, Enqueued, Pending, Session};
 use serde_json::{Value, json};
 use std::path::PathBuf;
@@ -553,14 +554,58 @@ impl Client {
             .iter()
             .map(|b| json!({ "name": b.name, "address": b.address, "reachable": b.reachable }))
             .collect();
+        let instances = self.instances(&s.banks)?;
+        let healthy = instances::health(&self.dir, &instances).await;
+        text.push_str("instances:\n");
+        let mut listed = Vec::new();
+        for (instance, healthy) in instances.iter().zip(healthy) {
+            let pid = instance.pid.filter(|p| instances::is_running(*p));
+            text.push_str(&format!(
+                "  {:<8} {:<12} #{:<2} {:<22} {:<11} {}\n",
+                instance.role.as_str(),
+                instance.name,
+                instance.replica,
+                instance.address,
+                pid.map_or_else(|| "pid -".to_owned(), |p| format!("pid {p}")),
+                if healthy { "healthy" } else { "not answering" }
+            ));
+            listed.push(json!({
+                "role": instance.role.as_str(), "name": instance.name, "replica": instance.replica,
+                "address": instance.address, "pid": pid, "healthy": healthy,
+            }));
+        }
         Ok(Reply::done(
             json!({
                 "gateway_boot_id": s.gateway_boot_id, "banks": banks,
                 "payments_committed": s.payments_committed, "payments_declined": s.payments_declined,
-                "payments_pending": s.payments_pending,
+                "payments_pending": s.payments_pending, "instances": listed,
             }),
             text.trim_end().to_owned(),
         ))
+    }
+
+    /// The cluster's processes: the list `strife up` keeps in DIR, else
+    /// the gateways this client knows and the banks registered with them.
+    fn instances(&self, registered: &[pb::BankStatus]) -> Result<Vec<Instance>, CliError> {
+        if let Some(list) = instances::read(&self.dir).map_err(|e| CliError::unexpected(format!("{e:#}")))? {
+            return Ok(list);
+        }
+        let gateways = gateway_addresses(&self.dir, self.gateway.as_deref())?;
+        let gateways = gateways.into_iter().zip(1..).map(|(address, replica)| Instance {
+            role: Role::Gateway,
+            name: "gateway".to_owned(),
+            replica,
+            address,
+            pid: None,
+        });
+        let banks = registered.iter().map(|b| Instance {
+            role: Role::Bank,
+            name: b.name.clone(),
+            replica: 1,
+            address: b.address.clone(),
+            pid: None,
+        });
+        Ok(gateways.chain(banks).collect())
     }
 }
 

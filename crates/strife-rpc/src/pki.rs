@@ -150,7 +150,13 @@ pub fn write_private(path: &Path, text: &str) -> anyhow::Result<()> {
 
 fn write_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
-    let tmp = path.with_extension("tmp");
+    // A temporary name of this write alone: several processes may write one
+    // file at once (each gateway of `up` writes `gateway.addr`), and the
+    // last rename wins whole.
+    static WRITES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let n = WRITES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let tmp = path.with_file_name(format!(".{name}.{}.{n}.tmp", std::process::id()));
     let mut f = fs::OpenOptions::new()
         .write(true)
         .create(true)
@@ -160,7 +166,10 @@ fn write_file(path: &Path, text: &str, mode: u32) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", tmp.display()))?;
     f.write_all(text.as_bytes())?;
     f.sync_all()?;
-    fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e).with_context(|| format!("writing {}", path.display()));
+    }
     Ok(())
 }
 
@@ -185,6 +194,30 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
         }
         assert!(certs.issue(&Peer::Bank("gateway".into())).is_err());
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn writers_of_one_file_at_once_all_succeed_and_one_wins_whole() {
+        let dir = std::env::temp_dir().join(format!("strife-pki-writes-{}", std::process::id()));
+        fs::create_dir_all(&dir).expect("dir");
+        let file = dir.join("gateway.addr");
+        let texts: Vec<String> = (0..8).map(|i| format!("127.0.0.1:{}\n", 5000 + i)).collect();
+        std::thread::scope(|s| {
+            for text in &texts {
+                let file = &file;
+                s.spawn(move || {
+                    for _ in 0..50 {
+                        write_public_file(file, text).expect("every write succeeds");
+                    }
+                });
+            }
+        });
+        let written = fs::read_to_string(&file).expect("read");
+        assert!(texts.contains(&written), "{written:?}");
+        let left: Vec<_> =
+            fs::read_dir(&dir).expect("dir").filter_map(Result::ok).map(|e| e.file_name()).collect();
+        assert_eq!(left.len(), 1, "no temporary file is left: {left:?}");
         let _ = fs::remove_dir_all(dir);
     }
 }

@@ -20,8 +20,9 @@
 //! server command runs as Debian's `postgres` system user, which then owns
 //! the base directory; every parent of the base must let that user pass
 //! (temporary directories do). A directory a user keeps private (a Strife
-//! directory is 0700) does not: [`base_for_cluster`] puts the data of a
-//! cluster run by root outside it.
+//! directory is 0700) does not: [`base_for_cluster`] opens a cluster's
+//! directory to traversal only, or, when one of its parents is private too,
+//! puts the data outside it.
 //!
 //! The server is stopped (`pg_ctl stop -m fast`) when its [`PostgresServer`]
 //! is dropped. A small guardian process also stops it when this process ends
@@ -133,6 +134,23 @@ impl RunAs {
         Ok(Some(RunAs { uid: user.uid.as_raw(), gid: user.gid.as_raw() }))
     }
 
+    /// Whether this user may enter `dir` (search rights on it and on every
+    /// parent), asked of the system by trying.
+    fn can_enter(&self, dir: &Path) -> bool {
+        Command::new("/bin/sh")
+            .arg("-c")
+            .arg("cd -- \"$0\"")
+            .arg(dir)
+            .uid(self.uid)
+            .gid(self.gid)
+            .current_dir("/")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    }
+
     /// Gives `path` to this user.
     fn own(this: Option<&RunAs>, path: &Path) -> anyhow::Result<()> {
         if let Some(u) = this {
@@ -223,6 +241,29 @@ impl PostgresServer {
     pub fn pid(&self) -> Option<u32> {
         let text = std::fs::read_to_string(self.data().join("postmaster.pid")).ok()?;
         text.lines().next()?.trim().parse().ok()
+    }
+
+    /// Whether the server's process is there.
+    pub fn is_running(&self) -> bool {
+        let Some(pid) = self.pid().and_then(|p| i32::try_from(p).ok()) else { return false };
+        matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Ok(()) | Err(nix::errno::Errno::EPERM)
+        )
+    }
+
+    /// Starts the server again, on its port, when it is not running (it
+    /// crashed, or was killed); true when it did. A server killed with
+    /// SIGKILL may leave backends that hold its shared memory for a moment:
+    /// then this fails, and a later call succeeds.
+    pub fn restart_if_stopped(&mut self) -> anyhow::Result<bool> {
+        if self.is_running() {
+            return Ok(false);
+        }
+        let mut start = self.pg_ctl(&["start", "-w", "-t", &START_TIMEOUT_SECS.to_string(), "-D"]);
+        start.arg(self.data()).arg("-l").arg(self.log_file()).arg("-o").arg(format!("-p {}", self.port));
+        Self::run(start, "pg_ctl start")?;
+        Ok(true)
     }
 
     /// The server's directory.
@@ -527,27 +568,46 @@ fn check_name(name: &str) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The mode of a cluster's directory whose `postgres/` the server's user
+/// must reach: that user may pass through it, and nothing else (it can
+/// neither list it nor open anything in it, every file there being 0600 and
+/// every directory 0700).
+pub const TRAVERSE_ONLY_DIR_MODE: u32 = 0o711;
+
 /// Where `strife up --postgres auto` keeps the server of the cluster in
-/// `dir`. Normally `DIR/postgres`. When this process is root the server runs
-/// as the `postgres` user, which cannot enter a private (0700) `DIR` or its
-/// parents (e.g. `/root`); so the data lives in a directory of its own under
-/// `outside` (the `postgres` user's home on Debian, see
-/// [`SYSTEM_DATA_ROOT`]), named in `DIR/postgres/location` so that the next
-/// `up` on `DIR` finds it again.
+/// `dir`, creating what it needs. Run by anyone but root: `DIR/postgres`.
+/// Run by root, the server runs as the `postgres` user, which must reach
+/// its directory: when that user can pass every parent of `DIR`, the data
+/// is in `DIR/postgres` (owned by it, 0700) and `DIR` becomes
+/// [`TRAVERSE_ONLY_DIR_MODE`]; when a parent is closed to it (`/root` is
+/// 0700), the data lives in a directory of its own under `outside` (see
+/// [`SYSTEM_DATA_ROOT`]), named in `DIR/postgres.location` so that the next
+/// `up` on `DIR` finds it again. `DIR` must exist; the path returned is
+/// absolute.
 pub fn base_for_cluster(dir: &Path, outside: &Path) -> anyhow::Result<PathBuf> {
+    // Absolute: the server's commands run in its directory.
+    let dir = std::fs::canonicalize(dir).with_context(|| format!("finding {}", dir.display()))?;
     let inside = dir.join("postgres");
-    if !nix::unistd::geteuid().is_root() {
+    let Some(run_as) = RunAs::current()? else {
         return Ok(inside);
-    }
-    let location = inside.join("location");
+    };
+    let location = dir.join("postgres.location");
     if let Ok(text) = std::fs::read_to_string(&location) {
         return Ok(PathBuf::from(text.trim()));
     }
-    crate::files::create_private_dir_all(&inside)?;
+    let parent_open = dir.parent().is_none_or(|parent| run_as.can_enter(parent));
+    if inside.join("data").exists() || parent_open {
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(TRAVERSE_ONLY_DIR_MODE))
+            .with_context(|| format!("letting the {SYSTEM_USER} user pass {}", dir.display()))?;
+        return Ok(inside);
+    }
+    if !outside.exists() {
+        crate::files::create_private_dir_all(outside)
+            .with_context(|| format!("creating {}", outside.display()))?;
+        RunAs::own(Some(&run_as), outside)?;
+    }
     let base = outside.join(uuid::Uuid::new_v4().simple().to_string());
-    let mut f = crate::files::open_private_append(&location)?;
-    writeln!(f, "{}", base.display())?;
-    f.sync_all()?;
+    crate::pki::write_private(&location, &format!("{}\n", base.display()))?;
     Ok(base)
 }
 
@@ -601,19 +661,45 @@ mod tests {
     }
 
     #[test]
-    fn a_cluster_run_by_root_keeps_its_data_outside_its_private_directory() {
+    fn a_cluster_keeps_its_data_in_dir_unless_the_server_user_cannot_reach_it() {
         let tmp = std::env::temp_dir().join(format!("strife-pg-base-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        let dir = tmp.join("cluster");
+        let dir = tmp.join("open").join("cluster");
+        crate::files::create_private_dir_all(&dir).expect("dir");
+        for open in [&tmp, &tmp.join("open")] {
+            std::fs::set_permissions(open, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        }
         let outside = tmp.join("outside");
         let base = base_for_cluster(&dir, &outside).expect("base");
+        assert_eq!(base, dir.join("postgres"));
+        // A relative DIR gives an absolute base (the server's commands run inside it).
+        let cwd = std::env::current_dir().expect("cwd");
+        let relative =
+            PathBuf::from("../".repeat(cwd.components().count())).join(dir.strip_prefix("/").expect("dir"));
+        assert_eq!(base_for_cluster(&relative, &outside).expect("base"), base);
+        let mode = |p: &Path| std::fs::metadata(p).expect("metadata").permissions().mode() & 0o777;
         if nix::unistd::geteuid().is_root() {
+            assert_eq!(mode(&dir), TRAVERSE_ONLY_DIR_MODE, "the server's user may pass DIR");
+            // Under a parent closed to the server's user (as /root is), the
+            // data goes outside, and is found there again.
+            let closed = tmp.join("closed").join("cluster");
+            crate::files::create_private_dir_all(&closed).expect("closed");
+            let base = base_for_cluster(&closed, &outside).expect("base");
             assert!(base.starts_with(&outside), "{}", base.display());
-            assert_eq!(base_for_cluster(&dir, &outside).expect("again"), base, "found again");
+            assert_eq!(base_for_cluster(&closed, &outside).expect("again"), base, "found again");
+            assert_eq!(mode(&closed), crate::files::DIR_MODE, "DIR stays private");
+            let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&outside).expect("outside"));
+            assert_eq!(Some(owner), RunAs::current().expect("user").map(|u| u.uid));
         } else {
-            assert_eq!(base, dir.join("postgres"));
+            assert_eq!(mode(&dir), crate::files::DIR_MODE, "DIR stays private");
         }
         let _ = std::fs::remove_dir_all(&tmp);
+    }
+
+    /// Whether `pid` is a live process (a zombie is not).
+    fn running(pid: u32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .is_ok_and(|stat| stat.rsplit_once(") ").is_some_and(|(_, rest)| !rest.starts_with('Z')))
     }
 
     /// The server starts, takes SQL, isolates private databases, and stops.
@@ -626,6 +712,8 @@ mod tests {
         assert_eq!(server.sql("postgres", &["SHOW fsync"]).expect("sql"), "on");
         assert_eq!(server.sql("postgres", &["SHOW synchronous_commit"]).expect("sql"), "on");
         assert_eq!(server.sql("postgres", &["SHOW listen_addresses"]).expect("sql"), "127.0.0.1");
+        let pid = server.pid().expect("the server's pid");
+        assert!(running(pid), "pid {pid} runs");
         let mode =
             std::fs::metadata(base.join("superuser.password")).expect("password file").permissions().mode();
         assert_eq!(mode & 0o777, 0o600);
@@ -647,6 +735,7 @@ mod tests {
         assert_eq!(server.psql(&a, &["SELECT x FROM t"]).expect("read after the crash"), "1");
 
         server.stop().expect("stop");
+        assert!(!running(pid), "pid {pid} is gone");
         assert!(!base.exists(), "a temporary base is removed");
     }
 }

@@ -40,7 +40,13 @@ const PROBLEMS_LISTED_MAX: usize = 1_000;
 pub async fn run(dir: &Path) -> anyhow::Result<Reply> {
     let config = Config::load(dir, None)?;
     let default_file = config.gateway.data_dir(dir).join("gateway.db");
-    let store = StoreUrl::parse("gateway.store", &config.gateway.store, default_file)?;
+    let mut store = StoreUrl::parse("gateway.store", &config.gateway.store, default_file)?;
+    // A cluster of `strife up --postgres` keeps its gateways' log there.
+    if config.gateway.store.trim().is_empty()
+        && let Some(url) = crate::up::databases::gateway_store(dir)
+    {
+        store = StoreUrl::Postgres(url);
+    }
     let shown = store.redacted();
     match store {
         StoreUrl::Sqlite(path) => {

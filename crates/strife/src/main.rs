@@ -28,6 +28,10 @@ struct Cli {
     /// Run as a child of `strife up`: stop when standard input closes.
     #[arg(long, global = true, hide = true)]
     supervised: bool,
+    /// A server's log file name, when `strife up` runs several replicas of
+    /// it (`gateway.2` logs to `DIR/logs/gateway.2.log`).
+    #[arg(long, global = true, hide = true, value_name = "NAME")]
+    log_name: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -77,7 +81,7 @@ fn gateway_from_env() -> Option<String> {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Start a local cluster (PKI, gateway, one server per bank) in the foreground.
+    /// Start a local cluster (PKI, gateway, one server per bank; with --postgres, replicas) in the foreground.
     Up(up::UpArgs),
     /// Manage the PKI in DIR/certs.
     Certs {
@@ -340,6 +344,11 @@ fn fatal(e: anyhow::Error) -> CliError {
 }
 
 fn run(cli: Cli) -> Result<Reply, CliError> {
+    if let Some(name) = &cli.log_name
+        && (name.starts_with('.') || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '.' || c == '-'))
+    {
+        return Err(CliError::new(Exit::Usage, "--log-name takes letters, digits, '.' and '-'"));
+    }
     let dir = strife_client::connect::resolve_dir(cli.dir.as_deref());
     let flags = cli.command.client_flags(&cli.client);
     match cli.command {
@@ -360,7 +369,8 @@ fn run(cli: Cli) -> Result<Reply, CliError> {
         }
         Command::Gateway { listen, config } => {
             let config = Config::load(&dir, config.as_deref()).map_err(fatal)?;
-            strife_rpc::telemetry::init("gateway", &dir, &config.log.level).map_err(fatal)?;
+            let log_name = cli.log_name.as_deref().unwrap_or("gateway");
+            strife_rpc::telemetry::init(log_name, &dir, &config.log.level).map_err(fatal)?;
             let listen = listen.unwrap_or_else(|| config.gateway.listen.clone());
             let workers = config.runtime.workers;
             let opts = strife_gateway::GatewayOptions { dir, config };
@@ -378,7 +388,8 @@ fn run(cli: Cli) -> Result<Reply, CliError> {
         Command::Bank { name, listen, gateway, accounts, config } => {
             strife_core::validate_bank_name(&name).map_err(|e| CliError::new(Exit::Usage, e.to_string()))?;
             let config = Config::load(&dir, config.as_deref()).map_err(fatal)?;
-            strife_rpc::telemetry::init(&name, &dir, &config.log.level).map_err(fatal)?;
+            let log_name = cli.log_name.as_deref().unwrap_or(&name);
+            strife_rpc::telemetry::init(log_name, &dir, &config.log.level).map_err(fatal)?;
             let listen = listen.unwrap_or_else(|| config.bank.listen.clone());
             let workers = config.runtime.workers;
             let gateway = gateway.or(cli.client.gateway).or_else(gateway_from_env);

@@ -1,18 +1,28 @@
 //! `strife up`: a whole local cluster in one command. Creates what is
-//! missing in DIR (PKI, token key, settings), starts the gateway and one
-//! server per bank as supervised child processes, waits until every bank is
-//! registered, prints the ready line, and stops everything on Ctrl-C.
+//! missing in DIR (PKI, token key, settings); with `--postgres`, starts the
+//! private PostgreSQL server (`auto`) and makes the cluster's roles and
+//! databases; starts the gateways and the banks' processes as supervised
+//! children (restarted when they die); waits until every bank is
+//! registered with every gateway; prints the ready line; and on Ctrl-C or
+//! SIGTERM stops the servers, then PostgreSQL.
+
+pub mod databases;
 
 use anyhow::{Context, bail};
 use clap::Args;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+use strife_client::instances::{self, Instance, Role};
+use strife_core::Secret;
 use strife_rpc::Peer;
 use strife_rpc::pki::CertDir;
+use strife_rpc::postgres_server::{self, Lifetime, PostgresServer};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
 
 /// How long a child may take to print its listening line.
 const START_TIMEOUT: Duration = Duration::from_secs(60);
@@ -22,15 +32,59 @@ const READY_TIMEOUT: Duration = Duration::from_secs(60);
 const STOP_TIMEOUT: Duration = Duration::from_secs(15);
 /// Pause before restarting a child that died.
 const RESTART_DELAY: Duration = Duration::from_secs(1);
+/// How often `up` checks that its PostgreSQL server still runs.
+const POSTGRES_CHECK_INTERVAL: Duration = Duration::from_secs(1);
+/// Most gateway processes one `up` runs (each holds connections to the
+/// database; the private server accepts 300).
+pub const GATEWAYS_MAX: u32 = 8;
+/// Most processes one bank runs as (each holds up to 16 connections).
+pub const BANK_REPLICAS_MAX: u32 = 8;
 
 #[derive(Args, Debug)]
 pub struct UpArgs {
     /// The banks to run, comma-separated.
     #[arg(long, value_delimiter = ',', default_value = "BankA,BankB")]
     banks: Vec<String>,
-    /// The gateway's port on 127.0.0.1 (0 takes a free one).
+    /// The first gateway's port on 127.0.0.1 (0 takes a free one); the
+    /// other gateways take free ports.
     #[arg(long, default_value_t = 50051)]
     port: u16,
+    /// Gateway processes to run (more than one needs --postgres).
+    #[arg(long, default_value_t = 1, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(GATEWAYS_MAX)))]
+    gateways: u32,
+    /// Processes per bank, all under the bank's name and certificate (more
+    /// than one needs --postgres).
+    #[arg(long, default_value_t = 1, value_name = "M",
+          value_parser = clap::value_parser!(u32).range(1..=i64::from(BANK_REPLICAS_MAX)))]
+    bank_replicas: u32,
+    /// Keep every server's data in PostgreSQL: `auto` runs a private server
+    /// (Debian's postgresql package) in DIR/postgres, started and stopped by
+    /// `up`; a postgres://USER:PASSWORD@HOST:PORT/DATABASE URL uses a
+    /// running server, where USER may create roles and databases.
+    #[arg(long, value_name = "auto|URL", env = "STRIFE_POSTGRES", hide_env_values = true)]
+    postgres: Option<String>,
+}
+
+/// Where the cluster's databases are.
+enum Postgres {
+    /// A private server `up` runs.
+    Auto,
+    /// A running server, reached as a role that may create roles and
+    /// databases.
+    Url(Secret<String>),
+}
+
+impl Postgres {
+    fn parse(text: &str) -> anyhow::Result<Postgres> {
+        if text == "auto" {
+            return Ok(Postgres::Auto);
+        }
+        if databases::server_address(text).is_none() {
+            bail!("--postgres takes `auto` or a postgres://USER:PASSWORD@HOST:PORT/DATABASE URL");
+        }
+        Ok(Postgres::Url(Secret::new(text.to_owned())))
+    }
 }
 
 /// Every identity a cluster with `banks` needs, names checked.
@@ -50,6 +104,15 @@ pub async fn run(dir: PathBuf, args: UpArgs) -> anyhow::Result<()> {
     if args.banks.is_empty() {
         bail!("name at least one bank with --banks");
     }
+    let postgres = args.postgres.as_deref().map(Postgres::parse).transpose()?;
+    if postgres.is_none() && (args.gateways > 1 || args.bank_replicas > 1) {
+        bail!(
+            "--gateways {} --bank-replicas {} needs --postgres auto (or --postgres URL): without it every \
+             server keeps its data in a SQLite file that only one process may use",
+            args.gateways,
+            args.bank_replicas
+        );
+    }
     let peers = identities(&args.banks)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     strife_rpc::telemetry::init("up", &dir, "info")?;
@@ -67,79 +130,330 @@ pub async fn run(dir: PathBuf, args: UpArgs) -> anyhow::Result<()> {
     strife_rpc::Config::load(&dir, None)?;
 
     let exe = std::env::current_exe().context("finding the strife binary")?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let mut supervisors = Vec::new();
-
-    let gateway_listen = format!("127.0.0.1:{}", args.port);
-    let (ready_tx, ready_rx) = oneshot::channel();
-    let spec = ChildSpec {
-        name: "gateway".into(),
-        exe: exe.clone(),
-        dir: dir.clone(),
-        args: vec!["gateway".into(), "--listen".into(), gateway_listen],
+    let mut cluster = Cluster::new(dir.clone(), exe);
+    let shutdown = strife_rpc::serve::shutdown_signal();
+    tokio::pin!(shutdown);
+    let started = tokio::select! {
+        started = cluster.start(&args, postgres) => started.map(Some),
+        () = &mut shutdown => Ok(None),
     };
-    supervisors.push(tokio::spawn(supervise(spec, ready_tx, stop_rx.clone())));
-    let gateway_addr = match tokio::time::timeout(START_TIMEOUT, ready_rx).await {
-        Ok(Ok(Ok(addr))) => addr,
-        Ok(Ok(Err(e))) => bail!("the gateway did not start: {e}"),
-        _ => bail!("the gateway did not start within {START_TIMEOUT:?}"),
+    let gateways = match started {
+        Ok(Some(gateways)) => gateways,
+        Ok(None) => {
+            tracing::info!("stopped before the cluster was ready");
+            cluster.stop().await;
+            return Ok(());
+        }
+        Err(e) => {
+            cluster.stop().await;
+            return Err(e);
+        }
     };
-
-    let mut bank_ready = Vec::new();
-    for bank in &args.banks {
-        let (tx, rx) = oneshot::channel();
-        let spec = ChildSpec {
-            name: bank.clone(),
-            exe: exe.clone(),
-            dir: dir.clone(),
-            args: vec![
-                "bank".into(),
-                "--name".into(),
-                bank.clone(),
-                "--listen".into(),
-                "127.0.0.1:0".into(),
-                "--gateway".into(),
-                gateway_addr.clone(),
-            ],
-        };
-        supervisors.push(tokio::spawn(supervise(spec, tx, stop_rx.clone())));
-        bank_ready.push((bank.clone(), rx));
-    }
-    for (bank, rx) in bank_ready {
-        match tokio::time::timeout(START_TIMEOUT, rx).await {
-            Ok(Ok(Ok(_))) => {}
-            Ok(Ok(Err(e))) => {
-                let _ = stop_tx.send(true);
-                bail!("bank {bank} did not start: {e}");
-            }
-            _ => {
-                let _ = stop_tx.send(true);
-                bail!("bank {bank} did not start within {START_TIMEOUT:?}");
-            }
-        }
-    }
-    if let Err(e) = wait_registered(&dir, &gateway_addr, &args.banks).await {
-        let _ = stop_tx.send(true);
-        for s in supervisors {
-            let _ = s.await;
-        }
-        return Err(e);
-    }
-    println!("strife: ready gateway={gateway_addr} banks={} dir={}", args.banks.join(","), dir.display());
+    println!(
+        "strife: ready gateway={} banks={} dir={}",
+        gateways.join(","),
+        args.banks.join(","),
+        dir.display()
+    );
     use std::io::Write;
     let _ = std::io::stdout().flush();
 
-    strife_rpc::serve::shutdown_signal().await;
+    shutdown.await;
     tracing::info!("stopping the cluster");
-    let _ = stop_tx.send(true);
-    for s in supervisors {
-        let _ = s.await;
-    }
-    tracing::info!("cluster stopped");
+    cluster.stop().await;
     Ok(())
 }
 
-/// Polls the gateway's status until every bank is registered and reachable.
+/// The processes `up` runs, and how to stop them.
+struct Cluster {
+    dir: PathBuf,
+    /// The `strife` binary the children run.
+    exe: PathBuf,
+    /// Turns true to stop every supervisor (each stops its child).
+    stop_tx: watch::Sender<bool>,
+    supervisors: Vec<JoinHandle<()>>,
+    /// What runs where, for `DIR/instances.json` and `DIR/gateway.addr`.
+    roster: Arc<Roster>,
+    /// The private PostgreSQL server (`--postgres auto`), restarted if it
+    /// dies, stopped after the servers that use it.
+    postgres: Option<Arc<Mutex<PostgresServer>>>,
+}
+
+impl Cluster {
+    fn new(dir: PathBuf, exe: PathBuf) -> Cluster {
+        let (stop_tx, _) = watch::channel(false);
+        let roster = Arc::new(Roster { dir: dir.clone(), state: Mutex::new(RosterState::default()) });
+        Cluster { dir, exe, stop_tx, supervisors: Vec::new(), roster, postgres: None }
+    }
+
+    /// Starts everything; returns the gateways' addresses once every bank
+    /// is registered with each of them.
+    async fn start(&mut self, args: &UpArgs, postgres: Option<Postgres>) -> anyhow::Result<Vec<String>> {
+        let stores = match postgres {
+            Some(postgres) => Some(self.databases(postgres, &args.banks).await?),
+            None => None,
+        };
+        let mut starting = Vec::new();
+        for replica in 1..=args.gateways {
+            let port = if replica == 1 { args.port } else { 0 };
+            let envs = stores.iter().map(|s| ("STRIFE_GATEWAY_STORE", s.gateway.clone())).collect();
+            starting.push(self.spawn(Role::Gateway, "gateway", replica, vec!["gateway".into()], port, envs));
+        }
+        let gateways = wait_started(starting).await?;
+        let list = gateways.join(",");
+        let mut starting = Vec::new();
+        for bank in &args.banks {
+            let envs: Vec<_> = stores
+                .iter()
+                .filter_map(|s| s.bank(bank))
+                .map(|url| ("STRIFE_BANK_STORE", url.clone()))
+                .collect();
+            for replica in 1..=args.bank_replicas {
+                let command =
+                    vec!["bank".into(), "--name".into(), bank.clone(), "--gateway".into(), list.clone()];
+                starting.push(self.spawn(Role::Bank, bank, replica, command, 0, envs.clone()));
+            }
+        }
+        wait_started(starting).await?;
+        for gateway in &gateways {
+            wait_registered(&self.dir, gateway, &args.banks).await?;
+        }
+        self.roster.publish()?;
+        Ok(gateways)
+    }
+
+    /// The PostgreSQL server (started here for `auto`), and on it the
+    /// cluster's roles and databases.
+    async fn databases(&mut self, postgres: Postgres, banks: &[String]) -> anyhow::Result<databases::Stores> {
+        let admin = match postgres {
+            Postgres::Url(url) => {
+                let address = databases::server_address(url.expose()).unwrap_or_default();
+                self.roster.add(Instance {
+                    role: Role::Postgres,
+                    name: "postgres".into(),
+                    replica: 1,
+                    address,
+                    pid: None,
+                });
+                url
+            }
+            Postgres::Auto => {
+                let dir = self.dir.clone();
+                let server = tokio::task::spawn_blocking(move || {
+                    let outside = Path::new(postgres_server::SYSTEM_DATA_ROOT);
+                    let base = postgres_server::base_for_cluster(&dir, outside)?;
+                    PostgresServer::start(&base, Lifetime::Kept)
+                })
+                .await
+                .context("starting PostgreSQL")?
+                .context("starting the private PostgreSQL server (--postgres auto)")?;
+                tracing::info!(port = server.port(), base = %server.base().display(), "PostgreSQL serving");
+                let address = format!("127.0.0.1:{}", server.port());
+                let slot = self.roster.add(Instance {
+                    role: Role::Postgres,
+                    name: "postgres".into(),
+                    replica: 1,
+                    address: address.clone(),
+                    pid: server.pid(),
+                });
+                let admin = server.superuser_url("postgres");
+                let server = Arc::new(Mutex::new(server));
+                self.postgres = Some(server.clone());
+                let watch = PostgresWatch { server, address, slot, roster: self.roster.clone() };
+                self.supervisors.push(tokio::spawn(watch.run(self.stop_tx.subscribe())));
+                admin
+            }
+        };
+        databases::provision(&self.dir, &admin, banks).await.context("making the cluster's databases")
+    }
+
+    /// Starts supervising one child; its address comes on the receiver.
+    fn spawn(
+        &mut self,
+        role: Role,
+        name: &str,
+        replica: u32,
+        command: Vec<String>,
+        port: u16,
+        envs: Vec<(&'static str, Secret<String>)>,
+    ) -> Starting {
+        let slot = self.roster.add(Instance {
+            role,
+            name: name.to_owned(),
+            replica,
+            address: String::new(),
+            pid: None,
+        });
+        let spec = ChildSpec {
+            log_name: if replica == 1 { name.to_owned() } else { format!("{name}.{replica}") },
+            replica,
+            exe: self.exe.clone(),
+            dir: self.dir.clone(),
+            command,
+            listen: format!("127.0.0.1:{port}"),
+            envs,
+            slot,
+            roster: self.roster.clone(),
+        };
+        let label = spec.log_name.clone();
+        let (tx, rx) = oneshot::channel();
+        self.supervisors.push(tokio::spawn(supervise(spec, tx, self.stop_tx.subscribe())));
+        Starting { label, ready: rx }
+    }
+
+    /// Stops every server, then PostgreSQL.
+    async fn stop(&mut self) {
+        self.stop_tx.send_replace(true);
+        for supervisor in self.supervisors.drain(..) {
+            let _ = supervisor.await;
+        }
+        if let Some(server) = self.postgres.take() {
+            match tokio::task::spawn_blocking(move || lock(&server).stop()).await {
+                Ok(Ok(())) => tracing::info!("PostgreSQL stopped"),
+                Ok(Err(e)) => tracing::error!(error = %format!("{e:#}"), "stopping PostgreSQL"),
+                Err(e) => tracing::error!(error = %e, "stopping PostgreSQL"),
+            }
+        }
+        instances::remove(&self.dir);
+        tracing::info!("cluster stopped");
+    }
+}
+
+/// Keeps the private PostgreSQL server running, as the supervisors do
+/// the servers: started again on its port if it dies.
+struct PostgresWatch {
+    server: Arc<Mutex<PostgresServer>>,
+    /// Where it listens.
+    address: String,
+    /// Its place in the roster.
+    slot: usize,
+    roster: Arc<Roster>,
+}
+
+impl PostgresWatch {
+    async fn run(self, mut stop: watch::Receiver<bool>) {
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep(POSTGRES_CHECK_INTERVAL) => {}
+                _ = stop.changed() => return,
+            }
+            let server = self.server.clone();
+            let checked = tokio::task::spawn_blocking(move || {
+                let mut server = lock(&server);
+                server.restart_if_stopped().map(|restarted| (restarted, server.pid()))
+            })
+            .await;
+            match checked {
+                Ok(Ok((false, _))) => {}
+                Ok(Ok((true, pid))) => {
+                    tracing::error!("PostgreSQL had stopped; restarted it");
+                    self.roster.started(self.slot, &self.address, pid);
+                }
+                Ok(Err(e)) => {
+                    tracing::error!(error = %format!("{e:#}"), "PostgreSQL is down; trying again");
+                    self.roster.exited(self.slot);
+                }
+                Err(e) => tracing::error!(error = %e, "checking PostgreSQL"),
+            }
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A child being started: its name and, once it listens, its address.
+struct Starting {
+    label: String,
+    ready: oneshot::Receiver<Result<String, String>>,
+}
+
+/// The addresses of the children, in order, once each listens.
+async fn wait_started(starting: Vec<Starting>) -> anyhow::Result<Vec<String>> {
+    let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+    let mut addresses = Vec::new();
+    for Starting { label, ready } in starting {
+        match tokio::time::timeout_at(deadline, ready).await {
+            Ok(Ok(Ok(addr))) => addresses.push(addr),
+            Ok(Ok(Err(e))) => bail!("{label} did not start: {e}"),
+            Ok(Err(_)) => bail!("{label} did not start"),
+            Err(_) => bail!("{label} did not start within {START_TIMEOUT:?}"),
+        }
+    }
+    Ok(addresses)
+}
+
+/// What runs where. Once the cluster is ready, every change is written to
+/// `DIR/instances.json` (for `strife status`) and the gateways' addresses
+/// to `DIR/gateway.addr` (for clients; a gateway writes only its own
+/// there when it starts).
+struct Roster {
+    dir: PathBuf,
+    state: Mutex<RosterState>,
+}
+
+#[derive(Default)]
+struct RosterState {
+    instances: Vec<Instance>,
+    /// Whether the files are written (from the ready line on).
+    published: bool,
+}
+
+impl Roster {
+    fn state(&self) -> std::sync::MutexGuard<'_, RosterState> {
+        lock(&self.state)
+    }
+
+    /// Adds an instance; returns its slot.
+    fn add(&self, instance: Instance) -> usize {
+        let mut state = self.state();
+        state.instances.push(instance);
+        state.instances.len() - 1
+    }
+
+    /// The child in `slot` listens on `address` as process `pid`.
+    fn started(&self, slot: usize, address: &str, pid: Option<u32>) {
+        self.update(slot, |i| {
+            i.address = address.to_owned();
+            i.pid = pid;
+        });
+    }
+
+    /// The child in `slot` is gone (until its restart).
+    fn exited(&self, slot: usize) {
+        self.update(slot, |i| i.pid = None);
+    }
+
+    fn update(&self, slot: usize, change: impl FnOnce(&mut Instance)) {
+        let mut state = self.state();
+        if let Some(instance) = state.instances.get_mut(slot) {
+            change(instance);
+        }
+        if state.published
+            && let Err(e) = self.write(&state)
+        {
+            tracing::warn!(error = %format!("{e:#}"), "writing the cluster's instances");
+        }
+    }
+
+    /// Writes the files now and on every change from now on.
+    fn publish(&self) -> anyhow::Result<()> {
+        let mut state = self.state();
+        state.published = true;
+        self.write(&state)
+    }
+
+    fn write(&self, state: &RosterState) -> anyhow::Result<()> {
+        let gateways: Vec<&str> =
+            state.instances.iter().filter(|i| i.role == Role::Gateway).map(|i| i.address.as_str()).collect();
+        let file = self.dir.join(strife_rpc::config::GATEWAY_ADDR_FILE);
+        strife_rpc::pki::write_public_file(&file, &format!("{}\n", gateways.join(",")))?;
+        instances::write(&self.dir, &state.instances)
+    }
+}
+
+/// Polls a gateway's status until every bank is registered and reachable.
 async fn wait_registered(dir: &Path, gateway: &str, banks: &[String]) -> anyhow::Result<()> {
     use strife_proto::gateway::v1 as pb;
     let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
@@ -174,11 +488,24 @@ pub fn co_located_env() -> Option<(&'static str, &'static str)> {
 }
 
 struct ChildSpec {
-    /// The component's name, for logs.
-    name: String,
+    /// The name of its log (`DIR/logs/<log_name>.log`): the component's
+    /// name, with `.<replica>` after the first replica.
+    log_name: String,
+    /// Which replica of its component it is, from 1.
+    replica: u32,
     exe: PathBuf,
     dir: PathBuf,
-    args: Vec<String>,
+    /// The subcommand and its flags, but `--listen`.
+    command: Vec<String>,
+    /// Where it listens: at first the address asked for, then the one it
+    /// got, so that a restart keeps every list of addresses true.
+    listen: String,
+    /// Settings given in its environment (store URLs: secrets, never on a
+    /// command line).
+    envs: Vec<(&'static str, Secret<String>)>,
+    /// Its place in the roster.
+    slot: usize,
+    roster: Arc<Roster>,
 }
 
 impl ChildSpec {
@@ -187,10 +514,16 @@ impl ChildSpec {
         if let Some((k, v)) = co_located_env() {
             cmd.env(k, v);
         }
-        cmd.arg("--dir")
-            .arg(&self.dir)
-            .args(&self.args)
-            .arg("--supervised")
+        // The administrator's URL stays with `up`.
+        cmd.env_remove("STRIFE_POSTGRES");
+        for (k, v) in &self.envs {
+            cmd.env(k, v.expose());
+        }
+        cmd.arg("--dir").arg(&self.dir).args(&self.command).arg("--listen").arg(&self.listen);
+        if self.replica > 1 {
+            cmd.arg("--log-name").arg(&self.log_name);
+        }
+        cmd.arg("--supervised")
             // Our own process group: Ctrl-C reaches only `up`, which then
             // stops the children in order.
             .process_group(0)
@@ -201,19 +534,22 @@ impl ChildSpec {
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
             .spawn()
-            .with_context(|| format!("starting {}", self.name))
+            .with_context(|| format!("starting {}", self.log_name))
     }
 }
 
 /// Runs one child: starts it, reports its address once, restarts it if it
 /// dies, and stops it gracefully when `stop` turns true.
 async fn supervise(
-    spec: ChildSpec,
+    mut spec: ChildSpec,
     ready: oneshot::Sender<Result<String, String>>,
     mut stop: watch::Receiver<bool>,
 ) {
     let mut ready = Some(ready);
     loop {
+        if *stop.borrow() {
+            return;
+        }
         let mut child = match spec.spawn() {
             Ok(c) => c,
             Err(e) => {
@@ -229,35 +565,48 @@ async fn supervise(
             None => None,
         };
         match (addr, ready.take()) {
-            (Some(addr), Some(tx)) => {
-                let _ = tx.send(Ok(addr));
+            (Some(addr), first) => {
+                spec.roster.started(spec.slot, &addr, child.id());
+                match first {
+                    Some(tx) => {
+                        let _ = tx.send(Ok(addr.clone()));
+                    }
+                    None => tracing::info!(component = %spec.log_name, %addr, "restarted"),
+                }
+                spec.listen = addr;
             }
             (None, Some(tx)) => {
+                let _ = child.start_kill();
                 let status = child.wait().await.map(|s| s.to_string()).unwrap_or_default();
                 let _ = tx.send(Err(format!(
                     "{} exited ({status}); see {}",
-                    spec.name,
+                    spec.log_name,
                     log_path(&spec).display()
                 )));
                 return;
             }
-            (Some(_), None) => tracing::info!(component = %spec.name, "restarted"),
-            (None, None) => {}
+            // A restart that did not come up: it is waited for below, and
+            // tried again.
+            (None, None) => {
+                let _ = child.start_kill();
+            }
         }
         tokio::select! {
             status = child.wait() => {
+                spec.roster.exited(spec.slot);
                 if *stop.borrow() {
                     return;
                 }
                 let status = status.map(|s| s.to_string()).unwrap_or_default();
-                tracing::error!(component = %spec.name, %status, "exited unexpectedly; restarting");
+                tracing::error!(component = %spec.log_name, %status, "exited unexpectedly; restarting");
                 tokio::select! {
                     _ = tokio::time::sleep(RESTART_DELAY) => {}
                     _ = stop.changed() => return,
                 }
             }
             _ = stop.changed() => {
-                terminate(&spec.name, &mut child).await;
+                terminate(&spec.log_name, &mut child).await;
+                spec.roster.exited(spec.slot);
                 return;
             }
         }
@@ -265,7 +614,7 @@ async fn supervise(
 }
 
 fn log_path(spec: &ChildSpec) -> PathBuf {
-    spec.dir.join("logs").join(format!("{}.log", spec.name))
+    spec.dir.join("logs").join(format!("{}.log", spec.log_name))
 }
 
 /// Reads the child's stdout until its `listening on ADDR` line, then keeps
