@@ -368,3 +368,159 @@ fn three_gateways_on_one_database_pay_once_share_tokens_and_audit_clean() {
     drop(banks);
     drop(gateways);
 }
+
+/// Two gateways on one database and both banks (on SQLite) registered with
+/// both, through the comma-separated gateway list. `gw_envs[i]` is added to
+/// gateway i's environment (e.g. a crash point).
+fn two_gateways(tag: &str, gw_envs: [&[(&str, &str)]; 2]) -> (TempDir, Secret<String>, Vec<Proc>, Vec<Proc>) {
+    let url_g = gateway_database();
+    let dir = TempDir::new(tag);
+    let r = run_cli(&dir.0, &["certs", "init", "--bank", "BankA", "--bank", "BankB"], &[]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let gateways: Vec<Proc> = gw_envs
+        .iter()
+        .map(|extra| {
+            let mut envs: Vec<(&str, &str)> = TAKEOVER_FAST.to_vec();
+            envs.push(("STRIFE_GATEWAY_STORE", url_g.expose()));
+            envs.extend_from_slice(extra);
+            start_gateway(&dir.0, "127.0.0.1:0", &envs)
+        })
+        .collect();
+    let list = format!("{},{}", gateways[0].addr, gateways[1].addr);
+    let banks = vec![
+        start_bank(&dir.0, "BankA", &list, TAKEOVER_FAST),
+        start_bank(&dir.0, "BankB", &list, TAKEOVER_FAST),
+    ];
+    for g in &gateways {
+        wait_registered_at(&dir.0, Some(&g.addr), &["BankA", "BankB"]);
+    }
+    (dir, url_g, gateways, banks)
+}
+
+/// Short deadlines, so that a payment a dead gateway left is finished soon.
+const TAKEOVER_FAST: &[(&str, &str)] = &[
+    ("STRIFE_GATEWAY_PREPARE_TIMEOUT_MS", "1000"),
+    ("STRIFE_GATEWAY_COMMIT_TIMEOUT_MS", "500"),
+    ("STRIFE_GATEWAY_PAYMENT_DEADLINE_MS", "2000"),
+    ("STRIFE_BANK_INQUIRY_INTERVAL_MS", "200"),
+    ("STRIFE_BANK_REGISTER_INTERVAL_MS", "200"),
+];
+
+#[test]
+fn failed_logins_and_token_keys_are_the_clusters_not_one_gateways() {
+    let (dir, _url, gateways, _banks) = two_gateways("cluster-wide", [&[], &[]]);
+    let header = |token: &str| token.split('.').next().expect("JWT header").to_owned();
+    let rt = grpc::runtime();
+    let (path, g1, g2) = (dir.0.clone(), gateways[0].addr.clone(), gateways[1].addr.clone());
+    rt.block_on(async {
+        let one = grpc::client_channel(&path, &g1).await;
+        let two = grpc::client_channel(&path, &g2).await;
+        // Five failures (the default threshold), alternating gateways: the
+        // account is locked at both, not at neither.
+        for n in 0..5 {
+            let ch = if n % 2 == 0 { &one } else { &two };
+            let refused = grpc::login(ch, "BankA", "user1", "wrong").await.expect_err("wrong password");
+            assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+        }
+        for ch in [&one, &two] {
+            let locked = grpc::login(ch, "BankA", "user1", "pass1").await.expect_err("locked everywhere");
+            assert_eq!(locked.code(), tonic::Code::ResourceExhausted, "{locked:?}");
+        }
+
+        // A key rotated into the key file reaches the store at the next
+        // pass of a gateway, and from there every gateway signs with it.
+        let old = grpc::login(&two, "BankA", "user2", "pass2").await.expect("login");
+        let r = run_cli(&path, &["--json", "certs", "rotate-token-key"], &[]);
+        assert_eq!(r.code, 0, "{r:?}");
+        let deadline = std::time::Instant::now() + WAIT;
+        loop {
+            let a = grpc::login(&one, "BankA", "user3", "pass3").await.expect("login at 1");
+            let b = grpc::login(&two, "BankA", "user3", "pass3").await.expect("login at 2");
+            if header(&a) == header(&b) && header(&b) != header(&old) {
+                break;
+            }
+            assert!(std::time::Instant::now() < deadline, "the gateways never both signed with the new key");
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        for ch in [&one, &two] {
+            grpc::balance(ch, &old).await.expect("a token of the older key still works everywhere");
+        }
+    });
+}
+
+#[test]
+fn a_dead_gateways_payments_are_finished_by_the_other() {
+    // Gateway 1 dies right after its decision is durable, before any bank
+    // hears it; it stays dead.
+    let crash: &[(&str, &str)] = &[("STRIFE_CRASH_AT", "gateway.after_decision")];
+    let (dir, url_g, mut gateways, _banks) = two_gateways("takeover", [crash, &[]]);
+    let d = &dir.0;
+    let store = [("STRIFE_GATEWAY_STORE", url_g.expose().as_str())];
+    let (g1, g2) = (gateways[0].addr.clone(), gateways[1].addr.clone());
+    let pay = |gateway: &str, id: &str| {
+        run_cli(
+            d,
+            &[
+                "--json",
+                "--gateway",
+                gateway,
+                "--as",
+                "user1@BankA",
+                "pay",
+                "--to",
+                "user2@BankB",
+                "--amount",
+                "10.00",
+                "--id",
+                id,
+            ],
+            &[],
+        )
+    };
+    let r = run_cli(
+        d,
+        &["--gateway", &g2, "login", "--bank", "BankA", "--user", "user1"],
+        &[("STRIFE_PASSWORD", "pass1")],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    let decided = grpc::new_id();
+    let first = pay(&g1, &decided);
+    assert_ne!(first.code, 0, "gateway 1 died before answering: {first:?}");
+    assert_eq!(wait_exit(&mut gateways[0].child), None, "gateway 1 died by a signal");
+
+    // The decision was durable: gateway 2 tells the customer, and the banks
+    // (by inquiry) and gateway 2's finisher (once the dead one's claim
+    // lapsed) carry it out, once.
+    let again = pay(&g2, &decided);
+    assert_eq!((again.code, again.json()["status"].as_str()), (0, Some("committed")), "{again:?}");
+    assert_eq!(again.json()["replayed"], true, "{again:?}");
+    let deadline = std::time::Instant::now() + WAIT;
+    let sql = format!("SELECT acked FROM payments WHERE payment_id = '{decided}'");
+    while server().psql(&url_g, &[&sql]).expect("the gateways' log") != "t" {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "gateway 2 never delivered the dead gateway's decision"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    // Gateway 1 comes back, and now dies before deciding, with both legs
+    // prepared: gateway 2 aborts the payment at its deadline, the banks
+    // release the holds.
+    gateways[0] = start_gateway(
+        d,
+        &g1,
+        &[("STRIFE_GATEWAY_STORE", url_g.expose()), ("STRIFE_CRASH_AT", "gateway.before_decision")],
+    );
+    wait_registered_at(d, Some(&gateways[0].addr), &["BankA", "BankB"]);
+    let undecided = grpc::new_id();
+    let first = pay(&g1, &undecided);
+    assert_ne!(first.code, 0, "gateway 1 died before deciding: {first:?}");
+    assert_eq!(wait_exit(&mut gateways[0].child), None, "gateway 1 died by a signal");
+    let audit = wait_audit_ok_with(d, &store);
+    assert_eq!(audit["held"], "0.00", "no hold left: {audit}");
+    let again = pay(&g2, &undecided);
+    assert_eq!((again.code, again.json()["reason"].as_str()), (3, Some("timeout")), "{again:?}");
+    let r = run_cli(d, &["--json", "--gateway", &g2, "--as", "user1@BankA", "balance"], &[]);
+    assert_eq!(r.json()["balance"], "990.00", "the decided payment moved once, the other never: {r:?}");
+}
