@@ -214,21 +214,21 @@ fn up_runs_gateway_and_bank_replicas_on_postgres_and_sigterm_stops_every_one() {
     let d = &dir.0;
     let (mut up, ready, _lines) = spawn_until(
         d,
-        &["up", "--port", "0", "--postgres", "auto", "--gateways", "2", "--bank-replicas", "2"],
+        &["up", "--port", "0", "--postgres", "auto", "--gateways", "3", "--bank-replicas", "2"],
         "strife: ready",
         &[],
     );
     let gateways = ready_gateways(&ready);
-    assert_eq!(gateways.len(), 2, "{ready}");
-    assert_ne!(gateways[0], gateways[1], "{ready}");
+    assert_eq!(gateways.len(), 3, "{ready}");
+    assert!(gateways[0] != gateways[1] && gateways[1] != gateways[2] && gateways[0] != gateways[2], "{ready}");
     assert!(ready.contains("banks=BankA,BankB"), "{ready}");
     let list = gateways.join(",");
     let written = std::fs::read_to_string(d.join("gateway.addr")).expect("gateway.addr");
     assert_eq!(written.trim(), list, "clients find every gateway");
 
-    let instances = status_when(d, |list| all_healthy(list) && list.len() == 7);
+    let instances = status_when(d, |list| all_healthy(list) && list.len() == 8);
     let listed_gateways: Vec<&Value> = of(&instances, "gateway", "gateway");
-    assert_eq!(listed_gateways.len(), 2, "{instances:?}");
+    assert_eq!(listed_gateways.len(), 3, "{instances:?}");
     for g in &listed_gateways {
         assert!(gateways.iter().any(|a| g["address"] == a.as_str()), "{g}");
     }
@@ -240,7 +240,7 @@ fn up_runs_gateway_and_bank_replicas_on_postgres_and_sigterm_stops_every_one() {
     }
     assert_eq!(of(&instances, "postgres", "postgres").len(), 1, "{instances:?}");
     let all = pids(&instances);
-    assert_eq!(all.len(), 7, "{instances:?}");
+    assert_eq!(all.len(), 8, "{instances:?}");
     for p in &all {
         assert!(running(*p), "pid {p} runs");
     }
@@ -257,6 +257,12 @@ fn up_runs_gateway_and_bank_replicas_on_postgres_and_sigterm_stops_every_one() {
         let r = run_cli(d, &["--gateway", gateway, "--json", "history"], &[]);
         assert_eq!(r.json()["payments"][0]["amount"], "12.50", "{gateway}: {r:?}");
     }
+    // The payee sees it received, through another gateway; the audit agrees.
+    login(d, "user2", "BankB", &gateways[2]);
+    let r = run_cli(d, &["--gateway", &gateways[2], "--as", "user2@BankB", "--json", "history"], &[]);
+    assert_eq!(r.json()["payments"][0]["direction"], "received", "{r:?}");
+    let audit = wait_audit_ok(d);
+    assert_eq!((audit["committed"].as_u64(), audit["held"].as_str()), (Some(1), Some("0.00")), "{audit}");
 
     stop_and_check_nothing_is_left(&mut up, &all);
 }
