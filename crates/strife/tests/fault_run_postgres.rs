@@ -116,8 +116,11 @@ fn payments_survive_kills_and_database_crashes_on_postgres() {
     let sent = rt.block_on(fault::pay_until_stopped(&dir, &addrs, seed, stop.clone(), commits.clone()));
     let (kills, restarts) = chaos.join().expect("chaos");
 
-    // How long after each database restart the next payment committed.
+    // How long after each database restart the next payment committed,
+    // and the longest time without a commit.
     let commits = commits.lock().expect("commits").clone();
+    let longest_gap =
+        commits.windows(2).map(|w| w[1].saturating_duration_since(w[0])).max().unwrap_or_default();
     let flowing_again: Vec<Duration> = restarts
         .iter()
         .map(|back| commits.iter().filter(|c| *c > back).map(|c| *c - *back).min().unwrap_or(Duration::MAX))
@@ -142,7 +145,7 @@ fn payments_survive_kills_and_database_crashes_on_postgres() {
     eprintln!(
         "fault run on PostgreSQL: seed {seed}, {secs} s, {} payments ({committed} committed, {declined} declined, \
          {unknown} answered only after recovery), {kills} kills, {} database crashes, first commit after each \
-         restart {flowing_again:?}, converged {converge:?} after healing",
+         restart {flowing_again:?}, longest time without a commit {longest_gap:?}, converged {converge:?} after healing",
         sent.len(),
         restarts.len()
     );
