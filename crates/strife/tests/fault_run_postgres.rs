@@ -118,7 +118,8 @@ fn payments_survive_kills_and_database_crashes_on_postgres() {
 
     // How long after each database restart the next payment committed,
     // and the longest time without a commit.
-    let commits = commits.lock().expect("commits").clone();
+    let mut commits = commits.lock().expect("commits").clone();
+    commits.sort();
     let longest_gap =
         commits.windows(2).map(|w| w[1].saturating_duration_since(w[0])).max().unwrap_or_default();
     let flowing_again: Vec<Duration> = restarts
