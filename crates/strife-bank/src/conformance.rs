@@ -56,9 +56,10 @@ pub fn leg(txn: &str, from: &str, to: &str, amount: i64) -> LegRequest {
 
 /// Generates one test per case of the suite, each on a fresh ledger from
 /// `$fresh` (an async function returning the ledger and a guard that keeps
-/// its storage alive).
+/// its storage alive); `$reopen` (an async function of that guard) opens
+/// the same ledger again, as another process would.
 macro_rules! conformance_suite {
-    ($fresh:path) => {
+    ($fresh:path, $reopen:path) => {
         mod conformance {
             use super::*;
             $crate::conformance::conformance_suite!(@case $fresh,
@@ -69,6 +70,14 @@ macro_rules! conformance_suite {
                 reads_answer_what_was_written,
                 batches_answer_each_item_on_its_own,
                 random_operations_keep_every_money_rule);
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn the_ledger_id_is_made_once() {
+                let (ledger, guard) = $fresh().await;
+                let again = $reopen(&guard).await;
+                let (other, _other_guard) = $fresh().await;
+                $crate::conformance::the_ledger_id_is_made_once(&ledger, &again, &other).await;
+            }
         }
     };
     (@case $fresh:path, $($case:ident),*) => {
@@ -82,6 +91,18 @@ macro_rules! conformance_suite {
     };
 }
 pub(crate) use conformance_suite;
+
+/// `again` is the ledger of `s` opened a second time (while `s` is still
+/// open), `other` another ledger: the id is made once, with the ledger, and
+/// each ledger has its own.
+pub async fn the_ledger_id_is_made_once<L: Inspect>(s: &L, again: &L, other: &L) {
+    assert!(uuid::Uuid::parse_str(s.ledger_id()).is_ok(), "a UUID: {:?}", s.ledger_id());
+    assert_eq!(again.ledger_id(), s.ledger_id(), "every opening of a ledger reads its one id");
+    assert_ne!(other.ledger_id(), s.ledger_id(), "another ledger has its own id");
+    assert_eq!(s.prepare(leg("t1", "a", "b", 100)).await.expect("prepare"), Vote::Yes);
+    assert_eq!(again.balance("a".into()).await.expect("a"), (1000, 900), "and it is one ledger");
+    assert_eq!(other.balance("a".into()).await.expect("a"), (1000, 1000));
+}
 
 pub async fn hold_then_commit_moves_money_once<L: Inspect>(s: &L) {
     assert_eq!(s.prepare(leg("t1", "a", "b", 600)).await.expect("prepare"), Vote::Yes);

@@ -141,6 +141,12 @@ pub fn check_leg(debit: Option<Option<Funds>>, credit: Option<Option<Funds>>, am
 /// The futures are `Send` and named by the implementation (no boxing): the
 /// bank's service is generic over its ledger.
 pub trait Ledger: Clone + Send + Sync + 'static {
+    /// The ledger's id: random, made once when the ledger was created, the
+    /// same for every process that opens it (read at open). The bank sends
+    /// it when it registers, so that a gateway takes two processes of one
+    /// bank as replicas only when they share one ledger.
+    fn ledger_id(&self) -> &str;
+
     /// Creates each account that does not exist yet (hashing a plaintext
     /// password only then); never touches an existing one. Returns how many
     /// were created.

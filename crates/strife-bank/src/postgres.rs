@@ -55,6 +55,8 @@ pub struct PostgresLedger {
     pool: Pool,
     /// This bank's name, to tell which side of a leg is ours.
     bank: Arc<str>,
+    /// The ledger's id (`ledger.id`), read at connect.
+    ledger_id: Arc<str>,
 }
 
 impl PostgresLedger {
@@ -76,9 +78,9 @@ impl PostgresLedger {
             .create_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|e| BankError::Internal(format!("connection pool: {e}")))?;
-        let ledger = PostgresLedger { pool, bank: Arc::from(bank) };
+        let mut ledger = PostgresLedger { pool, bank: Arc::from(bank), ledger_id: Arc::from("") };
         ledger.migrate().await?;
-        ledger.claim().await?;
+        ledger.ledger_id = Arc::from(ledger.claim().await?);
         Ok(ledger)
     }
 
@@ -102,7 +104,8 @@ impl PostgresLedger {
         Ok(())
     }
 
-    async fn claim(&self) -> Result<(), BankError> {
+    /// Claims the database for this bank; returns the ledger's id.
+    async fn claim(&self) -> Result<String, BankError> {
         let client = self.pool.get().await?;
         client
             .execute(
@@ -110,14 +113,15 @@ impl PostgresLedger {
                 &[&&*self.bank],
             )
             .await?;
-        let owner: String = client.query_one("SELECT bank FROM ledger", &[]).await?.get(0);
+        let row = client.query_one("SELECT bank, id::text FROM ledger", &[]).await?;
+        let owner: String = row.get(0);
         if owner != *self.bank {
             return Err(BankError::Internal(format!(
                 "this database holds the ledger of bank {owner}, not of bank {}",
                 self.bank
             )));
         }
-        Ok(())
+        Ok(row.get(1))
     }
 
     /// Runs `decisions` in one transaction, again if PostgreSQL aborts it
@@ -473,6 +477,10 @@ fn leg_from_row(r: &tokio_postgres::Row) -> Result<Leg, BankError> {
 }
 
 impl Ledger for PostgresLedger {
+    fn ledger_id(&self) -> &str {
+        &self.ledger_id
+    }
+
     async fn create_accounts(&self, accounts: Vec<AccountSpec>) -> Result<usize, BankError> {
         let mut client = self.pool.get().await?;
         let names: Vec<&str> = accounts.iter().map(|a| a.user.as_str()).collect();
@@ -656,14 +664,21 @@ mod tests {
         server().create_database(&unique_name("ledger")).expect("a database")
     }
 
-    /// A fresh PostgreSQL ledger of `BankA` in a database of its own.
-    async fn fresh() -> (PostgresLedger, ()) {
-        let ledger = PostgresLedger::connect(&new_database(), "BankA").await.expect("connect");
+    /// A fresh PostgreSQL ledger of `BankA` in a database of its own, and
+    /// the database's URL.
+    async fn fresh() -> (PostgresLedger, Secret<String>) {
+        let url = new_database();
+        let ledger = PostgresLedger::connect(&url, "BankA").await.expect("connect");
         ledger.create_accounts(opening_accounts()).await.expect("accounts");
-        (ledger, ())
+        (ledger, url)
     }
 
-    conformance_suite!(fresh);
+    /// A second pool on the database of `fresh`, as another replica has.
+    async fn reopen(url: &Secret<String>) -> PostgresLedger {
+        PostgresLedger::connect(url, "BankA").await.expect("reopen")
+    }
+
+    conformance_suite!(fresh, reopen);
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_database_holds_one_banks_ledger_and_migrates_once() {
@@ -671,12 +686,36 @@ mod tests {
         // Two processes of one bank starting at once: one migrates, both serve.
         let (a, b) =
             tokio::join!(PostgresLedger::connect(&url, "BankA"), PostgresLedger::connect(&url, "BankA"));
-        let (a, _b) = (a.expect("first"), b.expect("second"));
+        let (a, b) = (a.expect("first"), b.expect("second"));
+        assert_eq!(a.ledger_id(), b.ledger_id(), "one ledger, one id");
         a.create_accounts(opening_accounts()).await.expect("accounts");
         let other = PostgresLedger::connect(&url, "BankB").await.err().expect("another bank is refused");
         assert!(other.to_string().contains("ledger of bank BankA"), "{other}");
         let again = PostgresLedger::connect(&url, "BankA").await.expect("a restart");
         assert_eq!(again.balance("a".into()).await.expect("a"), (1000, 1000), "the data survives");
+        assert_eq!(again.ledger_id(), a.ledger_id(), "and so does the id");
+    }
+
+    /// A ledger made before ids existed (schema version 1) gets one when
+    /// the migration runs, and keeps it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_ledger_from_before_ids_gets_one() {
+        let url = new_database();
+        let config: tokio_postgres::Config = url.expose().parse().expect("url");
+        let (mut client, connection) = config.connect(NoTls).await.expect("connect");
+        let task = tokio::spawn(connection);
+        migrations::runner()
+            .set_target(refinery::Target::Version(1))
+            .run_async(&mut client)
+            .await
+            .expect("v1");
+        client.execute("INSERT INTO ledger (bank) VALUES ('BankA')", &[]).await.expect("an old ledger");
+        drop(client);
+        let _ = task.await;
+        let one = PostgresLedger::connect(&url, "BankA").await.expect("migrates");
+        assert!(uuid::Uuid::parse_str(one.ledger_id()).is_ok(), "{:?}", one.ledger_id());
+        let two = PostgresLedger::connect(&url, "BankA").await.expect("again");
+        assert_eq!(two.ledger_id(), one.ledger_id());
     }
 
     /// Two replicas of one bank (two pools on one database) prepare against
