@@ -114,8 +114,15 @@ async fn serve<L: Ledger>(
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
-    let registration =
-        tokio::spawn(keep_registered(opts.clone(), tls.clone(), local.to_string(), stop_rx.clone()));
+    let ledger_id = service.ledger().ledger_id().to_owned();
+    tracing::info!(%ledger_id, "serving the ledger");
+    let registration = tokio::spawn(keep_registered(
+        opts.clone(),
+        tls.clone(),
+        local.to_string(),
+        ledger_id,
+        stop_rx.clone(),
+    ));
     let inquiries = tokio::spawn(resolve_in_doubt(opts.clone(), tls.clone(), service, stop_rx));
     strife_rpc::serve::announce_listening(&opts.name, local);
     tracing::info!(bank = %opts.name, %local, "bank serving");
@@ -179,7 +186,13 @@ const NO_GATEWAY: &str = "no gateway address: pass --gateway, set bank.gateway, 
 /// Keeps the bank registered with every gateway: one loop per gateway
 /// address ([`register_with`]), started and stopped as the list changes
 /// (it is read again every interval); all of them end at `stop`.
-async fn keep_registered(opts: BankOptions, tls: Tls, my_addr: String, mut stop: watch::Receiver<bool>) {
+async fn keep_registered(
+    opts: BankOptions,
+    tls: Tls,
+    my_addr: String,
+    ledger_id: String,
+    mut stop: watch::Receiver<bool>,
+) {
     let interval = Duration::from_millis(opts.config.bank.register_interval_ms);
     let mut loops: HashMap<String, (watch::Sender<bool>, tokio::task::JoinHandle<()>)> = HashMap::new();
     let mut backoff = Duration::from_millis(50);
@@ -202,6 +215,7 @@ async fn keep_registered(opts: BankOptions, tls: Tls, my_addr: String, mut stop:
                     tls.clone(),
                     addr.clone(),
                     my_addr.clone(),
+                    ledger_id.clone(),
                     interval,
                     rx,
                 ));
@@ -238,6 +252,7 @@ async fn register_with(
     tls: Tls,
     gateway: String,
     my_addr: String,
+    ledger_id: String,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -256,7 +271,12 @@ async fn register_with(
             None => interval,
             Some(ch) => {
                 let mut client = gw::registry_service_client::RegistryServiceClient::new(ch.clone());
-                let req = gw::RegisterBankRequest { name: name.clone(), address: my_addr.clone() };
+                let req = gw::RegisterBankRequest {
+                    name: name.clone(),
+                    address: my_addr.clone(),
+                    ledger_id: ledger_id.clone(),
+                    cluster_id: String::new(),
+                };
                 let outcome = match tokio::time::timeout(
                     interval.max(Duration::from_secs(2)),
                     client.register_bank(req),
@@ -334,7 +354,7 @@ impl Gateways {
         for i in order {
             let (addr, channel) = &self.channels[i];
             let mut client = gw::registry_service_client::RegistryServiceClient::new(channel.clone());
-            let req = gw::InquireRequest { txn_id: txn_id.to_owned() };
+            let req = gw::InquireRequest { txn_id: txn_id.to_owned(), cluster_id: String::new() };
             match tokio::time::timeout(timeout, client.inquire(req)).await {
                 Ok(Ok(resp)) => {
                     self.preferred = Some(addr.clone());
