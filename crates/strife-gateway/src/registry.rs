@@ -249,16 +249,18 @@ impl Registry {
         Ok(())
     }
 
-    /// Forgets bank `name` at `address` (it uses another cluster).
-    pub fn forget(&self, name: &str, address: &str) -> anyhow::Result<()> {
+    /// Forgets bank `name` at `address` (it uses another cluster); whether
+    /// it was known there.
+    pub fn forget(&self, name: &str, address: &str) -> anyhow::Result<bool> {
         let mut banks = self.write()?;
-        if let Some(bank) = banks.get_mut(name) {
-            bank.replicas.retain(|k| k.replica.address != address);
-            if bank.replicas.is_empty() {
-                banks.remove(name);
-            }
+        let Some(bank) = banks.get_mut(name) else { return Ok(false) };
+        let before = bank.replicas.len();
+        bank.replicas.retain(|k| k.replica.address != address);
+        let known = bank.replicas.len() < before;
+        if bank.replicas.is_empty() {
+            banks.remove(name);
         }
-        Ok(())
+        Ok(known)
     }
 
     /// Restores a replica from the store, not yet seen in this run.

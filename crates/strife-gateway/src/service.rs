@@ -261,13 +261,16 @@ impl<S: GatewayStore> pb::registry_service_server::RegistryService for RegistryS
         if other_cluster(&self.gateway.cluster_id, &req.cluster_id) {
             // The bank says so itself (its certificate proves it is the
             // bank): it must not be used from here, now or after a restart.
-            self.gateway
+            let known = self
+                .gateway
                 .registry
                 .forget(&req.name, &req.address)
                 .map_err(|e| GatewayError::Internal(e.to_string()))?;
             self.gateway.store.forget_bank(req.name.clone(), req.address.clone()).await?;
-            tracing::warn!(bank = %req.name, address = %req.address, bank_cluster_id = %req.cluster_id,
-                "a bank of another cluster registered here; not using it");
+            if known {
+                tracing::warn!(bank = %req.name, address = %req.address, bank_cluster_id = %req.cluster_id,
+                    "the bank uses another cluster; forgot it at this address");
+            }
             return Err(GatewayError::OtherCluster(format!(
                 "this gateway belongs to cluster {}, not to cluster {} that bank {} uses",
                 self.gateway.cluster_id, req.cluster_id, req.name
