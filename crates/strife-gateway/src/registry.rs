@@ -506,7 +506,7 @@ mod tests {
         let addresses = order(&r);
         assert_eq!(addresses.len(), REPLICAS_PER_BANK_MAX);
         assert!(!addresses.contains(&"127.0.0.1:1999".to_owned()), "{addresses:?}");
-        let err = r.register("BankA", "127.0.0.1:3001", LEDGER).err().expect("every replica is live");
+        let err = r.register("BankA", "127.0.0.1:3001", LEDGER).expect_err("every replica is live");
         assert!(matches!(&err, Refused::Full(m) if m.contains("live replicas")), "{err:?}");
     }
 

@@ -326,22 +326,22 @@ fn every_attack_is_refused_and_changes_nothing() {
             cluster_id: cluster_id.into(),
         };
         t.row(
-            "a second live BankA registering from elsewhere with another ledger",
+            "a second live BankA elsewhere, on another ledger",
             Code::AlreadyExists,
             drop_ok(reg.register_bank(second(&grpc::new_id(), "")).await),
         );
         t.row(
-            "a second live BankA registering from elsewhere naming no ledger",
+            "a second live BankA elsewhere, naming no ledger",
             Code::AlreadyExists,
             drop_ok(reg.register_bank(second("", "")).await),
         );
         t.row(
-            "BankA registering with a gateway of another cluster",
+            "BankA registering, naming another cluster",
             Code::FailedPrecondition,
             drop_ok(reg.register_bank(second(&ledger_a, &grpc::new_id())).await),
         );
         t.row(
-            "BankA inquiring at a gateway of another cluster",
+            "BankA inquiring, naming another cluster",
             Code::FailedPrecondition,
             drop_ok(
                 reg.inquire(pb::InquireRequest { txn_id: grpc::new_id(), cluster_id: grpc::new_id() }).await,
@@ -351,7 +351,7 @@ fn every_attack_is_refused_and_changes_nothing() {
         // replica of BankA. Nothing answers there: from now on the
         // gateway's calls to BankA that go there are answered by the other.
         t.row(
-            "a second BankA address on BankA's own ledger (a replica: accepted)",
+            "a second BankA on BankA's ledger (a replica: OK)",
             Code::Ok,
             drop_ok(reg.register_bank(second(&ledger_a, "")).await),
         );
