@@ -56,9 +56,10 @@ pub fn leg(txn: &str, from: &str, to: &str, amount: i64) -> LegRequest {
 
 /// Generates one test per case of the suite, each on a fresh ledger from
 /// `$fresh` (an async function returning the ledger and a guard that keeps
-/// its storage alive).
+/// its storage alive); `$reopen` (an async function of that guard) opens
+/// the same ledger again, as another process would.
 macro_rules! conformance_suite {
-    ($fresh:path) => {
+    ($fresh:path, $reopen:path) => {
         mod conformance {
             use super::*;
             $crate::conformance::conformance_suite!(@case $fresh,
@@ -69,6 +70,14 @@ macro_rules! conformance_suite {
                 reads_answer_what_was_written,
                 batches_answer_each_item_on_its_own,
                 random_operations_keep_every_money_rule);
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn the_ledger_id_is_made_once() {
+                let (ledger, guard) = $fresh().await;
+                let again = $reopen(&guard).await;
+                let (other, _other_guard) = $fresh().await;
+                $crate::conformance::the_ledger_id_is_made_once(&ledger, &again, &other).await;
+            }
         }
     };
     (@case $fresh:path, $($case:ident),*) => {
@@ -82,6 +91,18 @@ macro_rules! conformance_suite {
     };
 }
 pub(crate) use conformance_suite;
+
+/// `again` is the ledger of `s` opened a second time (while `s` is still
+/// open), `other` another ledger: the id is made once, with the ledger, and
+/// each ledger has its own.
+pub async fn the_ledger_id_is_made_once<L: Inspect>(s: &L, again: &L, other: &L) {
+    assert!(uuid::Uuid::parse_str(s.ledger_id()).is_ok(), "a UUID: {:?}", s.ledger_id());
+    assert_eq!(again.ledger_id(), s.ledger_id(), "every opening of a ledger reads its one id");
+    assert_ne!(other.ledger_id(), s.ledger_id(), "another ledger has its own id");
+    assert_eq!(s.prepare(leg("t1", "a", "b", 100)).await.expect("prepare"), Vote::Yes);
+    assert_eq!(again.balance("a".into()).await.expect("a"), (1000, 900), "and it is one ledger");
+    assert_eq!(other.balance("a".into()).await.expect("a"), (1000, 1000));
+}
 
 pub async fn hold_then_commit_moves_money_once<L: Inspect>(s: &L) {
     assert_eq!(s.prepare(leg("t1", "a", "b", 600)).await.expect("prepare"), Vote::Yes);
@@ -198,13 +219,15 @@ pub async fn batches_answer_each_item_on_its_own<L: Inspect>(s: &L) {
     assert_eq!(s.prepare(leg("t0", "a", "b", 50)).await.expect("prepare"), Vote::Yes);
     let other_bank =
         LegRequest { payer_bank: "BankB".into(), payee_bank: "BankC".into(), ..leg("tx", "a", "b", 1) };
+    // The items of a batch are independent (a backend may run them in any
+    // order, or at once): these answers hold in every order.
     let votes = s
         .prepare_batch(vec![
             leg("t1", "a", "b", 100),
             leg("t0", "a", "b", 51),
             other_bank,
-            leg("t2", "a", "b", 900),
-            leg("t3", "a", "b", 850),
+            leg("t2", "a", "b", 2_000),
+            leg("t3", "a", "b", 800),
             leg("t1", "a", "b", 100),
         ])
         .await
@@ -214,9 +237,12 @@ pub async fn batches_answer_each_item_on_its_own<L: Inspect>(s: &L) {
     assert!(matches!(votes[1], Err(BankError::Conflict(_))), "{:?}", votes[1]);
     assert!(matches!(votes[2], Err(BankError::Invalid { .. })), "{:?}", votes[2]);
     assert!(matches!(votes[3], Ok(Vote::No(DeclineReason::InsufficientFunds))), "{:?}", votes[3]);
-    assert!(matches!(votes[4], Ok(Vote::Yes)), "earlier legs of the batch count: {:?}", votes[4]);
+    assert!(matches!(votes[4], Ok(Vote::Yes)), "{:?}", votes[4]);
     assert!(matches!(votes[5], Ok(Vote::Yes)), "a repeat inside the batch: {:?}", votes[5]);
-    assert_eq!(s.balance("a".into()).await.expect("a"), (1000, 0));
+    assert_eq!(s.balance("a".into()).await.expect("a"), (1000, 50), "t0, t1 and t3 hold 950");
+    // One more leg than the money left: the holds of the batch count.
+    let over = s.prepare_batch(vec![leg("t4", "a", "b", 51)]).await.expect("batch");
+    assert!(matches!(over[0], Ok(Vote::No(DeclineReason::InsufficientFunds))), "{over:?}");
 
     let results = s
         .decide_batch(vec![
@@ -224,16 +250,16 @@ pub async fn batches_answer_each_item_on_its_own<L: Inspect>(s: &L) {
             ("t1".into(), Decision::Abort),
             ("t2".into(), Decision::Commit),
             ("t3".into(), Decision::Commit),
-            ("t0".into(), Decision::Abort),
         ])
         .await
         .expect("batch");
-    assert_eq!(results.len(), 5);
+    assert_eq!(results.len(), 4);
     assert!(results[0].is_ok() && results[1].is_ok() && results[3].is_ok(), "{results:?}");
     assert!(matches!(results[2], Err(BankError::Conflict(_))), "t2 voted no: {:?}", results[2]);
-    assert!(matches!(results[4], Err(BankError::Conflict(_))), "t0 is committed: {:?}", results[4]);
-    assert_eq!(s.balance("a".into()).await.expect("a"), (100, 100));
-    assert_eq!(s.balance("b".into()).await.expect("b"), (900, 900));
+    let late = s.decide_batch(vec![("t0".into(), Decision::Abort)]).await.expect("batch");
+    assert!(matches!(late[0], Err(BankError::Conflict(_))), "t0 is committed: {late:?}");
+    assert_eq!(s.balance("a".into()).await.expect("a"), (150, 150));
+    assert_eq!(s.balance("b".into()).await.expect("b"), (850, 850));
     assert!(s.prepare_batch(Vec::new()).await.expect("empty").is_empty());
 }
 

@@ -141,6 +141,12 @@ pub fn check_leg(debit: Option<Option<Funds>>, credit: Option<Option<Funds>>, am
 /// The futures are `Send` and named by the implementation (no boxing): the
 /// bank's service is generic over its ledger.
 pub trait Ledger: Clone + Send + Sync + 'static {
+    /// The ledger's id: random, made once when the ledger was created, the
+    /// same for every process that opens it (read at open). The bank sends
+    /// it when it registers, so that a gateway takes two processes of one
+    /// bank as replicas only when they share one ledger.
+    fn ledger_id(&self) -> &str;
+
     /// Creates each account that does not exist yet (hashing a plaintext
     /// password only then); never touches an existing one. Returns how many
     /// were created.
@@ -164,9 +170,12 @@ pub trait Ledger: Clone + Send + Sync + 'static {
     /// prepare with another amount is refused (`Conflict`).
     fn prepare(&self, leg: LegRequest) -> impl Future<Output = Result<Vote, BankError>> + Send;
 
-    /// Phase one for many legs in one durable write; each leg gets its own
-    /// answer, as [`Ledger::prepare`] would have given it. `Err` only when
-    /// the batch as a whole failed (nothing of it is durable).
+    /// Phase one for many legs; each leg gets its own answer, as
+    /// [`Ledger::prepare`] would have given it, durable when the future
+    /// resolves. The legs are independent: a backend may run them in any
+    /// order or at once (SQLite: one write, in order; PostgreSQL: a
+    /// transaction each, at once). `Err` only when the batch as a whole
+    /// failed.
     fn prepare_batch(
         &self,
         legs: Vec<LegRequest>,
@@ -182,7 +191,8 @@ pub trait Ledger: Clone + Send + Sync + 'static {
         decision: Decision,
     ) -> impl Future<Output = Result<(), BankError>> + Send;
 
-    /// Phase two for many legs in one durable write; each its own answer.
+    /// Phase two for many legs; each its own answer, as for
+    /// [`Ledger::prepare_batch`].
     fn decide_batch(
         &self,
         decisions: Vec<(String, Decision)>,

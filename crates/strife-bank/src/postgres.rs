@@ -16,14 +16,17 @@
 //! inserts nothing) rolls its leg back and reads the winner's record. A
 //! transaction that PostgreSQL aborts for a deadlock is run again.
 //!
-//! A batch is one transaction with a savepoint per leg (or decision): a leg
-//! that fails rolls back alone, and every answer waits for the one commit.
+//! A batch is not one transaction: each leg (or decision) is a transaction
+//! of its own, all of them at once over the pool, answered in order (see
+//! `each_alone`). Each holds its accounts' rows for a few round trips only,
+//! and PostgreSQL flushes its log once for the commits that meet.
 
 use crate::accounts::{AccountSpec, Credential, hash_password};
 use crate::error::BankError;
 use crate::ledger::{Decision, Funds, Ledger, Leg, LegRequest, LegState, Totals, Vote, check_leg};
 use crate::ledger::{parse_state, state_name};
 use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction};
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 use strife_core::{DeclineReason, Secret};
@@ -41,10 +44,9 @@ const POOL_WAIT: Duration = Duration::from_secs(10);
 /// Longest wait to open a connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Runs of one transaction that PostgreSQL aborted for a deadlock or a
-/// serialization failure (nothing of an aborted run remains).
+/// serialization failure, or that lost the race for its leg's record to
+/// another process (nothing of an aborted run remains).
 const TRANSACTION_TRIES_MAX: u32 = 8;
-/// Tries of one leg that lost the race for its record to another process.
-const LEG_TRIES_MAX: u32 = 3;
 /// The advisory lock that lets one process at a time migrate a database.
 const MIGRATION_LOCK: i64 = 0x5354_5249_4645_0001;
 
@@ -55,6 +57,8 @@ pub struct PostgresLedger {
     pool: Pool,
     /// This bank's name, to tell which side of a leg is ours.
     bank: Arc<str>,
+    /// The ledger's id (`ledger.id`), read at connect.
+    ledger_id: Arc<str>,
 }
 
 impl PostgresLedger {
@@ -76,9 +80,9 @@ impl PostgresLedger {
             .create_timeout(Some(CONNECT_TIMEOUT))
             .build()
             .map_err(|e| BankError::Internal(format!("connection pool: {e}")))?;
-        let ledger = PostgresLedger { pool, bank: Arc::from(bank) };
+        let mut ledger = PostgresLedger { pool, bank: Arc::from(bank), ledger_id: Arc::from("") };
         ledger.migrate().await?;
-        ledger.claim().await?;
+        ledger.ledger_id = Arc::from(ledger.claim().await?);
         Ok(ledger)
     }
 
@@ -102,7 +106,8 @@ impl PostgresLedger {
         Ok(())
     }
 
-    async fn claim(&self) -> Result<(), BankError> {
+    /// Claims the database for this bank; returns the ledger's id.
+    async fn claim(&self) -> Result<String, BankError> {
         let client = self.pool.get().await?;
         client
             .execute(
@@ -110,42 +115,32 @@ impl PostgresLedger {
                 &[&&*self.bank],
             )
             .await?;
-        let owner: String = client.query_one("SELECT bank FROM ledger", &[]).await?.get(0);
+        let row = client.query_one("SELECT bank, id::text FROM ledger", &[]).await?;
+        let owner: String = row.get(0);
         if owner != *self.bank {
             return Err(BankError::Internal(format!(
                 "this database holds the ledger of bank {owner}, not of bank {}",
                 self.bank
             )));
         }
-        Ok(())
+        Ok(row.get(1))
     }
 
-    /// Runs `decisions` in one transaction, again if PostgreSQL aborts it
-    /// for a deadlock.
-    async fn decide_all(
-        &self,
-        decisions: &[(String, Decision)],
-    ) -> Result<Vec<Result<(), BankError>>, BankError> {
+    /// One decision, in a transaction of its own; run again if PostgreSQL
+    /// aborts it for a deadlock or another process wrote the leg's record
+    /// first.
+    async fn decide_alone(&self, txn_id: &str, decision: Decision) -> Result<(), BankError> {
         let mut tries = 0;
         loop {
             tries += 1;
             let mut client = self.pool.get().await?;
             let run = async {
-                let mut tx = client.transaction().await?;
-                if let [(txn_id, decision)] = decisions {
-                    // Alone, a decision needs no savepoint: the transaction is its own.
-                    let done = decide_in(&tx, txn_id, *decision).await;
-                    return finish_alone(tx, done.map(|done| done.then_some(()))).await;
-                }
-                let mut results = Vec::with_capacity(decisions.len());
-                for (txn_id, decision) in decisions {
-                    results.push(per_item(decide_one(&mut tx, txn_id, *decision).await)?);
-                }
-                tx.commit().await?;
-                Ok(Some(results))
+                let tx = client.transaction().await?;
+                let done = decide_in(&tx, txn_id, decision).await;
+                finish_alone(tx, done.map(|done| done.then_some(()))).await
             };
             match (run.await, tries < TRANSACTION_TRIES_MAX) {
-                (Ok(Some(results)), _) => return Ok(results),
+                (Ok(Some(answer)), _) => return answer,
                 (Ok(None), true) => continue,
                 (Err(e), true) if e.is_retryable() => continue,
                 (Ok(None), false) => return Err(BankError::Internal(KEPT_CHANGING.into())),
@@ -154,29 +149,57 @@ impl PostgresLedger {
         }
     }
 
-    /// Prepares `legs` in one transaction, again if PostgreSQL aborts it for
-    /// a deadlock.
-    async fn prepare_all(&self, legs: &[LegRequest]) -> Result<Vec<Result<Vote, BankError>>, BankError> {
+    /// Runs `op` for each item as a transaction of its own, all at once
+    /// over the pool, and answers in order. A batch is not one transaction
+    /// here: in one, its items would run one after the other while holding
+    /// every row they locked, and concurrent batches would wait on each
+    /// other's accounts; alone, an item holds its (at most two) accounts for
+    /// a few round trips, and PostgreSQL flushes the log once for the
+    /// commits that meet, which is what group commit does for SQLite.
+    async fn each_alone<I, T, F, Fut>(
+        &self,
+        items: Vec<I>,
+        op: F,
+    ) -> Result<Vec<Result<T, BankError>>, BankError>
+    where
+        I: Send + 'static,
+        T: Send + 'static,
+        F: Fn(PostgresLedger, I) -> Fut,
+        Fut: Future<Output = Result<T, BankError>> + Send + 'static,
+    {
+        let count = items.len();
+        let mut tasks = tokio::task::JoinSet::new();
+        for (i, item) in items.into_iter().enumerate() {
+            let run = op(self.clone(), item);
+            // Spawned: an item runs to its end even if the caller goes away.
+            tasks.spawn(async move { (i, run.await) });
+        }
+        let mut answers: Vec<Option<Result<T, BankError>>> = (0..count).map(|_| None).collect();
+        while let Some(joined) = tasks.join_next().await {
+            let (i, result) = joined.map_err(|e| BankError::Internal(format!("a batch item's task: {e}")))?;
+            answers[i] = Some(result);
+        }
+        Ok(answers
+            .into_iter()
+            .map(|a| a.unwrap_or_else(|| Err(BankError::Internal("an item without an answer".into()))))
+            .collect())
+    }
+
+    /// Phase one for one leg, in a transaction of its own; run again if
+    /// PostgreSQL aborts it for a deadlock or another process wrote the
+    /// leg's record first.
+    async fn prepare_alone(&self, leg: &LegRequest) -> Result<Vote, BankError> {
         let mut tries = 0;
         loop {
             tries += 1;
             let mut client = self.pool.get().await?;
             let run = async {
-                let mut tx = client.transaction().await?;
-                if let [leg] = legs {
-                    // Alone, a leg needs no savepoint: the transaction is its own.
-                    let vote = prepare_in(&tx, &self.bank, leg).await;
-                    return finish_alone(tx, vote).await;
-                }
-                let mut votes = Vec::with_capacity(legs.len());
-                for leg in legs {
-                    votes.push(per_item(prepare_one(&mut tx, &self.bank, leg).await)?);
-                }
-                tx.commit().await?;
-                Ok(Some(votes))
+                let tx = client.transaction().await?;
+                let vote = prepare_in(&tx, &self.bank, leg).await;
+                finish_alone(tx, vote).await
             };
             match (run.await, tries < TRANSACTION_TRIES_MAX) {
-                (Ok(Some(votes)), _) => return Ok(votes),
+                (Ok(Some(answer)), _) => return answer,
                 (Ok(None), true) => continue,
                 (Err(e), true) if e.is_retryable() => continue,
                 (Ok(None), false) => return Err(BankError::Internal(KEPT_CHANGING.into())),
@@ -188,17 +211,18 @@ impl PostgresLedger {
 
 const KEPT_CHANGING: &str = "a payment's record kept changing under this bank's write";
 
-/// Ends the transaction of an item that ran alone: commits what it wrote;
-/// `None` when it lost the race for its record (run it again); its own error
-/// as its answer (rolled back), unless the error dooms the transaction.
+/// Ends the transaction of an item: commits what it wrote; `None` when it
+/// lost the race for its record (run it again); its own error as its
+/// answer (rolled back), unless the error dooms the transaction (run it
+/// again).
 async fn finish_alone<T>(
     tx: Transaction<'_>,
     result: Result<Option<T>, BankError>,
-) -> Result<Option<Vec<Result<T, BankError>>>, BankError> {
+) -> Result<Option<Result<T, BankError>>, BankError> {
     match result {
         Ok(Some(answer)) => {
             tx.commit().await?;
-            Ok(Some(vec![Ok(answer)]))
+            Ok(Some(Ok(answer)))
         }
         Ok(None) => {
             tx.rollback().await?;
@@ -207,39 +231,9 @@ async fn finish_alone<T>(
         Err(e) if e.is_retryable() => Err(e),
         Err(e) => {
             tx.rollback().await?;
-            Ok(Some(vec![Err(e)]))
+            Ok(Some(Err(e)))
         }
     }
-}
-
-/// An item's error stays the item's, except one that dooms the whole
-/// transaction (a deadlock: the transaction runs again), which fails the
-/// batch.
-fn per_item<T>(result: Result<T, BankError>) -> Result<Result<T, BankError>, BankError> {
-    match result {
-        Err(e) if e.is_retryable() => Err(e),
-        other => Ok(other),
-    }
-}
-
-/// One leg of phase one inside `tx`, in its own savepoint.
-async fn prepare_one(tx: &mut Transaction<'_>, bank: &str, leg: &LegRequest) -> Result<Vote, BankError> {
-    for _ in 0..LEG_TRIES_MAX {
-        let sp = tx.savepoint("leg").await?;
-        match prepare_in(&sp, bank, leg).await {
-            Ok(Some(vote)) => {
-                sp.commit().await?;
-                return Ok(vote);
-            }
-            // Another process wrote this payment's record meanwhile: read it.
-            Ok(None) => sp.rollback().await?,
-            Err(e) => {
-                sp.rollback().await?;
-                return Err(e);
-            }
-        }
-    }
-    Err(BankError::Internal(format!("payment {}: {KEPT_CHANGING}", leg.txn_id)))
 }
 
 /// Phase one for one leg; `None` when another process inserted the leg's
@@ -355,25 +349,6 @@ async fn lock_funds(
         .collect())
 }
 
-/// One decision of phase two inside `tx`, in its own savepoint.
-async fn decide_one(tx: &mut Transaction<'_>, txn_id: &str, decision: Decision) -> Result<(), BankError> {
-    for _ in 0..LEG_TRIES_MAX {
-        let sp = tx.savepoint("leg").await?;
-        match decide_in(&sp, txn_id, decision).await {
-            Ok(true) => {
-                sp.commit().await?;
-                return Ok(());
-            }
-            Ok(false) => sp.rollback().await?,
-            Err(e) => {
-                sp.rollback().await?;
-                return Err(e);
-            }
-        }
-    }
-    Err(BankError::Internal(format!("payment {txn_id}: {KEPT_CHANGING}")))
-}
-
 /// Phase two for one leg; `false` when another process inserted the leg's
 /// record first (this try must be rolled back and made again).
 async fn decide_in(tx: &Transaction<'_>, txn_id: &str, decision: Decision) -> Result<bool, BankError> {
@@ -473,6 +448,10 @@ fn leg_from_row(r: &tokio_postgres::Row) -> Result<Leg, BankError> {
 }
 
 impl Ledger for PostgresLedger {
+    fn ledger_id(&self) -> &str {
+        &self.ledger_id
+    }
+
     async fn create_accounts(&self, accounts: Vec<AccountSpec>) -> Result<usize, BankError> {
         let mut client = self.pool.get().await?;
         let names: Vec<&str> = accounts.iter().map(|a| a.user.as_str()).collect();
@@ -533,24 +512,22 @@ impl Ledger for PostgresLedger {
     }
 
     async fn prepare(&self, leg: LegRequest) -> Result<Vote, BankError> {
-        let mut votes = self.prepare_all(std::slice::from_ref(&leg)).await?;
-        votes.pop().unwrap_or_else(|| Err(BankError::Internal("a prepare without an answer".into())))
+        self.prepare_alone(&leg).await
     }
 
     async fn prepare_batch(&self, legs: Vec<LegRequest>) -> Result<Vec<Result<Vote, BankError>>, BankError> {
-        self.prepare_all(&legs).await
+        self.each_alone(legs, |ledger, leg| async move { ledger.prepare_alone(&leg).await }).await
     }
 
     async fn decide(&self, txn_id: String, decision: Decision) -> Result<(), BankError> {
-        let mut results = self.decide_all(&[(txn_id, decision)]).await?;
-        results.pop().unwrap_or_else(|| Err(BankError::Internal("a decision without an answer".into())))
+        self.decide_alone(&txn_id, decision).await
     }
 
     async fn decide_batch(
         &self,
         decisions: Vec<(String, Decision)>,
     ) -> Result<Vec<Result<(), BankError>>, BankError> {
-        self.decide_all(&decisions).await
+        self.each_alone(decisions, |ledger, d| async move { ledger.decide_alone(&d.0, d.1).await }).await
     }
 
     async fn history(&self, user: String, limit: u32) -> Result<Vec<Leg>, BankError> {
@@ -656,14 +633,21 @@ mod tests {
         server().create_database(&unique_name("ledger")).expect("a database")
     }
 
-    /// A fresh PostgreSQL ledger of `BankA` in a database of its own.
-    async fn fresh() -> (PostgresLedger, ()) {
-        let ledger = PostgresLedger::connect(&new_database(), "BankA").await.expect("connect");
+    /// A fresh PostgreSQL ledger of `BankA` in a database of its own, and
+    /// the database's URL.
+    async fn fresh() -> (PostgresLedger, Secret<String>) {
+        let url = new_database();
+        let ledger = PostgresLedger::connect(&url, "BankA").await.expect("connect");
         ledger.create_accounts(opening_accounts()).await.expect("accounts");
-        (ledger, ())
+        (ledger, url)
     }
 
-    conformance_suite!(fresh);
+    /// A second pool on the database of `fresh`, as another replica has.
+    async fn reopen(url: &Secret<String>) -> PostgresLedger {
+        PostgresLedger::connect(url, "BankA").await.expect("reopen")
+    }
+
+    conformance_suite!(fresh, reopen);
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_database_holds_one_banks_ledger_and_migrates_once() {
@@ -671,12 +655,36 @@ mod tests {
         // Two processes of one bank starting at once: one migrates, both serve.
         let (a, b) =
             tokio::join!(PostgresLedger::connect(&url, "BankA"), PostgresLedger::connect(&url, "BankA"));
-        let (a, _b) = (a.expect("first"), b.expect("second"));
+        let (a, b) = (a.expect("first"), b.expect("second"));
+        assert_eq!(a.ledger_id(), b.ledger_id(), "one ledger, one id");
         a.create_accounts(opening_accounts()).await.expect("accounts");
         let other = PostgresLedger::connect(&url, "BankB").await.err().expect("another bank is refused");
         assert!(other.to_string().contains("ledger of bank BankA"), "{other}");
         let again = PostgresLedger::connect(&url, "BankA").await.expect("a restart");
         assert_eq!(again.balance("a".into()).await.expect("a"), (1000, 1000), "the data survives");
+        assert_eq!(again.ledger_id(), a.ledger_id(), "and so does the id");
+    }
+
+    /// A ledger made before ids existed (schema version 1) gets one when
+    /// the migration runs, and keeps it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_ledger_from_before_ids_gets_one() {
+        let url = new_database();
+        let config: tokio_postgres::Config = url.expose().parse().expect("url");
+        let (mut client, connection) = config.connect(NoTls).await.expect("connect");
+        let task = tokio::spawn(connection);
+        migrations::runner()
+            .set_target(refinery::Target::Version(1))
+            .run_async(&mut client)
+            .await
+            .expect("v1");
+        client.execute("INSERT INTO ledger (bank) VALUES ('BankA')", &[]).await.expect("an old ledger");
+        drop(client);
+        let _ = task.await;
+        let one = PostgresLedger::connect(&url, "BankA").await.expect("migrates");
+        assert!(uuid::Uuid::parse_str(one.ledger_id()).is_ok(), "{:?}", one.ledger_id());
+        let two = PostgresLedger::connect(&url, "BankA").await.expect("again");
+        assert_eq!(two.ledger_id(), one.ledger_id());
     }
 
     /// Two replicas of one bank (two pools on one database) prepare against

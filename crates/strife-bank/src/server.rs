@@ -8,9 +8,11 @@ use crate::postgres::PostgresLedger;
 use crate::service::{BankService, only_gateway};
 use crate::store::{SqliteLedger, now_ms};
 use anyhow::Context;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 use std::time::Instant;
 use strife_core::Secret;
@@ -18,6 +20,7 @@ use strife_core::limits::MESSAGE_MAX_BYTES;
 use strife_proto::bank::v1::bank_service_server::BankServiceServer;
 use strife_proto::gateway::v1 as gw;
 use strife_rpc::config::GATEWAY_ADDR_FILE;
+use strife_rpc::errors::reason_of;
 use strife_rpc::pki::CertDir;
 use strife_rpc::tls::Tls;
 use strife_rpc::{Config, Peer};
@@ -114,9 +117,16 @@ async fn serve<L: Ledger>(
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let me = Me {
+        name: opts.name.clone(),
+        address: local.to_string(),
+        ledger_id: service.ledger().ledger_id().to_owned(),
+    };
+    tracing::info!(ledger_id = %me.ledger_id, "serving the ledger");
+    let cluster = Arc::new(Cluster::default());
     let registration =
-        tokio::spawn(keep_registered(opts.clone(), tls.clone(), local.to_string(), stop_rx.clone()));
-    let inquiries = tokio::spawn(resolve_in_doubt(opts.clone(), tls.clone(), service, stop_rx));
+        tokio::spawn(keep_registered(opts.clone(), tls.clone(), me, cluster.clone(), stop_rx.clone()));
+    let inquiries = tokio::spawn(resolve_in_doubt(opts.clone(), tls.clone(), cluster, service, stop_rx));
     strife_rpc::serve::announce_listening(&opts.name, local);
     tracing::info!(bank = %opts.name, %local, "bank serving");
     let served = strife_rpc::serve::builder(&tls)?
@@ -176,10 +186,140 @@ fn check_gateway_list(opts: &BankOptions) -> anyhow::Result<()> {
 
 const NO_GATEWAY: &str = "no gateway address: pass --gateway, set bank.gateway, or start with `strife up`";
 
-/// Keeps the bank registered with every gateway: one loop per gateway
-/// address ([`register_with`]), started and stopped as the list changes
-/// (it is read again every interval); all of them end at `stop`.
-async fn keep_registered(opts: BankOptions, tls: Tls, my_addr: String, mut stop: watch::Receiver<bool>) {
+/// The cluster of gateways this process uses, shared by its registration
+/// loops and its inquiries. A bank uses the gateways of one cluster (one
+/// payment log) only: a gateway that never saw a payment presumes it
+/// aborted, so asking one of another cluster about a leg could abort a leg
+/// that its own cluster committed.
+#[derive(Default)]
+struct Cluster {
+    /// The cluster id of the first gateway that answered with one; kept
+    /// for the life of the process.
+    id: OnceLock<String>,
+    /// Whether any gateway has answered a registration yet (until one has,
+    /// the gateways are tried one at a time, so the first decides).
+    reached: AtomicBool,
+    /// Gateways that answered from this cluster (or, older than cluster
+    /// ids, with none): the ones asked about legs in doubt.
+    ours: RwLock<HashSet<String>>,
+}
+
+impl Cluster {
+    /// The cluster id to send; empty until a gateway told one.
+    fn id(&self) -> String {
+        self.id.get().cloned().unwrap_or_default()
+    }
+
+    fn reached(&self) -> bool {
+        self.reached.load(Ordering::Relaxed)
+    }
+
+    /// `gateway` answered a registration with cluster id `theirs`: whether
+    /// it is of this process's cluster (the first id seen becomes it).
+    fn judge(&self, gateway: &str, theirs: &str) -> bool {
+        self.reached.store(true, Ordering::Relaxed);
+        let ours = theirs.is_empty() || self.id.get_or_init(|| theirs.to_owned()) == theirs;
+        if let Ok(mut set) = self.ours.write() {
+            if ours {
+                set.insert(gateway.to_owned());
+            } else {
+                set.remove(gateway);
+            }
+        }
+        ours
+    }
+
+    /// `gateway` refused us as being of another cluster.
+    fn disown(&self, gateway: &str) {
+        if let Ok(mut set) = self.ours.write() {
+            set.remove(gateway);
+        }
+    }
+
+    fn is_ours(&self, gateway: &str) -> bool {
+        self.ours.read().is_ok_and(|set| set.contains(gateway))
+    }
+}
+
+/// What registering with one gateway came to.
+enum Registration {
+    /// Registered; the gateway's boot id.
+    Done(String),
+    /// The gateway belongs to another cluster: it is not used.
+    OtherCluster,
+    /// The gateway refused: another process of this bank, serving another
+    /// ledger, is registered there and live.
+    OtherLedger(String),
+    /// Not now (unreachable, overloaded, too slow): try again soon.
+    Failed(String),
+}
+
+/// What a bank sends when it registers.
+#[derive(Clone)]
+struct Me {
+    name: String,
+    /// Where this process serves.
+    address: String,
+    /// The id of the ledger it serves.
+    ledger_id: String,
+}
+
+/// Registers once with the gateway at `gateway`.
+async fn register_once(
+    me: &Me,
+    cluster: &Cluster,
+    gateway: &str,
+    channel: &Channel,
+    timeout: Duration,
+) -> Registration {
+    let mut client = gw::registry_service_client::RegistryServiceClient::new(channel.clone());
+    let req = gw::RegisterBankRequest {
+        name: me.name.clone(),
+        address: me.address.clone(),
+        ledger_id: me.ledger_id.clone(),
+        cluster_id: cluster.id(),
+    };
+    match tokio::time::timeout(timeout, client.register_bank(req)).await {
+        Ok(Ok(resp)) => {
+            let resp = resp.into_inner();
+            if cluster.judge(gateway, &resp.cluster_id) {
+                Registration::Done(resp.gateway_boot_id)
+            } else {
+                Registration::OtherCluster
+            }
+        }
+        Ok(Err(status)) if reason_of(&status) == Some(gw::ErrorReason::OtherCluster) => {
+            cluster.reached.store(true, Ordering::Relaxed);
+            cluster.disown(gateway);
+            Registration::OtherCluster
+        }
+        Ok(Err(status)) if status.code() == tonic::Code::AlreadyExists => {
+            cluster.reached.store(true, Ordering::Relaxed);
+            Registration::OtherLedger(status.message().to_owned())
+        }
+        Ok(Err(status)) => Registration::Failed(format!("gateway refused: {}", status.message())),
+        Err(_) => Registration::Failed("gateway did not answer in time".to_owned()),
+    }
+}
+
+/// How long one registration may take.
+fn register_timeout(interval: Duration) -> Duration {
+    interval.max(Duration::from_secs(2))
+}
+
+/// Keeps the bank registered with every gateway of its cluster: one loop
+/// per gateway address ([`register_with`]), started and stopped as the list
+/// changes (it is read again every interval); all of them end at `stop`.
+/// Until some gateway has answered, the gateways are tried one at a time in
+/// the order listed, so that the first that answers decides the cluster;
+/// then each gets its loop.
+async fn keep_registered(
+    opts: BankOptions,
+    tls: Tls,
+    me: Me,
+    cluster: Arc<Cluster>,
+    mut stop: watch::Receiver<bool>,
+) {
     let interval = Duration::from_millis(opts.config.bank.register_interval_ms);
     let mut loops: HashMap<String, (watch::Sender<bool>, tokio::task::JoinHandle<()>)> = HashMap::new();
     let mut backoff = Duration::from_millis(50);
@@ -194,24 +334,39 @@ async fn keep_registered(opts: BankOptions, tls: Tls, my_addr: String, mut stop:
                 let _ = task.await;
             }
         }
-        for addr in &wanted {
-            if !loops.contains_key(addr) {
-                let (tx, rx) = watch::channel(false);
-                let task = tokio::spawn(register_with(
-                    opts.name.clone(),
-                    tls.clone(),
-                    addr.clone(),
-                    my_addr.clone(),
-                    interval,
-                    rx,
-                ));
-                loops.insert(addr.clone(), (tx, task));
+        if !cluster.reached() {
+            for addr in &wanted {
+                let Ok(channel) = tls.channel(&Peer::Gateway, addr) else { continue };
+                if let Registration::Failed(why) =
+                    register_once(&me, &cluster, addr, &channel, register_timeout(interval)).await
+                {
+                    tracing::debug!(gateway = %addr, %why, "cannot register with the gateway");
+                } else {
+                    break;
+                }
             }
         }
-        // Until some gateway is known, look again soon.
-        let wait = if wanted.is_empty() {
+        if cluster.reached() {
+            for addr in &wanted {
+                if !loops.contains_key(addr) {
+                    let (tx, rx) = watch::channel(false);
+                    let task = tokio::spawn(register_with(
+                        me.clone(),
+                        cluster.clone(),
+                        tls.clone(),
+                        addr.clone(),
+                        interval,
+                        rx,
+                    ));
+                    loops.insert(addr.clone(), (tx, task));
+                }
+            }
+        }
+        // Until some gateway is known and has answered, look again soon.
+        let wait = if wanted.is_empty() || !cluster.reached() {
             if !warned {
-                tracing::warn!(why = NO_GATEWAY, "cannot register with the gateway; retrying");
+                let why = if wanted.is_empty() { NO_GATEWAY } else { "no gateway answers" };
+                tracing::warn!(why, "cannot register with the gateway; retrying");
                 warned = true;
             }
             backoff = (backoff * 2).min(interval);
@@ -232,12 +387,12 @@ async fn keep_registered(opts: BankOptions, tls: Tls, my_addr: String, mut stop:
 
 /// Registers with the gateway at `gateway` now, and again every interval,
 /// which is also how the bank notices that it restarted (its boot id
-/// changes).
+/// changes). A gateway of another cluster is logged once and not used.
 async fn register_with(
-    name: String,
+    me: Me,
+    cluster: Arc<Cluster>,
     tls: Tls,
     gateway: String,
-    my_addr: String,
     interval: Duration,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -249,44 +404,49 @@ async fn register_with(
         }
     };
     let mut boot_id = String::new();
-    let mut failing = false;
+    let (mut failing, mut foreign, mut refused) = (false, false, false);
     let mut backoff = Duration::from_millis(50);
     loop {
         let wait = match &channel {
             None => interval,
-            Some(ch) => {
-                let mut client = gw::registry_service_client::RegistryServiceClient::new(ch.clone());
-                let req = gw::RegisterBankRequest { name: name.clone(), address: my_addr.clone() };
-                let outcome = match tokio::time::timeout(
-                    interval.max(Duration::from_secs(2)),
-                    client.register_bank(req),
-                )
-                .await
-                {
-                    Ok(Ok(resp)) => Ok(resp.into_inner().gateway_boot_id),
-                    Ok(Err(status)) => Err(format!("gateway refused: {}", status.message())),
-                    Err(_) => Err("gateway did not answer in time".to_owned()),
-                };
-                match outcome {
-                    Ok(id) => {
-                        if id != boot_id {
-                            tracing::info!(%gateway, gateway_boot_id = %id, "registered with the gateway");
-                            boot_id = id;
-                        }
-                        failing = false;
-                        backoff = Duration::from_millis(50);
-                        interval
+            Some(ch) => match register_once(&me, &cluster, &gateway, ch, register_timeout(interval)).await {
+                Registration::Done(id) => {
+                    if id != boot_id {
+                        tracing::info!(%gateway, gateway_boot_id = %id, cluster_id = %cluster.id(),
+                            "registered with the gateway");
+                        boot_id = id;
                     }
-                    Err(why) => {
-                        if !failing {
-                            tracing::warn!(%gateway, %why, "cannot register with the gateway; retrying");
-                            failing = true;
-                        }
-                        backoff = (backoff * 2).min(interval);
-                        backoff
-                    }
+                    (failing, foreign, refused) = (false, false, false);
+                    backoff = Duration::from_millis(50);
+                    interval
                 }
-            }
+                Registration::OtherCluster => {
+                    if !foreign {
+                        tracing::error!(%gateway, cluster_id = %cluster.id(),
+                            "gateway {gateway} belongs to another cluster; it is not used");
+                        foreign = true;
+                    }
+                    boot_id.clear();
+                    interval
+                }
+                Registration::OtherLedger(why) => {
+                    if !refused {
+                        tracing::error!(%gateway, ledger_id = %me.ledger_id,
+                            "the gateway refuses this process (ALREADY_EXISTS): {why}");
+                        refused = true;
+                    }
+                    boot_id.clear();
+                    interval
+                }
+                Registration::Failed(why) => {
+                    if !failing {
+                        tracing::warn!(%gateway, %why, "cannot register with the gateway; retrying");
+                        failing = true;
+                    }
+                    backoff = (backoff * 2).min(interval);
+                    backoff
+                }
+            },
         };
         tokio::select! {
             _ = tokio::time::sleep(wait) => {}
@@ -297,10 +457,11 @@ async fn register_with(
 
 /// The gateways a bank asks about its legs in doubt, with a channel to
 /// each: the one that answered last is asked first, the others in turn
-/// when it does not answer.
+/// when it does not answer. Only gateways of the bank's cluster are asked.
 struct Gateways {
     opts: BankOptions,
     tls: Tls,
+    cluster: Arc<Cluster>,
     /// `(address, channel)` in the order of the list.
     channels: Vec<(String, Channel)>,
     /// The address that answered last.
@@ -333,8 +494,11 @@ impl Gateways {
         let order = first.into_iter().chain((0..count).filter(|i| Some(*i) != first));
         for i in order {
             let (addr, channel) = &self.channels[i];
+            if !self.cluster.is_ours(addr) {
+                continue;
+            }
             let mut client = gw::registry_service_client::RegistryServiceClient::new(channel.clone());
-            let req = gw::InquireRequest { txn_id: txn_id.to_owned() };
+            let req = gw::InquireRequest { txn_id: txn_id.to_owned(), cluster_id: self.cluster.id() };
             match tokio::time::timeout(timeout, client.inquire(req)).await {
                 Ok(Ok(resp)) => {
                     self.preferred = Some(addr.clone());
@@ -361,12 +525,13 @@ const INQUIRY_BACKOFF_MAX: Duration = Duration::from_secs(30);
 async fn resolve_in_doubt<L: Ledger>(
     opts: BankOptions,
     tls: Tls,
+    cluster: Arc<Cluster>,
     service: BankService<L>,
     mut stop: watch::Receiver<bool>,
 ) {
     let interval = Duration::from_millis(opts.config.bank.inquiry_interval_ms);
     let interval_ms = i64::try_from(opts.config.bank.inquiry_interval_ms).unwrap_or(i64::MAX);
-    let mut gateways = Gateways { opts, tls, channels: Vec::new(), preferred: None };
+    let mut gateways = Gateways { opts, tls, cluster, channels: Vec::new(), preferred: None };
     let mut next_try: HashMap<String, (Instant, Duration)> = HashMap::new();
     loop {
         tokio::select! {

@@ -10,6 +10,7 @@ use crate::accounts::{AccountSpec, Credential, NewAccount, hash_password};
 use crate::error::BankError;
 use rusqlite::{Connection, OptionalExtension, params};
 use std::path::Path;
+use std::sync::Arc;
 use strife_core::DeclineReason;
 
 const SCHEMA: &str = "
@@ -43,6 +44,13 @@ CREATE TABLE IF NOT EXISTS legs (
 CREATE INDEX IF NOT EXISTS legs_by_debit ON legs (debit_user, prepared_at);
 CREATE INDEX IF NOT EXISTS legs_by_credit ON legs (credit_user, prepared_at);
 CREATE INDEX IF NOT EXISTS legs_open ON legs (state) WHERE state = 'prepared';
+-- which ledger this is: one row, its id random and made once, when the
+-- ledger is created (or first opened by a bank that knows ids); replicas of
+-- a bank must serve the ledger of one id
+CREATE TABLE IF NOT EXISTS ledger (
+    only_row INTEGER PRIMARY KEY CHECK (only_row = 1),
+    id       TEXT NOT NULL
+) STRICT;
 ";
 
 use crate::ledger::{Funds, Ledger, check_leg, parse_state};
@@ -60,6 +68,8 @@ pub struct Store {
     conn: Connection,
     /// This bank's name, to tell which side of a leg is ours.
     bank: String,
+    /// The ledger's id (see the `ledger` table).
+    ledger_id: String,
 }
 
 /// Group commit drives the store's one connection.
@@ -76,7 +86,25 @@ impl Store {
         let conn = strife_rpc::sqlite::open_durable(path)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
-        Ok(Store { conn, bank: bank.to_owned() })
+        // The first open makes the id (of two at once, one wins); every
+        // later one only reads it.
+        let read = |conn: &Connection| conn.query_row("SELECT id FROM ledger", [], |r| r.get(0)).optional();
+        let ledger_id = match read(&conn)? {
+            Some(id) => id,
+            None => {
+                conn.execute(
+                    "INSERT INTO ledger (only_row, id) VALUES (1, ?1) ON CONFLICT (only_row) DO NOTHING",
+                    [uuid::Uuid::new_v4().to_string()],
+                )?;
+                read(&conn)?.ok_or_else(|| BankError::Internal("the ledger has no id".into()))?
+            }
+        };
+        Ok(Store { conn, bank: bank.to_owned(), ledger_id })
+    }
+
+    /// The ledger's id: random, made once when the ledger was created.
+    pub fn ledger_id(&self) -> &str {
+        &self.ledger_id
     }
 
     /// Creates each account that does not exist yet; never touches an
@@ -361,14 +389,17 @@ impl Store {
 #[derive(Clone)]
 pub struct SqliteLedger {
     store: GroupCommit<Store>,
+    /// The ledger's id, read at open.
+    ledger_id: Arc<str>,
 }
 
 impl SqliteLedger {
     /// Opens (creating if needed) the store at `path` and starts its thread.
     pub fn open(path: &Path, bank: &str) -> Result<SqliteLedger, BankError> {
         let store = Store::open(path, bank)?;
+        let ledger_id = Arc::from(store.ledger_id());
         let store = GroupCommit::start(bank, store).map_err(|e| BankError::Internal(e.to_string()))?;
-        Ok(SqliteLedger { store })
+        Ok(SqliteLedger { store, ledger_id })
     }
 
     /// Runs `op` on the store in the next batch; answers once it is durable.
@@ -382,6 +413,10 @@ impl SqliteLedger {
 }
 
 impl Ledger for SqliteLedger {
+    fn ledger_id(&self) -> &str {
+        &self.ledger_id
+    }
+
     async fn create_accounts(&self, accounts: Vec<AccountSpec>) -> Result<usize, BankError> {
         self.run(move |s| s.create_from_specs(&accounts).map_err(|e| BankError::Internal(format!("{e:#}"))))
             .await
@@ -485,7 +520,12 @@ mod tests {
         (ledger, TempDir(dir))
     }
 
-    conformance_suite!(fresh);
+    /// The ledger of `fresh` opened again, as a second process would.
+    async fn reopen(dir: &TempDir) -> SqliteLedger {
+        SqliteLedger::open(&dir.0.join("bank.db"), "BankA").expect("reopen")
+    }
+
+    conformance_suite!(fresh, reopen);
 
     /// The store itself, without its thread: what the bench and the audit use.
     #[test]
@@ -509,6 +549,15 @@ mod tests {
         let s = Store::open(&dir.join("bank.db"), "BankA").expect("reopen");
         let (legs, totals) = (s.legs_after(None, u32::MAX).expect("legs"), s.totals().expect("totals"));
         assert_eq!((legs.len(), totals.balance_minor), (1, 10));
+        // A ledger made before ids existed gets one on open, and keeps it.
+        let id = s.ledger_id().to_owned();
+        s.conn.execute_batch("DROP TABLE ledger").expect("as it was");
+        drop(s);
+        let s = Store::open(&dir.join("bank.db"), "BankA").expect("reopen");
+        assert_ne!(s.ledger_id(), id, "a new id");
+        let made = s.ledger_id().to_owned();
+        drop(s);
+        assert_eq!(Store::open(&dir.join("bank.db"), "BankA").expect("reopen").ledger_id(), made);
         let _ = std::fs::remove_dir_all(dir);
     }
 }

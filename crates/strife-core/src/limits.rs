@@ -18,6 +18,9 @@ pub const AMOUNT_TEXT_MAX: usize = 32;
 pub const TOKEN_MAX: usize = 2048;
 /// Longest address string a bank may register, in bytes.
 pub const ADDRESS_MAX: usize = 256;
+/// Longest ledger id or cluster id a bank may send, in bytes (they are
+/// UUIDs, 36).
+pub const STORE_ID_MAX: usize = 64;
 /// Largest gRPC message any server decodes, in bytes.
 pub const MESSAGE_MAX_BYTES: usize = 64 * 1024;
 /// Most entries one history page returns.

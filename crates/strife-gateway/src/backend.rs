@@ -169,6 +169,12 @@ pub trait GatewayStore: Clone + Send + Sync + 'static {
         from_file: Vec<SigningKey>,
     ) -> impl Future<Output = Result<Vec<SigningKey>, GatewayError>> + Send;
 
+    /// The cluster's id: random, made once when the store was created, and
+    /// the same at every gateway that shares this store (one payment log);
+    /// gateways with stores of their own answer different ids. Banks use
+    /// the gateways of one cluster only. Read once, at start.
+    fn cluster_id(&self) -> impl Future<Output = Result<String, GatewayError>> + Send;
+
     /// Every `(bank name, address)` registered, by name, each bank's most
     /// recently registered address first.
     fn banks(&self) -> impl Future<Output = Result<Vec<(String, String)>, GatewayError>> + Send;
@@ -178,6 +184,14 @@ pub trait GatewayStore: Clone + Send + Sync + 'static {
     /// addresses not registered for a day (never the newest) and all but
     /// its newest [`BANK_ADDRESSES_MAX`].
     fn save_bank(
+        &self,
+        name: String,
+        address: String,
+    ) -> impl Future<Output = Result<(), GatewayError>> + Send;
+
+    /// Forgets that `name` registered from `address` (the bank there uses
+    /// gateways of another cluster), so that no replica restores it.
+    fn forget_bank(
         &self,
         name: String,
         address: String,
@@ -208,6 +222,8 @@ fn internal(e: impl std::fmt::Display) -> GatewayError {
 pub struct SqliteStore {
     store: GroupCommit<Store>,
     revoked: Arc<RwLock<HashSet<String>>>,
+    /// The cluster's id, read at open.
+    cluster_id: Arc<str>,
 }
 
 impl SqliteStore {
@@ -217,8 +233,9 @@ impl SqliteStore {
         let mut store = Store::open(path).with_context(|| format!("opening {}", path.display()))?;
         let now_secs = strife_core::unix_ms() / 1000;
         let revoked = store.revoked(now_secs)?;
+        let cluster_id = Arc::from(store.cluster_id()?);
         let store = GroupCommit::start("gateway", store)?;
-        Ok(SqliteStore { store, revoked: Arc::new(RwLock::new(revoked.into_iter().collect())) })
+        Ok(SqliteStore { store, revoked: Arc::new(RwLock::new(revoked.into_iter().collect())), cluster_id })
     }
 
     /// Runs `f` on the store in its thread, in the next batch; resolves
@@ -333,8 +350,16 @@ impl GatewayStore for SqliteStore {
         ready(Ok(from_file))
     }
 
+    fn cluster_id(&self) -> impl Future<Output = Result<String, GatewayError>> + Send {
+        ready(Ok(self.cluster_id.to_string()))
+    }
+
     async fn banks(&self) -> Result<Vec<(String, String)>, GatewayError> {
         self.run(|s| s.banks()).await
+    }
+
+    async fn forget_bank(&self, name: String, address: String) -> Result<(), GatewayError> {
+        self.run(move |s| s.forget_bank(&name, &address)).await
     }
 
     async fn save_bank(&self, name: String, address: String) -> Result<(), GatewayError> {

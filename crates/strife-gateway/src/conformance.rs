@@ -44,6 +44,7 @@ macro_rules! conformance_suite {
                 counts_and_pruning,
                 a_revocation_is_seen_by_every_instance,
                 failed_logins_add_up_across_instances,
+                one_cluster_id_for_every_instance,
                 a_bank_keeps_each_address);
         }
     };
@@ -523,6 +524,14 @@ pub async fn failed_logins_add_up_across_instances<S: GatewayStore>(a: &S, b: &S
     b.throttle_success(key.clone()).await.expect("success");
     let after = a.throttle_entries(vec![key]).await.expect("entries")[0];
     assert_eq!((after.failures, after.locks), (0, 1), "a success clears failures, not locks");
+}
+
+/// Every instance of one store answers one cluster id, made with it.
+pub async fn one_cluster_id_for_every_instance<S: GatewayStore>(a: &S, b: &S) {
+    let id = a.cluster_id().await.expect("cluster id");
+    assert_eq!(id.len(), 36, "a UUID: {id}");
+    assert_eq!(b.cluster_id().await.expect("cluster id"), id);
+    assert_eq!(a.cluster_id().await.expect("again"), id, "stable");
 }
 
 pub async fn a_bank_keeps_each_address<S: GatewayStore>(a: &S, b: &S) {

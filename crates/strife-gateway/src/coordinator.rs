@@ -98,6 +98,9 @@ pub struct Gateway<S> {
     pub config: GatewayConfig,
     /// Changes at every start; banks re-register when it changes.
     pub boot_id: String,
+    /// The store's cluster id ([`GatewayStore::cluster_id`]), told to banks:
+    /// the same at every gateway on this payment log.
+    pub cluster_id: String,
     /// Payments being executed now, by (payer, payment id).
     in_flight: Mutex<HashMap<(UserRef, PaymentId), InFlight>>,
     /// Bounds how many payments run at once.
@@ -119,6 +122,7 @@ impl<S: GatewayStore> Gateway<S> {
         tokens: TokenKeys,
         key_dir: PathBuf,
         config: GatewayConfig,
+        cluster_id: String,
     ) -> Gateway<S> {
         Gateway {
             store,
@@ -126,6 +130,7 @@ impl<S: GatewayStore> Gateway<S> {
             tokens: RwLock::new(Arc::new(tokens)),
             key_dir,
             boot_id: uuid::Uuid::new_v4().to_string(),
+            cluster_id,
             in_flight: Mutex::new(HashMap::new()),
             slots: tokio::sync::Semaphore::new(PAYMENTS_IN_FLIGHT_MAX),
             finisher_wake: Notify::new(),

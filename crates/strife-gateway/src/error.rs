@@ -34,6 +34,9 @@ pub enum GatewayError {
     /// Another live instance holds what the caller asked for.
     #[error("{0}")]
     AlreadyExists(String),
+    /// The calling bank uses the gateways of another cluster.
+    #[error("{0}")]
+    OtherCluster(String),
     /// Someone we depend on (a bank) or we ourselves cannot serve right now.
     #[error("{message}")]
     Unavailable { reason: ErrorReason, message: String },
@@ -114,6 +117,9 @@ impl From<GatewayError> for Status {
             }
             GatewayError::AlreadyExists(m) => {
                 errors::status(Code::AlreadyExists, ErrorReason::BankAlreadyRegistered, m)
+            }
+            GatewayError::OtherCluster(m) => {
+                errors::status(Code::FailedPrecondition, ErrorReason::OtherCluster, m)
             }
             GatewayError::Unavailable { reason, message } => {
                 errors::status(Code::Unavailable, reason, message)

@@ -635,6 +635,18 @@ impl GatewayStore for PostgresStore {
         .await
     }
 
+    async fn cluster_id(&self) -> Result<String, GatewayError> {
+        let client = self.client().await?;
+        Ok(client.query_one("SELECT id FROM cluster", &[]).await?.try_get(0)?)
+    }
+
+    async fn forget_bank(&self, name: String, address: String) -> Result<(), GatewayError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached("DELETE FROM banks WHERE name = $1 AND address = $2").await?;
+        client.execute(&stmt, &[&name, &address]).await?;
+        Ok(())
+    }
+
     async fn revoke(&self, jti: String, expires_at: i64) -> Result<(), GatewayError> {
         let client = self.client().await?;
         let stmt = client
@@ -817,7 +829,7 @@ mod tests {
         let history = server()
             .psql(&url, &["SELECT COUNT(*) FROM gateway_schema_history"])
             .expect("refinery's own table");
-        assert_eq!(history, "2", "each migration applied once");
+        assert_eq!(history, "3", "each migration applied once");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,6 +5,14 @@
 //! `(name, address)`, so that a restarted gateway can reach banks (to finish
 //! payments) before they register again.
 //!
+//! The certificate does not prove that two processes share one ledger: two
+//! started by mistake on ledgers of their own would each hold and move the
+//! money their own way. So each registration names its ledger (its id), and
+//! a new address is a replica only if it serves the ledger of the bank's
+//! live replicas; otherwise it is refused, as a second bank was before
+//! replicas. Once none is live, a bank may come back on another ledger
+//! (moved to a new database), and the replicas of the old one are dropped.
+//!
 //! Calls are spread over the live replicas of a bank in turn (round robin).
 //! A replica not seen for the stale period is skipped while a live one
 //! exists; one known only from the store is tried when nothing else is. A
@@ -51,6 +59,10 @@ pub struct Replica {
 /// What the registry knows of one replica.
 struct Known {
     replica: Arc<Replica>,
+    /// The id of the ledger it serves, as it last registered; empty when
+    /// known only from the store, or sent by a bank older than ledger ids
+    /// (which matches no other replica).
+    ledger_id: String,
     /// When it last registered; `None` if only known from the store.
     last_seen: Option<Instant>,
     /// When this gateway learnt of it (from the store or a registration).
@@ -102,11 +114,31 @@ pub struct Registry {
     decide_timeout: Duration,
 }
 
+#[derive(Debug)]
 pub enum Registered {
     /// A new replica, its first registration since this gateway started,
-    /// or one due to be saved again: the caller persists it.
+    /// one now serving another ledger, or one due to be saved again: the
+    /// caller persists it.
     Changed,
     Unchanged,
+}
+
+/// Why a registration was refused.
+#[derive(Debug)]
+pub enum Refused {
+    /// A live replica of the bank, at `address`, serves another ledger (or
+    /// the registration named none).
+    OtherLedger { address: String },
+    /// No room: too many banks, or replicas of this bank all live.
+    Full(String),
+    /// The registry's lock was poisoned.
+    Internal(String),
+}
+
+impl From<anyhow::Error> for Refused {
+    fn from(e: anyhow::Error) -> Refused {
+        Refused::Internal(format!("{e:#}"))
+    }
 }
 
 impl Registry {
@@ -128,21 +160,23 @@ impl Registry {
         }
     }
 
-    /// A replica of bank `name` at `address` registers: refreshes it, or
-    /// adds it. Replicas of that bank not seen for `forget_after` are
-    /// forgotten; a bank
+    /// A replica of bank `name` at `address`, serving the ledger
+    /// `ledger_id`, registers: refreshes it, or adds it ([`Self::admit`]
+    /// says whether it may join). Replicas of that bank not seen for
+    /// `forget_after` are forgotten; a bank
     /// at [`REPLICAS_PER_BANK_MAX`] makes room by dropping its least
     /// recently seen replica that is not live, and refuses a new one if
     /// every replica is live.
-    pub fn register(&self, name: &str, address: &str) -> anyhow::Result<Registered> {
+    pub fn register(&self, name: &str, address: &str, ledger_id: &str) -> Result<Registered, Refused> {
         let now = Instant::now();
         {
             let mut banks = self.write()?;
             if let Some(bank) = banks.get_mut(name) {
                 let forget_after = self.forget_after;
                 bank.replicas.retain(|k| k.replica.address == address || !k.gone(forget_after));
+                self.admit(name, bank, address, ledger_id)?;
                 if let Some(known) = bank.replicas.iter_mut().find(|k| k.replica.address == address) {
-                    return Ok(refresh(known, now));
+                    return Ok(refresh(known, ledger_id, now));
                 }
             }
         }
@@ -150,12 +184,14 @@ impl Registry {
         let replica = Arc::new(self.replica(name, address)?);
         let mut banks = self.write()?;
         if banks.len() >= BANKS_MAX && !banks.contains_key(name) {
-            anyhow::bail!("the gateway already knows {BANKS_MAX} banks");
+            return Err(Refused::Full(format!("the gateway already knows {BANKS_MAX} banks")));
         }
         let bank = banks.entry(name.to_owned()).or_default();
+        // Again: the lock was let go meanwhile.
+        self.admit(name, bank, address, ledger_id)?;
         if let Some(known) = bank.replicas.iter_mut().find(|k| k.replica.address == address) {
             // Registered concurrently by another call.
-            return Ok(refresh(known, now));
+            return Ok(refresh(known, ledger_id, now));
         }
         if bank.replicas.len() >= REPLICAS_PER_BANK_MAX {
             let stale_after = self.stale_after;
@@ -171,11 +207,60 @@ impl Registry {
                     let old = bank.replicas.remove(i);
                     tracing::info!(bank = %name, address = %old.replica.address, "forgot a replica not seen lately, to make room");
                 }
-                None => anyhow::bail!("bank {name} already has {REPLICAS_PER_BANK_MAX} live replicas"),
+                None => {
+                    return Err(Refused::Full(format!(
+                        "bank {name} already has {REPLICAS_PER_BANK_MAX} live replicas"
+                    )));
+                }
             }
         }
-        bank.replicas.push(Known { replica, last_seen: Some(now), known_since: now, saved_at: Some(now) });
+        bank.replicas.push(Known {
+            replica,
+            ledger_id: ledger_id.to_owned(),
+            last_seen: Some(now),
+            known_since: now,
+            saved_at: Some(now),
+        });
         Ok(Registered::Changed)
+    }
+
+    /// Whether a replica at `address` serving `ledger_id` may join `bank`:
+    /// not while a live replica at another address serves another ledger
+    /// (an empty id, from a bank older than ledger ids, matches none).
+    /// Once it may, replicas known to serve another ledger are dropped:
+    /// none of them is live, so the bank has moved to this ledger.
+    fn admit(&self, name: &str, bank: &mut Bank, address: &str, ledger_id: &str) -> Result<(), Refused> {
+        let stale_after = self.stale_after;
+        let other = bank.replicas.iter().find(|k| {
+            k.replica.address != address
+                && k.live(stale_after)
+                && (ledger_id.is_empty() || k.ledger_id != ledger_id)
+        });
+        if let Some(other) = other {
+            return Err(Refused::OtherLedger { address: other.replica.address.clone() });
+        }
+        let before = bank.replicas.len();
+        bank.replicas
+            .retain(|k| k.replica.address == address || k.ledger_id.is_empty() || k.ledger_id == ledger_id);
+        if bank.replicas.len() < before {
+            tracing::warn!(bank = %name, %ledger_id, forgotten = before - bank.replicas.len(),
+                "the bank serves another ledger now; forgot its replicas of the old one");
+        }
+        Ok(())
+    }
+
+    /// Forgets bank `name` at `address` (it uses another cluster); whether
+    /// it was known there.
+    pub fn forget(&self, name: &str, address: &str) -> anyhow::Result<bool> {
+        let mut banks = self.write()?;
+        let Some(bank) = banks.get_mut(name) else { return Ok(false) };
+        let before = bank.replicas.len();
+        bank.replicas.retain(|k| k.replica.address != address);
+        let known = bank.replicas.len() < before;
+        if bank.replicas.is_empty() {
+            banks.remove(name);
+        }
+        Ok(known)
     }
 
     /// Restores a replica from the store, not yet seen in this run.
@@ -191,7 +276,13 @@ impl Registry {
         }
         if !bank.replicas.iter().any(|k| k.replica.address == address) {
             let now = Instant::now();
-            bank.replicas.push(Known { replica, last_seen: None, known_since: now, saved_at: None });
+            bank.replicas.push(Known {
+                replica,
+                ledger_id: String::new(),
+                last_seen: None,
+                known_since: now,
+                saved_at: None,
+            });
         }
         Ok(())
     }
@@ -241,9 +332,10 @@ impl Registry {
     }
 }
 
-/// A known replica registers again.
-fn refresh(known: &mut Known, now: Instant) -> Registered {
-    let first = known.last_seen.is_none();
+/// A known replica registers again, serving `ledger_id`.
+fn refresh(known: &mut Known, ledger_id: &str, now: Instant) -> Registered {
+    let first = known.last_seen.is_none() || known.ledger_id != ledger_id;
+    known.ledger_id = ledger_id.to_owned();
     known.last_seen = Some(now);
     if first || known.saved_at.is_none_or(|t| now.duration_since(t) >= RESAVE_INTERVAL) {
         known.saved_at = Some(now);
@@ -329,6 +421,10 @@ mod tests {
     use strife_rpc::pki::CertDir;
 
     const INTERVAL: Duration = Duration::from_secs(60);
+    /// BankA's ledger.
+    const LEDGER: &str = "0b6f6d0e-8a43-4c1e-9d55-2f3a8c7f4b11";
+    /// Another ledger, of a BankA started by mistake on a database of its own.
+    const OTHER: &str = "7c1d2e3f-4a5b-4c6d-8e7f-901a2b3c4d5e";
 
     struct Dir(std::path::PathBuf);
     impl Drop for Dir {
@@ -362,9 +458,9 @@ mod tests {
     #[tokio::test]
     async fn calls_take_turns_over_live_replicas_and_skip_stale_ones() {
         let (r, _dir) = registry();
-        assert!(matches!(r.register("BankA", "127.0.0.1:1001"), Ok(Registered::Changed)));
-        assert!(matches!(r.register("BankA", "127.0.0.1:1002"), Ok(Registered::Changed)));
-        assert!(matches!(r.register("BankA", "127.0.0.1:1002"), Ok(Registered::Unchanged)));
+        assert!(matches!(r.register("BankA", "127.0.0.1:1001", LEDGER), Ok(Registered::Changed)));
+        assert!(matches!(r.register("BankA", "127.0.0.1:1002", LEDGER), Ok(Registered::Changed)));
+        assert!(matches!(r.register("BankA", "127.0.0.1:1002", LEDGER), Ok(Registered::Unchanged)));
         let firsts: Vec<String> = (0..4).map(|_| order(&r)[0].clone()).collect();
         assert_eq!(firsts, ["127.0.0.1:1001", "127.0.0.1:1002", "127.0.0.1:1001", "127.0.0.1:1002"]);
         assert_eq!(r.status().len(), 2, "one row per replica");
@@ -377,11 +473,11 @@ mod tests {
         let status = r.status();
         assert_eq!(status[0], ("BankA".into(), "127.0.0.1:1001".into(), false));
         assert_eq!(status[1], ("BankA".into(), "127.0.0.1:1002".into(), true));
-        assert!(matches!(r.register("BankA", "127.0.0.1:1002"), Ok(Registered::Unchanged)));
+        assert!(matches!(r.register("BankA", "127.0.0.1:1002", LEDGER), Ok(Registered::Unchanged)));
         assert_eq!(r.status().len(), 2, "shown for a while");
         // Long gone, it is forgotten when the bank next registers.
         age(&r, "127.0.0.1:1001", INTERVAL * 3 * FORGET_AFTER_STALE_PERIODS);
-        assert!(matches!(r.register("BankA", "127.0.0.1:1002"), Ok(Registered::Unchanged)));
+        assert!(matches!(r.register("BankA", "127.0.0.1:1002", LEDGER), Ok(Registered::Unchanged)));
         assert_eq!(order(&r), ["127.0.0.1:1002"]);
     }
 
@@ -394,7 +490,7 @@ mod tests {
         assert_eq!(r.status().iter().filter(|s| s.2).count(), 0, "neither seen yet");
         // Its first registration in this run is persisted again; then a
         // live replica goes first, the other only after it.
-        assert!(matches!(r.register("BankA", "127.0.0.1:1002"), Ok(Registered::Changed)));
+        assert!(matches!(r.register("BankA", "127.0.0.1:1002", LEDGER), Ok(Registered::Changed)));
         assert_eq!(order(&r), ["127.0.0.1:1002", "127.0.0.1:1001"]);
     }
 
@@ -403,22 +499,70 @@ mod tests {
         let (r, _dir) = registry();
         r.restore("BankA", "127.0.0.1:1999").expect("restore");
         for port in 1..REPLICAS_PER_BANK_MAX {
-            r.register("BankA", &format!("127.0.0.1:{}", 2000 + port)).expect("register");
+            r.register("BankA", &format!("127.0.0.1:{}", 2000 + port), LEDGER).expect("register");
         }
         // One that is not live makes room.
-        r.register("BankA", "127.0.0.1:3000").expect("room");
+        r.register("BankA", "127.0.0.1:3000", LEDGER).expect("room");
         let addresses = order(&r);
         assert_eq!(addresses.len(), REPLICAS_PER_BANK_MAX);
         assert!(!addresses.contains(&"127.0.0.1:1999".to_owned()), "{addresses:?}");
-        let err = r.register("BankA", "127.0.0.1:3001").err().expect("every replica is live");
-        assert!(err.to_string().contains("live replicas"), "{err}");
+        let err = r.register("BankA", "127.0.0.1:3001", LEDGER).expect_err("every replica is live");
+        assert!(matches!(&err, Refused::Full(m) if m.contains("live replicas")), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_second_ledger_is_refused_while_the_first_is_served() {
+        let (r, _dir) = registry();
+        r.register("BankA", "127.0.0.1:1001", LEDGER).expect("register");
+        let refused = |address: &str, ledger: &str| match r.register("BankA", address, ledger) {
+            Err(Refused::OtherLedger { address }) => address,
+            other => panic!("{other:?}"),
+        };
+        assert_eq!(refused("127.0.0.1:1002", OTHER), "127.0.0.1:1001", "another ledger");
+        assert_eq!(refused("127.0.0.1:1002", ""), "127.0.0.1:1001", "a bank that does not say");
+        assert_eq!(order(&r), ["127.0.0.1:1001"], "neither was added");
+        // The same ledger at another address is a replica.
+        r.register("BankA", "127.0.0.1:1002", LEDGER).expect("a replica");
+        assert_eq!(r.status().len(), 2);
+        // A replica coming back on another ledger while its peer is live: refused.
+        assert_eq!(refused("127.0.0.1:1002", OTHER), "127.0.0.1:1001");
+        // A bank older than ledger ids runs once, as before replicas.
+        r.register("BankB", "127.0.0.1:2001", "").expect("register");
+        let again = r.register("BankB", "127.0.0.1:2001", "").expect("its heartbeat");
+        assert!(matches!(again, Registered::Unchanged));
+        assert!(matches!(r.register("BankB", "127.0.0.1:2002", ""), Err(Refused::OtherLedger { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_bank_whose_replicas_are_all_stale_may_move_to_another_ledger() {
+        let (r, _dir) = registry();
+        r.restore("BankA", "127.0.0.1:1000").expect("restore");
+        r.register("BankA", "127.0.0.1:1001", LEDGER).expect("register");
+        r.register("BankA", "127.0.0.1:1002", LEDGER).expect("register");
+        age(&r, "127.0.0.1:1001", INTERVAL * 4);
+        assert!(matches!(r.register("BankA", "127.0.0.1:1003", OTHER), Err(Refused::OtherLedger { .. })));
+        age(&r, "127.0.0.1:1002", INTERVAL * 4);
+        // None is live: the bank moved. The replicas of its old ledger go;
+        // one known only from the store (its ledger unknown) stays, to be
+        // judged when it registers.
+        assert!(matches!(r.register("BankA", "127.0.0.1:1003", OTHER), Ok(Registered::Changed)));
+        assert_eq!(order(&r), ["127.0.0.1:1003", "127.0.0.1:1000"]);
+        assert!(matches!(r.register("BankA", "127.0.0.1:1000", LEDGER), Err(Refused::OtherLedger { .. })));
+        r.register("BankA", "127.0.0.1:1000", OTHER).expect("a replica of the new ledger");
+        // A lone replica restarted at its address on another ledger is the
+        // bank moving too.
+        r.forget("BankA", "127.0.0.1:1000").expect("forget");
+        assert!(matches!(r.register("BankA", "127.0.0.1:1003", LEDGER), Ok(Registered::Changed)));
+        assert_eq!(order(&r), ["127.0.0.1:1003"]);
+        r.forget("BankA", "127.0.0.1:1003").expect("forget");
+        assert!(r.get("BankA").is_none(), "forgotten with its last replica");
     }
 
     #[tokio::test]
     async fn a_call_failing_at_one_replica_is_answered_by_the_next() {
         let (r, _dir) = registry();
-        r.register("BankA", "127.0.0.1:1001").expect("register");
-        r.register("BankA", "127.0.0.1:1002").expect("register");
+        r.register("BankA", "127.0.0.1:1001", LEDGER).expect("register");
+        r.register("BankA", "127.0.0.1:1002", LEDGER).expect("register");
         let entry = r.get("BankA").expect("known");
         let tried = std::sync::Mutex::new(Vec::new());
         let answer = entry
@@ -443,7 +587,7 @@ mod tests {
         assert_eq!(calls.load(Ordering::Relaxed), 1);
 
         // At most ATTEMPTS_MAX replicas per call.
-        r.register("BankA", "127.0.0.1:1003").expect("register");
+        r.register("BankA", "127.0.0.1:1003", LEDGER).expect("register");
         let entry = r.get("BankA").expect("known");
         let calls = AtomicUsize::new(0);
         let failed = entry

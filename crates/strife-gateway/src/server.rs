@@ -93,8 +93,15 @@ async fn serve<S: GatewayStore>(
     }
     let keys = store.token_keys(load_keys(&certs.path)?).await?;
     let tokens = TokenKeys::with_keys(&keys, opts.config.gateway.token_ttl_secs)?;
-    let gateway =
-        Arc::new(Gateway::new(store, registry, tokens, certs.path.clone(), opts.config.gateway.clone()));
+    let cluster_id = store.cluster_id().await?;
+    let gateway = Arc::new(Gateway::new(
+        store,
+        registry,
+        tokens,
+        certs.path.clone(),
+        opts.config.gateway.clone(),
+        cluster_id,
+    ));
 
     let local = listener.local_addr()?;
     strife_rpc::pki::write_public_file(&opts.dir.join(GATEWAY_ADDR_FILE), &format!("{local}\n"))?;
@@ -129,7 +136,7 @@ async fn serve<S: GatewayStore>(
     let (stop_tx, stop_rx) = watch::channel(false);
     let finisher = tokio::spawn(gateway.clone().run_finisher(stop_rx));
     strife_rpc::serve::announce_listening("gateway", local);
-    tracing::info!(%local, boot_id = %gateway.boot_id, "gateway serving");
+    tracing::info!(%local, boot_id = %gateway.boot_id, cluster_id = %gateway.cluster_id, "gateway serving");
     let served = strife_rpc::serve::builder(&tls)?
         .add_service(health)
         .add_service(reflection_v1)

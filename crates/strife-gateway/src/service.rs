@@ -6,7 +6,7 @@ use crate::backend::GatewayStore;
 use crate::coordinator::{Gateway, Outcome};
 use crate::error::GatewayError;
 use crate::page_token;
-use crate::registry::Registered;
+use crate::registry::{Refused, Registered};
 use crate::store::{PaymentRecord, PaymentState};
 use crate::throttle::{self, Key};
 use crate::validate;
@@ -231,6 +231,12 @@ impl<S: GatewayStore> pb::payments_service_server::PaymentsService for PaymentsS
     }
 }
 
+/// Whether a bank that names the cluster it uses (`theirs`; empty from
+/// banks older than cluster ids) uses another one than ours.
+fn other_cluster(ours: &str, theirs: &str) -> bool {
+    !theirs.is_empty() && theirs != ours
+}
+
 #[derive(Clone)]
 pub struct RegistryService<S> {
     pub gateway: Arc<Gateway<S>>,
@@ -252,18 +258,49 @@ impl<S: GatewayStore> pb::registry_service_server::RegistryService for RegistryS
             ))
             .into());
         }
-        // The certificate proves the caller is this bank: a new address is
-        // another replica of it.
-        let changed = self
-            .gateway
-            .registry
-            .register(&req.name, &req.address)
-            .map_err(|e| GatewayError::Overloaded(e.to_string()))?;
+        if other_cluster(&self.gateway.cluster_id, &req.cluster_id) {
+            // The bank says so itself (its certificate proves it is the
+            // bank): it must not be used from here, now or after a restart.
+            let known = self
+                .gateway
+                .registry
+                .forget(&req.name, &req.address)
+                .map_err(|e| GatewayError::Internal(e.to_string()))?;
+            self.gateway.store.forget_bank(req.name.clone(), req.address.clone()).await?;
+            if known {
+                tracing::warn!(bank = %req.name, address = %req.address, bank_cluster_id = %req.cluster_id,
+                    "the bank uses another cluster; forgot it at this address");
+            }
+            return Err(GatewayError::OtherCluster(format!(
+                "this gateway belongs to cluster {}, not to cluster {} that bank {} uses",
+                self.gateway.cluster_id, req.cluster_id, req.name
+            ))
+            .into());
+        }
+        // The certificate proves the caller is this bank; a new address is
+        // another replica of it if it serves the same ledger.
+        let changed = match self.gateway.registry.register(&req.name, &req.address, &req.ledger_id) {
+            Ok(changed) => changed,
+            Err(Refused::OtherLedger { address }) => {
+                tracing::warn!(bank = %req.name, address = %req.address, ledger_id = %req.ledger_id, live = %address,
+                    "refused a bank process serving another ledger than its live replicas");
+                return Err(GatewayError::AlreadyExists(format!(
+                    "bank {} is already served from {address} by another ledger; replicas of a bank must share one ledger",
+                    req.name
+                ))
+                .into());
+            }
+            Err(Refused::Full(why)) => return Err(GatewayError::Overloaded(why).into()),
+            Err(Refused::Internal(why)) => return Err(GatewayError::Internal(why).into()),
+        };
         if let Registered::Changed = changed {
             self.gateway.store.save_bank(req.name.clone(), req.address.clone()).await?;
-            tracing::info!(bank = %req.name, address = %req.address, "bank registered");
+            tracing::info!(bank = %req.name, address = %req.address, ledger_id = %req.ledger_id, "bank registered");
         }
-        Ok(Response::new(pb::RegisterBankResponse { gateway_boot_id: self.gateway.boot_id.clone() }))
+        Ok(Response::new(pb::RegisterBankResponse {
+            gateway_boot_id: self.gateway.boot_id.clone(),
+            cluster_id: self.gateway.cluster_id.clone(),
+        }))
     }
 
     async fn inquire(
@@ -271,7 +308,17 @@ impl<S: GatewayStore> pb::registry_service_server::RegistryService for RegistryS
         req: Request<pb::InquireRequest>,
     ) -> Result<Response<pb::InquireResponse>, Status> {
         validate::inquire(req.get_ref())?;
-        let txn_id = req.into_inner().txn_id;
+        let req = req.into_inner();
+        if other_cluster(&self.gateway.cluster_id, &req.cluster_id) {
+            // This log never saw the bank's payments: presuming abort here
+            // could abort a leg that its own cluster committed.
+            return Err(GatewayError::OtherCluster(format!(
+                "this gateway belongs to cluster {}, not to cluster {} that the bank uses; ask a gateway of that cluster",
+                self.gateway.cluster_id, req.cluster_id
+            ))
+            .into());
+        }
+        let txn_id = req.txn_id;
         let decision = match self.gateway.inquire(txn_id).await? {
             None => pb::Decision::Pending,
             Some(PaymentState::Committed) => pb::Decision::Commit,

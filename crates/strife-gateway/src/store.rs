@@ -120,9 +120,22 @@ CREATE TABLE login_throttle (
 ) STRICT;
 ";
 
+/// Version 5: the cluster's id, random (a version 4 UUID) and made once,
+/// with the store: every gateway that answers from this payment log says it
+/// to the banks, which use the gateways of one cluster only.
+const SCHEMA_V5: &str = "
+CREATE TABLE cluster (
+    only_row INTEGER PRIMARY KEY CHECK (only_row = 1),
+    id       TEXT NOT NULL
+) STRICT;
+INSERT INTO cluster (only_row, id) VALUES (1, lower(
+    hex(randomblob(4)) || '-' || hex(randomblob(2)) || '-4' || substr(hex(randomblob(2)), 2) || '-'
+    || substr('89ab', 1 + (random() & 3), 1) || substr(hex(randomblob(2)), 2) || '-' || hex(randomblob(6))));
+";
+
 /// The schema's versions in order: a database at `PRAGMA user_version` n
 /// runs `MIGRATIONS[n..]`, all in one transaction, at open.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5];
 
 /// A bank's address that has not registered for this long is dropped from
 /// the registry when any bank registers, unless it is the bank's newest.
@@ -579,6 +592,19 @@ impl Store {
         rows.collect()
     }
 
+    /// Forgets that a replica of bank `name` registered from `address`.
+    pub fn forget_bank(&mut self, name: &str, address: &str) -> rusqlite::Result<()> {
+        self.conn
+            .prepare_cached("DELETE FROM banks WHERE name = ?1 AND address = ?2")?
+            .execute(params![name, address])?;
+        Ok(())
+    }
+
+    /// The cluster's id (schema version 5), made once with the store.
+    pub fn cluster_id(&self) -> rusqlite::Result<String> {
+        self.conn.query_row("SELECT id FROM cluster", [], |r| r.get(0))
+    }
+
     /// Records that a replica of bank `name` registered from `address`,
     /// and drops addresses not registered for `BANK_ADDRESS_RETENTION_MS`
     /// (a bank's newest address stays, however old), and all but its newest
@@ -951,6 +977,31 @@ CREATE TABLE IF NOT EXISTS revoked_tokens (
         let fresh = Store::open(&fresh_dir.db()).expect("fresh");
         let s = Store::open(&dir.db()).expect("reopen");
         assert_eq!(schema(&fresh.conn), schema(&s.conn), "migrated and new databases look alike");
+    }
+
+    /// Version 5 gives a store its cluster id once: a database of version 4
+    /// gets one as it migrates, keeps it on every open, and another store
+    /// has its own.
+    #[test]
+    fn the_cluster_id_is_made_once_per_store() {
+        let dir = TempDir::new("cluster-id");
+        let old = Connection::open(dir.db()).expect("old db");
+        for sql in &MIGRATIONS[..4] {
+            old.execute_batch(sql).expect("schema up to v4");
+        }
+        old.pragma_update(None, "user_version", 4).expect("version 4");
+        drop(old);
+        let mut s = Store::open(&dir.db()).expect("migrate");
+        let id = s.cluster_id().expect("id");
+        assert!(uuid::Uuid::parse_str(&id).is_ok_and(|u| u.get_version_num() == 4), "{id}");
+        s.save_bank("BankA", "127.0.0.1:1").expect("save");
+        s.save_bank("BankA", "127.0.0.1:2").expect("save");
+        s.forget_bank("BankA", "127.0.0.1:1").expect("forget");
+        assert_eq!(s.banks().expect("banks"), [("BankA".to_owned(), "127.0.0.1:2".to_owned())]);
+        drop(s);
+        assert_eq!(Store::open(&dir.db()).expect("reopen").cluster_id().expect("id"), id);
+        let other = TempDir::new("cluster-id-other");
+        assert_ne!(Store::open(&other.db()).expect("another").cluster_id().expect("id"), id);
     }
 
     /// The median of `runs` timings of `f`.

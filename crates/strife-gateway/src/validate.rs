@@ -5,7 +5,7 @@ use crate::coordinator::PayRequest;
 use crate::error::GatewayError;
 use crate::page_token;
 use crate::store::PageQuery;
-use strife_core::limits::{ADDRESS_MAX, HISTORY_PAGE_DEFAULT, HISTORY_PAGE_MAX, PASSWORD_MAX};
+use strife_core::limits::{ADDRESS_MAX, HISTORY_PAGE_DEFAULT, HISTORY_PAGE_MAX, PASSWORD_MAX, STORE_ID_MAX};
 use strife_core::{Amount, PaymentId, Secret, UserRef, validate_bank_name, validate_user_name};
 use strife_proto::gateway::v1 as pb;
 
@@ -113,12 +113,27 @@ pub fn register(req: &pb::RegisterBankRequest) -> Result<(), GatewayError> {
             "address must be an IP address and port, like 127.0.0.1:7001",
         ));
     }
+    store_id("ledger_id", &req.ledger_id)?;
+    store_id("cluster_id", &req.cluster_id)?;
     Ok(())
 }
 
 /// A bank's inquiry: the transaction id must be a UUID.
 pub fn inquire(req: &pb::InquireRequest) -> Result<(), GatewayError> {
     req.txn_id.parse::<PaymentId>().map_err(|_| GatewayError::invalid("txn_id", "txn_id must be a UUID"))?;
+    store_id("cluster_id", &req.cluster_id)?;
+    Ok(())
+}
+
+/// A ledger or cluster id: empty (a sender older than ids), or at most
+/// [`STORE_ID_MAX`] letters, digits and '-'.
+pub fn store_id(field: &'static str, id: &str) -> Result<(), GatewayError> {
+    if id.len() > STORE_ID_MAX || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(GatewayError::invalid(
+            field,
+            format!("{field} must be at most {STORE_ID_MAX} letters, digits and '-'"),
+        ));
+    }
     Ok(())
 }
 
@@ -158,5 +173,20 @@ mod tests {
         let t = |seconds| prost_types::Timestamp { seconds, nanos: 0 };
         assert_eq!(time_bounds(Some(&t(1)), Some(&t(2))).expect("ordered"), (Some(1000), Some(2000)));
         assert!(time_bounds(Some(&t(2)), Some(&t(1))).is_err());
+    }
+
+    #[test]
+    fn ledger_and_cluster_ids() {
+        let field = |id: &str| match store_id("ledger_id", id) {
+            Ok(()) => None,
+            Err(GatewayError::Invalid { field, .. }) => Some(field),
+            Err(other) => panic!("{other:?}"),
+        };
+        assert_eq!(field(""), None, "a bank older than ids");
+        assert_eq!(field("0b6f6d0e-8a43-4c1e-9d55-2f3a8c7f4b11"), None);
+        assert_eq!(field(&"a".repeat(STORE_ID_MAX)), None);
+        assert_eq!(field(&"a".repeat(STORE_ID_MAX + 1)), Some("ledger_id"));
+        assert_eq!(field("ü"), Some("ledger_id"));
+        assert_eq!(field("a b"), Some("ledger_id"));
     }
 }

@@ -87,6 +87,10 @@ fn every_attack_is_refused_and_changes_nothing() {
     let dir = c.path().to_path_buf();
     let gw = c.gateway.addr.clone();
     let bank_a = c.banks[c.bank_index("BankA")].addr.clone();
+    let ledger_a: String = rusqlite::Connection::open(dir.join("banks/BankA/bank.db"))
+        .expect("BankA's ledger")
+        .query_row("SELECT id FROM ledger", [], |r| r.get(0))
+        .expect("its id");
 
     let revoked = rt.block_on(async {
         let ch = grpc::client_channel(&dir, &gw).await;
@@ -306,23 +310,50 @@ fn every_attack_is_refused_and_changes_nothing() {
                 reg.register_bank(pb::RegisterBankRequest {
                     name: "BankB".into(),
                     address: "127.0.0.1:9".into(),
+                    ..Default::default()
                 })
                 .await,
             ),
         );
-        // Not an attack: only BankA holds BankA's key, so another address is
-        // another replica of BankA. Nothing answers there: from now on the
+        // Only BankA holds BankA's key, but that does not make a second
+        // process of it a replica: it must serve the same ledger, or it
+        // would hold and move money of its own (a second BankA started by
+        // mistake on another database).
+        let second = |ledger_id: &str, cluster_id: &str| pb::RegisterBankRequest {
+            name: "BankA".into(),
+            address: "127.0.0.1:9".into(),
+            ledger_id: ledger_id.into(),
+            cluster_id: cluster_id.into(),
+        };
+        t.row(
+            "a second live BankA elsewhere, on another ledger",
+            Code::AlreadyExists,
+            drop_ok(reg.register_bank(second(&grpc::new_id(), "")).await),
+        );
+        t.row(
+            "a second live BankA elsewhere, naming no ledger",
+            Code::AlreadyExists,
+            drop_ok(reg.register_bank(second("", "")).await),
+        );
+        t.row(
+            "BankA registering, naming another cluster",
+            Code::FailedPrecondition,
+            drop_ok(reg.register_bank(second(&ledger_a, &grpc::new_id())).await),
+        );
+        t.row(
+            "BankA inquiring, naming another cluster",
+            Code::FailedPrecondition,
+            drop_ok(
+                reg.inquire(pb::InquireRequest { txn_id: grpc::new_id(), cluster_id: grpc::new_id() }).await,
+            ),
+        );
+        // Not an attack: another address serving BankA's ledger is another
+        // replica of BankA. Nothing answers there: from now on the
         // gateway's calls to BankA that go there are answered by the other.
         t.row(
-            "BankA's certificate registering a second address (a replica: accepted)",
+            "a second BankA on BankA's ledger (a replica: OK)",
             Code::Ok,
-            drop_ok(
-                reg.register_bank(pb::RegisterBankRequest {
-                    name: "BankA".into(),
-                    address: "127.0.0.1:9".into(),
-                })
-                .await,
-            ),
+            drop_ok(reg.register_bank(second(&ledger_a, "")).await),
         );
         t.row(
             "registering an unknown bank with a client certificate",
@@ -332,6 +363,7 @@ fn every_attack_is_refused_and_changes_nothing() {
                     .register_bank(pb::RegisterBankRequest {
                         name: "BankX".into(),
                         address: "127.0.0.1:9".into(),
+                        ..Default::default()
                     })
                     .await,
             ),

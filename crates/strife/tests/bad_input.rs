@@ -221,7 +221,11 @@ fn identities_are_enforced_by_certificate() {
         // ... nor register under another bank's name.
         let mut reg = pb::registry_service_client::RegistryServiceClient::new(ch.clone());
         let e = reg
-            .register_bank(pb::RegisterBankRequest { name: "BankB".into(), address: bank_a.clone() })
+            .register_bank(pb::RegisterBankRequest {
+                name: "BankB".into(),
+                address: bank_a.clone(),
+                ..Default::default()
+            })
             .await
             .expect_err("wrong name");
         assert_eq!(e.code(), Code::PermissionDenied);
@@ -230,7 +234,11 @@ fn identities_are_enforced_by_certificate() {
         let ch = grpc::client_channel(&dir, &gw).await;
         let mut reg = pb::registry_service_client::RegistryServiceClient::new(ch);
         let e = reg
-            .register_bank(pb::RegisterBankRequest { name: "BankA".into(), address: bank_a.clone() })
+            .register_bank(pb::RegisterBankRequest {
+                name: "BankA".into(),
+                address: bank_a.clone(),
+                ..Default::default()
+            })
             .await
             .expect_err("client registering");
         assert_eq!(e.code(), Code::PermissionDenied);

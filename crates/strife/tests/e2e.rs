@@ -520,42 +520,112 @@ fn a_list_of_gateways_is_served_by_whichever_answers() {
     assert_ne!(r.code, 0, "{r:?}");
 }
 
-/// A bank given a list of gateways registers with every one (each its own
-/// loop: a dead address in the list keeps it from none of the others), and
-/// each gateway can reach it.
+/// A bank uses the gateways of one cluster only. Given two independent
+/// gateways (each its own SQLite payment log, so each would presume abort
+/// for the other's payments), it registers with the first it reaches (a
+/// dead address before it in the list does not stop it), says once in its
+/// log that the other is not used, and the other does not have it.
 #[test]
-fn a_bank_registers_with_every_gateway_it_lists() {
-    let dir = TempDir::new("two-gateways");
+fn a_bank_uses_the_gateways_of_one_cluster_only() {
+    let dir = TempDir::new("two-clusters");
     let r = run_cli(&dir.0, &["certs", "init", "--bank", "BankA"], &[]);
     assert_eq!(r.code, 0, "{r:?}");
     let data = |n: &str| dir.0.join(n).to_string_lossy().into_owned();
     let (data1, data2) = (data("gateway-1"), data("gateway-2"));
     let g1 = start_gateway(&dir.0, "127.0.0.1:0", &[("STRIFE_GATEWAY_DATA_DIR", &data1)]);
-    let g2 = start_gateway(&dir.0, "127.0.0.1:0", &[("STRIFE_GATEWAY_DATA_DIR", &data2)]);
+    // At debug, the gateway logs every registration call with its status.
+    let (g2, g2_log) = start_gateway_logged(
+        &dir.0,
+        "127.0.0.1:0",
+        &[("STRIFE_GATEWAY_DATA_DIR", &data2), ("STRIFE_LOG_LEVEL", "debug")],
+    );
     // Port 1 on loopback refuses connections: a gateway that is down.
     let list = format!("127.0.0.1:1,{},{}", g1.addr, g2.addr);
-    let _bank = start_bank(&dir.0, "BankA", &list, &[]);
-    for g in [&g1, &g2] {
-        let deadline = std::time::Instant::now() + WAIT;
-        loop {
-            let r = run_cli(&dir.0, &["--json", "--gateway", &g.addr, "status"], &[]);
-            let banks = if r.code == 0 { r.json()["banks"].clone() } else { serde_json::Value::Null };
-            if banks
-                .as_array()
-                .is_some_and(|b| b.iter().any(|b| b["name"] == "BankA" && b["reachable"] == true))
-            {
-                break;
-            }
-            assert!(std::time::Instant::now() < deadline, "BankA never registered at {}: {r:?}", g.addr);
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-        let r = run_cli(
-            &dir.0,
-            &["--json", "--gateway", &g.addr, "login", "--bank", "BankA", "--user", "user1"],
-            &[("STRIFE_PASSWORD", "pass1")],
-        );
-        assert_eq!(r.code, 0, "a login at {} reaches the bank: {r:?}", g.addr);
+    let (bank, log) = start_bank_logged(&dir.0, "BankA", &list, &[]);
+    let refusal = format!("gateway {} belongs to another cluster; it is not used", g2.addr);
+    let line = wait_for_log_line(&log, &refusal);
+    assert!(line.contains("ERROR"), "{line}");
+    let deadline = std::time::Instant::now() + WAIT;
+    while bank_replicas(&dir.0, &g1.addr, "BankA") != [(bank.addr.clone(), true)] {
+        assert!(std::time::Instant::now() < deadline, "BankA never registered at {}", g1.addr);
+        std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    assert_eq!(bank_replicas(&dir.0, &g2.addr, "BankA"), [], "the other cluster's gateway does not have it");
+    let login = |gateway: &str| {
+        run_cli(
+            &dir.0,
+            &["--json", "--gateway", gateway, "login", "--bank", "BankA", "--user", "user1"],
+            &[("STRIFE_PASSWORD", "pass1")],
+        )
+    };
+    let r = login(&g1.addr);
+    assert_eq!(r.code, 0, "a login at {} reaches the bank: {r:?}", g1.addr);
+    let r = login(&g2.addr);
+    assert_eq!(
+        (r.code, r.json()["reason"].as_str()),
+        (6, Some("UNKNOWN_BANK")),
+        "no BankA at {}: {r:?}",
+        g2.addr
+    );
+    // The bank keeps knocking (the other gateway refuses it each time, for
+    // naming another cluster), but says so once, and is never taken there.
+    wait_for_log_lines(&g2_log, &["RegisterBank", "FAILED_PRECONDITION"], 3);
+    assert_eq!(bank_replicas(&dir.0, &g2.addr, "BankA"), []);
+    let g2_text = std::fs::read_to_string(&g2_log).expect("log");
+    assert!(
+        !g2_text.lines().any(|l| l.contains("RegisterBank") && l.contains("status=\"OK\"")),
+        "not even for a moment: the bank tried the gateways one at a time until one answered\n{g2_text}"
+    );
+    let text = std::fs::read_to_string(&log).expect("log");
+    assert_eq!(text.matches(&refusal).count(), 1, "{text}");
+}
+
+/// Two processes of BankA on ledgers of their own (a second started by
+/// mistake on another SQLite file, under the same certificate) are not
+/// replicas: the gateway refuses the second while the first is live, and
+/// every payment goes to the first's ledger. Once the first is gone, the
+/// second is taken (the bank moved to a new ledger).
+#[test]
+fn a_second_bank_process_on_another_ledger_is_refused_while_the_first_is_live() {
+    let mut c = Cluster::start(&["BankA", "BankB"]);
+    c.login("user1", "BankA");
+    c.login("user1", "BankB");
+    let first = c.banks[c.bank_index("BankA")].addr.clone();
+    let elsewhere = c.path().join("elsewhere");
+    let elsewhere_text = elsewhere.to_string_lossy().into_owned();
+    let (second, log) =
+        start_bank_logged(c.path(), "BankA", &c.gateway.addr, &[("STRIFE_BANK_DATA_DIR", &elsewhere_text)]);
+    let line = wait_for_log_line(&log, "ALREADY_EXISTS");
+    assert!(line.contains("ERROR"), "{line}");
+    assert!(line.contains(&format!("bank BankA is already served from {first} by another ledger")), "{line}");
+    assert!(line.contains("replicas of a bank must share one ledger"), "{line}");
+    assert_eq!(bank_replicas(c.path(), &c.gateway.addr, "BankA"), [(first.clone(), true)]);
+
+    for _ in 0..5 {
+        let r = c.pay("user1@BankA", "user1@BankB", "1.00");
+        assert_eq!((r.code, r.json()["status"].as_str()), (0, Some("committed")), "{r:?}");
+        let r = c.pay("user1@BankB", "user1@BankA", "0.50");
+        assert_eq!(r.code, 0, "{r:?}");
+    }
+    assert_eq!(c.balance("user1@BankA"), (100_000 - 250, 100_000 - 250), "the first ledger moved the money");
+    let second_ledger =
+        rusqlite::Connection::open(elsewhere.join("BankA/bank.db")).expect("the second's ledger");
+    let untouched: (i64, i64) = second_ledger
+        .query_row(
+            "SELECT balance_minor, (SELECT COUNT(*) FROM legs) FROM accounts WHERE user = 'user1'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .expect("user1");
+    assert_eq!(untouched, (100_000, 0), "the second ledger saw no payment");
+    wait_audit_ok(c.path());
+
+    // The first stops: once it is stale, the second is BankA.
+    let index = c.bank_index("BankA");
+    assert_eq!(c.banks[index].stop(), Some(0));
+    wait_for_log_line(&log, "registered with the gateway");
+    assert_eq!(bank_replicas(c.path(), &c.gateway.addr, "BankA"), [(second.addr.clone(), true)]);
+    assert_eq!(c.balance("user1@BankA"), (100_000, 100_000), "the bank now answers from its new ledger");
 }
 
 /// The audit is only worth its exit 0 if it fails on every kind of

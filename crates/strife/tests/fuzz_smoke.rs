@@ -122,10 +122,15 @@ fn valid_requests() -> Vec<Vec<u8>> {
         ),
         (
             Rpc::RegisterBank,
-            gw::RegisterBankRequest { name: "BankB".into(), address: "127.0.0.1:7001".into() }
-                .encode_to_vec(),
+            gw::RegisterBankRequest {
+                name: "BankB".into(),
+                address: "127.0.0.1:7001".into(),
+                ledger_id: UUID.into(),
+                cluster_id: UUID.into(),
+            }
+            .encode_to_vec(),
         ),
-        (Rpc::Inquire, gw::InquireRequest { txn_id: UUID.into() }.encode_to_vec()),
+        (Rpc::Inquire, gw::InquireRequest { txn_id: UUID.into(), cluster_id: UUID.into() }.encode_to_vec()),
         (Rpc::Status, gw::StatusRequest {}.encode_to_vec()),
         (
             Rpc::VerifyPassword,
@@ -164,8 +169,11 @@ fn edge_case_request(rng: &mut Rng) -> Vec<u8> {
             gw::PayRequest { payment_id: f(), payee, amount: f() }.encode_to_vec()
         }
         Rpc::GetPayment => gw::GetPaymentRequest { payment_id: f() }.encode_to_vec(),
-        Rpc::RegisterBank => gw::RegisterBankRequest { name: f(), address: f() }.encode_to_vec(),
-        Rpc::Inquire => gw::InquireRequest { txn_id: f() }.encode_to_vec(),
+        Rpc::RegisterBank => {
+            gw::RegisterBankRequest { name: f(), address: f(), ledger_id: f(), cluster_id: f() }
+                .encode_to_vec()
+        }
+        Rpc::Inquire => gw::InquireRequest { txn_id: f(), cluster_id: f() }.encode_to_vec(),
         Rpc::VerifyPassword => bank::VerifyPasswordRequest { user: f(), password: f() }.encode_to_vec(),
         Rpc::BankBalance => bank::GetBalanceRequest { user: f() }.encode_to_vec(),
         Rpc::Commit => bank::CommitRequest { txn_id: f() }.encode_to_vec(),

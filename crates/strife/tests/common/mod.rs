@@ -309,6 +309,66 @@ pub fn start_bank(dir: &Path, name: &str, gateway: &str, envs: &[(&str, &str)]) 
     Proc { name: name.into(), child, addr, lines }
 }
 
+/// [`start_bank`], also returning the file that gets the process's stderr:
+/// its own log, where two processes of one bank share `DIR/logs`.
+pub fn start_bank_logged(dir: &Path, name: &str, gateway: &str, envs: &[(&str, &str)]) -> (Proc, PathBuf) {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--dir").arg(dir).args(["bank", "--name", name, "--listen", "127.0.0.1:0", "--gateway", gateway]);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let (child, line, lines, log) = spawn_command_logged(cmd, dir, "listening on");
+    let addr = line.rsplit(' ').next().expect("addr").to_owned();
+    (Proc { name: name.into(), child, addr, lines }, log)
+}
+
+/// [`start_gateway`], also returning the file that gets its stderr.
+pub fn start_gateway_logged(dir: &Path, listen: &str, envs: &[(&str, &str)]) -> (Proc, PathBuf) {
+    let mut cmd = Command::new(BIN);
+    cmd.arg("--dir").arg(dir).args(["gateway", "--listen", listen]);
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let (child, line, lines, log) = spawn_command_logged(cmd, dir, "listening on");
+    let addr = line.rsplit(' ').next().expect("addr").to_owned();
+    (Proc { name: "gateway".into(), child, addr, lines }, log)
+}
+
+/// Waits until the file at `path` has a line containing `needle`; returns
+/// that line. Panics with the file's text if it does not within the bound.
+pub fn wait_for_log_line(path: &Path, needle: &str) -> String {
+    wait_for_log_lines(path, &[needle], 1).remove(0)
+}
+
+/// Waits until the file at `path` has `count` lines that contain every one
+/// of `needles`; returns them.
+pub fn wait_for_log_lines(path: &Path, needles: &[&str], count: usize) -> Vec<String> {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = std::fs::read_to_string(path).unwrap_or_default();
+        let found: Vec<String> =
+            text.lines().filter(|l| needles.iter().all(|n| l.contains(n))).map(str::to_owned).collect();
+        if found.len() >= count {
+            return found;
+        }
+        assert!(Instant::now() < deadline, "{} never logged {count} × {needles:?}:\n{text}", path.display());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// The `(address, reachable)` of each replica of bank `name` in the status
+/// of the gateway at `gateway`.
+pub fn bank_replicas(dir: &Path, gateway: &str, name: &str) -> Vec<(String, bool)> {
+    let r = run_cli(dir, &["--json", "--gateway", gateway, "status"], &[]);
+    assert_eq!(r.code, 0, "status: {r:?}");
+    let banks = r.json()["banks"].as_array().cloned().unwrap_or_default();
+    banks
+        .iter()
+        .filter(|b| b["name"] == name)
+        .map(|b| (b["address"].as_str().unwrap_or_default().to_owned(), b["reachable"] == true))
+        .collect()
+}
+
 pub fn run_cli(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Run {
     let mut cmd = Command::new(BIN);
     cmd.arg("--dir").arg(dir).args(args).stdin(Stdio::null()).env_remove("STRIFE_PASSWORD");

@@ -8,7 +8,9 @@
 
 use prost::Message;
 use strife_bank::error::BankError;
-use strife_core::limits::{ADDRESS_MAX, AMOUNT_MAX_MINOR, AMOUNT_TEXT_MAX, HISTORY_PAGE_MAX, PASSWORD_MAX};
+use strife_core::limits::{
+    ADDRESS_MAX, AMOUNT_MAX_MINOR, AMOUNT_TEXT_MAX, HISTORY_PAGE_MAX, PASSWORD_MAX, STORE_ID_MAX,
+};
 use strife_core::money::format_minor;
 use strife_core::{Amount, PaymentId, Secret, UserRef, validate_bank_name, validate_user_name};
 use strife_gateway::error::GatewayError;
@@ -264,6 +266,9 @@ fn check_register(req: gw::RegisterBankRequest) -> Outcome {
                 "register accepted {:?}",
                 req.address
             );
+            for id in [&req.ledger_id, &req.cluster_id] {
+                assert!(id_like(id), "register accepted the id {id:?}");
+            }
             Outcome::Accepted
         }
         Err(e) => gateway_refusal("register", &e),
@@ -274,10 +279,17 @@ fn check_inquire(req: gw::InquireRequest) -> Outcome {
     match strife_gateway::validate::inquire(&req) {
         Ok(()) => {
             assert!(req.txn_id.parse::<PaymentId>().is_ok(), "inquire accepted {:?}", req.txn_id);
+            assert!(id_like(&req.cluster_id), "inquire accepted the id {:?}", req.cluster_id);
             Outcome::Accepted
         }
         Err(e) => gateway_refusal("inquire", &e),
     }
+}
+
+/// What a ledger or cluster id may be: empty, or a short run of letters,
+/// digits and '-'.
+fn id_like(id: &str) -> bool {
+    id.len() <= STORE_ID_MAX && id.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
 }
 
 fn check_user(user: &str) -> Outcome {
