@@ -25,24 +25,18 @@ use crate::accounts::{AccountSpec, Credential, hash_password};
 use crate::error::BankError;
 use crate::ledger::{Decision, Funds, Ledger, Leg, LegRequest, LegState, Totals, Vote, check_leg};
 use crate::ledger::{parse_state, state_name};
-use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod, Runtime, Transaction};
+use deadpool_postgres::{Pool, Transaction};
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
 use strife_core::{DeclineReason, Secret};
+use strife_rpc::pg_pool;
 use strife_twopc::Vote as MachineVote;
 use strife_twopc::participant::{self as machine, Effect, Force};
-use tokio_postgres::NoTls;
 use tokio_postgres::error::SqlState;
 
 refinery::embed_migrations!("migrations/postgres");
 
-/// Connections one bank process keeps to its database.
-pub const POOL_SIZE_MAX: usize = 16;
-/// Longest wait for a free connection; then the call fails as busy.
-const POOL_WAIT: Duration = Duration::from_secs(10);
-/// Longest wait to open a connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub use strife_rpc::pg_pool::POOL_SIZE_MAX;
 /// Runs of one transaction that PostgreSQL aborted for a deadlock or a
 /// serialization failure, or that lost the race for its leg's record to
 /// another process (nothing of an aborted run remains).
@@ -66,20 +60,8 @@ impl PostgresLedger {
     /// and claims the database for `bank` (a database holds one bank's
     /// ledger; a process of another bank is refused).
     pub async fn connect(url: &Secret<String>, bank: &str) -> Result<PostgresLedger, BankError> {
-        let mut config: tokio_postgres::Config = url
-            .expose()
-            .parse()
-            .map_err(|e| BankError::Internal(format!("bank.store is not a PostgreSQL URL: {e}")))?;
-        config.connect_timeout(CONNECT_TIMEOUT).application_name(format!("strife-bank-{bank}"));
-        let manager =
-            Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-        let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE_MAX)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(POOL_WAIT))
-            .create_timeout(Some(CONNECT_TIMEOUT))
-            .build()
-            .map_err(|e| BankError::Internal(format!("connection pool: {e}")))?;
+        let pool = pg_pool::pool(url, "bank.store", &format!("strife-bank-{bank}"))
+            .map_err(|e| BankError::Internal(format!("{e:#}")))?;
         let mut ledger = PostgresLedger { pool, bank: Arc::from(bank), ledger_id: Arc::from("") };
         ledger.migrate().await?;
         ledger.ledger_id = Arc::from(ledger.claim().await?);
@@ -87,23 +69,9 @@ impl PostgresLedger {
     }
 
     async fn migrate(&self) -> Result<(), BankError> {
-        let mut client = self.pool.get().await?;
-        let synchronous: String = client.query_one("SHOW synchronous_commit", &[]).await?.get(0);
-        if synchronous == "off" {
-            return Err(BankError::Internal(
-                "the database runs with synchronous_commit = off: a commit could be lost in a crash \
-                 after the bank answered; set it on"
-                    .into(),
-            ));
-        }
-        client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
-        let migrated = migrations::runner().run_async(&mut **client).await;
-        client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await?;
-        let report = migrated.map_err(|e| BankError::Internal(format!("migrating the ledger: {e}")))?;
-        for m in report.applied_migrations() {
-            tracing::info!(migration = %m, "applied a migration to the ledger");
-        }
-        Ok(())
+        pg_pool::migrate(&self.pool, MIGRATION_LOCK, migrations::runner(), "ledger")
+            .await
+            .map_err(|e| BankError::Internal(format!("{e:#}")))
     }
 
     /// Claims the database for this bank; returns the ledger's id.
@@ -671,7 +639,7 @@ mod tests {
     async fn a_ledger_from_before_ids_gets_one() {
         let url = new_database();
         let config: tokio_postgres::Config = url.expose().parse().expect("url");
-        let (mut client, connection) = config.connect(NoTls).await.expect("connect");
+        let (mut client, connection) = config.connect(tokio_postgres::NoTls).await.expect("connect");
         let task = tokio::spawn(connection);
         migrations::runner()
             .set_target(refinery::Target::Version(1))

@@ -29,26 +29,22 @@ use crate::error::GatewayError;
 use crate::store::{Cursor, PageQuery, PaymentCounts, PaymentPage, PaymentRecord, PaymentState, now_ms};
 use crate::throttle::{Entry, Rule};
 use crate::tokens::{KEYS_MAX, SigningKey};
-use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod, Runtime};
+use deadpool_postgres::{Object, Pool};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use strife_core::limits::HISTORY_PAGE_MAX;
 use strife_core::{DeclineReason, Secret, UserRef};
+use strife_rpc::pg_pool;
 use tokio::sync::mpsc;
+use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
 use tokio_postgres::types::ToSql;
-use tokio_postgres::{NoTls, Row};
 
 refinery::embed_migrations!("migrations/postgres");
 
-/// Connections one gateway process keeps to the database.
-pub const POOL_SIZE_MAX: usize = 16;
-/// Longest wait for a free connection; then the call fails as overloaded.
-const POOL_WAIT: Duration = Duration::from_secs(10);
-/// Longest wait to open a connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+pub use strife_rpc::pg_pool::POOL_SIZE_MAX;
 /// Runs of one transaction that PostgreSQL aborted for a deadlock or a
 /// serialization failure (nothing of an aborted run remains).
 const TRANSACTION_TRIES_MAX: u32 = 8;
@@ -124,21 +120,13 @@ impl PostgresStore {
     /// lacks (one process at a time). Errors never show the URL: the
     /// caller names the store by [`crate::backend::StoreUrl::redacted`].
     pub async fn connect(url: &Secret<String>, leases: Leases) -> Result<PostgresStore, GatewayError> {
-        let mut config: tokio_postgres::Config = url
-            .expose()
-            .parse()
-            .map_err(|e| GatewayError::Internal(format!("gateway.store is not a PostgreSQL URL: {e}")))?;
-        config.connect_timeout(CONNECT_TIMEOUT).application_name("strife-gateway");
-        let manager =
-            Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
-        let pool = Pool::builder(manager)
-            .max_size(POOL_SIZE_MAX)
-            .runtime(Runtime::Tokio1)
-            .wait_timeout(Some(POOL_WAIT))
-            .create_timeout(Some(CONNECT_TIMEOUT))
-            .build()
-            .map_err(|e| GatewayError::Internal(format!("connection pool: {e}")))?;
-        migrate(&pool).await?;
+        let pool =
+            pg_pool::pool(url, "gateway.store", "strife-gateway").map_err(|e| internal(format!("{e:#}")))?;
+        let mut runner = migrations::runner();
+        runner.set_migration_table_name(MIGRATION_TABLE);
+        pg_pool::migrate(&pool, MIGRATION_LOCK, runner, "gateway's store")
+            .await
+            .map_err(|e| internal(format!("{e:#}")))?;
         let (lazy_acks, queue) = mpsc::channel(LAZY_ACKS_QUEUED_MAX);
         // Ends when the last clone of the store is dropped (the queue closes).
         tokio::spawn(write_lazy_acks(pool.clone(), queue));
@@ -221,31 +209,6 @@ impl PostgresStore {
 
 fn internal(e: impl std::fmt::Display) -> GatewayError {
     GatewayError::Internal(e.to_string())
-}
-
-/// Checks the server forces commits, then applies the migrations the
-/// database lacks, one process at a time.
-async fn migrate(pool: &Pool) -> Result<(), GatewayError> {
-    let mut client = pool.get().await?;
-    let synchronous: String = client.query_one("SHOW synchronous_commit", &[]).await?.try_get(0)?;
-    if synchronous == "off" {
-        return Err(GatewayError::Internal(
-            "the database runs with synchronous_commit = off: a decision could be lost in a crash \
-             after the gateway announced it; set it on"
-                .into(),
-        ));
-    }
-    client.execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK]).await?;
-    let mut runner = migrations::runner();
-    runner.set_migration_table_name(MIGRATION_TABLE);
-    let migrated = runner.run_async(&mut **client).await;
-    client.execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK]).await?;
-    let report =
-        migrated.map_err(|e| GatewayError::Internal(format!("migrating the gateway's store: {e}")))?;
-    for m in report.applied_migrations() {
-        tracing::info!(migration = %m, "applied a migration to the gateway's store");
-    }
-    Ok(())
 }
 
 /// Writes the lazy acknowledgement marks queued meanwhile, a batch per
