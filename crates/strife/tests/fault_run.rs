@@ -17,14 +17,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-const FAST: &[(&str, &str)] = &[
-    ("STRIFE_GATEWAY_PREPARE_TIMEOUT_MS", "1000"),
-    ("STRIFE_GATEWAY_COMMIT_TIMEOUT_MS", "500"),
-    ("STRIFE_GATEWAY_PAYMENT_DEADLINE_MS", "2000"),
-    ("STRIFE_BANK_INQUIRY_INTERVAL_MS", "200"),
-    ("STRIFE_BANK_REGISTER_INTERVAL_MS", "200"),
-];
-
 #[test]
 fn payments_survive_kills_and_pauses() {
     let seed = seed_from_env("STRIFE_FAULT_SEED");

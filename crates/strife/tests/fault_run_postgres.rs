@@ -22,13 +22,6 @@ use std::time::{Duration, Instant};
 use strife_core::Secret;
 use strife_rpc::postgres_server::{INSTALL_COMMAND, Lifetime, PostgresServer};
 
-const FAST: &[(&str, &str)] = &[
-    ("STRIFE_GATEWAY_PREPARE_TIMEOUT_MS", "1000"),
-    ("STRIFE_GATEWAY_COMMIT_TIMEOUT_MS", "500"),
-    ("STRIFE_GATEWAY_PAYMENT_DEADLINE_MS", "2000"),
-    ("STRIFE_BANK_INQUIRY_INTERVAL_MS", "200"),
-    ("STRIFE_BANK_REGISTER_INTERVAL_MS", "200"),
-];
 const GATEWAYS: usize = 3;
 /// The bank processes: BankA once, BankB twice (replicas of one ledger).
 const BANK_PROCESSES: [&str; 3] = ["BankA", "BankB", "BankB"];

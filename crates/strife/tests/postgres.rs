@@ -380,7 +380,7 @@ fn two_gateways(tag: &str, gw_envs: [&[(&str, &str)]; 2]) -> (TempDir, Secret<St
     let gateways: Vec<Proc> = gw_envs
         .iter()
         .map(|extra| {
-            let mut envs: Vec<(&str, &str)> = TAKEOVER_FAST.to_vec();
+            let mut envs: Vec<(&str, &str)> = common::FAST.to_vec();
             envs.push(("STRIFE_GATEWAY_STORE", url_g.expose()));
             envs.extend_from_slice(extra);
             start_gateway(&dir.0, "127.0.0.1:0", &envs)
@@ -388,23 +388,14 @@ fn two_gateways(tag: &str, gw_envs: [&[(&str, &str)]; 2]) -> (TempDir, Secret<St
         .collect();
     let list = format!("{},{}", gateways[0].addr, gateways[1].addr);
     let banks = vec![
-        start_bank(&dir.0, "BankA", &list, TAKEOVER_FAST),
-        start_bank(&dir.0, "BankB", &list, TAKEOVER_FAST),
+        start_bank(&dir.0, "BankA", &list, common::FAST),
+        start_bank(&dir.0, "BankB", &list, common::FAST),
     ];
     for g in &gateways {
         wait_registered_at(&dir.0, Some(&g.addr), &["BankA", "BankB"]);
     }
     (dir, url_g, gateways, banks)
 }
-
-/// Short deadlines, so that a payment a dead gateway left is finished soon.
-const TAKEOVER_FAST: &[(&str, &str)] = &[
-    ("STRIFE_GATEWAY_PREPARE_TIMEOUT_MS", "1000"),
-    ("STRIFE_GATEWAY_COMMIT_TIMEOUT_MS", "500"),
-    ("STRIFE_GATEWAY_PAYMENT_DEADLINE_MS", "2000"),
-    ("STRIFE_BANK_INQUIRY_INTERVAL_MS", "200"),
-    ("STRIFE_BANK_REGISTER_INTERVAL_MS", "200"),
-];
 
 #[test]
 fn failed_logins_and_token_keys_are_the_clusters_not_one_gateways() {

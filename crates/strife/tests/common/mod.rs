@@ -17,6 +17,16 @@ pub const BIN: &str = env!("CARGO_BIN_EXE_strife");
 /// Upper bound for anything a test waits on.
 pub const WAIT: Duration = Duration::from_secs(60);
 
+/// Short timeouts and heartbeats, so that faults resolve in a test's time:
+/// a payment's deadline of 2 s, inquiries and registrations every 200 ms.
+pub const FAST: &[(&str, &str)] = &[
+    ("STRIFE_GATEWAY_PREPARE_TIMEOUT_MS", "1000"),
+    ("STRIFE_GATEWAY_COMMIT_TIMEOUT_MS", "500"),
+    ("STRIFE_GATEWAY_PAYMENT_DEADLINE_MS", "2000"),
+    ("STRIFE_BANK_INQUIRY_INTERVAL_MS", "200"),
+    ("STRIFE_BANK_REGISTER_INTERVAL_MS", "200"),
+];
+
 /// A directory removed when dropped.
 pub struct TempDir(pub PathBuf);
 
