@@ -49,7 +49,7 @@ pub const ATTEMPT_MIN: Duration = Duration::from_secs(1);
 /// live ones); doubled at each failure in a row, up to [`EJECT_MAX`].
 pub const EJECT_FIRST: Duration = Duration::from_secs(1);
 /// The longest a failed replica is passed over before it is tried again.
-pub const EJECT_MAX: Duration = Duration::from_secs(8);
+pub const EJECT_MAX: Duration = Duration::from_secs(4);
 /// Times one call asks again about a payment another copy of which is
 /// still being decided (`PAYMENT_IN_PROGRESS`), within its budget.
 pub const IN_PROGRESS_RETRIES_MAX: u32 = 8;
@@ -63,8 +63,8 @@ pub const IN_PROGRESS_PAUSE_MAX: Duration = Duration::from_secs(1);
 /// [`KEEPALIVE_TIMEOUT`], so they move to another replica.
 pub const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
 /// How long an HTTP/2 ping may go unanswered before the connection is
-/// given up.
-pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+/// given up. (A false alarm costs a retry at another replica.)
+pub const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// A change to the set of replicas, as a discovery watch reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -349,13 +349,13 @@ impl Gateways {
                     match result {
                         Ok(channel) => {
                             for slow in &running {
-                                tracing::debug!(gateway = %slow, "slower to connect than another; passed over");
+                                tracing::info!(gateway = %slow, "gateway slower to connect than another; passed over");
                                 self.failed(slow);
                             }
                             return Some((address, channel));
                         }
                         Err(why) => {
-                            tracing::info!(gateway = %address, error = %why, "gateway unreachable; trying another");
+                            tracing::info!(gateway = %address, error = %why, "gateway unreachable; passed over, trying another");
                             self.failed(&address);
                             failures.push(why);
                             hedge_at = Instant::now();
@@ -431,7 +431,7 @@ impl Gateways {
                 },
                 Err(_) => format!("no answer within {} ms", share.as_millis()),
             };
-            tracing::info!(gateway = %address, error = %why, "gateway unavailable; trying another");
+            tracing::info!(gateway = %address, error = %why, "gateway unavailable; passed over, trying another");
             self.failed(&address);
             failures.push(format!("{address}: {why}"));
             if Instant::now() >= deadline {
@@ -485,7 +485,8 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("addr").to_string();
         let (_, health) = tonic_health::server::health_reporter();
-        let server = tonic::transport::Server::builder().tls_config(tls.server()).expect("tls").add_service(health);
+        let server =
+            tonic::transport::Server::builder().tls_config(tls.server()).expect("tls").add_service(health);
         tokio::spawn(server.serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)));
         address
     }
@@ -552,7 +553,10 @@ mod tests {
         // Unavailable everywhere: each replica once, then the error.
         let always_down = counted(|_| Err(tonic::Status::unavailable("shutting down")));
         let e = g.call(Duration::from_secs(10), always_down).await.expect_err("none answered");
-        assert!(matches!(&e, CallError::Unreachable(why) if why.contains(&one) && why.contains(&two)), "{e:?}");
+        assert!(
+            matches!(&e, CallError::Unreachable(why) if why.contains(&one) && why.contains(&two)),
+            "{e:?}"
+        );
         assert_eq!(count.swap(0, Ordering::SeqCst), 2, "each replica once");
 
         // A business answer, or a bank's unavailability, is final.
