@@ -148,8 +148,8 @@ impl Client {
         if let Some(gateways) = self.gateways.get() {
             return Ok(gateways);
         }
-        let addresses = gateway_addresses(&self.dir, self.gateway.as_deref())
-            .map_err(|e| CallError::Setup(e.message))?;
+        let addresses =
+            gateway_addresses(&self.dir, self.gateway.as_deref()).map_err(|e| CallError::Setup(e.message))?;
         let gateways = Gateways::open(&self.dir, &addresses)?;
         Ok(self.gateways.get_or_init(|| gateways))
     }

@@ -220,7 +220,10 @@ fn up_runs_gateway_and_bank_replicas_on_postgres_and_sigterm_stops_every_one() {
     );
     let gateways = ready_gateways(&ready);
     assert_eq!(gateways.len(), 3, "{ready}");
-    assert!(gateways[0] != gateways[1] && gateways[1] != gateways[2] && gateways[0] != gateways[2], "{ready}");
+    assert!(
+        gateways[0] != gateways[1] && gateways[1] != gateways[2] && gateways[0] != gateways[2],
+        "{ready}"
+    );
     assert!(ready.contains("banks=BankA,BankB"), "{ready}");
     let list = gateways.join(",");
     let written = std::fs::read_to_string(d.join("gateway.addr")).expect("gateway.addr");
