@@ -43,7 +43,7 @@ struct Cli {
 /// wherever it is given, so the variable is read after the merge.)
 #[derive(Args, Debug, Clone, Default)]
 struct ClientFlags {
-    /// The gateway: ADDR, or a comma-separated list of replicas, the first that answers serving (default: STRIFE_GATEWAY, else the one `strife up` wrote in DIR).
+    /// The gateway: ADDR, or a comma-separated list of replicas, which calls take in turn and fail over between (default: STRIFE_GATEWAY, else the list `strife up` wrote in DIR).
     #[arg(long, value_name = "ADDR")]
     gateway: Option<String>,
     /// Which logged-in session to act for, as USER@BANK (default: the most recent login).
