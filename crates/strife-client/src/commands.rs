@@ -1,12 +1,15 @@
 //! The client commands. Each returns a [`Reply`] (JSON, text and exit code)
 //! or a [`CliError`]; `main` prints them.
 
-use crate::connect::{ConnectError, connect_any, gateway_addresses};
+use crate::connect::gateway_addresses;
 use crate::exit::{CliError, Exit, Reply};
+use crate::gateways::{CallError, Gateways};
 use crate::instances::{self, Instance, Role};
 use crate::state::{ClientState, Enqueued, Pending, Session};
 use serde_json::{Value, json};
+use std::future::Future;
 use std::path::PathBuf;
+use std::sync::OnceLock;
 use std::time::Duration;
 use strife_core::money::format_minor;
 use strife_core::{Amount, DeclineReason, PaymentId, Secret, UserRef};
@@ -15,6 +18,7 @@ use strife_proto::gateway::v1::ErrorReason;
 use strife_rpc::config::ClientConfig;
 use strife_rpc::errors;
 use strife_rpc::wire::{account, decline_reason_from, rfc3339};
+use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 
 /// One client invocation: where its state is, which gateway, which session.
@@ -28,6 +32,10 @@ pub struct Client {
     /// `DIR/client.db`; None until a login creates it (commands that only
     /// read never create anything).
     state: Option<ClientState>,
+    /// The gateway replicas, made from `gateway` at the first call and
+    /// kept for the client's life (the shell's), with what calls learnt
+    /// about each.
+    gateways: OnceLock<Gateways>,
 }
 
 /// What happened when a payment from the outbox was sent.
@@ -53,13 +61,31 @@ fn is_outage(code: tonic::Code) -> bool {
     )
 }
 
-fn with_token<T>(msg: T, session: &Session) -> Result<tonic::Request<T>, CliError> {
-    let mut req = tonic::Request::new(msg);
-    let value = format!("Bearer {}", session.token.expose())
+/// The `authorization` header of a session's calls.
+fn bearer(session: &Session) -> Result<MetadataValue<Ascii>, CliError> {
+    format!("Bearer {}", session.token.expose())
         .parse()
-        .map_err(|_| CliError::new(Exit::NotAllowed, "the stored session is corrupt: log in again"))?;
-    req.metadata_mut().insert("authorization", value);
-    Ok(req)
+        .map_err(|_| CliError::new(Exit::NotAllowed, "the stored session is corrupt: log in again"))
+}
+
+/// A request carrying the session's token (made anew for each attempt).
+fn authed<T>(msg: T, auth: &MetadataValue<Ascii>) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert("authorization", auth.clone());
+    req
+}
+
+fn payments(channel: Channel) -> pb::payments_service_client::PaymentsServiceClient<Channel> {
+    pb::payments_service_client::PaymentsServiceClient::new(channel)
+}
+
+impl From<CallError> for CliError {
+    fn from(e: CallError) -> CliError {
+        match e {
+            CallError::Answered(status) => CliError::from_status(&status),
+            other => CliError::new(Exit::Unexpected, other.to_string()),
+        }
+    }
 }
 
 fn not_logged_in() -> CliError {
@@ -83,7 +109,7 @@ impl Client {
         config: ClientConfig,
     ) -> Result<Client, CliError> {
         let state = ClientState::open_existing(&dir).map_err(storage_error)?;
-        Ok(Client { dir, gateway, as_user, config, state })
+        Ok(Client { dir, gateway, as_user, config, state, gateways: OnceLock::new() })
     }
 
     /// The client state, created if this directory has none yet.
@@ -115,10 +141,27 @@ impl Client {
         Duration::from_millis(self.config.request_timeout_ms)
     }
 
-    async fn channel(&self) -> Result<Channel, ConnectError> {
-        let addresses = gateway_addresses(&self.dir, self.gateway.as_deref())
-            .map_err(|e| ConnectError::Setup(e.message))?;
-        connect_any(&self.dir, &addresses, self.timeout()).await
+    /// The gateway replicas this client calls: `--gateway`/`STRIFE_GATEWAY`
+    /// (a list), else `DIR/gateway.addr`. A discovery backend may change
+    /// the set at run time through [`Gateways::apply`].
+    pub fn gateways(&self) -> Result<&Gateways, CallError> {
+        if let Some(gateways) = self.gateways.get() {
+            return Ok(gateways);
+        }
+        let addresses =
+            gateway_addresses(&self.dir, self.gateway.as_deref()).map_err(|e| CallError::Setup(e.message))?;
+        let gateways = Gateways::open(&self.dir, &addresses)?;
+        Ok(self.gateways.get_or_init(|| gateways))
+    }
+
+    /// One RPC at the gateway replicas, failing over between them, within
+    /// the request timeout (see [`Gateways::call`]).
+    async fn call<T, F, Fut>(&self, op: F) -> Result<T, CallError>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        self.gateways()?.call(self.timeout(), op).await
     }
 
     /// The session a command acts for.
@@ -142,16 +185,20 @@ impl Client {
         password: Secret<String>,
     ) -> Result<Reply, CliError> {
         let who = UserRef::new(user, bank).map_err(|e| CliError::new(Exit::Invalid, e.to_string()))?;
-        let mut client = pb::session_service_client::SessionServiceClient::new(self.channel().await?);
-        let resp = client
-            .login(pb::LoginRequest {
-                bank: who.bank.clone(),
-                user: who.user.clone(),
-                password: password.expose().clone(),
+        let req = pb::LoginRequest {
+            bank: who.bank.clone(),
+            user: who.user.clone(),
+            password: password.expose().clone(),
+        };
+        let resp = self
+            .call(|channel| {
+                let req = req.clone();
+                async move {
+                    let mut client = pb::session_service_client::SessionServiceClient::new(channel);
+                    client.login(req).await.map(tonic::Response::into_inner)
+                }
             })
-            .await
-            .map_err(|s| CliError::from_status(&s))?
-            .into_inner();
+            .await?;
         let expires_at = rfc3339(resp.expire_time.as_ref());
         let session =
             Session { who: who.clone(), token: Secret::new(resp.token), expires_at: expires_at.clone() };
@@ -170,16 +217,17 @@ impl Client {
     pub async fn logout(&mut self) -> Result<Reply, CliError> {
         let session = self.session()?;
         let who = session.who.clone();
-        match self.channel().await {
-            Ok(channel) => {
-                let mut client = pb::payments_service_client::PaymentsServiceClient::new(channel);
-                match client.logout(with_token(pb::LogoutRequest {}, &session)?).await {
-                    // An already invalid token is as good as logged out.
-                    Ok(_) => {}
-                    Err(s) if s.code() == tonic::Code::Unauthenticated => {}
-                    Err(s) => return Err(CliError::from_status(&s)),
-                }
-            }
+        let auth = bearer(&session)?;
+        let logout = self
+            .call(|channel| {
+                let req = authed(pb::LogoutRequest {}, &auth);
+                async move { payments(channel).logout(req).await.map(|_| ()) }
+            })
+            .await;
+        match logout {
+            // An already invalid token is as good as logged out.
+            Ok(()) => {}
+            Err(CallError::Answered(s)) if s.code() == tonic::Code::Unauthenticated => {}
             Err(e) => return Err(e.into()),
         }
         self.state_mut()?.delete_session(&who)?;
@@ -191,12 +239,13 @@ impl Client {
 
     pub async fn balance(&self) -> Result<Reply, CliError> {
         let session = self.session()?;
-        let mut client = pb::payments_service_client::PaymentsServiceClient::new(self.channel().await?);
-        let resp = client
-            .get_balance(with_token(pb::GetBalanceRequest {}, &session)?)
-            .await
-            .map_err(|s| CliError::from_status(&s))?
-            .into_inner();
+        let auth = bearer(&session)?;
+        let resp = self
+            .call(|channel| {
+                let req = authed(pb::GetBalanceRequest {}, &auth);
+                async move { payments(channel).get_balance(req).await.map(tonic::Response::into_inner) }
+            })
+            .await?;
         let account = resp.account.unwrap_or_else(|| account(&session.who));
         let text = format!(
             "{}@{}: balance {}, available {}",
@@ -266,21 +315,29 @@ impl Client {
             self.state_mut()?.record_attempt(&p.payment_id, &e.message)?;
             return Ok(Sent::Waiting(e));
         };
-        let channel = match self.channel().await {
-            Ok(c) => c,
-            Err(ConnectError::Unreachable(why)) => {
-                self.state_mut()?.record_attempt(&p.payment_id, &format!("gateway unreachable: {why}"))?;
-                return Ok(Sent::Queued(why));
-            }
-            Err(e @ ConnectError::Setup(_)) => return Err(e.into()),
-        };
-        let mut client = pb::payments_service_client::PaymentsServiceClient::new(channel);
+        let auth = bearer(&session)?;
         let req = pb::PayRequest {
             payment_id: p.payment_id.clone(),
             payee: Some(account(&p.payee)),
             amount: format_minor(p.amount_minor),
         };
-        match client.pay(with_token(req, &session)?).await {
+        // Every attempt, at whichever replica, carries the same payment id.
+        let answer = self
+            .call(|channel| {
+                let req = authed(req.clone(), &auth);
+                async move { payments(channel).pay(req).await }
+            })
+            .await;
+        let answer = match answer {
+            Ok(resp) => Ok(resp),
+            Err(CallError::Answered(s)) => Err(s),
+            Err(CallError::Unreachable(why)) => {
+                self.state_mut()?.record_attempt(&p.payment_id, &format!("gateway unreachable: {why}"))?;
+                return Ok(Sent::Queued(why));
+            }
+            Err(e @ CallError::Setup(_)) => return Err(e.into()),
+        };
+        match answer {
             Ok(resp) => {
                 let resp = resp.into_inner();
                 let committed = resp.status() == pb::PaymentStatus::Committed;
@@ -324,34 +381,37 @@ impl Client {
     /// (the first page without one), or every page with `page.all`.
     pub async fn history(&self, page: HistoryPage) -> Result<Reply, CliError> {
         let session = self.session()?;
-        let mut client = pb::payments_service_client::PaymentsServiceClient::new(self.channel().await?);
-        let mut payments = Vec::new();
+        let auth = bearer(&session)?;
+        let mut listed = Vec::new();
         let mut token = page.token.unwrap_or_default();
         loop {
+            // Page tokens mean the same at every replica: each page may
+            // come from another.
             let req = pb::ListPaymentsRequest {
                 page_size: i32::try_from(page.size).unwrap_or(i32::MAX),
                 page_token: token,
                 start_time: None,
                 end_time: None,
             };
-            let resp = client
-                .list_payments(with_token(req, &session)?)
-                .await
-                .map_err(|s| CliError::from_status(&s))?
-                .into_inner();
-            payments.extend(resp.payments.iter().map(PaymentView::of));
+            let resp = self
+                .call(|channel| {
+                    let req = authed(req.clone(), &auth);
+                    async move { payments(channel).list_payments(req).await.map(tonic::Response::into_inner) }
+                })
+                .await?;
+            listed.extend(resp.payments.iter().map(PaymentView::of));
             token = resp.next_page_token;
             if token.is_empty() || !page.all {
                 break;
             }
         }
-        let mut text = format!("History of {}:\n{}\n", session.who, history_table(&payments));
+        let mut text = format!("History of {}:\n{}\n", session.who, history_table(&listed));
         if !token.is_empty() {
             text.push_str(&format!("More: strife history --page-token {token}\n"));
         }
         let next = (!token.is_empty()).then_some(token);
         Ok(Reply::done(
-            json!({ "payments": payments.iter().map(PaymentView::json).collect::<Vec<_>>(), "next_page_token": next }),
+            json!({ "payments": listed.iter().map(PaymentView::json).collect::<Vec<_>>(), "next_page_token": next }),
             text.trim_end().to_owned(),
         ))
     }
@@ -508,12 +568,13 @@ impl Client {
         let session = self.session()?;
         let id: PaymentId =
             id.parse().map_err(|e: strife_core::NameError| CliError::new(Exit::Invalid, e.to_string()))?;
-        let mut client = pb::payments_service_client::PaymentsServiceClient::new(self.channel().await?);
-        let resp = client
-            .get_payment(with_token(pb::GetPaymentRequest { payment_id: id.to_string() }, &session)?)
-            .await
-            .map_err(|s| CliError::from_status(&s))?
-            .into_inner();
+        let auth = bearer(&session)?;
+        let resp = self
+            .call(|channel| {
+                let req = authed(pb::GetPaymentRequest { payment_id: id.to_string() }, &auth);
+                async move { payments(channel).get_payment(req).await.map(tonic::Response::into_inner) }
+            })
+            .await?;
         let p = resp.payment.ok_or_else(|| CliError::unexpected("the gateway sent no payment"))?;
         let p = PaymentView::of(&p);
         Ok(Reply::done(
@@ -534,9 +595,12 @@ impl Client {
 
     /// The gateway's view of the cluster.
     pub async fn status(&self) -> Result<Reply, CliError> {
-        let mut client = pb::admin_service_client::AdminServiceClient::new(self.channel().await?);
-        let s =
-            client.status(pb::StatusRequest {}).await.map_err(|s| CliError::from_status(&s))?.into_inner();
+        let s = self
+            .call(|channel| async move {
+                let mut client = pb::admin_service_client::AdminServiceClient::new(channel);
+                client.status(pb::StatusRequest {}).await.map(tonic::Response::into_inner)
+            })
+            .await?;
         let mut text = format!(
             "gateway up (boot {}): {} committed, {} declined, {} in progress\n",
             s.gateway_boot_id, s.payments_committed, s.payments_declined, s.payments_pending

@@ -1,7 +1,8 @@
 //! Finding and reaching the gateway: its addresses from `--gateway`,
 //! `STRIFE_GATEWAY` (a comma-separated list of replicas) or
 //! `DIR/gateway.addr`; mutual TLS with the client certificate in
-//! `DIR/certs`; the first replica that answers serves the command.
+//! `DIR/certs`. Commands spread their calls over the replicas and fail
+//! over between them through [`crate::gateways::Gateways`].
 
 use crate::exit::{CliError, Exit};
 use std::path::{Path, PathBuf};
@@ -92,26 +93,6 @@ fn read_address_file(dir: &Path) -> Result<String, CliError> {
     })
 }
 
-/// A channel to the first of `addresses` that answers, trying them in order
-/// from a random one (so that clients spread over the replicas); an error
-/// naming why each failed when none does.
-pub async fn connect_any(
-    dir: &Path,
-    addresses: &[String],
-    timeout: Duration,
-) -> Result<Channel, ConnectError> {
-    let start = usize::try_from(uuid::Uuid::new_v4().as_u128() % addresses.len().max(1) as u128).unwrap_or(0);
-    let mut failures = Vec::new();
-    for addr in addresses.iter().cycle().skip(start).take(addresses.len()) {
-        match connect(dir, addr, timeout).await {
-            Ok(channel) => return Ok(channel),
-            Err(ConnectError::Unreachable(why)) => failures.push(why),
-            Err(setup) => return Err(setup),
-        }
-    }
-    Err(ConnectError::Unreachable(failures.join("; ")))
-}
-
 /// A channel to the gateway, connected (or an error saying it is down).
 pub async fn connect(dir: &Path, addr: &str, timeout: Duration) -> Result<Channel, ConnectError> {
     let tls = Tls::load(&CertDir::new(dir), &Peer::Client(CLIENT_NAME.to_owned()))
@@ -128,7 +109,7 @@ pub async fn connect(dir: &Path, addr: &str, timeout: Duration) -> Result<Channe
 /// The innermost error of a chain, which says what went wrong ("Connection
 /// refused"); the layers above it ("transport error", "tcp connect error",
 /// the latter twice) only say where.
-fn root_cause(e: &dyn std::error::Error) -> String {
+pub(crate) fn root_cause(e: &dyn std::error::Error) -> String {
     let mut cause = e;
     while let Some(inner) = cause.source() {
         cause = inner;

@@ -6,6 +6,7 @@
 pub mod commands;
 pub mod connect;
 pub mod exit;
+pub mod gateways;
 pub mod instances;
 pub mod shell;
 pub mod state;

@@ -58,6 +58,24 @@ fn with_cause(e: &tokio_postgres::Error) -> String {
     }
 }
 
+/// Whether a database error says the server is out of reach (the
+/// connection broke or could not be made, or the server is shutting down
+/// or starting): the caller may try another gateway, which may reach it.
+/// Every write of a payment is idempotent per payment id, so a retry
+/// elsewhere finds what this one wrote.
+fn database_unreachable(e: &tokio_postgres::Error) -> bool {
+    use tokio_postgres::error::SqlState;
+    if e.is_closed() || std::error::Error::source(e).is_some_and(|s| s.is::<std::io::Error>()) {
+        return true;
+    }
+    e.code().is_some_and(|c| {
+        c.code().starts_with("08")
+            || *c == SqlState::ADMIN_SHUTDOWN
+            || *c == SqlState::CRASH_SHUTDOWN
+            || *c == SqlState::CANNOT_CONNECT_NOW
+    })
+}
+
 /// A connection from the pool: none free in time means overloaded.
 impl From<deadpool_postgres::PoolError> for GatewayError {
     fn from(e: deadpool_postgres::PoolError) -> GatewayError {
@@ -127,6 +145,14 @@ impl From<GatewayError> for Status {
             GatewayError::Storage(err) => {
                 tracing::error!(error = %err, "storage failure");
                 errors::internal()
+            }
+            GatewayError::Postgres(err) if database_unreachable(&err) => {
+                tracing::warn!(error = %with_cause(&err), "the database is unreachable");
+                errors::status(
+                    Code::Unavailable,
+                    ErrorReason::Unavailable,
+                    "this gateway cannot reach its database right now; try again (another gateway may answer)",
+                )
             }
             GatewayError::Postgres(err) => {
                 tracing::error!(error = %with_cause(&err), "database failure");

@@ -33,6 +33,9 @@ pub struct GatewayOptions {
     /// The Strife directory (certificates, logs, `gateway.addr`).
     pub dir: PathBuf,
     pub config: Config,
+    /// Write this gateway's address to `DIR/gateway.addr` for clients. Off
+    /// under `strife up`, which writes the list of every gateway there.
+    pub write_address_file: bool,
 }
 
 /// Runs the gateway on `listener` until `shutdown` resolves.
@@ -104,7 +107,9 @@ async fn serve<S: GatewayStore>(
     ));
 
     let local = listener.local_addr()?;
-    strife_rpc::pki::write_public_file(&opts.dir.join(GATEWAY_ADDR_FILE), &format!("{local}\n"))?;
+    if opts.write_address_file {
+        strife_rpc::pki::write_public_file(&opts.dir.join(GATEWAY_ADDR_FILE), &format!("{local}\n"))?;
+    }
     let (_health, health, reflection_v1, reflection_v1alpha) = strife_rpc::serve::standard_services(&[
         "strife.gateway.v1.SessionService",
         "strife.gateway.v1.PaymentsService",

@@ -43,7 +43,7 @@ struct Cli {
 /// wherever it is given, so the variable is read after the merge.)
 #[derive(Args, Debug, Clone, Default)]
 struct ClientFlags {
-    /// The gateway: ADDR, or a comma-separated list of replicas, the first that answers serving (default: STRIFE_GATEWAY, else the one `strife up` wrote in DIR).
+    /// The gateway: ADDR, or a comma-separated list of replicas, which calls take in turn and fail over between (default: STRIFE_GATEWAY, else the list `strife up` wrote in DIR).
     #[arg(long, value_name = "ADDR")]
     gateway: Option<String>,
     /// Which logged-in session to act for, as USER@BANK (default: the most recent login).
@@ -373,7 +373,9 @@ fn run(cli: Cli) -> Result<Reply, CliError> {
             strife_rpc::telemetry::init(log_name, &dir, &config.log.level).map_err(fatal)?;
             let listen = listen.unwrap_or_else(|| config.gateway.listen.clone());
             let workers = config.runtime.workers;
-            let opts = strife_gateway::GatewayOptions { dir, config };
+            // Under `up`, which writes every gateway's address there.
+            let write_address_file = !cli.supervised;
+            let opts = strife_gateway::GatewayOptions { dir, config, write_address_file };
             server_runtime(workers)?
                 .block_on(async move {
                     let (listener, _) = strife_rpc::serve::bind(&listen).await?;

@@ -386,8 +386,8 @@ async fn wait_started(starting: Vec<Starting>) -> anyhow::Result<Vec<String>> {
 
 /// What runs where. Once the cluster is ready, every change is written to
 /// `DIR/instances.json` (for `strife status`) and the gateways' addresses
-/// to `DIR/gateway.addr` (for clients; a gateway writes only its own
-/// there when it starts).
+/// to `DIR/gateway.addr` (for clients; a gateway run by `up` leaves that
+/// file alone).
 struct Roster {
     dir: PathBuf,
     state: Mutex<RosterState>,
