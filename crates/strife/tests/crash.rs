@@ -22,18 +22,59 @@ enum Victim {
     BankA,
 }
 
+/// Where the servers keep their state.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Stores {
+    Sqlite,
+    /// The gateway and each bank in a database of its own on the test
+    /// binary's private PostgreSQL server.
+    Postgres,
+}
+
 fn crash_and_recover(point: &str, victim: Victim) -> &'static str {
+    crash_and_recover_on(point, victim, Stores::Sqlite)
+}
+
+fn crash_and_recover_on(point: &str, victim: Victim, stores: Stores) -> &'static str {
     let dir = TempDir::new("crash");
     let d = &dir.0;
     assert_eq!(run_cli(d, &["certs", "init"], &[]).code, 0);
-    let mut crash_env: Vec<(&str, &str)> = FAST.to_vec();
-    crash_env.push(("STRIFE_CRASH_AT", point));
-    let gw_env: &[(&str, &str)] = if matches!(victim, Victim::Gateway) { &crash_env } else { FAST };
-    let a_env: &[(&str, &str)] = if matches!(victim, Victim::BankA) { &crash_env } else { FAST };
-    let mut gateway = start_gateway(d, "127.0.0.1:0", gw_env);
+    let mut urls: Vec<(&str, String)> = Vec::new();
+    if stores == Stores::Postgres {
+        let pg = strife_rpc::postgres_server::shared_for_tests().unwrap_or_else(|e| panic!("{e}"));
+        let name = |what: &str| strife_rpc::postgres_server::unique_name(what);
+        let gateway = pg.create_private_database(&name("crash_gw_role"), &name("crash_gw")).expect("db");
+        // Every process in DIR, and the audit, read the gateway's store here.
+        std::fs::write(d.join("strife.toml"), format!("[gateway]\nstore = \"{}\"\n", gateway.expose()))
+            .expect("strife.toml");
+        for bank in ["BankA", "BankB"] {
+            let url = pg.create_private_database(&name("crash_bank_role"), &name("crash_bank")).expect("db");
+            urls.push((bank, url.expose().clone()));
+        }
+    }
+    let bank_store = |bank: &str| -> Vec<(String, String)> {
+        urls.iter()
+            .filter(|(b, _)| *b == bank)
+            .map(|(_, u)| ("STRIFE_BANK_STORE".to_owned(), u.clone()))
+            .collect()
+    };
+    let env = |crash: bool, store: Vec<(String, String)>| -> Vec<(String, String)> {
+        let mut e: Vec<(String, String)> = FAST.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        if crash {
+            e.push(("STRIFE_CRASH_AT".into(), point.into()));
+        }
+        e.extend(store);
+        e
+    };
+
+    let gw_env = env(matches!(victim, Victim::Gateway), Vec::new());
+    let a_env = env(matches!(victim, Victim::BankA), bank_store("BankA"));
+    let a_env_after = env(false, bank_store("BankA"));
+    let b_env = env(false, bank_store("BankB"));
+    let mut gateway = start_gateway(d, "127.0.0.1:0", &refs(&gw_env));
     let gw = gateway.addr.clone();
-    let mut bank_a = start_bank(d, "BankA", &gw, a_env);
-    let _bank_b = start_bank(d, "BankB", &gw, FAST);
+    let mut bank_a = start_bank(d, "BankA", &gw, &refs(&a_env));
+    let _bank_b = start_bank(d, "BankB", &gw, &refs(&b_env));
     wait_registered(d, &["BankA", "BankB"]);
     for (u, b, p) in [("user1", "BankA", "pass1"), ("user2", "BankB", "pass2")] {
         let r = run_cli(d, &["login", "--bank", b, "--user", u], &[("STRIFE_PASSWORD", p)]);
@@ -64,7 +105,7 @@ fn crash_and_recover(point: &str, victim: Victim) -> &'static str {
         Victim::BankA => {
             let code = wait_exit(&mut bank_a.child);
             assert_eq!(code, None, "BankA died by a signal at {point}");
-            bank_a = start_bank(d, "BankA", &gw, FAST);
+            bank_a = start_bank(d, "BankA", &gw, &refs(&a_env_after));
         }
     }
     wait_registered(d, &["BankA", "BankB"]);
@@ -137,4 +178,61 @@ fn bank_crash_before_applying_commit_applies_it_after_restart() {
 #[test]
 fn bank_crash_after_applying_commit_keeps_it() {
     assert_eq!(crash_and_recover("bank.after_commit", Victim::BankA), "committed");
+}
+
+/// The same crash points with every store in PostgreSQL. One difference:
+/// a restarted gateway aborts nothing at start there (other replicas may be
+/// driving what is preparing); the deadline sweep and the banks' inquiries
+/// abort what nobody drives.
+mod on_postgres {
+    use super::*;
+
+    #[test]
+    fn gateway_crash_after_recording_the_payment_runs_it_at_most_once() {
+        let outcome = crash_and_recover_on("gateway.after_begin", Victim::Gateway, Stores::Postgres);
+        assert!(outcome == "declined" || outcome == "committed", "{outcome}");
+    }
+
+    #[test]
+    fn gateway_crash_before_deciding_aborts_and_releases_holds() {
+        assert_eq!(
+            crash_and_recover_on("gateway.before_decision", Victim::Gateway, Stores::Postgres),
+            "declined"
+        );
+    }
+
+    #[test]
+    fn gateway_crash_after_forcing_commit_still_commits() {
+        assert_eq!(
+            crash_and_recover_on("gateway.after_decision", Victim::Gateway, Stores::Postgres),
+            "committed"
+        );
+    }
+
+    #[test]
+    fn gateway_crash_after_sending_commit_still_commits() {
+        assert_eq!(
+            crash_and_recover_on("gateway.after_commit_sent", Victim::Gateway, Stores::Postgres),
+            "committed"
+        );
+    }
+
+    #[test]
+    fn bank_crash_after_voting_yes_aborts_and_releases_the_hold() {
+        assert_eq!(crash_and_recover_on("bank.after_prepare", Victim::BankA, Stores::Postgres), "declined");
+    }
+
+    #[test]
+    fn bank_crash_before_applying_commit_applies_it_after_restart() {
+        assert_eq!(crash_and_recover_on("bank.before_commit", Victim::BankA, Stores::Postgres), "committed");
+    }
+
+    #[test]
+    fn bank_crash_after_applying_commit_keeps_it() {
+        assert_eq!(crash_and_recover_on("bank.after_commit", Victim::BankA, Stores::Postgres), "committed");
+    }
+}
+
+fn refs(e: &[(String, String)]) -> Vec<(&str, &str)> {
+    e.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
 }
