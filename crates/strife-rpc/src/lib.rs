@@ -10,6 +10,7 @@ pub mod group_commit;
 pub mod identity;
 pub mod pki;
 pub mod postgres_server;
+pub mod revocation;
 pub mod serve;
 pub mod sqlite;
 pub mod store_url;
