@@ -272,7 +272,7 @@ impl Client {
                 self.state_mut()?.record_attempt(&p.payment_id, &format!("gateway unreachable: {why}"))?;
                 return Ok(Sent::Queued(why));
             }
-            Err(e @ ConnectError::Setup(_)) => return Err(e.into()),
+            Err(e @ (ConnectError::Setup(_) | ConnectError::Refused(_))) => return Err(e.into()),
         };
         let mut client = pb::payments_service_client::PaymentsServiceClient::new(channel);
         let req = pb::PayRequest {
@@ -289,6 +289,8 @@ impl Client {
                 self.state_mut()?.finish(p, status, reason.as_deref(), reported)?;
                 Ok(Sent::Final { committed, reason, replayed: resp.replayed })
             }
+            // The gateway refused our certificate: not an outage.
+            Err(s) if strife_rpc::tls::refused_by_server().is_some() => Err(CliError::from_status(&s)),
             Err(s) if is_outage(s.code()) => {
                 let why = if s.message().is_empty() {
                     "the gateway is unreachable".to_owned()
