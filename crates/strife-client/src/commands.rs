@@ -272,7 +272,8 @@ impl Client {
                 self.state_mut()?.record_attempt(&p.payment_id, &format!("gateway unreachable: {why}"))?;
                 return Ok(Sent::Queued(why));
             }
-            Err(e @ (ConnectError::Setup(_) | ConnectError::Refused(_))) => return Err(e.into()),
+            Err(ConnectError::Refused(why)) => return self.wait_for_certificate(p, &why),
+            Err(e @ ConnectError::Setup(_)) => return Err(e.into()),
         };
         let mut client = pb::payments_service_client::PaymentsServiceClient::new(channel);
         let req = pb::PayRequest {
@@ -290,7 +291,9 @@ impl Client {
                 Ok(Sent::Final { committed, reason, replayed: resp.replayed })
             }
             // The gateway refused our certificate: not an outage.
-            Err(s) if strife_rpc::tls::refused_by_server().is_some() => Err(CliError::from_status(&s)),
+            Err(s) if strife_rpc::tls::refused_by_server().is_some() => {
+                self.wait_for_certificate(p, &CliError::from_status(&s).message)
+            }
             Err(s) if is_outage(s.code()) => {
                 let why = if s.message().is_empty() {
                     "the gateway is unreachable".to_owned()
@@ -320,6 +323,16 @@ impl Client {
                 }
             }
         }
+    }
+
+    /// The gateway refused this client's certificate (revoked): the payment
+    /// stays in the outbox, to go with the same id once there is a valid one.
+    fn wait_for_certificate(&mut self, p: &Pending, why: &str) -> Result<Sent, CliError> {
+        self.state_mut()?.record_attempt(&p.payment_id, why)?;
+        Ok(Sent::Waiting(CliError::new(
+            Exit::NotAllowed,
+            format!("{why}; the payment waits in the outbox until this client has a valid certificate"),
+        )))
     }
 
     /// `strife history`: one page of `page.size` payments from `page.token`
