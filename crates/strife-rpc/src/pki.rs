@@ -103,10 +103,12 @@ impl CertDir {
     /// revocations. Released when the value is dropped.
     fn lock(&self) -> anyhow::Result<nix::fcntl::Flock<fs::File>> {
         let path = self.path.join(".lock");
+        use std::os::unix::fs::OpenOptionsExt;
         let file = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
             .write(true)
+            .mode(crate::files::FILE_MODE)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
         nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
