@@ -129,12 +129,12 @@ async fn serve<L: Ledger>(
     let inquiries = tokio::spawn(resolve_in_doubt(opts.clone(), tls.clone(), cluster, service, stop_rx));
     strife_rpc::serve::announce_listening(&opts.name, local);
     tracing::info!(bank = %opts.name, %local, "bank serving");
-    let served = strife_rpc::serve::builder(&tls)?
+    let served = strife_rpc::serve::builder()
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(bank)
-        .serve_with_incoming_shutdown(strife_rpc::serve::incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(strife_rpc::serve::incoming(listener, &tls), shutdown)
         .await;
     let _ = stop_tx.send(true);
     let _ = registration.await;

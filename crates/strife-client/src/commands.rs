@@ -83,6 +83,7 @@ impl From<CallError> for CliError {
     fn from(e: CallError) -> CliError {
         match e {
             CallError::Answered(status) => CliError::from_status(&status),
+            CallError::Refused(m) => CliError::new(Exit::NotAllowed, m),
             other => CliError::new(Exit::Unexpected, other.to_string()),
         }
     }
@@ -335,6 +336,7 @@ impl Client {
                 self.state_mut()?.record_attempt(&p.payment_id, &format!("gateway unreachable: {why}"))?;
                 return Ok(Sent::Queued(why));
             }
+            Err(CallError::Refused(why)) => return self.wait_for_certificate(p, &why),
             Err(e @ CallError::Setup(_)) => return Err(e.into()),
         };
         match answer {
@@ -345,6 +347,10 @@ impl Client {
                 let status = if committed { "committed" } else { "declined" };
                 self.state_mut()?.finish(p, status, reason.as_deref(), reported)?;
                 Ok(Sent::Final { committed, reason, replayed: resp.replayed })
+            }
+            // The gateway refused our certificate: not an outage.
+            Err(s) if strife_rpc::tls::refused_by_server().is_some() => {
+                self.wait_for_certificate(p, &CliError::from_status(&s).message)
             }
             Err(s) if is_outage(s.code()) => {
                 let why = if s.message().is_empty() {
@@ -375,6 +381,16 @@ impl Client {
                 }
             }
         }
+    }
+
+    /// The gateway refused this client's certificate (revoked): the payment
+    /// stays in the outbox, to go with the same id once there is a valid one.
+    fn wait_for_certificate(&mut self, p: &Pending, why: &str) -> Result<Sent, CliError> {
+        self.state_mut()?.record_attempt(&p.payment_id, why)?;
+        Ok(Sent::Waiting(CliError::new(
+            Exit::NotAllowed,
+            format!("{why}; the payment waits in the outbox until this client has a valid certificate"),
+        )))
     }
 
     /// `strife history`: one page of `page.size` payments from `page.token`

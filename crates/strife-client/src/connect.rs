@@ -97,11 +97,24 @@ fn read_address_file(dir: &Path) -> Result<String, CliError> {
 pub async fn connect(dir: &Path, addr: &str, timeout: Duration) -> Result<Channel, ConnectError> {
     let tls = Tls::load(&CertDir::new(dir), &Peer::Client(CLIENT_NAME.to_owned()))
         .map_err(|e| ConnectError::Setup(format!("{e:#}")))?;
+    if tls.is_revoked(&tls.serial()) {
+        return Err(ConnectError::Refused(format!(
+            "this client's certificate (serial {}) is revoked; get a new one with \
+             `strife certs issue --client {CLIENT_NAME}`",
+            tls.serial()
+        )));
+    }
     let endpoint = tls.endpoint(&Peer::Gateway, addr).map_err(|e| ConnectError::Setup(format!("{e:#}")))?;
     let endpoint = endpoint.timeout(timeout);
     match tokio::time::timeout(timeout, endpoint.connect()).await {
         Ok(Ok(channel)) => Ok(channel),
-        Ok(Err(e)) => Err(ConnectError::Unreachable(format!("{addr}: {}", root_cause(&e)))),
+        Ok(Err(e)) => match strife_rpc::tls::refused_by_server() {
+            Some(alert) => Err(ConnectError::Refused(format!(
+                "the gateway at {addr} refused this client's certificate ({alert}): if it was revoked, \
+                 get a new one with `strife certs issue --client {CLIENT_NAME}`"
+            ))),
+            None => Err(ConnectError::Unreachable(format!("{addr}: {}", root_cause(&e)))),
+        },
         Err(_) => Err(ConnectError::Unreachable(format!("{addr}: no answer within {timeout:?}"))),
     }
 }
@@ -123,6 +136,8 @@ pub enum ConnectError {
     Setup(String),
     /// The gateway did not answer: payments wait in the outbox.
     Unreachable(String),
+    /// Our certificate is revoked: no gateway will take it.
+    Refused(String),
 }
 
 impl From<ConnectError> for CliError {
@@ -132,6 +147,7 @@ impl From<ConnectError> for CliError {
             ConnectError::Unreachable(m) => {
                 CliError::new(Exit::Unexpected, format!("the gateway is unreachable ({m})"))
             }
+            ConnectError::Refused(m) => CliError::new(Exit::NotAllowed, m),
         }
     }
 }

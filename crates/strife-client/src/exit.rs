@@ -79,6 +79,15 @@ impl CliError {
         use strife_proto::gateway::v1::ErrorReason;
         use tonic::Code;
         let reason = errors::reason_of(status);
+        if let Some(alert) = strife_rpc::tls::refused_by_server() {
+            return CliError::new(
+                Exit::NotAllowed,
+                format!(
+                    "the gateway refused this client's certificate ({alert}): if it was revoked, \
+                     get a new one with `strife certs issue --client client`"
+                ),
+            );
+        }
         let exit = match (reason, status.code()) {
             (Some(ErrorReason::PaymentIdReused), _) => Exit::IdReused,
             (Some(ErrorReason::InvalidRequest | ErrorReason::UnknownBank), _) => Exit::Invalid,

@@ -31,11 +31,12 @@ use strife_proto::gateway::v1::ErrorReason;
 use strife_rpc::Peer;
 use strife_rpc::errors;
 use strife_rpc::pki::CertDir;
+use strife_rpc::tls::TlsEndpoint;
 use strife_rpc::tls::{CONNECT_TIMEOUT, Tls};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tonic::Code;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Most replicas one call tries (each at most once).
 pub const GATEWAYS_PER_CALL_MAX: usize = 8;
@@ -90,6 +91,10 @@ pub enum CallError {
     /// progress after every ask-again).
     #[error("{}", .0.message())]
     Answered(tonic::Status),
+    /// Our certificate is revoked (by the CRL we hold, or a gateway's TLS
+    /// alert said so): no replica will take it.
+    #[error("{0}")]
+    Refused(String),
 }
 
 /// One replica as the client sees it, for status and measurements.
@@ -187,7 +192,7 @@ impl Gateways {
         self.members.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    fn endpoint(&self, address: &str) -> Result<Endpoint, CallError> {
+    fn endpoint(&self, address: &str) -> Result<TlsEndpoint, CallError> {
         let endpoint = self
             .tls
             .endpoint(&Peer::Gateway, address)
@@ -384,6 +389,13 @@ impl Gateways {
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
     {
+        if self.tls.is_revoked(&self.tls.serial()) {
+            return Err(CallError::Refused(format!(
+                "this client's certificate (serial {}) is revoked; get a new one with \
+                 `strife certs issue --client {CLIENT_NAME}`",
+                self.tls.serial()
+            )));
+        }
         let deadline = Instant::now() + budget;
         let mut tried: Vec<String> = Vec::new();
         let mut failures: Vec<String> = Vec::new();
@@ -444,6 +456,12 @@ impl Gateways {
         if none_tried && self.lock().list.is_empty() {
             return CallError::Setup("no gateway is known: give --gateway ADDR[,ADDR…]".to_owned());
         }
+        if let Some(alert) = strife_rpc::tls::refused_by_server() {
+            return CallError::Refused(format!(
+                "a gateway refused this client's certificate ({alert}): if it was revoked, get a new one \
+                 with `strife certs issue --client {CLIENT_NAME}`"
+            ));
+        }
         if failures.is_empty() {
             return CallError::Unreachable("no gateway answered in time".to_owned());
         }
@@ -453,7 +471,7 @@ impl Gateways {
 
 /// A connection to one replica (TCP, TLS, HTTP/2), within
 /// [`CONNECT_TIMEOUT`]; the error names the address and what went wrong.
-async fn connect(address: &str, endpoint: Endpoint) -> Result<Channel, String> {
+async fn connect(address: &str, endpoint: TlsEndpoint) -> Result<Channel, String> {
     match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
         Ok(Ok(channel)) => Ok(channel),
         Ok(Err(e)) => Err(format!("{address}: {}", crate::connect::root_cause(&e))),
@@ -485,9 +503,8 @@ mod tests {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let address = listener.local_addr().expect("addr").to_string();
         let (_, health) = tonic_health::server::health_reporter();
-        let server =
-            tonic::transport::Server::builder().tls_config(tls.server()).expect("tls").add_service(health);
-        tokio::spawn(server.serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener)));
+        let server = tonic::transport::Server::builder().add_service(health);
+        tokio::spawn(server.serve_with_incoming(strife_rpc::serve::incoming(listener, &tls)));
         address
     }
 

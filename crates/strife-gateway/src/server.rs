@@ -142,7 +142,7 @@ async fn serve<S: GatewayStore>(
     let finisher = tokio::spawn(gateway.clone().run_finisher(stop_rx));
     strife_rpc::serve::announce_listening("gateway", local);
     tracing::info!(%local, boot_id = %gateway.boot_id, cluster_id = %gateway.cluster_id, "gateway serving");
-    let served = strife_rpc::serve::builder(&tls)?
+    let served = strife_rpc::serve::builder()
         .add_service(health)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
@@ -150,7 +150,7 @@ async fn serve<S: GatewayStore>(
         .add_service(payments)
         .add_service(registry)
         .add_service(admin)
-        .serve_with_incoming_shutdown(strife_rpc::serve::incoming(listener), shutdown)
+        .serve_with_incoming_shutdown(strife_rpc::serve::incoming(listener, &tls), shutdown)
         .await;
     gateway.drain(DRAIN_MAX).await;
     let _ = stop_tx.send(true);

@@ -11,6 +11,7 @@ pub mod identity;
 pub mod pg_pool;
 pub mod pki;
 pub mod postgres_server;
+pub mod revocation;
 pub mod serve;
 pub mod sqlite;
 pub mod store_url;

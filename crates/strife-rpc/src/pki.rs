@@ -1,8 +1,11 @@
 //! Strife's private PKI: one CA and a certificate per identity, made with
 //! rcgen. Files live in `DIR/certs`: `ca.pem` (+ `ca.key`), and
-//! `NAME.pem` + `NAME.key` for `gateway`, `client` and each bank.
+//! `NAME.pem` + `NAME.key` for `gateway`, `client` and each bank; the
+//! index of issued certificates (`issued.json`) and the CRL (`crl.pem`)
+//! that [`CertDir::revoke`] writes (see [`crate::revocation`]).
 
 use crate::identity::Peer;
+use crate::revocation::{self, CRL_FILE, ISSUED_FILE, IssuedEntry, Revoked, Serial};
 use anyhow::{Context, bail};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
@@ -34,6 +37,44 @@ pub struct IdentityFiles {
     pub key: PathBuf,
 }
 
+/// A certificate just issued.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub files: IdentityFiles,
+    pub serial: Serial,
+}
+
+/// What to revoke: every certificate issued to an identity, or one serial.
+#[derive(Debug, Clone)]
+pub enum RevokeTarget {
+    Identity(Peer),
+    Serial(Serial),
+}
+
+/// One certificate in the CRL, for the reply of a revocation.
+#[derive(Debug, Clone)]
+pub struct RevokedCertificate {
+    pub serial: Serial,
+    /// Whom it named, if the index knows the serial.
+    pub identity: Option<String>,
+    pub revoked_at: OffsetDateTime,
+}
+
+/// What a revocation did.
+#[derive(Debug, Clone)]
+pub struct Revocation {
+    /// Revoked by this call.
+    pub revoked: Vec<RevokedCertificate>,
+    /// Named by this call but revoked before.
+    pub already: Vec<RevokedCertificate>,
+    /// The CRL file.
+    pub crl: PathBuf,
+    /// The CRL's number (each CRL written has a higher one).
+    pub crl_number: u64,
+    /// How many certificates the CRL lists in all.
+    pub total: usize,
+}
+
 impl CertDir {
     pub fn new(strife_dir: &Path) -> CertDir {
         CertDir { path: strife_dir.join("certs") }
@@ -45,6 +86,42 @@ impl CertDir {
 
     fn ca_key(&self) -> PathBuf {
         self.path.join("ca.key")
+    }
+
+    /// The CRL: servers and clients refuse the certificates it lists.
+    pub fn crl(&self) -> PathBuf {
+        self.path.join(CRL_FILE)
+    }
+
+    /// The index of every certificate issued here.
+    pub fn issued_index(&self) -> PathBuf {
+        self.path.join(ISSUED_FILE)
+    }
+
+    /// Takes the PKI's lock (a `flock` on `DIR/certs/.lock`), so that two
+    /// `strife certs` commands do not lose each other's index entries or
+    /// revocations. Released when the value is dropped.
+    fn lock(&self) -> anyhow::Result<nix::fcntl::Flock<fs::File>> {
+        let path = self.path.join(".lock");
+        use std::os::unix::fs::OpenOptionsExt;
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .mode(crate::files::FILE_MODE)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| anyhow::anyhow!("locking {}: {e}", path.display()))
+    }
+
+    fn ca_issuer(&self) -> anyhow::Result<Issuer<'static, KeyPair>> {
+        let ca_key_pem = fs::read_to_string(self.ca_key())
+            .with_context(|| format!("reading the CA key {}", self.ca_key().display()))?;
+        let ca_cert_pem = fs::read_to_string(self.ca_cert())
+            .with_context(|| format!("reading the CA certificate {}", self.ca_cert().display()))?;
+        let ca_key = KeyPair::from_pem(&ca_key_pem)?;
+        Ok(Issuer::from_ca_cert_pem(&ca_cert_pem, ca_key)?)
     }
 
     pub fn file_stem(peer: &Peer) -> String {
@@ -83,6 +160,15 @@ impl CertDir {
             params.not_before = now - Duration::days(1);
             params.not_after = now + Duration::days(CA_VALIDITY_DAYS);
             let cert = params.self_signed(&key)?;
+            // A CRL or index left from an earlier CA belongs to it: with it,
+            // no certificate of the new CA could be checked.
+            for stale in [self.crl(), self.issued_index()] {
+                match fs::remove_file(&stale) {
+                    Ok(()) => tracing::info!(file = %stale.display(), "removed a file of the previous CA"),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e).with_context(|| format!("removing {}", stale.display())),
+                }
+            }
             write_private(&self.ca_key(), &key.serialize_pem())?;
             write_public_file(&self.ca_cert(), &cert.pem())?;
         }
@@ -98,19 +184,18 @@ impl CertDir {
         Ok(created)
     }
 
-    /// Issues (or re-issues) the certificate of one identity, signed by the CA.
-    pub fn issue(&self, peer: &Peer) -> anyhow::Result<IdentityFiles> {
+    /// Issues (or re-issues) the certificate of one identity, signed by the
+    /// CA, and adds it to the index. Running processes of that identity
+    /// serve the new one from their next connection on (see
+    /// [`crate::tls::Tls`]).
+    pub fn issue(&self, peer: &Peer) -> anyhow::Result<Issued> {
         if let Peer::Bank(name) = peer
             && RESERVED_NAMES.iter().any(|r| r.eq_ignore_ascii_case(name))
         {
             bail!("'{name}' cannot be a bank name: it is reserved");
         }
-        let ca_key_pem = fs::read_to_string(self.ca_key())
-            .with_context(|| format!("reading the CA key {}", self.ca_key().display()))?;
-        let ca_cert_pem = fs::read_to_string(self.ca_cert())
-            .with_context(|| format!("reading the CA certificate {}", self.ca_cert().display()))?;
-        let ca_key = KeyPair::from_pem(&ca_key_pem)?;
-        let issuer = Issuer::from_ca_cert_pem(&ca_cert_pem, ca_key)?;
+        let _lock = self.lock()?;
+        let issuer = self.ca_issuer()?;
 
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
@@ -130,11 +215,95 @@ impl CertDir {
         params.not_after = now + Duration::days(LEAF_VALIDITY_DAYS);
         params.use_authority_key_identifier_extension = true;
         let cert = params.signed_by(&key, &issuer)?;
+        let serial = Serial::of_certificate(cert.der()).context("reading back the new certificate")?;
+        // In the index before the files: a certificate that exists is
+        // always one that `revoke --bank/--client` finds.
+        revocation::append_index(
+            &self.issued_index(),
+            IssuedEntry { serial: serial.to_string(), identity: peer.to_string(), issued_at: rfc3339(now) },
+        )?;
         let files = self.identity(peer);
         write_private(&files.key, &key.serialize_pem())?;
         write_public_file(&files.cert, &cert.pem())?;
-        Ok(files)
+        Ok(Issued { files, serial })
     }
+
+    /// The serial of `peer`'s certificate file, if it has one.
+    pub fn current_serial(&self, peer: &Peer) -> Option<Serial> {
+        let pem = fs::read(self.identity(peer).cert).ok()?;
+        let (_, pem) = x509_parser::pem::parse_x509_pem(&pem).ok()?;
+        Serial::of_certificate(&pem.contents)
+    }
+
+    /// Revokes `target`: every certificate the index (or the identity's
+    /// file) says was issued to it, or one serial; writes the CRL again,
+    /// signed by the CA, with what it listed before and a higher number.
+    /// Revoking what is already revoked changes nothing.
+    pub fn revoke(&self, target: &RevokeTarget) -> anyhow::Result<Revocation> {
+        if !self.exists() {
+            bail!("no CA in {}: run `strife certs init` first", self.path.display());
+        }
+        let _lock = self.lock()?;
+        let index = revocation::read_index(&self.issued_index())?;
+        let identity_of = |serial: &Serial| {
+            let text = serial.to_string();
+            index.iter().find(|e| e.serial == text).map(|e| e.identity.clone())
+        };
+        let serials: Vec<Serial> = match target {
+            RevokeTarget::Serial(serial) => vec![serial.clone()],
+            RevokeTarget::Identity(peer) => {
+                let name = peer.to_string();
+                let mut serials: Vec<Serial> = index
+                    .iter()
+                    .filter(|e| e.identity == name)
+                    .filter_map(|e| e.serial.parse().ok())
+                    .collect();
+                // A PKI made before the index existed: its current file.
+                serials.extend(self.current_serial(peer));
+                serials.sort();
+                serials.dedup();
+                if serials.is_empty() {
+                    bail!("no certificate was issued to {peer} in {}", self.path.display());
+                }
+                serials
+            }
+        };
+        let crl = revocation::read_crl(&self.crl())?;
+        let (number, mut listed) = crl.map_or((0, Vec::new()), |c| (c.number, c.revoked));
+        let now = OffsetDateTime::now_utc();
+        let (mut revoked, mut already) = (Vec::new(), Vec::new());
+        for serial in serials {
+            match listed.iter().find(|r| r.serial == serial) {
+                Some(before) => already.push(RevokedCertificate {
+                    identity: identity_of(&serial),
+                    serial,
+                    revoked_at: before.revoked_at,
+                }),
+                None => revoked.push(RevokedCertificate {
+                    identity: identity_of(&serial),
+                    serial,
+                    revoked_at: now,
+                }),
+            }
+        }
+        let mut crl_number = number;
+        if !revoked.is_empty() {
+            listed.extend(
+                revoked.iter().map(|r| Revoked { serial: r.serial.clone(), revoked_at: r.revoked_at }),
+            );
+            crl_number = number + 1;
+            revocation::write_crl(&self.crl(), &self.ca_issuer()?, crl_number, &listed)?;
+        }
+        Ok(Revocation { revoked, already, crl: self.crl(), crl_number, total: listed.len() })
+    }
+}
+
+/// RFC 3339, to the second.
+pub fn rfc3339(t: OffsetDateTime) -> String {
+    t.replace_nanosecond(0)
+        .unwrap_or(t)
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
 }
 
 /// Writes a non-secret file atomically (temp file, sync, rename).
@@ -194,6 +363,51 @@ mod tests {
             assert_eq!(mode & 0o777, 0o600);
         }
         assert!(certs.issue(&Peer::Bank("gateway".into())).is_err());
+        let _ = fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn revocations_cover_every_certificate_of_a_name_and_accumulate() {
+        let dir = std::env::temp_dir().join(format!("strife-pki-revoke-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let certs = CertDir::new(&dir);
+        let bank = Peer::Bank("BankA".into());
+        certs.init(&[Peer::Gateway, bank.clone(), Peer::Client("client".into())]).expect("init");
+        let first = certs.current_serial(&bank).expect("serial");
+        let renewed = certs.issue(&bank).expect("renew").serial;
+        assert_ne!(first, renewed);
+        assert_eq!(certs.current_serial(&bank), Some(renewed.clone()));
+
+        let done = certs.revoke(&RevokeTarget::Identity(bank.clone())).expect("revoke");
+        let mut serials: Vec<Serial> = done.revoked.iter().map(|r| r.serial.clone()).collect();
+        serials.sort();
+        let mut expected = vec![first, renewed];
+        expected.sort();
+        assert_eq!(serials, expected, "every certificate ever issued to the name");
+        assert!(done.revoked.iter().all(|r| r.identity.as_deref() == Some("bank:BankA")));
+        assert_eq!((done.crl_number, done.total), (1, 2));
+
+        let again = certs.revoke(&RevokeTarget::Identity(bank.clone())).expect("again");
+        assert!(again.revoked.is_empty());
+        assert_eq!((again.already.len(), again.crl_number, again.total), (2, 1, 2), "nothing rewritten");
+
+        let gateway = certs.current_serial(&Peer::Gateway).expect("gateway");
+        let unknown: Serial = "0badc0de".parse().expect("serial");
+        let more = certs.revoke(&RevokeTarget::Serial(gateway.clone())).expect("by serial");
+        assert_eq!(more.revoked[0].identity.as_deref(), Some("gateway"));
+        let last = certs.revoke(&RevokeTarget::Serial(unknown.clone())).expect("unknown serial");
+        assert_eq!(last.revoked[0].identity, None);
+        assert_eq!((last.crl_number, last.total), (3, 4), "revocations accumulate");
+
+        let crl = revocation::read_crl(&certs.crl()).expect("read").expect("crl");
+        let listed: Vec<Serial> = crl.revoked.iter().map(|r| r.serial.clone()).collect();
+        assert!(listed.contains(&gateway) && listed.contains(&unknown) && listed.len() == 4);
+        assert!(certs.revoke(&RevokeTarget::Identity(Peer::Bank("BankZ".into()))).is_err(), "never issued");
+
+        // A new CA starts with no CRL: the old one could check none of its certificates.
+        fs::remove_file(certs.ca_cert()).expect("rm");
+        certs.init(&[]).expect("new CA");
+        assert!(!certs.crl().exists() && !certs.issued_index().exists());
         let _ = fs::remove_dir_all(dir);
     }
 

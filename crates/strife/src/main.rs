@@ -12,7 +12,8 @@ use strife_client::{CliError, Client, Exit, Reply};
 use strife_core::{Secret, UserRef};
 use strife_rpc::Config;
 use strife_rpc::Peer;
-use strife_rpc::pki::CertDir;
+use strife_rpc::pki::{CertDir, RevokeTarget, RevokedCertificate};
+use strife_rpc::revocation::Serial;
 
 #[derive(Parser, Debug)]
 #[command(name = "strife", version, about = "Strife: a payment gateway between banks, over mutual TLS")]
@@ -270,16 +271,54 @@ enum CertsCommand {
     /// stay valid (the gateway reads the keys when it starts).
     RotateTokenKey,
     /// Add one identity to an existing PKI (or renew it): a bank's server
-    /// certificate or a client's certificate, signed by the CA in DIR/certs.
+    /// certificate, a client's certificate, or the gateway's, signed by the
+    /// CA in DIR/certs. Running processes of that identity present the new
+    /// one from their next connection, without a restart.
     Issue {
         /// The bank to issue a certificate for (its name, as in `--name` of `strife bank`).
-        #[arg(long, value_name = "NAME", conflicts_with = "client", required_unless_present = "client")]
+        #[arg(
+            long,
+            value_name = "NAME",
+            conflicts_with_all = ["client", "gateway"],
+            required_unless_present_any = ["client", "gateway"]
+        )]
         bank: Option<String>,
         /// The client identity to issue a certificate for (the client
         /// commands use the one named `client`).
-        #[arg(long, value_name = "NAME")]
+        #[arg(long, value_name = "NAME", conflicts_with = "gateway")]
         client: Option<String>,
+        /// Renew the gateway's certificate.
+        #[arg(long)]
+        gateway: bool,
     },
+    /// Revoke certificates: every one issued so far to a bank, a client or
+    /// the gateway, or one serial number. The CA signs a new CRL
+    /// (DIR/certs/crl.pem) that adds them to those revoked before; running
+    /// servers and clients refuse them from their next connection or
+    /// message, without a restart.
+    Revoke(RevokeArgs),
+}
+
+/// What `certs revoke` revokes: exactly one of these.
+#[derive(Args, Debug)]
+#[group(required = true, multiple = false)]
+struct RevokeArgs {
+    /// Every certificate issued to this bank.
+    #[arg(long, value_name = "NAME")]
+    bank: Option<String>,
+    /// Every certificate issued to this client identity.
+    #[arg(long, value_name = "NAME")]
+    client: Option<String>,
+    /// Every certificate issued to the gateway.
+    #[arg(long)]
+    gateway: bool,
+    /// One certificate, by its serial number in hex (as `certs issue` prints it).
+    #[arg(long, value_name = "N", value_parser = parse_serial)]
+    serial: Option<Serial>,
+}
+
+fn parse_serial(text: &str) -> Result<Serial, String> {
+    text.parse().map_err(|e: anyhow::Error| e.to_string())
 }
 
 #[derive(Args, Debug)]
@@ -537,28 +576,115 @@ fn certs(dir: &std::path::Path, cmd: CertsCommand) -> anyhow::Result<Reply> {
                 ),
             ))
         }
-        CertsCommand::Issue { bank, client } => {
-            let peer = match (bank, client) {
-                (Some(b), _) => {
+        CertsCommand::Issue { bank, client, gateway } => {
+            let peer = match (bank, client, gateway) {
+                (Some(b), _, _) => {
                     strife_core::validate_bank_name(&b)?;
                     Peer::Bank(b)
                 }
-                (None, Some(c)) => {
+                (None, Some(c), _) => {
                     strife_core::validate_user_name(&c)?;
                     Peer::Client(c)
                 }
-                (None, None) => anyhow::bail!("name a --bank or a --client"),
+                (None, None, true) => Peer::Gateway,
+                (None, None, false) => anyhow::bail!("name a --bank, a --client or the --gateway"),
             };
             if !certs.exists() {
                 anyhow::bail!("no CA in {}: run `strife certs init` first", certs.path.display());
             }
-            let files = certs.issue(&peer)?;
+            let issued = certs.issue(&peer)?;
+            let files = &issued.files;
             Ok(Reply::done(
-                serde_json::json!({ "identity": peer.to_string(), "cert": files.cert, "key": files.key }),
-                format!("Issued {peer}: {} and {}", files.cert.display(), files.key.display()),
+                serde_json::json!({
+                    "identity": peer.to_string(),
+                    "serial": issued.serial.to_string(),
+                    "cert": files.cert,
+                    "key": files.key,
+                }),
+                format!(
+                    "Issued {peer} (serial {}): {} and {}. Running processes of {peer} present it from their next connection, without a restart.",
+                    issued.serial,
+                    files.cert.display(),
+                    files.key.display()
+                ),
             ))
         }
+        CertsCommand::Revoke(args) => {
+            let target = match args {
+                RevokeArgs { bank: Some(b), .. } => {
+                    strife_core::validate_bank_name(&b)?;
+                    RevokeTarget::Identity(Peer::Bank(b))
+                }
+                RevokeArgs { client: Some(c), .. } => {
+                    strife_core::validate_user_name(&c)?;
+                    RevokeTarget::Identity(Peer::Client(c))
+                }
+                RevokeArgs { gateway: true, .. } => RevokeTarget::Identity(Peer::Gateway),
+                RevokeArgs { serial: Some(serial), .. } => RevokeTarget::Serial(serial),
+                _ => anyhow::bail!("name a --bank, a --client, the --gateway or a --serial"),
+            };
+            let done = certs.revoke(&target)?;
+            Ok(revocation_reply(&target, &done))
+        }
     }
+}
+
+/// The reply of `certs revoke`: what it revoked now, what was revoked
+/// already, and the CRL.
+fn revocation_reply(target: &RevokeTarget, done: &strife_rpc::pki::Revocation) -> Reply {
+    let entry = |r: &RevokedCertificate| {
+        serde_json::json!({
+            "serial": r.serial.to_string(),
+            "identity": r.identity,
+            "revoked_at": strife_rpc::pki::rfc3339(r.revoked_at),
+        })
+    };
+    let list = |rs: &[RevokedCertificate]| {
+        rs.iter()
+            .map(|r| match &r.identity {
+                Some(who) => format!("{} ({who})", r.serial),
+                None => format!("{} (not in this CA's index)", r.serial),
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut text = Vec::new();
+    if !done.revoked.is_empty() {
+        text.push(format!("Revoked {}.", list(&done.revoked)));
+    }
+    if !done.already.is_empty() {
+        text.push(format!("Already revoked: {}.", list(&done.already)));
+    }
+    text.push(format!(
+        "The CRL {} (number {}) lists {} certificate(s); running servers and clients refuse them from their next connection or message.",
+        done.crl.display(),
+        done.crl_number,
+        done.total
+    ));
+    if let RevokeTarget::Identity(peer) = target {
+        let flag = match peer {
+            Peer::Gateway => "--gateway".to_owned(),
+            Peer::Bank(name) => format!("--bank {name}"),
+            Peer::Client(name) => format!("--client {name}"),
+        };
+        text.push(format!(
+            "Give {peer} a new certificate with `strife certs issue {flag}`; its running processes use it without a restart."
+        ));
+    }
+    Reply::done(
+        serde_json::json!({
+            "identity": match target {
+                RevokeTarget::Identity(peer) => Some(peer.to_string()),
+                RevokeTarget::Serial(_) => None,
+            },
+            "revoked": done.revoked.iter().map(entry).collect::<Vec<_>>(),
+            "already_revoked": done.already.iter().map(entry).collect::<Vec<_>>(),
+            "crl": done.crl,
+            "crl_number": done.crl_number,
+            "total": done.total,
+        }),
+        text.join("\n"),
+    )
 }
 
 #[cfg(test)]

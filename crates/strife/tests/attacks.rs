@@ -523,6 +523,87 @@ fn every_attack_is_refused_and_changes_nothing() {
     });
 
     let after = state(&c);
+
+    // Revoked certificates: `strife certs revoke` refuses them at once, in
+    // the running gateway, at the TLS layer. After the state check: the
+    // renewal of BankA's certificate makes its links reconnect.
+    let certs = |args: &[&str]| {
+        let r = c.cli(args);
+        assert_eq!(r.code, 0, "{args:?}: {r:?}");
+        r.json()
+    };
+    certs(&["--json", "certs", "issue", "--client", "mallory"]);
+    let leaked = TempDir::new("leaked-bank-key");
+    std::fs::create_dir_all(leaked.0.join("certs")).expect("certs");
+    for file in ["ca.pem", "BankA.pem", "BankA.key"] {
+        std::fs::copy(dir.join("certs").join(file), leaked.0.join("certs").join(file)).expect("copy");
+    }
+    rt.block_on(async {
+        let mallory = Peer::Client("mallory".into());
+        let status = |ch: tonic::transport::Channel| async move {
+            drop_ok(pb::admin_service_client::AdminServiceClient::new(ch).status(pb::StatusRequest {}).await)
+        };
+        let connected = grpc::channel(&dir, mallory.clone(), Peer::Gateway, &gw).await.expect("tls");
+        t.row(
+            "client certificate before its revocation (accepted)",
+            Code::Ok,
+            status(connected.clone()).await,
+        );
+        certs(&["--json", "certs", "revoke", "--client", "mallory"]);
+        let refused = match grpc::channel(&dir, mallory, Peer::Gateway, &gw).await {
+            Err(e) => Err(revoked_alert(e)),
+            Ok(ch) => status(ch).await,
+        };
+        t.row("revoked client certificate, new connection", Code::Unavailable, refused.map_err(tls_layer));
+        t.row(
+            "revoked client certificate, connection made before the revocation",
+            Code::Unavailable,
+            status(connected).await.map_err(tls_layer),
+        );
+
+        // BankA's key leaks: BankA gets a new certificate, the old one is
+        // revoked by its serial, and whoever holds the old one cannot
+        // register as BankA; BankA itself goes on with the new one.
+        let issued = certs(&["--json", "certs", "issue", "--bank", "BankA"]);
+        let old_serial = {
+            let text = std::fs::read_to_string(dir.join("certs/issued.json")).expect("index");
+            let index: serde_json::Value = serde_json::from_str(&text).expect("json");
+            let first = index["certificates"]
+                .as_array()
+                .expect("list")
+                .iter()
+                .find(|e| e["identity"] == "bank:BankA");
+            first.expect("BankA")["serial"].as_str().expect("serial").to_owned()
+        };
+        assert_ne!(issued["serial"].as_str(), Some(old_serial.as_str()));
+        certs(&["--json", "certs", "revoke", "--serial", &old_serial]);
+        let register = |ch: tonic::transport::Channel| {
+            let address = bank_a.clone();
+            async move {
+                drop_ok(
+                    pb::registry_service_client::RegistryServiceClient::new(ch)
+                        .register_bank(pb::RegisterBankRequest {
+                            name: "BankA".into(),
+                            address,
+                            ..Default::default()
+                        })
+                        .await,
+                )
+            }
+        };
+        let refused = match grpc::channel(&leaked.0, Peer::Bank("BankA".into()), Peer::Gateway, &gw).await {
+            Err(e) => Err(revoked_alert(e)),
+            Ok(ch) => register(ch).await,
+        };
+        t.row(
+            "revoked bank certificate registering as its bank",
+            Code::Unavailable,
+            refused.map_err(tls_layer),
+        );
+        let renewed = grpc::channel(&dir, Peer::Bank("BankA".into()), Peer::Gateway, &gw).await.expect("tls");
+        t.row("BankA's renewed certificate registering (accepted)", Code::Ok, register(renewed).await);
+    });
+
     t.rows.push((
         "no balance, hold or payment record changed".into(),
         "unchanged".into(),
@@ -554,6 +635,16 @@ fn every_attack_is_refused_and_changes_nothing() {
         leaks.is_empty(),
     ));
     t.finish();
+}
+
+/// A connection refused by the server with the TLS alert
+/// `CertificateRevoked` as UNAVAILABLE naming it; any other failure as
+/// INTERNAL, so that the row fails.
+fn revoked_alert(e: tonic::transport::Error) -> tonic::Status {
+    match strife_rpc::tls::refused_by_server() {
+        Some(alert) if alert == "CertificateRevoked" => tonic::Status::unavailable(format!("{e}: {alert}")),
+        other => tonic::Status::internal(format!("{e}, alert {other:?}")),
+    }
 }
 
 /// Normalizes a TLS-layer refusal (the connection is closed during or just
