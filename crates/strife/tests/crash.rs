@@ -232,7 +232,3 @@ mod on_postgres {
         assert_eq!(crash_and_recover_on("bank.after_commit", Victim::BankA, Stores::Postgres), "committed");
     }
 }
-
-fn refs(e: &[(String, String)]) -> Vec<(&str, &str)> {
-    e.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
-}

@@ -162,7 +162,3 @@ fn with(base: &[(&str, &str)], stores: &[(&str, &Secret<String>)]) -> Vec<(Strin
     out.extend(stores.iter().map(|(k, v)| (k.to_string(), v.expose().clone())));
     out
 }
-
-fn refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
-    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
-}

@@ -27,6 +27,11 @@ pub const FAST: &[(&str, &str)] = &[
     ("STRIFE_BANK_REGISTER_INTERVAL_MS", "200"),
 ];
 
+/// Owned environment pairs as the `&str` pairs the process helpers take.
+pub fn refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
 /// A directory removed when dropped.
 pub struct TempDir(pub PathBuf);
 
