@@ -1,4 +1,4 @@
-//! Compiles `proto/` with protox (pure Rust), so no `protoc` is needed.
+//! Compiles `proto/` (and the part of etcd's API in `etcd/`) with protox (pure Rust), so no `protoc` is needed.
 use prost::Message;
 use std::path::PathBuf;
 
@@ -12,5 +12,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let out = PathBuf::from(std::env::var("OUT_DIR")?);
     std::fs::write(out.join("strife_descriptor.bin"), fds.encode_to_vec())?;
     tonic_prost_build::configure().compile_fds(fds)?;
+
+    // etcd's API (the part discovery uses): a client only, and not in the
+    // descriptor set that Strife's servers reflect.
+    let etcd_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("etcd");
+    let etcd = etcd_root.join("etcd.proto");
+    println!("cargo:rerun-if-changed={}", etcd.display());
+    let etcd_fds = protox::compile([&etcd], [&etcd_root])?;
+    tonic_prost_build::configure().build_server(false).compile_fds(etcd_fds)?;
     Ok(())
 }

@@ -13,5 +13,11 @@ pub mod gateway {
     }
 }
 
+/// etcd's v3 API, the part Strife's discovery uses (`etcd/etcd.proto`):
+/// clients only.
+pub mod etcd {
+    tonic::include_proto!("etcdserverpb");
+}
+
 /// Encoded file descriptors of every service, for server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = tonic::include_file_descriptor_set!("strife_descriptor");

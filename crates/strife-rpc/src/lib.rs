@@ -4,6 +4,8 @@
 
 pub mod config;
 pub mod errors;
+pub mod etcd;
+pub mod etcd_server;
 pub mod fault;
 pub mod files;
 pub mod group_commit;

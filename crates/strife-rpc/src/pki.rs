@@ -21,8 +21,15 @@ use time::{Duration, OffsetDateTime};
 const CA_VALIDITY_DAYS: i64 = 3650;
 /// How long an identity's certificate is valid.
 const LEAF_VALIDITY_DAYS: i64 = 825;
-/// Names that cannot be banks because their files are taken.
-const RESERVED_NAMES: [&str; 3] = ["ca", "gateway", "client"];
+/// Names that cannot be banks: their files are taken (`ca`, `gateway`,
+/// `client`, `etcd`), or, as the common name etcd takes for a user name,
+/// they would be another identity's etcd user (`gateway`, `client`, `root`).
+const RESERVED_NAMES: [&str; 5] = ["ca", "gateway", "client", "etcd", "root"];
+/// The file stem of the private etcd server's certificate.
+const ETCD_SERVER_STEM: &str = "etcd";
+/// The DNS name the private etcd server's certificate proves, which clients
+/// verify (as a Strife server's identity name).
+pub const ETCD_SERVER_DNS_NAME: &str = "etcd.strife";
 
 /// Where the PKI of a Strife directory lives.
 #[derive(Debug, Clone)]
@@ -132,6 +139,58 @@ impl CertDir {
         }
     }
 
+    /// The common name of `peer`'s certificate, which etcd (with client
+    /// certificate authentication) takes as the user name: `gateway`, the
+    /// bank's name (never a reserved name), and `client` for every client,
+    /// so that no client can be taken for a bank or the gateway there.
+    pub fn common_name(peer: &Peer) -> String {
+        match peer {
+            Peer::Gateway => "gateway".to_owned(),
+            Peer::Bank(name) => name.clone(),
+            Peer::Client(_) => "client".to_owned(),
+        }
+    }
+
+    /// The private etcd server's certificate and key (`strife up --etcd
+    /// auto`).
+    pub fn etcd_server(&self) -> IdentityFiles {
+        IdentityFiles {
+            cert: self.path.join(format!("{ETCD_SERVER_STEM}.pem")),
+            key: self.path.join(format!("{ETCD_SERVER_STEM}.key")),
+        }
+    }
+
+    /// Issues the private etcd server's certificate (unless it exists): a
+    /// server on 127.0.0.1 proving [`ETCD_SERVER_DNS_NAME`], also a client
+    /// of itself (etcd's members talk over mutual TLS). It names no Strife
+    /// identity, so no Strife server accepts it.
+    pub fn issue_etcd_server(&self) -> anyhow::Result<IdentityFiles> {
+        let files = self.etcd_server();
+        if files.cert.exists() && files.key.exists() {
+            return Ok(files);
+        }
+        let _lock = self.lock()?;
+        let issuer = self.ca_issuer()?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.distinguished_name.push(DnType::CommonName, ETCD_SERVER_STEM);
+        params.distinguished_name.push(DnType::OrganizationName, "Strife");
+        params.subject_alt_names.push(SanType::DnsName(ETCD_SERVER_DNS_NAME.try_into()?));
+        params.subject_alt_names.push(SanType::DnsName("localhost".try_into()?));
+        params.subject_alt_names.push(SanType::IpAddress(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.extended_key_usages =
+            vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+        let now = OffsetDateTime::now_utc();
+        params.not_before = now - Duration::days(1);
+        params.not_after = now + Duration::days(LEAF_VALIDITY_DAYS);
+        params.use_authority_key_identifier_extension = true;
+        let cert = params.signed_by(&key, &issuer)?;
+        write_private(&files.key, &key.serialize_pem())?;
+        write_public_file(&files.cert, &cert.pem())?;
+        Ok(files)
+    }
+
     pub fn identity(&self, peer: &Peer) -> IdentityFiles {
         let stem = Self::file_stem(peer);
         IdentityFiles {
@@ -199,7 +258,7 @@ impl CertDir {
 
         let key = KeyPair::generate()?;
         let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.distinguished_name.push(DnType::CommonName, CertDir::file_stem(peer));
+        params.distinguished_name.push(DnType::CommonName, CertDir::common_name(peer));
         params.distinguished_name.push(DnType::OrganizationName, "Strife");
         params.subject_alt_names.push(SanType::URI(peer.uri().try_into()?));
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];

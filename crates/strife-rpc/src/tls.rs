@@ -156,10 +156,18 @@ impl Tls {
     /// accepting only a certificate that proves `server` and that the CRL
     /// does not list.
     pub fn endpoint(&self, server: &Peer, addr: &str) -> anyhow::Result<TlsEndpoint> {
+        self.endpoint_named(&server.server_dns_name(), addr)
+            .with_context(|| format!("an endpoint for {server}"))
+    }
+
+    /// An endpoint for a server at `addr` whose certificate, from our CA and
+    /// not listed by the CRL, proves the DNS name `dns_name` (a server that
+    /// is no Strife identity, as the private etcd).
+    pub fn endpoint_named(&self, dns_name: &str, addr: &str) -> anyhow::Result<TlsEndpoint> {
         let sock: SocketAddr =
             addr.parse().with_context(|| format!("'{addr}' is not a host:port address"))?;
-        let server_name = ServerName::try_from(server.server_dns_name())
-            .with_context(|| format!("{server} has no DNS name to verify"))?;
+        let server_name = ServerName::try_from(dns_name.to_owned())
+            .with_context(|| format!("'{dns_name}' is not a DNS name to verify"))?;
         // The scheme is `http` because the connector does the TLS itself.
         let endpoint = Endpoint::from_shared(format!("http://{sock}"))?
             .connect_timeout(CONNECT_TIMEOUT)
