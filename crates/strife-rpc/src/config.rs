@@ -22,6 +22,38 @@ pub struct Config {
     pub client: ClientConfig,
     pub log: LogConfig,
     pub runtime: RuntimeConfig,
+    pub discovery: DiscoveryConfig,
+}
+
+/// How parties find each other (issue 12).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// Empty: the built-in registry (banks register with the gateways they
+    /// are given; clients use `--gateway`). `etcd://HOST:PORT[,HOST:PORT…]`:
+    /// every gateway and bank replica registers in etcd under a lease, and
+    /// watches the others there. `STRIFE_DISCOVERY` overrides it too.
+    pub url: String,
+    /// The lease of a registration: a replica that stops renewing it
+    /// (killed, paused, cut off) is gone from everyone's set after this.
+    pub lease_ttl_ms: u64,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig { url: String::new(), lease_ttl_ms: 3_000 }
+    }
+}
+
+impl DiscoveryConfig {
+    /// The etcd URL, when discovery is through etcd.
+    pub fn etcd_url(&self) -> Option<&str> {
+        (!self.url.is_empty()).then_some(self.url.as_str())
+    }
+
+    pub fn lease_ttl(&self) -> Duration {
+        Duration::from_millis(self.lease_ttl_ms)
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -204,7 +236,9 @@ impl Config {
         let mut table = toml::Table::try_from(&parsed)?;
         for (name, value) in env {
             let Some(rest) = name.strip_prefix("STRIFE_") else { continue };
-            let rest = rest.to_ascii_lowercase();
+            // `STRIFE_DISCOVERY`, as clients take it, is `discovery.url`.
+            let rest =
+                if rest == "DISCOVERY" { "discovery_url".to_owned() } else { rest.to_ascii_lowercase() };
             for (section, keys) in table.iter_mut() {
                 let Some(key) = rest.strip_prefix(&format!("{section}_")) else { continue };
                 let Some(keys) = keys.as_table_mut() else { continue };
@@ -241,10 +275,14 @@ impl Config {
             ("bank.inquiry_interval_ms", self.bank.inquiry_interval_ms),
             ("client.request_timeout_ms", self.client.request_timeout_ms),
             ("client.retry_first_delay_ms", self.client.retry_first_delay_ms),
+            ("discovery.lease_ttl_ms", self.discovery.lease_ttl_ms),
         ] {
             if v == 0 {
                 bail!("{name} must be greater than zero");
             }
+        }
+        if let Some(url) = self.discovery.etcd_url() {
+            crate::etcd::parse_url(url).context("discovery.url")?;
         }
         if g.payment_deadline_ms < g.prepare_timeout_ms {
             bail!("gateway.payment_deadline_ms must be at least gateway.prepare_timeout_ms");
@@ -336,5 +374,18 @@ mod tests {
         );
         let c = Config::from_parts("", env(&[("STRIFE_BANK_STORE", "postgres://b@h/db")])).expect("env");
         assert_eq!(c.bank.store, "postgres://b@h/db");
+    }
+
+    #[test]
+    fn discovery_is_built_in_unless_an_etcd_url_is_given() {
+        let c = Config::from_parts("", env(&[])).expect("defaults");
+        assert_eq!(c.discovery.etcd_url(), None);
+        let c = Config::from_parts("", env(&[("STRIFE_DISCOVERY", "etcd://127.0.0.1:2379")])).expect("env");
+        assert_eq!(c.discovery.etcd_url(), Some("etcd://127.0.0.1:2379"));
+        let c = Config::from_parts("[discovery]\nurl = \"etcd://127.0.0.1:1,127.0.0.1:2\"\n", env(&[]))
+            .expect("file");
+        assert_eq!(c.discovery.etcd_url(), Some("etcd://127.0.0.1:1,127.0.0.1:2"));
+        let bad = Config::from_parts("", env(&[("STRIFE_DISCOVERY_URL", "consul://x")]));
+        assert!(format!("{:#}", bad.expect_err("not etcd")).contains("not an etcd URL"));
     }
 }

@@ -48,9 +48,10 @@ async fn wait_view(rx: &mut watch::Receiver<etcd::View>, what: &str, pred: impl 
 async fn each_identity_writes_only_its_own_keys() {
     let dir = TempDir::new("etcd-identity");
     let certs = pki(&dir.0);
-    let server = EtcdServer::start(&dir.0.join("etcd"), &certs, "127.0.0.1", &["BankA".into(), "BankB".into()])
-        .await
-        .expect("etcd");
+    let server =
+        EtcdServer::start(&dir.0.join("etcd"), &certs, "127.0.0.1", &["BankA".into(), "BankB".into()])
+            .await
+            .expect("etcd");
     let url = server.url();
     let entry = serde_json::to_vec(&Entry::new("127.0.0.1:1", "boot")).expect("json");
 
@@ -69,7 +70,8 @@ async fn each_identity_writes_only_its_own_keys() {
     assert_eq!(refused.expect_err("a client cannot register").code(), tonic::Code::PermissionDenied);
     let refused = client.put(&etcd::bank_key("BankA", "forged"), entry.clone(), 0).await;
     assert_eq!(refused.expect_err("a client cannot register a bank").code(), tonic::Code::PermissionDenied);
-    let (gateways, _) = client.range_prefix(etcd::GATEWAYS_PREFIX).await.expect("a client reads the gateways");
+    let (gateways, _) =
+        client.range_prefix(etcd::GATEWAYS_PREFIX).await.expect("a client reads the gateways");
     assert_eq!(gateways.keys().collect::<Vec<_>>(), vec![&etcd::gateway_key("g1")]);
 
     // A client named like a bank is still only a client in etcd.
@@ -93,16 +95,20 @@ async fn a_registration_comes_and_goes_with_its_lease_and_survives_an_etcd_resta
     let gateway = as_peer(&certs, Peer::Gateway, &url);
     let (reg_stop_tx, reg_stop) = watch::channel(false);
     let key = etcd::gateway_key("g1");
-    let _state = etcd::register(gateway, key.clone(), || Entry::new("127.0.0.1:7", "b1"), etcd::DEFAULT_TTL, reg_stop);
-    wait_view(&mut view, "the registration", |v| v.live && v.parsed().get(&key).is_some_and(|e| e.address == "127.0.0.1:7"))
-        .await;
+    let _state =
+        etcd::register(gateway, key.clone(), || Entry::new("127.0.0.1:7", "b1"), etcd::DEFAULT_TTL, reg_stop);
+    wait_view(&mut view, "the registration", |v| {
+        v.live && v.parsed().get(&key).is_some_and(|e| e.address == "127.0.0.1:7")
+    })
+    .await;
 
     // etcd dies: the watcher keeps the last set, marked not live.
     server.kill();
     wait_view(&mut view, "the watch to break", |v| !v.live).await;
     assert!(view.borrow().entries.contains_key(&key), "the last known set is kept");
     server.restart().await.expect("etcd restarts");
-    wait_view(&mut view, "the watch to come back with the key", |v| v.live && v.entries.contains_key(&key)).await;
+    wait_view(&mut view, "the watch to come back with the key", |v| v.live && v.entries.contains_key(&key))
+        .await;
 
     // A registration that stops renewing (as a killed process) goes with
     // its lease; a stopped one goes at once (revoked).
