@@ -21,6 +21,7 @@ use strife_proto::bank::v1::bank_service_server::BankServiceServer;
 use strife_proto::gateway::v1 as gw;
 use strife_rpc::config::GATEWAY_ADDR_FILE;
 use strife_rpc::errors::reason_of;
+use strife_rpc::etcd::{self, Etcd};
 use strife_rpc::pki::CertDir;
 use strife_rpc::tls::Tls;
 use strife_rpc::{Config, Peer};
@@ -42,6 +43,9 @@ pub struct BankOptions {
     pub gateway: Option<String>,
     /// Accounts to create if they do not exist yet.
     pub accounts: Option<PathBuf>,
+    /// The gateways as etcd lists them, when discovery is through etcd
+    /// (set by [`run`] itself; `None` from the caller).
+    pub discovered: Option<watch::Receiver<etcd::View>>,
 }
 
 /// Runs a bank on `listener` until `shutdown` resolves, with the ledger
@@ -117,6 +121,24 @@ async fn serve<L: Ledger>(
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let mut opts = opts;
+    let mut etcd_registration = None;
+    // This process's instance id in etcd: a new one at each start.
+    let boot_id = uuid_like();
+    if let Some(url) = opts.config.discovery.etcd_url() {
+        let etcd = Etcd::connect(&tls, url)?;
+        let key = etcd::bank_key(&opts.name, &boot_id);
+        let (address, boot) = (local.to_string(), boot_id.clone());
+        etcd_registration = Some(etcd::register(
+            etcd.clone(),
+            key,
+            move || etcd::Entry::new(&address, &boot),
+            opts.config.discovery.lease_ttl(),
+            stop_rx.clone(),
+        ));
+        opts.discovered = Some(etcd::watch_prefix(etcd, etcd::GATEWAYS_PREFIX.to_owned(), stop_rx.clone()));
+        tracing::info!(%url, "discovery through etcd: registering there, and finding the gateways there");
+    }
     let me = Me {
         name: opts.name.clone(),
         address: local.to_string(),
@@ -139,6 +161,11 @@ async fn serve<L: Ledger>(
     let _ = stop_tx.send(true);
     let _ = registration.await;
     let _ = inquiries.await;
+    if let Some(mut state) = etcd_registration {
+        // The lease is revoked at stop, so that the gateways stop using
+        // this replica at once; wait for that, briefly.
+        let _ = tokio::time::timeout(STOP_UNREGISTER_MAX, state.wait_for(|s| !s.registered)).await;
+    }
     served.context("serving")?;
     tracing::info!("bank stopped");
     Ok(())
@@ -148,6 +175,9 @@ fn uuid_like() -> String {
     strife_core::PaymentId::new_random().to_string()
 }
 
+/// Longest a stopping bank waits for its etcd key to be removed.
+const STOP_UNREGISTER_MAX: Duration = Duration::from_secs(2);
+
 /// Most gateways one bank registers with.
 pub const GATEWAYS_MAX: usize = 16;
 
@@ -155,7 +185,21 @@ pub const GATEWAYS_MAX: usize = 16;
 /// again each time, so a gateway restarted elsewhere is found); each a
 /// list separated by commas (or, in the file, by white space). Duplicates
 /// are dropped, and any beyond [`GATEWAYS_MAX`].
+///
+/// With discovery through etcd, the gateways registered there instead, once
+/// etcd has been read (until then, and never after, the list above): a
+/// gateway that stops renewing its lease leaves the list, a new one joins.
 fn gateway_addresses(opts: &BankOptions) -> Vec<String> {
+    if let Some(view) = &opts.discovered {
+        let view = view.borrow();
+        if view.loaded {
+            let mut out: Vec<String> = view.parsed().into_values().map(|e| e.address).collect();
+            out.sort();
+            out.dedup();
+            out.truncate(GATEWAYS_MAX);
+            return out;
+        }
+    }
     let text = opts
         .gateway
         .clone()

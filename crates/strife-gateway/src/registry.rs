@@ -263,6 +263,20 @@ impl Registry {
         Ok(known)
     }
 
+    /// Discovery says replica `address` of bank `name` is gone (its etcd
+    /// lease ran out, or it stopped): it is no longer live, so calls go to
+    /// the live replicas, and to it only when none is; a registration makes
+    /// it live again. Whether it was known.
+    pub fn expire(&self, name: &str, address: &str) -> anyhow::Result<bool> {
+        let mut banks = self.write()?;
+        let Some(bank) = banks.get_mut(name) else { return Ok(false) };
+        let Some(known) = bank.replicas.iter_mut().find(|k| k.replica.address == address) else {
+            return Ok(false);
+        };
+        known.last_seen = None;
+        Ok(true)
+    }
+
     /// Restores a replica from the store, not yet seen in this run.
     pub fn restore(&self, name: &str, address: &str) -> anyhow::Result<()> {
         let replica = Arc::new(self.replica(name, address)?);

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use strife_core::limits::MESSAGE_MAX_BYTES;
 use strife_proto::gateway::v1 as pb;
+use strife_rpc::etcd::{self, Etcd};
 use strife_rpc::pki::CertDir;
 use strife_rpc::tls::Tls;
 use strife_rpc::{Config, Peer};
@@ -36,6 +37,80 @@ pub struct GatewayOptions {
     /// Write this gateway's address to `DIR/gateway.addr` for clients. Off
     /// under `strife up`, which writes the list of every gateway there.
     pub write_address_file: bool,
+}
+
+/// Longest a stopping gateway waits for its etcd key to be removed.
+const STOP_UNREGISTER_MAX: Duration = Duration::from_secs(2);
+
+/// Registers this gateway in etcd under a lease (its boot id is its
+/// instance), and follows the banks' keys there: a replica whose key goes
+/// (killed, paused, cut off: its lease ran out) is no longer live for
+/// calls, and one whose key appears is known at once (to be tried when no
+/// live replica is) until it registers with its ledger id. What a key says
+/// is only where: calls to it still require that bank's certificate.
+fn discover<S: GatewayStore>(
+    url: &str,
+    opts: &GatewayOptions,
+    tls: &Tls,
+    gateway: &Arc<Gateway<S>>,
+    local: std::net::SocketAddr,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<(watch::Receiver<etcd::RegistrationState>, tokio::task::JoinHandle<()>)> {
+    let etcd = Etcd::connect(tls, url)?;
+    let boot_id = gateway.boot_id.clone();
+    let (address, boot) = (local.to_string(), boot_id.clone());
+    let state = etcd::register(
+        etcd.clone(),
+        etcd::gateway_key(&boot_id),
+        move || etcd::Entry::new(&address, &boot),
+        opts.config.discovery.lease_ttl(),
+        stop.clone(),
+    );
+    let mut banks = etcd::watch_prefix(etcd, etcd::BANKS_PREFIX.to_owned(), stop.clone());
+    let gateway = gateway.clone();
+    let mut stop = stop;
+    let watcher = tokio::spawn(async move {
+        let mut known: std::collections::BTreeSet<(String, String)> = Default::default();
+        loop {
+            let now: std::collections::BTreeSet<(String, String)> = {
+                let view = banks.borrow_and_update();
+                if !view.loaded {
+                    known.clone()
+                } else {
+                    view.parsed()
+                        .into_iter()
+                        .filter_map(|(key, entry)| {
+                            let rest = key.strip_prefix(etcd::BANKS_PREFIX)?;
+                            let (name, _instance) = rest.split_once('/')?;
+                            Some((name.to_owned(), entry.address))
+                        })
+                        .collect()
+                }
+            };
+            for (name, address) in now.difference(&known) {
+                if gateway
+                    .registry
+                    .get(name)
+                    .is_none_or(|b| !b.replicas.iter().any(|r| r.address == *address))
+                    && let Err(e) = gateway.registry.restore(name, address)
+                {
+                    tracing::warn!(bank = %name, %address, error = %e, "cannot add a bank replica found in etcd");
+                }
+            }
+            for (name, address) in known.difference(&now) {
+                if let Ok(true) = gateway.registry.expire(name, address) {
+                    tracing::info!(bank = %name, %address, "bank replica gone from etcd: not used while others are live");
+                }
+            }
+            known = now;
+            tokio::select! {
+                changed = banks.changed() => if changed.is_err() { return },
+                _ = stop.changed() => return,
+            }
+        }
+    });
+    tracing::info!(%url, "discovery through etcd: registering there, and following the banks there");
+    Ok((state, watcher))
 }
 
 /// Runs the gateway on `listener` until `shutdown` resolves.
@@ -139,6 +214,10 @@ async fn serve<S: GatewayStore>(
     );
 
     let (stop_tx, stop_rx) = watch::channel(false);
+    let discovery = match opts.config.discovery.etcd_url() {
+        Some(url) => Some(discover(url, &opts, &tls, &gateway, local, stop_rx.clone())?),
+        None => None,
+    };
     let finisher = tokio::spawn(gateway.clone().run_finisher(stop_rx));
     strife_rpc::serve::announce_listening("gateway", local);
     tracing::info!(%local, boot_id = %gateway.boot_id, cluster_id = %gateway.cluster_id, "gateway serving");
@@ -155,6 +234,12 @@ async fn serve<S: GatewayStore>(
     gateway.drain(DRAIN_MAX).await;
     let _ = stop_tx.send(true);
     let _ = finisher.await;
+    if let Some((mut state, watcher)) = discovery {
+        // The lease is revoked at stop, so that clients and banks stop
+        // using this replica at once; wait for that, briefly.
+        let _ = tokio::time::timeout(STOP_UNREGISTER_MAX, state.wait_for(|s| !s.registered)).await;
+        let _ = watcher.await;
+    }
     served.context("serving")?;
     tracing::info!("gateway stopped");
     Ok(())

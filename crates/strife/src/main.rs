@@ -434,7 +434,7 @@ fn run(cli: Cli) -> Result<Reply, CliError> {
             let listen = listen.unwrap_or_else(|| config.bank.listen.clone());
             let workers = config.runtime.workers;
             let gateway = gateway.or(cli.client.gateway).or_else(gateway_from_env);
-            let opts = strife_bank::BankOptions { dir, name, config, gateway, accounts };
+            let opts = strife_bank::BankOptions { dir, name, config, gateway, accounts, discovered: None };
             server_runtime(workers)?
                 .block_on(async move {
                     let (listener, _) = strife_rpc::serve::bind(&listen).await?;

@@ -116,3 +116,191 @@ async fn a_registration_comes_and_goes_with_its_lease_and_survives_an_etcd_resta
     wait_view(&mut view, "the key to go", |v| v.live && !v.entries.contains_key(&key)).await;
     stop_tx.send_replace(true);
 }
+
+/// A gateway and banks (SQLite) that register in a private etcd and find
+/// each other there: the banks are given a dead `--gateway` address, which
+/// etcd's list replaces.
+struct Discovered {
+    dir: TempDir,
+    rt: tokio::runtime::Runtime,
+    etcd: EtcdServer,
+    envs: Vec<(String, String)>,
+    gateway: common::Proc,
+    banks: Vec<common::Proc>,
+}
+
+/// Where nothing listens: a bank given it finds the gateway only through
+/// etcd.
+const DEAD_GATEWAY: &str = "127.0.0.1:9";
+/// Leases in these tests: the shortest etcd grants.
+const TTL_MS: &str = "2000";
+
+fn start_bank_discovering(dir: &std::path::Path, name: &str, envs: &[(&str, &str)]) -> common::Proc {
+    common::start_bank(dir, name, DEAD_GATEWAY, envs)
+}
+
+impl Discovered {
+    fn start(tag: &str) -> Discovered {
+        let dir = TempDir::new(tag);
+        let r = common::run_cli(&dir.0, &["certs", "init", "--bank", "BankA", "--bank", "BankB"], &[]);
+        assert_eq!(r.code, 0, "certs init: {r:?}");
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let certs = CertDir::new(&dir.0);
+        let etcd = rt
+            .block_on(EtcdServer::start(
+                &dir.0.join("etcd"),
+                &certs,
+                "127.0.0.1",
+                &["BankA".into(), "BankB".into()],
+            ))
+            .unwrap_or_else(|e| panic!("{e:#}"));
+        let mut envs: Vec<(String, String)> =
+            common::FAST.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        envs.push(("STRIFE_DISCOVERY".into(), etcd.url()));
+        envs.push(("STRIFE_DISCOVERY_LEASE_TTL_MS".into(), TTL_MS.into()));
+        let gateway = common::start_gateway(&dir.0, "127.0.0.1:0", &common::refs(&envs));
+        let banks = ["BankA", "BankB"]
+            .iter()
+            .map(|b| start_bank_discovering(&dir.0, b, &common::refs(&envs)))
+            .collect();
+        common::wait_registered_at(&dir.0, Some(&gateway.addr), &["BankA", "BankB"]);
+        Discovered { dir, rt, etcd, envs, gateway, banks }
+    }
+
+    fn watch(&self, prefix: &str) -> (watch::Sender<bool>, watch::Receiver<etcd::View>) {
+        let _guard = self.rt.enter();
+        let certs = CertDir::new(&self.dir.0);
+        let (stop_tx, stop) = watch::channel(false);
+        let reader = as_peer(&certs, Peer::Gateway, &self.etcd.url());
+        (stop_tx, etcd::watch_prefix(reader, prefix.to_owned(), stop))
+    }
+
+    fn wait(
+        &self,
+        view: &mut watch::Receiver<etcd::View>,
+        what: &str,
+        pred: impl Fn(&etcd::View) -> bool,
+    ) -> Duration {
+        let started = Instant::now();
+        self.rt.block_on(wait_view(view, what, pred));
+        started.elapsed()
+    }
+
+    fn pay(&self, from: &str, to: &str, amount: &str) -> common::Run {
+        common::run_cli(
+            &self.dir.0,
+            &["--gateway", &self.gateway.addr, "--json", "--as", from, "pay", "--to", to, "--amount", amount],
+            &[],
+        )
+    }
+
+    fn login(&self, user: &str, bank: &str) {
+        let n: String = user.chars().filter(char::is_ascii_digit).collect();
+        let r = common::run_cli(
+            &self.dir.0,
+            &["--gateway", &self.gateway.addr, "login", "--bank", bank, "--user", user],
+            &[("STRIFE_PASSWORD", &format!("pass{n}"))],
+        );
+        assert_eq!(r.code, 0, "login {user}@{bank}: {r:?}");
+    }
+}
+
+fn addresses(view: &etcd::View) -> Vec<String> {
+    let mut out: Vec<String> = view.parsed().into_values().map(|e| e.address).collect();
+    out.sort();
+    out
+}
+
+#[test]
+fn servers_register_under_leases_and_come_and_go_with_their_processes() {
+    let mut c = Discovered::start("etcd-servers");
+    let (_stop_g, mut gateways) = c.watch(etcd::GATEWAYS_PREFIX);
+    let (_stop_b, mut banks) = c.watch(etcd::BANKS_PREFIX);
+    let gw = c.gateway.addr.clone();
+    c.wait(&mut gateways, "the gateway's key", |v| v.live && addresses(v) == vec![gw.clone()]);
+    let bank_b = c.banks[1].addr.clone();
+    let both: Vec<String> = {
+        let mut b = vec![c.banks[0].addr.clone(), bank_b.clone()];
+        b.sort();
+        b
+    };
+    c.wait(&mut banks, "both banks' keys", |v| v.live && addresses(v) == both);
+    let entry = banks.borrow().parsed().into_iter().find(|(k, _)| k.starts_with("/strife/v1/banks/BankB/"));
+    assert!(
+        entry.is_some_and(|(_, e)| e.address == bank_b && !e.boot_id.is_empty()),
+        "BankB's key names its address"
+    );
+
+    // Found through etcd only (their --gateway is dead): payments work.
+    c.login("user1", "BankA");
+    let r = c.pay("user1@BankA", "user2@BankB", "1.00");
+    assert_eq!(r.code, 0, "pay: {r:?}");
+    assert_eq!(r.json()["status"], "committed", "{r:?}");
+
+    // SIGKILL of a bank: its key goes when its lease runs out.
+    c.banks[1].kill9();
+    let gone = c.wait(&mut banks, "BankB's key to go after SIGKILL", |v| !addresses(v).contains(&bank_b));
+    println!("figure: BankB gone from etcd {} ms after SIGKILL (lease {TTL_MS} ms)", gone.as_millis());
+    // It comes back with its new address, and registers with the gateway
+    // it finds in etcd.
+    c.banks[1] = start_bank_discovering(&c.dir.0, "BankB", &common::refs(&c.envs));
+    let back = c.banks[1].addr.clone();
+    c.wait(&mut banks, "BankB's key to come back", |v| addresses(v).contains(&back));
+    common::wait_registered_at(&c.dir.0, Some(&gw), &["BankA", "BankB"]);
+    let r = c.pay("user1@BankA", "user2@BankB", "1.00");
+    assert_eq!(r.json()["status"], "committed", "{r:?}");
+
+    // SIGSTOP of the gateway: its key goes with its lease; SIGCONT brings
+    // it back (the lease was lost, so it registers again).
+    c.gateway.signal(nix::sys::signal::Signal::SIGSTOP);
+    let paused =
+        c.wait(&mut gateways, "the paused gateway's key to go", |v| v.live && addresses(v).is_empty());
+    println!("figure: gateway gone from etcd {} ms after SIGSTOP", paused.as_millis());
+    c.gateway.signal(nix::sys::signal::Signal::SIGCONT);
+    c.wait(&mut gateways, "the resumed gateway's key", |v| addresses(v) == vec![gw.clone()]);
+
+    // SIGTERM: the key goes at once (the lease is revoked).
+    c.banks[0].signal(nix::sys::signal::Signal::SIGTERM);
+    let a = c.banks[0].addr.clone();
+    c.wait(&mut banks, "BankA's key to go at SIGTERM", |v| !addresses(v).contains(&a));
+    let _ = common::wait_exit(&mut c.banks[0].child);
+}
+
+#[test]
+fn payments_go_on_while_etcd_is_down_and_registrations_come_back() {
+    let mut c = Discovered::start("etcd-down");
+    c.login("user1", "BankA");
+    let (_stop_b, mut banks) = c.watch(etcd::BANKS_PREFIX);
+    c.wait(&mut banks, "both banks' keys", |v| v.live && v.entries.len() == 2);
+
+    c.etcd.kill();
+    c.wait(&mut banks, "the watch to see etcd down", |v| !v.live);
+    // Longer than a lease: the gateway and banks keep the last known set.
+    let until = Instant::now() + Duration::from_millis(2 * TTL_MS.parse::<u64>().expect("ttl"));
+    let mut committed = 0;
+    while Instant::now() < until || committed < 3 {
+        let r = c.pay("user1@BankA", "user2@BankB", "0.01");
+        assert_eq!(r.code, 0, "paying while etcd is down: {r:?}");
+        assert_eq!(r.json()["status"], "committed", "{r:?}");
+        committed += 1;
+    }
+    let log = std::fs::read_to_string(c.dir.0.join("logs").join("gateway.log")).unwrap_or_default();
+    let said = log.contains("etcd watch broken") || log.contains("lost the etcd lease");
+    let stderr_said = std::fs::read_dir(&c.dir.0)
+        .expect("dir")
+        .filter_map(Result::ok)
+        .filter(|e| e.file_name().to_string_lossy().starts_with("stderr-"))
+        .any(|e| std::fs::read_to_string(e.path()).is_ok_and(|t| t.contains("etcd watch broken")));
+    assert!(said || stderr_said, "the servers said etcd is down");
+
+    c.rt.block_on(c.etcd.restart()).unwrap_or_else(|e| panic!("{e:#}"));
+    let gw = c.gateway.addr.clone();
+    let (_stop_g, mut gateways) = c.watch(etcd::GATEWAYS_PREFIX);
+    c.wait(&mut gateways, "the gateway registered again", |v| v.live && addresses(v) == vec![gw.clone()]);
+    c.wait(&mut banks, "the banks registered again", |v| v.live && v.entries.len() == 2);
+    let r = c.pay("user1@BankA", "user2@BankB", "0.01");
+    assert_eq!(r.json()["status"], "committed", "{r:?}");
+    let audit = common::wait_audit_ok(&c.dir.0);
+    assert_eq!(audit["ok"], true, "{audit}");
+    drop(c.banks.drain(..));
+}
