@@ -28,7 +28,11 @@ use std::time::{Duration, Instant};
 use strife_client::gateways::{CallError, Gateways};
 use strife_core::Secret;
 use strife_proto::gateway::v1 as pb;
+use strife_rpc::etcd_server::EtcdServer;
 use strife_rpc::postgres_server::{PostgresServer, shared_for_tests, unique_name};
+
+/// The servers' etcd lease in the discovery run: the shortest etcd grants.
+const ETCD_LEASE_TTL_MS: &str = "2000";
 
 fn server() -> &'static PostgresServer {
     shared_for_tests().unwrap_or_else(|e| panic!("{e}"))
@@ -56,18 +60,37 @@ struct Replicas {
     gateways: Vec<Proc>,
     addrs: Vec<String>,
     _banks: Vec<Proc>,
+    /// With discovery through etcd: the private etcd, the runtime it was
+    /// started on, and `STRIFE_DISCOVERY` for every server.
+    etcd: Option<(tokio::runtime::Runtime, EtcdServer, String)>,
 }
 
 impl Replicas {
     fn start(tag: &str) -> Replicas {
+        Self::start_discovering(tag, false)
+    }
+
+    /// With `etcd`, every gateway and bank registers in a private etcd and
+    /// the banks find the gateways there.
+    fn start_discovering(tag: &str, etcd: bool) -> Replicas {
         let store = server()
             .create_private_database(&unique_name("role_gateway"), &unique_name("gateway"))
             .expect("db");
         let dir = TempDir::new(tag);
         let r = run_cli(&dir.0, &["certs", "init", "--bank", "BankA", "--bank", "BankB"], &[]);
         assert_eq!(r.code, 0, "{r:?}");
+        let etcd = etcd.then(|| {
+            let rt = tokio::runtime::Runtime::new().expect("runtime");
+            let certs = strife_rpc::pki::CertDir::new(&dir.0);
+            let banks = ["BankA".to_owned(), "BankB".to_owned()];
+            let server = rt
+                .block_on(EtcdServer::start(&dir.0.join("etcd"), &certs, "127.0.0.1", &banks))
+                .unwrap_or_else(|e| panic!("{e:#}"));
+            let url = server.url();
+            (rt, server, url)
+        });
         let mut replicas =
-            Replicas { dir, store, gateways: Vec::new(), addrs: Vec::new(), _banks: Vec::new() };
+            Replicas { dir, store, gateways: Vec::new(), addrs: Vec::new(), _banks: Vec::new(), etcd };
         for _ in 0..GATEWAYS {
             let g = start_gateway(&replicas.dir.0, "127.0.0.1:0", &replicas.gateway_env(&[]));
             replicas.addrs.push(g.addr.clone());
@@ -75,9 +98,10 @@ impl Replicas {
         }
         replicas.write_list();
         let list = replicas.addrs.join(",");
+        let bank_env = replicas.discovery_env(FAST);
         replicas._banks = vec![
-            start_bank(&replicas.dir.0, "BankA", &list, FAST),
-            start_bank(&replicas.dir.0, "BankB", &list, FAST),
+            start_bank(&replicas.dir.0, "BankA", &list, &bank_env),
+            start_bank(&replicas.dir.0, "BankB", &list, &bank_env),
         ];
         for a in &replicas.addrs {
             wait_registered_at(&replicas.dir.0, Some(a), &["BankA", "BankB"]);
@@ -100,9 +124,19 @@ impl Replicas {
     }
 
     fn gateway_env<'a>(&'a self, extra: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
-        let mut env = FAST.to_vec();
+        let mut env = self.discovery_env(FAST);
         env.push(("STRIFE_GATEWAY_STORE", self.store.expose()));
         env.extend_from_slice(extra);
+        env
+    }
+
+    /// `base`, and with etcd, the discovery settings.
+    fn discovery_env<'a>(&'a self, base: &[(&'a str, &'a str)]) -> Vec<(&'a str, &'a str)> {
+        let mut env = base.to_vec();
+        if let Some((_, _, url)) = &self.etcd {
+            env.push(("STRIFE_DISCOVERY", url));
+            env.push(("STRIFE_DISCOVERY_LEASE_TTL_MS", ETCD_LEASE_TTL_MS));
+        }
         env
     }
 
@@ -699,4 +733,126 @@ fn failover_figures() {
     for q in load.queued.lock().expect("queued").iter() {
         eprintln!("  queued (the request timeout ran out): {q}");
     }
+}
+
+/// How long after `event` gateway `addr` left the client's set (a set fed
+/// by an etcd watch drops it when its lease runs out).
+fn removed_after(g: &Gateways, addr: &str, event: Instant) -> Duration {
+    let deadline = event + WAIT;
+    while g.members().iter().any(|m| m.address == addr) {
+        assert!(Instant::now() < deadline, "the client's set kept {addr}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    event.elapsed()
+}
+
+/// How long after `event` gateway `addr` is in the client's set again.
+fn added_after(g: &Gateways, addr: &str, event: Instant) -> Duration {
+    let deadline = event + WAIT;
+    while !g.members().iter().any(|m| m.address == addr) {
+        assert!(Instant::now() < deadline, "the client's set never took {addr} back");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    event.elapsed()
+}
+
+/// Issue 12 with etcd: the gateways and banks register in a private etcd,
+/// the banks find the gateways there, and the long-lived client's set of
+/// gateways is fed by an etcd watch (`Gateways::replace` on each change),
+/// starting from an empty list. Under load from library and CLI payers, a
+/// gateway killed with SIGKILL leaves every client's set when its lease
+/// runs out and comes back when restarted; a gateway paused with SIGSTOP
+/// leaves it too, and comes back when resumed. Nothing lost, nothing
+/// doubled, the audit clean. Figures printed (`--nocapture`), not asserted.
+#[test]
+fn with_etcd_the_clients_set_follows_the_leases_under_load() {
+    let seed = seed_from_env("STRIFE_FAILOVER_SEED");
+    let mut c = Replicas::start_discovering("failover-etcd", true);
+    let url = c.etcd.as_ref().map(|(_, _, url)| url.clone()).expect("etcd");
+    let stop = Arc::new(AtomicBool::new(false));
+    let (load, g, threads) = start_load(&c, seed, &stop, &CLI_PAYERS);
+
+    // The feed: what etcd lists is the client's set.
+    let feed = {
+        let (g, stop, dir) = (g.clone(), stop.clone(), c.path().to_path_buf());
+        std::thread::spawn(move || {
+            grpc::runtime().block_on(async move {
+                let certs = strife_rpc::pki::CertDir::new(&dir);
+                let tls = strife_rpc::tls::Tls::load(&certs, &strife_rpc::Peer::Client("client".into()))
+                    .expect("tls");
+                let etcd = strife_rpc::etcd::Etcd::connect(&tls, &url).expect("etcd");
+                let (_stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+                let mut view = strife_rpc::etcd::watch_prefix(
+                    etcd,
+                    strife_rpc::etcd::GATEWAYS_PREFIX.to_owned(),
+                    stop_rx,
+                );
+                while !stop.load(Ordering::SeqCst) {
+                    let addrs: Vec<String> = {
+                        let v = view.borrow_and_update();
+                        let mut a: Vec<String> = v.parsed().into_values().map(|e| e.address).collect();
+                        a.sort();
+                        a
+                    };
+                    if !addrs.is_empty() {
+                        g.replace(&addrs).expect("replace");
+                    }
+                    let _ = tokio::time::timeout(Duration::from_millis(200), view.changed()).await;
+                }
+            })
+        })
+    };
+    let all = |g: &Gateways| c.addrs.iter().all(|a| g.members().iter().any(|m| m.address == *a));
+    let deadline = Instant::now() + WAIT;
+    while !all(&g) {
+        assert!(Instant::now() < deadline, "the client's set never took every gateway from etcd");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let pace = |d: u64| std::thread::sleep(Duration::from_millis(d));
+    pace(3_000);
+
+    let killed = c.addrs[1].clone();
+    let kill = Instant::now();
+    c.gateways[1].kill9();
+    let kill_removed = removed_after(&g, &killed, kill);
+    pace(1_000);
+    let env: Vec<(String, String)> =
+        c.gateway_env(&[]).iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+    c.gateways[1] = start_gateway(c.path(), &killed, &refs(&env));
+    let restart = Instant::now();
+    let kill_back = added_after(&g, &killed, restart);
+    pace(3_000);
+
+    let hung = c.addrs[2].clone();
+    let pause = Instant::now();
+    c.gateways[2].signal(nix::sys::signal::Signal::SIGSTOP);
+    let stop_removed = removed_after(&g, &hung, pause);
+    pace(1_000);
+    c.gateways[2].signal(nix::sys::signal::Signal::SIGCONT);
+    let resume = Instant::now();
+    let stop_back = added_after(&g, &hung, resume);
+    pace(2_000);
+    stop.store(true, Ordering::SeqCst);
+    for t in threads {
+        t.join().expect("payer");
+    }
+    feed.join().expect("feed");
+
+    let commits = load.commits.lock().expect("commits").clone();
+    let tally = check_exactly_once(&c, &load);
+    eprintln!(
+        "etcd discovery figures (seed {seed}; lease {ETCD_LEASE_TTL_MS} ms, renewed 3 times per lease):"
+    );
+    eprintln!(
+        "  SIGKILL: out of the client's set after {kill_removed:?}; restarted, back in it after {kill_back:?}; \
+         library payers: {}",
+        dip(&commits, kill)
+    );
+    eprintln!(
+        "  SIGSTOP: out of the client's set after {stop_removed:?}; resumed, back in it after {stop_back:?}; \
+         library payers: {}",
+        dip(&commits, pause)
+    );
+    eprintln!("  {} committed, {} declined in all", tally.committed, tally.declined);
+    assert!(tally.committed > 20, "the run made too few payments to mean much: {tally:?}");
 }
