@@ -12,8 +12,10 @@
 //!   .s.PGSQL.<port>      its only unix socket
 //! ```
 //!
-//! It listens on one free port of 127.0.0.1, authenticates every connection
-//! with SCRAM-SHA-256, and runs with `fsync` and `synchronous_commit` on, so
+//! It listens on one free port of 127.0.0.1 (or of the one address a
+//! [`Listen`] names, with a `pg_hba.conf` line for the clients it names: the
+//! partition tests run it in a network namespace of its own), authenticates
+//! every connection with SCRAM-SHA-256, and runs with `fsync` and `synchronous_commit` on, so
 //! a commit it acknowledged survives a crash of the machine.
 //!
 //! PostgreSQL refuses to run as root. When this process is root (CI is), every
@@ -31,6 +33,7 @@
 
 use anyhow::{Context, bail};
 use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -161,6 +164,54 @@ impl RunAs {
     }
 }
 
+/// Where a server listens, and which other hosts may connect to it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listen {
+    /// The one address the server listens on (its port is chosen free).
+    pub address: IpAddr,
+    /// A network (address, prefix length) whose hosts may connect, with
+    /// SCRAM-SHA-256 like every connection: one `host` line in
+    /// `pg_hba.conf`. `None`: only the lines `initdb` writes (this machine).
+    pub clients: Option<(IpAddr, u8)>,
+}
+
+impl Default for Listen {
+    /// 127.0.0.1, and only this machine may connect.
+    fn default() -> Listen {
+        Listen { address: IpAddr::V4(Ipv4Addr::LOCALHOST), clients: None }
+    }
+}
+
+impl Listen {
+    /// The `pg_hba.conf` line that lets the clients in, if any.
+    fn hba_line(&self) -> anyhow::Result<Option<String>> {
+        let Some((network, prefix)) = self.clients else { return Ok(None) };
+        let bits = if network.is_ipv4() { 32 } else { 128 };
+        if prefix > bits {
+            bail!("{network}/{prefix} is not a network");
+        }
+        Ok(Some(format!("host all all {network}/{prefix} scram-sha-256")))
+    }
+
+    /// The server's options on `pg_ctl`'s `-o`: the port, and the address
+    /// when it is not the one `postgresql.conf` names (127.0.0.1).
+    fn server_options(&self, port: u16) -> String {
+        if self.address == IpAddr::V4(Ipv4Addr::LOCALHOST) {
+            format!("-p {port}")
+        } else {
+            format!("-p {port} -h {}", self.address)
+        }
+    }
+
+    /// The address in a URL's host part.
+    fn url_host(&self) -> String {
+        match self.address {
+            IpAddr::V4(a) => a.to_string(),
+            IpAddr::V6(a) => format!("[{a}]"),
+        }
+    }
+}
+
 /// Whether the server's directory goes when the server stops.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Lifetime {
@@ -176,8 +227,10 @@ pub struct PostgresServer {
     bin: Binaries,
     /// Its directory (see the module's documentation).
     base: PathBuf,
-    /// The port it listens on, on 127.0.0.1.
+    /// The port it listens on, on `listen.address`.
     port: u16,
+    /// Where it listens, and who may connect.
+    listen: Listen,
     /// The superuser's password.
     password: Secret<String>,
     /// Whom the server's commands run as (`None`: this process's user).
@@ -197,6 +250,19 @@ impl PostgresServer {
     /// Starts a server in `base` (creating the cluster on first use) on a
     /// free port of 127.0.0.1, and returns once it accepts connections.
     pub fn start(base: &Path, lifetime: Lifetime) -> anyhow::Result<PostgresServer> {
+        Self::start_listening(base, lifetime, Listen::default())
+    }
+
+    /// [`PostgresServer::start`] on a free port of `listen.address`, letting
+    /// `listen.clients` connect too. The address must be one of this
+    /// network namespace's (a server started from a thread that entered a
+    /// namespace lives in that namespace).
+    pub fn start_listening(
+        base: &Path,
+        lifetime: Lifetime,
+        listen: Listen,
+    ) -> anyhow::Result<PostgresServer> {
+        let hba_line = listen.hba_line()?;
         let bin = Binaries::find()?;
         let run_as = RunAs::current()?;
         crate::files::create_private_dir_all(base).with_context(|| format!("creating {}", base.display()))?;
@@ -206,6 +272,7 @@ impl PostgresServer {
             bin,
             base: base.to_path_buf(),
             port: 0,
+            listen,
             password: Secret::new(String::new()),
             run_as,
             guardian: None,
@@ -214,6 +281,9 @@ impl PostgresServer {
         server.check_reachable()?;
         if !server.data().join("PG_VERSION").exists() {
             server.init()?;
+        }
+        if let Some(line) = hba_line {
+            server.allow(&line)?;
         }
         server.password = Secret::new(
             std::fs::read_to_string(server.password_file())
@@ -231,9 +301,15 @@ impl PostgresServer {
         Ok(server)
     }
 
-    /// The port the server listens on, on 127.0.0.1.
+    /// The port the server listens on, on [`PostgresServer::address`].
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The address the server listens on (127.0.0.1 unless a [`Listen`]
+    /// said otherwise); the URLs made here name it.
+    pub fn address(&self) -> IpAddr {
+        self.listen.address
     }
 
     /// The process id of the server's postmaster (the parent of every
@@ -261,7 +337,12 @@ impl PostgresServer {
             return Ok(false);
         }
         let mut start = self.pg_ctl(&["start", "-w", "-t", &START_TIMEOUT_SECS.to_string(), "-D"]);
-        start.arg(self.data()).arg("-l").arg(self.log_file()).arg("-o").arg(format!("-p {}", self.port));
+        start
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.log_file())
+            .arg("-o")
+            .arg(self.listen.server_options(self.port));
         Self::run(start, "pg_ctl start")?;
         Ok(true)
     }
@@ -274,8 +355,9 @@ impl PostgresServer {
     /// A URL for the superuser and `database`.
     pub fn superuser_url(&self, database: &str) -> Secret<String> {
         Secret::new(format!(
-            "postgres://{SUPERUSER}:{}@127.0.0.1:{}/{database}",
+            "postgres://{SUPERUSER}:{}@{}:{}/{database}",
             self.password.expose(),
+            self.listen.url_host(),
             self.port
         ))
     }
@@ -309,7 +391,12 @@ impl PostgresServer {
             database,
             &["REVOKE ALL ON SCHEMA public FROM PUBLIC", &format!("GRANT ALL ON SCHEMA public TO {role}")],
         )?;
-        Ok(Secret::new(format!("postgres://{role}:{}@127.0.0.1:{}/{database}", password.expose(), self.port)))
+        Ok(Secret::new(format!(
+            "postgres://{role}:{}@{}:{}/{database}",
+            password.expose(),
+            self.listen.url_host(),
+            self.port
+        )))
     }
 
     /// Runs `statements` as the superuser in `database` with `psql`, each
@@ -362,7 +449,12 @@ impl PostgresServer {
     pub fn restart_immediately(&self) -> anyhow::Result<()> {
         let mut restart =
             self.pg_ctl(&["restart", "-m", "immediate", "-w", "-t", &START_TIMEOUT_SECS.to_string(), "-D"]);
-        restart.arg(self.data()).arg("-l").arg(self.log_file()).arg("-o").arg(format!("-p {}", self.port));
+        restart
+            .arg(self.data())
+            .arg("-l")
+            .arg(self.log_file())
+            .arg("-o")
+            .arg(self.listen.server_options(self.port));
         Self::run(restart, "pg_ctl restart -m immediate")
     }
 
@@ -464,6 +556,22 @@ impl PostgresServer {
         Ok(())
     }
 
+    /// Adds `line` to `pg_hba.conf` unless it is there (read at the start).
+    fn allow(&self, line: &str) -> anyhow::Result<()> {
+        let hba = self.data().join("pg_hba.conf");
+        let text = std::fs::read_to_string(&hba).with_context(|| format!("reading {}", hba.display()))?;
+        if text.lines().any(|l| l.trim() == line) {
+            return Ok(());
+        }
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&hba)
+            .with_context(|| format!("opening {}", hba.display()))?;
+        f.write_all(format!("# Strife's clients on other hosts\n{line}\n").as_bytes())?;
+        f.sync_all()?;
+        Ok(())
+    }
+
     /// Waits (as the server's user) for end-of-file on its stdin, which
     /// comes when this process closes it or ends in any way; then stops the
     /// server, and removes a temporary base.
@@ -484,10 +592,15 @@ impl PostgresServer {
     fn start_on_free_port(&mut self) -> anyhow::Result<()> {
         let mut last = String::new();
         for _ in 0..PORT_TRIES_MAX {
-            let port = free_port()?;
+            let port = free_port(self.listen.address)?;
             let log_len = std::fs::metadata(self.log_file()).map_or(0, |m| m.len());
             let mut start = self.pg_ctl(&["start", "-w", "-t", &START_TIMEOUT_SECS.to_string(), "-D"]);
-            start.arg(self.data()).arg("-l").arg(self.log_file()).arg("-o").arg(format!("-p {port}"));
+            start
+                .arg(self.data())
+                .arg("-l")
+                .arg(self.log_file())
+                .arg("-o")
+                .arg(self.listen.server_options(port));
             match Self::run(start, "pg_ctl start") {
                 Ok(()) => {
                     self.port = port;
@@ -532,9 +645,9 @@ impl Drop for PostgresServer {
     }
 }
 
-/// A port of 127.0.0.1 that was free a moment ago.
-fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("looking for a free port")?;
+/// A port of `address` that was free a moment ago.
+fn free_port(address: IpAddr) -> anyhow::Result<u16> {
+    let listener = std::net::TcpListener::bind((address, 0)).context("looking for a free port")?;
     Ok(listener.local_addr()?.port())
 }
 
@@ -648,6 +761,21 @@ mod tests {
         assert_eq!((url.as_str(), password.expose().as_str()), ("postgres://r@127.0.0.1:5/db", "pw"));
         let (url, password) = split_password("postgres://127.0.0.1:5/db").expect("split");
         assert_eq!((url.as_str(), password.expose().as_str()), ("postgres://127.0.0.1:5/db", ""));
+    }
+
+    #[test]
+    fn the_default_listen_is_this_machine_only_and_another_adds_one_scram_line() {
+        let local = Listen::default();
+        assert_eq!(local.server_options(5432), "-p 5432");
+        assert_eq!(local.hba_line().expect("line"), None);
+        let net = Listen {
+            address: IpAddr::V4(Ipv4Addr::new(10, 77, 1, 2)),
+            clients: Some((IpAddr::V4(Ipv4Addr::new(10, 77, 0, 0)), 16)),
+        };
+        assert_eq!(net.server_options(5432), "-p 5432 -h 10.77.1.2");
+        assert_eq!(net.hba_line().expect("line").as_deref(), Some("host all all 10.77.0.0/16 scram-sha-256"));
+        let bad = Listen { clients: Some((IpAddr::V4(Ipv4Addr::new(10, 0, 0, 0)), 33)), ..net };
+        assert!(bad.hba_line().is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 
 pub mod fault;
 pub mod grpc;
+pub mod netns;
 
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
