@@ -38,6 +38,14 @@ use tonic::{Code, Status};
 /// Replicas one call tries: the one whose turn it is and, if that one
 /// fails in a way another may not, the next.
 pub const ATTEMPTS_MAX: usize = 2;
+/// HTTP/2 pings on each bank replica's connection, and how long one may go
+/// unanswered before the connection is given up: a replica cut off
+/// silently fails its calls within about their sum instead of when TCP
+/// gives up, and once the network heals the next call makes a fresh
+/// connection at once (an old one would wait out TCP's retransmission
+/// backoff, seconds during which the bank looks down).
+const BANK_KEEPALIVE_INTERVAL: Duration = Duration::from_secs(2);
+const BANK_KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(3);
 /// A replica not seen for this many stale periods is forgotten when its
 /// bank registers (until then the status shows it as unreachable).
 const FORGET_AFTER_STALE_PERIODS: u32 = 10;
@@ -334,7 +342,12 @@ impl Registry {
     }
 
     fn replica(&self, name: &str, address: &str) -> anyhow::Result<Replica> {
-        let channel = self.tls.channel(&Peer::Bank(name.to_owned()), address)?;
+        let channel = self
+            .tls
+            .endpoint(&Peer::Bank(name.to_owned()), address)?
+            .http2_keep_alive_interval(BANK_KEEPALIVE_INTERVAL)
+            .keep_alive_timeout(BANK_KEEPALIVE_TIMEOUT)
+            .connect_lazy();
         let client = BankServiceClient::new(channel)
             .max_decoding_message_size(strife_core::limits::MESSAGE_MAX_BYTES * 64);
         let link = BankLink::start(client.clone(), self.prepare_timeout, self.decide_timeout);

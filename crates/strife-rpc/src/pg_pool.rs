@@ -12,22 +12,45 @@ use tokio_postgres::NoTls;
 pub const POOL_SIZE_MAX: usize = 16;
 /// Longest wait for a free connection; then the call fails as busy.
 const POOL_WAIT: Duration = Duration::from_secs(10);
-/// Longest wait to open a connection.
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest wait for the database's host to answer a new connection (the
+/// TCP handshake): a database cut off silently fails a call that needs a
+/// new connection in about this time, so that its client moves on.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// Longest wait to open a connection, authentication included.
+const CREATE_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection whose sent data stays unacknowledged this long is given up
+/// (TCP_USER_TIMEOUT): a database cut off silently fails the call in about
+/// this time, as UNAVAILABLE, instead of hanging until TCP's own retries
+/// give up (minutes), so that clients move to another gateway.
+const TCP_USER_TIMEOUT: Duration = Duration::from_secs(3);
+/// Keep-alive probes on an idle connection: the first after this idle
+/// time, then every [`KEEPALIVE_INTERVAL`], given up after
+/// [`KEEPALIVE_RETRIES`] unanswered: a pooled connection to a database that
+/// went silent is found dead before a call waits on it for long.
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(2);
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(1);
+const KEEPALIVE_RETRIES: u32 = 2;
 
 /// A pool of connections to `url`, which `setting` (e.g. `bank.store`)
 /// named. Connections open when first used. Errors never show the URL.
 pub fn pool(url: &Secret<String>, setting: &str, application_name: &str) -> anyhow::Result<Pool> {
     let mut config: tokio_postgres::Config =
         url.expose().parse().map_err(|e| anyhow::anyhow!("{setting} is not a PostgreSQL URL: {e}"))?;
-    config.connect_timeout(CONNECT_TIMEOUT).application_name(application_name);
+    config
+        .connect_timeout(CONNECT_TIMEOUT)
+        .application_name(application_name)
+        .tcp_user_timeout(TCP_USER_TIMEOUT)
+        .keepalives(true)
+        .keepalives_idle(KEEPALIVE_IDLE)
+        .keepalives_interval(KEEPALIVE_INTERVAL)
+        .keepalives_retries(KEEPALIVE_RETRIES);
     let manager =
         Manager::from_config(config, NoTls, ManagerConfig { recycling_method: RecyclingMethod::Fast });
     Pool::builder(manager)
         .max_size(POOL_SIZE_MAX)
         .runtime(Runtime::Tokio1)
         .wait_timeout(Some(POOL_WAIT))
-        .create_timeout(Some(CONNECT_TIMEOUT))
+        .create_timeout(Some(CREATE_TIMEOUT))
         .build()
         .context("a connection pool")
 }
