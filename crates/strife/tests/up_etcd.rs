@@ -111,6 +111,24 @@ fn clients_find_the_gateways_in_etcd_and_fall_back_when_it_cannot_be_reached() {
     std::fs::write(d.join("etcd.url"), format!("{url}\n")).expect("etcd.url");
     let r = run_cli(d, &["--json", "balance"], &[]);
     assert_eq!((r.code, r.json()["balance"].as_str()), (0, Some("996.75")), "{r:?}");
+    // The shell keeps a watch on the gateways' keys and calls through it.
+    let mut shell = std::process::Command::new(BIN)
+        .arg("--dir")
+        .arg(d)
+        .args(["--discovery", &url, "shell"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("shell");
+    {
+        use std::io::Write;
+        let mut input = shell.stdin.take().expect("stdin");
+        input.write_all(b"2\n0\n").expect("menu choices");
+    }
+    let out = shell.wait_with_output().expect("shell output");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("balance 996.75"), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
 
     // `status` shows what etcd lists: the gateway, its lease age, its health.
     let r = run_cli(cluster.path(), &["--discovery", &url, "--json", "status"], &[]);
