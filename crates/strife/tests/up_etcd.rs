@@ -313,3 +313,51 @@ fn up_refuses_a_bad_etcd_url_before_starting_anything() {
     assert!(r.stderr.contains("--etcd takes `auto`"), "{r:?}");
     assert!(!dir.0.join("gateway.addr").exists(), "nothing started");
 }
+
+/// `up --etcd URL` on a running etcd that trusts the cluster's CA: with
+/// its root password (STRIFE_ETCD_ROOT_PASSWORD) `up` sets up its users and
+/// roles, the servers register there, clients find the gateway there, and
+/// `up` leaves that etcd running when it stops. Needs gateways and banks
+/// that register themselves in etcd when `discovery.url` is set.
+#[test]
+fn up_with_an_etcd_url_provisions_it_with_the_root_password_and_leaves_it_running() {
+    let dir = TempDir::new("up-etcd-url");
+    let d = &dir.0;
+    let r = run_cli(d, &["certs", "init"], &[]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let rt = common::grpc::runtime();
+    let _in_runtime = rt.enter();
+    let outside = TempDir::new("etcd-outside");
+    let certs = CertDir::new(d);
+    // Provisioned for no bank: `up` must give BankA and BankB their users.
+    let server = rt
+        .block_on(EtcdServer::start(&outside.0, &certs, "127.0.0.1", &[]))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let url = server.url();
+    let password = server.root_password().expect("root password");
+    let (mut up, _ready, _lines) = spawn_until(
+        d,
+        &["up", "--port", "0", "--etcd", &url],
+        "strife: ready",
+        &[("STRIFE_ETCD_ROOT_PASSWORD", password.expose())],
+    );
+    assert_eq!(std::fs::read_to_string(d.join("etcd.url")).expect("etcd.url").trim(), url);
+    let status =
+        status_when(d, &[], |s| registered(s, "gateway").len() == 1 && registered(s, "bank").len() == 2);
+    let etcd = listed(&status, "etcd");
+    assert_eq!(etcd.len(), 1, "{status}");
+    assert_eq!(etcd[0]["pid"], Value::Null, "not a process of this cluster");
+
+    let bare = bare_client_dir(d, "up-etcd-url-client");
+    let c = &bare.0;
+    login_with(c, &["--discovery", &url], "user2", "BankB");
+    let r = run_cli(c, &["--discovery", &url, "--json", "pay", "--to", "user1@BankA", "--amount", "5"], &[]);
+    assert_eq!((r.code, r.json()["status"].as_str()), (0, Some("committed")), "{r:?}");
+
+    assert_eq!(terminate(&mut up), Some(0), "up stops cleanly on SIGTERM");
+    let as_client =
+        Etcd::connect(&Tls::load(&certs, &Peer::Client("client".into())).expect("tls"), &url).expect("etcd");
+    assert!(rt.block_on(as_client.status()).is_ok(), "the etcd up did not start runs on");
+    wait_gateway_keys(&rt, &as_client, "the stopped gateway's key to go", |n| n == 0);
+    drop(server);
+}
