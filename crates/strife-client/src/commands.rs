@@ -2,6 +2,7 @@
 //! or a [`CliError`]; `main` prints them.
 
 use crate::connect::gateway_addresses;
+use crate::discovery;
 use crate::exit::{CliError, Exit, Reply};
 use crate::gateways::{CallError, Gateways};
 use crate::instances::{self, Instance, Role};
@@ -17,7 +18,9 @@ use strife_proto::gateway::v1 as pb;
 use strife_proto::gateway::v1::ErrorReason;
 use strife_rpc::config::ClientConfig;
 use strife_rpc::errors;
+use strife_rpc::etcd::View;
 use strife_rpc::wire::{account, decline_reason_from, rfc3339};
+use tokio::sync::watch;
 use tonic::metadata::{Ascii, MetadataValue};
 use tonic::transport::Channel;
 
@@ -32,10 +35,17 @@ pub struct Client {
     /// `DIR/client.db`; None until a login creates it (commands that only
     /// read never create anything).
     state: Option<ClientState>,
-    /// The gateway replicas, made from `gateway` at the first call and
-    /// kept for the client's life (the shell's), with what calls learnt
-    /// about each.
+    /// The etcd the gateways are found in (`--discovery`, `discovery.url`,
+    /// `DIR/etcd.url`), used when no `gateway` list is given explicitly.
+    pub discovery: Option<String>,
+    /// The gateway replicas, made from `gateway` (or what etcd lists) at
+    /// the first call and kept for the client's life (the shell's), with
+    /// what calls learnt about each.
     gateways: OnceLock<Gateways>,
+    /// A long-lived client's watch on the gateways' keys in etcd: each
+    /// change becomes the set before the next call. Dropping the sender
+    /// ends the watch.
+    watch: Option<(std::sync::Mutex<watch::Receiver<View>>, watch::Sender<bool>)>,
 }
 
 /// What happened when a payment from the outbox was sent.
@@ -110,7 +120,16 @@ impl Client {
         config: ClientConfig,
     ) -> Result<Client, CliError> {
         let state = ClientState::open_existing(&dir).map_err(storage_error)?;
-        Ok(Client { dir, gateway, as_user, config, state, gateways: OnceLock::new() })
+        Ok(Client {
+            dir,
+            gateway,
+            as_user,
+            config,
+            state,
+            discovery: None,
+            gateways: OnceLock::new(),
+            watch: None,
+        })
     }
 
     /// The client state, created if this directory has none yet.
@@ -143,26 +162,85 @@ impl Client {
     }
 
     /// The gateway replicas this client calls: `--gateway`/`STRIFE_GATEWAY`
-    /// (a list), else `DIR/gateway.addr`. A discovery backend may change
-    /// the set at run time through [`Gateways::apply`].
-    pub fn gateways(&self) -> Result<&Gateways, CallError> {
+    /// (a list); else, with discovery, the gateways registered in etcd (one
+    /// read), or the static set when etcd cannot be reached (said in one
+    /// line on stderr); else `DIR/gateway.addr`. A watch
+    /// ([`Client::watch_gateways`]) changes the set at run time.
+    pub async fn gateways(&self) -> Result<&Gateways, CallError> {
         if let Some(gateways) = self.gateways.get() {
             return Ok(gateways);
         }
-        let addresses =
-            gateway_addresses(&self.dir, self.gateway.as_deref()).map_err(|e| CallError::Setup(e.message))?;
+        let addresses = match (&self.gateway, &self.discovery) {
+            (None, Some(url)) => self.discovered_addresses(url).await?,
+            _ => gateway_addresses(&self.dir, self.gateway.as_deref())
+                .map_err(|e| CallError::Setup(e.message))?,
+        };
         let gateways = Gateways::open(&self.dir, &addresses)?;
         Ok(self.gateways.get_or_init(|| gateways))
     }
 
+    /// The gateways etcd lists (possibly none), or the static set when it
+    /// cannot be reached.
+    async fn discovered_addresses(&self, url: &str) -> Result<Vec<String>, CallError> {
+        let why = match discovery::gateway_addresses(&self.dir, url).await {
+            Ok(list) => return Ok(list),
+            Err(why) => why,
+        };
+        match discovery::static_gateways(&self.dir) {
+            Some((list, from)) => {
+                eprintln!("strife: etcd at {url} cannot be reached ({why}); using the gateways in {from}");
+                Ok(list)
+            }
+            None => Err(CallError::Unreachable(format!(
+                "etcd at {url} cannot be reached ({why}) and no gateway is known otherwise"
+            ))),
+        }
+    }
+
+    /// Keeps a watch on the gateways' keys in etcd for the rest of this
+    /// client's life (the shell's): each change becomes the set before the
+    /// next call. Nothing happens without discovery or with an explicit
+    /// gateway list. Must run inside a tokio runtime.
+    pub fn watch_gateways(&mut self) -> Result<(), CliError> {
+        let (None, Some(url)) = (&self.gateway, &self.discovery) else { return Ok(()) };
+        let (rx, stop) = discovery::watch_gateways(&self.dir, url)
+            .map_err(|e| CliError::unexpected(format!("watching the gateways in etcd: {e:#}")))?;
+        self.watch = Some((std::sync::Mutex::new(rx), stop));
+        Ok(())
+    }
+
+    /// The set the watch saw last, applied if it changed since the last
+    /// call. While etcd cannot be reached the watch holds the last known
+    /// set; before its first read, nothing is applied.
+    fn apply_watch(&self, gateways: &Gateways) -> Result<(), CallError> {
+        let Some((rx, _)) = &self.watch else { return Ok(()) };
+        let mut rx = rx.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !rx.has_changed().unwrap_or(false) {
+            return Ok(());
+        }
+        let view = rx.borrow_and_update().clone();
+        if !view.loaded {
+            return Ok(());
+        }
+        gateways.replace(&discovery::addresses(&view.parsed()))
+    }
+
     /// One RPC at the gateway replicas, failing over between them, within
-    /// the request timeout (see [`Gateways::call`]).
+    /// the request timeout (see [`Gateways::call`]). With discovery and no
+    /// gateway registered, that is an outage like every gateway being down.
     async fn call<T, F, Fut>(&self, op: F) -> Result<T, CallError>
     where
         F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
     {
-        self.gateways()?.call(self.timeout(), op).await
+        let gateways = self.gateways().await?;
+        self.apply_watch(gateways)?;
+        if let (None, Some(url)) = (&self.gateway, &self.discovery)
+            && gateways.members().is_empty()
+        {
+            return Err(CallError::Unreachable(format!("no gateway is registered in etcd at {url}")));
+        }
+        gateways.call(self.timeout(), op).await
     }
 
     /// The session a command acts for.
@@ -634,43 +712,66 @@ impl Client {
             .iter()
             .map(|b| json!({ "name": b.name, "address": b.address, "reachable": b.reachable }))
             .collect();
-        let instances = self.instances(&s.banks)?;
+        let known: Vec<String> = self.gateways().await?.members().into_iter().map(|m| m.address).collect();
+        let instances = self.instances(&s.banks, known)?;
         let healthy = instances::health(&self.dir, &instances).await;
+        let seen = match &self.discovery {
+            Some(url) if self.gateway.is_none() => Some(discovery::status(&self.dir, url).await),
+            _ => None,
+        };
         text.push_str("instances:\n");
         let mut listed = Vec::new();
         for (instance, healthy) in instances.iter().zip(healthy) {
             let pid = instance.pid.filter(|p| instances::is_running(*p));
+            let registered = seen.as_ref().map(|seen| seen.find(instance));
             text.push_str(&format!(
-                "  {:<8} {:<12} #{:<2} {:<22} {:<11} {}\n",
+                "  {:<8} {:<12} #{:<2} {:<22} {:<11} {}{}\n",
                 instance.role.as_str(),
                 instance.name,
                 instance.replica,
                 instance.address,
                 pid.map_or_else(|| "pid -".to_owned(), |p| format!("pid {p}")),
-                if healthy { "healthy" } else { "not answering" }
+                if healthy { "healthy" } else { "not answering" },
+                match &registered {
+                    Some(Some(seen)) => format!(", in etcd for {}", discovery::age(seen.lease_age_ms)),
+                    Some(None) if instance.role.registers() => ", not in etcd".to_owned(),
+                    _ => String::new(),
+                }
             ));
-            listed.push(json!({
+            let mut entry = json!({
                 "role": instance.role.as_str(), "name": instance.name, "replica": instance.replica,
                 "address": instance.address, "pid": pid, "healthy": healthy,
-            }));
+            });
+            if let Some(registered) = &registered
+                && instance.role.registers()
+            {
+                entry["registered"] = json!(registered.is_some());
+                entry["lease_age_ms"] = json!(registered.as_ref().map(|r| r.lease_age_ms));
+            }
+            listed.push(entry);
         }
-        Ok(Reply::done(
-            json!({
-                "gateway_boot_id": s.gateway_boot_id, "banks": banks,
-                "payments_committed": s.payments_committed, "payments_declined": s.payments_declined,
-                "payments_pending": s.payments_pending, "instances": listed,
-            }),
-            text.trim_end().to_owned(),
-        ))
+        let mut reply = json!({
+            "gateway_boot_id": s.gateway_boot_id, "banks": banks,
+            "payments_committed": s.payments_committed, "payments_declined": s.payments_declined,
+            "payments_pending": s.payments_pending, "instances": listed,
+        });
+        if let Some(seen) = seen {
+            text.push_str(&seen.text());
+            reply["discovery"] = seen.json();
+        }
+        Ok(Reply::done(reply, text.trim_end().to_owned()))
     }
 
     /// The cluster's processes: the list `strife up` keeps in DIR, else
-    /// the gateways this client knows and the banks registered with them.
-    fn instances(&self, registered: &[pb::BankStatus]) -> Result<Vec<Instance>, CliError> {
+    /// the gateways this client uses and the banks registered with them.
+    fn instances(
+        &self,
+        registered: &[pb::BankStatus],
+        gateways: Vec<String>,
+    ) -> Result<Vec<Instance>, CliError> {
         if let Some(list) = instances::read(&self.dir).map_err(|e| CliError::unexpected(format!("{e:#}")))? {
             return Ok(list);
         }
-        let gateways = gateway_addresses(&self.dir, self.gateway.as_deref())?;
         let gateways = gateways.into_iter().zip(1..).map(|(address, replica)| Instance {
             role: Role::Gateway,
             name: "gateway".to_owned(),

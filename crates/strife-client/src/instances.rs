@@ -24,6 +24,8 @@ pub enum Role {
     Bank,
     /// The PostgreSQL server `up --postgres auto` runs.
     Postgres,
+    /// The etcd server `up --etcd` uses.
+    Etcd,
 }
 
 impl Role {
@@ -32,11 +34,17 @@ impl Role {
             Role::Gateway => "gateway",
             Role::Bank => "bank",
             Role::Postgres => "postgres",
+            Role::Etcd => "etcd",
         }
     }
 
+    /// Whether instances of this role register themselves in etcd.
+    pub fn registers(self) -> bool {
+        matches!(self, Role::Gateway | Role::Bank)
+    }
+
     fn parse(text: &str) -> Option<Role> {
-        [Role::Gateway, Role::Bank, Role::Postgres].into_iter().find(|r| r.as_str() == text)
+        [Role::Gateway, Role::Bank, Role::Postgres, Role::Etcd].into_iter().find(|r| r.as_str() == text)
     }
 }
 
@@ -119,7 +127,8 @@ pub fn is_running(pid: u32) -> bool {
 /// Whether each instance answers, in order, all asked at once, each within
 /// [`HEALTH_TIMEOUT`]: a gateway or bank its gRPC health check over mutual
 /// TLS (with the client certificate of `dir`, and checking that the server
-/// proves the identity the entry names); PostgreSQL a TCP connection.
+/// proves the identity the entry names); PostgreSQL and etcd a TCP
+/// connection.
 pub async fn health(dir: &Path, instances: &[Instance]) -> Vec<bool> {
     let tls = Tls::load(&CertDir::new(dir), &Peer::Client(CLIENT_NAME.to_owned())).ok();
     let mut tasks = tokio::task::JoinSet::new();
@@ -146,7 +155,9 @@ async fn check(tls: Option<&Tls>, instance: &Instance) -> bool {
         HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
     };
     let peer = match instance.role {
-        Role::Postgres => return tokio::net::TcpStream::connect(&instance.address).await.is_ok(),
+        Role::Postgres | Role::Etcd => {
+            return tokio::net::TcpStream::connect(&instance.address).await.is_ok();
+        }
         Role::Gateway => Peer::Gateway,
         Role::Bank => Peer::Bank(instance.name.clone()),
     };

@@ -5,6 +5,7 @@
 
 pub mod commands;
 pub mod connect;
+pub mod discovery;
 pub mod exit;
 pub mod gateways;
 pub mod instances;

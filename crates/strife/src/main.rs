@@ -47,6 +47,9 @@ struct ClientFlags {
     /// The gateway: ADDR, or a comma-separated list of replicas, which calls take in turn and fail over between (default: STRIFE_GATEWAY, else the list `strife up` wrote in DIR).
     #[arg(long, value_name = "ADDR")]
     gateway: Option<String>,
+    /// Find the gateways in etcd: etcd://IP:PORT[,IP:PORT…] (default: STRIFE_DISCOVERY, else discovery.url in DIR/strife.toml, else DIR/etcd.url that `strife up --etcd` wrote). An explicit --gateway or STRIFE_GATEWAY wins; when etcd cannot be reached, the gateways DIR lists are used.
+    #[arg(long, value_name = "URL")]
+    discovery: Option<String>,
     /// Which logged-in session to act for, as USER@BANK (default: the most recent login).
     #[arg(long = "as", value_name = "USER@BANK")]
     as_user: Option<String>,
@@ -60,6 +63,7 @@ impl ClientFlags {
     fn over(&self, outer: &ClientFlags) -> ClientFlags {
         ClientFlags {
             gateway: self.gateway.clone().or_else(|| outer.gateway.clone()),
+            discovery: self.discovery.clone().or_else(|| outer.discovery.clone()),
             as_user: self.as_user.clone().or_else(|| outer.as_user.clone()),
             json: self.json || outer.json,
         }
@@ -455,7 +459,12 @@ fn run(cli: Cli) -> Result<Reply, CliError> {
             };
             let mut client = open_client(&dir, flags)?;
             if let Command::Shell { .. } = command {
-                return runtime(true)?.block_on(strife_client::shell::run(client));
+                // Several threads: the shell blocks on its input while the
+                // discovery watch keeps the gateways' set current.
+                return runtime(false)?.block_on(async move {
+                    client.watch_gateways()?;
+                    strife_client::shell::run(client).await
+                });
             }
             strife_rpc::telemetry::init_stderr("warn");
             runtime(true)?.block_on(client_command(&mut client, command))
@@ -503,9 +512,19 @@ fn open_client(dir: &std::path::Path, flags: ClientFlags) -> Result<Client, CliE
         .as_user
         .map(|s| s.parse::<UserRef>().map_err(|e| CliError::new(Exit::Usage, format!("--as: {e}"))))
         .transpose()?;
+    if let Some(url) = &flags.discovery {
+        strife_client::discovery::check_url(url)?;
+    }
     let config = Config::load(dir, None).map_err(fatal)?;
+    // An explicit gateway list wins over discovery.
     let gateway = flags.gateway.or_else(gateway_from_env);
-    Client::open(dir.to_path_buf(), gateway, as_user, config.client)
+    let discovery = match gateway {
+        Some(_) => None,
+        None => strife_client::discovery::etcd_url(dir, flags.discovery.as_deref(), &config.discovery),
+    };
+    let mut client = Client::open(dir.to_path_buf(), gateway, as_user, config.client)?;
+    client.discovery = discovery;
+    Ok(client)
 }
 
 async fn client_command(client: &mut Client, command: Command) -> Result<Reply, CliError> {
@@ -523,7 +542,10 @@ async fn client_command(client: &mut Client, command: Command) -> Result<Reply, 
         Command::Outbox { action, .. } => match action {
             None | Some(OutboxAction::List(_)) => client.outbox_list(),
             Some(OutboxAction::Flush(_)) => client.outbox_flush().await,
-            Some(OutboxAction::Watch(_)) => client.outbox_watch(strife_rpc::serve::shutdown_signal()).await,
+            Some(OutboxAction::Watch(_)) => {
+                client.watch_gateways()?;
+                client.outbox_watch(strife_rpc::serve::shutdown_signal()).await
+            }
         },
         Command::Status { .. } => client.status().await,
         Command::Payment { id, .. } => client.payment(&id).await,
@@ -726,6 +748,11 @@ mod tests {
         }
         let f = flags(&["--as", "u1@A", "--gateway", "g1", "balance"]).expect("client");
         assert_eq!((f.as_user.as_deref(), f.gateway.as_deref()), (Some("u1@A"), Some("g1")));
+        let f = flags(&["--discovery", "etcd://127.0.0.1:1", "pay", "--to", "u@B", "--amount", "1"])
+            .expect("client");
+        assert_eq!(f.discovery.as_deref(), Some("etcd://127.0.0.1:1"));
+        let f = flags(&["balance", "--discovery", "etcd://127.0.0.1:2"]).expect("client");
+        assert_eq!(f.discovery.as_deref(), Some("etcd://127.0.0.1:2"));
         let f = flags(&["balance", "--as", "u1@A", "--gateway", "g1"]).expect("client");
         assert_eq!((f.as_user.as_deref(), f.gateway.as_deref()), (Some("u1@A"), Some("g1")));
         // Given both before and after the command, the later one wins.

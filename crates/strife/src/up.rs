@@ -1,10 +1,12 @@
 //! `strife up`: a whole local cluster in one command. Creates what is
 //! missing in DIR (PKI, token key, settings); with `--postgres`, starts the
 //! private PostgreSQL server (`auto`) and makes the cluster's roles and
-//! databases; starts the gateways and the banks' processes as supervised
-//! children (restarted when they die); waits until every bank is
-//! registered with every gateway; prints the ready line; and on Ctrl-C or
-//! SIGTERM stops the servers, then PostgreSQL.
+//! databases; with `--etcd`, starts the private etcd (`auto`) or uses one,
+//! and has every server register there; starts the gateways and the banks'
+//! processes as supervised children (restarted when they die); waits until
+//! every bank is registered with every gateway (and, with etcd, every
+//! gateway is registered there); prints the ready line; and on Ctrl-C or
+//! SIGTERM stops the servers, then etcd, then PostgreSQL.
 
 pub mod databases;
 
@@ -17,6 +19,7 @@ use std::time::Duration;
 use strife_client::instances::{self, Instance, Role};
 use strife_core::Secret;
 use strife_rpc::Peer;
+use strife_rpc::etcd_server::EtcdServer;
 use strife_rpc::pki::CertDir;
 use strife_rpc::postgres_server::{self, Lifetime, PostgresServer};
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -64,7 +67,40 @@ pub struct UpArgs {
     /// running server, where USER may create roles and databases.
     #[arg(long, value_name = "auto|URL", env = "STRIFE_POSTGRES", hide_env_values = true)]
     postgres: Option<String>,
+    /// Discovery on etcd: `auto` runs a private etcd (Debian's etcd-server
+    /// package) in DIR/etcd on a free port of 127.0.0.1, started and
+    /// stopped by `up`; an etcd://IP:PORT[,IP:PORT…] URL uses a running one
+    /// that trusts DIR's CA (provisioned when DIR/etcd/root.password or
+    /// STRIFE_ETCD_ROOT_PASSWORD gives its root password). Every server
+    /// registers there, and clients find the gateways there (DIR/etcd.url).
+    #[arg(long, value_name = "auto|URL")]
+    etcd: Option<String>,
 }
+
+/// Where the cluster's discovery is.
+enum EtcdChoice {
+    /// A private server `up` runs.
+    Auto,
+    /// A running cluster, at this URL.
+    Url(String),
+}
+
+impl EtcdChoice {
+    fn parse(text: &str) -> anyhow::Result<EtcdChoice> {
+        if text == "auto" {
+            // Missing etcd is said before anything starts.
+            strife_rpc::etcd_server::find_program()?;
+            return Ok(EtcdChoice::Auto);
+        }
+        strife_rpc::etcd::parse_url(text)
+            .context("--etcd takes `auto` or an etcd://IP:PORT[,IP:PORT…] URL")?;
+        Ok(EtcdChoice::Url(text.to_owned()))
+    }
+}
+
+/// The environment variable giving the root password of an existing etcd
+/// (`--etcd URL`), so that `up` provisions its users and roles.
+const ETCD_ROOT_PASSWORD_ENV: &str = "STRIFE_ETCD_ROOT_PASSWORD";
 
 /// Where the cluster's databases are.
 enum Postgres {
@@ -105,6 +141,7 @@ pub async fn run(dir: PathBuf, args: UpArgs) -> anyhow::Result<()> {
         bail!("name at least one bank with --banks");
     }
     let postgres = args.postgres.as_deref().map(Postgres::parse).transpose()?;
+    let etcd = args.etcd.as_deref().map(EtcdChoice::parse).transpose()?;
     if postgres.is_none() && (args.gateways > 1 || args.bank_replicas > 1) {
         bail!(
             "--gateways {} --bank-replicas {} needs --postgres auto (or --postgres URL): without it every \
@@ -134,7 +171,7 @@ pub async fn run(dir: PathBuf, args: UpArgs) -> anyhow::Result<()> {
     let shutdown = strife_rpc::serve::shutdown_signal();
     tokio::pin!(shutdown);
     let started = tokio::select! {
-        started = cluster.start(&args, postgres) => started.map(Some),
+        started = cluster.start(&args, postgres, etcd) => started.map(Some),
         () = &mut shutdown => Ok(None),
     };
     let gateways = match started {
@@ -177,26 +214,44 @@ struct Cluster {
     /// The private PostgreSQL server (`--postgres auto`), restarted if it
     /// dies, stopped after the servers that use it.
     postgres: Option<Arc<Mutex<PostgresServer>>>,
+    /// The private etcd server (`--etcd auto`), stopped after the servers
+    /// that register in it.
+    etcd: Option<EtcdServer>,
 }
 
 impl Cluster {
     fn new(dir: PathBuf, exe: PathBuf) -> Cluster {
         let (stop_tx, _) = watch::channel(false);
         let roster = Arc::new(Roster { dir: dir.clone(), state: Mutex::new(RosterState::default()) });
-        Cluster { dir, exe, stop_tx, supervisors: Vec::new(), roster, postgres: None }
+        Cluster { dir, exe, stop_tx, supervisors: Vec::new(), roster, postgres: None, etcd: None }
     }
 
     /// Starts everything; returns the gateways' addresses once every bank
     /// is registered with each of them.
-    async fn start(&mut self, args: &UpArgs, postgres: Option<Postgres>) -> anyhow::Result<Vec<String>> {
+    async fn start(
+        &mut self,
+        args: &UpArgs,
+        postgres: Option<Postgres>,
+        etcd: Option<EtcdChoice>,
+    ) -> anyhow::Result<Vec<String>> {
         let stores = match postgres {
             Some(postgres) => Some(self.databases(postgres, &args.banks).await?),
             None => None,
         };
+        let discovery = match etcd {
+            Some(etcd) => Some(self.discovery(etcd, &args.banks).await?),
+            None => None,
+        };
+        let discovery_env: Vec<(&'static str, Secret<String>)> =
+            discovery.iter().map(|url| ("STRIFE_DISCOVERY", Secret::new(url.clone()))).collect();
         let mut starting = Vec::new();
         for replica in 1..=args.gateways {
             let port = if replica == 1 { args.port } else { 0 };
-            let envs = stores.iter().map(|s| ("STRIFE_GATEWAY_STORE", s.gateway.clone())).collect();
+            let envs = stores
+                .iter()
+                .map(|s| ("STRIFE_GATEWAY_STORE", s.gateway.clone()))
+                .chain(discovery_env.iter().cloned())
+                .collect();
             starting.push(self.spawn(Role::Gateway, "gateway", replica, vec!["gateway".into()], port, envs));
         }
         let gateways = wait_started(starting).await?;
@@ -207,6 +262,7 @@ impl Cluster {
                 .iter()
                 .filter_map(|s| s.bank(bank))
                 .map(|url| ("STRIFE_BANK_STORE", url.clone()))
+                .chain(discovery_env.iter().cloned())
                 .collect();
             for replica in 1..=args.bank_replicas {
                 let command =
@@ -218,8 +274,74 @@ impl Cluster {
         for gateway in &gateways {
             wait_registered(&self.dir, gateway, &args.banks).await?;
         }
+        if let Some(url) = &discovery {
+            wait_in_etcd(&self.dir, url, &gateways).await?;
+        }
         self.roster.publish()?;
         Ok(gateways)
+    }
+
+    /// The etcd the cluster registers in (started here for `auto`, and
+    /// provisioned when `up` can act as its root user); writes its URL to
+    /// `DIR/etcd.url` for clients, and returns it.
+    async fn discovery(&mut self, etcd: EtcdChoice, banks: &[String]) -> anyhow::Result<String> {
+        let certs = CertDir::new(&self.dir);
+        let url = match etcd {
+            EtcdChoice::Auto => {
+                let base = self.dir.join("etcd");
+                let server = EtcdServer::start(&base, &certs, "127.0.0.1", banks)
+                    .await
+                    .context("starting the private etcd server (--etcd auto)")?;
+                let url = server.url();
+                tracing::info!(%url, base = %server.base().display(), "etcd serving");
+                self.roster.add(Instance {
+                    role: Role::Etcd,
+                    name: "etcd".into(),
+                    replica: 1,
+                    address: url.trim_start_matches(strife_rpc::etcd::URL_SCHEME).to_owned(),
+                    pid: server.pid(),
+                });
+                self.etcd = Some(server);
+                url
+            }
+            EtcdChoice::Url(url) => {
+                let endpoints = strife_rpc::etcd::parse_url(&url)?;
+                for (replica, address) in (1..).zip(endpoints) {
+                    self.roster.add(Instance {
+                        role: Role::Etcd,
+                        name: "etcd".into(),
+                        replica,
+                        address,
+                        pid: None,
+                    });
+                }
+                let kept = self.dir.join("etcd").join("root.password");
+                let password = match std::env::var(ETCD_ROOT_PASSWORD_ENV) {
+                    Ok(p) if !p.is_empty() => Some(Secret::new(p)),
+                    _ => std::fs::read_to_string(&kept).ok().map(|p| Secret::new(p.trim().to_owned())),
+                };
+                match password {
+                    Some(password) => {
+                        let tls = strife_rpc::tls::Tls::load(&certs, &Peer::Gateway)?;
+                        let etcd = strife_rpc::etcd::Etcd::connect(&tls, &url)?;
+                        strife_rpc::etcd::provision(&etcd, &password, banks).await.with_context(|| {
+                            format!("setting up the users and roles of the etcd at {url}")
+                        })?;
+                    }
+                    None => tracing::info!(
+                        %url,
+                        "no etcd root password ({ETCD_ROOT_PASSWORD_ENV} or DIR/etcd/root.password): \
+                         assuming its users and roles are set up"
+                    ),
+                }
+                url
+            }
+        };
+        strife_rpc::pki::write_private(
+            &self.dir.join(strife_client::discovery::ETCD_URL_FILE),
+            &format!("{url}\n"),
+        )?;
+        Ok(url)
     }
 
     /// The PostgreSQL server (started here for `auto`), and on it the
@@ -301,11 +423,15 @@ impl Cluster {
         Starting { label, ready: rx }
     }
 
-    /// Stops every server, then PostgreSQL.
+    /// Stops every server, then etcd, then PostgreSQL.
     async fn stop(&mut self) {
         self.stop_tx.send_replace(true);
         for supervisor in self.supervisors.drain(..) {
             let _ = supervisor.await;
+        }
+        if let Some(mut etcd) = self.etcd.take() {
+            tokio::task::block_in_place(|| etcd.kill());
+            tracing::info!("etcd stopped");
         }
         if let Some(server) = self.postgres.take() {
             match tokio::task::spawn_blocking(move || lock(&server).stop()).await {
@@ -481,6 +607,28 @@ async fn wait_registered(dir: &Path, gateway: &str, banks: &[String]) -> anyhow:
     bail!("the cluster did not become ready within {READY_TIMEOUT:?}: {last}")
 }
 
+/// Waits until every one of `gateways` is registered in the etcd at `url`
+/// (read as a client would), so that a client finds them from the ready
+/// line on.
+async fn wait_in_etcd(dir: &Path, url: &str, gateways: &[String]) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + READY_TIMEOUT;
+    let mut last = String::new();
+    while tokio::time::Instant::now() < deadline {
+        match strife_client::discovery::gateway_addresses(dir, url).await {
+            Ok(found) => {
+                let missing: Vec<&String> = gateways.iter().filter(|g| !found.contains(g)).collect();
+                if missing.is_empty() {
+                    return Ok(());
+                }
+                last = format!("gateways {missing:?} are not registered there");
+            }
+            Err(why) => last = why,
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bail!("the gateways did not register in the etcd at {url} within {READY_TIMEOUT:?}: {last}")
+}
+
 /// Servers that share one machine do best with one async worker each
 /// (measured in BENCHMARKS.md); an explicit STRIFE_RUNTIME_WORKERS wins.
 pub fn co_located_env() -> Option<(&'static str, &'static str)> {
@@ -516,6 +664,7 @@ impl ChildSpec {
         }
         // The administrator's URL stays with `up`.
         cmd.env_remove("STRIFE_POSTGRES");
+        cmd.env_remove(ETCD_ROOT_PASSWORD_ENV);
         for (k, v) in &self.envs {
             cmd.env(k, v.expose());
         }
