@@ -11,7 +11,10 @@
 //!   other, nothing is decided twice, no hold is left after healing;
 //! - a bank cut off from both gateways: its payments decline
 //!   (`bank_unavailable`) within the prepare timeout, other banks' payments
-//!   go on, and its holds converge after healing.
+//!   go on, and its holds converge after healing; and the same with
+//!   discovery through etcd, which runs on a host of its own and which the
+//!   cut bank still reaches (its key stays: etcd says where, not whether a
+//!   call gets through).
 //!
 //! After each: `strife audit` agrees (money conserved, one outcome per
 //! payment everywhere, no hold), and balances are the committed payments,
@@ -26,6 +29,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use strife_core::Secret;
+use strife_rpc::etcd_server::EtcdServer;
 use strife_rpc::postgres_server::{INSTALL_COMMAND, Lifetime, Listen, PostgresServer};
 
 const GATEWAYS: usize = 2;
@@ -41,6 +45,8 @@ fn the_private_network_cuts_and_heals() {
 /// own, and a client host. Fields drop in order: processes, the database
 /// server, the directory, and the network last.
 struct World {
+    /// With discovery through etcd: its host and the server.
+    etcd: Option<(Host, EtcdServer)>,
     gateways: Vec<Proc>,
     banks: Vec<Proc>,
     pg: PostgresServer,
@@ -57,6 +63,12 @@ struct World {
 
 impl World {
     fn start(tag: &str, banks: &[&str], env: &[(&str, &str)]) -> World {
+        Self::start_with(tag, banks, env, false)
+    }
+
+    /// With `etcd`, a private etcd on a host of its own, and every server
+    /// registering there and finding the others there.
+    fn start_with(tag: &str, banks: &[&str], env: &[(&str, &str)], etcd: bool) -> World {
         let net = Net::new();
         let client = net.host("client");
         let db = net.host("db");
@@ -81,8 +93,26 @@ impl World {
         let r = run_cli(&dir.0, &init, &[]);
         assert_eq!(r.code, 0, "certs init: {r:?}");
 
+        let etcd = etcd.then(|| {
+            let host = net.host("etcd");
+            let (base, certs) = (dir.0.join("etcd"), strife_rpc::pki::CertDir::new(&dir.0));
+            let names: Vec<String> = banks.iter().map(|b| b.to_string()).collect();
+            let addr = host.addr().to_string();
+            let server = host
+                .run(|| {
+                    let rt =
+                        tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+                    rt.block_on(EtcdServer::start(&base, &certs, &addr, &names))
+                })
+                .unwrap_or_else(|e| panic!("{e:#}"));
+            (host, server)
+        });
+        let discovery = etcd.as_ref().map(|(_, e)| e.url()).unwrap_or_default();
         let mut server_env: Vec<(&str, &str)> = FAST.to_vec();
         server_env.extend_from_slice(env);
+        if etcd.is_some() {
+            server_env.push(("STRIFE_DISCOVERY", &discovery));
+        }
         let mut gateway_env = server_env.clone();
         gateway_env.push(("STRIFE_GATEWAY_STORE", store.expose()));
         let gateways: Vec<Proc> = gateway_hosts
@@ -98,7 +128,8 @@ impl World {
                 spawn(h, &dir.0, b, &args, &server_env)
             })
             .collect();
-        let w = World { gateways, banks, pg, store, dir, client, db, gateway_hosts, bank_hosts, list, net };
+        let w =
+            World { etcd, gateways, banks, pg, store, dir, client, db, gateway_hosts, bank_hosts, list, net };
         let names: Vec<&str> = w.banks.iter().map(|b| b.name.as_str()).collect();
         for g in &w.gateways {
             w.wait_registered(&g.addr, &names);
@@ -192,6 +223,26 @@ impl World {
             .filter_map(|l| l.split_once(' '))
             .map(|(id, state)| (id.to_owned(), state.to_owned()))
             .collect()
+    }
+
+    /// The addresses etcd lists for `bank`, read from etcd's own host.
+    fn in_etcd(&self, bank: &str) -> Vec<String> {
+        let (host, server) = self.etcd.as_ref().expect("etcd");
+        let certs = strife_rpc::pki::CertDir::new(self.path());
+        host.run(|| {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+            rt.block_on(async {
+                let tls = strife_rpc::tls::Tls::load(&certs, &strife_rpc::Peer::Gateway).expect("tls");
+                let etcd = strife_rpc::etcd::Etcd::connect(&tls, &server.url()).expect("etcd");
+                let prefix = format!("{}{bank}/", strife_rpc::etcd::BANKS_PREFIX);
+                let (entries, _) = etcd.range_prefix(&prefix).await.expect("range");
+                entries
+                    .values()
+                    .filter_map(|v| serde_json::from_slice::<strife_rpc::etcd::Entry>(v).ok())
+                    .map(|e| e.address)
+                    .collect()
+            })
+        })
     }
 
     /// Legs of `bank` (SQLite) still prepared: holds waiting for a decision.
@@ -442,10 +493,28 @@ fn a_gateway_cut_off_from_the_database_loses_its_customers_to_the_other_and_deci
 
 #[test]
 fn a_bank_cut_off_from_the_gateways_declines_within_the_prepare_timeout_and_its_holds_converge() {
+    bank_cut_off_from_the_gateways(false);
+}
+
+#[test]
+fn with_etcd_a_bank_cut_off_from_the_gateways_but_not_from_etcd_declines_and_converges() {
+    bank_cut_off_from_the_gateways(true);
+}
+
+fn bank_cut_off_from_the_gateways(etcd: bool) {
     // A prepare timeout long enough to cut the bank while one of its holds
     // waits for the decision (see below); the deadline beyond it.
     let env = [("STRIFE_GATEWAY_PREPARE_TIMEOUT_MS", "4000"), ("STRIFE_GATEWAY_PAYMENT_DEADLINE_MS", "8000")];
-    let w = World::start("part-bank", &["BankA", "BankB", "BankC"], &env);
+    let tag = if etcd { "part-bank-etcd" } else { "part-bank" };
+    let w = World::start_with(tag, &["BankA", "BankB", "BankC"], &env, etcd);
+    let bank_b = w.banks[1].addr.clone();
+    if etcd {
+        let deadline = Instant::now() + WAIT;
+        while w.in_etcd("BankB") != vec![bank_b.clone()] {
+            assert!(Instant::now() < deadline, "BankB never registered in etcd");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
     let (a, b, c) = ("user1@BankA", "user1@BankB", "user1@BankC");
     for who in [a, b, c, "user2@BankA"] {
         w.login(who);
@@ -494,6 +563,14 @@ fn a_bank_cut_off_from_the_gateways_declines_within_the_prepare_timeout_and_its_
         }
     }
     assert!(w.prepared_legs("BankB") > 0, "BankB's hold waits while it is cut off");
+    if etcd {
+        // Still renewing its lease through etcd, which it reaches.
+        assert_eq!(
+            w.in_etcd("BankB"),
+            vec![bank_b.clone()],
+            "BankB's key stays while only the gateways are cut off"
+        );
+    }
 
     for g in &w.gateway_hosts {
         w.net.heal(&w.bank_hosts[1], g);
