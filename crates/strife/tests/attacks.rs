@@ -10,6 +10,8 @@ use common::*;
 use strife_proto::bank::v1 as bankpb;
 use strife_proto::gateway::v1 as pb;
 use strife_rpc::Peer;
+use strife_rpc::etcd::{self, Etcd};
+use strife_rpc::etcd_server::EtcdServer;
 use tonic::Code;
 
 /// Everything that must not change: every account's balance and available
@@ -50,6 +52,16 @@ impl Table {
         };
         self.rows.push((attack.to_owned(), format!("{expected:?}"), got_text, ok));
     }
+    /// A refusal by a server that is not Strife's (etcd): its status code
+    /// only, as it carries no Strife `ErrorInfo`.
+    fn row_foreign(&mut self, attack: &str, expected: Code, got: Result<(), tonic::Status>) {
+        let (text, ok) = match &got {
+            Ok(()) => ("OK".to_owned(), expected == Code::Ok),
+            Err(s) => (format!("{:?} (etcd): {}", s.code(), s.message()), s.code() == expected),
+        };
+        self.rows.push((attack.to_owned(), format!("{expected:?}"), text, ok));
+    }
+
     fn cli(&mut self, attack: &str, expected: i32, got: &Run) {
         self.rows.push((
             attack.to_owned(),
@@ -603,6 +615,65 @@ fn every_attack_is_refused_and_changes_nothing() {
         let renewed = grpc::channel(&dir, Peer::Bank("BankA".into()), Peer::Gateway, &gw).await.expect("tls");
         t.row("BankA's renewed certificate registering (accepted)", Code::Ok, register(renewed).await);
     });
+
+    // Discovery through etcd (issue 12): who may write which keys is etcd's
+    // check (a user per certificate common name, a role each), and an entry
+    // only says where: a forged one leads to a TLS refusal.
+    let certs_dir = strife_rpc::pki::CertDir::new(&dir);
+    certs(&["--json", "certs", "issue", "--client", "BankB"]);
+    let etcd_server = rt
+        .block_on(EtcdServer::start(
+            &dir.join("etcd"),
+            &certs_dir,
+            "127.0.0.1",
+            &["BankA".into(), "BankB".into()],
+        ))
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    rt.block_on(async {
+        let url = etcd_server.url();
+        let entry = serde_json::to_vec(&etcd::Entry::new("127.0.0.1:9", "forged")).expect("json");
+        let as_peer = |p: Peer| {
+            Etcd::connect(&strife_rpc::tls::Tls::load(&certs_dir, &p).expect("tls"), &url).expect("etcd")
+        };
+        let client = as_peer(Peer::Client("client".into()));
+        let bank_a_etcd = as_peer(Peer::Bank("BankA".into()));
+        let lookalike = as_peer(Peer::Client("BankB".into()));
+        let attempts = [
+            ("client certificate registers a gateway in etcd", &client, etcd::gateway_key("forged")),
+            ("client certificate registers as BankA in etcd", &client, etcd::bank_key("BankA", "forged")),
+            (
+                "BankA's certificate registers as BankB in etcd",
+                &bank_a_etcd,
+                etcd::bank_key("BankB", "forged"),
+            ),
+            ("BankA's certificate registers a gateway in etcd", &bank_a_etcd, etcd::gateway_key("forged")),
+            (
+                "client certificate named BankB registers as BankB in etcd",
+                &lookalike,
+                etcd::bank_key("BankB", "x"),
+            ),
+        ];
+        for (attack, who, key) in attempts {
+            t.row_foreign(attack, Code::PermissionDenied, who.put(&key, entry.clone(), 0).await);
+        }
+        t.row_foreign(
+            "BankA's certificate registers BankA in etcd (accepted)",
+            Code::Ok,
+            bank_a_etcd.put(&etcd::bank_key("BankA", "a1"), entry.clone(), 0).await,
+        );
+        // A forged entry under BankB's name with BankA's address: whoever
+        // follows it wants BankB's certificate, and BankA's is refused.
+        let forged = match grpc::channel(&dir, Peer::Gateway, Peer::Bank("BankB".into()), &bank_a).await {
+            Err(e) => Err(tonic::Status::unavailable(format!("TLS refused the server: {e:?}"))),
+            Ok(ch) => drop_ok(
+                bankpb::bank_service_client::BankServiceClient::new(ch)
+                    .get_balance(bankpb::GetBalanceRequest { user: "user1".into() })
+                    .await,
+            ),
+        };
+        t.row("a forged entry (BankB's key, BankA's address) followed as BankB", Code::Unavailable, forged);
+    });
+    drop(etcd_server);
 
     t.rows.push((
         "no balance, hold or payment record changed".into(),
