@@ -59,7 +59,9 @@ struct Replicas {
     store: Secret<String>,
     gateways: Vec<Proc>,
     addrs: Vec<String>,
-    _banks: Vec<Proc>,
+    /// BankA, BankB, and with etcd a second replica of BankB (BankB's
+    /// ledger then in PostgreSQL, shared by both).
+    banks: Vec<Proc>,
     /// With discovery through etcd: the private etcd, the runtime it was
     /// started on, and `STRIFE_DISCOVERY` for every server.
     etcd: Option<(tokio::runtime::Runtime, EtcdServer, String)>,
@@ -90,7 +92,7 @@ impl Replicas {
             (rt, server, url)
         });
         let mut replicas =
-            Replicas { dir, store, gateways: Vec::new(), addrs: Vec::new(), _banks: Vec::new(), etcd };
+            Replicas { dir, store, gateways: Vec::new(), addrs: Vec::new(), banks: Vec::new(), etcd };
         for _ in 0..GATEWAYS {
             let g = start_gateway(&replicas.dir.0, "127.0.0.1:0", &replicas.gateway_env(&[]));
             replicas.addrs.push(g.addr.clone());
@@ -99,10 +101,21 @@ impl Replicas {
         replicas.write_list();
         let list = replicas.addrs.join(",");
         let bank_env = replicas.discovery_env(FAST);
-        replicas._banks = vec![
-            start_bank(&replicas.dir.0, "BankA", &list, &bank_env),
-            start_bank(&replicas.dir.0, "BankB", &list, &bank_env),
-        ];
+        let mut banks = vec![start_bank(&replicas.dir.0, "BankA", &list, &bank_env)];
+        if replicas.etcd.is_some() {
+            let ledger = server()
+                .create_private_database(&unique_name("role_bankb"), &unique_name("bankb"))
+                .expect("BankB's database");
+            let mut env = bank_env.clone();
+            env.push(("STRIFE_BANK_STORE", ledger.expose()));
+            for _ in 0..2 {
+                banks.push(start_bank(&replicas.dir.0, "BankB", &list, &env));
+            }
+        } else {
+            banks.push(start_bank(&replicas.dir.0, "BankB", &list, &bank_env));
+        }
+        drop(bank_env);
+        replicas.banks = banks;
         for a in &replicas.addrs {
             wait_registered_at(&replicas.dir.0, Some(a), &["BankA", "BankB"]);
         }
@@ -831,7 +844,23 @@ fn with_etcd_the_clients_set_follows_the_leases_under_load() {
     c.gateways[2].signal(nix::sys::signal::Signal::SIGCONT);
     let resume = Instant::now();
     let stop_back = added_after(&g, &hung, resume);
-    pace(2_000);
+    pace(3_000);
+
+    // A replica of BankB killed: out of every gateway's live replicas when
+    // its key goes; the other replica serves BankB's legs.
+    let replica = c.banks[2].addr.clone();
+    let bank_kill = Instant::now();
+    c.banks[2].kill9();
+    let mut bank_removed = Vec::new();
+    for a in c.addrs.clone() {
+        let deadline = bank_kill + WAIT;
+        while bank_replicas(c.path(), &a, "BankB").iter().any(|(addr, live)| *addr == replica && *live) {
+            assert!(Instant::now() < deadline, "gateway {a} kept {replica} live");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        bank_removed.push(bank_kill.elapsed());
+    }
+    pace(3_000);
     stop.store(true, Ordering::SeqCst);
     for t in threads {
         t.join().expect("payer");
@@ -852,6 +881,10 @@ fn with_etcd_the_clients_set_follows_the_leases_under_load() {
         "  SIGSTOP: out of the client's set after {stop_removed:?}; resumed, back in it after {stop_back:?}; \
          library payers: {}",
         dip(&commits, pause)
+    );
+    eprintln!(
+        "  SIGKILL of a BankB replica: not live at each gateway after {bank_removed:?}; library payers: {}",
+        dip(&commits, bank_kill)
     );
     eprintln!("  {} committed, {} declined in all", tally.committed, tally.declined);
     assert!(tally.committed > 20, "the run made too few payments to mean much: {tally:?}");
