@@ -218,6 +218,18 @@ pub trait Ledger: Clone + Send + Sync + 'static {
         before_ms: i64,
         limit: u32,
     ) -> impl Future<Output = Result<Vec<String>, BankError>> + Send;
+
+    /// How many legs are prepared and not decided, and when the oldest of
+    /// them was prepared (for the `strife_in_doubt_*` metrics).
+    fn in_doubt(&self) -> impl Future<Output = Result<InDoubt, BankError>> + Send;
+}
+
+/// Legs waiting for a decision.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct InDoubt {
+    pub legs: i64,
+    /// When the oldest was prepared, in ms since the Unix epoch.
+    pub oldest_prepared_at_ms: Option<i64>,
 }
 
 /// Where a bank keeps its ledger, from `bank.store`.

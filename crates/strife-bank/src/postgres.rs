@@ -544,6 +544,14 @@ impl Ledger for PostgresLedger {
             .await?;
         Ok(client.query(&stmt, &[&before_ms, &i64::from(limit)]).await?.iter().map(|r| r.get(0)).collect())
     }
+
+    async fn in_doubt(&self) -> Result<crate::ledger::InDoubt, BankError> {
+        let client = self.pool.get().await?;
+        let row = client
+            .query_one("SELECT count(*), min(prepared_at) FROM legs WHERE state = 'prepared'", &[])
+            .await?;
+        Ok(crate::ledger::InDoubt { legs: row.try_get(0)?, oldest_prepared_at_ms: row.try_get(1)? })
+    }
 }
 
 impl BankError {

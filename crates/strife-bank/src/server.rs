@@ -148,8 +148,15 @@ async fn serve<L: Ledger>(
     let cluster = Arc::new(Cluster::default());
     let registration =
         tokio::spawn(keep_registered(opts.clone(), tls.clone(), me, cluster.clone(), stop_rx.clone()));
+    let stop_rx_metrics = stop_rx.clone();
     let inquiries = tokio::spawn(resolve_in_doubt(opts.clone(), tls.clone(), cluster, service, stop_rx));
+    let metrics_listener = strife_rpc::metrics::bind(&opts.config.metrics.listen).await?;
+    std::sync::LazyLock::force(&strife_rpc::metrics::BANK);
     strife_rpc::serve::announce_listening(&opts.name, local);
+    if let Some(listener) = metrics_listener {
+        strife_rpc::metrics::announce(&opts.name, listener.local_addr()?);
+        tokio::spawn(strife_rpc::metrics::serve(listener, tls.clone(), stop_rx_metrics));
+    }
     tracing::info!(bank = %opts.name, %local, "bank serving");
     let served = strife_rpc::serve::builder()
         .add_service(health)
@@ -327,6 +334,7 @@ async fn register_once(
         Ok(Ok(resp)) => {
             let resp = resp.into_inner();
             if cluster.judge(gateway, &resp.cluster_id) {
+                strife_rpc::metrics::BANK.registrations.get_or_create(&[("result", "accepted")]).inc();
                 Registration::Done(resp.gateway_boot_id)
             } else {
                 Registration::OtherCluster
@@ -581,6 +589,15 @@ async fn resolve_in_doubt<L: Ledger>(
         tokio::select! {
             _ = tokio::time::sleep(interval) => {}
             _ = stop.changed() => return,
+        }
+        match service.ledger().in_doubt().await {
+            Ok(doubt) => {
+                let m = &strife_rpc::metrics::BANK;
+                m.in_doubt.set(doubt.legs);
+                let age_ms = doubt.oldest_prepared_at_ms.map_or(0, |at| now_ms().saturating_sub(at).max(0));
+                m.in_doubt_oldest_seconds.set(age_ms as f64 / 1000.0);
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot count legs in doubt"),
         }
         let before = now_ms().saturating_sub(interval_ms);
         let open = match service.ledger().open_legs(before, INQUIRY_BATCH_MAX).await {

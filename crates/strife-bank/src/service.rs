@@ -198,10 +198,18 @@ where
 }
 
 fn vote_message(vote: Vote) -> pb::PrepareResponse {
+    let label = if vote == Vote::Yes { "yes" } else { "no" };
+    strife_rpc::metrics::BANK.prepares.get_or_create(&[("vote", label)]).inc();
     match vote {
         Vote::Yes => pb::PrepareResponse { vote: pb::Vote::Yes.into(), reason: String::new() },
         Vote::No(r) => pb::PrepareResponse { vote: pb::Vote::No.into(), reason: r.code().to_owned() },
     }
+}
+
+/// Counts a decision received from the gateway (a repeat counts again).
+fn count_decision(decision: Decision) {
+    let label = if decision == Decision::Commit { "commit" } else { "abort" };
+    strife_rpc::metrics::BANK.decisions.get_or_create(&[("decision", label)]).inc();
 }
 
 fn entry(leg: Leg) -> pb::LedgerEntry {
@@ -310,6 +318,9 @@ impl<L: Ledger> pb::bank_service_server::BankService for BankService<L> {
                 Ok((d.txn_id, if d.commit { Decision::Commit } else { Decision::Abort }))
             })
             .collect();
+        for d in decisions.iter().flatten() {
+            count_decision(d.1);
+        }
         let results = answer_each(decisions, |valid| self.ledger.decide_batch(valid)).await?;
         if commits {
             strife_rpc::fault::crash_point("bank.after_commit");
@@ -323,6 +334,7 @@ impl<L: Ledger> pb::bank_service_server::BankService for BankService<L> {
         let txn_id = req.into_inner().txn_id;
         check_txn_id(&txn_id)?;
         strife_rpc::fault::crash_point("bank.before_commit");
+        count_decision(Decision::Commit);
         self.ledger.decide(txn_id, Decision::Commit).await?;
         strife_rpc::fault::crash_point("bank.after_commit");
         Ok(Response::new(pb::CommitResponse {}))
@@ -331,6 +343,7 @@ impl<L: Ledger> pb::bank_service_server::BankService for BankService<L> {
     async fn abort(&self, req: Request<pb::AbortRequest>) -> Result<Response<pb::AbortResponse>, Status> {
         let txn_id = req.into_inner().txn_id;
         check_txn_id(&txn_id)?;
+        count_decision(Decision::Abort);
         self.ledger.decide(txn_id, Decision::Abort).await?;
         Ok(Response::new(pb::AbortResponse {}))
     }

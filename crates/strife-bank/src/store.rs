@@ -467,6 +467,18 @@ impl Ledger for SqliteLedger {
     async fn open_legs(&self, before_ms: i64, limit: u32) -> Result<Vec<String>, BankError> {
         self.run(move |s| s.open_legs(before_ms, limit)).await
     }
+
+    async fn in_doubt(&self) -> Result<crate::ledger::InDoubt, BankError> {
+        self.run(move |s| {
+            let (legs, oldest_prepared_at_ms) = s.conn.query_row(
+                "SELECT count(*), min(prepared_at) FROM legs WHERE state = 'prepared'",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )?;
+            Ok(crate::ledger::InDoubt { legs, oldest_prepared_at_ms })
+        })
+        .await
+    }
 }
 
 #[cfg(test)]

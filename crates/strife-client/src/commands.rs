@@ -741,6 +741,7 @@ impl Client {
             let mut entry = json!({
                 "role": instance.role.as_str(), "name": instance.name, "replica": instance.replica,
                 "address": instance.address, "pid": pid, "healthy": healthy,
+                "metrics": instance.metrics,
             });
             if let Some(registered) = &registered
                 && instance.role.registers()
@@ -778,6 +779,7 @@ impl Client {
             replica,
             address,
             pid: None,
+            metrics: None,
         });
         let banks = registered.iter().map(|b| Instance {
             role: Role::Bank,
@@ -785,6 +787,7 @@ impl Client {
             replica: 1,
             address: b.address.clone(),
             pid: None,
+            metrics: None,
         });
         Ok(gateways.chain(banks).collect())
     }

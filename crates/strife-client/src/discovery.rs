@@ -216,6 +216,7 @@ pub async fn status(dir: &Path, url: &str) -> Seen {
             replica: 1,
             address: r.entry.address.clone(),
             pid: None,
+            metrics: None,
         })
         .collect();
     for (r, healthy) in listed.iter_mut().zip(instances::health(dir, &checked).await) {
@@ -322,6 +323,7 @@ mod tests {
             replica: 1,
             address: "127.0.0.1:9".into(),
             pid: None,
+            metrics: None,
         }];
         instances::write(&dir, &listed).expect("write");
         assert_eq!(static_gateways(&dir).map(|(l, _)| l), Some(vec!["127.0.0.1:9".to_owned()]));

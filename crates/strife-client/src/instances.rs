@@ -61,13 +61,15 @@ pub struct Instance {
     pub address: String,
     /// Its process id, when it runs on this machine.
     pub pid: Option<u32>,
+    /// Where it serves its Prometheus metrics, when it does.
+    pub metrics: Option<String>,
 }
 
 impl Instance {
     fn to_json(&self) -> Value {
         json!({
             "role": self.role.as_str(), "name": self.name, "replica": self.replica,
-            "address": self.address, "pid": self.pid,
+            "address": self.address, "pid": self.pid, "metrics": self.metrics,
         })
     }
 
@@ -78,6 +80,7 @@ impl Instance {
             replica: u32::try_from(v["replica"].as_u64()?).ok()?,
             address: v["address"].as_str()?.to_owned(),
             pid: v["pid"].as_u64().and_then(|p| u32::try_from(p).ok()),
+            metrics: v["metrics"].as_str().map(str::to_owned),
         })
     }
 }
@@ -189,6 +192,7 @@ mod tests {
                 replica: 2,
                 address: "127.0.0.1:1".into(),
                 pid: Some(7),
+                metrics: None,
             },
             Instance {
                 role: Role::Bank,
@@ -196,6 +200,7 @@ mod tests {
                 replica: 1,
                 address: "127.0.0.1:2".into(),
                 pid: None,
+                metrics: None,
             },
             Instance {
                 role: Role::Postgres,
@@ -203,6 +208,7 @@ mod tests {
                 replica: 1,
                 address: "127.0.0.1:3".into(),
                 pid: Some(9),
+                metrics: None,
             },
         ];
         write(&dir, &list).expect("write");

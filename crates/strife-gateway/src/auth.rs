@@ -64,6 +64,8 @@ impl<S: GatewayStore> tonic::service::Interceptor for CustomerAuth<S> {
 }
 
 fn refused(reason: ErrorReason, message: impl Into<String>) -> Status {
+    let label = strife_rpc::errors::reason_code(reason);
+    strife_rpc::metrics::GATEWAY.token_rejections.get_or_create(&[("reason", label)]).inc();
     GatewayError::unauthenticated(reason, message).into()
 }
 

@@ -19,6 +19,7 @@ use strife_core::{Amount, DeclineReason, PaymentId, UserRef, banks_involved};
 use strife_proto::bank::v1 as bank;
 use strife_proto::gateway::v1::ErrorReason;
 use strife_rpc::config::GatewayConfig;
+use strife_rpc::metrics;
 use strife_twopc::coordinator as machine;
 use strife_twopc::{Decision, Vote};
 use tokio::sync::{Notify, watch};
@@ -217,6 +218,8 @@ impl<S: GatewayStore> Gateway<S> {
         let _slot = self.slots.acquire().await.map_err(|_| {
             GatewayError::unavailable(ErrorReason::Unavailable, "the gateway is shutting down")
         })?;
+        let _in_flight = InFlightGauge::enter();
+        let started = std::time::Instant::now();
         let now = now_ms();
         let deadline_ms = i64::try_from(self.config.payment_deadline_ms).unwrap_or(i64::MAX);
         let record = PaymentRecord {
@@ -283,6 +286,11 @@ impl<S: GatewayStore> Gateway<S> {
             }
         })
         .await;
+        let voted = std::time::Instant::now();
+        metrics::GATEWAY
+            .phase_seconds
+            .get_or_create(&[("phase", "prepare")])
+            .observe((voted - started).as_secs_f64());
         // The pure coordinator decides: any no, or the deadline passed, aborts.
         let ballots: Vec<Option<Vote>> =
             votes.iter().map(|v| Some(if v.is_none() { Vote::Yes } else { Vote::No })).collect();
@@ -306,12 +314,21 @@ impl<S: GatewayStore> Gateway<S> {
             reason = Some(DeclineReason::Timeout);
         }
         strife_rpc::fault::crash_point("gateway.after_decision");
+        let decided = std::time::Instant::now();
+        metrics::GATEWAY
+            .phase_seconds
+            .get_or_create(&[("phase", "decision")])
+            .observe((decided - voted).as_secs_f64());
 
         // Phase two. The answer does not wait past the commit timeout: the
         // decision is already durable, and the finisher delivers the rest.
         let delivered =
             tokio::time::timeout(self.config.commit_timeout(), self.deliver(&txn_id, decision, &banks)).await;
         strife_rpc::fault::crash_point("gateway.after_commit_sent");
+        metrics::GATEWAY
+            .phase_seconds
+            .get_or_create(&[("phase", "delivery")])
+            .observe(decided.elapsed().as_secs_f64());
         if delivered == Ok(true) {
             // A lazy write: if it is lost, the finisher re-sends the decision.
             self.store.mark_acked_lazily(txn_id.clone());
@@ -323,6 +340,8 @@ impl<S: GatewayStore> Gateway<S> {
             (_, r) => Outcome::Declined(r.unwrap_or(DeclineReason::Timeout)),
         };
         tracing::info!(%txn_id, payment_id = %req.payment_id, decision = decision.as_str(), reason = reason.map(|r| r.code()), "payment decided");
+        count_outcome(&outcome);
+        metrics::GATEWAY.payment_seconds.observe(started.elapsed().as_secs_f64());
         Ok(PayOutcome { outcome, replayed: false })
     }
 
@@ -376,6 +395,7 @@ impl<S: GatewayStore> Gateway<S> {
     async fn decline_unsent(&self, txn_id: &str, reason: DeclineReason) -> Result<PayOutcome, GatewayError> {
         self.store.decide(txn_id.to_owned(), PaymentState::Aborted, Some(reason)).await?;
         self.store.mark_acked(txn_id.to_owned()).await?;
+        count_outcome(&Outcome::Declined(reason));
         Ok(PayOutcome { outcome: Outcome::Declined(reason), replayed: false })
     }
 
@@ -390,6 +410,7 @@ impl<S: GatewayStore> Gateway<S> {
                 let result = entry.decide(&txn_id, decision == PaymentState::Committed).await;
                 if let Err(status) = &result {
                     if status.code() == tonic::Code::FailedPrecondition {
+                        metrics::GATEWAY.decision_conflicts.inc();
                         tracing::error!(bank = %name, message = status.message(), "bank contradicts a decision");
                     } else {
                         tracing::debug!(bank = %name, message = status.message(), "decision not delivered yet");
@@ -423,6 +444,7 @@ impl<S: GatewayStore> Gateway<S> {
             }
             match self.store.claim_unfinished(FINISH_BATCH_MAX).await {
                 Ok(payments) => {
+                    metrics::GATEWAY.undelivered.set(i64::try_from(payments.len()).unwrap_or(i64::MAX));
                     // A claim lasts a bounded time (a replica's store lets
                     // others take it over after that): deliver all of it at
                     // once, each delivery bounded by the commit timeout.
@@ -567,5 +589,30 @@ where
             vec![a, b]
         }
         _ => unreachable!("a payment touches one or two banks"),
+    }
+}
+
+/// Counts a payment this process decided, by outcome and decline reason.
+fn count_outcome(outcome: &Outcome) {
+    let labels = match outcome {
+        Outcome::Committed => [("outcome", "committed"), ("reason", "none")],
+        Outcome::Declined(reason) => [("outcome", "declined"), ("reason", reason.code())],
+    };
+    metrics::GATEWAY.payments.get_or_create(&labels).inc();
+}
+
+/// `strife_payments_in_flight` up while a payment is being decided here.
+struct InFlightGauge;
+
+impl InFlightGauge {
+    fn enter() -> InFlightGauge {
+        metrics::GATEWAY.in_flight.inc();
+        InFlightGauge
+    }
+}
+
+impl Drop for InFlightGauge {
+    fn drop(&mut self) {
+        metrics::GATEWAY.in_flight.dec();
     }
 }

@@ -103,6 +103,12 @@ impl<Q: Send + 'static, R: Send + 'static> Batcher<Q, R> {
     }
 }
 
+/// Notes the size of a batch sent to a bank.
+fn observe_batch(call: &'static str, size: usize) {
+    let histogram = strife_rpc::metrics::GATEWAY.bank_batch_size.get_or_create(&[("call", call)]);
+    histogram.observe(size as f64);
+}
+
 /// The batched link to one bank.
 #[derive(Clone)]
 pub struct BankLink {
@@ -119,16 +125,18 @@ impl BankLink {
         decide_timeout: Duration,
     ) -> BankLink {
         let c = client.clone();
-        let prepares = Batcher::start(move |legs| {
+        let prepares = Batcher::start(move |legs: Vec<bank::PrepareRequest>| {
             let mut client = c.clone();
+            observe_batch("prepare", legs.len());
             async move {
                 let mut req = tonic::Request::new(bank::PrepareBatchRequest { legs });
                 req.set_timeout(prepare_timeout);
                 Ok(client.prepare_batch(req).await?.into_inner().results)
             }
         });
-        let decisions = Batcher::start(move |decisions| {
+        let decisions = Batcher::start(move |decisions: Vec<bank::Decision>| {
             let mut client = client.clone();
+            observe_batch("decide", decisions.len());
             async move {
                 let mut req = tonic::Request::new(bank::DecideBatchRequest { decisions });
                 req.set_timeout(decide_timeout);

@@ -218,8 +218,14 @@ async fn serve<S: GatewayStore>(
         Some(url) => Some(discover(url, &opts, &tls, &gateway, local, stop_rx.clone())?),
         None => None,
     };
-    let finisher = tokio::spawn(gateway.clone().run_finisher(stop_rx));
+    let metrics_listener = strife_rpc::metrics::bind(&opts.config.metrics.listen).await?;
+    std::sync::LazyLock::force(&strife_rpc::metrics::GATEWAY);
+    let finisher = tokio::spawn(gateway.clone().run_finisher(stop_rx.clone()));
     strife_rpc::serve::announce_listening("gateway", local);
+    if let Some(listener) = metrics_listener {
+        strife_rpc::metrics::announce("gateway", listener.local_addr()?);
+        tokio::spawn(strife_rpc::metrics::serve(listener, tls.clone(), stop_rx));
+    }
     tracing::info!(%local, boot_id = %gateway.boot_id, cluster_id = %gateway.cluster_id, "gateway serving");
     let served = strife_rpc::serve::builder()
         .add_service(health)

@@ -37,6 +37,28 @@ pub struct SessionService<S> {
 #[tonic::async_trait]
 impl<S: GatewayStore> pb::session_service_server::SessionService for SessionService<S> {
     async fn login(&self, req: Request<pb::LoginRequest>) -> Result<Response<pb::LoginResponse>, Status> {
+        let answer = self.check_login(req).await;
+        let result = match &answer {
+            Ok(_) => "ok",
+            Err(status) => match strife_rpc::errors::reason_of(status) {
+                Some(ErrorReason::WrongCredentials) => "wrong_credentials",
+                Some(ErrorReason::LoginThrottled) => "throttled",
+                Some(ErrorReason::InvalidRequest) => "invalid",
+                _ => "failed",
+            },
+        };
+        strife_rpc::metrics::GATEWAY.logins.get_or_create(&[("result", result)]).inc();
+        answer
+    }
+}
+
+impl<S: GatewayStore> SessionService<S> {
+    /// A login: the account's and the address's failure counts, the bank's
+    /// password check, the token.
+    async fn check_login(
+        &self,
+        req: Request<pb::LoginRequest>,
+    ) -> Result<Response<pb::LoginResponse>, Status> {
         let peer_ip = req.remote_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into());
         let (who, password) = validate::login(req.into_inner())?;
         record_user(&who);
@@ -75,6 +97,7 @@ impl<S: GatewayStore> pb::session_service_server::SessionService for SessionServ
             for ((key, before), after) in keys.iter().zip(&found).zip(&counted) {
                 if after.locks > before.locks {
                     let secs = (after.locked_until_ms - strife_core::unix_ms()).max(0) / 1000;
+                    strife_rpc::metrics::GATEWAY.login_locks.inc();
                     tracing::warn!(key = %key.text(), lock_secs = secs, "too many failed logins; locked");
                 }
             }
@@ -259,6 +282,7 @@ impl<S: GatewayStore> pb::registry_service_server::RegistryService for RegistryS
             .into());
         }
         if other_cluster(&self.gateway.cluster_id, &req.cluster_id) {
+            strife_rpc::metrics::GATEWAY.registrations.get_or_create(&[("result", "refused")]).inc();
             // The bank says so itself (its certificate proves it is the
             // bank): it must not be used from here, now or after a restart.
             let known = self
@@ -279,7 +303,10 @@ impl<S: GatewayStore> pb::registry_service_server::RegistryService for RegistryS
         }
         // The certificate proves the caller is this bank; a new address is
         // another replica of it if it serves the same ledger.
-        let changed = match self.gateway.registry.register(&req.name, &req.address, &req.ledger_id) {
+        let registered = self.gateway.registry.register(&req.name, &req.address, &req.ledger_id);
+        let result = if registered.is_ok() { "accepted" } else { "refused" };
+        strife_rpc::metrics::GATEWAY.registrations.get_or_create(&[("result", result)]).inc();
+        let changed = match registered {
             Ok(changed) => changed,
             Err(Refused::OtherLedger { address }) => {
                 tracing::warn!(bank = %req.name, address = %req.address, ledger_id = %req.ledger_id, live = %address,

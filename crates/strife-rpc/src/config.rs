@@ -23,6 +23,24 @@ pub struct Config {
     pub log: LogConfig,
     pub runtime: RuntimeConfig,
     pub discovery: DiscoveryConfig,
+    pub metrics: MetricsConfig,
+}
+
+/// Prometheus metrics (issue 13).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Where each server serves `/metrics`: `127.0.0.1:0` (a free port of
+    /// this machine, the default), `HOST:PORT`, or `off`. On an address
+    /// other than loopback it is served over mutual TLS with the cluster's
+    /// certificates (a scraper presents a client certificate of the CA).
+    pub listen: String,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig { listen: "127.0.0.1:0".to_owned() }
+    }
 }
 
 /// How parties find each other (issue 12).

@@ -410,6 +410,7 @@ pub fn register(
                 }
             };
             tracing::info!(%key, lease, ttl_s = ttl.as_secs(), "registered in etcd");
+            crate::metrics::DISCOVERY.registered.set(1);
             logged_down = false;
             pause = RETRY_PAUSE_FIRST;
             tx.send_replace(RegistrationState { registered: true, lease, error: None });
@@ -420,10 +421,13 @@ pub fn register(
                         tracing::debug!(%key, error = %e.message(), "revoking the lease at stop");
                     }
                     tx.send_replace(RegistrationState::default());
+                    crate::metrics::DISCOVERY.registered.set(0);
                     return;
                 }
             };
             tracing::warn!(%key, %why, "lost the etcd lease; registering again");
+            crate::metrics::DISCOVERY.registered.set(0);
+            crate::metrics::DISCOVERY.lease_losses.inc();
             tx.send_replace(RegistrationState { registered: false, lease: 0, error: Some(why) });
         }
     });
@@ -509,6 +513,7 @@ pub fn watch_prefix(etcd: Etcd, prefix: String, mut stop: watch::Receiver<bool>)
                 _ = stop.changed() => return,
             };
             tx.send_if_modified(|v| std::mem::replace(&mut v.live, false));
+            crate::metrics::DISCOVERY.watch_resyncs.inc();
             if !logged_down {
                 tracing::warn!(%prefix, %why, "etcd watch broken; using the last known set until it is back");
                 logged_down = true;

@@ -50,6 +50,7 @@ impl<S: Batched> GroupCommit<S> {
         std::thread::Builder::new().name(format!("{name}-store")).spawn(move || {
             let mut finishes: Vec<Finish> = Vec::with_capacity(BATCH_MAX);
             while let Ok(first) = rx.recv() {
+                let started = std::time::Instant::now();
                 let begun = store.begin();
                 let mut next = Some(first);
                 while let Some(job) = next.take() {
@@ -61,7 +62,10 @@ impl<S: Batched> GroupCommit<S> {
                 let committed = begun.and_then(|()| store.commit());
                 if committed.is_err() {
                     store.rollback();
+                    crate::metrics::STORE.failures.get_or_create(&[("cause", "commit")]).inc();
                 }
+                crate::metrics::STORE.commit_seconds.observe(started.elapsed().as_secs_f64());
+                crate::metrics::STORE.batch_size.observe(finishes.len() as f64);
                 for finish in finishes.drain(..) {
                     finish(committed.clone());
                 }

@@ -10,6 +10,7 @@ pub mod fault;
 pub mod files;
 pub mod group_commit;
 pub mod identity;
+pub mod metrics;
 pub mod pg_pool;
 pub mod pki;
 pub mod postgres_server;

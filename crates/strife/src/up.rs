@@ -300,6 +300,7 @@ impl Cluster {
                     replica: 1,
                     address: url.trim_start_matches(strife_rpc::etcd::URL_SCHEME).to_owned(),
                     pid: server.pid(),
+                    metrics: None,
                 });
                 self.etcd = Some(server);
                 url
@@ -313,6 +314,7 @@ impl Cluster {
                         replica,
                         address,
                         pid: None,
+                        metrics: None,
                     });
                 }
                 let kept = self.dir.join("etcd").join("root.password");
@@ -356,6 +358,7 @@ impl Cluster {
                     replica: 1,
                     address,
                     pid: None,
+                    metrics: None,
                 });
                 url
             }
@@ -377,6 +380,7 @@ impl Cluster {
                     replica: 1,
                     address: address.clone(),
                     pid: server.pid(),
+                    metrics: None,
                 });
                 let admin = server.superuser_url("postgres");
                 let server = Arc::new(Mutex::new(server));
@@ -405,6 +409,7 @@ impl Cluster {
             replica,
             address: String::new(),
             pid: None,
+            metrics: None,
         });
         let spec = ChildSpec {
             log_name: if replica == 1 { name.to_owned() } else { format!("{name}.{replica}") },
@@ -548,7 +553,10 @@ impl Roster {
 
     /// The child in `slot` is gone (until its restart).
     fn exited(&self, slot: usize) {
-        self.update(slot, |i| i.pid = None);
+        self.update(slot, |i| {
+            i.pid = None;
+            i.metrics = None;
+        });
     }
 
     fn update(&self, slot: usize, change: impl FnOnce(&mut Instance)) {
@@ -710,7 +718,7 @@ async fn supervise(
         };
         let stdout = child.stdout.take();
         let addr = match stdout {
-            Some(out) => listening_line(out).await,
+            Some(out) => listening_line(out, spec.roster.clone(), spec.slot).await,
             None => None,
         };
         match (addr, ready.take()) {
@@ -767,12 +775,21 @@ fn log_path(spec: &ChildSpec) -> PathBuf {
 }
 
 /// Reads the child's stdout until its `listening on ADDR` line, then keeps
-/// draining it in the background so the child never blocks on a full pipe.
-async fn listening_line(out: tokio::process::ChildStdout) -> Option<String> {
+/// draining it in the background so the child never blocks on a full pipe,
+/// noting in the roster where it serves its metrics (`metrics listening on
+/// ADDR`, printed after).
+async fn listening_line(
+    out: tokio::process::ChildStdout,
+    roster: Arc<Roster>,
+    slot: usize,
+) -> Option<String> {
     let mut lines = BufReader::new(out).lines();
     let found = loop {
         match tokio::time::timeout(START_TIMEOUT, lines.next_line()).await {
             Ok(Ok(Some(line))) => {
+                if line.contains(METRICS_LINE) {
+                    continue;
+                }
                 if let Some((_, addr)) = line.split_once(" listening on ") {
                     break Some(addr.trim().to_owned());
                 }
@@ -781,10 +798,20 @@ async fn listening_line(out: tokio::process::ChildStdout) -> Option<String> {
         }
     };
     if found.is_some() {
-        tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some((_, addr)) = line.split_once(METRICS_LINE) {
+                    let addr = addr.trim().to_owned();
+                    roster.update(slot, |i| i.metrics = Some(addr));
+                }
+            }
+        });
     }
     found
 }
+
+/// What a server prints, after its listening line, where it serves metrics.
+const METRICS_LINE: &str = " metrics listening on ";
 
 /// SIGTERM, then SIGKILL if it does not stop in time.
 async fn terminate(name: &str, child: &mut Child) {
