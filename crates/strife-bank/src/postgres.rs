@@ -119,21 +119,9 @@ impl PostgresLedger {
     async fn decide_once(&self, txn_id: &str, decision: Decision) -> Result<(), BankError> {
         let client = self.pool.get().await?;
         let stmt = client.prepare_cached(DECIDE_SQL).await?;
-        let decision_name = match decision {
-            Decision::Commit => "commit",
-            Decision::Abort => "abort",
-        };
-        let row = client.query_one(&stmt, &[&txn_id, &decision_name, &crate::store::now_ms()]).await?;
-        let prior = row.try_get::<_, Option<&str>>(0)?.map(parse_state).transpose()?;
-        let written = row.try_get::<_, Option<&str>>(1)?.map(parse_state).transpose()?;
-        // The rules decide; the function must have made exactly their write.
-        match machine::on_decision(prior, decision) {
-            Ok(force) if force.map(|f| f.state) == written => Ok(()),
-            // A decision that contradicts this leg's state is a protocol
-            // violation: refused, nothing changed, and the gateway logs it.
-            Err(v) if written.is_none() => Err(BankError::Conflict(format!("payment {txn_id}: {v}"))),
-            wanted => Err(disagreement(txn_id, &format!("{wanted:?}"), prior, written)),
-        }
+        let row =
+            client.query_one(&stmt, &[&txn_id, &decision_name(decision), &crate::store::now_ms()]).await?;
+        decide_answer(txn_id, decision, &row, 0)
     }
 
     /// Runs `op` for each item as a transaction of its own, all at once
@@ -207,46 +195,207 @@ impl PostgresLedger {
                 ],
             )
             .await?;
-        let reason = |column: usize| -> Result<Option<DeclineReason>, BankError> {
-            row.try_get::<_, Option<&str>>(column)?
-                .map(|code| {
-                    DeclineReason::from_code(code)
-                        .ok_or_else(|| BankError::Internal(format!("decline reason '{code}' in the store")))
-                })
-                .transpose()
-        };
-        let prior = row.try_get::<_, Option<&str>>(0)?.map(parse_state).transpose()?;
-        let written = row.try_get::<_, Option<&str>>(3)?.map(parse_state).transpose()?;
-        if let Some(state) = prior {
-            // The leg's record answers; nothing was written.
-            let amount: i64 = row.try_get(2)?;
-            if state != LegState::Aborted && amount != leg.amount_minor {
-                return Err(BankError::Conflict(format!(
-                    "payment {} was prepared with another amount",
-                    leg.txn_id
-                )));
+        prepare_answer(leg, &row, 0)
+    }
+
+    /// A batch of legs as one statement (`prepare_legs`): one transaction
+    /// and one commit; `None` when it failed as a whole for a reason that
+    /// is not retryable, which one leg may cause (then each leg is made
+    /// alone, so the others still get their answers).
+    async fn prepare_together(
+        &self,
+        legs: &[LegRequest],
+    ) -> Result<Option<Vec<Result<Vote, BankError>>>, BankError> {
+        let mut answers: Vec<Option<Result<Vote, BankError>>> = (0..legs.len()).map(|_| None).collect();
+        let mut batch: Vec<(usize, Option<&str>, Option<&str>)> = Vec::with_capacity(legs.len());
+        for (i, leg) in legs.iter().enumerate() {
+            match leg.sides(&self.bank) {
+                Ok((debit, credit)) => batch.push((i, debit, credit)),
+                Err(e) => answers[i] = Some(Err(e)),
             }
-            let stored_reason = reason(1)?;
-            return match (machine::on_prepare(prior, true), written) {
-                ((None, MachineVote::Yes), None) => Ok(Vote::Yes),
-                ((None, MachineVote::No), None) => {
-                    Ok(Vote::No(stored_reason.unwrap_or(DeclineReason::Timeout)))
+        }
+        let column =
+            |f: fn(&LegRequest) -> &str| -> Vec<&str> { batch.iter().map(|b| f(&legs[b.0])).collect() };
+        let (txn_ids, payment_ids) = (column(|l| &l.txn_id), column(|l| &l.payment_id));
+        let (payer_users, payer_banks) = (column(|l| &l.payer_user), column(|l| &l.payer_bank));
+        let (payee_users, payee_banks) = (column(|l| &l.payee_user), column(|l| &l.payee_bank));
+        let amounts: Vec<i64> = batch.iter().map(|b| legs[b.0].amount_minor).collect();
+        let debits: Vec<Option<&str>> = batch.iter().map(|b| b.1).collect();
+        let credits: Vec<Option<&str>> = batch.iter().map(|b| b.2).collect();
+        let now = crate::store::now_ms();
+        let mut tries = 0;
+        let rows = loop {
+            tries += 1;
+            let client = self.pool.get().await?;
+            let stmt = client.prepare_cached(PREPARE_BATCH_SQL).await?;
+            let run = client
+                .query(
+                    &stmt,
+                    &[
+                        &txn_ids,
+                        &payment_ids,
+                        &payer_users,
+                        &payer_banks,
+                        &payee_users,
+                        &payee_banks,
+                        &amounts,
+                        &debits,
+                        &credits,
+                        &now,
+                        &BALANCE_MAX_MINOR,
+                    ],
+                )
+                .await
+                .map_err(BankError::from);
+            match run {
+                Ok(rows) => break rows,
+                Err(e) if e.is_retryable() && tries < TRANSACTION_TRIES_MAX => continue,
+                Err(e) if e.is_retryable() => return Err(e),
+                Err(e) => {
+                    tracing::debug!(error = %e, "a batch of prepares failed as a whole; each leg alone");
+                    return Ok(None);
                 }
-                (wanted, _) => Err(disagreement(&leg.txn_id, &format!("{wanted:?}"), prior, written)),
-            };
-        }
-        // A new leg: the function checked it as `check_leg` does and wrote
-        // its record; the rules must have asked for exactly that write.
-        let check = reason(4)?;
-        match (machine::on_prepare(None, check.is_none()), check) {
-            ((Some(Force { state, .. }), MachineVote::Yes), None) if Some(state) == written => Ok(Vote::Yes),
-            ((Some(Force { state, .. }), MachineVote::No), Some(r)) if Some(state) == written => {
-                Ok(Vote::No(r))
             }
-            (wanted, _) => Err(disagreement(&leg.txn_id, &format!("{wanted:?}"), prior, written)),
+        };
+        if rows.len() != batch.len() {
+            return Err(BankError::Internal(format!(
+                "{} answers to a batch of {} legs",
+                rows.len(),
+                batch.len()
+            )));
         }
+        for (n, (row, (i, _, _))) in rows.iter().zip(&batch).enumerate() {
+            if usize::try_from(row.try_get::<_, i32>(0)?).ok() != Some(n + 1) {
+                return Err(BankError::Internal("a batch's answers out of order".into()));
+            }
+            answers[*i] = Some(prepare_answer(&legs[*i], row, 1));
+        }
+        Ok(Some(
+            answers
+                .into_iter()
+                .map(|a| a.unwrap_or_else(|| Err(BankError::Internal("a leg without an answer".into()))))
+                .collect(),
+        ))
+    }
+
+    /// A batch of decisions as one statement (`decide_legs`), as
+    /// [`PostgresLedger::prepare_together`].
+    async fn decide_together(
+        &self,
+        decisions: &[(String, Decision)],
+    ) -> Result<Option<Vec<Result<(), BankError>>>, BankError> {
+        let txn_ids: Vec<&str> = decisions.iter().map(|d| d.0.as_str()).collect();
+        let names: Vec<&str> = decisions.iter().map(|d| decision_name(d.1)).collect();
+        let now = crate::store::now_ms();
+        let mut tries = 0;
+        let rows = loop {
+            tries += 1;
+            let client = self.pool.get().await?;
+            let stmt = client.prepare_cached(DECIDE_BATCH_SQL).await?;
+            match client.query(&stmt, &[&txn_ids, &names, &now]).await.map_err(BankError::from) {
+                Ok(rows) => break rows,
+                Err(e) if e.is_retryable() && tries < TRANSACTION_TRIES_MAX => continue,
+                Err(e) if e.is_retryable() => return Err(e),
+                Err(e) => {
+                    tracing::debug!(error = %e, "a batch of decisions failed as a whole; each alone");
+                    return Ok(None);
+                }
+            }
+        };
+        if rows.len() != decisions.len() {
+            return Err(BankError::Internal(format!(
+                "{} answers to a batch of {} decisions",
+                rows.len(),
+                decisions.len()
+            )));
+        }
+        let mut answers = Vec::with_capacity(rows.len());
+        for (n, (row, (txn_id, decision))) in rows.iter().zip(decisions).enumerate() {
+            if usize::try_from(row.try_get::<_, i32>(0)?).ok() != Some(n + 1) {
+                return Err(BankError::Internal("a batch's answers out of order".into()));
+            }
+            answers.push(decide_answer(txn_id, *decision, row, 1));
+        }
+        Ok(Some(answers))
     }
 }
+
+/// How a decision is passed to `decide_leg`.
+fn decision_name(decision: Decision) -> &'static str {
+    match decision {
+        Decision::Commit => "commit",
+        Decision::Abort => "abort",
+    }
+}
+
+/// A decline reason as the ledger stored it.
+fn stored_reason(row: &tokio_postgres::Row, column: usize) -> Result<Option<DeclineReason>, BankError> {
+    row.try_get::<_, Option<&str>>(column)?
+        .map(|code| {
+            DeclineReason::from_code(code)
+                .ok_or_else(|| BankError::Internal(format!("decline reason '{code}' in the store")))
+        })
+        .transpose()
+}
+
+/// The vote on `leg` from what `prepare_leg` read and wrote (its five
+/// columns from `at` on), checked against the participant rules.
+fn prepare_answer(leg: &LegRequest, row: &tokio_postgres::Row, at: usize) -> Result<Vote, BankError> {
+    let prior = row.try_get::<_, Option<&str>>(at)?.map(parse_state).transpose()?;
+    let written = row.try_get::<_, Option<&str>>(at + 3)?.map(parse_state).transpose()?;
+    if let Some(state) = prior {
+        // The leg's record answers; nothing was written.
+        let amount: i64 = row.try_get(at + 2)?;
+        if state != LegState::Aborted && amount != leg.amount_minor {
+            return Err(BankError::Conflict(format!(
+                "payment {} was prepared with another amount",
+                leg.txn_id
+            )));
+        }
+        let reason = stored_reason(row, at + 1)?;
+        return match (machine::on_prepare(prior, true), written) {
+            ((None, MachineVote::Yes), None) => Ok(Vote::Yes),
+            ((None, MachineVote::No), None) => Ok(Vote::No(reason.unwrap_or(DeclineReason::Timeout))),
+            (wanted, _) => Err(disagreement(&leg.txn_id, &format!("{wanted:?}"), prior, written)),
+        };
+    }
+    // A new leg: the function checked it as `check_leg` does and wrote its
+    // record; the rules must have asked for exactly that write.
+    let check = stored_reason(row, at + 4)?;
+    match (machine::on_prepare(None, check.is_none()), check) {
+        ((Some(Force { state, .. }), MachineVote::Yes), None) if Some(state) == written => Ok(Vote::Yes),
+        ((Some(Force { state, .. }), MachineVote::No), Some(r)) if Some(state) == written => Ok(Vote::No(r)),
+        (wanted, _) => Err(disagreement(&leg.txn_id, &format!("{wanted:?}"), prior, written)),
+    }
+}
+
+/// The answer to a decision from what `decide_leg` read and wrote (its two
+/// columns from `at` on), checked against the participant rules.
+fn decide_answer(
+    txn_id: &str,
+    decision: Decision,
+    row: &tokio_postgres::Row,
+    at: usize,
+) -> Result<(), BankError> {
+    let prior = row.try_get::<_, Option<&str>>(at)?.map(parse_state).transpose()?;
+    let written = row.try_get::<_, Option<&str>>(at + 1)?.map(parse_state).transpose()?;
+    // The rules decide; the function must have made exactly their write.
+    match machine::on_decision(prior, decision) {
+        Ok(force) if force.map(|f| f.state) == written => Ok(()),
+        // A decision that contradicts this leg's state is a protocol
+        // violation: refused, nothing changed, and the gateway logs it.
+        Err(v) if written.is_none() => Err(BankError::Conflict(format!("payment {txn_id}: {v}"))),
+        wanted => Err(disagreement(txn_id, &format!("{wanted:?}"), prior, written)),
+    }
+}
+
+/// A batch of legs, as one statement: see `V3__one_statement_legs.sql`.
+const PREPARE_BATCH_SQL: &str = "
+SELECT item, prior_state, prior_reason, prior_amount_minor, written_state, written_reason
+FROM prepare_legs($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+
+/// A batch of decisions, as one statement: see `V3__one_statement_legs.sql`.
+const DECIDE_BATCH_SQL: &str = "SELECT item, prior_state, written_state FROM decide_legs($1, $2, $3)";
 
 /// Phase one for a leg, as one statement: see `V3__one_statement_legs.sql`.
 const PREPARE_SQL: &str = "
@@ -366,7 +515,12 @@ impl Ledger for PostgresLedger {
     }
 
     async fn prepare_batch(&self, legs: Vec<LegRequest>) -> Result<Vec<Result<Vote, BankError>>, BankError> {
-        self.each_alone(legs, |ledger, leg| async move { ledger.prepare_alone(&leg).await }).await
+        match self.prepare_together(&legs).await? {
+            Some(answers) => Ok(answers),
+            None => {
+                self.each_alone(legs, |ledger, leg| async move { ledger.prepare_alone(&leg).await }).await
+            }
+        }
     }
 
     async fn decide(&self, txn_id: String, decision: Decision) -> Result<(), BankError> {
@@ -377,7 +531,13 @@ impl Ledger for PostgresLedger {
         &self,
         decisions: Vec<(String, Decision)>,
     ) -> Result<Vec<Result<(), BankError>>, BankError> {
-        self.each_alone(decisions, |ledger, d| async move { ledger.decide_alone(&d.0, d.1).await }).await
+        match self.decide_together(&decisions).await? {
+            Some(answers) => Ok(answers),
+            None => {
+                self.each_alone(decisions, |ledger, d| async move { ledger.decide_alone(&d.0, d.1).await })
+                    .await
+            }
+        }
     }
 
     async fn history(&self, user: String, limit: u32) -> Result<Vec<Leg>, BankError> {
@@ -535,6 +695,29 @@ mod tests {
         assert!(uuid::Uuid::parse_str(one.ledger_id()).is_ok(), "{:?}", one.ledger_id());
         let two = PostgresLedger::connect(&url, "BankA").await.expect("again");
         assert_eq!(two.ledger_id(), one.ledger_id());
+    }
+
+    /// A leg the database refuses (here a negative amount, against a CHECK)
+    /// fails the batch's one statement; the batch is then made a leg at a
+    /// time, so the other legs still get their answers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leg_the_database_refuses_fails_alone_in_a_batch() {
+        let (ledger, _url) = fresh().await;
+        let votes = ledger
+            .prepare_batch(vec![leg("t1", "a", "b", 100), leg("t2", "a", "b", -1), leg("t3", "a", "b", 200)])
+            .await
+            .expect("batch");
+        assert!(matches!(votes[0], Ok(Vote::Yes)), "{votes:?}");
+        assert!(matches!(votes[1], Err(BankError::Postgres(_))), "{votes:?}");
+        assert!(matches!(votes[2], Ok(Vote::Yes)), "{votes:?}");
+        assert_eq!(ledger.balance("a".into()).await.expect("a"), (1000, 700));
+        let done = ledger
+            .decide_batch(vec![("t1".into(), Decision::Commit), ("t3".into(), Decision::Abort)])
+            .await
+            .expect("batch");
+        assert!(done.iter().all(Result::is_ok), "{done:?}");
+        assert_eq!(ledger.balance("a".into()).await.expect("a"), (900, 900));
+        assert_eq!(ledger.legs().await.len(), 2, "nothing of the refused leg");
     }
 
     /// Two replicas of one bank (two pools on one database) prepare against

@@ -137,3 +137,63 @@ BEGIN
     RAISE EXCEPTION 'payment % kept changing under this bank''s write', p_txn_id;
 END
 $$;
+
+-- A batch of legs from the gateway as one statement: one round trip, one
+-- transaction and one commit for all of them; each leg is made as
+-- `prepare_leg` makes it, in the batch's order (a leg repeated in a batch
+-- gets the first one's answer). The accounts of the whole batch are locked
+-- first, in name order, in one statement: a leg's accounts are then never
+-- waited for while another leg's are held, so two batches never wait for
+-- each other in a circle. `item` is the leg's place in the arrays (from 1).
+CREATE FUNCTION prepare_legs(
+    p_txn_ids TEXT[], p_payment_ids TEXT[], p_payer_users TEXT[], p_payer_banks TEXT[],
+    p_payee_users TEXT[], p_payee_banks TEXT[], p_amounts_minor BIGINT[],
+    p_debit_users TEXT[], p_credit_users TEXT[], p_now BIGINT, p_balance_max_minor BIGINT)
+RETURNS TABLE (item INT, prior_state TEXT, prior_reason TEXT, prior_amount_minor BIGINT,
+               written_state TEXT, written_reason TEXT)
+LANGUAGE plpgsql AS $$
+DECLARE
+    answer RECORD;
+BEGIN
+    PERFORM 1 FROM accounts a WHERE a.user_name = ANY(p_debit_users || p_credit_users)
+    ORDER BY a.user_name FOR UPDATE;
+    FOR i IN 1..coalesce(cardinality(p_txn_ids), 0) LOOP
+        answer := prepare_leg(p_txn_ids[i], p_payment_ids[i], p_payer_users[i], p_payer_banks[i],
+                              p_payee_users[i], p_payee_banks[i], p_amounts_minor[i],
+                              p_debit_users[i], p_credit_users[i], p_now, p_balance_max_minor);
+        item := i;
+        prior_state := answer.prior_state;
+        prior_reason := answer.prior_reason;
+        prior_amount_minor := answer.prior_amount_minor;
+        written_state := answer.written_state;
+        written_reason := answer.written_reason;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
+
+-- A batch of decisions as one statement, each made as `decide_leg` makes
+-- it, in order. The legs of the batch are locked first (by id), then their
+-- accounts (by name), each set in one statement, so two batches never wait
+-- for each other in a circle.
+CREATE FUNCTION decide_legs(p_txn_ids TEXT[], p_decisions TEXT[], p_now BIGINT)
+RETURNS TABLE (item INT, prior_state TEXT, written_state TEXT)
+LANGUAGE plpgsql AS $$
+DECLARE
+    answer RECORD;
+BEGIN
+    PERFORM 1 FROM legs l WHERE l.txn_id = ANY(p_txn_ids) ORDER BY l.txn_id FOR UPDATE;
+    PERFORM 1 FROM accounts a
+    WHERE a.user_name IN (SELECT l.debit_user FROM legs l WHERE l.txn_id = ANY(p_txn_ids) AND l.state = 'prepared'
+                          UNION ALL
+                          SELECT l.credit_user FROM legs l WHERE l.txn_id = ANY(p_txn_ids) AND l.state = 'prepared')
+    ORDER BY a.user_name FOR UPDATE;
+    FOR i IN 1..coalesce(cardinality(p_txn_ids), 0) LOOP
+        answer := decide_leg(p_txn_ids[i], p_decisions[i], p_now);
+        item := i;
+        prior_state := answer.prior_state;
+        written_state := answer.written_state;
+        RETURN NEXT;
+    END LOOP;
+END
+$$;
