@@ -26,10 +26,15 @@
 //! inserts nothing) writes nothing and answers with the winner's record. A
 //! statement that PostgreSQL aborts for a deadlock is run again.
 //!
-//! A batch is not one transaction: each leg (or decision) is a statement
-//! of its own, all of them at once over the pool, answered in order (see
-//! `each_alone`). Each holds its accounts' rows for one statement only,
-//! and PostgreSQL flushes its log once for the commits that meet.
+//! A batch from the gateway is one statement too (`prepare_legs`,
+//! `decide_legs`): one transaction and one commit for all its legs, made in
+//! order as each alone, after the batch's rows are locked in one order (legs
+//! by id, then accounts by name) in one statement, so two batches never wait
+//! for each other in a circle. The function holds those rows for its own
+//! run only (no round trip in between). A batch the database refuses as a
+//! whole (a leg that breaks a `CHECK`) is made again a leg at a time, each a
+//! statement of its own (see `each_alone`), so the other legs still get
+//! their answers.
 
 use crate::accounts::{AccountSpec, Credential, hash_password};
 use crate::error::BankError;
@@ -124,13 +129,10 @@ impl PostgresLedger {
         decide_answer(txn_id, decision, &row, 0)
     }
 
-    /// Runs `op` for each item as a transaction of its own, all at once
-    /// over the pool, and answers in order. A batch is not one transaction
-    /// here: in one, its items would run one after the other while holding
-    /// every row they locked, and concurrent batches would wait on each
-    /// other's accounts; alone, an item holds its (at most two) accounts for
-    /// one statement, and PostgreSQL flushes the log once for the
-    /// commits that meet, which is what group commit does for SQLite.
+    /// Runs `op` for each item as a statement of its own, all at once over
+    /// the pool, and answers in order: a batch that failed as a whole, made
+    /// again so that one bad item fails alone. PostgreSQL flushes the log
+    /// once for the commits that meet.
     async fn each_alone<I, T, F, Fut>(
         &self,
         items: Vec<I>,

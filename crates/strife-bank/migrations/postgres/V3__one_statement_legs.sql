@@ -151,7 +151,12 @@ CREATE FUNCTION prepare_legs(
     p_debit_users TEXT[], p_credit_users TEXT[], p_now BIGINT, p_balance_max_minor BIGINT)
 RETURNS TABLE (item INT, prior_state TEXT, prior_reason TEXT, prior_amount_minor BIGINT,
                written_state TEXT, written_reason TEXT)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Every statement here finds its rows by key. Given an array of keys, the
+-- planner would scan a small table (a few thousand accounts) instead of its
+-- index, and compare every row with every key.
+SET enable_seqscan = off
+AS $$
 DECLARE
     answer RECORD;
 BEGIN
@@ -178,16 +183,24 @@ $$;
 -- for each other in a circle.
 CREATE FUNCTION decide_legs(p_txn_ids TEXT[], p_decisions TEXT[], p_now BIGINT)
 RETURNS TABLE (item INT, prior_state TEXT, written_state TEXT)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- As for prepare_legs.
+SET enable_seqscan = off
+AS $$
 DECLARE
+    leg RECORD;
+    users TEXT[] := '{}';
     answer RECORD;
 BEGIN
-    PERFORM 1 FROM legs l WHERE l.txn_id = ANY(p_txn_ids) ORDER BY l.txn_id FOR UPDATE;
-    PERFORM 1 FROM accounts a
-    WHERE a.user_name IN (SELECT l.debit_user FROM legs l WHERE l.txn_id = ANY(p_txn_ids) AND l.state = 'prepared'
-                          UNION ALL
-                          SELECT l.credit_user FROM legs l WHERE l.txn_id = ANY(p_txn_ids) AND l.state = 'prepared')
-    ORDER BY a.user_name FOR UPDATE;
+    FOR leg IN
+        SELECT l.state, l.debit_user, l.credit_user FROM legs l WHERE l.txn_id = ANY(p_txn_ids)
+        ORDER BY l.txn_id FOR UPDATE
+    LOOP
+        IF leg.state = 'prepared' THEN
+            users := users || leg.debit_user || leg.credit_user;
+        END IF;
+    END LOOP;
+    PERFORM 1 FROM accounts a WHERE a.user_name = ANY(users) ORDER BY a.user_name FOR UPDATE;
     FOR i IN 1..coalesce(cardinality(p_txn_ids), 0) LOOP
         answer := decide_leg(p_txn_ids[i], p_decisions[i], p_now);
         item := i;
