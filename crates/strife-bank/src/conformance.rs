@@ -66,6 +66,7 @@ macro_rules! conformance_suite {
                 hold_then_commit_moves_money_once,
                 abort_releases_and_wins_over_a_late_prepare,
                 unknown_accounts_vote_no,
+                edges_of_a_new_leg_are_checked_alike,
                 accounts_are_created_once,
                 reads_answer_what_was_written,
                 batches_answer_each_item_on_its_own,
@@ -147,6 +148,70 @@ pub async fn unknown_accounts_vote_no<L: Inspect>(s: &L) {
     let other_bank =
         LegRequest { payer_bank: "BankB".into(), payee_bank: "BankC".into(), ..leg("t3", "a", "b", 1) };
     assert!(matches!(s.prepare(other_bank).await, Err(BankError::Invalid { .. })), "no leg at this bank");
+}
+
+/// The edges of the check of a new leg and of a repeated prepare, which
+/// each backend makes its own way (SQLite in Rust, PostgreSQL in a function
+/// of its schema): the payee's maximum counts prepared credits, a leg may
+/// have one side here, a repeat keeps its first vote and reason, and a
+/// repeat with another amount is refused and changes nothing.
+pub async fn edges_of_a_new_leg_are_checked_alike<L: Inspect>(s: &L) {
+    use strife_core::limits::BALANCE_MAX_MINOR;
+    let rich = AccountSpec {
+        user: "rich".into(),
+        credential: Credential::Hash(TEST_HASH.into()),
+        balance_minor: BALANCE_MAX_MINOR - 10,
+    };
+    assert_eq!(s.create_accounts(vec![rich]).await.expect("rich"), 1);
+    assert_eq!(
+        s.prepare(leg("t1", "a", "rich", 11)).await.expect("p"),
+        Vote::No(DeclineReason::BalanceLimit)
+    );
+    assert_eq!(s.prepare(leg("t2", "a", "rich", 6)).await.expect("p"), Vote::Yes);
+    assert_eq!(
+        s.prepare(leg("t3", "a", "rich", 5)).await.expect("p"),
+        Vote::No(DeclineReason::BalanceLimit),
+        "a prepared credit counts against the maximum"
+    );
+    assert_eq!(
+        s.prepare(leg("t4", "a", "rich", 4)).await.expect("p"),
+        Vote::Yes,
+        "up to the maximum exactly"
+    );
+    // The payer elsewhere: only the credit is checked and reserved here.
+    let credit_only = LegRequest { payer_bank: "BankB".into(), ..leg("t5", "nobody", "b", 2_000) };
+    assert_eq!(s.prepare(credit_only.clone()).await.expect("p"), Vote::Yes);
+    // The payee elsewhere: only the debit is checked and held here.
+    let debit_only = LegRequest { payee_bank: "BankB".into(), ..leg("t6", "a", "nobody", 990) };
+    assert_eq!(s.prepare(debit_only.clone()).await.expect("p"), Vote::Yes);
+    assert_eq!(s.balance("a".into()).await.expect("a"), (1000, 0));
+    let again_more = LegRequest { amount_minor: 991, ..debit_only.clone() };
+    assert!(matches!(s.prepare(again_more).await, Err(BankError::Conflict(_))), "another amount");
+    let short = LegRequest { payee_bank: "BankB".into(), ..leg("t7", "a", "nobody", 1) };
+    assert_eq!(s.prepare(short.clone()).await.expect("p"), Vote::No(DeclineReason::InsufficientFunds));
+    assert_eq!(
+        s.prepare(short.clone()).await.expect("again"),
+        Vote::No(DeclineReason::InsufficientFunds),
+        "a repeat keeps its reason"
+    );
+    // A declined leg is aborted with nothing held: a repeat with another
+    // amount gets the same no, an abort changes nothing, a commit is refused.
+    let short_more = LegRequest { amount_minor: 2, ..short };
+    assert_eq!(s.prepare(short_more).await.expect("p"), Vote::No(DeclineReason::InsufficientFunds));
+    s.decide("t7".into(), Decision::Abort).await.expect("abort");
+    assert!(matches!(s.decide("t7".into(), Decision::Commit).await, Err(BankError::Conflict(_))));
+    s.decide("t5".into(), Decision::Commit).await.expect("commit");
+    s.decide("t6".into(), Decision::Commit).await.expect("commit");
+    assert_eq!(s.balance("a".into()).await.expect("a"), (10, 0));
+    assert_eq!(s.balance("b".into()).await.expect("b"), (2_000, 2_000));
+    let rows = s.accounts().await;
+    let rich = rows.iter().find(|r| r.0 == "rich").expect("rich");
+    assert_eq!((rich.1, rich.2, rich.3), (BALANCE_MAX_MINOR - 10, 0, 10), "two credits reserved");
+    let legs = s.legs().await;
+    let state = |txn: &str| legs.iter().find(|l| l.0 == txn).map(|l| l.1.clone());
+    assert_eq!(state("t1").as_deref(), Some(state_name(LegState::Aborted)));
+    assert_eq!(state("t7").as_deref(), Some(state_name(LegState::Aborted)));
+    assert_eq!(state("t5").as_deref(), Some(state_name(LegState::Committed)));
 }
 
 pub async fn accounts_are_created_once<L: Inspect>(s: &L) {

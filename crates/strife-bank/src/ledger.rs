@@ -173,9 +173,8 @@ pub trait Ledger: Clone + Send + Sync + 'static {
     /// Phase one for many legs; each leg gets its own answer, as
     /// [`Ledger::prepare`] would have given it, durable when the future
     /// resolves. The legs are independent: a backend may run them in any
-    /// order or at once (SQLite: one write, in order; PostgreSQL: a
-    /// transaction each, at once). `Err` only when the batch as a whole
-    /// failed.
+    /// order or at once (SQLite: one write, in order; PostgreSQL: one
+    /// statement, in order). `Err` only when the batch as a whole failed.
     fn prepare_batch(
         &self,
         legs: Vec<LegRequest>,

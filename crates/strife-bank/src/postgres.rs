@@ -7,39 +7,53 @@
 //! is answered, and the server must run with `synchronous_commit = on` (the
 //! default; checked at start), so a commit that returned is on disk.
 //!
+//! Each phase of a leg is one autocommitted statement, a call of a
+//! function of the schema (`prepare_leg`, `decide_leg`, in
+//! `migrations/postgres/V3__one_statement_legs.sql`): one round trip and one
+//! transaction, where BEGIN, a read of the leg, a lock of its accounts, the
+//! writes and COMMIT were six. The functions make the writes of the
+//! participant rules (`strife_twopc::participant`) and return what they read
+//! and wrote; every answer is checked here against those rules, which the
+//! SQLite store applies directly, so the two backends cannot drift apart
+//! unnoticed (and the conformance suite runs against both).
+//!
 //! Holds stay exact whichever process prepares: a new leg first locks the
 //! rows of its accounts (`SELECT … FOR UPDATE`, in name order), checks the
 //! money it read and only then, in the same transaction, places the hold.
 //! A second prepare against the same account waits for the first to commit
 //! and then reads what it left. Two processes racing to write the record of
 //! one payment meet at its primary key: the loser (`ON CONFLICT DO NOTHING`
-//! inserts nothing) rolls its leg back and reads the winner's record. A
-//! transaction that PostgreSQL aborts for a deadlock is run again.
+//! inserts nothing) writes nothing and answers with the winner's record. A
+//! statement that PostgreSQL aborts for a deadlock is run again.
 //!
-//! A batch is not one transaction: each leg (or decision) is a transaction
-//! of its own, all of them at once over the pool, answered in order (see
-//! `each_alone`). Each holds its accounts' rows for a few round trips only,
-//! and PostgreSQL flushes its log once for the commits that meet.
+//! A batch from the gateway is one statement too (`prepare_legs`,
+//! `decide_legs`): one transaction and one commit for all its legs, made in
+//! order as each alone, after the batch's rows are locked in one order (legs
+//! by id, then accounts by name) in one statement, so two batches never wait
+//! for each other in a circle. The function holds those rows for its own
+//! run only (no round trip in between). A batch the database refuses as a
+//! whole (a leg that breaks a `CHECK`) is made again a leg at a time, each a
+//! statement of its own (see `each_alone`), so the other legs still get
+//! their answers.
 
 use crate::accounts::{AccountSpec, Credential, hash_password};
 use crate::error::BankError;
-use crate::ledger::{Decision, Funds, Ledger, Leg, LegRequest, LegState, Totals, Vote, check_leg};
-use crate::ledger::{parse_state, state_name};
+use crate::ledger::{Decision, Ledger, Leg, LegRequest, LegState, Totals, Vote, parse_state};
 use deadpool_postgres::{Pool, Transaction};
 use std::future::Future;
 use std::sync::Arc;
+use strife_core::limits::BALANCE_MAX_MINOR;
 use strife_core::{DeclineReason, Secret};
 use strife_rpc::pg_pool;
 use strife_twopc::Vote as MachineVote;
-use strife_twopc::participant::{self as machine, Effect, Force};
+use strife_twopc::participant::{self as machine, Force};
 use tokio_postgres::error::SqlState;
 
 refinery::embed_migrations!("migrations/postgres");
 
 pub use strife_rpc::pg_pool::POOL_SIZE_MAX;
-/// Runs of one transaction that PostgreSQL aborted for a deadlock or a
-/// serialization failure, or that lost the race for its leg's record to
-/// another process (nothing of an aborted run remains).
+/// Runs of one statement that PostgreSQL aborted for a deadlock or a
+/// serialization failure (nothing of an aborted run remains).
 const TRANSACTION_TRIES_MAX: u32 = 8;
 /// The advisory lock that lets one process at a time migrate a database.
 const MIGRATION_LOCK: i64 = 0x5354_5249_4645_0001;
@@ -94,36 +108,31 @@ impl PostgresLedger {
         Ok(row.get(1))
     }
 
-    /// One decision, in a transaction of its own; run again if PostgreSQL
-    /// aborts it for a deadlock or another process wrote the leg's record
-    /// first.
+    /// One decision: one autocommitted statement (`decide_leg`); run
+    /// again if PostgreSQL aborts it for a deadlock.
     async fn decide_alone(&self, txn_id: &str, decision: Decision) -> Result<(), BankError> {
         let mut tries = 0;
         loop {
             tries += 1;
-            let mut client = self.pool.get().await?;
-            let run = async {
-                let tx = client.transaction().await?;
-                let done = decide_in(&tx, txn_id, decision).await;
-                finish_alone(tx, done.map(|done| done.then_some(()))).await
-            };
-            match (run.await, tries < TRANSACTION_TRIES_MAX) {
-                (Ok(Some(answer)), _) => return answer,
-                (Ok(None), true) => continue,
+            match (self.decide_once(txn_id, decision).await, tries < TRANSACTION_TRIES_MAX) {
                 (Err(e), true) if e.is_retryable() => continue,
-                (Ok(None), false) => return Err(BankError::Internal(KEPT_CHANGING.into())),
-                (Err(e), _) => return Err(e),
+                (answer, _) => return answer,
             }
         }
     }
 
-    /// Runs `op` for each item as a transaction of its own, all at once
-    /// over the pool, and answers in order. A batch is not one transaction
-    /// here: in one, its items would run one after the other while holding
-    /// every row they locked, and concurrent batches would wait on each
-    /// other's accounts; alone, an item holds its (at most two) accounts for
-    /// a few round trips, and PostgreSQL flushes the log once for the
-    /// commits that meet, which is what group commit does for SQLite.
+    async fn decide_once(&self, txn_id: &str, decision: Decision) -> Result<(), BankError> {
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(DECIDE_SQL).await?;
+        let row =
+            client.query_one(&stmt, &[&txn_id, &decision_name(decision), &crate::store::now_ms()]).await?;
+        decide_answer(txn_id, decision, &row, 0)
+    }
+
+    /// Runs `op` for each item as a statement of its own, all at once over
+    /// the pool, and answers in order: a batch that failed as a whole, made
+    /// again so that one bad item fails alone. PostgreSQL flushes the log
+    /// once for the commits that meet.
     async fn each_alone<I, T, F, Fut>(
         &self,
         items: Vec<I>,
@@ -153,235 +162,259 @@ impl PostgresLedger {
             .collect())
     }
 
-    /// Phase one for one leg, in a transaction of its own; run again if
-    /// PostgreSQL aborts it for a deadlock or another process wrote the
-    /// leg's record first.
+    /// Phase one for one leg: one autocommitted statement
+    /// (`prepare_leg`); run again if PostgreSQL aborts it for a deadlock.
     async fn prepare_alone(&self, leg: &LegRequest) -> Result<Vote, BankError> {
         let mut tries = 0;
         loop {
             tries += 1;
-            let mut client = self.pool.get().await?;
-            let run = async {
-                let tx = client.transaction().await?;
-                let vote = prepare_in(&tx, &self.bank, leg).await;
-                finish_alone(tx, vote).await
-            };
-            match (run.await, tries < TRANSACTION_TRIES_MAX) {
-                (Ok(Some(answer)), _) => return answer,
-                (Ok(None), true) => continue,
+            match (self.prepare_once(leg).await, tries < TRANSACTION_TRIES_MAX) {
                 (Err(e), true) if e.is_retryable() => continue,
-                (Ok(None), false) => return Err(BankError::Internal(KEPT_CHANGING.into())),
-                (Err(e), _) => return Err(e),
+                (answer, _) => return answer,
             }
         }
     }
-}
 
-const KEPT_CHANGING: &str = "a payment's record kept changing under this bank's write";
-
-/// Ends the transaction of an item: commits what it wrote; `None` when it
-/// lost the race for its record (run it again); its own error as its
-/// answer (rolled back), unless the error dooms the transaction (run it
-/// again).
-async fn finish_alone<T>(
-    tx: Transaction<'_>,
-    result: Result<Option<T>, BankError>,
-) -> Result<Option<Result<T, BankError>>, BankError> {
-    match result {
-        Ok(Some(answer)) => {
-            tx.commit().await?;
-            Ok(Some(Ok(answer)))
-        }
-        Ok(None) => {
-            tx.rollback().await?;
-            Ok(None)
-        }
-        Err(e) if e.is_retryable() => Err(e),
-        Err(e) => {
-            tx.rollback().await?;
-            Ok(Some(Err(e)))
-        }
-    }
-}
-
-/// Phase one for one leg; `None` when another process inserted the leg's
-/// record first (this try must be rolled back and made again).
-async fn prepare_in(tx: &Transaction<'_>, bank: &str, leg: &LegRequest) -> Result<Option<Vote>, BankError> {
-    let (debit, credit) = leg.sides(bank)?;
-    let existing = tx
-        .query_opt(
-            &tx.prepare_cached("SELECT state, reason, amount_minor FROM legs WHERE txn_id = $1").await?,
-            &[&leg.txn_id],
-        )
-        .await?;
-    let (current, stored_reason) = match existing {
-        Some(row) => {
-            let state = parse_state(row.get(0))?;
-            let amount: i64 = row.get(2);
-            if state != LegState::Aborted && amount != leg.amount_minor {
-                return Err(BankError::Conflict(format!(
-                    "payment {} was prepared with another amount",
-                    leg.txn_id
-                )));
-            }
-            (Some(state), row.get::<_, Option<&str>>(1).and_then(DeclineReason::from_code))
-        }
-        None => (None, None),
-    };
-    let check = match current {
-        None => {
-            let funds = lock_funds(tx, debit, credit).await?;
-            let find = |user: &str| funds.iter().find(|(u, _)| u == user).map(|(_, f)| *f);
-            check_leg(debit.map(find), credit.map(find), leg.amount_minor)
-        }
-        Some(_) => Vote::Yes,
-    };
-    let (force, vote) = machine::on_prepare(current, check == Vote::Yes);
-    let vote = match (vote, check) {
-        (MachineVote::Yes, _) => Vote::Yes,
-        (MachineVote::No, Vote::No(reason)) => Vote::No(reason),
-        (MachineVote::No, Vote::Yes) => Vote::No(stored_reason.unwrap_or(DeclineReason::Timeout)),
-    };
-    let Some(Force { state, effect }) = force else { return Ok(Some(vote)) };
-    if effect == Some(Effect::PlaceHold) {
-        tx.execute(
-            &tx.prepare_cached(
-                "UPDATE accounts SET
-                     held_minor = held_minor + CASE WHEN user_name = $1 THEN $3::BIGINT ELSE 0 END,
-                     incoming_minor = incoming_minor + CASE WHEN user_name = $2 THEN $3::BIGINT ELSE 0 END
-                 WHERE user_name IN ($1, $2)",
-            )
-            .await?,
-            &[&debit, &credit, &leg.amount_minor],
-        )
-        .await?;
-    }
-    let reason = match vote {
-        Vote::No(r) => Some(r.code()),
-        Vote::Yes => None,
-    };
-    let now = crate::store::now_ms();
-    let decided_at = (state == LegState::Aborted).then_some(now);
-    let inserted = tx
-        .execute(
-            &tx.prepare_cached(
-                "INSERT INTO legs (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-                                   debit_user, credit_user, state, reason, prepared_at, decided_at)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13)
-                 ON CONFLICT (txn_id) DO NOTHING",
-            )
-            .await?,
-            &[
-                &leg.txn_id,
-                &leg.payment_id,
-                &leg.payer_user,
-                &leg.payer_bank,
-                &leg.payee_user,
-                &leg.payee_bank,
-                &leg.amount_minor,
-                &debit,
-                &credit,
-                &state_name(state),
-                &reason,
-                &now,
-                &decided_at,
-            ],
-        )
-        .await?;
-    Ok((inserted == 1).then_some(vote))
-}
-
-/// Locks the rows of a new leg's accounts (in name order, so two legs never
-/// wait for each other in a circle) and reads their money.
-async fn lock_funds(
-    tx: &Transaction<'_>,
-    debit: Option<&str>,
-    credit: Option<&str>,
-) -> Result<Vec<(String, Funds)>, BankError> {
-    let users: Vec<&str> = debit.into_iter().chain(credit).collect();
-    let rows = tx
-        .query(
-            &tx.prepare_cached(
-                "SELECT user_name, balance_minor, held_minor, incoming_minor FROM accounts
-                 WHERE user_name = ANY($1) ORDER BY user_name FOR UPDATE",
-            )
-            .await?,
-            &[&users],
-        )
-        .await?;
-    Ok(rows
-        .iter()
-        .map(|r| {
-            (r.get(0), Funds { balance_minor: r.get(1), held_minor: r.get(2), incoming_minor: r.get(3) })
-        })
-        .collect())
-}
-
-/// Phase two for one leg; `false` when another process inserted the leg's
-/// record first (this try must be rolled back and made again).
-async fn decide_in(tx: &Transaction<'_>, txn_id: &str, decision: Decision) -> Result<bool, BankError> {
-    let row = tx
-        .query_opt(
-            &tx.prepare_cached(
-                "SELECT state, amount_minor, debit_user, credit_user FROM legs WHERE txn_id = $1 FOR UPDATE",
-            )
-            .await?,
-            &[&txn_id],
-        )
-        .await?;
-    let current = row.as_ref().map(|r| parse_state(r.get(0))).transpose()?;
-    // A decision that contradicts this leg's state is a protocol
-    // violation: refused, nothing changes, and the gateway logs it.
-    let force = machine::on_decision(current, decision)
-        .map_err(|v| BankError::Conflict(format!("payment {txn_id}: {v}")))?;
-    let Some(Force { state, effect }) = force else { return Ok(true) };
-    let now = crate::store::now_ms();
-    let Some(row) = row else {
-        let inserted = tx
-            .execute(
-                &tx.prepare_cached(
-                    "INSERT INTO legs (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank,
-                                       amount_minor, state, reason, prepared_at, decided_at)
-                     VALUES ($1, '', '', '', '', '', 0, $2, 'timeout', $3, $3)
-                     ON CONFLICT (txn_id) DO NOTHING",
-                )
-                .await?,
-                &[&txn_id, &state_name(state), &now],
+    async fn prepare_once(&self, leg: &LegRequest) -> Result<Vote, BankError> {
+        let (debit, credit) = leg.sides(&self.bank)?;
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(PREPARE_SQL).await?;
+        let row = client
+            .query_one(
+                &stmt,
+                &[
+                    &leg.txn_id,
+                    &leg.payment_id,
+                    &leg.payer_user,
+                    &leg.payer_bank,
+                    &leg.payee_user,
+                    &leg.payee_bank,
+                    &leg.amount_minor,
+                    &debit,
+                    &credit,
+                    &crate::store::now_ms(),
+                    &BALANCE_MAX_MINOR,
+                ],
             )
             .await?;
-        return Ok(inserted == 1);
-    };
-    let amount: i64 = row.get(1);
-    let (debit, credit): (Option<&str>, Option<&str>) = (row.get(2), row.get(3));
-    let (release, apply) = match effect {
-        Some(Effect::ApplyCommit) => (amount, amount),
-        Some(Effect::ReleaseHold) => (amount, 0),
-        Some(Effect::PlaceHold) | None => (0, 0),
-    };
-    if release != 0 || apply != 0 {
-        // The accounts are locked in name order, as a prepare locks them.
-        tx.execute(
-            &tx.prepare_cached(
-                "UPDATE accounts a SET
-                     held_minor = a.held_minor - CASE WHEN a.user_name = $1 THEN $3::BIGINT ELSE 0 END,
-                     incoming_minor = a.incoming_minor - CASE WHEN a.user_name = $2 THEN $3::BIGINT ELSE 0 END,
-                     balance_minor = a.balance_minor - CASE WHEN a.user_name = $1 THEN $4::BIGINT ELSE 0 END
-                                                     + CASE WHEN a.user_name = $2 THEN $4::BIGINT ELSE 0 END
-                 FROM (SELECT user_name FROM accounts WHERE user_name IN ($1, $2)
-                       ORDER BY user_name FOR UPDATE) locked
-                 WHERE a.user_name = locked.user_name",
-            )
-            .await?,
-            &[&debit, &credit, &release, &apply],
-        )
-        .await?;
+        prepare_answer(leg, &row, 0)
     }
-    tx.execute(
-        &tx.prepare_cached("UPDATE legs SET state = $2, decided_at = $3 WHERE txn_id = $1").await?,
-        &[&txn_id, &state_name(state), &now],
-    )
-    .await?;
-    Ok(true)
+
+    /// A batch of legs as one statement (`prepare_legs`): one transaction
+    /// and one commit; `None` when it failed as a whole for a reason that
+    /// is not retryable, which one leg may cause (then each leg is made
+    /// alone, so the others still get their answers).
+    async fn prepare_together(
+        &self,
+        legs: &[LegRequest],
+    ) -> Result<Option<Vec<Result<Vote, BankError>>>, BankError> {
+        let mut answers: Vec<Option<Result<Vote, BankError>>> = (0..legs.len()).map(|_| None).collect();
+        let mut batch: Vec<(usize, Option<&str>, Option<&str>)> = Vec::with_capacity(legs.len());
+        for (i, leg) in legs.iter().enumerate() {
+            match leg.sides(&self.bank) {
+                Ok((debit, credit)) => batch.push((i, debit, credit)),
+                Err(e) => answers[i] = Some(Err(e)),
+            }
+        }
+        let column =
+            |f: fn(&LegRequest) -> &str| -> Vec<&str> { batch.iter().map(|b| f(&legs[b.0])).collect() };
+        let (txn_ids, payment_ids) = (column(|l| &l.txn_id), column(|l| &l.payment_id));
+        let (payer_users, payer_banks) = (column(|l| &l.payer_user), column(|l| &l.payer_bank));
+        let (payee_users, payee_banks) = (column(|l| &l.payee_user), column(|l| &l.payee_bank));
+        let amounts: Vec<i64> = batch.iter().map(|b| legs[b.0].amount_minor).collect();
+        let debits: Vec<Option<&str>> = batch.iter().map(|b| b.1).collect();
+        let credits: Vec<Option<&str>> = batch.iter().map(|b| b.2).collect();
+        let now = crate::store::now_ms();
+        let mut tries = 0;
+        let rows = loop {
+            tries += 1;
+            let client = self.pool.get().await?;
+            let stmt = client.prepare_cached(PREPARE_BATCH_SQL).await?;
+            let run = client
+                .query(
+                    &stmt,
+                    &[
+                        &txn_ids,
+                        &payment_ids,
+                        &payer_users,
+                        &payer_banks,
+                        &payee_users,
+                        &payee_banks,
+                        &amounts,
+                        &debits,
+                        &credits,
+                        &now,
+                        &BALANCE_MAX_MINOR,
+                    ],
+                )
+                .await
+                .map_err(BankError::from);
+            match run {
+                Ok(rows) => break rows,
+                Err(e) if e.is_retryable() && tries < TRANSACTION_TRIES_MAX => continue,
+                Err(e) if e.is_retryable() => return Err(e),
+                Err(e) => {
+                    tracing::debug!(error = %e, "a batch of prepares failed as a whole; each leg alone");
+                    return Ok(None);
+                }
+            }
+        };
+        if rows.len() != batch.len() {
+            return Err(BankError::Internal(format!(
+                "{} answers to a batch of {} legs",
+                rows.len(),
+                batch.len()
+            )));
+        }
+        for (n, (row, (i, _, _))) in rows.iter().zip(&batch).enumerate() {
+            if usize::try_from(row.try_get::<_, i32>(0)?).ok() != Some(n + 1) {
+                return Err(BankError::Internal("a batch's answers out of order".into()));
+            }
+            answers[*i] = Some(prepare_answer(&legs[*i], row, 1));
+        }
+        Ok(Some(
+            answers
+                .into_iter()
+                .map(|a| a.unwrap_or_else(|| Err(BankError::Internal("a leg without an answer".into()))))
+                .collect(),
+        ))
+    }
+
+    /// A batch of decisions as one statement (`decide_legs`), as
+    /// [`PostgresLedger::prepare_together`].
+    async fn decide_together(
+        &self,
+        decisions: &[(String, Decision)],
+    ) -> Result<Option<Vec<Result<(), BankError>>>, BankError> {
+        let txn_ids: Vec<&str> = decisions.iter().map(|d| d.0.as_str()).collect();
+        let names: Vec<&str> = decisions.iter().map(|d| decision_name(d.1)).collect();
+        let now = crate::store::now_ms();
+        let mut tries = 0;
+        let rows = loop {
+            tries += 1;
+            let client = self.pool.get().await?;
+            let stmt = client.prepare_cached(DECIDE_BATCH_SQL).await?;
+            match client.query(&stmt, &[&txn_ids, &names, &now]).await.map_err(BankError::from) {
+                Ok(rows) => break rows,
+                Err(e) if e.is_retryable() && tries < TRANSACTION_TRIES_MAX => continue,
+                Err(e) if e.is_retryable() => return Err(e),
+                Err(e) => {
+                    tracing::debug!(error = %e, "a batch of decisions failed as a whole; each alone");
+                    return Ok(None);
+                }
+            }
+        };
+        if rows.len() != decisions.len() {
+            return Err(BankError::Internal(format!(
+                "{} answers to a batch of {} decisions",
+                rows.len(),
+                decisions.len()
+            )));
+        }
+        let mut answers = Vec::with_capacity(rows.len());
+        for (n, (row, (txn_id, decision))) in rows.iter().zip(decisions).enumerate() {
+            if usize::try_from(row.try_get::<_, i32>(0)?).ok() != Some(n + 1) {
+                return Err(BankError::Internal("a batch's answers out of order".into()));
+            }
+            answers.push(decide_answer(txn_id, *decision, row, 1));
+        }
+        Ok(Some(answers))
+    }
+}
+
+/// How a decision is passed to `decide_leg`.
+fn decision_name(decision: Decision) -> &'static str {
+    match decision {
+        Decision::Commit => "commit",
+        Decision::Abort => "abort",
+    }
+}
+
+/// A decline reason as the ledger stored it.
+fn stored_reason(row: &tokio_postgres::Row, column: usize) -> Result<Option<DeclineReason>, BankError> {
+    row.try_get::<_, Option<&str>>(column)?
+        .map(|code| {
+            DeclineReason::from_code(code)
+                .ok_or_else(|| BankError::Internal(format!("decline reason '{code}' in the store")))
+        })
+        .transpose()
+}
+
+/// The vote on `leg` from what `prepare_leg` read and wrote (its five
+/// columns from `at` on), checked against the participant rules.
+fn prepare_answer(leg: &LegRequest, row: &tokio_postgres::Row, at: usize) -> Result<Vote, BankError> {
+    let prior = row.try_get::<_, Option<&str>>(at)?.map(parse_state).transpose()?;
+    let written = row.try_get::<_, Option<&str>>(at + 3)?.map(parse_state).transpose()?;
+    if let Some(state) = prior {
+        // The leg's record answers; nothing was written.
+        let amount: i64 = row.try_get(at + 2)?;
+        if state != LegState::Aborted && amount != leg.amount_minor {
+            return Err(BankError::Conflict(format!(
+                "payment {} was prepared with another amount",
+                leg.txn_id
+            )));
+        }
+        let reason = stored_reason(row, at + 1)?;
+        return match (machine::on_prepare(prior, true), written) {
+            ((None, MachineVote::Yes), None) => Ok(Vote::Yes),
+            ((None, MachineVote::No), None) => Ok(Vote::No(reason.unwrap_or(DeclineReason::Timeout))),
+            (wanted, _) => Err(disagreement(&leg.txn_id, &format!("{wanted:?}"), prior, written)),
+        };
+    }
+    // A new leg: the function checked it as `check_leg` does and wrote its
+    // record; the rules must have asked for exactly that write.
+    let check = stored_reason(row, at + 4)?;
+    match (machine::on_prepare(None, check.is_none()), check) {
+        ((Some(Force { state, .. }), MachineVote::Yes), None) if Some(state) == written => Ok(Vote::Yes),
+        ((Some(Force { state, .. }), MachineVote::No), Some(r)) if Some(state) == written => Ok(Vote::No(r)),
+        (wanted, _) => Err(disagreement(&leg.txn_id, &format!("{wanted:?}"), prior, written)),
+    }
+}
+
+/// The answer to a decision from what `decide_leg` read and wrote (its two
+/// columns from `at` on), checked against the participant rules.
+fn decide_answer(
+    txn_id: &str,
+    decision: Decision,
+    row: &tokio_postgres::Row,
+    at: usize,
+) -> Result<(), BankError> {
+    let prior = row.try_get::<_, Option<&str>>(at)?.map(parse_state).transpose()?;
+    let written = row.try_get::<_, Option<&str>>(at + 1)?.map(parse_state).transpose()?;
+    // The rules decide; the function must have made exactly their write.
+    match machine::on_decision(prior, decision) {
+        Ok(force) if force.map(|f| f.state) == written => Ok(()),
+        // A decision that contradicts this leg's state is a protocol
+        // violation: refused, nothing changed, and the gateway logs it.
+        Err(v) if written.is_none() => Err(BankError::Conflict(format!("payment {txn_id}: {v}"))),
+        wanted => Err(disagreement(txn_id, &format!("{wanted:?}"), prior, written)),
+    }
+}
+
+/// A batch of legs, as one statement: see `V3__one_statement_legs.sql`.
+const PREPARE_BATCH_SQL: &str = "
+SELECT item, prior_state, prior_reason, prior_amount_minor, written_state, written_reason
+FROM prepare_legs($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+
+/// A batch of decisions, as one statement: see `V3__one_statement_legs.sql`.
+const DECIDE_BATCH_SQL: &str = "SELECT item, prior_state, written_state FROM decide_legs($1, $2, $3)";
+
+/// Phase one for a leg, as one statement: see `V3__one_statement_legs.sql`.
+const PREPARE_SQL: &str = "
+SELECT prior_state, prior_reason, prior_amount_minor, written_state, written_reason
+FROM prepare_leg($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
+
+/// Phase two for a leg, as one statement: see `V3__one_statement_legs.sql`.
+const DECIDE_SQL: &str = "SELECT prior_state, written_state FROM decide_leg($1, $2, $3)";
+
+/// The error when the database's functions made another write than the
+/// participant rules ask for: a bug, said loudly (the write is committed).
+fn disagreement(txn_id: &str, wanted: &str, prior: Option<LegState>, written: Option<LegState>) -> BankError {
+    let error = BankError::Internal(format!(
+        "payment {txn_id}: the ledger's function wrote {written:?} over {prior:?}, the participant rules say {wanted}"
+    ));
+    tracing::error!(%error, "the PostgreSQL ledger disagrees with the participant rules");
+    error
 }
 
 /// The sums over every account, in `tx`'s snapshot.
@@ -484,7 +517,12 @@ impl Ledger for PostgresLedger {
     }
 
     async fn prepare_batch(&self, legs: Vec<LegRequest>) -> Result<Vec<Result<Vote, BankError>>, BankError> {
-        self.each_alone(legs, |ledger, leg| async move { ledger.prepare_alone(&leg).await }).await
+        match self.prepare_together(&legs).await? {
+            Some(answers) => Ok(answers),
+            None => {
+                self.each_alone(legs, |ledger, leg| async move { ledger.prepare_alone(&leg).await }).await
+            }
+        }
     }
 
     async fn decide(&self, txn_id: String, decision: Decision) -> Result<(), BankError> {
@@ -495,7 +533,13 @@ impl Ledger for PostgresLedger {
         &self,
         decisions: Vec<(String, Decision)>,
     ) -> Result<Vec<Result<(), BankError>>, BankError> {
-        self.each_alone(decisions, |ledger, d| async move { ledger.decide_alone(&d.0, d.1).await }).await
+        match self.decide_together(&decisions).await? {
+            Some(answers) => Ok(answers),
+            None => {
+                self.each_alone(decisions, |ledger, d| async move { ledger.decide_alone(&d.0, d.1).await })
+                    .await
+            }
+        }
     }
 
     async fn history(&self, user: String, limit: u32) -> Result<Vec<Leg>, BankError> {
@@ -661,6 +705,29 @@ mod tests {
         assert!(uuid::Uuid::parse_str(one.ledger_id()).is_ok(), "{:?}", one.ledger_id());
         let two = PostgresLedger::connect(&url, "BankA").await.expect("again");
         assert_eq!(two.ledger_id(), one.ledger_id());
+    }
+
+    /// A leg the database refuses (here a negative amount, against a CHECK)
+    /// fails the batch's one statement; the batch is then made a leg at a
+    /// time, so the other legs still get their answers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_leg_the_database_refuses_fails_alone_in_a_batch() {
+        let (ledger, _url) = fresh().await;
+        let votes = ledger
+            .prepare_batch(vec![leg("t1", "a", "b", 100), leg("t2", "a", "b", -1), leg("t3", "a", "b", 200)])
+            .await
+            .expect("batch");
+        assert!(matches!(votes[0], Ok(Vote::Yes)), "{votes:?}");
+        assert!(matches!(votes[1], Err(BankError::Postgres(_))), "{votes:?}");
+        assert!(matches!(votes[2], Ok(Vote::Yes)), "{votes:?}");
+        assert_eq!(ledger.balance("a".into()).await.expect("a"), (1000, 700));
+        let done = ledger
+            .decide_batch(vec![("t1".into(), Decision::Commit), ("t3".into(), Decision::Abort)])
+            .await
+            .expect("batch");
+        assert!(done.iter().all(Result::is_ok), "{done:?}");
+        assert_eq!(ledger.balance("a".into()).await.expect("a"), (900, 900));
+        assert_eq!(ledger.legs().await.len(), 2, "nothing of the refused leg");
     }
 
     /// Two replicas of one bank (two pools on one database) prepare against

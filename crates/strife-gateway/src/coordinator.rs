@@ -449,7 +449,12 @@ impl<S: GatewayStore> Gateway<S> {
                     // others take it over after that): deliver all of it at
                     // once, each delivery bounded by the commit timeout.
                     let mut deliveries = tokio::task::JoinSet::new();
-                    for p in payments {
+                    // A payment whose own task here is still delivering its
+                    // decision is left to it: sending the decision twice
+                    // at once costs the banks a call and the store a
+                    // forced write. If that delivery fails, the payment is
+                    // claimed again at a later round.
+                    for p in payments.into_iter().filter(|p| !self.running_here(p)) {
                         let gateway = self.clone();
                         deliveries.spawn(async move { gateway.finish(&p).await });
                     }
@@ -463,6 +468,12 @@ impl<S: GatewayStore> Gateway<S> {
                 _ = stop.changed() => return,
             }
         }
+    }
+
+    /// Whether this process's task for `p` (its `pay`) is still running.
+    fn running_here(&self, p: &PaymentRecord) -> bool {
+        let Ok(id) = p.payment_id.parse::<PaymentId>() else { return false };
+        self.in_flight.lock().map(|m| m.contains_key(&(p.payer.clone(), id))).unwrap_or(false)
     }
 
     async fn finish(&self, p: &PaymentRecord) {

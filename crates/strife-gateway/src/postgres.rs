@@ -7,7 +7,8 @@
 //! before its future resolves, and the server must run with
 //! `synchronous_commit = on` (checked at start), so a commit that returned is
 //! on disk. Two writes are not forced: the `preparing` record and the lazy
-//! acknowledgement marks (their transactions set `synchronous_commit = off`).
+//! acknowledgement marks (each one statement that sets `synchronous_commit = off`
+//! for its own transaction with `set_config(…, true)`).
 //! PostgreSQL writes one log in order, so the next forced commit of any
 //! replica flushes them first: a `preparing` record is durable before its
 //! decision, wherever the decision is made.
@@ -66,8 +67,6 @@ const LAZY_ACKS_BATCH_MAX: usize = 512;
 /// What a lease covers beyond the commit timeout: a wait for a database
 /// connection to write the acknowledgement, and a margin.
 const LEASE_SLACK: Duration = Duration::from_secs(15);
-/// Makes the rest of a transaction not wait for its commit to reach disk.
-const NOT_FORCED: &str = "SET LOCAL synchronous_commit = off";
 
 /// How long this process's hold on a payment lasts; until it lapses no
 /// other replica drives the payment.
@@ -226,12 +225,9 @@ async fn write_lazy_acks(pool: Pool, mut queue: mpsc::Receiver<String>) {
 }
 
 async fn ack_lazily(pool: &Pool, txn_ids: &[String]) -> Result<(), GatewayError> {
-    let mut client = pool.get().await?;
-    let tx = client.transaction().await?;
-    let stmt = tx.prepare_cached(ACK_MANY_SQL).await?;
-    let params: [&(dyn ToSql + Sync); 1] = [&txn_ids];
-    tokio::try_join!(tx.batch_execute(NOT_FORCED), tx.execute(&stmt, &params))?;
-    tx.commit().await?;
+    let client = pool.get().await?;
+    let stmt = client.prepare_cached(ACK_MANY_SQL).await?;
+    client.execute(&stmt, &[&txn_ids]).await?;
     Ok(())
 }
 
@@ -261,11 +257,17 @@ fn payment_from_row(r: &Row) -> Result<PaymentRecord, GatewayError> {
     })
 }
 
-/// A new payment; nothing when its `(payer, payment id)` is taken.
+/// A new payment; nothing when its `(payer, payment id)` is taken. One
+/// autocommitted statement, not forced: `set_config(…, true)` sets
+/// `synchronous_commit = off` for the statement's own transaction (the one
+/// row of the `FROM` runs it before the insert), so its commit does not
+/// wait for the disk (see the module's documentation).
 const BEGIN_SQL: &str = "
 INSERT INTO payments (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
                       state, reason, acked, created_at, deadline_at, fingerprint, owner, lease_until)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14::text::uuid, $15)
+SELECT $1::text, $2::text, $3::text, $4::text, $5::text, $6::text, $7::bigint, $8::text, $9::text,
+       $10::boolean, $11::bigint, $12::bigint, $13::bytea, $14::text::uuid, $15::bigint
+FROM (SELECT set_config('synchronous_commit', 'off', true)) AS not_forced
 ON CONFLICT (payment_id, payer_bank, payer_user) DO NOTHING";
 
 /// The decision, if the payment has none yet.
@@ -274,7 +276,11 @@ UPDATE payments SET state = $2, reason = $3, decided_at = $4
 WHERE txn_id = $1 AND state = 'preparing'";
 
 const ACK_SQL: &str = "UPDATE payments SET acked = TRUE WHERE txn_id = $1 AND state <> 'preparing'";
-const ACK_MANY_SQL: &str = "UPDATE payments SET acked = TRUE WHERE txn_id = ANY($1) AND state <> 'preparing'";
+/// Lazy marks: one autocommitted statement, not forced (as `BEGIN_SQL`).
+const ACK_MANY_SQL: &str = "
+UPDATE payments SET acked = TRUE
+FROM (SELECT set_config('synchronous_commit', 'off', true)) AS not_forced
+WHERE txn_id = ANY($1) AND state <> 'preparing'";
 
 /// The payment a customer made under an id: one row of the unique index.
 const MADE_BY_ID_SQL: &str = "
@@ -382,10 +388,9 @@ impl GatewayStore for PostgresStore {
         let (record, instance) = (&p, &*self.instance);
         for _ in 0..BEGIN_TRIES_MAX {
             let inserted = self
-                .retrying(|mut client| async move {
+                .retrying(|client| async move {
                     let p = record;
-                    let tx = client.transaction().await?;
-                    let stmt = tx.prepare_cached(BEGIN_SQL).await?;
+                    let stmt = client.prepare_cached(BEGIN_SQL).await?;
                     let params: [&(dyn ToSql + Sync); 15] = [
                         &p.txn_id,
                         &p.payment_id,
@@ -403,11 +408,7 @@ impl GatewayStore for PostgresStore {
                         &instance,
                         &lease_until,
                     ];
-                    let insert = tx.execute(&stmt, &params);
-                    // Not forced: see the module's documentation. One round trip for both.
-                    let ((), inserted) = tokio::try_join!(tx.batch_execute(NOT_FORCED), insert)?;
-                    tx.commit().await?;
-                    Ok(inserted)
+                    Ok(client.execute(&stmt, &params).await?)
                 })
                 .await?;
             if inserted == 1 {
