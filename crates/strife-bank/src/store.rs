@@ -411,7 +411,9 @@ impl SqliteLedger {
         F: FnOnce(&mut Store) -> Result<T, BankError> + Send + 'static,
     {
         self.store.run(op).await.map_err(|e| match e {
-            GroupCommitError::Commit(failure) => BankError::StoreFailed { bank: self.bank.to_string(), failure },
+            GroupCommitError::Commit(failure) => {
+                BankError::StoreFailed { bank: self.bank.to_string(), failure }
+            }
             GroupCommitError::Closed => BankError::Internal(e.to_string()),
         })?
     }

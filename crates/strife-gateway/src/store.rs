@@ -10,9 +10,9 @@ use crate::throttle::{Entry, Rule};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::HashMap;
 use std::path::Path;
-use strife_rpc::storage::StorageFailure;
 use strife_core::limits::HISTORY_PAGE_MAX;
 use strife_core::{DeclineReason, UserRef};
+use strife_rpc::storage::StorageFailure;
 
 /// Version 1: the schema from before versioning (`PRAGMA user_version` 0),
 /// verbatim. On such a database every statement is a no-op; on a new one it
@@ -453,9 +453,10 @@ impl Store {
             (Some(current), _) => PaymentState::parse(&current),
             // Its batch failed after the record was answered: no record
             // means abort (the banks learn it by inquiry); say why.
-            (None, Some(failure)) => Err(failure.to_sqlite(&format!(
-                "payment {txn_id} was not recorded: its batch failed to commit"
-            ))),
+            (None, Some(failure)) => {
+                Err(failure
+                    .to_sqlite(&format!("payment {txn_id} was not recorded: its batch failed to commit")))
+            }
             (None, None) => Err(rusqlite::Error::QueryReturnedNoRows),
         }
     }
