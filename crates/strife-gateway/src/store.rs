@@ -771,6 +771,48 @@ mod tests {
         rows.collect::<rusqlite::Result<_>>().expect("index names")
     }
 
+    /// A `preparing` record answered before its batch commits, and lost
+    /// when that commit fails: deciding it says why (the batch's cause),
+    /// not "no rows", and writes nothing.
+    #[test]
+    fn deciding_a_payment_whose_batch_failed_names_the_failure() {
+        use strife_rpc::group_commit::Batched;
+        use strife_rpc::storage::{StorageCause, StorageFailure};
+        let dir = TempDir::new("lost-begin");
+        let mut s = Store::open(&dir.db()).expect("open");
+        let (a, b) = (user("a@BankA"), user("b@BankB"));
+        let p = PaymentRecord {
+            state: PaymentState::Preparing,
+            acked: false,
+            ..payment(uuid_of(1), uuid_of(2), &a, &b)
+        };
+        s.begin().expect("begin");
+        insert(&mut s, &p);
+        let full = StorageFailure::new(StorageCause::DiskFull, "database or disk is full (gateway.db)");
+        s.rollback(&full);
+        let e = s.decide(&p.txn_id, PaymentState::Committed, None).expect_err("no record to decide");
+        assert_eq!(StorageCause::of(&e), StorageCause::DiskFull, "{e}");
+        assert!(e.to_string().contains("gateway.db") && e.to_string().contains(&p.txn_id), "{e}");
+        assert_eq!(s.find_txn(&p.txn_id).expect("find"), None, "nothing written");
+        // Asked again, the payment is simply unknown.
+        let again = s.decide(&p.txn_id, PaymentState::Aborted, None).expect_err("still no record");
+        assert!(matches!(again, rusqlite::Error::QueryReturnedNoRows), "{again}");
+        // A payment whose batch commits is decided as usual.
+        let q = PaymentRecord {
+            state: PaymentState::Preparing,
+            acked: false,
+            ..payment(uuid_of(3), uuid_of(4), &a, &b)
+        };
+        s.begin().expect("begin");
+        insert(&mut s, &q);
+        s.commit().expect("commit");
+        assert_eq!(
+            s.decide(&q.txn_id, PaymentState::Committed, None).expect("decide"),
+            PaymentState::Committed
+        );
+        assert!(s.lost_begins.is_empty() && s.begun_in_batch.is_empty());
+    }
+
     #[test]
     fn pages_and_lookups_use_the_indexes_and_never_sort_or_scan() {
         let dir = TempDir::new("plan");
