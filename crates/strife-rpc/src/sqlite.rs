@@ -82,10 +82,10 @@ impl<T: HasConnection> Batched for T {
         // still be open (or SQLite may have rolled it back already): roll
         // back so the next batch starts clean.
         let conn = self.connection();
-        if !conn.is_autocommit() {
-            if let Err(e) = conn.execute_batch("ROLLBACK") {
-                tracing::error!(error = %e, "cannot roll back a failed batch");
-            }
+        if !conn.is_autocommit()
+            && let Err(e) = conn.execute_batch("ROLLBACK")
+        {
+            tracing::error!(error = %e, "cannot roll back a failed batch");
         }
         self.rolled_back(failure);
     }
