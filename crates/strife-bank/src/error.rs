@@ -3,7 +3,19 @@
 
 use strife_proto::gateway::v1::ErrorReason;
 use strife_rpc::errors;
+use strife_rpc::storage::{self, StorageCause, StorageFailure};
 use tonic::{Code, Status};
+
+/// UNAVAILABLE (`STORAGE_UNAVAILABLE`) for a ledger failure the machine
+/// caused, naming the bank (`who`) and the cause. At prepare the gateway
+/// counts it as a no vote; a decision it keeps re-sending until it lands.
+fn storage_unavailable(who: &str, failure: &StorageFailure) -> Status {
+    errors::status(
+        Code::Unavailable,
+        ErrorReason::StorageUnavailable,
+        format!("{who} cannot write its ledger: {}", failure.cause),
+    )
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum BankError {
@@ -21,8 +33,13 @@ pub enum BankError {
     /// Too much work queued; the caller may retry.
     #[error("{0}")]
     Busy(String),
+    /// A statement of the SQLite ledger failed.
     #[error("storage: {0}")]
     Storage(#[from] rusqlite::Error),
+    /// The ledger's batch could not commit (a full disk, an I/O error):
+    /// nothing of it was kept. Already reported by the ledger's thread.
+    #[error("bank {bank}: storage: {failure}")]
+    StoreFailed { bank: String, failure: StorageFailure },
     /// The PostgreSQL backend's database failed (or refused a statement).
     #[error("database: {}", with_cause(.0))]
     Postgres(#[from] tokio_postgres::Error),
@@ -71,8 +88,20 @@ impl From<BankError> for Status {
                 errors::status(Code::FailedPrecondition, ErrorReason::DecisionConflict, m)
             }
             BankError::Busy(m) => errors::status(Code::ResourceExhausted, ErrorReason::Overloaded, m),
+            BankError::Storage(err) if StorageCause::of(&err).is_environment() => {
+                let failure = StorageFailure::sqlite(&err, None);
+                storage::report("bank", &failure);
+                storage_unavailable("the bank", &failure)
+            }
             BankError::Storage(err) => {
                 tracing::error!(error = %err, "storage failure");
+                errors::internal()
+            }
+            BankError::StoreFailed { bank, failure } if failure.cause.is_environment() => {
+                storage_unavailable(&format!("bank {bank}"), &failure)
+            }
+            BankError::StoreFailed { bank, failure } => {
+                tracing::error!(%bank, error = %failure, "storage failure");
                 errors::internal()
             }
             BankError::Postgres(err) => {

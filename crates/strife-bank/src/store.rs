@@ -55,7 +55,7 @@ CREATE TABLE IF NOT EXISTS ledger (
 
 use crate::ledger::{Funds, Ledger, check_leg, parse_state};
 pub use crate::ledger::{Leg, LegRequest, LegState, Totals, Vote, state_name};
-use strife_rpc::group_commit::GroupCommit;
+use strife_rpc::group_commit::{GroupCommit, GroupCommitError};
 use strife_twopc::Decision;
 use strife_twopc::Vote as MachineVote;
 use strife_twopc::participant::{self as machine, Effect, Force};
@@ -389,6 +389,8 @@ impl Store {
 #[derive(Clone)]
 pub struct SqliteLedger {
     store: GroupCommit<Store>,
+    /// The bank's name, for what a failed batch answers.
+    bank: Arc<str>,
     /// The ledger's id, read at open.
     ledger_id: Arc<str>,
 }
@@ -399,7 +401,7 @@ impl SqliteLedger {
         let store = Store::open(path, bank)?;
         let ledger_id = Arc::from(store.ledger_id());
         let store = GroupCommit::start(bank, store).map_err(|e| BankError::Internal(e.to_string()))?;
-        Ok(SqliteLedger { store, ledger_id })
+        Ok(SqliteLedger { store, bank: Arc::from(bank), ledger_id })
     }
 
     /// Runs `op` on the store in the next batch; answers once it is durable.
@@ -408,7 +410,12 @@ impl SqliteLedger {
         T: Send + 'static,
         F: FnOnce(&mut Store) -> Result<T, BankError> + Send + 'static,
     {
-        self.store.run(op).await.map_err(|e| BankError::Internal(e.to_string()))?
+        self.store.run(op).await.map_err(|e| match e {
+            GroupCommitError::Commit(failure) => {
+                BankError::StoreFailed { bank: self.bank.to_string(), failure }
+            }
+            GroupCommitError::Closed => BankError::Internal(e.to_string()),
+        })?
     }
 }
 

@@ -53,12 +53,33 @@ pub struct Client {
 pub enum Sent {
     /// The gateway decided: committed or declined. It left the outbox.
     Final { committed: bool, reason: Option<String>, replayed: bool },
-    /// The gateway could not be reached; it stays in the outbox.
-    Queued(String),
+    /// The gateway could not be reached, or cannot take payments now (its
+    /// store fails); it stays in the outbox. Why, and the JSON `reason`.
+    Queued(String, QueuedBecause),
     /// It cannot go now (no session, expired token); it stays in the outbox.
     Waiting(CliError),
     /// The gateway refused it for good (id reused, invalid); it left the outbox.
     Refused(CliError),
+}
+
+/// Why a payment stays queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueuedBecause {
+    /// No gateway answered (or one is stopping).
+    Unreachable,
+    /// A gateway answered that it cannot write its store (disk full, I/O
+    /// error): it took nothing, and the payment goes once that is fixed.
+    StorageUnavailable,
+}
+
+impl QueuedBecause {
+    /// The `reason` of a queued payment's JSON.
+    pub fn code(self) -> &'static str {
+        match self {
+            QueuedBecause::Unreachable => "gateway_unreachable",
+            QueuedBecause::StorageUnavailable => "storage_unavailable",
+        }
+    }
 }
 
 fn is_outage(code: tonic::Code) -> bool {
@@ -412,7 +433,7 @@ impl Client {
             Err(CallError::Answered(s)) => Err(s),
             Err(CallError::Unreachable(why)) => {
                 self.state_mut()?.record_attempt(&p.payment_id, &format!("gateway unreachable: {why}"))?;
-                return Ok(Sent::Queued(why));
+                return Ok(Sent::Queued(why, QueuedBecause::Unreachable));
             }
             Err(CallError::Refused(why)) => return self.wait_for_certificate(p, &why),
             Err(e @ CallError::Setup(_)) => return Err(e.into()),
@@ -437,7 +458,12 @@ impl Client {
                     s.message().to_owned()
                 };
                 self.state_mut()?.record_attempt(&p.payment_id, &why)?;
-                Ok(Sent::Queued(why))
+                let because = if errors::reason_of(&s) == Some(ErrorReason::StorageUnavailable) {
+                    QueuedBecause::StorageUnavailable
+                } else {
+                    QueuedBecause::Unreachable
+                };
+                Ok(Sent::Queued(why, because))
             }
             Err(s) if s.code() == tonic::Code::Unauthenticated => {
                 let e = CliError::new(
@@ -559,7 +585,7 @@ impl Client {
     pub async fn send_pending_once(&mut self) {
         let Ok(pending) = self.pending() else { return };
         for p in pending {
-            if matches!(self.send(&p, false).await, Ok(Sent::Queued(_)) | Err(_)) {
+            if matches!(self.send(&p, false).await, Ok(Sent::Queued(..)) | Err(_)) {
                 return;
             }
         }
@@ -577,7 +603,7 @@ impl Client {
             let sent = loop {
                 tries += 1;
                 let sent = self.send(&p, true).await?;
-                if !matches!(sent, Sent::Queued(_)) || tries >= self.config.retry_burst_max.max(1) {
+                if !matches!(sent, Sent::Queued(..)) || tries >= self.config.retry_burst_max.max(1) {
                     break sent;
                 }
                 tokio::time::sleep(jitter(delay)).await;
@@ -587,7 +613,7 @@ impl Client {
             text.push_str(&reply.text);
             text.push('\n');
             results.push(reply.json);
-            if matches!(sent, Sent::Queued(_)) {
+            if matches!(sent, Sent::Queued(..)) {
                 unreachable = true;
                 break;
             }
@@ -928,15 +954,23 @@ pub fn describe(p: &Pending, sent: &Sent) -> Reply {
                 text,
             }
         }
-        Sent::Queued(why) => Reply {
-            exit: Exit::Queued,
-            json: pay_json(&p.payment_id, "queued", Some("gateway_unreachable"), false),
-            text: format!(
-                "Queued: the gateway is unreachable ({why}). Payment {} of {amount} to {} waits in the outbox; \
-                 `strife outbox flush` sends it with the same id, so it can never be paid twice.",
-                p.payment_id, p.payee
-            ),
-        },
+        Sent::Queued(why, because) => {
+            let mut json = pay_json(&p.payment_id, "queued", Some(because.code()), false);
+            json["message"] = json!(why);
+            let what = match because {
+                QueuedBecause::Unreachable => format!("the gateway is unreachable ({why})"),
+                QueuedBecause::StorageUnavailable => why.clone(),
+            };
+            Reply {
+                exit: Exit::Queued,
+                json,
+                text: format!(
+                    "Queued: {what}. Payment {} of {amount} to {} waits in the outbox; \
+                     `strife outbox flush` sends it with the same id, so it can never be paid twice.",
+                    p.payment_id, p.payee
+                ),
+            }
+        }
         Sent::Waiting(e) | Sent::Refused(e) => e.to_reply(),
     }
 }

@@ -26,7 +26,7 @@ use std::collections::HashSet;
 use std::future::{Future, ready};
 use std::sync::{Arc, RwLock};
 use strife_core::{DeclineReason, UserRef};
-use strife_rpc::group_commit::GroupCommit;
+use strife_rpc::group_commit::{GroupCommit, GroupCommitError};
 
 pub use strife_rpc::store_url::StoreUrl;
 
@@ -215,6 +215,14 @@ fn internal(e: impl std::fmt::Display) -> GatewayError {
     GatewayError::Internal(e.to_string())
 }
 
+/// A batch that failed (its cause kept), or a store that is gone.
+fn batch_failed(e: GroupCommitError) -> GatewayError {
+    match e {
+        GroupCommitError::Commit(failure) => GatewayError::StoreFailed(failure),
+        GroupCommitError::Closed => internal(e),
+    }
+}
+
 /// The SQLite backend: [`Store`] behind its group-commit thread, with the
 /// revoked tokens in memory as well (one gateway owns the file, so the set
 /// it loaded at start plus its own revocations is every revocation).
@@ -245,7 +253,7 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnOnce(&mut Store) -> rusqlite::Result<T> + Send + 'static,
     {
-        self.store.run(f).await.map_err(internal)?.map_err(GatewayError::from)
+        self.store.run(f).await.map_err(batch_failed)?.map_err(GatewayError::from)
     }
 }
 
@@ -254,7 +262,7 @@ impl GatewayStore for SqliteStore {
         self.store
             .run_before_commit(move |s| s.begin_payment(&payment))
             .await
-            .map_err(internal)?
+            .map_err(batch_failed)?
             .map_err(GatewayError::from)
     }
 

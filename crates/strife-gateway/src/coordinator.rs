@@ -412,6 +412,10 @@ impl<S: GatewayStore> Gateway<S> {
                     if status.code() == tonic::Code::FailedPrecondition {
                         metrics::GATEWAY.decision_conflicts.inc();
                         tracing::error!(bank = %name, message = status.message(), "bank contradicts a decision");
+                    } else if strife_rpc::errors::reason_of(status) == Some(ErrorReason::StorageUnavailable) {
+                        // The bank's disk is full (or failing): the decision
+                        // is re-sent until it lands; say why it does not.
+                        tracing::warn!(bank = %name, message = status.message(), "decision not delivered: the bank's store fails");
                     } else {
                         tracing::debug!(bank = %name, message = status.message(), "decision not delivered yet");
                     }

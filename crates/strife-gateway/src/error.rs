@@ -4,7 +4,22 @@
 use std::time::Duration;
 use strife_proto::gateway::v1::ErrorReason;
 use strife_rpc::errors;
+use strife_rpc::storage::{self, StorageCause, StorageFailure};
 use tonic::{Code, Status};
+
+/// How the gateway names itself in what it answers about its store.
+const STORE_OWNER: &str = "gateway";
+
+/// UNAVAILABLE (`STORAGE_UNAVAILABLE`) for a store failure the machine
+/// caused: the client keeps the payment queued and sends it again later
+/// with the same id (nothing of the failed batch was kept).
+fn storage_unavailable(failure: &StorageFailure) -> Status {
+    errors::status(
+        Code::Unavailable,
+        ErrorReason::StorageUnavailable,
+        format!("the gateway cannot write its store: {}", failure.cause),
+    )
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
@@ -40,8 +55,13 @@ pub enum GatewayError {
     /// Someone we depend on (a bank) or we ourselves cannot serve right now.
     #[error("{message}")]
     Unavailable { reason: ErrorReason, message: String },
+    /// A statement of the SQLite store failed.
     #[error("storage: {0}")]
     Storage(#[from] rusqlite::Error),
+    /// The store's batch could not commit (a full disk, an I/O error):
+    /// nothing of it was kept. Already reported by the store's thread.
+    #[error("storage: {0}")]
+    StoreFailed(StorageFailure),
     /// The PostgreSQL store's database failed (or refused a statement).
     #[error("database: {}", with_cause(.0))]
     Postgres(#[from] tokio_postgres::Error),
@@ -142,8 +162,20 @@ impl From<GatewayError> for Status {
             GatewayError::Unavailable { reason, message } => {
                 errors::status(Code::Unavailable, reason, message)
             }
+            GatewayError::Storage(err) if StorageCause::of(&err).is_environment() => {
+                let failure = StorageFailure::sqlite(&err, None);
+                storage::report(STORE_OWNER, &failure);
+                storage_unavailable(&failure)
+            }
             GatewayError::Storage(err) => {
                 tracing::error!(error = %err, "storage failure");
+                errors::internal()
+            }
+            GatewayError::StoreFailed(failure) if failure.cause.is_environment() => {
+                storage_unavailable(&failure)
+            }
+            GatewayError::StoreFailed(failure) => {
+                tracing::error!(error = %failure, "storage failure");
                 errors::internal()
             }
             GatewayError::Postgres(err) if database_unreachable(&err) => {

@@ -8,9 +8,11 @@
 
 use crate::throttle::{Entry, Rule};
 use rusqlite::{Connection, OptionalExtension, params};
+use std::collections::HashMap;
 use std::path::Path;
 use strife_core::limits::HISTORY_PAGE_MAX;
 use strife_core::{DeclineReason, UserRef};
+use strife_rpc::storage::StorageFailure;
 
 /// Version 1: the schema from before versioning (`PRAGMA user_version` 0),
 /// verbatim. On such a database every statement is a no-op; on a new one it
@@ -321,12 +323,35 @@ pub struct PaymentCounts {
 pub struct Store {
     /// The only connection; all writes are serial transactions.
     conn: Connection,
+    /// Payments begun in the open batch: their `preparing` record was
+    /// answered before the batch commits ([`Store::begin_payment`]).
+    begun_in_batch: Vec<String>,
+    /// Payments whose `preparing` record was lost because its batch failed,
+    /// with that failure: deciding one says why instead of "no such row".
+    /// At most [`LOST_BEGINS_MAX`]; a decision takes its entry out.
+    lost_begins: HashMap<String, StorageFailure>,
 }
+
+/// Most lost `preparing` records remembered (one per payment that was in
+/// flight when its batch failed; the group-commit queue bounds those).
+pub const LOST_BEGINS_MAX: usize = strife_rpc::group_commit::QUEUE_MAX;
 
 /// Group commit drives the store's one connection.
 impl strife_rpc::sqlite::HasConnection for Store {
     fn connection(&mut self) -> &mut Connection {
         &mut self.conn
+    }
+
+    fn committed(&mut self) {
+        self.begun_in_batch.clear();
+    }
+
+    fn rolled_back(&mut self, failure: &StorageFailure) {
+        for txn_id in self.begun_in_batch.drain(..) {
+            if self.lost_begins.len() < LOST_BEGINS_MAX {
+                self.lost_begins.insert(txn_id, failure.clone());
+            }
+        }
     }
 }
 
@@ -336,7 +361,7 @@ impl Store {
     pub fn open(path: &Path) -> rusqlite::Result<Store> {
         let mut conn = strife_rpc::sqlite::open_durable(path)?;
         migrate(&mut conn)?;
-        Ok(Store { conn })
+        Ok(Store { conn, begun_in_batch: Vec::new(), lost_begins: HashMap::new() })
     }
 
     /// The payment a customer made under `payment_id`, if any.
@@ -382,7 +407,10 @@ impl Store {
                 p.fingerprint,
             ]);
         match inserted {
-            Ok(_) => Ok(Ok(())),
+            Ok(_) => {
+                self.begun_in_batch.push(p.txn_id.clone());
+                Ok(Ok(()))
+            }
             Err(rusqlite::Error::SqliteFailure(e, msg))
                 if e.code == rusqlite::ErrorCode::ConstraintViolation =>
             {
@@ -413,13 +441,24 @@ impl Store {
             )?
             .execute(params![txn_id, outcome.as_str(), reason.map(DeclineReason::code), now_ms()])?;
         if changed == 1 {
+            self.lost_begins.remove(txn_id);
             return Ok(outcome);
         }
-        let current: String = self
+        let current: Option<String> = self
             .conn
             .prepare_cached("SELECT state FROM payments WHERE txn_id = ?1")?
-            .query_row([txn_id], |r| r.get(0))?;
-        PaymentState::parse(&current)
+            .query_row([txn_id], |r| r.get(0))
+            .optional()?;
+        match (current, self.lost_begins.remove(txn_id)) {
+            (Some(current), _) => PaymentState::parse(&current),
+            // Its batch failed after the record was answered: no record
+            // means abort (the banks learn it by inquiry); say why.
+            (None, Some(failure)) => {
+                Err(failure
+                    .to_sqlite(&format!("payment {txn_id} was not recorded: its batch failed to commit")))
+            }
+            (None, None) => Err(rusqlite::Error::QueryReturnedNoRows),
+        }
     }
 
     pub fn mark_acked(&mut self, txn_id: &str) -> rusqlite::Result<()> {
@@ -730,6 +769,48 @@ mod tests {
             .expect("indexes");
         let rows = stmt.query_map([], |r| r.get(0)).expect("indexes");
         rows.collect::<rusqlite::Result<_>>().expect("index names")
+    }
+
+    /// A `preparing` record answered before its batch commits, and lost
+    /// when that commit fails: deciding it says why (the batch's cause),
+    /// not "no rows", and writes nothing.
+    #[test]
+    fn deciding_a_payment_whose_batch_failed_names_the_failure() {
+        use strife_rpc::group_commit::Batched;
+        use strife_rpc::storage::{StorageCause, StorageFailure};
+        let dir = TempDir::new("lost-begin");
+        let mut s = Store::open(&dir.db()).expect("open");
+        let (a, b) = (user("a@BankA"), user("b@BankB"));
+        let p = PaymentRecord {
+            state: PaymentState::Preparing,
+            acked: false,
+            ..payment(uuid_of(1), uuid_of(2), &a, &b)
+        };
+        s.begin().expect("begin");
+        insert(&mut s, &p);
+        let full = StorageFailure::new(StorageCause::DiskFull, "database or disk is full (gateway.db)");
+        s.rollback(&full);
+        let e = s.decide(&p.txn_id, PaymentState::Committed, None).expect_err("no record to decide");
+        assert_eq!(StorageCause::of(&e), StorageCause::DiskFull, "{e}");
+        assert!(e.to_string().contains("gateway.db") && e.to_string().contains(&p.txn_id), "{e}");
+        assert_eq!(s.find_txn(&p.txn_id).expect("find"), None, "nothing written");
+        // Asked again, the payment is simply unknown.
+        let again = s.decide(&p.txn_id, PaymentState::Aborted, None).expect_err("still no record");
+        assert!(matches!(again, rusqlite::Error::QueryReturnedNoRows), "{again}");
+        // A payment whose batch commits is decided as usual.
+        let q = PaymentRecord {
+            state: PaymentState::Preparing,
+            acked: false,
+            ..payment(uuid_of(3), uuid_of(4), &a, &b)
+        };
+        s.begin().expect("begin");
+        insert(&mut s, &q);
+        s.commit().expect("commit");
+        assert_eq!(
+            s.decide(&q.txn_id, PaymentState::Committed, None).expect("decide"),
+            PaymentState::Committed
+        );
+        assert!(s.lost_begins.is_empty() && s.begun_in_batch.is_empty());
     }
 
     #[test]

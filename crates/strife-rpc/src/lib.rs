@@ -17,6 +17,7 @@ pub mod postgres_server;
 pub mod revocation;
 pub mod serve;
 pub mod sqlite;
+pub mod storage;
 pub mod store_url;
 pub mod telemetry;
 pub mod tls;

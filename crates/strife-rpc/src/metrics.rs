@@ -87,7 +87,9 @@ pub struct StoreMetrics {
     pub commit_seconds: Histogram,
     /// Operations per committed batch.
     pub batch_size: Histogram,
-    /// Storage failures, by cause (`disk_full`, `io`, `other`).
+    /// Storage failures, by cause (`disk_full`, `io_error`, `cannot_open`,
+    /// `read_only`, `other`): each failed batch and each failed statement
+    /// reported (a payment lost with its batch counts twice).
     pub failures: Counts<1>,
 }
 

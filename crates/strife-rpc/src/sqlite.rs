@@ -2,6 +2,7 @@
 //! commit: one place for the durability settings.
 
 use crate::group_commit::Batched;
+use crate::storage::{StorageCause, StorageFailure};
 use rusqlite::Connection;
 use std::path::Path;
 use std::time::Duration;
@@ -19,8 +20,14 @@ const WAL_CHECKPOINT_PAGES: u32 = 4000;
 /// its `-wal` and `-shm` files are 0600 too.
 pub fn open_durable(path: &Path) -> rusqlite::Result<Connection> {
     crate::files::open_private_append(path).map_err(|e| {
+        // Keep the cause: a full disk is not a missing directory.
+        let code = match StorageCause::of_io(&e) {
+            StorageCause::DiskFull => rusqlite::ffi::SQLITE_FULL,
+            StorageCause::ReadOnly => rusqlite::ffi::SQLITE_READONLY,
+            _ => rusqlite::ffi::SQLITE_CANTOPEN,
+        };
         rusqlite::Error::SqliteFailure(
-            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+            rusqlite::ffi::Error::new(code),
             Some(format!("{}: {e}", path.display())),
         )
     })?;
@@ -42,19 +49,45 @@ pub fn open_durable(path: &Path) -> rusqlite::Result<Connection> {
 /// A store built on one SQLite connection.
 pub trait HasConnection: Send + 'static {
     fn connection(&mut self) -> &mut Connection;
+
+    /// The batch's transaction committed: what it wrote is durable.
+    fn committed(&mut self) {}
+
+    /// The batch's transaction failed with `failure` and was rolled back:
+    /// nothing it wrote was kept, even what was answered before the commit
+    /// ([`crate::group_commit::GroupCommit::run_before_commit`]).
+    fn rolled_back(&mut self, _failure: &StorageFailure) {}
+}
+
+/// A SQLite error of the store's connection, with its file.
+fn failure(conn: &Connection, e: &rusqlite::Error) -> StorageFailure {
+    StorageFailure::sqlite(e, conn.path())
 }
 
 /// Group commit wraps a batch in one transaction; each operation inside
 /// uses a savepoint.
 impl<T: HasConnection> Batched for T {
-    fn begin(&mut self) -> Result<(), String> {
-        self.connection().execute_batch("BEGIN IMMEDIATE").map_err(|e| e.to_string())
+    fn begin(&mut self) -> Result<(), StorageFailure> {
+        let conn = self.connection();
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| failure(conn, &e))
     }
-    fn commit(&mut self) -> Result<(), String> {
-        self.connection().execute_batch("COMMIT").map_err(|e| e.to_string())
+    fn commit(&mut self) -> Result<(), StorageFailure> {
+        let conn = self.connection();
+        conn.execute_batch("COMMIT").map_err(|e| failure(conn, &e))?;
+        self.committed();
+        Ok(())
     }
-    fn rollback(&mut self) {
-        let _ = self.connection().execute_batch("ROLLBACK");
+    fn rollback(&mut self, failure: &StorageFailure) {
+        // After SQLITE_FULL or an I/O error in COMMIT the transaction may
+        // still be open (or SQLite may have rolled it back already): roll
+        // back so the next batch starts clean.
+        let conn = self.connection();
+        if !conn.is_autocommit()
+            && let Err(e) = conn.execute_batch("ROLLBACK")
+        {
+            tracing::error!(error = %e, "cannot roll back a failed batch");
+        }
+        self.rolled_back(failure);
     }
 }
 

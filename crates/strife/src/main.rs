@@ -348,6 +348,10 @@ fn main() {
 fn emit(reply: &Reply, json: bool) -> i32 {
     if json {
         println!("{}", reply.json);
+        // A queued payment's why, for a person (stdout is the JSON alone).
+        if reply.exit == Exit::Queued && !reply.text.is_empty() {
+            eprintln!("{}", reply.text);
+        }
     } else if reply.exit == Exit::Done {
         if !reply.text.is_empty() {
             println!("{}", reply.text);
