@@ -19,6 +19,7 @@ pub mod sqlite;
 pub mod store_url;
 pub mod telemetry;
 pub mod tls;
+pub mod trace;
 pub mod wire;
 
 pub use config::Config;
