@@ -457,7 +457,11 @@ impl<S: GatewayStore> Gateway<S> {
                     let mut deliveries = tokio::task::JoinSet::new();
                     for p in payments {
                         let gateway = self.clone();
-                        deliveries.spawn(async move { gateway.finish(&p).await });
+                        // A re-send is a trace of its own (the payment's is
+                        // not stored); the span names the txn id it is for.
+                        let span = tracing::info_span!("finish", trace_id = tracing::field::Empty, txn_id = %p.txn_id);
+                        let trace = strife_rpc::telemetry::join_trace(&span, None);
+                        deliveries.spawn(async move { gateway.finish(&p, &trace).await }.instrument(span));
                     }
                     while deliveries.join_next().await.is_some() {}
                 }
@@ -471,17 +475,19 @@ impl<S: GatewayStore> Gateway<S> {
         }
     }
 
-    async fn finish(&self, p: &PaymentRecord) {
+    async fn finish(&self, p: &PaymentRecord, trace: &TraceContext) {
         // Tell every bank the registry knows; one it does not know (yet)
         // keeps the payment unfinished, to be tried again.
         let names = banks_involved(&p.payer, &p.payee);
         let banks: Vec<(String, BankEntry)> =
             names.iter().filter_map(|n| self.bank(n).map(|e| ((*n).to_owned(), e))).collect();
         let all_known = banks.len() == names.len();
-        let delivered =
-            tokio::time::timeout(self.config.commit_timeout(), self.deliver(&p.txn_id, p.state, &banks, ""))
-                .await
-                == Ok(true);
+        let delivered = tokio::time::timeout(
+            self.config.commit_timeout(),
+            self.deliver(&p.txn_id, p.state, &banks, &trace.header()),
+        )
+        .await
+            == Ok(true);
         if delivered && all_known {
             if let Err(e) = self.store.mark_acked(p.txn_id.clone()).await {
                 tracing::warn!(error = %e, "cannot mark a payment finished");

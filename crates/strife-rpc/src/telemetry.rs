@@ -138,7 +138,6 @@ where
         );
         // The caller's trace, or a new one: correlation only, never trusted.
         let trace = join_trace(&span, TraceContext::from_headers(req.headers()));
-        span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
         req.extensions_mut().insert(trace);
         let path = req.uri().path();
         let routine = path.ends_with("/RegisterBank") || path.starts_with("/grpc.");
@@ -209,11 +208,19 @@ pub fn record_payment(payment_id: &dyn std::fmt::Display, amount: &dyn std::fmt:
     span.record("amount", tracing::field::display(amount));
 }
 
-/// The trace context of a server span: a child of `incoming` when there is
-/// one, else a new trace. With OTLP export on, `span` is made a child of
-/// `incoming` for the exporter too, and the ids are the exported span's,
-/// so the logs and the exported spans name the same trace.
-fn join_trace(span: &tracing::Span, incoming: Option<TraceContext>) -> TraceContext {
+/// The trace context of a span that starts work of its own (a call, or a
+/// re-send of the gateway's finisher): a child of `incoming` when there is
+/// one, else a new trace; recorded as `span`'s `trace_id` field. With OTLP
+/// export on, `span` is made a child of `incoming` for the exporter too,
+/// and the ids are the exported span's, so the logs and the exported spans
+/// name the same trace.
+pub fn join_trace(span: &tracing::Span, incoming: Option<TraceContext>) -> TraceContext {
+    let trace = trace_of(span, incoming);
+    span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
+    trace
+}
+
+fn trace_of(span: &tracing::Span, incoming: Option<TraceContext>) -> TraceContext {
     let ours = incoming.map_or_else(TraceContext::new_root, |parent| parent.child());
     if !otlp::exporting() {
         return ours;
