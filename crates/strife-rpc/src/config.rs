@@ -296,7 +296,7 @@ impl Config {
             crate::etcd::parse_url(url).context("discovery.url")?;
         }
         let otlp = &self.telemetry.otlp_endpoint;
-        if !otlp.is_empty() && !(otlp.starts_with("http://") || otlp.starts_with("https://")) {
+        if !(otlp.is_empty() || otlp.starts_with("http://") || otlp.starts_with("https://")) {
             bail!("telemetry.otlp_endpoint must be empty or an http:// or https:// URL, not {otlp:?}");
         }
         if g.payment_deadline_ms < g.prepare_timeout_ms {

@@ -9,7 +9,9 @@ use common::*;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
@@ -41,7 +43,13 @@ fn field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
 /// per server. A decision re-sent by the gateway's finisher is the one
 /// exception: it is a trace of its own, in a `finish` span naming the txn
 /// id, and its lines carry that trace's id instead.
-fn every_line_carries(dir: &Path, banks: &[&str], payment_id: &str, txn_id: &str, trace_id: &str) -> Vec<usize> {
+fn every_line_carries(
+    dir: &Path,
+    banks: &[&str],
+    payment_id: &str,
+    txn_id: &str,
+    trace_id: &str,
+) -> Vec<usize> {
     let ours = format!("trace_id={trace_id}");
     let gateway = log_of(dir, "gateway");
     let mut resends: Vec<String> = Vec::new();
@@ -60,13 +68,19 @@ fn every_line_carries(dir: &Path, banks: &[&str], payment_id: &str, txn_id: &str
         let text = log_of(dir, bank);
         let mut n = 0;
         let lines = text.lines().filter(|l| {
-            l.contains(payment_id) || l.contains(txn_id) || l.contains("PrepareBatch") || l.contains("DecideBatch")
+            l.contains(payment_id)
+                || l.contains(txn_id)
+                || l.contains("PrepareBatch")
+                || l.contains("DecideBatch")
         });
         for line in lines {
             if resends.iter().any(|r| line.contains(r.as_str())) {
                 continue;
             }
-            assert!(line.contains(&ours), "a {bank} line of the payment without its trace id:\n{line}\n\n{text}");
+            assert!(
+                line.contains(&ours),
+                "a {bank} line of the payment without its trace id:\n{line}\n\n{text}"
+            );
             n += 1;
         }
         counts.push(n);
@@ -110,9 +124,13 @@ fn one_payment_carries_the_clients_trace_id_through_every_log() {
     assert!(counts[0] >= 2 && counts[1] >= 4 && counts[2] >= 4, "lines per server: {counts:?}");
 
     // The client's other commands are traces of their own.
-    let r = c.cli_env(&["--json", "--as", "user1@BankA", "balance"], &[("RUST_LOG", "warn,strife_client=debug"), ("NO_COLOR", "1")]);
+    let r = c.cli_env(
+        &["--json", "--as", "user1@BankA", "balance"],
+        &[("RUST_LOG", "warn,strife_client=debug"), ("NO_COLOR", "1")],
+    );
     assert_eq!(r.code, 0, "{r:?}");
-    let shown = field(&r.stderr, "trace_id").expect("the client shows its trace id at debug level").to_owned();
+    let shown =
+        field(&r.stderr, "trace_id").expect("the client shows its trace id at debug level").to_owned();
     assert_eq!(shown.len(), 32, "{}", r.stderr);
     assert_ne!(shown, trace_id);
     wait_for_log_lines(&c.path().join("logs/gateway.log"), &["GetBalance", &format!("trace_id={shown}")], 1);
@@ -150,7 +168,10 @@ fn a_malformed_traceparent_is_ignored_and_changes_nothing() {
             let id = grpc::new_id();
             let msg = strife_proto::gateway::v1::PayRequest {
                 payment_id: id.clone(),
-                payee: Some(strife_proto::gateway::v1::Account { user: "user2".into(), bank: "BankB".into() }),
+                payee: Some(strife_proto::gateway::v1::Account {
+                    user: "user2".into(),
+                    bank: "BankB".into(),
+                }),
                 amount: "1.00".into(),
             };
             let mut req = grpc::authed(msg, &token);
@@ -244,7 +265,8 @@ fn with_an_otlp_endpoint_the_payments_spans_are_exported_under_its_trace() {
         .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
     rt.spawn(server);
 
-    let envs = [("STRIFE_TELEMETRY_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100"), LEVEL];
+    let envs =
+        [("STRIFE_TELEMETRY_OTLP_ENDPOINT", endpoint.as_str()), ("OTEL_BSP_SCHEDULE_DELAY", "100"), LEVEL];
     let c = Cluster::start_with(&["BankA", "BankB"], &envs);
     c.login("user1", "BankA");
     let (parent, trace_id) = traceparent();
@@ -259,7 +281,8 @@ fn with_an_otlp_endpoint_the_payments_spans_are_exported_under_its_trace() {
 
     // The gateway's call and payment spans and each bank's call span
     // arrive under the client's trace id (each server exports every 100 ms).
-    let id: Vec<u8> = (0..16).map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).expect("hex")).collect();
+    let id: Vec<u8> =
+        (0..16).map(|i| u8::from_str_radix(&trace_id[2 * i..2 * i + 2], 16).expect("hex")).collect();
     let deadline = Instant::now() + WAIT;
     loop {
         let spans = received.spans_of(&id);
