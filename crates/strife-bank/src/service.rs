@@ -11,6 +11,7 @@ use strife_core::{Secret, validate_bank_name, validate_user_name};
 use strife_proto::bank::v1 as pb;
 use strife_rpc::PeerRole;
 use strife_rpc::telemetry::{record_payment, record_user};
+use strife_rpc::trace::TraceContext;
 use tonic::{Request, Response, Status};
 
 /// Interceptor: only the gateway's certificate may call a bank.
@@ -197,6 +198,19 @@ where
         .collect::<Vec<_>>())
 }
 
+/// The span of one batch item (a leg of one payment): its `txn_id`, and
+/// its payment's `trace_id` when that is not the call's own (a batch of
+/// several payments' legs), so every line about the leg names its trace.
+fn leg_span(call: Option<&TraceContext>, traceparent: &str, txn_id: &str) -> tracing::Span {
+    let span = tracing::info_span!("leg", txn_id, trace_id = tracing::field::Empty);
+    if let Some(leg) = TraceContext::parse(traceparent)
+        && call.is_none_or(|call| call.trace_id != leg.trace_id)
+    {
+        span.record("trace_id", tracing::field::display(leg.trace_id_hex()));
+    }
+    span
+}
+
 fn vote_message(vote: Vote) -> pb::PrepareResponse {
     let label = if vote == Vote::Yes { "yes" } else { "no" };
     strife_rpc::metrics::BANK.prepares.get_or_create(&[("vote", label)]).inc();
@@ -284,8 +298,14 @@ impl<L: Ledger> pb::bank_service_server::BankService for BankService<L> {
         &self,
         req: Request<pb::PrepareBatchRequest>,
     ) -> Result<Response<pb::PrepareBatchResponse>, Status> {
+        let call = req.extensions().get::<TraceContext>().copied();
         let legs = req.into_inner().legs;
         check_batch("legs", legs.len())?;
+        if let [leg] = legs.as_slice() {
+            record_payment(&leg.payment_id, &strife_core::money::format_minor(leg.amount_minor));
+        }
+        let spans: Vec<tracing::Span> =
+            legs.iter().map(|leg| leg_span(call.as_ref(), &leg.traceparent, &leg.txn_id)).collect();
         let legs: Vec<Result<LegRequest, BankError>> = legs.into_iter().map(prepare_request).collect();
         // One durable write for the whole batch: each leg still rolls back
         // alone if it fails, and every answer waits for the batch's commit.
@@ -293,9 +313,20 @@ impl<L: Ledger> pb::bank_service_server::BankService for BankService<L> {
         strife_rpc::fault::crash_point("bank.after_prepare");
         let results = results
             .into_iter()
-            .map(|r| match r {
-                Ok(vote) => pb::PrepareResult { vote: Some(vote_message(vote)), refusal: None },
-                Err(e) => pb::PrepareResult { vote: None, refusal: Some(refusal(e)) },
+            .zip(spans)
+            .map(|(r, span)| {
+                let _leg = span.enter();
+                match r {
+                    Ok(vote) => {
+                        tracing::debug!(vote = ?vote, "leg prepared");
+                        pb::PrepareResult { vote: Some(vote_message(vote)), refusal: None }
+                    }
+                    Err(e) => {
+                        let refusal = refusal(e);
+                        tracing::debug!(code = refusal.code, message = %refusal.message, "leg refused");
+                        pb::PrepareResult { vote: None, refusal: Some(refusal) }
+                    }
+                }
             })
             .collect();
         Ok(Response::new(pb::PrepareBatchResponse { results }))
@@ -305,8 +336,13 @@ impl<L: Ledger> pb::bank_service_server::BankService for BankService<L> {
         &self,
         req: Request<pb::DecideBatchRequest>,
     ) -> Result<Response<pb::DecideBatchResponse>, Status> {
+        let call = req.extensions().get::<TraceContext>().copied();
         let decisions = req.into_inner().decisions;
         check_batch("decisions", decisions.len())?;
+        let spans: Vec<(tracing::Span, bool)> = decisions
+            .iter()
+            .map(|d| (leg_span(call.as_ref(), &d.traceparent, &d.txn_id), d.commit))
+            .collect();
         let commits = decisions.iter().any(|d| d.commit);
         if commits {
             strife_rpc::fault::crash_point("bank.before_commit");
@@ -325,8 +361,21 @@ impl<L: Ledger> pb::bank_service_server::BankService for BankService<L> {
         if commits {
             strife_rpc::fault::crash_point("bank.after_commit");
         }
-        let results =
-            results.into_iter().map(|r| pb::DecisionResult { refusal: r.err().map(refusal) }).collect();
+        let results = results
+            .into_iter()
+            .zip(spans)
+            .map(|(r, (span, commit))| {
+                let _leg = span.enter();
+                let refusal = r.err().map(refusal);
+                match &refusal {
+                    None => tracing::debug!(commit, "leg decided"),
+                    Some(refusal) => {
+                        tracing::debug!(code = refusal.code, message = %refusal.message, "decision refused")
+                    }
+                }
+                pb::DecisionResult { refusal }
+            })
+            .collect();
         Ok(Response::new(pb::DecideBatchResponse { results }))
     }
 

@@ -19,6 +19,7 @@ use strife_proto::gateway::v1::ErrorReason;
 use strife_rpc::config::ClientConfig;
 use strife_rpc::errors;
 use strife_rpc::etcd::View;
+use strife_rpc::trace::{TRACEPARENT, TraceContext};
 use strife_rpc::wire::{account, decline_reason_from, rfc3339};
 use tokio::sync::watch;
 use tonic::metadata::{Ascii, MetadataValue};
@@ -42,6 +43,12 @@ pub struct Client {
     /// the first call and kept for the client's life (the shell's), with
     /// what calls learnt about each.
     gateways: OnceLock<Gateways>,
+    /// The W3C trace this command's calls carry (`traceparent`): a new one
+    /// per command (per action in the shell), or the one in
+    /// `STRIFE_TRACEPARENT`. The gateway and the banks log its trace id on
+    /// every line of the calls, so one payment can be followed through
+    /// every log; the client prints it with `RUST_LOG=debug`.
+    pub trace: TraceContext,
     /// A long-lived client's watch on the gateways' keys in etcd: each
     /// change becomes the set before the next call. Dropping the sender
     /// ends the watch.
@@ -92,17 +99,35 @@ fn is_outage(code: tonic::Code) -> bool {
     )
 }
 
-/// The `authorization` header of a session's calls.
-fn bearer(session: &Session) -> Result<MetadataValue<Ascii>, CliError> {
-    format!("Bearer {}", session.token.expose())
-        .parse()
-        .map_err(|_| CliError::new(Exit::NotAllowed, "the stored session is corrupt: log in again"))
+/// The headers of a session's calls: its token, and the command's trace.
+struct Auth {
+    /// `authorization: Bearer …`.
+    bearer: MetadataValue<Ascii>,
+    /// `traceparent`: the command's trace (see [`Client::trace`]).
+    trace: MetadataValue<Ascii>,
 }
 
-/// A request carrying the session's token (made anew for each attempt).
-fn authed<T>(msg: T, auth: &MetadataValue<Ascii>) -> tonic::Request<T> {
+/// The `authorization` header of a session's calls, and the trace.
+fn bearer(session: &Session, trace: &TraceContext) -> Result<Auth, CliError> {
+    let bearer = format!("Bearer {}", session.token.expose())
+        .parse()
+        .map_err(|_| CliError::new(Exit::NotAllowed, "the stored session is corrupt: log in again"))?;
+    Ok(Auth { bearer, trace: trace.metadata() })
+}
+
+/// A request carrying the session's token and the trace (made anew for
+/// each attempt).
+fn authed<T>(msg: T, auth: &Auth) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);
-    req.metadata_mut().insert("authorization", auth.clone());
+    req.metadata_mut().insert("authorization", auth.bearer.clone());
+    req.metadata_mut().insert(TRACEPARENT, auth.trace.clone());
+    req
+}
+
+/// A request carrying the trace only (no session yet, or none needed).
+fn traced<T>(msg: T, trace: &TraceContext) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    trace.inject(&mut req);
     req
 }
 
@@ -149,6 +174,7 @@ impl Client {
             state,
             discovery: None,
             gateways: OnceLock::new(),
+            trace: TraceContext::for_command(),
             watch: None,
         })
     }
@@ -256,6 +282,7 @@ impl Client {
     {
         let gateways = self.gateways().await?;
         self.apply_watch(gateways)?;
+        tracing::debug!(traceparent = %self.trace, trace_id = %self.trace.trace_id_hex(), "calling the gateway");
         if let (None, Some(url)) = (&self.gateway, &self.discovery)
             && gateways.members().is_empty()
         {
@@ -292,7 +319,7 @@ impl Client {
         };
         let resp = self
             .call(|channel| {
-                let req = req.clone();
+                let req = traced(req.clone(), &self.trace);
                 async move {
                     let mut client = pb::session_service_client::SessionServiceClient::new(channel);
                     client.login(req).await.map(tonic::Response::into_inner)
@@ -317,7 +344,7 @@ impl Client {
     pub async fn logout(&mut self) -> Result<Reply, CliError> {
         let session = self.session()?;
         let who = session.who.clone();
-        let auth = bearer(&session)?;
+        let auth = bearer(&session, &self.trace)?;
         let logout = self
             .call(|channel| {
                 let req = authed(pb::LogoutRequest {}, &auth);
@@ -339,7 +366,7 @@ impl Client {
 
     pub async fn balance(&self) -> Result<Reply, CliError> {
         let session = self.session()?;
-        let auth = bearer(&session)?;
+        let auth = bearer(&session, &self.trace)?;
         let resp = self
             .call(|channel| {
                 let req = authed(pb::GetBalanceRequest {}, &auth);
@@ -415,7 +442,7 @@ impl Client {
             self.state_mut()?.record_attempt(&p.payment_id, &e.message)?;
             return Ok(Sent::Waiting(e));
         };
-        let auth = bearer(&session)?;
+        let auth = bearer(&session, &self.trace)?;
         let req = pb::PayRequest {
             payment_id: p.payment_id.clone(),
             payee: Some(account(&p.payee)),
@@ -501,7 +528,7 @@ impl Client {
     /// (the first page without one), or every page with `page.all`.
     pub async fn history(&self, page: HistoryPage) -> Result<Reply, CliError> {
         let session = self.session()?;
-        let auth = bearer(&session)?;
+        let auth = bearer(&session, &self.trace)?;
         let mut listed = Vec::new();
         let mut token = page.token.unwrap_or_default();
         loop {
@@ -688,7 +715,7 @@ impl Client {
         let session = self.session()?;
         let id: PaymentId =
             id.parse().map_err(|e: strife_core::NameError| CliError::new(Exit::Invalid, e.to_string()))?;
-        let auth = bearer(&session)?;
+        let auth = bearer(&session, &self.trace)?;
         let resp = self
             .call(|channel| {
                 let req = authed(pb::GetPaymentRequest { payment_id: id.to_string() }, &auth);
@@ -716,9 +743,12 @@ impl Client {
     /// The gateway's view of the cluster.
     pub async fn status(&self) -> Result<Reply, CliError> {
         let s = self
-            .call(|channel| async move {
-                let mut client = pb::admin_service_client::AdminServiceClient::new(channel);
-                client.status(pb::StatusRequest {}).await.map(tonic::Response::into_inner)
+            .call(|channel| {
+                let req = traced(pb::StatusRequest {}, &self.trace);
+                async move {
+                    let mut client = pb::admin_service_client::AdminServiceClient::new(channel);
+                    client.status(req).await.map(tonic::Response::into_inner)
+                }
             })
             .await?;
         let mut text = format!(

@@ -6,6 +6,7 @@ use crate::exit::{CliError, Exit, Reply};
 use std::io::{BufRead, IsTerminal, Write};
 use strife_core::money::format_minor;
 use strife_core::{PaymentId, Secret, UserRef};
+use strife_rpc::trace::TraceContext;
 
 const MENU: &str = "
   1) log in               2) balance              3) pay
@@ -47,6 +48,8 @@ pub async fn run(mut client: Client) -> Result<Reply, CliError> {
     let mut input = Input { lines: std::io::stdin().lock() };
     println!("Strife shell. Choose an action by its number.");
     loop {
+        // Each action is a command of its own: a trace of its own.
+        client.trace = TraceContext::for_command();
         if let Ok(reply) = client.outbox_list()
             && let Some(done) = reply.json["finished"].as_array()
         {

@@ -20,9 +20,11 @@ use strife_proto::bank::v1 as bank;
 use strife_proto::gateway::v1::ErrorReason;
 use strife_rpc::config::GatewayConfig;
 use strife_rpc::metrics;
+use strife_rpc::trace::TraceContext;
 use strife_twopc::coordinator as machine;
 use strife_twopc::{Decision, Vote};
 use tokio::sync::{Notify, watch};
+use tracing::Instrument;
 
 /// Most payments the finisher re-sends decisions for in one pass.
 const FINISH_BATCH_MAX: u32 = 256;
@@ -180,8 +182,14 @@ impl<S: GatewayStore> Gateway<S> {
         banks_involved(payer, payee).into_iter().map(|n| self.bank(n).map(|e| (n.to_owned(), e))).collect()
     }
 
-    /// Pays, exactly once per (payer, payment id).
-    pub async fn pay(self: &Arc<Self>, req: PayRequest) -> Result<PayOutcome, tonic::Status> {
+    /// Pays, exactly once per (payer, payment id). `trace` is the trace of
+    /// the call (the customer's, or one the call started): the payment runs
+    /// in a `payment` span inside it and its legs carry it to the banks.
+    pub async fn pay(
+        self: &Arc<Self>,
+        req: PayRequest,
+        trace: TraceContext,
+    ) -> Result<PayOutcome, tonic::Status> {
         let key = (req.payer.clone(), req.payment_id);
         let (cell, first) = {
             let mut map = lock(&self.in_flight).map_err(tonic::Status::from)?;
@@ -197,15 +205,20 @@ impl<S: GatewayStore> Gateway<S> {
                     let (tx, rx) = watch::channel(None);
                     map.insert(key.clone(), InFlight { request: req.clone(), outcome: rx.clone() });
                     let gw = self.clone();
+                    // A child of the call's span: its lines carry the trace id.
+                    let span = tracing::info_span!("payment", payment_id = %req.payment_id);
                     // The payment runs in its own task so that a client that
                     // hangs up cannot stop it half-way. `drain` waits for it.
-                    tokio::spawn(async move {
-                        let result = gw.execute(req).await.map_err(tonic::Status::from);
-                        let _ = tx.send(Some(result));
-                        if let Ok(mut map) = gw.in_flight.lock() {
-                            map.remove(&key);
+                    tokio::spawn(
+                        async move {
+                            let result = gw.execute(req, trace).await.map_err(tonic::Status::from);
+                            let _ = tx.send(Some(result));
+                            if let Ok(mut map) = gw.in_flight.lock() {
+                                map.remove(&key);
+                            }
                         }
-                    });
+                        .instrument(span),
+                    );
                     (rx, true)
                 }
             }
@@ -214,7 +227,11 @@ impl<S: GatewayStore> Gateway<S> {
         Ok(if first { outcome } else { PayOutcome { replayed: true, ..outcome } })
     }
 
-    async fn execute(self: &Arc<Self>, req: PayRequest) -> Result<PayOutcome, GatewayError> {
+    async fn execute(
+        self: &Arc<Self>,
+        req: PayRequest,
+        trace: TraceContext,
+    ) -> Result<PayOutcome, GatewayError> {
         let _slot = self.slots.acquire().await.map_err(|_| {
             GatewayError::unavailable(ErrorReason::Unavailable, "the gateway is shutting down")
         })?;
@@ -261,6 +278,7 @@ impl<S: GatewayStore> Gateway<S> {
             payer: Some(bank::Party { user: req.payer.user.clone(), bank: req.payer.bank.clone() }),
             payee: Some(bank::Party { user: req.payee.user.clone(), bank: req.payee.bank.clone() }),
             amount_minor: req.amount.minor(),
+            traceparent: strife_rpc::telemetry::outgoing(&trace).header(),
         };
         let timeout = self.config.prepare_timeout();
         let votes = on_each_bank(&banks, |name, entry| {
@@ -322,8 +340,11 @@ impl<S: GatewayStore> Gateway<S> {
 
         // Phase two. The answer does not wait past the commit timeout: the
         // decision is already durable, and the finisher delivers the rest.
-        let delivered =
-            tokio::time::timeout(self.config.commit_timeout(), self.deliver(&txn_id, decision, &banks)).await;
+        let delivered = tokio::time::timeout(
+            self.config.commit_timeout(),
+            self.deliver(&txn_id, decision, &banks, &prepare.traceparent),
+        )
+        .await;
         strife_rpc::fault::crash_point("gateway.after_commit_sent");
         metrics::GATEWAY
             .phase_seconds
@@ -400,14 +421,21 @@ impl<S: GatewayStore> Gateway<S> {
     }
 
     /// Sends the decision to every bank; true when all acknowledged.
-    async fn deliver(&self, txn_id: &str, decision: PaymentState, banks: &[(String, BankEntry)]) -> bool {
+    /// `traceparent`: the payment's trace context (empty: none).
+    async fn deliver(
+        &self,
+        txn_id: &str,
+        decision: PaymentState,
+        banks: &[(String, BankEntry)],
+        traceparent: &str,
+    ) -> bool {
         if banks.is_empty() {
             return false;
         }
         let acks = on_each_bank(banks, |name, entry| {
             let txn_id = txn_id.to_owned();
             async move {
-                let result = entry.decide(&txn_id, decision == PaymentState::Committed).await;
+                let result = entry.decide(&txn_id, decision == PaymentState::Committed, traceparent).await;
                 if let Err(status) = &result {
                     if status.code() == tonic::Code::FailedPrecondition {
                         metrics::GATEWAY.decision_conflicts.inc();
@@ -460,7 +488,11 @@ impl<S: GatewayStore> Gateway<S> {
                     // claimed again at a later round.
                     for p in payments.into_iter().filter(|p| !self.running_here(p)) {
                         let gateway = self.clone();
-                        deliveries.spawn(async move { gateway.finish(&p).await });
+                        // A re-send is a trace of its own (the payment's is
+                        // not stored); the span names the txn id it is for.
+                        let span = tracing::info_span!("finish", trace_id = tracing::field::Empty, txn_id = %p.txn_id);
+                        let trace = strife_rpc::telemetry::join_trace(&span, None);
+                        deliveries.spawn(async move { gateway.finish(&p, &trace).await }.instrument(span));
                     }
                     while deliveries.join_next().await.is_some() {}
                 }
@@ -480,17 +512,19 @@ impl<S: GatewayStore> Gateway<S> {
         self.in_flight.lock().map(|m| m.contains_key(&(p.payer.clone(), id))).unwrap_or(false)
     }
 
-    async fn finish(&self, p: &PaymentRecord) {
+    async fn finish(&self, p: &PaymentRecord, trace: &TraceContext) {
         // Tell every bank the registry knows; one it does not know (yet)
         // keeps the payment unfinished, to be tried again.
         let names = banks_involved(&p.payer, &p.payee);
         let banks: Vec<(String, BankEntry)> =
             names.iter().filter_map(|n| self.bank(n).map(|e| ((*n).to_owned(), e))).collect();
         let all_known = banks.len() == names.len();
-        let delivered =
-            tokio::time::timeout(self.config.commit_timeout(), self.deliver(&p.txn_id, p.state, &banks))
-                .await
-                == Ok(true);
+        let delivered = tokio::time::timeout(
+            self.config.commit_timeout(),
+            self.deliver(&p.txn_id, p.state, &banks, &trace.header()),
+        )
+        .await
+            == Ok(true);
         if delivered && all_known {
             if let Err(e) = self.store.mark_acked(p.txn_id.clone()).await {
                 tracing::warn!(error = %e, "cannot mark a payment finished");

@@ -15,6 +15,7 @@ use std::time::Duration;
 use strife_core::limits::BANK_BATCH_MAX;
 use strife_proto::bank::v1 as bank;
 use strife_proto::bank::v1::bank_service_client::BankServiceClient;
+use strife_rpc::trace::TraceContext;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
@@ -129,8 +130,12 @@ impl BankLink {
             let mut client = c.clone();
             observe_batch("prepare", legs.len());
             async move {
+                let header = lone_trace(&legs, |leg: &bank::PrepareRequest| &leg.traceparent);
                 let mut req = tonic::Request::new(bank::PrepareBatchRequest { legs });
                 req.set_timeout(prepare_timeout);
+                if let Some(trace) = header {
+                    trace.inject(&mut req);
+                }
                 Ok(client.prepare_batch(req).await?.into_inner().results)
             }
         });
@@ -138,8 +143,12 @@ impl BankLink {
             let mut client = client.clone();
             observe_batch("decide", decisions.len());
             async move {
+                let header = lone_trace(&decisions, |d: &bank::Decision| &d.traceparent);
                 let mut req = tonic::Request::new(bank::DecideBatchRequest { decisions });
                 req.set_timeout(decide_timeout);
+                if let Some(trace) = header {
+                    trace.inject(&mut req);
+                }
                 Ok(client.decide_batch(req).await?.into_inner().results)
             }
         });
@@ -158,12 +167,25 @@ impl BankLink {
     }
 
     /// Phase two for one payment: Ok once the bank has applied it durably.
-    pub async fn decide(&self, txn_id: String, commit: bool) -> Result<(), Status> {
-        let result = self.decisions.call(bank::Decision { txn_id, commit }).await?;
+    /// `traceparent` is the payment's trace context (empty: none).
+    pub async fn decide(&self, txn_id: String, commit: bool, traceparent: String) -> Result<(), Status> {
+        let result = self.decisions.call(bank::Decision { txn_id, commit, traceparent }).await?;
         match result.refusal {
             None => Ok(()),
             Some(refusal) => Err(status_of(refusal)),
         }
+    }
+}
+
+/// The trace context a batch call carries in its metadata: its item's,
+/// when it holds one item (a lone payment, the usual case when not under
+/// load), so that the bank's log line for the call carries the payment's
+/// trace id. A batch of several payments' items carries none (the bank
+/// starts a trace for the call); each item still carries its own.
+fn lone_trace<Q>(items: &[Q], traceparent: impl Fn(&Q) -> &String) -> Option<TraceContext> {
+    match items {
+        [one] => TraceContext::parse(traceparent(one)),
+        _ => None,
     }
 }
 

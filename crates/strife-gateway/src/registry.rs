@@ -402,10 +402,11 @@ impl BankEntry {
 
     /// Phase two for one payment, at the replica whose turn it is, or at
     /// the next if that one fails (a decision is idempotent per `txn_id`).
-    pub async fn decide(&self, txn_id: &str, commit: bool) -> Result<(), Status> {
+    /// `traceparent`: the payment's trace context (empty: none).
+    pub async fn decide(&self, txn_id: &str, commit: bool, traceparent: &str) -> Result<(), Status> {
         self.first_answer(|r| {
-            let txn_id = txn_id.to_owned();
-            async move { r.link.decide(txn_id, commit).await }
+            let (txn_id, traceparent) = (txn_id.to_owned(), traceparent.to_owned());
+            async move { r.link.decide(txn_id, commit, traceparent).await }
         })
         .await
     }

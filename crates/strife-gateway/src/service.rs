@@ -18,6 +18,7 @@ use strife_proto::gateway::v1 as pb;
 use strife_proto::gateway::v1::ErrorReason;
 use strife_rpc::Peer;
 use strife_rpc::telemetry::{record_payment, record_user};
+use strife_rpc::trace::TraceContext;
 use strife_rpc::wire::{account, decline_reason, timestamp};
 use tonic::{Request, Response, Status};
 
@@ -27,6 +28,19 @@ fn unavailable(bank: &str, status: &Status) -> GatewayError {
         ErrorReason::BankUnavailable,
         format!("bank {bank} is unreachable right now; try again shortly"),
     )
+}
+
+/// The trace of a call, as the call-log layer put it in the extensions
+/// (a new one if the service runs without that layer, as in unit tests).
+fn call_trace<T>(req: &Request<T>) -> TraceContext {
+    req.extensions().get::<TraceContext>().copied().unwrap_or_else(TraceContext::new_root)
+}
+
+/// A request to a bank on behalf of a call in `trace`.
+fn traced<T>(msg: T, trace: &TraceContext) -> Request<T> {
+    let mut req = Request::new(msg);
+    strife_rpc::telemetry::outgoing(trace).inject(&mut req);
+    req
 }
 
 #[derive(Clone)]
@@ -60,6 +74,7 @@ impl<S: GatewayStore> SessionService<S> {
         req: Request<pb::LoginRequest>,
     ) -> Result<Response<pb::LoginResponse>, Status> {
         let peer_ip = req.remote_addr().map(|a| a.ip().to_string()).unwrap_or_else(|| "unknown".into());
+        let trace = call_trace(&req);
         let (who, password) = validate::login(req.into_inner())?;
         record_user(&who);
         let account = who.to_string();
@@ -76,8 +91,10 @@ impl<S: GatewayStore> SessionService<S> {
         }
         let entry = self.gateway.bank(&who.bank).ok_or_else(|| GatewayError::unknown_bank(&who.bank))?;
         let call = entry.call(|mut client| {
-            let req =
-                bank::VerifyPasswordRequest { user: who.user.clone(), password: password.expose().clone() };
+            let req = traced(
+                bank::VerifyPasswordRequest { user: who.user.clone(), password: password.expose().clone() },
+                &trace,
+            );
             async move { client.verify_password(req).await }
         });
         let valid = match tokio::time::timeout(self.gateway.config.prepare_timeout(), call).await {
@@ -171,6 +188,7 @@ impl<S: GatewayStore> pb::payments_service_server::PaymentsService for PaymentsS
         req: Request<pb::GetBalanceRequest>,
     ) -> Result<Response<pb::GetBalanceResponse>, Status> {
         let Customer { who, .. } = signed_in(&self.gateway, &req).await?;
+        let trace = call_trace(&req);
         let entry = self.gateway.bank(&who.bank).ok_or_else(|| {
             GatewayError::unavailable(
                 ErrorReason::BankUnavailable,
@@ -178,7 +196,7 @@ impl<S: GatewayStore> pb::payments_service_server::PaymentsService for PaymentsS
             )
         })?;
         let call = entry.call(|mut client| {
-            let req = bank::GetBalanceRequest { user: who.user.clone() };
+            let req = traced(bank::GetBalanceRequest { user: who.user.clone() }, &trace);
             async move { client.get_balance(req).await }
         });
         let resp = match tokio::time::timeout(self.gateway.config.prepare_timeout(), call).await {
@@ -202,13 +220,14 @@ impl<S: GatewayStore> pb::payments_service_server::PaymentsService for PaymentsS
 
     async fn pay(&self, req: Request<pb::PayRequest>) -> Result<Response<pb::PayResponse>, Status> {
         let Customer { who, .. } = signed_in(&self.gateway, &req).await?;
+        let trace = call_trace(&req);
         let pay = validate::pay(&who, req.get_ref())?;
         record_payment(&pay.payment_id, &pay.amount);
         let (payment_id, payee) = (pay.payment_id, pay.payee.clone());
         if self.gateway.bank(&payee.bank).is_none() {
             return Err(GatewayError::unknown_bank(&payee.bank).into());
         }
-        let outcome = self.gateway.pay(pay).await?;
+        let outcome = self.gateway.pay(pay, trace).await?;
         let (status, reason) = match outcome.outcome {
             Outcome::Committed => (pb::PaymentStatus::Committed, pb::DeclineReason::Unspecified),
             Outcome::Declined(r) => (pb::PaymentStatus::Declined, decline_reason(r)),

@@ -24,6 +24,7 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub discovery: DiscoveryConfig,
     pub metrics: MetricsConfig,
+    pub telemetry: TelemetryConfig,
 }
 
 /// Prometheus metrics (issue 13).
@@ -41,6 +42,16 @@ impl Default for MetricsConfig {
     fn default() -> Self {
         MetricsConfig { listen: "127.0.0.1:0".to_owned() }
     }
+}
+
+/// Where spans go besides the log files.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Empty: no export (the log files still carry every trace id).
+    /// `http://HOST:PORT`: every gateway and bank exports its spans there
+    /// over OTLP/gRPC (an OpenTelemetry collector's port 4317).
+    pub otlp_endpoint: String,
 }
 
 /// How parties find each other (issue 12).
@@ -302,6 +313,10 @@ impl Config {
         if let Some(url) = self.discovery.etcd_url() {
             crate::etcd::parse_url(url).context("discovery.url")?;
         }
+        let otlp = &self.telemetry.otlp_endpoint;
+        if !(otlp.is_empty() || otlp.starts_with("http://") || otlp.starts_with("https://")) {
+            bail!("telemetry.otlp_endpoint must be empty or an http:// or https:// URL, not {otlp:?}");
+        }
         if g.payment_deadline_ms < g.prepare_timeout_ms {
             bail!("gateway.payment_deadline_ms must be at least gateway.prepare_timeout_ms");
         }
@@ -405,5 +420,19 @@ mod tests {
         assert_eq!(c.discovery.etcd_url(), Some("etcd://127.0.0.1:1,127.0.0.1:2"));
         let bad = Config::from_parts("", env(&[("STRIFE_DISCOVERY_URL", "consul://x")]));
         assert!(format!("{:#}", bad.expect_err("not etcd")).contains("not an etcd URL"));
+    }
+
+    #[test]
+    fn otlp_export_is_off_unless_an_endpoint_is_given() {
+        let c = Config::from_parts("", env(&[])).expect("defaults");
+        assert_eq!(c.telemetry.otlp_endpoint, "");
+        let c = Config::from_parts("", env(&[("STRIFE_TELEMETRY_OTLP_ENDPOINT", "http://127.0.0.1:4317")]))
+            .expect("env");
+        assert_eq!(c.telemetry.otlp_endpoint, "http://127.0.0.1:4317");
+        let c = Config::from_parts("[telemetry]\notlp_endpoint = \"https://collector:4317\"\n", env(&[]))
+            .expect("file");
+        assert_eq!(c.telemetry.otlp_endpoint, "https://collector:4317");
+        let bad = Config::from_parts("", env(&[("STRIFE_TELEMETRY_OTLP_ENDPOINT", "127.0.0.1:4317")]));
+        assert!(format!("{:#}", bad.expect_err("no scheme")).contains("telemetry.otlp_endpoint"));
     }
 }

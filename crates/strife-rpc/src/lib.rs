@@ -21,6 +21,7 @@ pub mod storage;
 pub mod store_url;
 pub mod telemetry;
 pub mod tls;
+pub mod trace;
 pub mod wire;
 
 pub use config::Config;

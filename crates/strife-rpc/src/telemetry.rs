@@ -3,6 +3,7 @@
 //! reach a log: handlers record only user, payment id and amount.
 
 use crate::identity::Peer;
+use crate::trace::TraceContext;
 use anyhow::Context;
 use std::fs;
 use std::future::Future;
@@ -19,8 +20,11 @@ use tracing_subscriber::util::SubscriberInitExt;
 /// Sets up logging for one component. `level` is an `EnvFilter` directive
 /// (`info`, `debug`, `strife_gateway=debug`, …); `RUST_LOG` overrides it.
 /// One formatter writes each line to both stderr and the log file, so the
-/// two always agree.
-pub fn init(component: &str, dir: &Path, level: &str) -> anyhow::Result<()> {
+/// two always agree. A non-empty `otlp_endpoint` (`telemetry.otlp_endpoint`)
+/// also exports every span the filter lets through to that OTLP/gRPC
+/// collector; this must then run inside a Tokio runtime (the exporter's
+/// connection lives there), and [`shutdown_export`] sends what is left.
+pub fn init(component: &str, dir: &Path, level: &str, otlp_endpoint: &str) -> anyhow::Result<()> {
     let logs = dir.join("logs");
     crate::files::create_private_dir_all(&logs).with_context(|| format!("creating {}", logs.display()))?;
     let path = logs.join(format!("{component}.log"));
@@ -28,12 +32,26 @@ pub fn init(component: &str, dir: &Path, level: &str) -> anyhow::Result<()> {
         crate::files::open_private_append(&path).with_context(|| format!("opening {}", path.display()))?;
     let filter = EnvFilter::try_from_default_env().or_else(|_| EnvFilter::try_new(level))?;
     let tee = Tee { file: std::sync::Arc::new(Mutex::new(file)) };
+    let export = if otlp_endpoint.is_empty() {
+        None
+    } else {
+        let tracer = otlp::start(component, otlp_endpoint).context("telemetry.otlp_endpoint")?;
+        Some(tracing_opentelemetry::layer().with_tracer(tracer))
+    };
     tracing_subscriber::registry()
         .with(filter)
         .with(tracing_subscriber::fmt::layer().with_writer(tee).with_ansi(false).with_target(false))
+        .with(export)
         .try_init()
         .ok();
     Ok(())
+}
+
+/// Sends the spans not exported yet and stops the exporter (nothing
+/// happens when OTLP export is off). Call it at the end of a server's run,
+/// inside its runtime.
+pub async fn shutdown_export() {
+    otlp::shutdown().await;
 }
 
 /// A writer that copies every log line to stderr and to the log file.
@@ -113,10 +131,14 @@ where
             "call",
             method = req.uri().path(),
             peer = peer_text,
+            trace_id = tracing::field::Empty,
             user = tracing::field::Empty,
             payment_id = tracing::field::Empty,
             amount = tracing::field::Empty,
         );
+        // The caller's trace, or a new one: correlation only, never trusted.
+        let trace = join_trace(&span, TraceContext::from_headers(req.headers()));
+        req.extensions_mut().insert(trace);
         let path = req.uri().path();
         let routine = path.ends_with("/RegisterBank") || path.starts_with("/grpc.");
         let started = Instant::now();
@@ -184,4 +206,106 @@ pub fn record_payment(payment_id: &dyn std::fmt::Display, amount: &dyn std::fmt:
     let span = tracing::Span::current();
     span.record("payment_id", tracing::field::display(payment_id));
     span.record("amount", tracing::field::display(amount));
+}
+
+/// The trace context of a span that starts work of its own (a call, or a
+/// re-send of the gateway's finisher): a child of `incoming` when there is
+/// one, else a new trace; recorded as `span`'s `trace_id` field. With OTLP
+/// export on, `span` is made a child of `incoming` for the exporter too,
+/// and the ids are the exported span's, so the logs and the exported spans
+/// name the same trace.
+pub fn join_trace(span: &tracing::Span, incoming: Option<TraceContext>) -> TraceContext {
+    let trace = trace_of(span, incoming);
+    span.record("trace_id", tracing::field::display(trace.trace_id_hex()));
+    trace
+}
+
+fn trace_of(span: &tracing::Span, incoming: Option<TraceContext>) -> TraceContext {
+    let ours = incoming.map_or_else(TraceContext::new_root, |parent| parent.child());
+    if !otlp::exporting() {
+        return ours;
+    }
+    if let Some(parent) = incoming {
+        otlp::set_parent(span, &parent);
+    }
+    otlp::context_of(span).unwrap_or(ours)
+}
+
+/// The context to send on to the next hop from inside the current span:
+/// with OTLP export on, the current span's (so the next hop's span is its
+/// child in the exported trace); otherwise `fallback`, the server span's.
+pub fn outgoing(fallback: &TraceContext) -> TraceContext {
+    if !otlp::exporting() {
+        return *fallback;
+    }
+    otlp::context_of(&tracing::Span::current())
+        .filter(|here| here.trace_id == fallback.trace_id)
+        .unwrap_or(*fallback)
+}
+
+/// OTLP export of spans through `opentelemetry-otlp`'s gRPC (tonic)
+/// exporter; off unless `telemetry.otlp_endpoint` is set.
+mod otlp {
+    use crate::trace::TraceContext;
+    use opentelemetry::trace::{
+        SpanContext, SpanId, TraceContextExt, TraceFlags, TraceId, TraceState, TracerProvider as _,
+    };
+    use opentelemetry_otlp::WithExportConfig;
+    use opentelemetry_sdk::trace::{SdkTracer, SdkTracerProvider};
+    use std::sync::OnceLock;
+    use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+    /// The exporting provider, once started (at most once per process).
+    static PROVIDER: OnceLock<SdkTracerProvider> = OnceLock::new();
+
+    pub fn exporting() -> bool {
+        PROVIDER.get().is_some()
+    }
+
+    /// Starts the batch exporter to `endpoint` (`http://HOST:PORT`); spans
+    /// of `component` carry the service name `strife-<component>`.
+    pub fn start(component: &str, endpoint: &str) -> anyhow::Result<SdkTracer> {
+        let exporter =
+            opentelemetry_otlp::SpanExporter::builder().with_tonic().with_endpoint(endpoint).build()?;
+        let resource =
+            opentelemetry_sdk::Resource::builder().with_service_name(format!("strife-{component}")).build();
+        let provider =
+            SdkTracerProvider::builder().with_batch_exporter(exporter).with_resource(resource).build();
+        let tracer = provider.tracer("strife");
+        if PROVIDER.set(provider).is_err() {
+            anyhow::bail!("OTLP export is already started in this process");
+        }
+        Ok(tracer)
+    }
+
+    pub async fn shutdown() {
+        if let Some(provider) = PROVIDER.get() {
+            let provider = provider.clone();
+            // Blocks until the last batch is sent (or the export times out).
+            let _ = tokio::task::spawn_blocking(move || provider.shutdown()).await;
+        }
+    }
+
+    pub fn set_parent(span: &tracing::Span, parent: &TraceContext) {
+        let flags = if parent.sampled { TraceFlags::SAMPLED } else { TraceFlags::default() };
+        let remote = SpanContext::new(
+            TraceId::from_bytes(parent.trace_id),
+            SpanId::from_bytes(parent.span_id),
+            flags,
+            true,
+            TraceState::default(),
+        );
+        let _ = span.set_parent(opentelemetry::Context::new().with_remote_span_context(remote));
+    }
+
+    /// The exported span's ids, if `span` has a valid one.
+    pub fn context_of(span: &tracing::Span) -> Option<TraceContext> {
+        let cx = span.context();
+        let sc = cx.span().span_context().clone();
+        sc.is_valid().then(|| TraceContext {
+            trace_id: sc.trace_id().to_bytes(),
+            span_id: sc.span_id().to_bytes(),
+            sampled: sc.is_sampled(),
+        })
+    }
 }

@@ -385,6 +385,19 @@ fn server_runtime(workers: u64) -> Result<tokio::runtime::Runtime, CliError> {
     .map_err(CliError::unexpected)
 }
 
+/// A server's logging, and its OTLP export when `telemetry.otlp_endpoint`
+/// is set (set up inside `rt`, where the exporter's connection lives).
+fn init_server_logs(
+    rt: &tokio::runtime::Runtime,
+    log_name: &str,
+    dir: &std::path::Path,
+    config: &Config,
+) -> Result<(), CliError> {
+    let _inside = rt.enter();
+    strife_rpc::telemetry::init(log_name, dir, &config.log.level, &config.telemetry.otlp_endpoint)
+        .map_err(fatal)
+}
+
 /// A server's or tool's failure: the whole error chain, exit 1.
 fn fatal(e: anyhow::Error) -> CliError {
     CliError::new(Exit::Unexpected, format!("{e:#}"))
@@ -417,41 +430,43 @@ fn run(cli: Cli) -> Result<Reply, CliError> {
         Command::Gateway { listen, config } => {
             let config = Config::load(&dir, config.as_deref()).map_err(fatal)?;
             let log_name = cli.log_name.as_deref().unwrap_or("gateway");
-            strife_rpc::telemetry::init(log_name, &dir, &config.log.level).map_err(fatal)?;
+            let rt = server_runtime(config.runtime.workers)?;
+            init_server_logs(&rt, log_name, &dir, &config)?;
             let listen = listen.unwrap_or_else(|| config.gateway.listen.clone());
-            let workers = config.runtime.workers;
             // Under `up`, which writes every gateway's address there.
             let write_address_file = !cli.supervised;
             let opts = strife_gateway::GatewayOptions { dir, config, write_address_file };
-            server_runtime(workers)?
-                .block_on(async move {
-                    let (listener, _) = strife_rpc::serve::bind(&listen).await?;
-                    strife_gateway::run(opts, listener, shutdown(cli.supervised)).await
-                })
-                .map_err(|e| {
-                    tracing::error!("gateway failed: {e:#}");
-                    fatal(e)
-                })?;
+            rt.block_on(async move {
+                let (listener, _) = strife_rpc::serve::bind(&listen).await?;
+                let ran = strife_gateway::run(opts, listener, shutdown(cli.supervised)).await;
+                strife_rpc::telemetry::shutdown_export().await;
+                ran
+            })
+            .map_err(|e| {
+                tracing::error!("gateway failed: {e:#}");
+                fatal(e)
+            })?;
             Ok(Reply::done(serde_json::json!({"stopped": true}), ""))
         }
         Command::Bank { name, listen, gateway, accounts, config } => {
             strife_core::validate_bank_name(&name).map_err(|e| CliError::new(Exit::Usage, e.to_string()))?;
             let config = Config::load(&dir, config.as_deref()).map_err(fatal)?;
             let log_name = cli.log_name.as_deref().unwrap_or(&name);
-            strife_rpc::telemetry::init(log_name, &dir, &config.log.level).map_err(fatal)?;
+            let rt = server_runtime(config.runtime.workers)?;
+            init_server_logs(&rt, log_name, &dir, &config)?;
             let listen = listen.unwrap_or_else(|| config.bank.listen.clone());
-            let workers = config.runtime.workers;
             let gateway = gateway.or(cli.client.gateway).or_else(gateway_from_env);
             let opts = strife_bank::BankOptions { dir, name, config, gateway, accounts, discovered: None };
-            server_runtime(workers)?
-                .block_on(async move {
-                    let (listener, _) = strife_rpc::serve::bind(&listen).await?;
-                    strife_bank::run(opts, listener, shutdown(cli.supervised)).await
-                })
-                .map_err(|e| {
-                    tracing::error!("bank failed: {e:#}");
-                    fatal(e)
-                })?;
+            rt.block_on(async move {
+                let (listener, _) = strife_rpc::serve::bind(&listen).await?;
+                let ran = strife_bank::run(opts, listener, shutdown(cli.supervised)).await;
+                strife_rpc::telemetry::shutdown_export().await;
+                ran
+            })
+            .map_err(|e| {
+                tracing::error!("bank failed: {e:#}");
+                fatal(e)
+            })?;
             Ok(Reply::done(serde_json::json!({"stopped": true}), ""))
         }
         command => {

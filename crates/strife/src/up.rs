@@ -152,7 +152,7 @@ pub async fn run(dir: PathBuf, args: UpArgs) -> anyhow::Result<()> {
     }
     let peers = identities(&args.banks)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-    strife_rpc::telemetry::init("up", &dir, "info")?;
+    strife_rpc::telemetry::init("up", &dir, "info", "")?;
     let certs = CertDir::new(&dir);
     let created = certs.init(&peers)?;
     if !created.is_empty() {

@@ -257,6 +257,7 @@ fn every_attack_is_refused_and_changes_nothing() {
             payer: Some(bankpb::Party { user: "user1".into(), bank: "BankA".into() }),
             payee: Some(bankpb::Party { user: "user2".into(), bank: "BankA".into() }),
             amount_minor: 100,
+            traceparent: String::new(),
         };
         t.row(
             "client certificate calling a bank's Prepare",
@@ -278,7 +279,11 @@ fn every_attack_is_refused_and_changes_nothing() {
             Code::PermissionDenied,
             drop_ok(
                 bank.decide_batch(bankpb::DecideBatchRequest {
-                    decisions: vec![bankpb::Decision { txn_id: grpc::new_id(), commit: true }],
+                    decisions: vec![bankpb::Decision {
+                        txn_id: grpc::new_id(),
+                        commit: true,
+                        traceparent: String::new(),
+                    }],
                 })
                 .await,
             ),
@@ -399,7 +404,11 @@ fn every_attack_is_refused_and_changes_nothing() {
             drop_ok(
                 bankpb::bank_service_client::BankServiceClient::new(as_bank_to_bank)
                     .decide_batch(bankpb::DecideBatchRequest {
-                        decisions: vec![bankpb::Decision { txn_id: grpc::new_id(), commit: true }],
+                        decisions: vec![bankpb::Decision {
+                            txn_id: grpc::new_id(),
+                            commit: true,
+                            traceparent: String::new(),
+                        }],
                     })
                     .await,
             ),

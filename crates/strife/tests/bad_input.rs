@@ -338,6 +338,7 @@ fn a_banks_batches_answer_each_item_alone() {
             payer: Some(bankpb::Party { user: payer.0.into(), bank: payer.1.into() }),
             payee: Some(bankpb::Party { user: payee.0.into(), bank: payee.1.into() }),
             amount_minor,
+            traceparent: String::new(),
         };
     rt.block_on(async {
         let ch = grpc::channel(&dir, Peer::Gateway, Peer::Bank("BankA".into()), &bank_a).await.expect("tls");
@@ -386,7 +387,7 @@ fn a_banks_batches_answer_each_item_alone() {
         // Only the good leg holds money.
         assert_eq!(balance(bank.clone(), "user1").await, (before.0.0, before.0.1 - 100));
 
-        let decide = |txn_id: &str, commit: bool| bankpb::Decision { txn_id: txn_id.to_owned(), commit };
+        let decide = |txn_id: &str, commit: bool| bankpb::Decision { txn_id: txn_id.to_owned(), commit, traceparent: String::new() };
         let never_prepared = grpc::new_id();
         let results = bank
             .decide_batch(bankpb::DecideBatchRequest {

@@ -145,6 +145,7 @@ fn valid_requests() -> Vec<Vec<u8>> {
                 payer: party("user1", "BankA"),
                 payee: party("user2", "BankB"),
                 amount_minor: 1250,
+                traceparent: String::new(),
             }
             .encode_to_vec(),
         ),
@@ -190,7 +191,15 @@ fn edge_case_request(rng: &mut Rng) -> Vec<u8> {
                     [rng.below(7) as usize],
                 _ => 1 + rng.below(AMOUNT_MAX_MINOR as u64) as i64,
             };
-            bank::PrepareRequest { txn_id, payment_id, payer, payee, amount_minor }.encode_to_vec()
+            bank::PrepareRequest {
+                txn_id,
+                payment_id,
+                payer,
+                payee,
+                amount_minor,
+                traceparent: String::new(),
+            }
+            .encode_to_vec()
         }
         Rpc::GatewayHistory => {
             let page_size = (rng.next() as u32 >> rng.below(32)) as i32;
