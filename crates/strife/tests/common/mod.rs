@@ -2,6 +2,7 @@
 //! SQLite in a temporary directory. Processes are killed when dropped.
 #![allow(dead_code, unused_imports)]
 
+pub mod browser;
 pub mod fault;
 pub mod grpc;
 pub mod netns;
