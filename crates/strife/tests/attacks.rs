@@ -736,22 +736,9 @@ fn tls_layer(e: tonic::Status) -> tonic::Status {
     }
 }
 
+/// base64url, as in a JWT.
 fn base64_decode(s: &str) -> Vec<u8> {
-    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-    let mut bits = 0u32;
-    let mut n = 0;
-    let mut out = Vec::new();
-    for ch in s.bytes() {
-        let v = alphabet.iter().position(|&a| a == ch).expect("base64url") as u32;
-        bits = (bits << 6) | v;
-        n += 6;
-        if n >= 8 {
-            n -= 8;
-            out.push((bits >> n) as u8);
-            bits &= (1 << n) - 1;
-        }
-    }
-    out
+    common::decode_base64(s, b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
 }
 
 fn base64_encode(data: &[u8]) -> String {

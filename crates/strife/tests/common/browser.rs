@@ -167,7 +167,8 @@ impl Browser {
     /// A PNG of the window, written to `path`.
     pub fn screenshot(&self, path: &Path) {
         let data = self.call("GET", "/screenshot", &Value::Null);
-        let png = decode_base64(data.as_str().expect("a screenshot"));
+        let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+        let png = super::decode_base64(data.as_str().expect("a screenshot"), alphabet);
         assert!(png.starts_with(b"\x89PNG"), "not a PNG");
         if let Some(dir) = path.parent() {
             std::fs::create_dir_all(dir).expect("screenshot directory");
@@ -244,23 +245,6 @@ fn dechunk(mut rest: &str) -> String {
         }
         out.push_str(&after[..n.min(after.len())]);
         rest = after.get(n + 2..).unwrap_or("");
-    }
-    out
-}
-
-/// Standard base64 (with padding), as WebDriver sends screenshots.
-fn decode_base64(text: &str) -> Vec<u8> {
-    let alphabet = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
-    let (mut bits, mut n, mut out) = (0u32, 0u32, Vec::with_capacity(text.len() * 3 / 4));
-    for ch in text.bytes().filter(|c| *c != b'=' && !c.is_ascii_whitespace()) {
-        let v = alphabet.iter().position(|&a| a == ch).expect("base64") as u32;
-        bits = (bits << 6) | v;
-        n += 6;
-        if n >= 8 {
-            n -= 8;
-            out.push((bits >> n) as u8);
-            bits &= (1 << n) - 1;
-        }
     }
     out
 }

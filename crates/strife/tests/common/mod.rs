@@ -479,3 +479,20 @@ pub fn wait_audit_ok_with(dir: &Path, envs: &[(&str, &str)]) -> Value {
 
 /// The seeded PRNG, so a failing run can be replayed, and its seed.
 pub use strife_core::rng::{SplitMix64 as Rng, seed_from_env};
+
+/// Decodes base64 in `alphabet` (standard or URL-safe), skipping padding
+/// and white space.
+pub fn decode_base64(text: &str, alphabet: &[u8; 64]) -> Vec<u8> {
+    let (mut bits, mut n, mut out) = (0u32, 0u32, Vec::with_capacity(text.len() * 3 / 4));
+    for ch in text.bytes().filter(|c| *c != b'=' && !c.is_ascii_whitespace()) {
+        let v = alphabet.iter().position(|&a| a == ch).expect("base64") as u32;
+        bits = (bits << 6) | v;
+        n += 6;
+        if n >= 8 {
+            n -= 8;
+            out.push((bits >> n) as u8);
+            bits &= (1 << n) - 1;
+        }
+    }
+    out
+}
