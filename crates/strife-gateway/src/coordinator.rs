@@ -374,6 +374,7 @@ impl<S: GatewayStore> Gateway<S> {
         tracing::info!(%txn_id, payment_id = %req.payment_id, decision = decision.as_str(), reason = reason.map(|r| r.code()), "payment decided");
         count_outcome(&outcome);
         metrics::GATEWAY.payment_seconds.observe(started.elapsed().as_secs_f64());
+        crate::live::record(outcome == Outcome::Committed, started.elapsed());
         Ok(PayOutcome { outcome, replayed: false })
     }
 

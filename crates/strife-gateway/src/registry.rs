@@ -341,6 +341,27 @@ impl Registry {
         out
     }
 
+    /// `(name, address, reachable, time since it last registered)` of every
+    /// replica of every bank, sorted: the dashboard's health table.
+    pub fn health(&self) -> Vec<(String, String, bool, Option<Duration>)> {
+        let Ok(banks) = self.banks.read() else { return Vec::new() };
+        let mut out: Vec<_> = banks
+            .iter()
+            .flat_map(|(name, bank)| {
+                bank.replicas.iter().map(|k| {
+                    (
+                        name.clone(),
+                        k.replica.address.clone(),
+                        k.live(self.stale_after),
+                        k.last_seen.map(|t| t.elapsed()),
+                    )
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.0, &a.1).cmp(&(&b.0, &b.1)));
+        out
+    }
+
     fn replica(&self, name: &str, address: &str) -> anyhow::Result<Replica> {
         let channel = self
             .tls
