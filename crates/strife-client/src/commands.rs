@@ -836,6 +836,7 @@ impl Client {
             address,
             pid: None,
             metrics: None,
+            admin: None,
         });
         let banks = registered.iter().map(|b| Instance {
             role: Role::Bank,
@@ -844,6 +845,7 @@ impl Client {
             address: b.address.clone(),
             pid: None,
             metrics: None,
+            admin: None,
         });
         Ok(gateways.chain(banks).collect())
     }
