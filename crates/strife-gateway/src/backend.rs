@@ -20,7 +20,8 @@
 
 use crate::error::GatewayError;
 use crate::store::{
-    Cursor, PageQuery, PaymentCounts, PaymentEvent, PaymentFilter, PaymentPage, PaymentRecord, PaymentState, Store,
+    Cursor, PageQuery, PaymentCounts, PaymentEvent, PaymentFilter, PaymentPage, PaymentRecord, PaymentState,
+    Store,
 };
 use crate::throttle::{self, Entry, Rule};
 use crate::tokens::SigningKey;

@@ -108,7 +108,8 @@ impl<S: GatewayStore> Dashboard<S> {
             );
         }
         let now = crate::tokens::now_secs();
-        let Some((id, session)) = session_cookie(&req).and_then(|id| Some((id.clone(), self.access.session(&id, now)?)))
+        let Some((id, session)) =
+            session_cookie(&req).and_then(|id| Some((id.clone(), self.access.session(&id, now)?)))
         else {
             return refused(
                 StatusCode::UNAUTHORIZED,
@@ -127,7 +128,11 @@ impl<S: GatewayStore> Dashboard<S> {
         };
         result.unwrap_or_else(|e| {
             tracing::warn!(error = %e, "dashboard page failed");
-            refused(StatusCode::INTERNAL_SERVER_ERROR, "Error", "The page could not be made; see the gateway's log.")
+            refused(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "Error",
+                "The page could not be made; see the gateway's log.",
+            )
         })
     }
 
@@ -140,7 +145,8 @@ impl<S: GatewayStore> Dashboard<S> {
                     "{SESSION_COOKIE}={id}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}{secure}",
                     self.access.session_ttl().as_secs()
                 );
-                let mut r = respond(StatusCode::SEE_OTHER, "text/plain; charset=utf-8", "logged in".to_owned());
+                let mut r =
+                    respond(StatusCode::SEE_OTHER, "text/plain; charset=utf-8", "logged in".to_owned());
                 if let Ok(v) = HeaderValue::from_str(&cookie) {
                     r.headers_mut().insert(header::SET_COOKIE, v);
                 }
@@ -176,11 +182,12 @@ impl<S: GatewayStore> Dashboard<S> {
             return refused(StatusCode::FORBIDDEN, "Refused", "The form's CSRF token is missing or wrong.");
         }
         self.access.logout(id);
-        let mut r = refused(StatusCode::OK, "Logged out", "You are logged out. Open a new login link to come back.");
+        let mut r =
+            refused(StatusCode::OK, "Logged out", "You are logged out. Open a new login link to come back.");
         let secure = if self.tls { "; Secure" } else { "" };
-        if let Ok(v) =
-            HeaderValue::from_str(&format!("{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0{secure}"))
-        {
+        if let Ok(v) = HeaderValue::from_str(&format!(
+            "{SESSION_COOKIE}=; HttpOnly; SameSite=Strict; Path=/; Max-Age=0{secure}"
+        )) {
             r.headers_mut().insert(header::SET_COOKIE, v);
         }
         r
@@ -211,7 +218,10 @@ impl<S: GatewayStore> Dashboard<S> {
         if let Some(age) = oldest_undecided_secs
             && age >= i64::try_from(self.in_doubt_alarm.as_secs()).unwrap_or(i64::MAX)
         {
-            alarms.push(("in-doubt", format!("a payment has been undecided for {age} s: its banks hold legs in doubt")));
+            alarms.push((
+                "in-doubt",
+                format!("a payment has been undecided for {age} s: its banks hold legs in doubt"),
+            ));
         }
         for (name, address, reachable, _) in &banks {
             if !reachable {
@@ -267,7 +277,10 @@ impl<S: GatewayStore> Dashboard<S> {
         h.push_str("<section><h2>Decline reasons</h2><table id=\"declines\"><tr><th>Reason</th><th>Payments</th></tr>");
         for (reason, n) in &f.declines {
             let r = esc(reason);
-            let _ = write!(h, r#"<tr data-testid="decline-reason" data-reason="{r}"><td>{r}</td><td id="decline-{r}">{n}</td></tr>"#);
+            let _ = write!(
+                h,
+                r#"<tr data-testid="decline-reason" data-reason="{r}"><td>{r}</td><td id="decline-{r}">{n}</td></tr>"#
+            );
         }
         h.push_str("</table></section>");
         h.push_str(
@@ -338,7 +351,10 @@ impl<S: GatewayStore> Dashboard<S> {
             match UserRef::from_str(&q) {
                 Ok(who) => {
                     let page = store
-                        .list_payments(who, PageQuery { limit: PAGE_ROWS_MAX, after: before, ..PageQuery::default() })
+                        .list_payments(
+                            who,
+                            PageQuery { limit: PAGE_ROWS_MAX, after: before, ..PageQuery::default() },
+                        )
                         .await?;
                     (page.payments, page.next)
                 }
@@ -427,7 +443,9 @@ impl<S: GatewayStore> Dashboard<S> {
         }
         h.push_str("</ol>");
         if events.is_empty() {
-            h.push_str(r#"<p class="note">No timeline recorded (it is best-effort: a crash may lose it).</p>"#);
+            h.push_str(
+                r#"<p class="note">No timeline recorded (it is best-effort: a crash may lose it).</p>"#,
+            );
         }
         h.push_str("</section>");
         Ok(page("Payment", &h, None))
@@ -542,7 +560,11 @@ fn page(title: &str, body: &str, session: Option<&Session>) -> Response<Body> {
 
 /// A short page saying why (its message is trusted HTML: callers escape).
 fn refused(status: StatusCode, title: &str, message_html: &str) -> Response<Body> {
-    let mut r = page(title, &format!(r#"<section id="message"><h2>{}</h2><p>{message_html}</p></section>"#, esc(title)), None);
+    let mut r = page(
+        title,
+        &format!(r#"<section id="message"><h2>{}</h2><p>{message_html}</p></section>"#, esc(title)),
+        None,
+    );
     *r.status_mut() = status;
     r
 }
@@ -602,7 +624,10 @@ fn url_decode(text: &str) -> String {
         match bytes[i] {
             b'+' => out.push(b' '),
             b'%' if i + 2 < bytes.len() => {
-                match std::str::from_utf8(&bytes[i + 1..i + 3]).ok().and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                match std::str::from_utf8(&bytes[i + 1..i + 3])
+                    .ok()
+                    .and_then(|h| u8::from_str_radix(h, 16).ok())
+                {
                     Some(b) => {
                         out.push(b);
                         i += 2;

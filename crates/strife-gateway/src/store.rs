@@ -137,8 +137,8 @@ INSERT INTO cluster (only_row, id) VALUES (1, lower(
 
 /// Version 6: each payment's 2PC timeline for the admin dashboard (begin,
 /// each bank's vote, the decision, each acknowledgement), best-effort:
-/// written lazily, never forced on its own; and an index of every payment
-/// by time, for the dashboard's list of recent payments.
+/// written lazily, never forced on its own. (The dashboard lists recent
+/// payments by `txn_id`, time-ordered: no new index on the payments.)
 const SCHEMA_V6: &str = "
 CREATE TABLE payment_events (
     txn_id TEXT NOT NULL,
@@ -151,7 +151,6 @@ CREATE TABLE payment_events (
 ) STRICT;
 CREATE INDEX payment_events_by_txn ON payment_events (txn_id, at);
 CREATE INDEX payment_events_by_time ON payment_events (at);
-CREATE INDEX payments_by_time ON payments (created_at, txn_id);
 ";
 
 /// The schema's versions in order: a database at `PRAGMA user_version` n
@@ -353,7 +352,13 @@ pub const EVENTS_PER_PAYMENT_MAX: u32 = 100;
 pub const EVENT_DETAIL_MAX: usize = 200;
 
 impl PaymentEvent {
-    pub fn new(txn_id: &str, at_ms: i64, kind: &'static str, bank: Option<&str>, detail: String) -> PaymentEvent {
+    pub fn new(
+        txn_id: &str,
+        at_ms: i64,
+        kind: &'static str,
+        bank: Option<&str>,
+        detail: String,
+    ) -> PaymentEvent {
         let mut detail = detail;
         if detail.len() > EVENT_DETAIL_MAX {
             let mut end = EVENT_DETAIL_MAX;
@@ -614,9 +619,9 @@ impl Store {
 
     /// Adds timeline events (best-effort: the caller runs this lazily).
     pub fn record_events(&mut self, events: &[PaymentEvent]) -> rusqlite::Result<()> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("INSERT INTO payment_events (txn_id, at, kind, bank, detail) VALUES (?1, ?2, ?3, ?4, ?5)")?;
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO payment_events (txn_id, at, kind, bank, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
         for e in events {
             stmt.execute(params![e.txn_id, e.at_ms, e.kind, e.bank, e.detail])?;
         }
@@ -651,11 +656,13 @@ impl Store {
         let upper = before.map_or((i64::MAX, String::new()), |c| (c.created_at_ms, c.txn_id.clone()));
         match filter {
             PaymentFilter::All => {
+                // By transaction id, time-ordered (UUID v7): the primary key,
+                // no index of its own on the write path.
+                let txn = if upper.1.is_empty() { "~".to_owned() } else { upper.1 };
                 let mut stmt = self.conn.prepare_cached(&format!(
-                    "SELECT {PAYMENT_COLUMNS} FROM payments INDEXED BY payments_by_time \
-                     WHERE (created_at, txn_id) < (?1, ?2) ORDER BY created_at DESC, txn_id DESC LIMIT ?3"
+                    "SELECT {PAYMENT_COLUMNS} FROM payments WHERE txn_id < ?1 ORDER BY txn_id DESC LIMIT ?2"
                 ))?;
-                let rows = stmt.query_map(params![upper.0, upper.1, limit], payment_from_row)?;
+                let rows = stmt.query_map(params![txn, limit], payment_from_row)?;
                 rows.collect()
             }
             PaymentFilter::PaymentId(id) => {
@@ -675,7 +682,8 @@ impl Store {
         let mut stmt = self.conn.prepare_cached(
             "SELECT COALESCE(reason, 'none'), COUNT(*) FROM payments WHERE state = 'aborted' GROUP BY 1 ORDER BY 2 DESC",
         )?;
-        let rows = stmt.query_map([], |r| Ok((r.get(0)?, u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0))))?;
+        let rows =
+            stmt.query_map([], |r| Ok((r.get(0)?, u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0))))?;
         rows.collect()
     }
 

@@ -625,7 +625,10 @@ fn admin_url(dir: &std::path::Path, admin: Option<String>) -> anyhow::Result<Rep
     let certs = CertDir::new(dir);
     let key = certs.path.join(strife_gateway::admin_access::ADMIN_KEY_FILE);
     if !key.exists() {
-        anyhow::bail!("no admin key at {}: start the cluster (strife up or strife gateway) first", key.display());
+        anyhow::bail!(
+            "no admin key at {}: start the cluster (strife up or strife gateway) first",
+            key.display()
+        );
     }
     let addr = match admin {
         Some(a) => a,

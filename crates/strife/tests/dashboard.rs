@@ -39,7 +39,10 @@ fn log_in(link: &str) -> String {
     let (addr, path) = split_link(link);
     let (status, head, _) = http(&addr, "GET", &path, &[], "");
     assert_eq!(status, 303, "a good link logs in: {head}");
-    assert!(head.contains("httponly") && head.contains("samesite=strict") && head.contains("path=/"), "{head}");
+    assert!(
+        head.contains("httponly") && head.contains("samesite=strict") && head.contains("path=/"),
+        "{head}"
+    );
     let cookie = head
         .lines()
         .find_map(|l| l.strip_prefix("set-cookie: "))
@@ -86,14 +89,16 @@ fn the_dashboard_is_for_operators_and_shows_what_happened() {
     let (up, _ready, lines) = spawn_until(&dir.0, &["up", "--port", "0"], "strife: ready ", FAST);
     let mut up = Up(up);
     let line = lines.recv_timeout(WAIT).expect("a line after the ready line");
-    let link = line.strip_prefix("strife: dashboard ").unwrap_or_else(|| panic!("not the dashboard line: {line}"));
+    let link =
+        line.strip_prefix("strife: dashboard ").unwrap_or_else(|| panic!("not the dashboard line: {line}"));
     let (addr, _) = split_link(link);
 
     // No session: 401 saying how to get a link; a customer's token opens nothing.
     let (status, body) = get(&addr, "/", "");
     assert_eq!(status, 401);
     assert!(body.contains("strife admin url"), "{body}");
-    let run = run_cli(&dir.0, &["login", "--bank", "BankA", "--user", "user1"], &[("STRIFE_PASSWORD", "pass1")]);
+    let run =
+        run_cli(&dir.0, &["login", "--bank", "BankA", "--user", "user1"], &[("STRIFE_PASSWORD", "pass1")]);
     assert_eq!(run.code, 0, "{run:?}");
     let gateway = std::fs::read_to_string(dir.0.join("gateway.addr")).expect("gateway.addr");
     let token = grpc::runtime().block_on(async {
@@ -102,7 +107,8 @@ fn the_dashboard_is_for_operators_and_shows_what_happened() {
     });
     let (status, _, body) = http(&addr, "GET", "/", &[("Authorization", &format!("Bearer {token}"))], "");
     assert_eq!(status, 401, "a customer's token is refused: {body}");
-    let (status, _, _) = http(&addr, "GET", "/api/overview", &[("Authorization", &format!("Bearer {token}"))], "");
+    let (status, _, _) =
+        http(&addr, "GET", "/api/overview", &[("Authorization", &format!("Bearer {token}"))], "");
     assert_eq!(status, 401);
 
     // The link of `up` logs in once; `strife admin url` makes fresh ones.
@@ -184,7 +190,11 @@ fn the_dashboard_is_for_operators_and_shows_what_happened() {
         .expect("a CSRF token in the logout form");
     let form = [("Cookie", cookie2.as_str()), ("Content-Type", "application/x-www-form-urlencoded")];
     assert_eq!(http(&addr, "POST", "/logout", &form, "").0, 403, "no CSRF token");
-    assert_eq!(http(&addr, "POST", "/logout", &form, &format!("csrf={csrf}")).0, 403, "another session's token");
+    assert_eq!(
+        http(&addr, "POST", "/logout", &form, &format!("csrf={csrf}")).0,
+        403,
+        "another session's token"
+    );
     let (_, page2) = get(&addr, "/", &cookie2);
     let csrf2 = page2.split(r#"id="csrf" value=""#).nth(1).and_then(|r| r.split('"').next()).expect("csrf");
     assert_eq!(http(&addr, "POST", "/logout", &form, &format!("csrf={csrf2}")).0, 200);
@@ -202,7 +212,8 @@ fn the_dashboard_is_for_operators_and_shows_what_happened() {
         .expect("BankB's pid");
     let pid = nix::unistd::Pid::from_raw(i32::try_from(bank_pid).expect("pid"));
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("pause BankB");
-    let alarmed = wait_page(&addr, "/", &cookie, "the alarm", |b| b.contains(r#"data-alarm="bank-unreachable""#));
+    let alarmed =
+        wait_page(&addr, "/", &cookie, "the alarm", |b| b.contains(r#"data-alarm="bank-unreachable""#));
     assert!(alarmed.contains(r#"class="alarm""#), "{alarmed}");
     assert!(alarmed.contains(r#"data-bank="BankB" class="unreachable""#), "{alarmed}");
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("resume BankB");
