@@ -43,13 +43,11 @@ fn log_in(link: &str) -> String {
         head.contains("httponly") && head.contains("samesite=strict") && head.contains("path=/"),
         "{head}"
     );
-    let cookie = head
-        .lines()
+    head.lines()
         .find_map(|l| l.strip_prefix("set-cookie: "))
         .and_then(|c| c.split(';').next())
         .expect("a session cookie")
-        .to_owned();
-    cookie
+        .to_owned()
 }
 
 fn get(addr: &str, path: &str, cookie: &str) -> (u16, String) {
