@@ -797,7 +797,7 @@ impl Client {
             let mut entry = json!({
                 "role": instance.role.as_str(), "name": instance.name, "replica": instance.replica,
                 "address": instance.address, "pid": pid, "healthy": healthy,
-                "metrics": instance.metrics,
+                "metrics": instance.metrics, "admin": instance.admin,
             });
             if let Some(registered) = &registered
                 && instance.role.registers()

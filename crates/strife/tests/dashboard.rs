@@ -128,6 +128,12 @@ fn the_dashboard_is_for_operators_and_shows_what_happened() {
     let forged = format!("{}{flipped}", &good[..good.len() - 1]);
     assert_eq!(http(&addr4, "GET", &forged, &[], "").0, 401, "a link with a wrong signature is refused");
     let cookie2 = log_in(&fresh);
+    let status = run_cli(&dir.0, &["--json", "status"], &[]).json();
+    let gateway_entry = status["instances"]
+        .as_array()
+        .and_then(|l| l.iter().find(|i| i["role"] == "gateway").cloned())
+        .expect("the gateway in status");
+    assert_eq!(gateway_entry["admin"], addr.as_str(), "status lists the dashboard's address");
 
     // Payments, some declined.
     let pay = |to: &str, amount: &str| {
