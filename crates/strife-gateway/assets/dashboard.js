@@ -75,6 +75,8 @@
           cells[i].textContent = health;
           cells[i].className = health;
           row.children[3].textContent = b.last_seen_secs === null ? "never" : b.last_seen_secs.toFixed(1) + " s ago";
+          row.children[4].textContent = b.in_doubt;
+          row.children[5].textContent = b.in_doubt_oldest;
         }
       }
     });

@@ -474,6 +474,7 @@ pub async fn counts_and_pruning<S: GatewayStore>(s: &S, b: &S) {
     insert(s, &PaymentRecord { acked: true, ..record(5, 5, &x, &y, PaymentState::Aborted) }).await;
     let c = b.counts().await.expect("counts");
     assert_eq!((c.committed, c.aborted, c.preparing), (3, 2, 1));
+    assert_eq!(c.undelivered, 3, "decided, not acknowledged");
     // created_at = 1,000 + n: only finished payments before the bound go.
     assert_eq!(b.prune(1_005).await.expect("prune"), 1);
     assert_eq!(s.find_txn(uuid_of(4)).await.expect("find"), None);

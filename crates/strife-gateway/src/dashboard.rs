@@ -16,6 +16,7 @@ use crate::admin_access::{Access, LinkRefused, SESSION_COOKIE, Session, same_sec
 use crate::backend::GatewayStore;
 use crate::coordinator::Gateway;
 use crate::live;
+use crate::registry::ReplicaHealth;
 use crate::store::{Cursor, PageQuery, PaymentEvent, PaymentFilter, PaymentRecord, PaymentState};
 use axum::body::Body;
 use axum::http::{HeaderValue, Method, Request, Response, StatusCode, header};
@@ -30,6 +31,8 @@ use strife_rpc::metrics;
 pub const PAGE_ROWS_MAX: u32 = 50;
 /// Longest search query read.
 pub const QUERY_MAX_BYTES: usize = 200;
+/// Longest the overview waits for a bank's `GetStatus`.
+const BANK_STATUS_TIMEOUT: Duration = Duration::from_millis(500);
 /// Largest form body read (logout).
 const FORM_MAX_BYTES: usize = 4096;
 
@@ -201,9 +204,9 @@ impl<S: GatewayStore> Dashboard<S> {
         let now_ms = strife_core::unix_ms();
         let oldest = store.preparing_before(now_ms, 1).await?;
         let oldest_undecided_secs = oldest.first().map(|p| (now_ms - p.created_at_ms).max(0) / 1000);
-        let banks = self.gateway.registry.health();
+        let banks = bank_statuses(self.gateway.registry.health()).await;
         let conflicts = metrics::GATEWAY.decision_conflicts.get();
-        let undelivered = metrics::GATEWAY.undelivered.get();
+        let undelivered = counts.undelivered;
         let store_failures: u64 = ["disk_full", "io_error", "cannot_open", "read_only", "other"]
             .iter()
             .map(|c| metrics::STORE.failures.get_or_create(&[("cause", c)]).get())
@@ -223,9 +226,26 @@ impl<S: GatewayStore> Dashboard<S> {
                 format!("a payment has been undecided for {age} s: its banks hold legs in doubt"),
             ));
         }
-        for (name, address, reachable, _) in &banks {
-            if !reachable {
-                alarms.push(("bank-unreachable", format!("bank {name} at {address} is unreachable")));
+        let alarm_ms = i64::try_from(self.in_doubt_alarm.as_millis()).unwrap_or(i64::MAX);
+        for b in &banks {
+            if !b.health.reachable {
+                alarms.push((
+                    "bank-unreachable",
+                    format!("bank {} at {} is unreachable", b.health.name, b.health.address),
+                ));
+            }
+            if let Some((legs, Some(oldest))) = b.in_doubt
+                && now_ms - oldest >= alarm_ms
+            {
+                alarms.push((
+                    "in-doubt-leg",
+                    format!(
+                        "bank {} at {} holds {legs} leg(s) in doubt, the oldest for {} s",
+                        b.health.name,
+                        b.health.address,
+                        (now_ms - oldest) / 1000
+                    ),
+                ));
             }
         }
         if store_failures > 0 {
@@ -249,6 +269,7 @@ impl<S: GatewayStore> Dashboard<S> {
 
     async fn overview(&self, session: &Session) -> anyhow::Result<Response<Body>> {
         let f = self.facts().await?;
+        let now_ms = strife_core::unix_ms();
         let mut h = String::new();
         h.push_str(&alarm_banner(&f.alarms));
         let _ = write!(
@@ -258,7 +279,7 @@ impl<S: GatewayStore> Dashboard<S> {
 <tr><th>Declined</th><td id="count-declined">{}</td></tr>
 <tr><th>Undecided now</th><td id="count-preparing">{}</td></tr>
 <tr><th>Oldest undecided</th><td id="in-doubt-oldest">{}</td></tr>
-<tr><th>Undelivered decisions (this replica)</th><td id="undelivered">{}</td></tr>
+<tr><th>Undelivered decisions</th><td id="undelivered">{}</td></tr>
 <tr><th>Decision conflicts (this replica)</th><td id="decision-conflicts">{}</td></tr></table>
 </section>
 <section><h2>Payments per second and latency (this replica, last 5 minutes)</h2>
@@ -285,15 +306,18 @@ impl<S: GatewayStore> Dashboard<S> {
         h.push_str("</table></section>");
         h.push_str(
             "<section><h2>Banks (as this replica sees them)</h2><table id=\"banks\"><tr><th>Bank</th><th>Address</th>\
-             <th>Health</th><th>Last heartbeat</th></tr>",
+             <th>Health</th><th>Last heartbeat</th><th>Legs in doubt</th><th>Oldest in doubt</th></tr>",
         );
-        for (name, address, reachable, seen) in &f.banks {
-            let (n, a) = (esc(name), esc(address));
-            let health = if *reachable { "up" } else { "unreachable" };
+        for b in &f.banks {
+            let (n, a) = (esc(&b.health.name), esc(&b.health.address));
+            let health = if b.health.reachable { "up" } else { "unreachable" };
+            let (legs, oldest) = in_doubt_cells(b.in_doubt, now_ms);
             let _ = write!(
                 h,
-                r#"<tr data-testid="bank-row" data-bank="{n}"><td>{n}</td><td>{a}</td><td data-testid="bank-health" data-bank="{n}" class="{health}">{health}</td><td>{}</td></tr>"#,
-                seen.map_or_else(|| "never".to_owned(), |d| format!("{:.1} s ago", d.as_secs_f64())),
+                r#"<tr data-testid="bank-row" data-bank="{n}"><td>{n}</td><td>{a}</td><td data-testid="bank-health" data-bank="{n}" class="{health}">{health}</td><td>{}</td><td data-testid="bank-in-doubt" data-bank="{n}">{legs}</td><td data-testid="bank-in-doubt-oldest" data-bank="{n}">{oldest}</td></tr>"#,
+                b.health
+                    .last_seen
+                    .map_or_else(|| "never".to_owned(), |d| format!("{:.1} s ago", d.as_secs_f64())),
             );
         }
         h.push_str("</table></section>");
@@ -310,6 +334,7 @@ impl<S: GatewayStore> Dashboard<S> {
 
     async fn overview_json(&self) -> anyhow::Result<Response<Body>> {
         let f = self.facts().await?;
+        let now_ms = strife_core::unix_ms();
         let samples: Vec<serde_json::Value> = live::samples()
             .iter()
             .map(|s| {
@@ -325,9 +350,14 @@ impl<S: GatewayStore> Dashboard<S> {
             "undelivered": f.undelivered,
             "decision_conflicts": f.conflicts,
             "declines": f.declines.iter().map(|(r, n)| serde_json::json!({"reason": r, "count": n})).collect::<Vec<_>>(),
-            "banks": f.banks.iter().map(|(n, a, up, seen)| serde_json::json!({
-                "name": n, "address": a, "reachable": up, "last_seen_secs": seen.map(|d| d.as_secs_f64()),
-            })).collect::<Vec<_>>(),
+            "banks": f.banks.iter().map(|b| {
+                let (legs, oldest) = in_doubt_cells(b.in_doubt, now_ms);
+                serde_json::json!({
+                    "name": b.health.name, "address": b.health.address, "reachable": b.health.reachable,
+                    "last_seen_secs": b.health.last_seen.map(|d| d.as_secs_f64()),
+                    "in_doubt": legs, "in_doubt_oldest": oldest,
+                })
+            }).collect::<Vec<_>>(),
             "alarms": f.alarms.iter().map(|(code, msg)| serde_json::json!({"code": code, "message": msg})).collect::<Vec<_>>(),
             "samples": samples,
         });
@@ -459,10 +489,65 @@ struct Facts {
     preparing: u64,
     oldest_undecided_secs: Option<i64>,
     declines: Vec<(String, u64)>,
-    banks: Vec<(String, String, bool, Option<Duration>)>,
-    undelivered: i64,
+    banks: Vec<BankStatus>,
+    undelivered: u64,
     conflicts: u64,
     alarms: Vec<(&'static str, String)>,
+}
+
+/// A bank replica's health and what it said of its legs in doubt.
+struct BankStatus {
+    health: ReplicaHealth,
+    /// `(legs, when the oldest was prepared)`; `None` when it did not answer.
+    in_doubt: Option<(i64, Option<i64>)>,
+}
+
+/// Asks every reachable replica for its legs in doubt (`GetStatus`), all
+/// at once, each for at most [`BANK_STATUS_TIMEOUT`].
+async fn bank_statuses(replicas: Vec<ReplicaHealth>) -> Vec<BankStatus> {
+    let mut asks = tokio::task::JoinSet::new();
+    for (i, r) in replicas.iter().enumerate() {
+        if !r.reachable {
+            continue;
+        }
+        let mut client = r.client.clone();
+        asks.spawn(async move {
+            let answer = tokio::time::timeout(
+                BANK_STATUS_TIMEOUT,
+                client.get_status(strife_proto::bank::v1::GetStatusRequest {}),
+            )
+            .await;
+            let doubt = match answer {
+                Ok(Ok(resp)) => {
+                    let s = resp.into_inner();
+                    let oldest =
+                        (s.oldest_in_doubt_prepared_at_ms > 0).then_some(s.oldest_in_doubt_prepared_at_ms);
+                    Some((s.in_doubt_legs, oldest))
+                }
+                _ => None,
+            };
+            (i, doubt)
+        });
+    }
+    let mut out: Vec<BankStatus> =
+        replicas.into_iter().map(|health| BankStatus { health, in_doubt: None }).collect();
+    while let Some(done) = asks.join_next().await {
+        if let Ok((i, doubt)) = done
+            && let Some(slot) = out.get_mut(i)
+        {
+            slot.in_doubt = doubt;
+        }
+    }
+    out
+}
+
+/// The "legs in doubt" and "oldest" cells of a bank.
+fn in_doubt_cells(in_doubt: Option<(i64, Option<i64>)>, now_ms: i64) -> (String, String) {
+    match in_doubt {
+        None => ("?".to_owned(), "?".to_owned()),
+        Some((legs, None)) => (legs.to_string(), "none".to_owned()),
+        Some((legs, Some(at))) => (legs.to_string(), format!("{} s", (now_ms - at).max(0) / 1000)),
+    }
 }
 
 fn alarm_banner(alarms: &[(&'static str, String)]) -> String {

@@ -613,6 +613,11 @@ impl GatewayStore for PostgresStore {
                 _ => counts.preparing = n,
             }
         }
+        let stmt = client
+            .prepare_cached("SELECT COUNT(*) FROM payments WHERE NOT acked AND state <> 'preparing'")
+            .await?;
+        let undelivered: i64 = client.query_one(&stmt, &[]).await?.try_get(0)?;
+        counts.undelivered = u64::try_from(undelivered).unwrap_or(0);
         Ok(counts)
     }
 

@@ -397,6 +397,8 @@ pub struct PaymentCounts {
     pub committed: u64,
     pub aborted: u64,
     pub preparing: u64,
+    /// Decided, and some bank has not acknowledged the decision yet.
+    pub undelivered: u64,
 }
 
 pub struct Store {
@@ -719,6 +721,11 @@ impl Store {
                 PaymentState::Preparing => counts.preparing = n,
             }
         }
+        let undelivered: i64 = self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM payments WHERE acked = 0 AND state != 'preparing'")?
+            .query_row([], |r| r.get(0))?;
+        counts.undelivered = u64::try_from(undelivered).unwrap_or(0);
         Ok(counts)
     }
 

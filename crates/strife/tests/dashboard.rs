@@ -155,6 +155,12 @@ fn the_dashboard_is_for_operators_and_shows_what_happened() {
             "{bank} up: {overview}"
         );
     }
+    // Each bank says how many legs it holds in doubt (GetStatus): none, once every decision landed.
+    wait_page(&addr, "/", &cookie, "no leg in doubt", |b| {
+        ["BankA", "BankB"]
+            .iter()
+            .all(|bank| b.contains(&format!(r#"data-testid="bank-in-doubt" data-bank="{bank}">0<"#)))
+    });
     let (status, json) = get(&addr, "/api/overview", &cookie2);
     assert_eq!(status, 200);
     let json: serde_json::Value = serde_json::from_str(&json).expect("JSON");
