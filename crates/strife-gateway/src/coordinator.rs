@@ -342,7 +342,8 @@ impl<S: GatewayStore> Gateway<S> {
             reason = Some(DeclineReason::Timeout);
         }
         strife_rpc::fault::crash_point("gateway.after_decision");
-        self.store.record_events(vec![decision_event(&txn_id, decision, reason)]);
+        // Recorded with the acknowledgements (one lazy write, not two).
+        let decided_event = decision_event(&txn_id, decision, reason);
         let decided = std::time::Instant::now();
         metrics::GATEWAY
             .phase_seconds
@@ -353,9 +354,13 @@ impl<S: GatewayStore> Gateway<S> {
         // decision is already durable, and the finisher delivers the rest.
         let delivered = tokio::time::timeout(
             self.config.commit_timeout(),
-            self.deliver(&txn_id, decision, &banks, &prepare.traceparent),
+            self.deliver(&txn_id, decision, &banks, &prepare.traceparent, vec![decided_event.clone()]),
         )
         .await;
+        if delivered.is_err() {
+            // Cut short with its events: the decision's step still goes in.
+            self.store.record_events(vec![decided_event]);
+        }
         strife_rpc::fault::crash_point("gateway.after_commit_sent");
         metrics::GATEWAY
             .phase_seconds
@@ -444,8 +449,10 @@ impl<S: GatewayStore> Gateway<S> {
         decision: PaymentState,
         banks: &[(String, BankEntry)],
         traceparent: &str,
+        mut events: Vec<PaymentEvent>,
     ) -> bool {
         if banks.is_empty() {
+            self.store.record_events(events);
             return false;
         }
         let acks = on_each_bank(banks, |name, entry| {
@@ -473,11 +480,11 @@ impl<S: GatewayStore> Gateway<S> {
         })
         .await;
         let all = acks.iter().all(|(_, ok, _, _)| *ok);
-        self.store.record_events(
+        events.extend(
             acks.into_iter()
-                .map(|(name, _, at, detail)| PaymentEvent::new(txn_id, at, "ack", Some(&name), detail))
-                .collect(),
+                .map(|(name, _, at, detail)| PaymentEvent::new(txn_id, at, "ack", Some(&name), detail)),
         );
+        self.store.record_events(events);
         all
     }
 
@@ -547,7 +554,7 @@ impl<S: GatewayStore> Gateway<S> {
         let all_known = banks.len() == names.len();
         let delivered = tokio::time::timeout(
             self.config.commit_timeout(),
-            self.deliver(&p.txn_id, p.state, &banks, &trace.header()),
+            self.deliver(&p.txn_id, p.state, &banks, &trace.header(), Vec::new()),
         )
         .await
             == Ok(true);
