@@ -410,6 +410,17 @@ impl<L: Ledger> pb::bank_service_server::BankService for BankService<L> {
         Ok(Response::new(pb::GetHistoryResponse { entries: legs.into_iter().map(entry).collect() }))
     }
 
+    async fn get_status(
+        &self,
+        _req: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        let doubt = self.ledger.in_doubt().await?;
+        Ok(Response::new(pb::GetStatusResponse {
+            in_doubt_legs: doubt.legs,
+            oldest_in_doubt_prepared_at_ms: doubt.oldest_prepared_at_ms.unwrap_or(0),
+        }))
+    }
+
     async fn audit(&self, req: Request<pb::AuditRequest>) -> Result<Response<pb::AuditResponse>, Status> {
         let req = req.into_inner();
         let size = match req.page_size {

@@ -797,7 +797,7 @@ impl Client {
             let mut entry = json!({
                 "role": instance.role.as_str(), "name": instance.name, "replica": instance.replica,
                 "address": instance.address, "pid": pid, "healthy": healthy,
-                "metrics": instance.metrics,
+                "metrics": instance.metrics, "admin": instance.admin,
             });
             if let Some(registered) = &registered
                 && instance.role.registers()
@@ -836,6 +836,7 @@ impl Client {
             address,
             pid: None,
             metrics: None,
+            admin: None,
         });
         let banks = registered.iter().map(|b| Instance {
             role: Role::Bank,
@@ -844,6 +845,7 @@ impl Client {
             address: b.address.clone(),
             pid: None,
             metrics: None,
+            admin: None,
         });
         Ok(gateways.chain(banks).collect())
     }

@@ -217,6 +217,7 @@ pub async fn status(dir: &Path, url: &str) -> Seen {
             address: r.entry.address.clone(),
             pid: None,
             metrics: None,
+            admin: None,
         })
         .collect();
     for (r, healthy) in listed.iter_mut().zip(instances::health(dir, &checked).await) {
@@ -324,6 +325,7 @@ mod tests {
             address: "127.0.0.1:9".into(),
             pid: None,
             metrics: None,
+            admin: None,
         }];
         instances::write(&dir, &listed).expect("write");
         assert_eq!(static_gateways(&dir).map(|(l, _)| l), Some(vec!["127.0.0.1:9".to_owned()]));

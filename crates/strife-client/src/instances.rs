@@ -63,6 +63,8 @@ pub struct Instance {
     pub pid: Option<u32>,
     /// Where it serves its Prometheus metrics, when it does.
     pub metrics: Option<String>,
+    /// Where a gateway serves the operator's dashboard, when it does.
+    pub admin: Option<String>,
 }
 
 impl Instance {
@@ -70,6 +72,7 @@ impl Instance {
         json!({
             "role": self.role.as_str(), "name": self.name, "replica": self.replica,
             "address": self.address, "pid": self.pid, "metrics": self.metrics,
+            "admin": self.admin,
         })
     }
 
@@ -81,6 +84,7 @@ impl Instance {
             address: v["address"].as_str()?.to_owned(),
             pid: v["pid"].as_u64().and_then(|p| u32::try_from(p).ok()),
             metrics: v["metrics"].as_str().map(str::to_owned),
+            admin: v["admin"].as_str().map(str::to_owned),
         })
     }
 }
@@ -193,6 +197,7 @@ mod tests {
                 address: "127.0.0.1:1".into(),
                 pid: Some(7),
                 metrics: None,
+                admin: None,
             },
             Instance {
                 role: Role::Bank,
@@ -201,6 +206,7 @@ mod tests {
                 address: "127.0.0.1:2".into(),
                 pid: None,
                 metrics: None,
+                admin: None,
             },
             Instance {
                 role: Role::Postgres,
@@ -209,6 +215,7 @@ mod tests {
                 address: "127.0.0.1:3".into(),
                 pid: Some(9),
                 metrics: None,
+                admin: None,
             },
         ];
         write(&dir, &list).expect("write");

@@ -19,7 +19,10 @@
 //! replica claims the delivery of a decision before it drives it.
 
 use crate::error::GatewayError;
-use crate::store::{PageQuery, PaymentCounts, PaymentPage, PaymentRecord, PaymentState, Store};
+use crate::store::{
+    Cursor, PageQuery, PaymentCounts, PaymentEvent, PaymentFilter, PaymentPage, PaymentRecord, PaymentState,
+    Store,
+};
 use crate::throttle::{self, Entry, Rule};
 use crate::tokens::SigningKey;
 use std::collections::HashSet;
@@ -204,6 +207,30 @@ pub trait GatewayStore: Clone + Send + Sync + 'static {
 
     /// Whether a token was revoked, by this replica or any other.
     fn is_revoked(&self, jti: String) -> impl Future<Output = Result<bool, GatewayError>> + Send;
+
+    /// Adds steps to payments' timelines (the dashboard's), without waiting
+    /// and without forcing anything to disk: best-effort, a crash may lose
+    /// the last ones (never a decision, which is a payment's own state).
+    fn record_events(&self, events: Vec<PaymentEvent>);
+
+    /// A payment's timeline, oldest step first (at most
+    /// [`crate::store::EVENTS_PER_PAYMENT_MAX`]).
+    fn payment_events(
+        &self,
+        txn_id: String,
+    ) -> impl Future<Output = Result<Vec<PaymentEvent>, GatewayError>> + Send;
+
+    /// At most `limit` of the newest payments that match `filter`, older
+    /// than `before` by `(created_at, txn_id)`: the dashboard's list.
+    fn recent_payments(
+        &self,
+        filter: PaymentFilter,
+        before: Option<Cursor>,
+        limit: u32,
+    ) -> impl Future<Output = Result<Vec<PaymentRecord>, GatewayError>> + Send;
+
+    /// Declined payments by reason code, most frequent first.
+    fn decline_counts(&self) -> impl Future<Output = Result<Vec<(String, u64)>, GatewayError>> + Send;
 }
 
 /// [`throttle::IDLE_FORGET`] in ms.
@@ -379,6 +406,31 @@ impl GatewayStore for SqliteStore {
         self.run(move |s| s.revoke(&id, expires_at)).await?;
         self.revoked.write().map_err(|_| internal("revocation lock poisoned"))?.insert(jti);
         Ok(())
+    }
+
+    fn record_events(&self, events: Vec<PaymentEvent>) {
+        self.store.run_lazily(move |s| {
+            if let Err(e) = s.record_events(&events) {
+                tracing::debug!(error = %e, "timeline events not written");
+            }
+        });
+    }
+
+    async fn payment_events(&self, txn_id: String) -> Result<Vec<PaymentEvent>, GatewayError> {
+        self.run(move |s| s.payment_events(&txn_id)).await
+    }
+
+    async fn recent_payments(
+        &self,
+        filter: PaymentFilter,
+        before: Option<Cursor>,
+        limit: u32,
+    ) -> Result<Vec<PaymentRecord>, GatewayError> {
+        self.run(move |s| s.recent_payments(&filter, before.as_ref(), limit)).await
+    }
+
+    async fn decline_counts(&self) -> Result<Vec<(String, u64)>, GatewayError> {
+        self.run(|s| s.decline_counts()).await
     }
 
     fn is_revoked(&self, jti: String) -> impl Future<Output = Result<bool, GatewayError>> + Send {

@@ -45,7 +45,8 @@ macro_rules! conformance_suite {
                 a_revocation_is_seen_by_every_instance,
                 failed_logins_add_up_across_instances,
                 one_cluster_id_for_every_instance,
-                a_bank_keeps_each_address);
+                a_bank_keeps_each_address,
+                the_dashboard_reads_timelines_recent_payments_and_declines);
         }
     };
     (@case $fresh:path, $($case:ident),*) => {
@@ -473,6 +474,7 @@ pub async fn counts_and_pruning<S: GatewayStore>(s: &S, b: &S) {
     insert(s, &PaymentRecord { acked: true, ..record(5, 5, &x, &y, PaymentState::Aborted) }).await;
     let c = b.counts().await.expect("counts");
     assert_eq!((c.committed, c.aborted, c.preparing), (3, 2, 1));
+    assert_eq!(c.undelivered, 3, "decided, not acknowledged");
     // created_at = 1,000 + n: only finished payments before the bound go.
     assert_eq!(b.prune(1_005).await.expect("prune"), 1);
     assert_eq!(s.find_txn(uuid_of(4)).await.expect("find"), None);
@@ -481,6 +483,60 @@ pub async fn counts_and_pruning<S: GatewayStore>(s: &S, b: &S) {
     assert_eq!(s.prune(i64::MAX).await.expect("prune"), 1);
     let c = s.counts().await.expect("counts");
     assert_eq!((c.committed, c.aborted, c.preparing), (2, 1, 1));
+}
+
+pub async fn the_dashboard_reads_timelines_recent_payments_and_declines<S: GatewayStore>(s: &S, b: &S) {
+    use crate::store::{PaymentEvent, PaymentFilter};
+    let (x, y) = (user("x@BankA"), user("y@BankB"));
+    for n in [2u64, 0, 1, 3] {
+        insert(s, &record(n, n, &x, &y, PaymentState::Preparing)).await;
+    }
+    b.decide(uuid_of(1), PaymentState::Aborted, Some(DeclineReason::InsufficientFunds))
+        .await
+        .expect("decide");
+    b.decide(uuid_of(2), PaymentState::Aborted, Some(DeclineReason::InsufficientFunds))
+        .await
+        .expect("decide");
+    b.decide(uuid_of(3), PaymentState::Aborted, Some(DeclineReason::UnknownPayee)).await.expect("decide");
+    assert_eq!(
+        b.decline_counts().await.expect("declines"),
+        [("insufficient_funds".to_owned(), 2), ("unknown_payee".to_owned(), 1)]
+    );
+    // Newest first, a page at a time; by payment id.
+    let first = b.recent_payments(PaymentFilter::All, None, 3).await.expect("recent");
+    assert_eq!(txn_ids(&first), [uuid_of(3), uuid_of(2), uuid_of(1)]);
+    let next = first.last().map(Cursor::after);
+    assert_eq!(txn_ids(&b.recent_payments(PaymentFilter::All, next, 3).await.expect("rest")), [uuid_of(0)]);
+    let by_id = b.recent_payments(PaymentFilter::PaymentId(uuid_of(2)), None, 3).await.expect("by id");
+    assert_eq!(txn_ids(&by_id), [uuid_of(2)]);
+    // The timeline: written lazily, read in time order.
+    let txn = uuid_of(1);
+    s.record_events(vec![
+        PaymentEvent::new(&txn, 10, "begin", None, String::new()),
+        PaymentEvent::new(&txn, 12, "vote", Some("BankB"), "no: insufficient_funds".into()),
+        PaymentEvent::new(&txn, 11, "vote", Some("BankA"), "yes".into()),
+    ]);
+    s.record_events(vec![PaymentEvent::new(&txn, 13, "decision", None, "x".repeat(1000))]);
+    let patience = Patience::new();
+    let events = loop {
+        let events = b.payment_events(txn.clone()).await.expect("events");
+        if events.len() == 4 {
+            break events;
+        }
+        patience.wait("the timeline written").await;
+    };
+    let kinds: Vec<_> = events.iter().map(|e| (e.at_ms, e.kind, e.bank.as_deref())).collect();
+    assert_eq!(
+        kinds,
+        [
+            (10, "begin", None),
+            (11, "vote", Some("BankA")),
+            (12, "vote", Some("BankB")),
+            (13, "decision", None)
+        ]
+    );
+    assert_eq!(events[3].detail.len(), crate::store::EVENT_DETAIL_MAX, "long details are cut");
+    assert!(b.payment_events(uuid_of(0)).await.expect("none").is_empty());
 }
 
 pub async fn a_revocation_is_seen_by_every_instance<S: GatewayStore>(a: &S, b: &S) {

@@ -9,7 +9,7 @@
 use crate::backend::GatewayStore;
 use crate::error::GatewayError;
 use crate::registry::{BankEntry, Registry};
-use crate::store::{PaymentRecord, PaymentState, now_ms};
+use crate::store::{PaymentEvent, PaymentRecord, PaymentState, now_ms};
 use crate::tokens::{TokenKeys, load_keys};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -281,10 +281,10 @@ impl<S: GatewayStore> Gateway<S> {
             traceparent: strife_rpc::telemetry::outgoing(&trace).header(),
         };
         let timeout = self.config.prepare_timeout();
-        let votes = on_each_bank(&banks, |name, entry| {
+        let timed_votes = on_each_bank(&banks, |name, entry| {
             let req = prepare.clone();
             async move {
-                match tokio::time::timeout(timeout, entry.prepare(req)).await {
+                let vote = match tokio::time::timeout(timeout, entry.prepare(req)).await {
                     Ok(Ok(resp)) => {
                         if resp.vote() == bank::Vote::Yes {
                             None
@@ -300,10 +300,20 @@ impl<S: GatewayStore> Gateway<S> {
                         tracing::warn!(bank = %name, "prepare timed out");
                         Some(DeclineReason::BankUnavailable)
                     }
-                }
+                };
+                (vote, now_ms())
             }
         })
         .await;
+        // The timeline (best-effort, lazy): queued before the decision, so
+        // that SQLite writes it in the decision's batch.
+        let mut events = vec![PaymentEvent::new(&txn_id, now, "begin", None, String::new())];
+        for ((name, _), (vote, at)) in banks.iter().zip(&timed_votes) {
+            let detail = vote.map_or_else(|| "yes".to_owned(), |r| format!("no: {}", r.code()));
+            events.push(PaymentEvent::new(&txn_id, *at, "vote", Some(name), detail));
+        }
+        self.store.record_events(events);
+        let votes: Vec<Option<DeclineReason>> = timed_votes.into_iter().map(|(v, _)| v).collect();
         let voted = std::time::Instant::now();
         metrics::GATEWAY
             .phase_seconds
@@ -332,6 +342,8 @@ impl<S: GatewayStore> Gateway<S> {
             reason = Some(DeclineReason::Timeout);
         }
         strife_rpc::fault::crash_point("gateway.after_decision");
+        // Recorded with the acknowledgements (one lazy write, not two).
+        let decided_event = decision_event(&txn_id, decision, reason);
         let decided = std::time::Instant::now();
         metrics::GATEWAY
             .phase_seconds
@@ -342,9 +354,13 @@ impl<S: GatewayStore> Gateway<S> {
         // decision is already durable, and the finisher delivers the rest.
         let delivered = tokio::time::timeout(
             self.config.commit_timeout(),
-            self.deliver(&txn_id, decision, &banks, &prepare.traceparent),
+            self.deliver(&txn_id, decision, &banks, &prepare.traceparent, vec![decided_event.clone()]),
         )
         .await;
+        if delivered.is_err() {
+            // Cut short with its events: the decision's step still goes in.
+            self.store.record_events(vec![decided_event]);
+        }
         strife_rpc::fault::crash_point("gateway.after_commit_sent");
         metrics::GATEWAY
             .phase_seconds
@@ -363,6 +379,7 @@ impl<S: GatewayStore> Gateway<S> {
         tracing::info!(%txn_id, payment_id = %req.payment_id, decision = decision.as_str(), reason = reason.map(|r| r.code()), "payment decided");
         count_outcome(&outcome);
         metrics::GATEWAY.payment_seconds.observe(started.elapsed().as_secs_f64());
+        crate::live::record(outcome == Outcome::Committed, started.elapsed());
         Ok(PayOutcome { outcome, replayed: false })
     }
 
@@ -415,6 +432,10 @@ impl<S: GatewayStore> Gateway<S> {
     /// Declines a payment no bank has heard of.
     async fn decline_unsent(&self, txn_id: &str, reason: DeclineReason) -> Result<PayOutcome, GatewayError> {
         self.store.decide(txn_id.to_owned(), PaymentState::Aborted, Some(reason)).await?;
+        self.store.record_events(vec![
+            PaymentEvent::new(txn_id, now_ms(), "begin", None, String::new()),
+            decision_event(txn_id, PaymentState::Aborted, Some(reason)),
+        ]);
         self.store.mark_acked(txn_id.to_owned()).await?;
         count_outcome(&Outcome::Declined(reason));
         Ok(PayOutcome { outcome: Outcome::Declined(reason), replayed: false })
@@ -428,8 +449,10 @@ impl<S: GatewayStore> Gateway<S> {
         decision: PaymentState,
         banks: &[(String, BankEntry)],
         traceparent: &str,
+        mut events: Vec<PaymentEvent>,
     ) -> bool {
         if banks.is_empty() {
+            self.store.record_events(events);
             return false;
         }
         let acks = on_each_bank(banks, |name, entry| {
@@ -448,11 +471,21 @@ impl<S: GatewayStore> Gateway<S> {
                         tracing::debug!(bank = %name, message = status.message(), "decision not delivered yet");
                     }
                 }
-                result.is_ok()
+                let detail = match &result {
+                    Ok(_) => "ok".to_owned(),
+                    Err(status) => format!("failed: {}", status.message()),
+                };
+                (name.to_owned(), result.is_ok(), now_ms(), detail)
             }
         })
         .await;
-        acks.into_iter().all(|ok| ok)
+        let all = acks.iter().all(|(_, ok, _, _)| *ok);
+        events.extend(
+            acks.into_iter()
+                .map(|(name, _, at, detail)| PaymentEvent::new(txn_id, at, "ack", Some(&name), detail)),
+        );
+        self.store.record_events(events);
+        all
     }
 
     /// Re-sends decisions that some bank has not acknowledged, until every
@@ -521,7 +554,7 @@ impl<S: GatewayStore> Gateway<S> {
         let all_known = banks.len() == names.len();
         let delivered = tokio::time::timeout(
             self.config.commit_timeout(),
-            self.deliver(&p.txn_id, p.state, &banks, &trace.header()),
+            self.deliver(&p.txn_id, p.state, &banks, &trace.header(), Vec::new()),
         )
         .await
             == Ok(true);
@@ -639,6 +672,16 @@ where
         }
         _ => unreachable!("a payment touches one or two banks"),
     }
+}
+
+/// The timeline's step for a decision.
+fn decision_event(txn_id: &str, decision: PaymentState, reason: Option<DeclineReason>) -> PaymentEvent {
+    let detail = match (decision, reason) {
+        (PaymentState::Committed, _) => "commit".to_owned(),
+        (_, Some(r)) => format!("abort: {}", r.code()),
+        (_, None) => "abort".to_owned(),
+    };
+    PaymentEvent::new(txn_id, now_ms(), "decision", None, detail)
 }
 
 /// Counts a payment this process decided, by outcome and decline reason.

@@ -2,14 +2,17 @@
 //! banks, and coordinates every payment with two-phase commit.
 //! See ARCHITECTURE.md for the protocol and what is forced to disk when.
 
+pub mod admin_access;
 pub mod auth;
 pub mod backend;
 #[cfg(test)]
 mod conformance;
 pub mod coordinator;
+pub mod dashboard;
 pub mod error;
 mod hex;
 pub mod link;
+pub mod live;
 pub mod page_token;
 pub mod postgres;
 pub mod registry;

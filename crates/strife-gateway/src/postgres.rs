@@ -27,7 +27,10 @@
 
 use crate::backend::{BANK_ADDRESS_RETENTION_MS, BANK_ADDRESSES_MAX, GatewayStore, idle_forget_ms};
 use crate::error::GatewayError;
-use crate::store::{Cursor, PageQuery, PaymentCounts, PaymentPage, PaymentRecord, PaymentState, now_ms};
+use crate::store::{
+    Cursor, EVENTS_PER_PAYMENT_MAX, PageQuery, PaymentCounts, PaymentEvent, PaymentFilter, PaymentPage,
+    PaymentRecord, PaymentState, now_ms,
+};
 use crate::throttle::{Entry, Rule};
 use crate::tokens::{KEYS_MAX, SigningKey};
 use deadpool_postgres::{Object, Pool};
@@ -62,6 +65,10 @@ const REVOKED_CACHED_MAX: usize = 100_000;
 /// Lazy acknowledgement marks waiting to be written; more are dropped (the
 /// finisher delivers those decisions again).
 const LAZY_ACKS_QUEUED_MAX: usize = 8192;
+/// Timeline events waiting to be written; more are dropped (best-effort).
+const LAZY_EVENTS_QUEUED_MAX: usize = 16_384;
+/// Timeline events written in one statement.
+const LAZY_EVENTS_BATCH_MAX: usize = 1024;
 /// Lazy acknowledgement marks written in one statement.
 const LAZY_ACKS_BATCH_MAX: usize = 512;
 /// What a lease covers beyond the commit timeout: a wait for a database
@@ -108,6 +115,8 @@ pub struct PostgresStore {
     revoked: Arc<RwLock<HashMap<String, i64>>>,
     /// Lazy acknowledgement marks, for the task that writes them in batches.
     lazy_acks: mpsc::Sender<String>,
+    /// Timeline events, for the task that writes them in batches, unforced.
+    lazy_events: mpsc::Sender<PaymentEvent>,
 }
 
 fn millis(d: Duration) -> i64 {
@@ -129,6 +138,8 @@ impl PostgresStore {
         let (lazy_acks, queue) = mpsc::channel(LAZY_ACKS_QUEUED_MAX);
         // Ends when the last clone of the store is dropped (the queue closes).
         tokio::spawn(write_lazy_acks(pool.clone(), queue));
+        let (lazy_events, queue) = mpsc::channel(LAZY_EVENTS_QUEUED_MAX);
+        tokio::spawn(write_lazy_events(pool.clone(), queue));
         Ok(PostgresStore {
             pool,
             instance: Arc::from(uuid::Uuid::new_v4().to_string()),
@@ -136,6 +147,7 @@ impl PostgresStore {
             claim_ms: millis(leases.claim),
             revoked: Arc::new(RwLock::new(HashMap::new())),
             lazy_acks,
+            lazy_events,
         })
     }
 
@@ -222,6 +234,30 @@ async fn write_lazy_acks(pool: Pool, mut queue: mpsc::Receiver<String>) {
         }
         batch.clear();
     }
+}
+
+/// Writes the timeline events queued meanwhile, a batch per statement, not
+/// forced; until the queue closes. Best-effort: a failed batch is dropped.
+async fn write_lazy_events(pool: Pool, mut queue: mpsc::Receiver<PaymentEvent>) {
+    let mut batch = Vec::with_capacity(LAZY_EVENTS_BATCH_MAX);
+    while queue.recv_many(&mut batch, LAZY_EVENTS_BATCH_MAX).await > 0 {
+        if let Err(e) = events_lazily(&pool, &batch).await {
+            tracing::debug!(error = %e, events = batch.len(), "timeline events not written");
+        }
+        batch.clear();
+    }
+}
+
+async fn events_lazily(pool: &Pool, events: &[PaymentEvent]) -> Result<(), GatewayError> {
+    let txn_ids: Vec<&str> = events.iter().map(|e| e.txn_id.as_str()).collect();
+    let ats: Vec<i64> = events.iter().map(|e| e.at_ms).collect();
+    let kinds: Vec<&str> = events.iter().map(|e| e.kind).collect();
+    let banks: Vec<Option<&str>> = events.iter().map(|e| e.bank.as_deref()).collect();
+    let details: Vec<&str> = events.iter().map(|e| e.detail.as_str()).collect();
+    let client = pool.get().await?;
+    let stmt = client.prepare_cached(EVENTS_SQL).await?;
+    client.execute(&stmt, &[&txn_ids, &ats, &kinds, &banks, &details]).await?;
+    Ok(())
 }
 
 async fn ack_lazily(pool: &Pool, txn_ids: &[String]) -> Result<(), GatewayError> {
@@ -359,6 +395,31 @@ const AFTER_SQL: &str = "
 SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
        state, reason, acked, created_at, deadline_at, fingerprint
 FROM payments WHERE txn_id > $1 ORDER BY txn_id LIMIT $2";
+
+/// Timeline events: one autocommitted statement, not forced (as `BEGIN_SQL`).
+const EVENTS_SQL: &str = "
+INSERT INTO payment_events (txn_id, at, kind, bank, detail)
+SELECT e.txn_id, e.at, e.kind, e.bank, e.detail
+FROM (SELECT set_config('synchronous_commit', 'off', true)) AS not_forced,
+     UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[]) AS e (txn_id, at, kind, bank, detail)";
+
+/// The newest payments: by transaction id, which is time-ordered (UUID v7),
+/// through the primary key (no index of its own on the write path).
+const RECENT_SQL: &str = "
+SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+       state, reason, acked, created_at, deadline_at, fingerprint
+FROM payments WHERE txn_id < $1 ORDER BY txn_id DESC LIMIT $2";
+
+const RECENT_FIRST_SQL: &str = "
+SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+       state, reason, acked, created_at, deadline_at, fingerprint
+FROM payments ORDER BY txn_id DESC LIMIT $1";
+
+const RECENT_BY_ID_SQL: &str = "
+SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+       state, reason, acked, created_at, deadline_at, fingerprint
+FROM payments WHERE payment_id = $1 AND (created_at, txn_id) < ($2, $3)
+ORDER BY created_at DESC, txn_id DESC LIMIT $4";
 
 const PRUNE_SQL: &str = "DELETE FROM payments WHERE acked AND created_at < $1 AND state <> 'preparing'";
 
@@ -552,7 +613,72 @@ impl GatewayStore for PostgresStore {
                 _ => counts.preparing = n,
             }
         }
+        let stmt = client
+            .prepare_cached("SELECT COUNT(*) FROM payments WHERE NOT acked AND state <> 'preparing'")
+            .await?;
+        let undelivered: i64 = client.query_one(&stmt, &[]).await?.try_get(0)?;
+        counts.undelivered = u64::try_from(undelivered).unwrap_or(0);
         Ok(counts)
+    }
+
+    fn record_events(&self, events: Vec<PaymentEvent>) {
+        for e in events {
+            if self.lazy_events.try_send(e).is_err() {
+                tracing::debug!("too many timeline events queued; dropping some");
+                return;
+            }
+        }
+    }
+
+    async fn payment_events(&self, txn_id: String) -> Result<Vec<PaymentEvent>, GatewayError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT txn_id, at, kind, bank, detail FROM payment_events WHERE txn_id = $1 ORDER BY at, id LIMIT $2",
+            )
+            .await?;
+        let rows = client.query(&stmt, &[&txn_id, &i64::from(EVENTS_PER_PAYMENT_MAX)]).await?;
+        rows.iter()
+            .map(|r| {
+                Ok(PaymentEvent {
+                    txn_id: r.try_get(0)?,
+                    at_ms: r.try_get(1)?,
+                    kind: PaymentEvent::kind_of(r.try_get(2)?),
+                    bank: r.try_get(3)?,
+                    detail: r.try_get(4)?,
+                })
+            })
+            .collect()
+    }
+
+    async fn recent_payments(
+        &self,
+        filter: PaymentFilter,
+        before: Option<Cursor>,
+        limit: u32,
+    ) -> Result<Vec<PaymentRecord>, GatewayError> {
+        let (at, txn) = before.map_or((i64::MAX, String::new()), |c| (c.created_at_ms, c.txn_id));
+        let limit = i64::from(limit);
+        match filter {
+            PaymentFilter::All if txn.is_empty() => self.payments(RECENT_FIRST_SQL, &[&limit]).await,
+            PaymentFilter::All => self.payments(RECENT_SQL, &[&txn, &limit]).await,
+            PaymentFilter::PaymentId(id) => self.payments(RECENT_BY_ID_SQL, &[&id, &at, &txn, &limit]).await,
+        }
+    }
+
+    async fn decline_counts(&self) -> Result<Vec<(String, u64)>, GatewayError> {
+        let client = self.client().await?;
+        let stmt = client
+            .prepare_cached(
+                "SELECT COALESCE(reason, 'none'), COUNT(*) FROM payments WHERE state = 'aborted' GROUP BY 1 ORDER BY 2 DESC",
+            )
+            .await?;
+        client
+            .query(&stmt, &[])
+            .await?
+            .iter()
+            .map(|r| Ok((r.try_get::<_, String>(0)?, u64::try_from(r.try_get::<_, i64>(1)?).unwrap_or(0))))
+            .collect()
     }
 
     async fn prune(&self, before_ms: i64) -> Result<usize, GatewayError> {
@@ -560,6 +686,8 @@ impl GatewayStore for PostgresStore {
         self.retrying(|client| async move {
             let stmt = client.prepare_cached(PRUNE_SQL).await?;
             let pruned = client.execute(&stmt, &[&before_ms]).await?;
+            let stmt = client.prepare_cached("DELETE FROM payment_events WHERE at < $1").await?;
+            client.execute(&stmt, &[&before_ms]).await?;
             // Now and then, too: revocations of tokens that have expired,
             // and login counts idle and unlocked.
             let stmt = client.prepare_cached("DELETE FROM revoked_tokens WHERE expires_at < $1").await?;
@@ -793,7 +921,7 @@ mod tests {
         let history = server()
             .psql(&url, &["SELECT COUNT(*) FROM gateway_schema_history"])
             .expect("refinery's own table");
-        assert_eq!(history, "3", "each migration applied once");
+        assert_eq!(history, "4", "each migration applied once");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -54,6 +54,19 @@ const FORGET_AFTER_STALE_PERIODS: u32 = 10;
 /// drops addresses that have not registered for a day.
 const RESAVE_INTERVAL: Duration = Duration::from_secs(3600);
 
+/// One bank replica as the dashboard shows it.
+#[derive(Clone)]
+pub struct ReplicaHealth {
+    pub name: String,
+    pub address: String,
+    /// Registered recently enough to be used.
+    pub reachable: bool,
+    /// Since it last registered (its heartbeat); `None` if never here.
+    pub last_seen: Option<Duration>,
+    /// Its client, to ask it for its status.
+    pub client: BankServiceClient<Channel>,
+}
+
 /// One process of a bank.
 pub struct Replica {
     pub address: String,
@@ -338,6 +351,26 @@ impl Registry {
             })
             .collect();
         out.sort();
+        out
+    }
+
+    /// Every replica of every bank as the dashboard shows it, sorted by
+    /// name and address.
+    pub fn health(&self) -> Vec<ReplicaHealth> {
+        let Ok(banks) = self.banks.read() else { return Vec::new() };
+        let mut out: Vec<_> = banks
+            .iter()
+            .flat_map(|(name, bank)| {
+                bank.replicas.iter().map(|k| ReplicaHealth {
+                    name: name.clone(),
+                    address: k.replica.address.clone(),
+                    reachable: k.live(self.stale_after),
+                    last_seen: k.last_seen.map(|t| t.elapsed()),
+                    client: k.replica.client.clone(),
+                })
+            })
+            .collect();
+        out.sort_by(|a, b| (&a.name, &a.address).cmp(&(&b.name, &b.address)));
         out
     }
 

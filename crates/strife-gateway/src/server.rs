@@ -219,12 +219,29 @@ async fn serve<S: GatewayStore>(
         None => None,
     };
     let metrics_listener = strife_rpc::metrics::bind(&opts.config.metrics.listen).await?;
+    let admin_listener = crate::dashboard::bind(&opts.config.admin.listen).await?;
+    let admin_key = match admin_listener {
+        Some(_) => Some(crate::admin_access::admin_key(&certs.path)?),
+        None => None,
+    };
     std::sync::LazyLock::force(&strife_rpc::metrics::GATEWAY);
     let finisher = tokio::spawn(gateway.clone().run_finisher(stop_rx.clone()));
     strife_rpc::serve::announce_listening("gateway", local);
     if let Some(listener) = metrics_listener {
         strife_rpc::metrics::announce("gateway", listener.local_addr()?);
-        tokio::spawn(strife_rpc::metrics::serve(listener, tls.clone(), stop_rx));
+        tokio::spawn(strife_rpc::metrics::serve(listener, tls.clone(), stop_rx.clone()));
+    }
+    if let (Some(listener), Some(key)) = (admin_listener, admin_key) {
+        let addr = listener.local_addr()?;
+        let admin = &opts.config.admin;
+        let dashboard = Arc::new(crate::dashboard::Dashboard::new(
+            gateway.clone(),
+            crate::admin_access::Access::new(key, Duration::from_secs(admin.session_ttl_secs)),
+            !addr.ip().is_loopback(),
+            Duration::from_secs(admin.in_doubt_alarm_secs),
+        ));
+        crate::dashboard::announce(addr);
+        tokio::spawn(strife_rpc::metrics::serve_http(listener, dashboard.router(), tls.clone(), stop_rx));
     }
     tracing::info!(%local, boot_id = %gateway.boot_id, cluster_id = %gateway.cluster_id, "gateway serving");
     let served = strife_rpc::serve::builder()

@@ -135,9 +135,27 @@ INSERT INTO cluster (only_row, id) VALUES (1, lower(
     || substr('89ab', 1 + (random() & 3), 1) || substr(hex(randomblob(2)), 2) || '-' || hex(randomblob(6))));
 ";
 
+/// Version 6: each payment's 2PC timeline for the admin dashboard (begin,
+/// each bank's vote, the decision, each acknowledgement), best-effort:
+/// written lazily, never forced on its own. (The dashboard lists recent
+/// payments by `txn_id`, time-ordered: no new index on the payments.)
+const SCHEMA_V6: &str = "
+CREATE TABLE payment_events (
+    txn_id TEXT NOT NULL,
+    -- ms since the epoch
+    at     INTEGER NOT NULL,
+    -- begin, vote, decision, ack
+    kind   TEXT NOT NULL,
+    bank   TEXT,
+    detail TEXT NOT NULL
+) STRICT;
+CREATE INDEX payment_events_by_txn ON payment_events (txn_id, at);
+CREATE INDEX payment_events_by_time ON payment_events (at);
+";
+
 /// The schema's versions in order: a database at `PRAGMA user_version` n
 /// runs `MIGRATIONS[n..]`, all in one transaction, at open.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6];
 
 /// A bank's address that has not registered for this long is dropped from
 /// the registry when any bank registers, unless it is the bank's newest.
@@ -312,12 +330,75 @@ WHERE payment_id = ?3 AND payee_bank = ?1 AND payee_user = ?2 AND state = 'commi
 ORDER BY created_at DESC, txn_id DESC
 LIMIT 1";
 
+/// One step of a payment's 2PC timeline, as the dashboard shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymentEvent {
+    pub txn_id: String,
+    /// When it happened, ms since the epoch (this gateway's clock).
+    pub at_ms: i64,
+    /// `begin`, `vote`, `decision` or `ack`.
+    pub kind: &'static str,
+    /// The bank of a vote or an acknowledgement.
+    pub bank: Option<String>,
+    /// `yes`, `no: <reason>`, `commit`, `abort: <reason>`, `ok`, `failed: …`.
+    pub detail: String,
+}
+
+/// Most events read for one payment (a payment redelivered for long keeps
+/// adding acknowledgement attempts).
+pub const EVENTS_PER_PAYMENT_MAX: u32 = 100;
+
+/// Longest detail kept with an event (an error message is cut).
+pub const EVENT_DETAIL_MAX: usize = 200;
+
+impl PaymentEvent {
+    pub fn new(
+        txn_id: &str,
+        at_ms: i64,
+        kind: &'static str,
+        bank: Option<&str>,
+        detail: String,
+    ) -> PaymentEvent {
+        let mut detail = detail;
+        if detail.len() > EVENT_DETAIL_MAX {
+            let mut end = EVENT_DETAIL_MAX;
+            while !detail.is_char_boundary(end) {
+                end -= 1;
+            }
+            detail.truncate(end);
+        }
+        PaymentEvent { txn_id: txn_id.to_owned(), at_ms, kind, bank: bank.map(str::to_owned), detail }
+    }
+
+    /// The kind as stored, back to its static name (unknown kinds read as `other`).
+    pub fn kind_of(text: &str) -> &'static str {
+        match text {
+            "begin" => "begin",
+            "vote" => "vote",
+            "decision" => "decision",
+            "ack" => "ack",
+            _ => "other",
+        }
+    }
+}
+
+/// Which payments the dashboard lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PaymentFilter {
+    /// Every payment.
+    All,
+    /// Those with this payment id (any payer).
+    PaymentId(String),
+}
+
 /// Counts of payments by state, for the status RPC.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct PaymentCounts {
     pub committed: u64,
     pub aborted: u64,
     pub preparing: u64,
+    /// Decided, and some bank has not acknowledged the decision yet.
+    pub undelivered: u64,
 }
 
 pub struct Store {
@@ -538,6 +619,76 @@ impl Store {
             .optional()
     }
 
+    /// Adds timeline events (best-effort: the caller runs this lazily).
+    pub fn record_events(&mut self, events: &[PaymentEvent]) -> rusqlite::Result<()> {
+        let mut stmt = self.conn.prepare_cached(
+            "INSERT INTO payment_events (txn_id, at, kind, bank, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        for e in events {
+            stmt.execute(params![e.txn_id, e.at_ms, e.kind, e.bank, e.detail])?;
+        }
+        Ok(())
+    }
+
+    /// A payment's timeline, in time order.
+    pub fn payment_events(&self, txn_id: &str) -> rusqlite::Result<Vec<PaymentEvent>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT txn_id, at, kind, bank, detail FROM payment_events WHERE txn_id = ?1 ORDER BY at, rowid LIMIT ?2",
+        )?;
+        let rows = stmt.query_map(params![txn_id, EVENTS_PER_PAYMENT_MAX], |r| {
+            Ok(PaymentEvent {
+                txn_id: r.get(0)?,
+                at_ms: r.get(1)?,
+                kind: PaymentEvent::kind_of(&r.get::<_, String>(2)?),
+                bank: r.get(3)?,
+                detail: r.get(4)?,
+            })
+        })?;
+        rows.collect()
+    }
+
+    /// The newest payments matching `filter`, strictly older than `before`
+    /// by `(created_at, txn_id)`, at most `limit`.
+    pub fn recent_payments(
+        &self,
+        filter: &PaymentFilter,
+        before: Option<&Cursor>,
+        limit: u32,
+    ) -> rusqlite::Result<Vec<PaymentRecord>> {
+        let upper = before.map_or((i64::MAX, String::new()), |c| (c.created_at_ms, c.txn_id.clone()));
+        match filter {
+            PaymentFilter::All => {
+                // By transaction id, time-ordered (UUID v7): the primary key,
+                // no index of its own on the write path.
+                let txn = if upper.1.is_empty() { "~".to_owned() } else { upper.1 };
+                let mut stmt = self.conn.prepare_cached(&format!(
+                    "SELECT {PAYMENT_COLUMNS} FROM payments WHERE txn_id < ?1 ORDER BY txn_id DESC LIMIT ?2"
+                ))?;
+                let rows = stmt.query_map(params![txn, limit], payment_from_row)?;
+                rows.collect()
+            }
+            PaymentFilter::PaymentId(id) => {
+                let mut stmt = self.conn.prepare_cached(&format!(
+                    "SELECT {PAYMENT_COLUMNS} FROM payments INDEXED BY payments_by_id \
+                     WHERE payment_id = ?1 AND (created_at, txn_id) < (?2, ?3) \
+                     ORDER BY created_at DESC, txn_id DESC LIMIT ?4"
+                ))?;
+                let rows = stmt.query_map(params![id, upper.0, upper.1, limit], payment_from_row)?;
+                rows.collect()
+            }
+        }
+    }
+
+    /// Declined payments by reason code.
+    pub fn decline_counts(&self) -> rusqlite::Result<Vec<(String, u64)>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT COALESCE(reason, 'none'), COUNT(*) FROM payments WHERE state = 'aborted' GROUP BY 1 ORDER BY 2 DESC",
+        )?;
+        let rows =
+            stmt.query_map([], |r| Ok((r.get(0)?, u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0))))?;
+        rows.collect()
+    }
+
     /// Every payment, oldest first.
     pub fn all_payments(&self) -> rusqlite::Result<Vec<PaymentRecord>> {
         let mut stmt = self
@@ -570,6 +721,11 @@ impl Store {
                 PaymentState::Preparing => counts.preparing = n,
             }
         }
+        let undelivered: i64 = self
+            .conn
+            .prepare_cached("SELECT COUNT(*) FROM payments WHERE acked = 0 AND state != 'preparing'")?
+            .query_row([], |r| r.get(0))?;
+        counts.undelivered = u64::try_from(undelivered).unwrap_or(0);
         Ok(counts)
     }
 
@@ -579,6 +735,7 @@ impl Store {
         self.conn
             .prepare_cached("DELETE FROM login_throttle WHERE last_failure_at < ?1 AND locked_until < ?1")?
             .execute([idle_before_ms])?;
+        self.conn.prepare_cached("DELETE FROM payment_events WHERE at < ?1")?.execute([before_ms])?;
         self.conn
             .prepare_cached(
                 "DELETE FROM payments WHERE created_at < ?1 AND acked = 1 AND state != 'preparing'",

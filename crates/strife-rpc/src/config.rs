@@ -25,6 +25,38 @@ pub struct Config {
     pub discovery: DiscoveryConfig,
     pub metrics: MetricsConfig,
     pub telemetry: TelemetryConfig,
+    pub admin: AdminConfig,
+}
+
+/// The operator's dashboard, served by each gateway (issue 13).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Where the gateway serves its dashboard: `127.0.0.1:0` (a free port
+    /// of this machine, the default), `HOST:PORT`, or `off`. On an address
+    /// other than loopback it is served over mutual TLS with the cluster's
+    /// certificates (the browser presents a client certificate of the CA).
+    pub listen: String,
+    /// How long a login link of `strife admin url` stays valid (0 makes an
+    /// expired one, for tests). The gateway refuses a link that claims to
+    /// last longer than an hour.
+    pub link_ttl_secs: u64,
+    /// How long a dashboard session lasts after its login.
+    pub session_ttl_secs: u64,
+    /// The alarm shows a payment undecided (its legs in doubt at the banks)
+    /// for longer than this.
+    pub in_doubt_alarm_secs: u64,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            listen: "127.0.0.1:0".to_owned(),
+            link_ttl_secs: 300,
+            session_ttl_secs: 8 * 3600,
+            in_doubt_alarm_secs: 60,
+        }
+    }
 }
 
 /// Prometheus metrics (issue 13).
@@ -305,6 +337,8 @@ impl Config {
             ("client.request_timeout_ms", self.client.request_timeout_ms),
             ("client.retry_first_delay_ms", self.client.retry_first_delay_ms),
             ("discovery.lease_ttl_ms", self.discovery.lease_ttl_ms),
+            ("admin.session_ttl_secs", self.admin.session_ttl_secs),
+            ("admin.in_doubt_alarm_secs", self.admin.in_doubt_alarm_secs),
         ] {
             if v == 0 {
                 bail!("{name} must be greater than zero");

@@ -95,6 +95,13 @@ enum Command {
         #[command(subcommand)]
         command: CertsCommand,
     },
+    /// The operator's dashboard of a running cluster.
+    Admin {
+        #[command(flatten)]
+        output: JsonOutput,
+        #[command(subcommand)]
+        command: AdminCommand,
+    },
     /// Run the gateway.
     Gateway {
         /// Address to listen on (`127.0.0.1:0` takes a free port).
@@ -247,6 +254,7 @@ impl Command {
                 None => client.over(outer),
             },
             Command::Up(_)
+            | Command::Admin { .. }
             | Command::Certs { .. }
             | Command::Gateway { .. }
             | Command::Bank { .. }
@@ -259,12 +267,26 @@ impl Command {
     /// Whether `--json` was given, before or after the command.
     fn json(&self, outer: &ClientFlags) -> bool {
         match self {
-            Command::Certs { output, .. } | Command::Audit { output } | Command::Bench { output, .. } => {
-                output.json || outer.json
-            }
+            Command::Certs { output, .. }
+            | Command::Admin { output, .. }
+            | Command::Audit { output }
+            | Command::Bench { output, .. } => output.json || outer.json,
             other => other.client_flags(outer).is_some_and(|f| f.json) || outer.json,
         }
     }
+}
+
+#[derive(Subcommand, Debug)]
+enum AdminCommand {
+    /// Print a one-time login link to the dashboard of the cluster in DIR
+    /// (valid for `admin.link_ttl_secs`, 5 minutes by default, and once).
+    /// Only someone who can read DIR/certs/admin.key can make one.
+    Url {
+        /// The dashboard's address (default: the first gateway's, from
+        /// DIR/instances.json as `strife up` wrote it).
+        #[arg(long, value_name = "ADDR")]
+        admin: Option<String>,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -418,6 +440,10 @@ fn run(cli: Cli) -> Result<Reply, CliError> {
             Ok(Reply::done(serde_json::json!({"stopped": true}), ""))
         }
         Command::Certs { command, .. } => certs(&dir, command).map_err(fatal),
+        Command::Admin { command: AdminCommand::Url { admin }, .. } => {
+            let dir = strife_client::connect::existing_dir(cli.dir.as_deref(), Exit::Unexpected)?;
+            admin_url(&dir, admin).map_err(fatal)
+        }
         Command::Audit { .. } => {
             let dir = strife_client::connect::existing_dir(cli.dir.as_deref(), Exit::Unexpected)?;
             runtime(true)?.block_on(audit::run(&dir)).map_err(fatal)
@@ -590,6 +616,36 @@ fn read_password(from_stdin: bool) -> Result<Secret<String>, CliError> {
         ));
     }
     rpassword::prompt_password("Password: ").map(Secret::new).map_err(CliError::unexpected)
+}
+
+/// A login link to the dashboard at `admin`, else at the first gateway's
+/// dashboard that `up` recorded in DIR/instances.json.
+fn admin_url(dir: &std::path::Path, admin: Option<String>) -> anyhow::Result<Reply> {
+    let config = Config::load(dir, None)?;
+    let certs = CertDir::new(dir);
+    let key = certs.path.join(strife_gateway::admin_access::ADMIN_KEY_FILE);
+    if !key.exists() {
+        anyhow::bail!(
+            "no admin key at {}: start the cluster (strife up or strife gateway) first",
+            key.display()
+        );
+    }
+    let addr = match admin {
+        Some(a) => a,
+        None => strife_client::instances::read(dir)?
+            .unwrap_or_default()
+            .into_iter()
+            .find_map(|i| if i.role == strife_client::instances::Role::Gateway { i.admin } else { None })
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no gateway dashboard recorded in {}/instances.json: is the cluster running (strife up), with admin.listen not off? Or give --admin ADDR",
+                    dir.display()
+                )
+            })?,
+    };
+    let ttl = std::time::Duration::from_secs(config.admin.link_ttl_secs);
+    let link = strife_gateway::admin_access::login_link(&certs.path, &addr, ttl)?;
+    Ok(Reply::done(serde_json::json!({ "url": link, "admin": addr }), link))
 }
 
 fn certs(dir: &std::path::Path, cmd: CertsCommand) -> anyhow::Result<Reply> {

@@ -159,12 +159,13 @@ pub async fn run(dir: PathBuf, args: UpArgs) -> anyhow::Result<()> {
         tracing::info!(created = ?created.iter().map(CertDir::file_stem).collect::<Vec<_>>(), "issued certificates");
     }
     strife_gateway::tokens::load_or_create_key(&certs.path)?;
+    strife_gateway::admin_access::admin_key(&certs.path)?;
     let config_file = dir.join(strife_rpc::config::CONFIG_FILE);
     if !config_file.exists() {
         strife_rpc::pki::write_public_file(&config_file, &strife_rpc::Config::default_toml())?;
     }
     // Fail early on a broken settings file, with its own message.
-    strife_rpc::Config::load(&dir, None)?;
+    let config = strife_rpc::Config::load(&dir, None)?;
 
     let exe = std::env::current_exe().context("finding the strife binary")?;
     let mut cluster = Cluster::new(dir.clone(), exe);
@@ -194,6 +195,19 @@ pub async fn run(dir: PathBuf, args: UpArgs) -> anyhow::Result<()> {
     );
     use std::io::Write;
     let _ = std::io::stdout().flush();
+    if !config.admin.listen.trim().eq_ignore_ascii_case(strife_rpc::metrics::OFF) {
+        match cluster.roster.first_admin(ADMIN_WAIT_MAX).await {
+            Some(addr) => {
+                let ttl = Duration::from_secs(config.admin.link_ttl_secs);
+                match strife_gateway::admin_access::login_link(&certs.path, &addr, ttl) {
+                    Ok(link) => println!("strife: dashboard {link}"),
+                    Err(e) => tracing::warn!(error = %format!("{e:#}"), "cannot make a dashboard link"),
+                }
+            }
+            None => tracing::warn!("the gateway did not say where its dashboard is"),
+        }
+        let _ = std::io::stdout().flush();
+    }
 
     shutdown.await;
     tracing::info!("stopping the cluster");
@@ -222,7 +236,11 @@ struct Cluster {
 impl Cluster {
     fn new(dir: PathBuf, exe: PathBuf) -> Cluster {
         let (stop_tx, _) = watch::channel(false);
-        let roster = Arc::new(Roster { dir: dir.clone(), state: Mutex::new(RosterState::default()) });
+        let roster = Arc::new(Roster {
+            dir: dir.clone(),
+            state: Mutex::new(RosterState::default()),
+            changes: watch::channel(0).0,
+        });
         Cluster { dir, exe, stop_tx, supervisors: Vec::new(), roster, postgres: None, etcd: None }
     }
 
@@ -301,6 +319,7 @@ impl Cluster {
                     address: url.trim_start_matches(strife_rpc::etcd::URL_SCHEME).to_owned(),
                     pid: server.pid(),
                     metrics: None,
+                    admin: None,
                 });
                 self.etcd = Some(server);
                 url
@@ -315,6 +334,7 @@ impl Cluster {
                         address,
                         pid: None,
                         metrics: None,
+                        admin: None,
                     });
                 }
                 let kept = self.dir.join("etcd").join("root.password");
@@ -359,6 +379,7 @@ impl Cluster {
                     address,
                     pid: None,
                     metrics: None,
+                    admin: None,
                 });
                 url
             }
@@ -381,6 +402,7 @@ impl Cluster {
                     address: address.clone(),
                     pid: server.pid(),
                     metrics: None,
+                    admin: None,
                 });
                 let admin = server.superuser_url("postgres");
                 let server = Arc::new(Mutex::new(server));
@@ -410,6 +432,7 @@ impl Cluster {
             address: String::new(),
             pid: None,
             metrics: None,
+            admin: None,
         });
         let spec = ChildSpec {
             log_name: if replica == 1 { name.to_owned() } else { format!("{name}.{replica}") },
@@ -522,6 +545,8 @@ async fn wait_started(starting: Vec<Starting>) -> anyhow::Result<Vec<String>> {
 struct Roster {
     dir: PathBuf,
     state: Mutex<RosterState>,
+    /// Bumped at every change, for whoever waits for one.
+    changes: watch::Sender<u64>,
 }
 
 #[derive(Default)]
@@ -556,7 +581,27 @@ impl Roster {
         self.update(slot, |i| {
             i.pid = None;
             i.metrics = None;
+            i.admin = None;
         });
+    }
+
+    /// The first gateway's dashboard address, once it printed it; `None`
+    /// after `wait` without it.
+    async fn first_admin(&self, wait: Duration) -> Option<String> {
+        let mut changes = self.changes.subscribe();
+        let find = |state: &RosterState| {
+            state.instances.iter().find(|i| i.role == Role::Gateway).and_then(|i| i.admin.clone())
+        };
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            if let Some(addr) = find(&self.state()) {
+                return Some(addr);
+            }
+            match tokio::time::timeout_at(deadline, changes.changed()).await {
+                Ok(Ok(())) => continue,
+                _ => return None,
+            }
+        }
     }
 
     fn update(&self, slot: usize, change: impl FnOnce(&mut Instance)) {
@@ -564,6 +609,7 @@ impl Roster {
         if let Some(instance) = state.instances.get_mut(slot) {
             change(instance);
         }
+        self.changes.send_modify(|n| *n = n.wrapping_add(1));
         if state.published
             && let Err(e) = self.write(&state)
         {
@@ -787,7 +833,7 @@ async fn listening_line(
     let found = loop {
         match tokio::time::timeout(START_TIMEOUT, lines.next_line()).await {
             Ok(Ok(Some(line))) => {
-                if line.contains(METRICS_LINE) {
+                if line.contains(METRICS_LINE) || line.contains(ADMIN_LINE) {
                     continue;
                 }
                 if let Some((_, addr)) = line.split_once(" listening on ") {
@@ -803,6 +849,9 @@ async fn listening_line(
                 if let Some((_, addr)) = line.split_once(METRICS_LINE) {
                     let addr = addr.trim().to_owned();
                     roster.update(slot, |i| i.metrics = Some(addr));
+                } else if let Some((_, addr)) = line.split_once(ADMIN_LINE) {
+                    let addr = addr.trim().to_owned();
+                    roster.update(slot, |i| i.admin = Some(addr));
                 }
             }
         });
@@ -812,6 +861,10 @@ async fn listening_line(
 
 /// What a server prints, after its listening line, where it serves metrics.
 const METRICS_LINE: &str = " metrics listening on ";
+/// What a gateway prints, after its metrics line, where it serves the dashboard.
+const ADMIN_LINE: &str = " admin listening on ";
+/// Longest `up` waits, after its ready line, for the dashboard's address.
+const ADMIN_WAIT_MAX: Duration = Duration::from_secs(10);
 
 /// SIGTERM, then SIGKILL if it does not stop in time.
 async fn terminate(name: &str, child: &mut Child) {

@@ -1,0 +1,242 @@
+//! The operator's dashboard (issue 13), through plain HTTP/1.1 requests to
+//! a cluster that `strife up` runs: `up` prints a login link after its
+//! ready line; a link logs in once, before it expires; nothing opens
+//! without a session (a customer's token neither); the pages show the
+//! cluster's payments, a payment's 2PC timeline, values from outside
+//! escaped; logout needs its CSRF token; a paused bank raises the alarm.
+mod common;
+
+use common::*;
+use std::io::{Read, Write};
+use std::time::Instant;
+
+/// One HTTP/1.1 exchange: `(status, headers in lower case, body)`.
+fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String, String) {
+    let mut tcp = std::net::TcpStream::connect(addr).expect("connect to the dashboard");
+    tcp.set_read_timeout(Some(WAIT)).expect("timeout");
+    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
+    tcp.write_all(req.as_bytes()).expect("request");
+    let mut text = String::new();
+    tcp.read_to_string(&mut text).expect("response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
+    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status");
+    (status, head.to_ascii_lowercase(), body.to_owned())
+}
+
+/// `(address, path and query)` of a login link.
+fn split_link(link: &str) -> (String, String) {
+    let rest = link.strip_prefix("http://").expect("a plain HTTP link on loopback");
+    let (addr, path) = rest.split_once('/').expect("a path");
+    (addr.to_owned(), format!("/{path}"))
+}
+
+/// Logs in with `link`; the session cookie (`name=value`).
+fn log_in(link: &str) -> String {
+    let (addr, path) = split_link(link);
+    let (status, head, _) = http(&addr, "GET", &path, &[], "");
+    assert_eq!(status, 303, "a good link logs in: {head}");
+    assert!(
+        head.contains("httponly") && head.contains("samesite=strict") && head.contains("path=/"),
+        "{head}"
+    );
+    head.lines()
+        .find_map(|l| l.strip_prefix("set-cookie: "))
+        .and_then(|c| c.split(';').next())
+        .expect("a session cookie")
+        .to_owned()
+}
+
+fn get(addr: &str, path: &str, cookie: &str) -> (u16, String) {
+    let (status, head, body) = http(addr, "GET", path, &[("Cookie", cookie)], "");
+    if status == 200 {
+        assert!(head.contains("content-security-policy: default-src 'none'; script-src 'self'"), "{head}");
+        assert!(head.contains("x-frame-options: deny") && head.contains("cache-control: no-store"), "{head}");
+    }
+    (status, body)
+}
+
+/// The text of the element with `id` (up to the next tag).
+fn text_of<'a>(html: &'a str, id: &str) -> &'a str {
+    let at = html.find(&format!("id=\"{id}\"")).unwrap_or_else(|| panic!("no #{id} in:\n{html}"));
+    let rest = &html[at..];
+    let start = rest.find('>').expect("tag end") + 1;
+    let end = rest[start..].find('<').expect("next tag");
+    &rest[start..start + end]
+}
+
+/// Polls `path` until `pred` holds of its body, within [`WAIT`].
+fn wait_page(addr: &str, path: &str, cookie: &str, what: &str, pred: impl Fn(&str) -> bool) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = get(addr, path, cookie);
+        if status == 200 && pred(&body) {
+            return body;
+        }
+        assert!(Instant::now() < deadline, "{what} never showed on {path}:\n{body}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn the_dashboard_is_for_operators_and_shows_what_happened() {
+    let dir = TempDir::new("dashboard");
+    let (up, _ready, lines) = spawn_until(&dir.0, &["up", "--port", "0"], "strife: ready ", FAST);
+    let mut up = Up(up);
+    let line = lines.recv_timeout(WAIT).expect("a line after the ready line");
+    let link =
+        line.strip_prefix("strife: dashboard ").unwrap_or_else(|| panic!("not the dashboard line: {line}"));
+    let (addr, _) = split_link(link);
+
+    // No session: 401 saying how to get a link; a customer's token opens nothing.
+    let (status, body) = get(&addr, "/", "");
+    assert_eq!(status, 401);
+    assert!(body.contains("strife admin url"), "{body}");
+    let run =
+        run_cli(&dir.0, &["login", "--bank", "BankA", "--user", "user1"], &[("STRIFE_PASSWORD", "pass1")]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let gateway = std::fs::read_to_string(dir.0.join("gateway.addr")).expect("gateway.addr");
+    let token = grpc::runtime().block_on(async {
+        let ch = grpc::client_channel(&dir.0, gateway.trim()).await;
+        grpc::login(&ch, "BankA", "user1", "pass1").await.expect("a customer's token")
+    });
+    let (status, _, body) = http(&addr, "GET", "/", &[("Authorization", &format!("Bearer {token}"))], "");
+    assert_eq!(status, 401, "a customer's token is refused: {body}");
+    let (status, _, _) =
+        http(&addr, "GET", "/api/overview", &[("Authorization", &format!("Bearer {token}"))], "");
+    assert_eq!(status, 401);
+
+    // The link of `up` logs in once; `strife admin url` makes fresh ones.
+    let cookie = log_in(link);
+    let (addr2, path) = split_link(link);
+    let (status, _, body) = http(&addr2, "GET", &path, &[], "");
+    assert_eq!(status, 401, "a used link is refused");
+    assert!(body.contains("used already"), "{body}");
+    let run = run_cli(&dir.0, &["admin", "url"], &[]);
+    assert_eq!(run.code, 0, "{run:?}");
+    let fresh = run.stdout.trim().to_owned();
+    let run = run_cli(&dir.0, &["admin", "url"], &[("STRIFE_ADMIN_LINK_TTL_SECS", "0")]);
+    let (addr3, expired) = split_link(run.stdout.trim());
+    let (status, _, body) = http(&addr3, "GET", &expired, &[], "");
+    assert_eq!(status, 401, "an expired link is refused");
+    assert!(body.contains("expired"), "{body}");
+    let (addr4, good) = split_link(&fresh);
+    let flipped = if good.ends_with('0') { '1' } else { '0' };
+    let forged = format!("{}{flipped}", &good[..good.len() - 1]);
+    assert_eq!(http(&addr4, "GET", &forged, &[], "").0, 401, "a link with a wrong signature is refused");
+    let cookie2 = log_in(&fresh);
+    let status = run_cli(&dir.0, &["--json", "status"], &[]).json();
+    let gateway_entry = status["instances"]
+        .as_array()
+        .and_then(|l| l.iter().find(|i| i["role"] == "gateway").cloned())
+        .expect("the gateway in status");
+    assert_eq!(gateway_entry["admin"], addr.as_str(), "status lists the dashboard's address");
+
+    // Payments, some declined.
+    let pay = |to: &str, amount: &str| {
+        run_cli(&dir.0, &["--json", "--as", "user1@BankA", "pay", "--to", to, "--amount", amount], &[])
+    };
+    for _ in 0..2 {
+        assert_eq!(pay("user2@BankB", "1.00").code, 0);
+    }
+    assert_eq!(pay("user2@BankB", "99999.00").code, 3);
+    assert_eq!(pay("nobody@BankB", "1.00").code, 3);
+    let overview = wait_page(&addr, "/", &cookie, "the counts", |b| text_of(b, "count-committed") == "2");
+    assert_eq!(text_of(&overview, "count-declined"), "2");
+    assert_eq!(text_of(&overview, "decline-insufficient_funds"), "1");
+    assert_eq!(text_of(&overview, "decline-unknown_payee"), "1");
+    assert!(overview.contains(r#"data-alarms="0""#), "no alarm yet: {overview}");
+    for bank in ["BankA", "BankB"] {
+        assert!(
+            overview.contains(&format!(r#"data-testid="bank-health" data-bank="{bank}" class="up">up<"#)),
+            "{bank} up: {overview}"
+        );
+    }
+    // Each bank says how many legs it holds in doubt (GetStatus): none, once every decision landed.
+    wait_page(&addr, "/", &cookie, "no leg in doubt", |b| {
+        ["BankA", "BankB"]
+            .iter()
+            .all(|bank| b.contains(&format!(r#"data-testid="bank-in-doubt" data-bank="{bank}">0<"#)))
+    });
+    let (status, json) = get(&addr, "/api/overview", &cookie2);
+    assert_eq!(status, 200);
+    let json: serde_json::Value = serde_json::from_str(&json).expect("JSON");
+    assert_eq!(json["counts"]["committed"], 2);
+
+    // The list, a customer's search, and a payment's 2PC timeline.
+    let (_, list) = get(&addr, "/payments", &cookie);
+    assert_eq!(list.matches(r#"data-testid="payment-row""#).count(), 4, "{list}");
+    let (_, mine) = get(&addr, "/payments?q=user2%40BankB", &cookie);
+    assert_eq!(mine.matches(r#"data-testid="payment-row""#).count(), 2, "user2 received two: {mine}");
+    let paid = pay("user2@BankB", "2.50").json();
+    let id = paid["payment_id"].as_str().expect("payment id");
+    let (_, found) = get(&addr, &format!("/payments?q={id}"), &cookie);
+    let txn = found.split(r#"data-txn=""#).nth(1).and_then(|r| r.split('"').next()).expect("found by id");
+    let page = wait_page(&addr, &format!("/payments/{txn}"), &cookie, "both acknowledgements", |b| {
+        b.matches(r#"data-kind="ack""#).count() == 2
+    });
+    assert_eq!(text_of(&page, "payment-state"), "committed");
+    assert_eq!(text_of(&page, "payment-amount"), "2.50");
+    for bank in ["BankA", "BankB"] {
+        assert!(page.contains(&format!(r#"data-kind="vote" data-bank="{bank}""#)), "{bank} votes: {page}");
+        assert!(page.contains(&format!(r#"data-kind="ack" data-bank="{bank}""#)), "{bank} acks: {page}");
+    }
+    assert!(page.contains(r#"data-kind="begin""#) && page.contains(r#"data-kind="decision""#), "{page}");
+    assert!(page.find(r#"data-kind="begin""#) < page.find(r#"data-kind="decision""#));
+
+    // A value from outside is escaped: the search query echoed back.
+    let (_, search) = get(&addr, "/payments?q=%3Cscript%3Ealert(1)%3C%2Fscript%3E", &cookie);
+    assert!(!search.contains("<script>alert"), "{search}");
+    assert!(search.contains("&lt;script&gt;alert(1)&lt;/script&gt;"), "{search}");
+
+    // Logout: a POST with the session's CSRF token, and only with it.
+    let csrf = overview
+        .split(r#"name="csrf" id="csrf" value=""#)
+        .nth(1)
+        .and_then(|r| r.split('"').next())
+        .expect("a CSRF token in the logout form");
+    let form = [("Cookie", cookie2.as_str()), ("Content-Type", "application/x-www-form-urlencoded")];
+    assert_eq!(http(&addr, "POST", "/logout", &form, "").0, 403, "no CSRF token");
+    assert_eq!(
+        http(&addr, "POST", "/logout", &form, &format!("csrf={csrf}")).0,
+        403,
+        "another session's token"
+    );
+    let (_, page2) = get(&addr, "/", &cookie2);
+    let csrf2 = page2.split(r#"id="csrf" value=""#).nth(1).and_then(|r| r.split('"').next()).expect("csrf");
+    assert_eq!(http(&addr, "POST", "/logout", &form, &format!("csrf={csrf2}")).0, 200);
+    assert_eq!(get(&addr, "/", &cookie2).0, 401, "logged out");
+    assert_eq!(get(&addr, "/", &cookie).0, 200, "the other session lives on");
+
+    // A bank that stops answering raises the alarm.
+    let instances: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.0.join("instances.json")).expect("instances.json"))
+            .expect("JSON");
+    let bank_pid = instances["instances"]
+        .as_array()
+        .and_then(|l| l.iter().find(|i| i["name"] == "BankB"))
+        .and_then(|i| i["pid"].as_i64())
+        .expect("BankB's pid");
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(bank_pid).expect("pid"));
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("pause BankB");
+    let alarmed =
+        wait_page(&addr, "/", &cookie, "the alarm", |b| b.contains(r#"data-alarm="bank-unreachable""#));
+    assert!(alarmed.contains(r#"class="alarm""#), "{alarmed}");
+    assert!(alarmed.contains(r#"data-bank="BankB" class="unreachable""#), "{alarmed}");
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("resume BankB");
+    assert_eq!(terminate(&mut up.0), Some(0));
+}
+
+/// `strife up`, stopped with SIGTERM (its children with it) if a test fails.
+struct Up(std::process::Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = terminate(&mut self.0);
+        }
+    }
+}
