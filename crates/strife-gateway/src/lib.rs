@@ -11,6 +11,7 @@ pub mod error;
 mod hex;
 pub mod link;
 pub mod page_token;
+mod pg_batch;
 pub mod postgres;
 pub mod registry;
 pub mod server;
