@@ -8,16 +8,18 @@
 //! `synchronous_commit = on` (checked at start), so a commit that returned is
 //! on disk. Two writes are not forced: the `preparing` record and the lazy
 //! acknowledgement marks (each one statement that sets `synchronous_commit = off`
-//! for its own transaction with `set_config(…, true)`).
+//! for its own transaction with `set_config(…, true)`). Begins and decisions
+//! are group-committed ([`crate::pg_batch`]): concurrent ones of one kind
+//! are one statement over arrays, each row answered on its own.
 //! PostgreSQL writes one log in order, so the next forced commit of any
 //! replica flushes them first: a `preparing` record is durable before its
 //! decision, wherever the decision is made.
 //!
 //! What keeps replicas apart is in the statements, not in memory:
-//! - a payment id is taken by one `INSERT … ON CONFLICT DO NOTHING` on the
+//! - a payment id is taken by an `INSERT … ON CONFLICT DO NOTHING` on the
 //!   unique `(payment_id, payer_bank, payer_user)` index: the first insert
-//!   wins, and every other reads its row;
-//! - a decision is one `UPDATE … WHERE state = 'preparing'`: the first wins,
+//!   wins (in one batch, the first row), and every other reads its row;
+//! - a decision is an `UPDATE … WHERE state = 'preparing'`: the first wins,
 //!   and every later one reads it;
 //! - a payment is driven by its `owner`, this process's instance id, until
 //!   `lease_until`: the process that began it until its deadline plus the
