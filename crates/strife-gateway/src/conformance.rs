@@ -564,6 +564,20 @@ pub async fn a_revocation_is_seen_by_every_instance<S: GatewayStore>(a: &S, b: &
     assert!(b.is_revoked("j1".into()).await.expect("revoked?"), "at once, at every instance");
     b.revoke("j1".into(), expires).await.expect("revoking twice is fine");
     assert!(!a.is_revoked("j2".into()).await.expect("revoked?"));
+    // Many lookups at once (one batch where the store batches them): each
+    // token gets its own answer.
+    for n in (0..64).step_by(2) {
+        a.revoke(format!("burst{n}"), expires).await.expect("revoke");
+    }
+    let lookups: Vec<_> = (0..64)
+        .map(|n| {
+            let b = b.clone();
+            tokio::spawn(async move { b.is_revoked(format!("burst{n}")).await.expect("revoked?") })
+        })
+        .collect();
+    for (n, lookup) in lookups.into_iter().enumerate() {
+        assert_eq!(lookup.await.expect("task"), n % 2 == 0, "token burst{n}");
+    }
 }
 
 /// Failed logins counted at two instances at once add up to one count (no

@@ -116,6 +116,9 @@ pub struct PostgresStore {
     /// Decisions, written a batch per statement: the decision that stands
     /// for each (none: no such payment).
     decisions: Batcher<Decision, Option<PaymentState>>,
+    /// Revocation lookups (one per customer call), a batch per statement:
+    /// the expiry of each token found revoked.
+    revocations: Batcher<String, Option<i64>>,
 }
 
 /// A payment to begin, with the lease of the process that begins it.
@@ -162,6 +165,11 @@ impl PostgresStore {
             let pool = p.clone();
             async move { decide_many(&pool, &batch).await }
         });
+        let p = pool.clone();
+        let revocations = Batcher::start(move |jtis: Vec<String>| {
+            let pool = p.clone();
+            async move { revoked_many(&pool, &jtis).await }
+        });
         Ok(PostgresStore {
             pool,
             instance,
@@ -171,6 +179,7 @@ impl PostgresStore {
             lazy_acks,
             begins,
             decisions,
+            revocations,
         })
     }
 
@@ -342,6 +351,19 @@ async fn decide_many(pool: &Pool, batch: &[Decision]) -> Result<Vec<Option<Payme
         }
     }
     Ok(batch.iter().map(|d| stands.get(&d.txn_id).copied()).collect())
+}
+
+/// Looks a batch of tokens up among the revocations, in one statement that
+/// starts after each lookup was asked: a revocation committed before then
+/// is seen. The expiry of each one found.
+async fn revoked_many(pool: &Pool, jtis: &[String]) -> Result<Vec<Option<i64>>, GatewayError> {
+    let client = pool.get().await?;
+    let stmt = client.prepare_cached("SELECT jti, expires_at FROM revoked_tokens WHERE jti = ANY($1)").await?;
+    let mut found = HashMap::new();
+    for row in client.query(&stmt, &[&jtis]).await? {
+        found.insert(row.try_get::<_, String>(0)?, row.try_get::<_, i64>(1)?);
+    }
+    Ok(jtis.iter().map(|jti| found.get(jti).copied()).collect())
 }
 
 /// A decided payment's state, from its text.
@@ -752,10 +774,8 @@ impl GatewayStore for PostgresStore {
         if self.revoked_cached(&jti)? {
             return Ok(true);
         }
-        let client = self.client().await?;
-        let stmt = client.prepare_cached("SELECT expires_at FROM revoked_tokens WHERE jti = $1").await?;
-        let Some(row) = client.query_opt(&stmt, &[&jti]).await? else { return Ok(false) };
-        self.cache_revoked(jti, row.try_get(0)?)?;
+        let Some(expires_at) = self.revocations.call(jti.clone()).await? else { return Ok(false) };
+        self.cache_revoked(jti, expires_at)?;
         Ok(true)
     }
     async fn throttle_entries(&self, keys: Vec<String>) -> Result<Vec<Entry>, GatewayError> {
