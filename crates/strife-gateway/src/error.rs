@@ -140,10 +140,9 @@ impl GatewayError {
     /// one, and not `Clone`): the same status the error itself maps to.
     pub fn for_each(&self) -> GatewayError {
         match self {
-            GatewayError::Postgres(err) if database_unreachable(err) => GatewayError::unavailable(
-                ErrorReason::Unavailable,
-                DATABASE_UNREACHABLE,
-            ),
+            GatewayError::Postgres(err) if database_unreachable(err) => {
+                GatewayError::unavailable(ErrorReason::Unavailable, DATABASE_UNREACHABLE)
+            }
             GatewayError::Overloaded(m) => GatewayError::Overloaded(m.clone()),
             GatewayError::Unavailable { reason, message } => {
                 GatewayError::Unavailable { reason: *reason, message: message.clone() }

@@ -270,10 +270,13 @@ async fn begin_many(pool: &Pool, owner: &str, batch: &[Begin]) -> Result<Vec<boo
     // meet on ids wait for each other in one direction only.
     let mut order: Vec<&Begin> = batch.iter().collect();
     order.sort_unstable_by(|a, b| {
-        let key = |x: &Begin| (x.record.payment_id.clone(), x.record.payer.bank.clone(), x.record.payer.user.clone());
+        let key = |x: &Begin| {
+            (x.record.payment_id.clone(), x.record.payer.bank.clone(), x.record.payer.user.clone())
+        };
         key(a).cmp(&key(b))
     });
-    let column = |f: fn(&PaymentRecord) -> &str| -> Vec<&str> { order.iter().map(|b| f(&b.record)).collect() };
+    let column =
+        |f: fn(&PaymentRecord) -> &str| -> Vec<&str> { order.iter().map(|b| f(&b.record)).collect() };
     let (txn_ids, payment_ids) = (column(|p| &p.txn_id), column(|p| &p.payment_id));
     let (payer_users, payer_banks) = (column(|p| &p.payer.user), column(|p| &p.payer.bank));
     let (payee_users, payee_banks) = (column(|p| &p.payee.user), column(|p| &p.payee.bank));
@@ -358,7 +361,8 @@ async fn decide_many(pool: &Pool, batch: &[Decision]) -> Result<Vec<Option<Payme
 /// is seen. The expiry of each one found.
 async fn revoked_many(pool: &Pool, jtis: &[String]) -> Result<Vec<Option<i64>>, GatewayError> {
     let client = pool.get().await?;
-    let stmt = client.prepare_cached("SELECT jti, expires_at FROM revoked_tokens WHERE jti = ANY($1)").await?;
+    let stmt =
+        client.prepare_cached("SELECT jti, expires_at FROM revoked_tokens WHERE jti = ANY($1)").await?;
     let mut found = HashMap::new();
     for row in client.query(&stmt, &[&jtis]).await? {
         found.insert(row.try_get::<_, String>(0)?, row.try_get::<_, i64>(1)?);
@@ -1024,7 +1028,8 @@ mod tests {
         assert!(claim.contains("Index Scan using payments_pkey"), "{claim}");
         assert!(!claim.contains("Seq Scan"), "{claim}");
         let ids = vec![id.clone()];
-        let decide = plan(&s, DECIDE_MANY_SQL, &[&ids, &vec!["committed"], &vec![None::<&str>], &vec![1i64]]).await;
+        let decide =
+            plan(&s, DECIDE_MANY_SQL, &[&ids, &vec!["committed"], &vec![None::<&str>], &vec![1i64]]).await;
         // Through the primary key, or the index of undecided payments
         // (none here): never a scan of the table.
         assert!(decide.contains("Index Scan") && !decide.contains("Seq Scan"), "{decide}");
