@@ -35,6 +35,8 @@ macro_rules! conformance_suite {
                 a_payment_gets_one_decision,
                 concurrent_begins_of_one_id_make_one_payment,
                 concurrent_decisions_make_one,
+                a_burst_of_begins_with_ids_twice_makes_one_payment_per_id,
+                a_burst_of_decisions_racing_the_sweep_makes_one_per_payment,
                 decided_payments_stay_unfinished_until_acknowledged,
                 a_listing_has_what_the_caller_sent_and_the_committed_payments_they_received,
                 a_payment_is_found_by_id_by_whoever_made_or_received_it,
@@ -227,6 +229,77 @@ pub async fn concurrent_decisions_make_one<S: GatewayStore>(a: &S, b: &S) {
         let stored = sb.find_txn(p.txn_id.clone()).await.expect("find").expect("exists");
         assert_eq!(stored.state, c, "payment {n}");
     }
+}
+
+/// Many begins at once on one instance, as concurrent payments reach one
+/// gateway: where the store batches them, one batch holds an id twice.
+/// Exactly one begin per id wins, and the others read its payment.
+pub async fn a_burst_of_begins_with_ids_twice_makes_one_payment_per_id<S: GatewayStore>(a: &S, _b: &S) {
+    const IDS: u64 = 64;
+    let (x, y) = (user("x@BankA"), user("y@BankB"));
+    // Each id twice (txn n and n + 1000), all queued before any is answered.
+    let tasks: Vec<_> = (0..2 * IDS)
+        .map(|n| {
+            let (store, id) = (a.clone(), n % IDS);
+            let copy = record(id + (n / IDS) * 1000, id, &x, &y, PaymentState::Preparing);
+            tokio::spawn(async move { (id, store.begin_payment(copy).await.expect("begin")) })
+        })
+        .collect();
+    let mut winners = std::collections::BTreeMap::new();
+    let mut replays = Vec::new();
+    for t in tasks {
+        match t.await.expect("task") {
+            (id, Ok(())) => assert!(winners.insert(id, ()).is_none(), "id {id}: two begins won"),
+            (id, Err(existing)) => replays.push((id, existing)),
+        }
+    }
+    assert_eq!(winners.len() as u64, IDS, "every id has one payment");
+    assert_eq!(replays.len() as u64, IDS, "and one replay");
+    for (id, existing) in replays {
+        let stored = a.find_payment(x.clone(), uuid_of(id)).await.expect("find").expect("exists");
+        assert_eq!(existing.txn_id, stored.txn_id, "id {id}: the replay answers the winner");
+        assert_eq!(existing.payment_id, uuid_of(id));
+    }
+    let counts = a.counts().await.expect("counts");
+    assert_eq!(counts.preparing, IDS, "no payment twice");
+}
+
+/// Many payments decided at once on one instance, each by its own task
+/// (commit) and by the deadline sweep (abort): where the store batches
+/// decisions, both may sit in one batch. Each payment gets one decision,
+/// and both deciders learn it.
+pub async fn a_burst_of_decisions_racing_the_sweep_makes_one_per_payment<S: GatewayStore>(a: &S, _b: &S) {
+    const PAYMENTS: u64 = 64;
+    let (x, y) = (user("x@BankA"), user("y@BankB"));
+    for n in 0..PAYMENTS {
+        insert(a, &record(n, n, &x, &y, PaymentState::Preparing)).await;
+    }
+    let tasks: Vec<_> = (0..PAYMENTS)
+        .flat_map(|n| {
+            let (task, sweep) = (a.clone(), a.clone());
+            [
+                tokio::spawn(async move { task.decide(uuid_of(n), PaymentState::Committed, None).await }),
+                tokio::spawn(async move {
+                    sweep.decide(uuid_of(n), PaymentState::Aborted, Some(DeclineReason::Timeout)).await
+                }),
+            ]
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.expect("task").expect("decide"));
+    }
+    for n in 0..PAYMENTS {
+        let (task, sweep) = (answers[2 * n as usize], answers[2 * n as usize + 1]);
+        assert_eq!(task, sweep, "payment {n}: both deciders learn the one decision");
+        let stored = a.find_txn(uuid_of(n)).await.expect("find").expect("exists");
+        assert_eq!(stored.state, task, "payment {n}: the decision that stands is stored");
+        if stored.state == PaymentState::Aborted {
+            assert_eq!(stored.reason, Some(DeclineReason::Timeout), "payment {n}: the sweep's reason");
+        }
+    }
+    // A payment that does not exist is an error, not a decision.
+    assert!(a.decide(uuid_of(999_999), PaymentState::Committed, None).await.is_err());
 }
 
 pub async fn decided_payments_stay_unfinished_until_acknowledged<S: GatewayStore>(a: &S, _b: &S) {
@@ -547,6 +620,20 @@ pub async fn a_revocation_is_seen_by_every_instance<S: GatewayStore>(a: &S, b: &
     assert!(b.is_revoked("j1".into()).await.expect("revoked?"), "at once, at every instance");
     b.revoke("j1".into(), expires).await.expect("revoking twice is fine");
     assert!(!a.is_revoked("j2".into()).await.expect("revoked?"));
+    // Many lookups at once (one batch where the store batches them): each
+    // token gets its own answer.
+    for n in (0..64).step_by(2) {
+        a.revoke(format!("burst{n}"), expires).await.expect("revoke");
+    }
+    let lookups: Vec<_> = (0..64)
+        .map(|n| {
+            let b = b.clone();
+            tokio::spawn(async move { b.is_revoked(format!("burst{n}")).await.expect("revoked?") })
+        })
+        .collect();
+    for (n, lookup) in lookups.into_iter().enumerate() {
+        assert_eq!(lookup.await.expect("task"), n % 2 == 0, "token burst{n}");
+    }
 }
 
 /// Failed logins counted at two instances at once add up to one count (no

@@ -135,6 +135,28 @@ impl GatewayError {
     }
 }
 
+impl GatewayError {
+    /// What each item of a failed batch is answered (the batch's error is
+    /// one, and not `Clone`): the same status the error itself maps to.
+    pub fn for_each(&self) -> GatewayError {
+        match self {
+            GatewayError::Postgres(err) if database_unreachable(err) => {
+                GatewayError::unavailable(ErrorReason::Unavailable, DATABASE_UNREACHABLE)
+            }
+            GatewayError::Overloaded(m) => GatewayError::Overloaded(m.clone()),
+            GatewayError::Unavailable { reason, message } => {
+                GatewayError::Unavailable { reason: *reason, message: message.clone() }
+            }
+            GatewayError::Postgres(err) => GatewayError::Internal(format!("database: {}", with_cause(err))),
+            other => GatewayError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// What a caller is told when this gateway cannot reach its database.
+const DATABASE_UNREACHABLE: &str =
+    "this gateway cannot reach its database right now; try again (another gateway may answer)";
+
 impl From<GatewayError> for Status {
     fn from(e: GatewayError) -> Status {
         match e {
@@ -180,11 +202,7 @@ impl From<GatewayError> for Status {
             }
             GatewayError::Postgres(err) if database_unreachable(&err) => {
                 tracing::warn!(error = %with_cause(&err), "the database is unreachable");
-                errors::status(
-                    Code::Unavailable,
-                    ErrorReason::Unavailable,
-                    "this gateway cannot reach its database right now; try again (another gateway may answer)",
-                )
+                errors::status(Code::Unavailable, ErrorReason::Unavailable, DATABASE_UNREACHABLE)
             }
             GatewayError::Postgres(err) => {
                 tracing::error!(error = %with_cause(&err), "database failure");

@@ -14,6 +14,7 @@ mod hex;
 pub mod link;
 pub mod live;
 pub mod page_token;
+mod pg_batch;
 pub mod postgres;
 pub mod registry;
 pub mod server;
