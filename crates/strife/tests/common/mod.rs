@@ -387,7 +387,12 @@ pub fn bank_replicas(dir: &Path, gateway: &str, name: &str) -> Vec<(String, bool
 }
 
 pub fn run_cli(dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Run {
-    let mut cmd = Command::new(BIN);
+    run_cli_with(Command::new(BIN), dir, args, envs)
+}
+
+/// `cmd` (the `strife` binary, or a command that runs it, such as `ip
+/// netns exec NS strife`) with `--dir DIR ARGS`, run to its end.
+pub fn run_cli_with(mut cmd: Command, dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Run {
     cmd.arg("--dir").arg(dir).args(args).stdin(Stdio::null()).env_remove("STRIFE_PASSWORD");
     for (k, v) in envs {
         cmd.env(k, v);

@@ -249,17 +249,7 @@ impl Host {
 
     /// `strife --dir DIR ARGS` run inside this host, to its end.
     pub fn cli(&self, dir: &Path, args: &[&str], envs: &[(&str, &str)]) -> Run {
-        let mut cmd = self.command(super::BIN);
-        cmd.arg("--dir").arg(dir).args(args).stdin(Stdio::null()).env_remove("STRIFE_PASSWORD");
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let out = cmd.output().expect("run strife");
-        Run {
-            code: out.status.code().unwrap_or(-1),
-            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-        }
+        super::run_cli_with(self.command(super::BIN), dir, args, envs)
     }
 }
 
