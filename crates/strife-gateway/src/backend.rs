@@ -20,8 +20,8 @@
 
 use crate::error::GatewayError;
 use crate::store::{
-    Cursor, PageQuery, PaymentCounts, PaymentEvent, PaymentFilter, PaymentPage, PaymentRecord, PaymentState,
-    Store,
+    Cursor, Heartbeat, PageQuery, PaymentCounts, PaymentEvent, PaymentFilter, PaymentPage, PaymentRecord,
+    PaymentState, ReplicaRow, Store,
 };
 use crate::throttle::{self, Entry, Rule};
 use crate::tokens::SigningKey;
@@ -231,6 +231,17 @@ pub trait GatewayStore: Clone + Send + Sync + 'static {
 
     /// Declined payments by reason code, most frequent first.
     fn decline_counts(&self) -> impl Future<Output = Result<Vec<(String, u64)>, GatewayError>> + Send;
+
+    /// Writes this replica's heartbeat row (by its boot id), not forced:
+    /// a lost one is replaced a second later. Rows silent for
+    /// [`crate::cluster::REPLICA_FORGET_MS`] are deleted meanwhile. The
+    /// time is the store's clock (PostgreSQL's: replicas' clocks may
+    /// differ). SQLite queues it lazily and resolves at once.
+    fn heartbeat(&self, beat: Heartbeat) -> impl Future<Output = Result<(), GatewayError>> + Send;
+
+    /// Every replica's last heartbeat, the most recent first, at most
+    /// `limit`, with its age by the store's clock.
+    fn replicas(&self, limit: u32) -> impl Future<Output = Result<Vec<ReplicaRow>, GatewayError>> + Send;
 }
 
 /// [`throttle::IDLE_FORGET`] in ms.
@@ -431,6 +442,19 @@ impl GatewayStore for SqliteStore {
 
     async fn decline_counts(&self) -> Result<Vec<(String, u64)>, GatewayError> {
         self.run(|s| s.decline_counts()).await
+    }
+
+    fn heartbeat(&self, beat: Heartbeat) -> impl Future<Output = Result<(), GatewayError>> + Send {
+        self.store.run_lazily(move |s| {
+            if let Err(e) = s.heartbeat(&beat, strife_core::unix_ms()) {
+                tracing::debug!(error = %e, "heartbeat not written");
+            }
+        });
+        ready(Ok(()))
+    }
+
+    async fn replicas(&self, limit: u32) -> Result<Vec<ReplicaRow>, GatewayError> {
+        self.run(move |s| s.replicas(strife_core::unix_ms(), limit)).await
     }
 
     fn is_revoked(&self, jti: String) -> impl Future<Output = Result<bool, GatewayError>> + Send {

@@ -48,7 +48,8 @@ macro_rules! conformance_suite {
                 failed_logins_add_up_across_instances,
                 one_cluster_id_for_every_instance,
                 a_bank_keeps_each_address,
-                the_dashboard_reads_timelines_recent_payments_and_declines);
+                the_dashboard_reads_timelines_recent_payments_and_declines,
+                every_instance_reads_every_heartbeat);
         }
     };
     (@case $fresh:path, $($case:ident),*) => {
@@ -610,6 +611,36 @@ pub async fn the_dashboard_reads_timelines_recent_payments_and_declines<S: Gatew
     );
     assert_eq!(events[3].detail.len(), crate::store::EVENT_DETAIL_MAX, "long details are cut");
     assert!(b.payment_events(uuid_of(0)).await.expect("none").is_empty());
+}
+
+/// Each replica's heartbeat is one row (rewritten, not added), read by every
+/// instance with its age; the heartbeat need not be durable when it
+/// resolves (SQLite queues it), so the reads wait for it.
+pub async fn every_instance_reads_every_heartbeat<S: GatewayStore>(a: &S, b: &S) {
+    use crate::store::Heartbeat;
+    let beat = |boot: &str, report: &str| Heartbeat {
+        boot_id: boot.into(),
+        address: format!("127.0.0.1:{}", boot.len()),
+        admin_address: String::new(),
+        started_at_ms: 42,
+        report: report.into(),
+    };
+    a.heartbeat(beat("one", "{}")).await.expect("heartbeat");
+    b.heartbeat(beat("two", "{}")).await.expect("heartbeat");
+    a.heartbeat(beat("one", r#"{"conflicts":1}"#)).await.expect("heartbeat");
+    let patience = Patience::new();
+    loop {
+        let rows = b.replicas(crate::cluster::REPLICAS_LISTED_MAX).await.expect("replicas");
+        let one = rows.iter().find(|r| r.beat.boot_id == "one");
+        if rows.len() == 2 && one.is_some_and(|r| r.beat.report.contains("conflicts")) {
+            let one = one.expect("one");
+            assert_eq!((one.beat.started_at_ms, one.beat.address.as_str()), (42, "127.0.0.1:3"));
+            assert!((0..60_000).contains(&one.age_ms), "{one:?}");
+            break;
+        }
+        patience.wait("both heartbeats, the second one's report rewritten").await;
+    }
+    assert_eq!(a.replicas(1).await.expect("replicas").len(), 1, "the limit holds");
 }
 
 pub async fn a_revocation_is_seen_by_every_instance<S: GatewayStore>(a: &S, b: &S) {

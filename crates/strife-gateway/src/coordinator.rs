@@ -112,6 +112,9 @@ pub struct Gateway<S> {
     finisher_wake: Notify,
     /// Thresholds of failed logins (the counts are in the store).
     pub throttle: crate::throttle::Policy,
+    /// What this replica's audit passes found ([`crate::audit`]); `None`
+    /// before the first pass, or with audits off.
+    audit: Mutex<Option<crate::cluster::AuditSummary>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> Result<std::sync::MutexGuard<'_, T>, GatewayError> {
@@ -142,7 +145,21 @@ impl<S: GatewayStore> Gateway<S> {
                 peer_failures_max: config.login_peer_failures_max,
                 lock: Duration::from_secs(config.login_lock_secs),
             },
+            audit: Mutex::new(None),
             config,
+        }
+    }
+
+    /// What this replica's audit passes found, if any ran.
+    pub fn audit_summary(&self) -> Option<crate::cluster::AuditSummary> {
+        self.audit.lock().map(|a| a.clone()).unwrap_or_else(|p| p.into_inner().clone())
+    }
+
+    /// Keeps the result of an audit pass.
+    pub fn set_audit_summary(&self, summary: crate::cluster::AuditSummary) {
+        match self.audit.lock() {
+            Ok(mut slot) => *slot = Some(summary),
+            Err(p) => *p.into_inner() = Some(summary),
         }
     }
 

@@ -3,19 +3,20 @@
 //! `/api/overview` and draws the charts as inline SVG), all embedded in the
 //! binary. Access: see [`crate::admin_access`].
 //!
-//! What each page shows comes from the shared store where it can (counts,
-//! decline reasons, payments, timelines: the whole cluster, at every
-//! replica) and from this replica otherwise (payments per second and
-//! latency, undelivered decisions as its finisher last saw them, the banks'
-//! health as its registry sees it).
+//! Every page shows the whole cluster at every replica: counts, decline
+//! reasons, payments and timelines come from the shared store; payments per
+//! second, latency, decision conflicts, storage failures, the banks' health
+//! and the list of replicas from every replica's heartbeat in the store,
+//! merged ([`crate::cluster`]). Only the banks' legs in doubt are asked by
+//! this replica, of the bank replicas it reaches.
 //!
 //! Every value from outside (queries, names, ids, messages) is escaped by
 //! [`esc`] before it enters HTML.
 
 use crate::admin_access::{Access, LinkRefused, SESSION_COOKIE, Session, same_secret};
 use crate::backend::GatewayStore;
+use crate::cluster::{self, BankView, ClusterView, Identity, ReplicaView};
 use crate::coordinator::Gateway;
-use crate::live;
 use crate::registry::ReplicaHealth;
 use crate::store::{Cursor, PageQuery, PaymentEvent, PaymentFilter, PaymentRecord, PaymentState};
 use axum::body::Body;
@@ -68,6 +69,8 @@ pub fn announce(addr: std::net::SocketAddr) {
 /// The dashboard of one gateway.
 pub struct Dashboard<S> {
     gateway: Arc<Gateway<S>>,
+    /// This replica's addresses and start, as the replicas table shows it.
+    me: Identity,
     access: Access,
     /// Served over TLS (cookies are then `Secure`).
     tls: bool,
@@ -76,8 +79,37 @@ pub struct Dashboard<S> {
 }
 
 impl<S: GatewayStore> Dashboard<S> {
-    pub fn new(gateway: Arc<Gateway<S>>, access: Access, tls: bool, in_doubt_alarm: Duration) -> Self {
-        Dashboard { gateway, access, tls, in_doubt_alarm }
+    pub fn new(
+        gateway: Arc<Gateway<S>>,
+        me: Identity,
+        access: Access,
+        tls: bool,
+        in_doubt_alarm: Duration,
+    ) -> Self {
+        Dashboard { gateway, me, access, tls, in_doubt_alarm }
+    }
+
+    /// The cluster now: this replica's own figures and every other
+    /// replica's last heartbeat (just its own when the store cannot be read).
+    async fn cluster(&self) -> ClusterView {
+        let own = ReplicaView {
+            boot_id: self.gateway.boot_id.clone(),
+            address: self.me.address.clone(),
+            admin_address: self.me.admin_address.clone(),
+            started_at_ms: self.me.started_at_ms,
+            age_ms: 0,
+            fresh: true,
+            this: true,
+            report: cluster::Report::own(&self.gateway),
+        };
+        let rows = match self.gateway.store.replicas(cluster::REPLICAS_LISTED_MAX).await {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the other replicas' heartbeats");
+                Vec::new()
+            }
+        };
+        cluster::merge(own, rows, strife_core::unix_ms() / 1000)
     }
 
     /// The dashboard as an axum router.
@@ -204,13 +236,10 @@ impl<S: GatewayStore> Dashboard<S> {
         let now_ms = strife_core::unix_ms();
         let oldest = store.preparing_before(now_ms, 1).await?;
         let oldest_undecided_secs = oldest.first().map(|p| (now_ms - p.created_at_ms).max(0) / 1000);
-        let banks = bank_statuses(self.gateway.registry.health()).await;
-        let conflicts = metrics::GATEWAY.decision_conflicts.get();
+        let cluster = self.cluster().await;
+        let banks = bank_statuses(&cluster.banks, self.gateway.registry.health()).await;
+        let conflicts = cluster.conflicts;
         let undelivered = counts.undelivered;
-        let store_failures: u64 = ["disk_full", "io_error", "cannot_open", "read_only", "other"]
-            .iter()
-            .map(|c| metrics::STORE.failures.get_or_create(&[("cause", c)]).get())
-            .sum();
         let mut alarms = Vec::new();
         if conflicts > 0 {
             alarms.push((
@@ -228,10 +257,10 @@ impl<S: GatewayStore> Dashboard<S> {
         }
         let alarm_ms = i64::try_from(self.in_doubt_alarm.as_millis()).unwrap_or(i64::MAX);
         for b in &banks {
-            if !b.health.reachable {
+            if !b.view.reachable {
                 alarms.push((
                     "bank-unreachable",
-                    format!("bank {} at {} is unreachable", b.health.name, b.health.address),
+                    format!("bank {} at {} is unreachable", b.view.name, b.view.address),
                 ));
             }
             if let Some((legs, Some(oldest))) = b.in_doubt
@@ -241,17 +270,17 @@ impl<S: GatewayStore> Dashboard<S> {
                     "in-doubt-leg",
                     format!(
                         "bank {} at {} holds {legs} leg(s) in doubt, the oldest for {} s",
-                        b.health.name,
-                        b.health.address,
+                        b.view.name,
+                        b.view.address,
                         (now_ms - oldest) / 1000
                     ),
                 ));
             }
         }
-        if store_failures > 0 {
+        for (replica, failures) in &cluster.storage_failures {
             alarms.push((
                 "storage",
-                format!("{store_failures} storage failure(s) at this gateway (disk full or I/O errors); see its log"),
+                format!("{failures} storage failure(s) at the gateway at {replica} (disk full or I/O errors); see its log"),
             ));
         }
         Ok(Facts {
@@ -264,6 +293,7 @@ impl<S: GatewayStore> Dashboard<S> {
             undelivered,
             conflicts,
             alarms,
+            cluster,
         })
     }
 
@@ -280,9 +310,9 @@ impl<S: GatewayStore> Dashboard<S> {
 <tr><th>Undecided now</th><td id="count-preparing">{}</td></tr>
 <tr><th>Oldest undecided</th><td id="in-doubt-oldest">{}</td></tr>
 <tr><th>Undelivered decisions</th><td id="undelivered">{}</td></tr>
-<tr><th>Decision conflicts (this replica)</th><td id="decision-conflicts">{}</td></tr></table>
+<tr><th>Decision conflicts</th><td id="decision-conflicts">{}</td></tr></table>
 </section>
-<section><h2>Payments per second and latency (this replica, last 5 minutes)</h2>
+<section><h2>Payments per second and latency (every replica, last 5 minutes)</h2>
 <svg id="chart-rate" data-testid="chart-rate" viewBox="0 0 600 120" width="600" height="120"></svg>
 <svg id="chart-latency" data-testid="chart-latency" viewBox="0 0 600 120" width="600" height="120"></svg>
 <p class="legend">Rate: <span class="committed">committed</span>, <span class="declined">declined</span>. Latency: <span class="p50">p50</span>, <span class="p99">p99</span> (<span id="latency-now">–</span>).</p>
@@ -305,37 +335,53 @@ impl<S: GatewayStore> Dashboard<S> {
         }
         h.push_str("</table></section>");
         h.push_str(
-            "<section><h2>Banks (as this replica sees them)</h2><table id=\"banks\"><tr><th>Bank</th><th>Address</th>\
+            "<section><h2>Banks (as every gateway replica sees them)</h2><table id=\"banks\"><tr><th>Bank</th><th>Address</th>\
              <th>Health</th><th>Last heartbeat</th><th>Legs in doubt</th><th>Oldest in doubt</th></tr>",
         );
         for b in &f.banks {
-            let (n, a) = (esc(&b.health.name), esc(&b.health.address));
-            let health = if b.health.reachable { "up" } else { "unreachable" };
+            let (n, a) = (esc(&b.view.name), esc(&b.view.address));
+            let health = if b.view.reachable { "up" } else { "unreachable" };
             let (legs, oldest) = in_doubt_cells(b.in_doubt, now_ms);
             let _ = write!(
                 h,
                 r#"<tr data-testid="bank-row" data-bank="{n}"><td>{n}</td><td>{a}</td><td data-testid="bank-health" data-bank="{n}" class="{health}">{health}</td><td>{}</td><td data-testid="bank-in-doubt" data-bank="{n}">{legs}</td><td data-testid="bank-in-doubt-oldest" data-bank="{n}">{oldest}</td></tr>"#,
-                b.health
-                    .last_seen
-                    .map_or_else(|| "never".to_owned(), |d| format!("{:.1} s ago", d.as_secs_f64())),
+                b.view
+                    .last_seen_ms
+                    .map_or_else(|| "never".to_owned(), |ms| format!("{:.1} s ago", ms as f64 / 1000.0)),
             );
         }
         h.push_str("</table></section>");
         let _ = write!(
             h,
-            r#"<section><h2>Gateway replicas</h2><table id="replicas"><tr><th>Replica</th><th>Boot id</th><th>Cluster</th></tr>
-<tr data-testid="replica-row"><td>this one</td><td>{}</td><td>{}</td></tr></table>
-<p class="note">Other replicas share the store: the counts, payments and timelines above are the whole cluster's.</p></section>"#,
-            esc(&self.gateway.boot_id),
+            r#"<section><h2>Gateway replicas</h2><p class="note">Cluster {}. A replica whose heartbeat is older than {} s is stale: listed, its figures left out.</p>
+<table id="replicas"><tr><th>Address</th><th>Dashboard</th><th>Boot id</th><th>Started</th><th>Last heartbeat</th><th>State</th><th>Undelivered</th><th>Conflicts</th></tr>"#,
             esc(&self.gateway.cluster_id),
+            cluster::REPLICA_FRESH_MAX_MS / 1000,
         );
+        for r in &f.cluster.replicas {
+            let state = replica_state(r);
+            let _ = write!(
+                h,
+                r#"<tr data-testid="replica-row" data-boot-id="{boot}" data-state="{state}"><td>{}</td><td>{}</td><td>{boot}</td><td>{}</td><td>{}</td><td class="{state}">{state}</td><td>{}</td><td>{}</td></tr>"#,
+                esc(&r.address),
+                esc(&r.admin_address),
+                rfc3339(r.started_at_ms),
+                if r.this { "now".to_owned() } else { format!("{:.1} s ago", r.age_ms as f64 / 1000.0) },
+                r.report.undelivered,
+                r.report.conflicts,
+                boot = esc(&r.boot_id),
+            );
+        }
+        h.push_str("</table></section>");
         Ok(page("Overview", &h, Some(session)))
     }
 
     async fn overview_json(&self) -> anyhow::Result<Response<Body>> {
         let f = self.facts().await?;
         let now_ms = strife_core::unix_ms();
-        let samples: Vec<serde_json::Value> = live::samples()
+        let samples: Vec<serde_json::Value> = f
+            .cluster
+            .samples
             .iter()
             .map(|s| {
                 serde_json::json!({
@@ -353,11 +399,18 @@ impl<S: GatewayStore> Dashboard<S> {
             "banks": f.banks.iter().map(|b| {
                 let (legs, oldest) = in_doubt_cells(b.in_doubt, now_ms);
                 serde_json::json!({
-                    "name": b.health.name, "address": b.health.address, "reachable": b.health.reachable,
-                    "last_seen_secs": b.health.last_seen.map(|d| d.as_secs_f64()),
+                    "name": b.view.name, "address": b.view.address, "reachable": b.view.reachable,
+                    "last_seen_secs": b.view.last_seen_ms.map(|ms| ms as f64 / 1000.0),
                     "in_doubt": legs, "in_doubt_oldest": oldest,
                 })
             }).collect::<Vec<_>>(),
+            "replicas": f.cluster.replicas.iter().map(|r| serde_json::json!({
+                "boot_id": r.boot_id, "address": r.address, "admin_address": r.admin_address,
+                "started_at": rfc3339(r.started_at_ms), "last_heartbeat_secs": r.age_ms as f64 / 1000.0,
+                "state": replica_state(r), "this": r.this,
+                "undelivered": r.report.undelivered, "decision_conflicts": r.report.conflicts,
+                "storage_failures": r.report.storage_failures,
+            })).collect::<Vec<_>>(),
             "alarms": f.alarms.iter().map(|(code, msg)| serde_json::json!({"code": code, "message": msg})).collect::<Vec<_>>(),
             "samples": samples,
         });
@@ -493,23 +546,38 @@ struct Facts {
     undelivered: u64,
     conflicts: u64,
     alarms: Vec<(&'static str, String)>,
+    /// Every replica's heartbeat, merged.
+    cluster: ClusterView,
 }
 
-/// A bank replica's health and what it said of its legs in doubt.
+/// `this`, `fresh` or `stale`.
+fn replica_state(r: &ReplicaView) -> &'static str {
+    if r.this {
+        "this"
+    } else if r.fresh {
+        "fresh"
+    } else {
+        "stale"
+    }
+}
+
+/// A bank replica as the cluster sees it, and what it said of its legs in
+/// doubt.
 struct BankStatus {
-    health: ReplicaHealth,
+    view: BankView,
     /// `(legs, when the oldest was prepared)`; `None` when it did not answer.
     in_doubt: Option<(i64, Option<i64>)>,
 }
 
-/// Asks every reachable replica for its legs in doubt (`GetStatus`), all
-/// at once, each for at most [`BANK_STATUS_TIMEOUT`].
-async fn bank_statuses(replicas: Vec<ReplicaHealth>) -> Vec<BankStatus> {
+/// Asks every bank replica of `banks` that this replica reaches (`mine`)
+/// for its legs in doubt (`GetStatus`), all at once, each for at most
+/// [`BANK_STATUS_TIMEOUT`].
+async fn bank_statuses(banks: &[BankView], mine: Vec<ReplicaHealth>) -> Vec<BankStatus> {
     let mut asks = tokio::task::JoinSet::new();
-    for (i, r) in replicas.iter().enumerate() {
-        if !r.reachable {
+    for (i, b) in banks.iter().enumerate() {
+        let Some(r) = mine.iter().find(|r| r.reachable && r.name == b.name && r.address == b.address) else {
             continue;
-        }
+        };
         let mut client = r.client.clone();
         asks.spawn(async move {
             let answer = tokio::time::timeout(
@@ -530,7 +598,7 @@ async fn bank_statuses(replicas: Vec<ReplicaHealth>) -> Vec<BankStatus> {
         });
     }
     let mut out: Vec<BankStatus> =
-        replicas.into_iter().map(|health| BankStatus { health, in_doubt: None }).collect();
+        banks.iter().map(|view| BankStatus { view: view.clone(), in_doubt: None }).collect();
     while let Some(done) = asks.join_next().await {
         if let Ok((i, doubt)) = done
             && let Some(slot) = out.get_mut(i)

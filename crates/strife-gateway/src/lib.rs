@@ -5,6 +5,7 @@
 pub mod admin_access;
 pub mod auth;
 pub mod backend;
+pub mod cluster;
 #[cfg(test)]
 mod conformance;
 pub mod coordinator;

@@ -31,8 +31,8 @@ use crate::backend::{BANK_ADDRESS_RETENTION_MS, BANK_ADDRESSES_MAX, GatewayStore
 use crate::error::GatewayError;
 use crate::pg_batch::Batcher;
 use crate::store::{
-    Cursor, EVENTS_PER_PAYMENT_MAX, PageQuery, PaymentCounts, PaymentEvent, PaymentFilter, PaymentPage,
-    PaymentRecord, PaymentState, now_ms,
+    Cursor, EVENTS_PER_PAYMENT_MAX, Heartbeat, PageQuery, PaymentCounts, PaymentEvent, PaymentFilter,
+    PaymentPage, PaymentRecord, PaymentState, ReplicaRow, now_ms,
 };
 use crate::throttle::{Entry, Rule};
 use crate::tokens::{KEYS_MAX, SigningKey};
@@ -583,6 +583,25 @@ SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amoun
 FROM payments WHERE txn_id > $1 ORDER BY txn_id LIMIT $2";
 
 /// Timeline events: one autocommitted statement, not forced (as `BEGIN_SQL`).
+/// A replica's heartbeat: its row written (not forced) with the
+/// database's clock, and the rows of replicas silent for `$6` ms deleted,
+/// in one statement.
+const HEARTBEAT_SQL: &str = "
+WITH not_forced AS (SELECT set_config('synchronous_commit', 'off', true)),
+     clock AS (SELECT (extract(epoch FROM clock_timestamp()) * 1000)::bigint AS now_ms FROM not_forced),
+     forgotten AS (DELETE FROM gateway_replicas WHERE heartbeat_at < (SELECT now_ms FROM clock) - $6::bigint)
+INSERT INTO gateway_replicas (boot_id, address, admin_address, started_at, heartbeat_at, report)
+SELECT $1::text, $2::text, $3::text, $4::bigint, now_ms, $5::text FROM clock
+ON CONFLICT (boot_id) DO UPDATE SET address = excluded.address, admin_address = excluded.admin_address,
+    heartbeat_at = excluded.heartbeat_at, report = excluded.report";
+
+/// The replicas' heartbeats, the most recent first, with their ages by the
+/// database's clock.
+const REPLICAS_SQL: &str = "
+SELECT boot_id, address, admin_address, started_at,
+       (extract(epoch FROM clock_timestamp()) * 1000)::bigint - heartbeat_at, report
+FROM gateway_replicas ORDER BY heartbeat_at DESC LIMIT $1";
+
 const EVENTS_SQL: &str = "
 INSERT INTO payment_events (txn_id, at, kind, bank, detail)
 SELECT e.txn_id, e.at, e.kind, e.bank, e.detail
@@ -780,6 +799,48 @@ impl GatewayStore for PostgresStore {
                 return;
             }
         }
+    }
+
+    async fn heartbeat(&self, beat: Heartbeat) -> Result<(), GatewayError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(HEARTBEAT_SQL).await?;
+        let forget = crate::cluster::REPLICA_FORGET_MS;
+        client
+            .execute(
+                &stmt,
+                &[
+                    &beat.boot_id,
+                    &beat.address,
+                    &beat.admin_address,
+                    &beat.started_at_ms,
+                    &beat.report,
+                    &forget,
+                ],
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn replicas(&self, limit: u32) -> Result<Vec<ReplicaRow>, GatewayError> {
+        let client = self.client().await?;
+        let stmt = client.prepare_cached(REPLICAS_SQL).await?;
+        client
+            .query(&stmt, &[&i64::from(limit)])
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(ReplicaRow {
+                    beat: Heartbeat {
+                        boot_id: r.try_get(0)?,
+                        address: r.try_get(1)?,
+                        admin_address: r.try_get(2)?,
+                        started_at_ms: r.try_get(3)?,
+                        report: r.try_get(5)?,
+                    },
+                    age_ms: r.try_get::<_, i64>(4)?.max(0),
+                })
+            })
+            .collect()
     }
 
     async fn payment_events(&self, txn_id: String) -> Result<Vec<PaymentEvent>, GatewayError> {
@@ -1071,7 +1132,7 @@ mod tests {
         let history = server()
             .psql(&url, &["SELECT COUNT(*) FROM gateway_schema_history"])
             .expect("refinery's own table");
-        assert_eq!(history, "4", "each migration applied once");
+        assert_eq!(history, "5", "each migration applied once");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

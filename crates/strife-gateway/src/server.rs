@@ -231,11 +231,21 @@ async fn serve<S: GatewayStore>(
         strife_rpc::metrics::announce("gateway", listener.local_addr()?);
         tokio::spawn(strife_rpc::metrics::serve(listener, tls.clone(), stop_rx.clone()));
     }
+    let me = crate::cluster::Identity {
+        address: local.to_string(),
+        admin_address: match &admin_listener {
+            Some(listener) => listener.local_addr()?.to_string(),
+            None => String::new(),
+        },
+        started_at_ms: strife_core::unix_ms(),
+    };
+    let heartbeat = tokio::spawn(crate::cluster::run_heartbeat(gateway.clone(), me.clone(), stop_rx.clone()));
     if let (Some(listener), Some(key)) = (admin_listener, admin_key) {
         let addr = listener.local_addr()?;
         let admin = &opts.config.admin;
         let dashboard = Arc::new(crate::dashboard::Dashboard::new(
             gateway.clone(),
+            me,
             crate::admin_access::Access::new(key, Duration::from_secs(admin.session_ttl_secs)),
             !addr.ip().is_loopback(),
             Duration::from_secs(admin.in_doubt_alarm_secs),
@@ -257,6 +267,7 @@ async fn serve<S: GatewayStore>(
     gateway.drain(DRAIN_MAX).await;
     let _ = stop_tx.send(true);
     let _ = finisher.await;
+    let _ = heartbeat.await;
     if let Some((mut state, watcher)) = discovery {
         // The lease is revoked at stop, so that clients and banks stop
         // using this replica at once; wait for that, briefly.

@@ -153,9 +153,25 @@ CREATE INDEX payment_events_by_txn ON payment_events (txn_id, at);
 CREATE INDEX payment_events_by_time ON payment_events (at);
 ";
 
+/// Version 7: each gateway replica's heartbeat for the dashboard (issue 13):
+/// one row per process (its boot id), rewritten about once a second, never
+/// forced on its own; `report` is the replica's own figures as JSON
+/// ([`crate::cluster::Report`]). Rows silent for an hour are deleted.
+const SCHEMA_V7: &str = "
+CREATE TABLE gateway_replicas (
+    boot_id       TEXT PRIMARY KEY,
+    address       TEXT NOT NULL,
+    admin_address TEXT NOT NULL,
+    -- ms since the epoch
+    started_at    INTEGER NOT NULL,
+    heartbeat_at  INTEGER NOT NULL,
+    report        TEXT NOT NULL
+) STRICT;
+";
+
 /// The schema's versions in order: a database at `PRAGMA user_version` n
 /// runs `MIGRATIONS[n..]`, all in one transaction, at open.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6];
+const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7];
 
 /// A bank's address that has not registered for this long is dropped from
 /// the registry when any bank registers, unless it is the bank's newest.
@@ -329,6 +345,29 @@ FROM payments INDEXED BY payments_by_id
 WHERE payment_id = ?3 AND payee_bank = ?1 AND payee_user = ?2 AND state = 'committed'
 ORDER BY created_at DESC, txn_id DESC
 LIMIT 1";
+
+/// One gateway replica's heartbeat, as it writes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heartbeat {
+    /// The process's boot id ([`crate::coordinator::Gateway::boot_id`]).
+    pub boot_id: String,
+    /// Where customers and banks reach it.
+    pub address: String,
+    /// Where its dashboard is served (empty when off).
+    pub admin_address: String,
+    /// When it started, ms since the epoch (its clock).
+    pub started_at_ms: i64,
+    /// Its figures, JSON ([`crate::cluster::Report`]).
+    pub report: String,
+}
+
+/// A replica's heartbeat as read back, with its age by the store's clock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaRow {
+    pub beat: Heartbeat,
+    /// Since its last heartbeat, in ms.
+    pub age_ms: i64,
+}
 
 /// One step of a payment's 2PC timeline, as the dashboard shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -628,6 +667,44 @@ impl Store {
             stmt.execute(params![e.txn_id, e.at_ms, e.kind, e.bank, e.detail])?;
         }
         Ok(())
+    }
+
+    /// Writes this replica's heartbeat (the row of its boot id) at `now_ms`,
+    /// and deletes the rows of replicas silent since
+    /// [`crate::cluster::REPLICA_FORGET_MS`].
+    pub fn heartbeat(&mut self, beat: &Heartbeat, now_ms: i64) -> rusqlite::Result<()> {
+        self.conn
+            .prepare_cached(
+                "INSERT INTO gateway_replicas (boot_id, address, admin_address, started_at, heartbeat_at, report) \
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6) ON CONFLICT (boot_id) DO UPDATE SET address = excluded.address, \
+                 admin_address = excluded.admin_address, heartbeat_at = excluded.heartbeat_at, report = excluded.report",
+            )?
+            .execute(params![beat.boot_id, beat.address, beat.admin_address, beat.started_at_ms, now_ms, beat.report])?;
+        self.conn
+            .prepare_cached("DELETE FROM gateway_replicas WHERE heartbeat_at < ?1")?
+            .execute(params![now_ms.saturating_sub(crate::cluster::REPLICA_FORGET_MS)])?;
+        Ok(())
+    }
+
+    /// The replicas' heartbeats, the most recent first, at most `limit`.
+    pub fn replicas(&self, now_ms: i64, limit: u32) -> rusqlite::Result<Vec<ReplicaRow>> {
+        let mut stmt = self.conn.prepare_cached(
+            "SELECT boot_id, address, admin_address, started_at, heartbeat_at, report FROM gateway_replicas \
+             ORDER BY heartbeat_at DESC LIMIT ?1",
+        )?;
+        let rows = stmt.query_map(params![limit], |r| {
+            Ok(ReplicaRow {
+                beat: Heartbeat {
+                    boot_id: r.get(0)?,
+                    address: r.get(1)?,
+                    admin_address: r.get(2)?,
+                    started_at_ms: r.get(3)?,
+                    report: r.get(5)?,
+                },
+                age_ms: now_ms.saturating_sub(r.get(4)?).max(0),
+            })
+        })?;
+        rows.collect()
     }
 
     /// A payment's timeline, in time order.

@@ -31,6 +31,15 @@ pub enum StorageCause {
 }
 
 impl StorageCause {
+    /// Every cause, for sums over the metric's labels.
+    pub const ALL: [StorageCause; 5] = [
+        StorageCause::DiskFull,
+        StorageCause::Io,
+        StorageCause::CannotOpen,
+        StorageCause::ReadOnly,
+        StorageCause::Other,
+    ];
+
     /// The cause of a SQLite error.
     pub fn of(e: &rusqlite::Error) -> StorageCause {
         use rusqlite::ErrorCode;

@@ -240,3 +240,132 @@ impl Drop for Up {
         }
     }
 }
+
+/// The dashboard's address a gateway printed after its listening line.
+fn admin_address(gateway: &Proc) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = gateway.lines.recv_timeout(left).expect("the gateway's admin line");
+        if let Some(addr) = line.strip_prefix("strife: gateway admin listening on ") {
+            return addr.to_owned();
+        }
+    }
+}
+
+/// Polls `/api/overview` until `pred` holds of it, within [`WAIT`].
+fn wait_overview(
+    addr: &str,
+    cookie: &str,
+    what: &str,
+    pred: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (status, body) = get(addr, "/api/overview", cookie);
+        if status == 200 {
+            let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+            if pred(&json) {
+                return json;
+            }
+            assert!(Instant::now() < deadline, "{what} never showed in /api/overview:\n{json:#}");
+        }
+        assert!(Instant::now() < deadline, "{what}: /api/overview answered {status}: {body}");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// The replica of `/api/overview` at `address`.
+fn replica<'a>(overview: &'a serde_json::Value, address: &str) -> Option<&'a serde_json::Value> {
+    overview["replicas"].as_array()?.iter().find(|r| r["address"] == address)
+}
+
+/// Three gateway replicas on one PostgreSQL database: payments go through
+/// the first only, and the dashboard of the second shows them in its live
+/// chart (every replica's heartbeat, merged), lists all three replicas,
+/// and shows the third stale once it is killed.
+#[test]
+fn every_replica_s_dashboard_shows_the_whole_cluster() {
+    let server = strife_rpc::postgres_server::shared_for_tests().unwrap_or_else(|e| panic!("{e}"));
+    let store = server
+        .create_private_database(
+            &strife_rpc::postgres_server::unique_name("role_dash"),
+            &strife_rpc::postgres_server::unique_name("dash"),
+        )
+        .expect("a database for the gateways");
+    let dir = TempDir::new("dashboard-cluster");
+    let d = &dir.0;
+    let r = run_cli(d, &["certs", "init", "--bank", "BankA", "--bank", "BankB"], &[]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let mut env = FAST.to_vec();
+    env.push(("STRIFE_GATEWAY_STORE", store.expose()));
+    let mut gateways: Vec<Proc> = (0..3).map(|_| start_gateway(d, "127.0.0.1:0", &env)).collect();
+    let admins: Vec<String> = gateways.iter().map(admin_address).collect();
+    let addrs: Vec<String> = gateways.iter().map(|g| g.addr.clone()).collect();
+    let list = addrs.join(",");
+    let _banks = [start_bank(d, "BankA", &list, FAST), start_bank(d, "BankB", &list, FAST)];
+    for a in &addrs {
+        wait_registered_at(d, Some(a), &["BankA", "BankB"]);
+    }
+
+    // Payments through the first replica only.
+    let first = addrs[0].as_str();
+    let r = run_cli(
+        d,
+        &["--gateway", first, "login", "--bank", "BankA", "--user", "user1"],
+        &[("STRIFE_PASSWORD", "pass1")],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    for _ in 0..5 {
+        let r = run_cli(
+            d,
+            &["--json", "--gateway", first, "pay", "--to", "user2@BankB", "--amount", "1.00"],
+            &[],
+        );
+        assert_eq!((r.code, r.json()["status"].as_str()), (0, Some("committed")), "{r:?}");
+    }
+    let r =
+        run_cli(d, &["--json", "--gateway", first, "pay", "--to", "nobody@BankB", "--amount", "1.00"], &[]);
+    assert_eq!(r.code, 3, "{r:?}");
+
+    // The second replica's dashboard: its link, its overview.
+    let r = run_cli(d, &["admin", "url", "--admin", &admins[1]], &[]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let cookie = log_in(r.stdout.trim());
+    let second = admins[1].as_str();
+    let sum = |o: &serde_json::Value, key: &str| -> u64 {
+        o["samples"].as_array().map_or(0, |s| s.iter().filter_map(|x| x[key].as_u64()).sum())
+    };
+    let overview = wait_overview(second, &cookie, "the first replica's payments in the chart", |o| {
+        sum(o, "committed") == 5 && sum(o, "declined") == 1
+    });
+    assert_eq!(overview["counts"]["committed"], 5, "{overview:#}");
+    let overview = wait_overview(second, &cookie, "every replica, fresh", |o| {
+        addrs.iter().all(|a| replica(o, a).is_some_and(|r| r["state"] != "stale"))
+    });
+    assert_eq!(replica(&overview, &addrs[1]).expect("itself")["state"], "this", "{overview:#}");
+    assert_eq!(replica(&overview, &addrs[0]).expect("the first")["admin_address"], admins[0].as_str());
+    let p99_seen =
+        overview["samples"].as_array().expect("samples").iter().any(|s| s["p99_ms"].as_f64() > Some(0.0));
+    assert!(p99_seen, "the first replica's latencies are in the chart: {overview:#}");
+    for bank in ["BankA", "BankB"] {
+        let b = overview["banks"].as_array().and_then(|l| l.iter().find(|b| b["name"] == bank)).expect(bank);
+        assert_eq!(b["reachable"], true, "{overview:#}");
+    }
+    assert_eq!(overview["alarms"].as_array().map(Vec::len), Some(0), "{overview:#}");
+    let (_, page) = get(second, "/", &cookie);
+    assert_eq!(page.matches(r#"data-testid="replica-row""#).count(), 3, "{page}");
+
+    // A replica killed with SIGKILL turns stale there, and stays listed.
+    let third = addrs[2].clone();
+    gateways[2].kill9();
+    wait_overview(second, &cookie, "the killed replica stale", |o| {
+        replica(o, &third).is_some_and(|r| r["state"] == "stale")
+    });
+    let (_, page) = get(second, "/", &cookie);
+    assert!(page.contains(r#"data-state="stale""#), "{page}");
+    assert_eq!(page.matches(r#"data-testid="replica-row""#).count(), 3, "{page}");
+    for g in &mut gateways[..2] {
+        assert_eq!(g.stop(), Some(0));
+    }
+}
