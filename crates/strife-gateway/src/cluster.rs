@@ -218,6 +218,43 @@ pub struct ClusterView {
     /// Storage failures of each fresh replica that had any: `(address, count)`.
     pub storage_failures: Vec<(String, u64)>,
     pub banks: Vec<BankView>,
+    /// What the replicas' audits found (see [`ClusterAudit`]).
+    pub audit: ClusterAudit,
+}
+
+/// The audits of every listed replica, fresh or stale (a disagreement does
+/// not go away because the replica that found it stopped). Replicas audit
+/// the same log and ledgers, so they find the same problems: the count is
+/// the largest any replica found, the list their union.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClusterAudit {
+    /// The most recent pass of any replica, ms since the epoch (0: none).
+    pub last_run_ms: i64,
+    pub problems: u64,
+    /// At most [`AUDIT_PROBLEMS_LISTED_MAX`], said plainly.
+    pub listed: Vec<String>,
+    /// Replicas whose last pass could not finish: `(address, why)`.
+    pub errors: Vec<(String, String)>,
+}
+
+fn merge_audits(replicas: &[ReplicaView]) -> ClusterAudit {
+    let mut out = ClusterAudit::default();
+    for r in replicas {
+        let Some(a) = &r.report.audit else { continue };
+        out.last_run_ms = out.last_run_ms.max(a.last_run_ms);
+        out.problems = out.problems.max(a.problems);
+        for text in &a.listed {
+            if out.listed.len() < AUDIT_PROBLEMS_LISTED_MAX && !out.listed.contains(text) {
+                out.listed.push(text.clone());
+            }
+        }
+        if let Some(e) = &a.error
+            && r.fresh
+        {
+            out.errors.push((r.address.clone(), e.clone()));
+        }
+    }
+    out
 }
 
 /// Merges `own` (this replica now) with the store's `rows` (its own row is
@@ -266,7 +303,9 @@ pub fn merge(own: ReplicaView, rows: Vec<ReplicaRow>, now_secs: i64) -> ClusterV
             (a, b) => a.or(b),
         };
     }
+    let audit = merge_audits(&replicas);
     ClusterView {
+        audit,
         replicas,
         samples,
         undelivered,

@@ -277,6 +277,16 @@ impl<S: GatewayStore> Dashboard<S> {
                 ));
             }
         }
+        if cluster.audit.problems > 0 {
+            alarms.push((
+                "audit-failing",
+                format!(
+                    "the audit found {} payment(s) whose decision and a bank's leg disagree: {}",
+                    cluster.audit.problems,
+                    cluster.audit.listed.join("; ")
+                ),
+            ));
+        }
         for (replica, failures) in &cluster.storage_failures {
             alarms.push((
                 "storage",
@@ -310,7 +320,8 @@ impl<S: GatewayStore> Dashboard<S> {
 <tr><th>Undecided now</th><td id="count-preparing">{}</td></tr>
 <tr><th>Oldest undecided</th><td id="in-doubt-oldest">{}</td></tr>
 <tr><th>Undelivered decisions</th><td id="undelivered">{}</td></tr>
-<tr><th>Decision conflicts</th><td id="decision-conflicts">{}</td></tr></table>
+<tr><th>Decision conflicts</th><td id="decision-conflicts">{}</td></tr>
+<tr><th>Audit</th><td id="audit">{}</td></tr></table>
 </section>
 <section><h2>Payments per second and latency (every replica, last 5 minutes)</h2>
 <svg id="chart-rate" data-testid="chart-rate" viewBox="0 0 600 120" width="600" height="120"></svg>
@@ -324,6 +335,7 @@ impl<S: GatewayStore> Dashboard<S> {
             f.oldest_undecided_secs.map_or_else(|| "none".to_owned(), |s| format!("{s} s")),
             f.undelivered,
             f.conflicts,
+            esc(&audit_cell(&f.cluster.audit)),
         );
         h.push_str("<section><h2>Decline reasons</h2><table id=\"declines\"><tr><th>Reason</th><th>Payments</th></tr>");
         for (reason, n) in &f.declines {
@@ -410,7 +422,19 @@ impl<S: GatewayStore> Dashboard<S> {
                 "state": replica_state(r), "this": r.this,
                 "undelivered": r.report.undelivered, "decision_conflicts": r.report.conflicts,
                 "storage_failures": r.report.storage_failures,
+                "audit": r.report.audit.as_ref().map(|a| serde_json::json!({
+                    "last_run": rfc3339(a.last_run_ms), "checked_last_run": a.checked_last_run,
+                    "checked_total": a.checked_total, "problems": a.problems, "error": a.error,
+                })),
             })).collect::<Vec<_>>(),
+            "audit": {
+                "last_run": (f.cluster.audit.last_run_ms > 0).then(|| rfc3339(f.cluster.audit.last_run_ms)),
+                "problems": f.cluster.audit.problems,
+                "listed": f.cluster.audit.listed,
+                "errors": f.cluster.audit.errors.iter()
+                    .map(|(replica, why)| serde_json::json!({"replica": replica, "error": why}))
+                    .collect::<Vec<_>>(),
+            },
             "alarms": f.alarms.iter().map(|(code, msg)| serde_json::json!({"code": code, "message": msg})).collect::<Vec<_>>(),
             "samples": samples,
         });
@@ -548,6 +572,21 @@ struct Facts {
     alarms: Vec<(&'static str, String)>,
     /// Every replica's heartbeat, merged.
     cluster: ClusterView,
+}
+
+/// The overview's audit cell.
+fn audit_cell(a: &cluster::ClusterAudit) -> String {
+    if a.last_run_ms == 0 {
+        return "no pass yet (admin.audit_interval_secs)".to_owned();
+    }
+    let mut text = match a.problems {
+        0 => format!("clean, last pass {}", rfc3339(a.last_run_ms)),
+        n => format!("{n} problem(s), last pass {}", rfc3339(a.last_run_ms)),
+    };
+    for (replica, why) in &a.errors {
+        let _ = write!(text, "; the pass at {replica} could not finish: {why}");
+    }
+    text
 }
 
 /// `this`, `fresh` or `stale`.

@@ -3,6 +3,7 @@
 //! See ARCHITECTURE.md for the protocol and what is forced to disk when.
 
 pub mod admin_access;
+pub mod audit;
 pub mod auth;
 pub mod backend;
 pub mod cluster;

@@ -240,6 +240,14 @@ async fn serve<S: GatewayStore>(
         started_at_ms: strife_core::unix_ms(),
     };
     let heartbeat = tokio::spawn(crate::cluster::run_heartbeat(gateway.clone(), me.clone(), stop_rx.clone()));
+    let audits = match opts.config.admin.audit_interval_secs {
+        0 => None,
+        secs => Some(tokio::spawn(crate::audit::run_audits(
+            gateway.clone(),
+            Duration::from_secs(secs),
+            stop_rx.clone(),
+        ))),
+    };
     if let (Some(listener), Some(key)) = (admin_listener, admin_key) {
         let addr = listener.local_addr()?;
         let admin = &opts.config.admin;
@@ -268,6 +276,9 @@ async fn serve<S: GatewayStore>(
     let _ = stop_tx.send(true);
     let _ = finisher.await;
     let _ = heartbeat.await;
+    if let Some(audits) = audits {
+        let _ = audits.await;
+    }
     if let Some((mut state, watcher)) = discovery {
         // The lease is revoked at stop, so that clients and banks stop
         // using this replica at once; wait for that, briefly.

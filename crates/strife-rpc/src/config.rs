@@ -46,6 +46,10 @@ pub struct AdminConfig {
     /// The alarm shows a payment undecided (its legs in doubt at the banks)
     /// for longer than this.
     pub in_doubt_alarm_secs: u64,
+    /// How often each gateway audits the payments finished since its last
+    /// pass against every bank's legs (0: never). A mismatch raises the
+    /// dashboard's `audit-failing` alarm.
+    pub audit_interval_secs: u64,
 }
 
 impl Default for AdminConfig {
@@ -55,6 +59,7 @@ impl Default for AdminConfig {
             link_ttl_secs: 300,
             session_ttl_secs: 8 * 3600,
             in_doubt_alarm_secs: 60,
+            audit_interval_secs: 60,
         }
     }
 }

@@ -145,6 +145,14 @@ pub struct GatewayMetrics {
     pub token_rejections: Counts<1>,
     /// Bank registrations, by result (`accepted`, `refused`).
     pub registrations: Counts<1>,
+    /// Payments whose decision and legs disagree, found by this gateway's
+    /// audit passes since it started (must stay 0).
+    pub audit_problems: Gauge,
+    /// When this gateway's last audit pass ended, seconds since the epoch
+    /// (0: none yet).
+    pub audit_last_run_seconds: Gauge,
+    /// Finished payments checked by its audit passes.
+    pub audit_checked: Count,
 }
 
 pub static GATEWAY: LazyLock<GatewayMetrics> = LazyLock::new(|| {
@@ -160,8 +168,26 @@ pub static GATEWAY: LazyLock<GatewayMetrics> = LazyLock::new(|| {
         login_locks: Count::default(),
         token_rejections: Counts::default(),
         registrations: Counts::default(),
+        audit_problems: Gauge::default(),
+        audit_last_run_seconds: Gauge::default(),
+        audit_checked: Count::default(),
     };
     register(|r| {
+        r.register(
+            "strife_audit_problems",
+            "Payments whose decision and a bank's leg disagree, found by this gateway's audit (must stay 0)",
+            m.audit_problems.clone(),
+        );
+        r.register(
+            "strife_audit_last_run_timestamp_seconds",
+            "When this gateway's last audit pass ended (0: none yet)",
+            m.audit_last_run_seconds.clone(),
+        );
+        r.register(
+            "strife_audit_payments_checked",
+            "Finished payments checked against every bank's leg by this gateway's audit",
+            m.audit_checked.clone(),
+        );
         r.register("strife_payments", "Payments decided, by outcome and decline reason", m.payments.clone());
         r.register_with_unit(
             "strife_payment_duration",

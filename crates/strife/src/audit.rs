@@ -12,22 +12,16 @@
 use anyhow::Context;
 use serde_json::json;
 use std::path::Path;
-use std::time::Duration;
-use strife_bank::store::{Leg, LegState, Store as BankStore, Totals, state_name};
+use strife_bank::store::{Leg, LegState, Store as BankStore, Totals};
 use strife_client::{Exit, Reply};
 use strife_core::money::format_minor;
+use strife_gateway::audit::{self as audit_rules, BankClient, LegSeen};
 use strife_gateway::backend::{GatewayStore, SqliteStore, StoreUrl};
 use strife_gateway::postgres::{Leases, PostgresStore};
 use strife_gateway::store::PaymentState;
-use strife_proto::bank::v1 as bank_pb;
 use strife_rpc::pki::CertDir;
 use strife_rpc::tls::Tls;
 use strife_rpc::{Config, Peer};
-
-/// Longest wait for one bank's `Audit` answer.
-const AUDIT_CALL_TIMEOUT: Duration = Duration::from_secs(30);
-/// Largest `Audit` answer read: a page of at most 10,000 legs is ~2.5 MB.
-const AUDIT_MESSAGE_MAX_BYTES: usize = 16 * 1024 * 1024;
 
 /// Rows read from a store at a time: the audit's memory is bounded by this
 /// (times the number of banks), whatever the size of the ledgers. Debug
@@ -144,7 +138,7 @@ async fn audit<S: GatewayStore>(dir: &Path, config: &Config, gateway: S) -> anyh
         after = Some(last.txn_id.clone());
         for p in &page {
             payments += 1;
-            let mut here: Vec<(&str, LegState)> = Vec::new();
+            let mut here: Vec<LegSeen<'_>> = Vec::new();
             for bank in &mut banks {
                 // Legs before this payment's are of payments the gateway does not know.
                 while let Some(leg) = bank.next_before(&p.txn_id).await? {
@@ -152,40 +146,23 @@ async fn audit<S: GatewayStore>(dir: &Path, config: &Config, gateway: S) -> anyh
                 }
                 if let Some(leg) = bank.next_if(&p.txn_id).await? {
                     open_hold(&bank.name, &leg, &mut problems);
-                    here.push((bank.name.as_str(), leg.state));
+                    here.push(LegSeen {
+                        bank: bank.name.as_str(),
+                        state: leg.state,
+                        amount_minor: leg.amount_minor,
+                    });
                 }
             }
-            let state_at = |bank: &str| here.iter().find(|(b, _)| *b == bank).map(|(_, s)| *s);
-            let involved = strife_core::banks_involved(&p.payer, &p.payee);
             match p.state {
                 PaymentState::Preparing => problems.push(format!(
                     "payment {} of {} is still undecided at the gateway",
                     p.payment_id, p.payer
                 )),
-                PaymentState::Committed => {
-                    committed += 1;
-                    for bank in &involved {
-                        let state = state_at(bank);
-                        if state != Some(LegState::Committed) {
-                            problems.push(format!(
-                                "payment {} is committed at the gateway but {} at {bank}",
-                                p.payment_id,
-                                state.map_or("unknown", state_name)
-                            ));
-                        }
-                    }
-                }
-                PaymentState::Aborted => {
-                    declined += 1;
-                    for bank in &involved {
-                        if state_at(bank) == Some(LegState::Committed) {
-                            problems.push(format!(
-                                "payment {} is aborted at the gateway but committed at {bank}",
-                                p.payment_id
-                            ));
-                        }
-                    }
-                }
+                PaymentState::Committed => committed += 1,
+                PaymentState::Aborted => declined += 1,
+            }
+            for problem in audit_rules::disagreements(p, &here) {
+                problems.push(problem);
             }
         }
     }
@@ -295,9 +272,8 @@ fn open_hold(bank: &str, leg: &Leg, problems: &mut Problems) {
 /// a problem, and so is a hold.
 fn unknown_leg(bank: &str, leg: &Leg, problems: &mut Problems) {
     open_hold(bank, leg, problems);
-    if leg.state == LegState::Committed {
-        problems
-            .push(format!("payment {} is committed at {bank} but unknown to the gateway", leg.payment_id));
+    if let Some(problem) = audit_rules::unknown_leg(bank, &leg.payment_id, leg.state) {
+        problems.push(problem);
     }
 }
 
@@ -395,12 +371,10 @@ impl BankLegs {
     }
 }
 
-type BankClient = bank_pb::bank_service_client::BankServiceClient<tonic::transport::Channel>;
-
 /// A client for a bank's `Audit` RPC, as the gateway.
 fn bank_client(tls: &Tls, name: &str, address: &str) -> anyhow::Result<BankClient> {
     let channel = tls.channel(&Peer::Bank(name.to_owned()), address)?;
-    Ok(BankClient::new(channel).max_decoding_message_size(AUDIT_MESSAGE_MAX_BYTES))
+    Ok(BankClient::new(channel).max_decoding_message_size(audit_rules::AUDIT_MESSAGE_MAX_BYTES))
 }
 
 /// One page of a bank's legs (after `after`, in transaction-id order) and
@@ -409,15 +383,7 @@ async fn audit_page_over_rpc(
     client: &mut BankClient,
     after: Option<&str>,
 ) -> anyhow::Result<(Vec<Leg>, Totals)> {
-    let req = bank_pb::AuditRequest {
-        after_txn_id: after.unwrap_or_default().to_owned(),
-        page_size: AUDIT_PAGE_ROWS,
-    };
-    let answer = tokio::time::timeout(AUDIT_CALL_TIMEOUT, client.audit(req))
-        .await
-        .context("no answer in time")?
-        .map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?
-        .into_inner();
+    let answer = audit_rules::ledger_page(client, after, AUDIT_PAGE_ROWS).await?;
     let legs = answer
         .legs
         .into_iter()

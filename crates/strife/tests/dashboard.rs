@@ -369,3 +369,128 @@ fn every_replica_s_dashboard_shows_the_whole_cluster() {
         assert_eq!(g.stop(), Some(0));
     }
 }
+
+/// A gateway's metrics address, from the lines it printed after listening.
+fn printed_address(gateway: &Proc, prefix: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = gateway.lines.recv_timeout(left).unwrap_or_else(|_| panic!("no line {prefix:?}"));
+        if let Some(addr) = line.strip_prefix(prefix) {
+            return addr.to_owned();
+        }
+    }
+}
+
+/// The value of an unlabelled series in Prometheus text.
+fn series(text: &str, name: &str) -> Option<f64> {
+    text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// The gateway's background audit: payments under load and a pass every
+/// second find nothing; a committed leg altered at a bank (the cluster
+/// stopped, the bank's SQLite row changed, everything restarted) raises
+/// the `audit-failing` alarm naming the payment and what differs, the
+/// `strife_audit_problems` metric and an error line in the log.
+#[test]
+fn the_audit_alarm_names_a_payment_a_bank_contradicts_and_stays_quiet_under_load() {
+    let dir = TempDir::new("dashboard-audit");
+    let d = &dir.0;
+    let r = run_cli(d, &["certs", "init", "--bank", "BankA", "--bank", "BankB"], &[]);
+    assert_eq!(r.code, 0, "{r:?}");
+    let mut env = FAST.to_vec();
+    env.push(("STRIFE_ADMIN_AUDIT_INTERVAL_SECS", "1"));
+    let start = |listen: &str| -> (Proc, String, String) {
+        let g = start_gateway(d, listen, &env);
+        let metrics = printed_address(&g, "strife: gateway metrics listening on ");
+        let admin = printed_address(&g, "strife: gateway admin listening on ");
+        (g, metrics, admin)
+    };
+    let (mut gateway, metrics, admin) = start("127.0.0.1:0");
+    let mut banks =
+        vec![start_bank(d, "BankA", &gateway.addr, FAST), start_bank(d, "BankB", &gateway.addr, FAST)];
+    wait_registered(d, &["BankA", "BankB"]);
+    for (user, bank) in [("user1", "BankA"), ("user2", "BankB")] {
+        let n = &user[4..];
+        let r = run_cli(
+            d,
+            &["login", "--bank", bank, "--user", user],
+            &[("STRIFE_PASSWORD", &format!("pass{n}"))],
+        );
+        assert_eq!(r.code, 0, "{r:?}");
+    }
+
+    // Load: two payers at once, 40 payments (a few declined), while a pass runs every second.
+    let runs: Vec<Invocation> = (0..40)
+        .map(|i| {
+            let (from, to) =
+                if i % 2 == 0 { ("user1@BankA", "user2@BankB") } else { ("user2@BankB", "user1@BankA") };
+            let amount = if i % 10 == 9 { "99999.00" } else { "1.00" };
+            Invocation::new(&["--json", "--as", from, "pay", "--to", to, "--amount", amount])
+        })
+        .collect();
+    let mut results = Vec::new();
+    for chunk in runs.chunks(8) {
+        results.extend(run_cli_concurrently(d, chunk));
+    }
+    let committed: Vec<String> = results
+        .iter()
+        .filter(|r| r.code == 0)
+        .map(|r| r.json()["payment_id"].as_str().expect("id").to_owned())
+        .collect();
+    assert_eq!(committed.len(), 36, "{results:?}");
+    let scrape = || http(&metrics, "GET", "/metrics", &[], "").2;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let text = scrape();
+        if series(&text, "strife_audit_payments_checked_total").is_some_and(|n| n >= 40.0) {
+            assert_eq!(series(&text, "strife_audit_problems"), Some(0.0), "a clean run: {text}");
+            assert!(
+                series(&text, "strife_audit_last_run_timestamp_seconds").is_some_and(|t| t > 0.0),
+                "{text}"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "the audit never checked the 40 payments:\n{text}");
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let r = run_cli(d, &["admin", "url", "--admin", &admin], &[]);
+    let cookie = log_in(r.stdout.trim());
+    let (_, body) = get(&admin, "/api/overview", &cookie);
+    let overview: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(overview["alarms"].as_array().map(Vec::len), Some(0), "{overview:#}");
+    assert_eq!(overview["audit"]["problems"], 0, "{overview:#}");
+
+    // Stop everything, make BankB say a committed payment was aborted, restart.
+    for b in &mut banks {
+        assert_eq!(b.stop(), Some(0));
+    }
+    assert_eq!(gateway.stop(), Some(0));
+    let victim = &committed[5];
+    let ledger = rusqlite::Connection::open(d.join("banks/BankB/bank.db")).expect("BankB's ledger");
+    let changed =
+        ledger.execute("UPDATE legs SET state = 'aborted' WHERE payment_id = ?1", [victim]).expect("tamper");
+    assert_eq!(changed, 1);
+    drop(ledger);
+    let addr = gateway.addr.clone();
+    let (gateway, metrics, admin) = start(&addr);
+    let _banks = [start_bank(d, "BankA", &gateway.addr, FAST), start_bank(d, "BankB", &gateway.addr, FAST)];
+    let r = run_cli(d, &["admin", "url", "--admin", &admin], &[]);
+    let cookie = log_in(r.stdout.trim());
+    let what = format!("payment {victim} is committed at the gateway but aborted at BankB");
+    let overview = wait_overview(&admin, &cookie, "the audit alarm", |o| {
+        o["alarms"].as_array().is_some_and(|l| {
+            l.iter().any(|a| {
+                a["code"] == "audit-failing" && a["message"].as_str().is_some_and(|m| m.contains(&what))
+            })
+        })
+    });
+    assert_eq!(overview["audit"]["problems"], 1, "{overview:#}");
+    let text = http(&metrics, "GET", "/metrics", &[], "").2;
+    assert_eq!(series(&text, "strife_audit_problems"), Some(1.0), "{text}");
+    let line = wait_for_log_line(&d.join("logs").join("gateway.log"), &what);
+    assert!(line.contains("ERROR"), "{line}");
+    let (_, page) = get(&admin, "/", &cookie);
+    assert!(page.contains(r#"data-alarm="audit-failing""#), "{page}");
+    drop(gateway);
+}
