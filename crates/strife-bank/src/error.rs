@@ -104,6 +104,11 @@ impl From<BankError> for Status {
                 tracing::error!(%bank, error = %failure, "storage failure");
                 errors::internal()
             }
+            BankError::Postgres(err) if StorageCause::of_postgres(&err).is_environment() => {
+                let failure = StorageFailure::postgres(&err);
+                storage::report("bank", &failure);
+                storage_unavailable("the bank", &failure)
+            }
             BankError::Postgres(err) => {
                 tracing::error!(error = %with_cause(&err), "database failure");
                 errors::internal()

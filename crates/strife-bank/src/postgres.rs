@@ -669,6 +669,26 @@ mod tests {
 
     conformance_suite!(fresh, reopen);
 
+    /// A full disk (or another failure of the machine) as PostgreSQL says
+    /// it: UNAVAILABLE `STORAGE_UNAVAILABLE` naming the cause, as SQLite's.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_machine_s_failures_answer_unavailable_with_their_cause() {
+        use strife_proto::gateway::v1::ErrorReason;
+        let (ledger, _) = fresh().await;
+        let client = ledger.pool.get().await.expect("connection");
+        for (sqlstate, cause) in
+            [("53100", "disk full"), ("58030", "I/O error"), ("25006", "read-only file system")]
+        {
+            let raise =
+                format!("DO $$ BEGIN RAISE EXCEPTION 'injected' USING ERRCODE = '{sqlstate}'; END $$");
+            let err = client.batch_execute(&raise).await.expect_err("raised");
+            let status = tonic::Status::from(BankError::Postgres(err));
+            assert_eq!(status.code(), tonic::Code::Unavailable, "{sqlstate}: {status:?}");
+            assert_eq!(strife_rpc::errors::reason_of(&status), Some(ErrorReason::StorageUnavailable));
+            assert_eq!(status.message(), format!("the bank cannot write its ledger: {cause}"));
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_database_holds_one_banks_ledger_and_migrates_once() {
         let url = new_database();

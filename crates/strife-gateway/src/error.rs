@@ -143,6 +143,14 @@ impl GatewayError {
             GatewayError::Postgres(err) if database_unreachable(err) => {
                 GatewayError::unavailable(ErrorReason::Unavailable, DATABASE_UNREACHABLE)
             }
+            // Reported once here, for the batch; each caller is answered
+            // as a failed SQLite batch's are.
+            GatewayError::Postgres(err) if StorageCause::of_postgres(err).is_environment() => {
+                let failure = StorageFailure::postgres(err);
+                storage::report(STORE_OWNER, &failure);
+                GatewayError::StoreFailed(failure)
+            }
+            GatewayError::StoreFailed(failure) => GatewayError::StoreFailed(failure.clone()),
             GatewayError::Overloaded(m) => GatewayError::Overloaded(m.clone()),
             GatewayError::Unavailable { reason, message } => {
                 GatewayError::Unavailable { reason: *reason, message: message.clone() }
@@ -203,6 +211,11 @@ impl From<GatewayError> for Status {
             GatewayError::Postgres(err) if database_unreachable(&err) => {
                 tracing::warn!(error = %with_cause(&err), "the database is unreachable");
                 errors::status(Code::Unavailable, ErrorReason::Unavailable, DATABASE_UNREACHABLE)
+            }
+            GatewayError::Postgres(err) if StorageCause::of_postgres(&err).is_environment() => {
+                let failure = StorageFailure::postgres(&err);
+                storage::report(STORE_OWNER, &failure);
+                storage_unavailable(&failure)
             }
             GatewayError::Postgres(err) => {
                 tracing::error!(error = %with_cause(&err), "database failure");

@@ -1135,6 +1135,41 @@ mod tests {
         assert_eq!(history, "5", "each migration applied once");
     }
 
+    /// A full disk, an I/O error, no memory, no connection left or a
+    /// read-only server, as PostgreSQL says them (raised here with their
+    /// SQLSTATEs), are the machine's: UNAVAILABLE `STORAGE_UNAVAILABLE`
+    /// naming the cause, as SQLite's, alone or for each caller of a batch,
+    /// and counted by cause; any other database error stays INTERNAL.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_machine_s_failures_answer_unavailable_with_their_cause() {
+        use strife_proto::gateway::v1::ErrorReason;
+        let store = fresh().await.0;
+        let client = store.client().await.expect("a connection");
+        for (sqlstate, cause) in [
+            ("53100", "disk full"),
+            ("58030", "I/O error"),
+            ("53200", "out of memory"),
+            ("53300", "too many database connections"),
+            ("25006", "read-only file system"),
+        ] {
+            let raise =
+                format!("DO $$ BEGIN RAISE EXCEPTION 'injected' USING ERRCODE = '{sqlstate}'; END $$");
+            let err = client.batch_execute(&raise).await.expect_err("raised");
+            let code = strife_rpc::storage::StorageCause::of_postgres(&err).code();
+            let before = strife_rpc::metrics::STORE.failures.get_or_create(&[("cause", code)]).get();
+            let batch = GatewayError::Postgres(err);
+            for status in [tonic::Status::from(batch.for_each()), tonic::Status::from(batch)] {
+                assert_eq!(status.code(), tonic::Code::Unavailable, "{sqlstate}: {status:?}");
+                assert_eq!(strife_rpc::errors::reason_of(&status), Some(ErrorReason::StorageUnavailable));
+                assert_eq!(status.message(), format!("the gateway cannot write its store: {cause}"));
+            }
+            let after = strife_rpc::metrics::STORE.failures.get_or_create(&[("cause", code)]).get();
+            assert_eq!(after, before + 2, "{sqlstate}: counted under {code}");
+        }
+        let err = client.batch_execute("SELECT 1/0").await.expect_err("division by zero");
+        assert_eq!(tonic::Status::from(GatewayError::Postgres(err)).code(), tonic::Code::Internal);
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn connect_errors_do_not_show_the_password() {
         let url = new_database();

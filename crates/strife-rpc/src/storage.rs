@@ -24,19 +24,29 @@ pub enum StorageCause {
     Io,
     /// The store's files cannot be opened (`SQLITE_CANTOPEN`).
     CannotOpen,
-    /// The file or the file system is read-only (`SQLITE_READONLY`, `EROFS`).
+    /// The file or the file system is read-only (`SQLITE_READONLY`, `EROFS`;
+    /// PostgreSQL's `read_only_sql_transaction`, 25006: a standby, or
+    /// `default_transaction_read_only`).
     ReadOnly,
+    /// The database server ran out of memory (`SQLITE_NOMEM`; PostgreSQL's
+    /// `out_of_memory`, 53200).
+    OutOfMemory,
+    /// The database server refuses more connections (PostgreSQL's
+    /// `too_many_connections`, 53300: `max_connections` reached).
+    TooManyConnections,
     /// Anything else: a fault of the code or the data, not of the machine.
     Other,
 }
 
 impl StorageCause {
     /// Every cause, for sums over the metric's labels.
-    pub const ALL: [StorageCause; 5] = [
+    pub const ALL: [StorageCause; 7] = [
         StorageCause::DiskFull,
         StorageCause::Io,
         StorageCause::CannotOpen,
         StorageCause::ReadOnly,
+        StorageCause::OutOfMemory,
+        StorageCause::TooManyConnections,
         StorageCause::Other,
     ];
 
@@ -48,6 +58,24 @@ impl StorageCause {
             Some(ErrorCode::SystemIoFailure) => StorageCause::Io,
             Some(ErrorCode::CannotOpen) => StorageCause::CannotOpen,
             Some(ErrorCode::ReadOnly) => StorageCause::ReadOnly,
+            Some(ErrorCode::OutOfMemory) => StorageCause::OutOfMemory,
+            _ => StorageCause::Other,
+        }
+    }
+
+    /// The cause of a PostgreSQL error, by its SQLSTATE: `disk_full` (53100),
+    /// `io_error` (58030), `out_of_memory` (53200), `too_many_connections`
+    /// (53300), `read_only_sql_transaction` (25006). A server out of reach
+    /// (a broken connection, class 08) is not a storage failure: the caller
+    /// tells it apart first (another gateway may reach the database).
+    pub fn of_postgres(e: &tokio_postgres::Error) -> StorageCause {
+        use tokio_postgres::error::SqlState;
+        match e.code() {
+            Some(c) if *c == SqlState::DISK_FULL => StorageCause::DiskFull,
+            Some(c) if *c == SqlState::IO_ERROR => StorageCause::Io,
+            Some(c) if *c == SqlState::OUT_OF_MEMORY => StorageCause::OutOfMemory,
+            Some(c) if *c == SqlState::TOO_MANY_CONNECTIONS => StorageCause::TooManyConnections,
+            Some(c) if *c == SqlState::READ_ONLY_SQL_TRANSACTION => StorageCause::ReadOnly,
             _ => StorageCause::Other,
         }
     }
@@ -76,6 +104,8 @@ impl StorageCause {
             StorageCause::Io => "I/O error",
             StorageCause::CannotOpen => "cannot open its files",
             StorageCause::ReadOnly => "read-only file system",
+            StorageCause::OutOfMemory => "out of memory",
+            StorageCause::TooManyConnections => "too many database connections",
             StorageCause::Other => "storage error",
         }
     }
@@ -87,6 +117,8 @@ impl StorageCause {
             StorageCause::Io => "io_error",
             StorageCause::CannotOpen => "cannot_open",
             StorageCause::ReadOnly => "read_only",
+            StorageCause::OutOfMemory => "out_of_memory",
+            StorageCause::TooManyConnections => "too_many_connections",
             StorageCause::Other => "other",
         }
     }
@@ -100,6 +132,9 @@ impl StorageCause {
             StorageCause::Io => ffi::SQLITE_IOERR,
             StorageCause::CannotOpen => ffi::SQLITE_CANTOPEN,
             StorageCause::ReadOnly => ffi::SQLITE_READONLY,
+            StorageCause::OutOfMemory => ffi::SQLITE_NOMEM,
+            // SQLite has none: its nearest, a connection that cannot open.
+            StorageCause::TooManyConnections => ffi::SQLITE_CANTOPEN,
             StorageCause::Other => ffi::SQLITE_ERROR,
         }
     }
@@ -133,6 +168,15 @@ impl StorageFailure {
             _ => e.to_string(),
         };
         StorageFailure::new(StorageCause::of(e), detail)
+    }
+
+    /// A PostgreSQL error, with what the server said.
+    pub fn postgres(e: &tokio_postgres::Error) -> StorageFailure {
+        let detail = match std::error::Error::source(e) {
+            Some(cause) => format!("{e}: {cause}"),
+            None => e.to_string(),
+        };
+        StorageFailure::new(StorageCause::of_postgres(e), detail)
     }
 
     /// The same failure as a `rusqlite::Error` whose code keeps the cause,
@@ -181,6 +225,8 @@ mod tests {
         assert_eq!(StorageCause::of(&rusqlite::Error::QueryReturnedNoRows), StorageCause::Other);
         let enospc = std::io::Error::from(std::io::ErrorKind::StorageFull);
         assert_eq!(StorageCause::of_io(&enospc), StorageCause::DiskFull);
+        let nomem = sqlite_error(ffi::SQLITE_NOMEM);
+        assert_eq!(StorageCause::of(&nomem), StorageCause::OutOfMemory);
         assert!(StorageCause::DiskFull.is_environment());
         assert!(!StorageCause::Other.is_environment());
     }
