@@ -6,49 +6,9 @@
 //! escaped; logout needs its CSRF token; a paused bank raises the alarm.
 mod common;
 
+use common::http::{http, log_in, split_link};
 use common::*;
-use std::io::{Read, Write};
 use std::time::Instant;
-
-/// One HTTP/1.1 exchange: `(status, headers in lower case, body)`.
-fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &str) -> (u16, String, String) {
-    let mut tcp = std::net::TcpStream::connect(addr).expect("connect to the dashboard");
-    tcp.set_read_timeout(Some(WAIT)).expect("timeout");
-    let mut req = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n");
-    for (k, v) in headers {
-        req.push_str(&format!("{k}: {v}\r\n"));
-    }
-    req.push_str(&format!("Content-Length: {}\r\n\r\n{body}", body.len()));
-    tcp.write_all(req.as_bytes()).expect("request");
-    let mut text = String::new();
-    tcp.read_to_string(&mut text).expect("response");
-    let (head, body) = text.split_once("\r\n\r\n").expect("an HTTP response");
-    let status = head.split(' ').nth(1).and_then(|s| s.parse().ok()).expect("status");
-    (status, head.to_ascii_lowercase(), body.to_owned())
-}
-
-/// `(address, path and query)` of a login link.
-fn split_link(link: &str) -> (String, String) {
-    let rest = link.strip_prefix("http://").expect("a plain HTTP link on loopback");
-    let (addr, path) = rest.split_once('/').expect("a path");
-    (addr.to_owned(), format!("/{path}"))
-}
-
-/// Logs in with `link`; the session cookie (`name=value`).
-fn log_in(link: &str) -> String {
-    let (addr, path) = split_link(link);
-    let (status, head, _) = http(&addr, "GET", &path, &[], "");
-    assert_eq!(status, 303, "a good link logs in: {head}");
-    assert!(
-        head.contains("httponly") && head.contains("samesite=strict") && head.contains("path=/"),
-        "{head}"
-    );
-    head.lines()
-        .find_map(|l| l.strip_prefix("set-cookie: "))
-        .and_then(|c| c.split(';').next())
-        .expect("a session cookie")
-        .to_owned()
-}
 
 fn get(addr: &str, path: &str, cookie: &str) -> (u16, String) {
     let (status, head, body) = http(addr, "GET", path, &[("Cookie", cookie)], "");
@@ -243,14 +203,7 @@ impl Drop for Up {
 
 /// The dashboard's address a gateway printed after its listening line.
 fn admin_address(gateway: &Proc) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = gateway.lines.recv_timeout(left).expect("the gateway's admin line");
-        if let Some(addr) = line.strip_prefix("strife: gateway admin listening on ") {
-            return addr.to_owned();
-        }
-    }
+    printed_address(gateway, "strife: gateway admin listening on ")
 }
 
 /// Polls `/api/overview` until `pred` holds of it, within [`WAIT`].
@@ -367,18 +320,6 @@ fn every_replica_s_dashboard_shows_the_whole_cluster() {
     assert_eq!(page.matches(r#"data-testid="replica-row""#).count(), 3, "{page}");
     for g in &mut gateways[..2] {
         assert_eq!(g.stop(), Some(0));
-    }
-}
-
-/// A gateway's metrics address, from the lines it printed after listening.
-fn printed_address(gateway: &Proc, prefix: &str) -> String {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = gateway.lines.recv_timeout(left).unwrap_or_else(|_| panic!("no line {prefix:?}"));
-        if let Some(addr) = line.strip_prefix(prefix) {
-            return addr.to_owned();
-        }
     }
 }
 

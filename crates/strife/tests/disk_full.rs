@@ -9,6 +9,7 @@
 
 mod common;
 
+use common::http::{http, log_in};
 use common::*;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -233,4 +234,149 @@ fn a_full_disk_at_a_bank_declines_the_payment_and_converges_once_space_is_back()
     assert_eq!(balance(d, "user1@BankA"), payer - 300, "only the last payment moved: {audit}");
     assert_eq!(balance(d, "user2@BankB"), payee + 300, "only the last payment moved: {audit}");
     drop((bank_b, bank_a, gateway));
+}
+
+/// A tablespace of the test binary's PostgreSQL server on a tmpfs of its
+/// own, holding one database: its tables and indexes fill up with the
+/// tmpfs, while the server's write-ahead log stays on the machine's disk
+/// (a full `pg_wal` makes PostgreSQL PANIC and restart, which is not a
+/// store failure a server can answer). Dropped (database, then tablespace)
+/// before the tmpfs is unmounted.
+struct FullableDatabase {
+    server: &'static strife_rpc::postgres_server::PostgresServer,
+    database: String,
+    tablespace: String,
+    url: strife_core::Secret<String>,
+}
+
+impl FullableDatabase {
+    fn create(tmpfs: &Tmpfs) -> FullableDatabase {
+        use strife_rpc::postgres_server::{SYSTEM_USER, shared_for_tests, unique_name};
+        let server = shared_for_tests().unwrap_or_else(|e| panic!("{e}"));
+        let location = tmpfs.path().join("tablespace");
+        std::fs::create_dir(&location).expect("the tablespace's directory");
+        let out = Command::new("chown")
+            .arg(format!("{SYSTEM_USER}:{SYSTEM_USER}"))
+            .arg(&location)
+            .output()
+            .expect("chown (apt-get install coreutils)");
+        assert!(out.status.success(), "chown: {}", String::from_utf8_lossy(&out.stderr));
+        let (database, tablespace) = (unique_name("full"), unique_name("ts"));
+        let url = server.create_private_database(&unique_name("role_full"), &database).expect("a database");
+        server
+            .sql(
+                "postgres",
+                &[
+                    &format!("CREATE TABLESPACE {tablespace} LOCATION '{}'", location.display()),
+                    &format!("ALTER DATABASE {database} SET TABLESPACE {tablespace}"),
+                ],
+            )
+            .expect("the database in a tablespace on the tmpfs");
+        FullableDatabase { server, database, tablespace, url }
+    }
+}
+
+impl Drop for FullableDatabase {
+    fn drop(&mut self) {
+        let dropped = self.server.sql(
+            "postgres",
+            &[
+                &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.database),
+                &format!("DROP TABLESPACE IF EXISTS {}", self.tablespace),
+            ],
+        );
+        if let Err(e) = dropped {
+            eprintln!("cannot drop the test's database and tablespace: {e:#}");
+        }
+    }
+}
+
+/// The gateway's PostgreSQL database is on a file system that fills up
+/// (`disk_full`, SQLSTATE 53100, as PostgreSQL says it when a table or an
+/// index cannot grow): a payment is answered UNAVAILABLE naming the gateway
+/// and "disk full", the CLI keeps it queued (exit 4), the log names the
+/// cause and the metric counts it, and the dashboard's alarm shows it; once
+/// space is back, `outbox flush` settles it exactly once and the audit is
+/// clean.
+#[test]
+fn a_full_disk_under_the_gateway_s_postgres_queues_the_payment_and_it_settles_once_space_is_back() {
+    let mut data = Tmpfs::mount("gateway-pg");
+    let database = FullableDatabase::create(&data);
+    let store_env = [("STRIFE_GATEWAY_STORE", database.url.expose().as_str())];
+    let mut envs: Vec<(&str, &str)> = FAST.to_vec();
+    envs.extend_from_slice(&store_env);
+    let c = Cluster::start_with(&["BankA", "BankB"], &envs);
+    let d = c.path();
+    let metrics = printed_address(&c.gateway, "strife: gateway metrics listening on ");
+    let admin = printed_address(&c.gateway, "strife: gateway admin listening on ");
+    c.login("user1", "BankA");
+    c.login("user2", "BankB");
+    let r = c.pay("user1@BankA", "user2@BankB", "1");
+    assert_eq!((r.code, r.json()["status"].as_str()), (0, Some("committed")), "{r:?}");
+    let payer = balance(d, "user1@BankA");
+
+    // Full: pages with room left still take rows, so pay until the store refuses one.
+    data.fill();
+    let mut committed = 0;
+    let queued = loop {
+        let r = c.pay("user1@BankA", "user2@BankB", "1");
+        match r.code {
+            0 => committed += 1,
+            4 => break r,
+            _ => panic!("a payment on a full disk is either committed or queued: {r:?}"),
+        }
+        assert!(committed < 500, "the store never filled up");
+    };
+    let j = queued.json();
+    assert_eq!(
+        (j["status"].as_str(), j["reason"].as_str()),
+        (Some("queued"), Some("storage_unavailable")),
+        "{queued:?}"
+    );
+    assert!(
+        queued.stderr.contains("the gateway cannot write its store: disk full"),
+        "stderr names the server and the cause: {queued:?}"
+    );
+    let id = j["payment_id"].as_str().expect("payment id").to_owned();
+    let r = c.cli(&["--json", "outbox", "list"]);
+    let pending = r.json()["pending"].as_array().cloned().unwrap_or_default();
+    assert_eq!(pending.len(), 1, "the payment waits in the outbox: {r:?}");
+    assert_eq!(pending[0]["payment_id"], id.as_str(), "{r:?}");
+    let log = d.join("logs").join("gateway.log");
+    let line = wait_for_log_line(&log, "storage failure: disk full");
+    assert!(line.contains("cause=\"disk_full\"") && line.contains("No space left on device"), "{line}");
+    let (_, _, text) = http(&metrics, "GET", "/metrics", &[], "");
+    let full = text.lines().find_map(|l| l.strip_prefix("strife_store_failures_total{cause=\"disk_full\"} "));
+    assert!(full.and_then(|n| n.parse::<f64>().ok()).is_some_and(|n| n >= 1.0), "counted:\n{text}");
+    let r = c.cli(&["admin", "url", "--admin", &admin]);
+    let cookie = log_in(r.stdout.trim());
+    let (status, _, body) = http(&admin, "GET", "/api/overview", &[("Cookie", &cookie)], "");
+    assert_eq!(status, 200, "{body}");
+    let overview: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    let alarmed = overview["alarms"].as_array().is_some_and(|l| l.iter().any(|a| a["code"] == "storage"));
+    assert!(alarmed, "the dashboard's alarm: {overview:#}");
+
+    data.free();
+    let r = c.cli(&["--json", "outbox", "flush"]);
+    let results = r.json()["results"].as_array().cloned().unwrap_or_default();
+    assert_eq!(results.len(), 1, "{r:?}");
+    assert_eq!(results[0]["payment_id"], id.as_str(), "{r:?}");
+    // It was refused at its begin (it runs now) or at its decision (then
+    // presumed abort: declined); either way once.
+    let settled = results[0]["status"].as_str().expect("status").to_owned();
+    assert!(["committed", "declined"].contains(&settled.as_str()), "{r:?}");
+    eprintln!(
+        "on the full disk: {committed} payment(s) committed before one was refused; it settled as {settled}"
+    );
+    if settled == "committed" {
+        committed += 1;
+    }
+    let r = c.cli(&["--json", "outbox", "flush"]);
+    assert_eq!((r.code, r.json()["results"].as_array().map(Vec::len)), (0, Some(0)), "sent once: {r:?}");
+    let audit = wait_audit_ok_with(d, &store_env);
+    assert_eq!(balance(d, "user1@BankA"), payer - 100 * committed, "each payment moved once: {audit}");
+    let r = c.pay("user1@BankA", "user2@BankB", "1");
+    assert_eq!((r.code, r.json()["status"].as_str()), (0, Some("committed")), "payments go on: {r:?}");
+    drop(c);
+    drop(database);
 }

@@ -5,6 +5,7 @@
 pub mod browser;
 pub mod fault;
 pub mod grpc;
+pub mod http;
 pub mod netns;
 
 use serde_json::Value;
@@ -84,6 +85,19 @@ impl Proc {
     /// SIGTERM; returns the exit code.
     pub fn stop(&mut self) -> Option<i32> {
         terminate(&mut self.child)
+    }
+}
+
+/// What a server printed after its listening line on a line starting with
+/// `prefix` (its metrics or dashboard address), within [`WAIT`].
+pub fn printed_address(server: &Proc, prefix: &str) -> String {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let line = server.lines.recv_timeout(left).unwrap_or_else(|_| panic!("no line {prefix:?}"));
+        if let Some(addr) = line.strip_prefix(prefix) {
+            return addr.to_owned();
+        }
     }
 }
 
