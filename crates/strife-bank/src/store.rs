@@ -293,7 +293,7 @@ impl Store {
                 let (release, apply) = match effect {
                     Some(Effect::ApplyCommit) => (amount, amount),
                     Some(Effect::ReleaseHold) => (amount, 0),
-                    Some(Effect::PlaceHold) | None => (0, 0),
+                    Some(Effect::PlaceHold | Effect::Transfer) | None => (0, 0),
                 };
                 if let Some(user) = debit {
                     tx.prepare_cached(

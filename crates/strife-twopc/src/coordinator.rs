@@ -9,6 +9,11 @@
 //! Timers belong to the shell: it calls [`Payment::on_deadline`] once the
 //! deadline has passed, and [`Payment::on_resend_timer`] every so often while
 //! [`Payment::awaits_acks`] is true. The current time is always an argument.
+//!
+//! A payment whose payer and payee are at one bank may instead run in one
+//! phase ([`OnePhase`]): the coordinator delegates the decision to that
+//! bank, the last (and only) participant, which applies both sides in one
+//! forced write or refuses, and answers the outcome. See [`Protocol`].
 
 use crate::{Decision, Vote};
 
@@ -36,14 +41,25 @@ pub enum ToBank {
     /// The answer to an inquiry when the payment is not decided yet: ask
     /// again later.
     NotDecidedYet,
+    /// One phase: both sides are yours; decide, apply or refuse, and tell
+    /// the outcome ([`crate::participant::on_transfer`]).
+    Transfer,
+    /// One phase: what became of the transfer? If you never heard of it,
+    /// refuse it for good before you answer
+    /// ([`crate::participant::on_resolve`]).
+    Resolve,
 }
 
 /// One thing for the shell to do. Actions come in a list and are carried
 /// out in that order; a `Force…` must be durable before anything after it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Action<B> {
-    /// Write the payment, with its banks and deadline, as `Preparing`. Comes
-    /// before the prepares, so that a restart finds the payment and aborts it.
+    /// Write the payment, with its banks, deadline and [`Protocol`], as
+    /// `Preparing`. Comes before the prepares, so that a restart finds the
+    /// payment and aborts it (two phases: the write need not be durable
+    /// yet, a lost one means abort), or before the transfer, so that a
+    /// restart finds it and asks the bank (one phase: durable first, see
+    /// [`OnePhase::begin`]).
     ForcePreparing,
     /// Write the decision. Comes before any bank hears it, so that no restart
     /// can reach a different one.
@@ -55,6 +71,11 @@ pub enum Action<B> {
     /// A lazy write: if a crash loses it, the decision is sent again and the
     /// banks acknowledge again.
     MarkFinished,
+    /// One phase: the bank decided, and this is its decision; the payment
+    /// needs nothing more. A lazy write: the bank holds the decision
+    /// durably, so if a crash loses it the coordinator asks the bank again
+    /// ([`ToBank::Resolve`]) and gets the same answer.
+    RecordOutcome(Decision),
 }
 
 /// The coordinator's answer to a bank that asks about a payment.
@@ -64,6 +85,48 @@ pub enum InquiryAnswer {
     Decided(Decision),
     /// Still collecting votes, within the deadline: ask again later.
     NotYet,
+}
+
+/// How a payment is driven. Chosen once, before the payment is written,
+/// and written with it: the rules for a payment found undecided differ.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Protocol {
+    /// Presumed-abort 2PC: the coordinator decides; an undecided payment
+    /// may always be aborted by the coordinator.
+    TwoPhase,
+    /// The payer's and the payee's accounts are at one bank, which decides
+    /// in one forced write. The coordinator never decides such a payment:
+    /// an undecided one is settled by asking the bank.
+    OnePhase,
+}
+
+/// The protocol for a payment that involves `banks` banks: one phase when
+/// there is a single bank and it applies one-phase transfers (a bank too
+/// old for them answers two-phase messages only).
+pub fn protocol_for(banks: usize, bank_applies_transfers: bool) -> Protocol {
+    if banks == 1 && bank_applies_transfers { Protocol::OnePhase } else { Protocol::TwoPhase }
+}
+
+/// What to do with a payment found undecided that nobody drives any more
+/// (the coordinator restarted, its deadline passed, or the replica driving
+/// it died).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Abandoned {
+    /// Force an abort ([`on_restart`]): presumed abort allows it.
+    ForceAbort,
+    /// Ask the bank ([`ToBank::Resolve`]) and record its answer: the bank
+    /// may have committed it, and only the bank knows.
+    AskBank,
+}
+
+/// The rule for an undecided payment nobody drives: a two-phase payment is
+/// aborted, a one-phase one is asked about. `None` for a decided payment.
+pub fn on_abandoned(protocol: Protocol, state: PaymentState) -> Option<Abandoned> {
+    match (protocol, state) {
+        (_, PaymentState::Decided(_)) => None,
+        (Protocol::TwoPhase, PaymentState::Preparing) => Some(Abandoned::ForceAbort),
+        (Protocol::OnePhase, PaymentState::Preparing) => Some(Abandoned::AskBank),
+    }
 }
 
 /// Counts the votes: `votes` has one entry per bank (`None`: not in yet).
@@ -91,6 +154,16 @@ pub fn on_inquiry(state: Option<PaymentState>, past_deadline: bool) -> (Option<D
             (Some(Decision::Abort), InquiryAnswer::Decided(Decision::Abort))
         }
         Some(PaymentState::Preparing) => (None, InquiryAnswer::NotYet),
+    }
+}
+
+/// Answers a bank's inquiry about a one-phase payment (a bank has no
+/// prepared leg of one, so a correct bank never asks): the recorded
+/// decision, else "not yet". Never abort: the bank is the decider.
+pub fn on_inquiry_one_phase(state: Option<PaymentState>) -> InquiryAnswer {
+    match state {
+        Some(PaymentState::Decided(d)) => InquiryAnswer::Decided(d),
+        Some(PaymentState::Preparing) | None => InquiryAnswer::NotYet,
     }
 }
 
@@ -276,10 +349,110 @@ impl<B: Clone + PartialEq> Payment<B> {
     }
 }
 
+/// A one-phase payment as the coordinator drives it: both accounts are at
+/// `bank`, which decides. The coordinator writes the payment (forced: see
+/// [`OnePhase::begin`]), sends one [`ToBank::Transfer`], and records the
+/// bank's answer lazily; it never decides on its own. Whenever the outcome
+/// is unknown (the transfer failed or timed out, the deadline passed with
+/// no answer, a restart), it asks the bank ([`ToBank::Resolve`]), which
+/// fences a transfer it never heard of: so the payment has exactly one
+/// decision, the bank's, and the coordinator learns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OnePhase<B> {
+    /// The bank that holds both accounts.
+    bank: B,
+    /// After it, the bank refuses the transfer, and an undecided payment
+    /// is asked about.
+    deadline_ms: u64,
+    /// Mirrors the log once the shell carried out the actions (a lost
+    /// [`Action::RecordOutcome`] leaves the log `Preparing`).
+    state: PaymentState,
+}
+
+impl<B: Clone + PartialEq> OnePhase<B> {
+    /// Starts a payment: write it as `Preparing` (marked one-phase), then
+    /// send the transfer. The write must be **durable before the transfer
+    /// goes out**: unlike under presumed abort, a lost record is not a
+    /// harmless abort here, because the bank may commit as soon as it hears
+    /// of the payment; a coordinator that lost the record would neither
+    /// know of a committed payment nor stop the customer's retry from
+    /// starting it again under a new transaction id.
+    pub fn begin(bank: B, deadline_ms: u64) -> (OnePhase<B>, Vec<Action<B>>) {
+        let actions = vec![Action::ForcePreparing, Action::Send(bank.clone(), ToBank::Transfer)];
+        (OnePhase { bank, deadline_ms, state: PaymentState::Preparing }, actions)
+    }
+
+    /// Rebuilds a payment from the log after a restart. Nothing to do at
+    /// once: an undecided one is asked about once its deadline passes
+    /// ([`OnePhase::on_timer`]), when a transfer still in flight would be
+    /// refused anyway; a decided one is finished.
+    pub fn recover(bank: B, deadline_ms: u64, state: PaymentState) -> OnePhase<B> {
+        OnePhase { bank, deadline_ms, state }
+    }
+
+    /// The bank's answer to the transfer or to a question about it: its
+    /// decision, recorded lazily. A repeated answer changes nothing (the
+    /// bank answers one decision per payment).
+    pub fn on_outcome(&mut self, from: &B, decision: Decision) -> Vec<Action<B>> {
+        if *from != self.bank || self.state != PaymentState::Preparing {
+            return Vec::new();
+        }
+        self.state = PaymentState::Decided(decision);
+        vec![Action::RecordOutcome(decision)]
+    }
+
+    /// The transfer call failed or timed out: whether the bank applied it
+    /// is unknown. Ask it (the question fences a transfer it has not seen).
+    pub fn on_transfer_failed(&mut self) -> Vec<Action<B>> {
+        self.ask()
+    }
+
+    /// The deadline timer, and again every so often while undecided: once
+    /// the deadline has passed with no answer, ask the bank.
+    pub fn on_timer(&mut self, now_ms: u64) -> Vec<Action<B>> {
+        if now_ms >= self.deadline_ms { self.ask() } else { Vec::new() }
+    }
+
+    /// A bank asks about the payment (see [`on_inquiry_one_phase`]).
+    pub fn on_inquiry(&self, from: &B) -> Vec<Action<B>> {
+        match on_inquiry_one_phase(Some(self.state)) {
+            InquiryAnswer::Decided(d) => vec![Action::Send(from.clone(), ToBank::Decision(d))],
+            InquiryAnswer::NotYet => vec![Action::Send(from.clone(), ToBank::NotDecidedYet)],
+        }
+    }
+
+    fn ask(&self) -> Vec<Action<B>> {
+        match self.state {
+            PaymentState::Preparing => vec![Action::Send(self.bank.clone(), ToBank::Resolve)],
+            PaymentState::Decided(_) => Vec::new(),
+        }
+    }
+
+    /// What the coordinator knows of the payment.
+    pub fn state(&self) -> PaymentState {
+        self.state
+    }
+
+    /// When the bank stops accepting the transfer.
+    pub fn deadline_ms(&self) -> u64 {
+        self.deadline_ms
+    }
+
+    /// The bank that decides.
+    pub fn bank(&self) -> &B {
+        &self.bank
+    }
+
+    /// The bank's decision is known: nothing more to send.
+    pub fn is_finished(&self) -> bool {
+        matches!(self.state, PaymentState::Decided(_))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use Action::{ForceDecision, ForcePreparing, MarkFinished, Send};
+    use Action::{ForceDecision, ForcePreparing, MarkFinished, RecordOutcome, Send};
     use Decision::{Abort, Commit};
 
     const DEADLINE_MS: u64 = 100;
@@ -433,6 +606,61 @@ mod tests {
         assert_eq!(p.on_vote(&7, Vote::Yes, 1), [ForceDecision(Commit), Send(7, ToBank::Decision(Commit))]);
         assert_eq!(p.banks(), [7]);
         assert_eq!(p.deadline_ms(), DEADLINE_MS);
+    }
+
+    #[test]
+    fn one_bank_that_applies_transfers_runs_in_one_phase() {
+        assert_eq!(protocol_for(1, true), Protocol::OnePhase);
+        assert_eq!(protocol_for(1, false), Protocol::TwoPhase, "a bank too old for transfers");
+        assert_eq!(protocol_for(2, true), Protocol::TwoPhase);
+    }
+
+    #[test]
+    fn an_abandoned_payment_is_aborted_only_under_two_phase_commit() {
+        assert_eq!(on_abandoned(Protocol::TwoPhase, PaymentState::Preparing), Some(Abandoned::ForceAbort));
+        assert_eq!(on_abandoned(Protocol::OnePhase, PaymentState::Preparing), Some(Abandoned::AskBank));
+        for p in [Protocol::TwoPhase, Protocol::OnePhase] {
+            for d in [Commit, Abort] {
+                assert_eq!(on_abandoned(p, PaymentState::Decided(d)), None);
+            }
+        }
+    }
+
+    #[test]
+    fn one_phase_writes_then_transfers_and_records_the_bank_s_decision() {
+        let (mut p, actions) = OnePhase::begin("a", DEADLINE_MS);
+        assert_eq!(actions, [ForcePreparing, Send("a", ToBank::Transfer)]);
+        assert_eq!(p.on_outcome(&"b", Commit), [], "not the payment's bank");
+        assert_eq!(p.on_outcome(&"a", Commit), [RecordOutcome(Commit)]);
+        assert!(p.is_finished());
+        assert_eq!(p.on_outcome(&"a", Commit), [], "a repeated answer records nothing");
+        assert_eq!(p.on_timer(DEADLINE_MS * 2), [], "decided: nothing to ask");
+        assert_eq!(p.on_transfer_failed(), []);
+        assert_eq!(p.state(), PaymentState::Decided(Commit));
+        assert_eq!((p.bank(), p.deadline_ms()), (&"a", DEADLINE_MS));
+    }
+
+    #[test]
+    fn one_phase_never_decides_on_its_own_but_asks_the_bank() {
+        let (mut p, _) = OnePhase::begin("a", DEADLINE_MS);
+        assert_eq!(p.on_transfer_failed(), [Send("a", ToBank::Resolve)], "the outcome is unknown: ask");
+        assert_eq!(p.on_timer(DEADLINE_MS - 1), [], "in time: the transfer may still be answered");
+        assert_eq!(p.on_timer(DEADLINE_MS), [Send("a", ToBank::Resolve)]);
+        assert_eq!(p.on_timer(DEADLINE_MS + 100), [Send("a", ToBank::Resolve)], "until it is answered");
+        assert_eq!(p.state(), PaymentState::Preparing, "no decision of its own");
+        assert_eq!(p.on_inquiry(&"a"), [Send("a", ToBank::NotDecidedYet)]);
+        assert_eq!(p.on_outcome(&"a", Abort), [RecordOutcome(Abort)]);
+        assert_eq!(p.on_inquiry(&"a"), [Send("a", ToBank::Decision(Abort))]);
+    }
+
+    #[test]
+    fn one_phase_after_a_restart_asks_once_the_deadline_passed() {
+        let mut p = OnePhase::recover("a", DEADLINE_MS, PaymentState::Preparing);
+        assert_eq!(p.on_timer(DEADLINE_MS - 1), []);
+        assert_eq!(p.on_timer(DEADLINE_MS), [Send("a", ToBank::Resolve)]);
+        let p = OnePhase::recover("a", DEADLINE_MS, PaymentState::Decided(Commit));
+        assert!(p.is_finished());
+        assert_eq!(on_inquiry_one_phase(None), InquiryAnswer::NotYet, "never presumed aborted");
     }
 
     #[test]

@@ -30,6 +30,30 @@
 //! 5. After a restart, aborts (durably) every payment still `Preparing`, since
 //!    nobody drives them any more, and re-sends every unfinished decision.
 //!
+//! # One phase, for a payment within one bank
+//!
+//! When payer and payee are at the same bank, there is nothing to
+//! coordinate: the coordinator delegates the decision to that bank (the
+//! "last participant" optimisation). [`coordinator::OnePhase`]:
+//! 1. **Forces** the payment as `Preparing`, marked one-phase, then sends
+//!    one `Transfer` (both sides, with the deadline).
+//! 2. The bank ([`participant::on_transfer`]) applies both sides in one
+//!    forced write, or refuses (no funds, unknown account, past the
+//!    deadline) with a forced aborted record, and answers that decision.
+//! 3. The coordinator records the bank's decision lazily and answers the
+//!    customer.
+//! 4. Presumed abort does not hold for these payments: the coordinator
+//!    never aborts one on its own. When the outcome is unknown (the
+//!    transfer failed or timed out, the deadline passed, a restart, a
+//!    takeover), it asks the bank (`Resolve`); a bank that never heard of
+//!    the payment first forces it as aborted (a fence), so that the transfer,
+//!    arriving late, is refused ([`participant::on_resolve`]).
+//!
+//! A payment therefore has exactly one decision, made and forced at one
+//! place: the coordinator's log for a two-phase payment, the bank's ledger
+//! for a one-phase one. Which rule applies to a payment found undecided is
+//! [`coordinator::on_abandoned`].
+//!
 //! Participant, per leg ([`participant`]): `None` → `Prepared` → `Committed`
 //! or `Aborted`, or `None` → `Aborted`. A prepared bank holds the payer's money
 //! (a **hold**: unavailable, not yet gone) and never releases it on its own; if
@@ -59,6 +83,16 @@
 //! - **Commit and abort at a bank are one durable write each** (the state and
 //!   the money together), acknowledged only after the write: an acknowledged
 //!   leg is applied exactly once.
+//! - **A one-phase payment's record is forced before its transfer is
+//!   sent.** The bank may commit at once; a coordinator that lost the record
+//!   would not know of a committed payment, and the customer's retry (never
+//!   answered) would start it again under a new transaction id: paid twice.
+//! - **A bank forces its one-phase decision before answering**, and a
+//!   question about a transfer it never saw forces an abort (the fence)
+//!   before answering, for the same reason as the inquiry past the deadline:
+//!   once the coordinator has heard abort, no late transfer may commit.
+//! - **The coordinator's record of a one-phase decision is lazy**: the bank
+//!   holds the decision, so a lost record is asked for again.
 //! - **The payment is written as `Preparing` before any prepare is sent**, so
 //!   that a restarted coordinator finds it and tells its banks to abort at
 //!   once. Safety does not depend on it (presumed abort would answer a bank's

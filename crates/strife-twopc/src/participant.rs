@@ -40,6 +40,10 @@ pub enum Effect {
     ApplyCommit,
     /// The payer's `held -= amount`: the money is available again.
     ReleaseHold,
+    /// A one-phase payment, both of whose accounts are at this bank: the
+    /// payer's `balance -= amount` and the payee's `balance += amount` at
+    /// once, with no hold in between.
+    Transfer,
 }
 
 /// A durable write the bank must make before it answers.
@@ -63,6 +67,9 @@ pub enum Violation {
     CommitAborted,
     /// Abort for a leg this bank committed.
     AbortCommitted,
+    /// A one-phase transfer, or a question about one, for a leg this bank
+    /// prepared under two-phase commit: one payment, two protocols.
+    OnePhasePrepared,
 }
 
 impl fmt::Display for Violation {
@@ -71,6 +78,7 @@ impl fmt::Display for Violation {
             Violation::CommitUnprepared => "commit for a leg that was never prepared here",
             Violation::CommitAborted => "commit for a leg that is already aborted here",
             Violation::AbortCommitted => "abort for a leg that is already committed here",
+            Violation::OnePhasePrepared => "one-phase transfer for a leg prepared for two-phase commit here",
         })
     }
 }
@@ -131,6 +139,48 @@ pub fn on_decision(current: Option<LegState>, decision: Decision) -> Result<Opti
     }
 }
 
+/// A one-phase payment (payer and payee both at this bank): the bank is the
+/// decider. A new transfer that arrives in time and passes the bank's
+/// check (`precondition_ok`: the payer can pay, the payee can receive) is
+/// forced as committed with [`Effect::Transfer`]; one that fails the check,
+/// or arrives at or after its deadline (`past_deadline`, by this bank's
+/// clock), is forced as aborted. Either way the answer is sent only once
+/// the write is durable, and it is the payment's one decision: a repeated
+/// transfer (a duplicate, a retry at another replica) answers from the
+/// record and writes nothing.
+pub fn on_transfer(
+    current: Option<LegState>,
+    precondition_ok: bool,
+    past_deadline: bool,
+) -> Result<(Option<Force>, Decision), Violation> {
+    match current {
+        None if past_deadline || !precondition_ok => {
+            Ok((Some(Force { state: LegState::Aborted, effect: None }), Decision::Abort))
+        }
+        None => {
+            Ok((Some(Force { state: LegState::Committed, effect: Some(Effect::Transfer) }), Decision::Commit))
+        }
+        Some(LegState::Committed) => Ok((None, Decision::Commit)),
+        Some(LegState::Aborted) => Ok((None, Decision::Abort)),
+        Some(LegState::Prepared) => Err(Violation::OnePhasePrepared),
+    }
+}
+
+/// The coordinator asks what became of a one-phase payment (its transfer
+/// failed or timed out, or the coordinator crashed, or another replica
+/// took it over): the recorded decision, or, for a payment this bank never
+/// heard of, abort, **forced before the answer** (a fence), so that the
+/// transfer, if it arrives later, finds the record and is refused. Once a
+/// coordinator has heard abort, no late transfer may commit.
+pub fn on_resolve(current: Option<LegState>) -> Result<(Option<Force>, Decision), Violation> {
+    match current {
+        None => Ok((Some(Force { state: LegState::Aborted, effect: None }), Decision::Abort)),
+        Some(LegState::Committed) => Ok((None, Decision::Commit)),
+        Some(LegState::Aborted) => Ok((None, Decision::Abort)),
+        Some(LegState::Prepared) => Err(Violation::OnePhasePrepared),
+    }
+}
+
 /// Whether a leg is waiting for a decision, and so should ask the coordinator
 /// for it when it has heard nothing for a while.
 pub fn awaits_decision(current: Option<LegState>) -> bool {
@@ -186,6 +236,8 @@ impl Account {
             (Side::Debit, Effect::ReleaseHold) => (balance, held - amount_minor),
             (Side::Credit, Effect::ApplyCommit) => (balance + amount_minor, held),
             (Side::Credit, Effect::PlaceHold | Effect::ReleaseHold) => (balance, held),
+            (Side::Debit, Effect::Transfer) => (balance - amount_minor, held),
+            (Side::Credit, Effect::Transfer) => (balance + amount_minor, held),
         };
         Account { balance_minor, held_minor }
     }
@@ -301,6 +353,49 @@ mod tests {
         assert!([payer, held, paid].iter().all(Account::is_consistent));
         assert!(!Account { balance_minor: 10, held_minor: 11 }.is_consistent());
         assert!(!Account { balance_minor: 10, held_minor: -1 }.is_consistent());
+    }
+
+    #[test]
+    fn a_transfer_decides_once_at_the_bank() {
+        let committed = force(LegState::Committed, Some(Effect::Transfer));
+        assert_eq!(on_transfer(None, true, false), Ok((committed, Decision::Commit)));
+        assert_eq!(on_transfer(None, false, false), Ok((force(LegState::Aborted, None), Decision::Abort)));
+        assert_eq!(
+            on_transfer(None, true, true),
+            Ok((force(LegState::Aborted, None), Decision::Abort)),
+            "a transfer past its deadline is refused, however rich the payer"
+        );
+        for (ok, late) in [(true, false), (false, false), (true, true), (false, true)] {
+            assert_eq!(on_transfer(Some(LegState::Committed), ok, late), Ok((None, Decision::Commit)));
+            assert_eq!(on_transfer(Some(LegState::Aborted), ok, late), Ok((None, Decision::Abort)));
+            assert_eq!(on_transfer(Some(LegState::Prepared), ok, late), Err(Violation::OnePhasePrepared));
+        }
+    }
+
+    #[test]
+    fn a_question_about_an_unknown_transfer_fences_it() {
+        assert_eq!(on_resolve(None), Ok((force(LegState::Aborted, None), Decision::Abort)));
+        // The fence makes the transfer, arriving late, answer abort.
+        assert_eq!(on_transfer(Some(LegState::Aborted), true, false), Ok((None, Decision::Abort)));
+        assert_eq!(on_resolve(Some(LegState::Committed)), Ok((None, Decision::Commit)));
+        assert_eq!(on_resolve(Some(LegState::Aborted)), Ok((None, Decision::Abort)));
+        assert_eq!(on_resolve(Some(LegState::Prepared)), Err(Violation::OnePhasePrepared));
+    }
+
+    #[test]
+    fn a_transfer_moves_the_money_at_once() {
+        let payer = Account { balance_minor: 100, held_minor: 30 };
+        let payee = Account { balance_minor: 5, held_minor: 0 };
+        assert!(payer.can_debit(70) && !payer.can_debit(71));
+        assert_eq!(
+            payer.apply(Effect::Transfer, Side::Debit, 70),
+            Account { balance_minor: 30, held_minor: 30 }
+        );
+        assert_eq!(
+            payee.apply(Effect::Transfer, Side::Credit, 70),
+            Account { balance_minor: 75, held_minor: 0 }
+        );
+        assert!(payer.apply(Effect::Transfer, Side::Debit, 70).is_consistent(), "other holds stay covered");
     }
 
     #[test]

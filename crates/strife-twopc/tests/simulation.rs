@@ -648,6 +648,9 @@ impl Sim {
                 Action::ForceDecision(d) => self.force_decision(txn, d)?,
                 Action::Send(b, msg) => self.send(Event::AtBank(b, txn, msg)),
                 Action::MarkFinished => self.coordinator.unflushed.push(txn),
+                Action::RecordOutcome(d) => {
+                    return Err(format!("payment {txn}: {d:?} recorded in a two-phase run"));
+                }
             }
         }
         let awaits_acks = self.coordinator.payments.get(&txn).is_some_and(Payment::awaits_acks);
@@ -725,6 +728,7 @@ impl Sim {
                 self.cover("inquiry answered not yet");
                 Ok(()) // the inquiry timer asks again
             }
+            ToBank::Transfer | ToBank::Resolve => Err(format!("bank {b}: {msg:?} in a two-phase run")),
         }
     }
 
