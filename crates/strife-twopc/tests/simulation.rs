@@ -5,7 +5,14 @@
 //! duplicates and reorders them, while parties crash (keeping only what they
 //! forced) and restart. Time is an integer clock; every event (a delivery, a
 //! timer, a crash) sits in one queue ordered by (time, sequence number), so a
-//! seed replays exactly.
+//! seed replays exactly. Each bank's clock is off by up to
+//! `CLOCK_SKEW_MAX_MS` either way (it judges transfer deadlines by it).
+//!
+//! Payments within one bank run in one phase (`OnePhase`: the bank decides)
+//! for most of a run's payments, and in two phases for the rest, as with a
+//! bank too old for transfers. Customers ask again until they get an
+//! answer, and every answer they get (the first one, and every replay) must
+//! be the payment's one outcome.
 //!
 //! After every step the money is checked (conservation, no negative balance,
 //! `0 <= held <= balance`) along with atomicity (a bank commits only what the
@@ -21,12 +28,14 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::time::Instant;
-use strife_twopc::coordinator::{self, Action, InquiryAnswer, Payment, PaymentState, ToBank};
+use strife_twopc::coordinator::{
+    self, Abandoned, Action, InquiryAnswer, OnePhase, Payment, PaymentState, Protocol, ToBank,
+};
 use strife_twopc::participant::{self, Account, Force, LegState, Side};
 use strife_twopc::{Decision, Vote};
 
-/// Seeds `simulate_many_seeds` runs: 12 to 17 s in a debug build on 2 busy
-/// cores (about 600 steps a seed), leaving room below 20 s.
+/// Seeds `simulate_many_seeds` runs: 15 to 23 s in a debug build on 2 busy
+/// cores (about 700 steps a seed, customers asking again until answered).
 const SEEDS_DEFAULT: u64 = 2_000;
 /// Seeds a broken variant may take before the checker must have caught it.
 const MUTATION_SEEDS_MAX: u64 = 200;
@@ -45,6 +54,14 @@ const CLIENT_RETRY_MS: u64 = 150;
 /// From this time on, no message is lost or duplicated and nobody crashes.
 const HEAL_AT_MS: u64 = 3_000;
 const DEADLINE_MS: u64 = 500;
+/// A one-phase transfer not answered by then is asked about (the gateway's
+/// call timeout), before the deadline: the question may overtake a slow
+/// transfer and fence it.
+const TRANSFER_TIMEOUT_MS: u64 = 300;
+/// Most a bank's clock is ahead of or behind the simulation's.
+const CLOCK_SKEW_MAX_MS: u64 = 150;
+/// The gateway's lazy writes reach the disk within this (its next batch).
+const LAZY_FLUSH_MAX_MS: u64 = 8;
 /// The gateway looks for expired deadlines this often, so its deadline timer
 /// fires up to this late; an inquiry or a vote may get there first.
 const DEADLINE_SCAN_MS: u64 = 200;
@@ -91,6 +108,12 @@ enum Mutation {
     VoteBeforeForce,
     /// A bank tired of waiting for the decision releases its hold by itself.
     BankReleasesHold,
+    /// The coordinator aborts a one-phase payment on its own at its
+    /// deadline, as presumed abort would, instead of asking the bank.
+    OnePhaseAbortedAlone,
+    /// A bank asked about a one-phase transfer it never saw answers abort
+    /// without recording it, so the transfer may still commit later.
+    ResolveWithoutFence,
 }
 
 type Txn = usize;
@@ -115,6 +138,8 @@ struct Spec {
     payer: AccountRef,
     payee: AccountRef,
     amount_minor: i64,
+    /// How the gateway runs it: one phase only within one bank.
+    protocol: Protocol,
 }
 
 impl Spec {
@@ -148,12 +173,17 @@ enum FromBank {
     Vote(Vote),
     Ack,
     Inquiry,
+    /// One phase: the bank's decision (the answer to a transfer or to a
+    /// question about one).
+    Outcome(Decision),
 }
 
 #[derive(Debug, Clone, Copy)]
 enum CoordinatorTimer {
     Deadline,
     Resend,
+    /// One phase: the transfer call's timeout.
+    TransferTimeout,
 }
 
 /// Everything that happens, in the order of the queue. Timers carry the
@@ -169,6 +199,8 @@ enum Event {
     CoordinatorTimer(u64, Txn, CoordinatorTimer),
     /// A prepared leg's inquiry number `attempt` is due.
     InquiryTimer(Bank, u64, Txn, u32),
+    /// The coordinator's lazy writes of incarnation `.0` reach the disk.
+    Flush(u64),
     Crash(Node),
     Restart(Node),
 }
@@ -180,6 +212,44 @@ struct LogRecord {
     deadline_ms: u64,
     state: PaymentState,
     finished: bool,
+    protocol: Protocol,
+}
+
+/// A payment in the coordinator's memory, by its protocol.
+#[derive(Debug, Clone)]
+enum Driven {
+    Two(Payment<Bank>),
+    One(OnePhase<Bank>),
+}
+
+impl Driven {
+    fn state(&self) -> PaymentState {
+        match self {
+            Driven::Two(p) => p.state(),
+            Driven::One(p) => p.state(),
+        }
+    }
+
+    fn deadline_ms(&self) -> u64 {
+        match self {
+            Driven::Two(p) => p.deadline_ms(),
+            Driven::One(p) => p.deadline_ms(),
+        }
+    }
+
+    fn is_finished(&self) -> bool {
+        match self {
+            Driven::Two(p) => p.is_finished(),
+            Driven::One(p) => p.is_finished(),
+        }
+    }
+}
+
+/// A lazy write of the coordinator, not on disk yet: lost in a crash.
+#[derive(Debug, Clone, Copy)]
+enum LazyWrite {
+    Finished(Txn),
+    Outcome(Txn, Decision),
 }
 
 struct CoordinatorNode {
@@ -188,10 +258,10 @@ struct CoordinatorNode {
     epoch: u64,
     /// Durable: survives crashes.
     log: BTreeMap<Txn, LogRecord>,
-    /// Lazy `MarkFinished` writes not on disk yet: lost in a crash.
-    unflushed: Vec<Txn>,
+    /// Lazy writes not on disk yet.
+    unflushed: Vec<LazyWrite>,
     /// Memory only.
-    payments: BTreeMap<Txn, Payment<Bank>>,
+    payments: BTreeMap<Txn, Driven>,
     /// Memory only: payments with a resend timer running.
     resend_armed: BTreeSet<Txn>,
 }
@@ -199,10 +269,15 @@ struct CoordinatorNode {
 struct BankNode {
     up: bool,
     epoch: u64,
+    /// How far this bank's clock is ahead of the simulation's (negative:
+    /// behind).
+    skew_ms: i64,
     /// Durable.
     accounts: Vec<Account>,
     /// Durable.
     legs: BTreeMap<Txn, LegState>,
+    /// Durable: one-phase payments aborted by a question (fenced).
+    fenced: BTreeSet<Txn>,
 }
 
 /// How hostile one run's world is.
@@ -214,13 +289,15 @@ struct Faults {
     slow_permille: u64,
     /// Chance of a crash before each action a party carries out.
     crash_point_permille: u64,
+    /// Chance that a payment within one bank runs in one phase.
+    one_phase_permille: u64,
 }
 
 /// How often each interesting path ran, to show what the seeds exercise.
 type Coverage = BTreeMap<&'static str, u64>;
 
 /// Paths every batch of seeds must take at least once.
-const PATHS: [&str; 15] = [
+const PATHS: [&str; 25] = [
     "committed",
     "aborted",
     "crash",
@@ -236,6 +313,16 @@ const PATHS: [&str; 15] = [
     "tombstone",
     "late prepare refused",
     "lazy write lost",
+    "one phase",
+    "transfer committed",
+    "transfer declined",
+    "transfer refused past its deadline",
+    "transfer repeated",
+    "fence",
+    "late transfer refused",
+    "one-phase outcome asked for",
+    "one-phase commit learnt by asking",
+    "one-phase outcome lost in a crash",
 ];
 
 /// What a finished run looks like; equal for two runs of one seed.
@@ -249,6 +336,8 @@ struct Summary {
 
 struct Sim {
     mutation: Mutation,
+    /// What each customer was told, once told: every later answer must agree.
+    told: BTreeMap<Txn, Decision>,
     trace: bool,
     rng: Rng,
     faults: Faults,
@@ -308,6 +397,7 @@ impl Sim {
             duplicate_permille: rng.range(0, 100),
             slow_permille: rng.range(0, 60),
             crash_point_permille: rng.range(0, 8),
+            one_phase_permille: rng.range(500, 1_000),
         };
         let start: Vec<Vec<Account>> = (0..BANK_COUNT)
             .map(|_| {
@@ -337,19 +427,23 @@ impl Sim {
                 payments: BTreeMap::new(),
                 resend_armed: BTreeSet::new(),
             },
-            banks: start
-                .iter()
-                .map(|accounts| BankNode {
-                    up: true,
-                    epoch: 0,
-                    accounts: accounts.clone(),
-                    legs: BTreeMap::new(),
-                })
-                .collect(),
+            banks: Vec::new(),
             start,
             start_total_minor,
             coverage: Coverage::new(),
+            told: BTreeMap::new(),
         };
+        for b in 0..BANK_COUNT {
+            let skew_ms = minor(sim.rng.range(0, 2 * CLOCK_SKEW_MAX_MS)) - minor(CLOCK_SKEW_MAX_MS);
+            sim.banks.push(BankNode {
+                up: true,
+                epoch: 0,
+                skew_ms,
+                accounts: sim.start[b].clone(),
+                legs: BTreeMap::new(),
+                fenced: BTreeSet::new(),
+            });
+        }
         if trace {
             eprintln!("seed {seed}, {mutation:?}, {:?}", sim.faults);
         }
@@ -385,10 +479,12 @@ impl Sim {
         let missing = self.rng.permille(40);
         let payee_index =
             if missing { ACCOUNTS_PER_BANK } else { self.random_other_account(payer, payee_bank) };
+        let one_phase = same_bank && self.rng.permille(self.faults.one_phase_permille);
         Spec {
             payer,
             payee: AccountRef { bank: payee_bank, index: payee_index },
             amount_minor: minor(self.rng.range(1, AMOUNT_MAX_MINOR)),
+            protocol: coordinator::protocol_for(if same_bank { 1 } else { 2 }, one_phase),
         }
     }
 
@@ -460,11 +556,13 @@ impl Sim {
             Event::InquiryTimer(b, epoch, txn, attempt) if epoch == self.banks[b].epoch => {
                 self.bank_inquiry_timer(b, txn, attempt)
             }
+            Event::Flush(epoch) if epoch == self.coordinator.epoch => self.flush_lazy_writes(),
             // Sent to a party that is down, or a timer of a dead incarnation.
             Event::AtCoordinator(..)
             | Event::AtBank(..)
             | Event::CoordinatorTimer(..)
-            | Event::InquiryTimer(..) => Ok(()),
+            | Event::InquiryTimer(..)
+            | Event::Flush(..) => Ok(()),
         }
     }
 
@@ -485,11 +583,15 @@ impl Sim {
                 let c = &mut self.coordinator;
                 c.epoch += 1;
                 let lost = !c.unflushed.is_empty();
+                let outcome_lost = c.unflushed.iter().any(|w| matches!(w, LazyWrite::Outcome(..)));
                 c.unflushed.clear();
                 c.payments.clear();
                 c.resend_armed.clear();
                 if lost {
                     self.cover("lazy write lost");
+                }
+                if outcome_lost {
+                    self.cover("one-phase outcome lost in a crash");
                 }
             }
             Node::Bank(b) => self.banks[b].epoch += 1,
@@ -506,13 +608,31 @@ impl Sim {
         c.up = true;
         let records: Vec<(Txn, LogRecord)> = c.log.iter().map(|(t, r)| (*t, r.clone())).collect();
         for (txn, r) in records {
+            let abandoned = coordinator::on_abandoned(r.protocol, r.state);
+            if r.protocol == Protocol::OnePhase {
+                let payment = OnePhase::recover(r.banks[0], r.deadline_ms, r.state);
+                ensure(abandoned != Some(Abandoned::ForceAbort), || {
+                    format!("payment {txn}: a one-phase payment must never be aborted by the coordinator")
+                })?;
+                self.coordinator.payments.insert(txn, Driven::One(payment));
+                if abandoned == Some(Abandoned::AskBank) {
+                    // Asked about once its deadline passed (the deadline sweep).
+                    let at_ms = self.now_ms.max(r.deadline_ms) + self.rng.range(0, DEADLINE_SCAN_MS);
+                    let epoch = self.coordinator.epoch;
+                    self.schedule(at_ms, Event::CoordinatorTimer(epoch, txn, CoordinatorTimer::Deadline));
+                }
+                continue;
+            }
             let (payment, actions) = Payment::recover(r.banks, r.deadline_ms, r.state, r.finished);
             if actions.iter().any(|a| matches!(a, Action::ForceDecision(_))) {
+                ensure(abandoned == Some(Abandoned::ForceAbort), || {
+                    format!("payment {txn}: aborted at a restart against the rule {abandoned:?}")
+                })?;
                 self.cover("abort at a restart");
             } else if !actions.is_empty() {
                 self.cover("decision resent after a restart");
             }
-            self.coordinator.payments.insert(txn, payment);
+            self.coordinator.payments.insert(txn, Driven::Two(payment));
             self.coordinator_act(txn, actions)?;
             if !self.coordinator.up {
                 break; // crashed again while recovering
@@ -538,22 +658,54 @@ impl Sim {
 
     // ---- the coordinator's shell ----
 
+    /// The customer's answer (the first, or a replay): always the payment's
+    /// one outcome.
+    fn tell(&mut self, txn: Txn, d: Decision) -> Checked {
+        let earlier = *self.told.entry(txn).or_insert(d);
+        ensure(earlier == d, || format!("payment {txn}: the customer was told {earlier:?}, then {d:?}"))
+    }
+
     fn submit(&mut self, txn: Txn) -> Checked {
-        if self.coordinator.log.contains_key(&txn) {
-            return Ok(());
+        if self.told.contains_key(&txn) {
+            return Ok(()); // answered: the customer is done
         }
-        if self.coordinator.up {
-            let deadline_ms = self.now_ms + DEADLINE_MS;
-            let (payment, actions) = Payment::begin(self.specs[txn].banks(), deadline_ms);
-            self.coordinator.payments.insert(txn, payment);
-            let epoch = self.coordinator.epoch;
-            self.coordinator_act(txn, actions)?;
-            let at_ms = deadline_ms + self.rng.range(0, DEADLINE_SCAN_MS);
-            self.schedule(at_ms, Event::CoordinatorTimer(epoch, txn, CoordinatorTimer::Deadline));
+        let logged = self.coordinator.log.get(&txn).map(|r| r.state);
+        match (self.coordinator.up, logged) {
+            // A replay: the gateway answers from its log.
+            (true, Some(PaymentState::Decided(d))) => return self.tell(txn, d),
+            // Still being decided (or its decision's record was lost): wait.
+            (_, Some(PaymentState::Preparing)) | (false, _) => {}
+            (true, None) => self.begin(txn)?,
         }
-        if !self.coordinator.log.contains_key(&txn) {
-            // The gateway is down or crashed first: the customer asks again.
+        if !self.told.contains_key(&txn) {
+            // Not answered (yet): the customer asks again.
             self.schedule(self.now_ms + CLIENT_RETRY_MS, Event::Submit(txn));
+        }
+        Ok(())
+    }
+
+    fn begin(&mut self, txn: Txn) -> Checked {
+        let deadline_ms = self.now_ms + DEADLINE_MS;
+        let spec = &self.specs[txn];
+        let (driven, actions) = match spec.protocol {
+            Protocol::TwoPhase => {
+                let (p, actions) = Payment::begin(spec.banks(), deadline_ms);
+                (Driven::Two(p), actions)
+            }
+            Protocol::OnePhase => {
+                let (p, actions) = OnePhase::begin(spec.payer.bank, deadline_ms);
+                (Driven::One(p), actions)
+            }
+        };
+        let one_phase = spec.protocol == Protocol::OnePhase;
+        self.coordinator.payments.insert(txn, driven);
+        let epoch = self.coordinator.epoch;
+        self.coordinator_act(txn, actions)?;
+        let at_ms = deadline_ms + self.rng.range(0, DEADLINE_SCAN_MS);
+        self.schedule(at_ms, Event::CoordinatorTimer(epoch, txn, CoordinatorTimer::Deadline));
+        if one_phase {
+            let at_ms = self.now_ms + TRANSFER_TIMEOUT_MS;
+            self.schedule(at_ms, Event::CoordinatorTimer(epoch, txn, CoordinatorTimer::TransferTimeout));
         }
         Ok(())
     }
@@ -574,6 +726,27 @@ impl Sim {
             }
             return Ok(());
         };
+        let payment = match payment {
+            Driven::Two(p) => p,
+            Driven::One(p) => {
+                let actions = match msg {
+                    FromBank::Outcome(d) => {
+                        let actions = p.on_outcome(&b, d);
+                        if !actions.is_empty() {
+                            // The customer is answered as soon as the bank
+                            // has: its decision is durable there.
+                            self.tell(txn, d)?;
+                        }
+                        actions
+                    }
+                    FromBank::Inquiry => p.on_inquiry(&b),
+                    FromBank::Vote(_) | FromBank::Ack => {
+                        return Err(format!("payment {txn} runs in one phase, yet bank {b} sent {msg:?}"));
+                    }
+                };
+                return self.coordinator_act(txn, actions);
+            }
+        };
         let (actions, path) = match msg {
             FromBank::Vote(vote) => {
                 let late = now_ms >= payment.deadline_ms();
@@ -586,6 +759,9 @@ impl Sim {
                 let forced = actions.iter().any(|a| matches!(a, Action::ForceDecision(_)));
                 (actions, forced.then_some("abort forced by an inquiry"))
             }
+            FromBank::Outcome(_) => {
+                return Err(format!("payment {txn} runs in two phases, yet bank {b} sent {msg:?}"));
+            }
         };
         if let Some(path) = path.filter(|_| !actions.is_empty()) {
             self.cover(path);
@@ -595,27 +771,39 @@ impl Sim {
 
     fn coordinator_timer(&mut self, txn: Txn, timer: CoordinatorTimer) -> Checked {
         let now_ms = self.now_ms;
-        let (actions, path) = match timer {
-            CoordinatorTimer::Deadline => {
-                (self.with_payment(txn, |p| p.on_deadline(now_ms)), "abort at the deadline")
+        let mutation = self.mutation;
+        if let CoordinatorTimer::Resend = timer {
+            self.coordinator.resend_armed.remove(&txn);
+        }
+        let (actions, path) = match (self.coordinator.payments.get_mut(&txn), timer) {
+            (None, _) => (Vec::new(), ""),
+            (Some(Driven::Two(p)), CoordinatorTimer::Deadline) => {
+                (p.on_deadline(now_ms), "abort at the deadline")
             }
-            CoordinatorTimer::Resend => {
-                self.coordinator.resend_armed.remove(&txn);
-                (self.with_payment(txn, Payment::on_resend_timer), "decision resent on a timer")
+            (Some(Driven::Two(p)), CoordinatorTimer::Resend) => {
+                (p.on_resend_timer(), "decision resent on a timer")
+            }
+            (Some(Driven::Two(_)), CoordinatorTimer::TransferTimeout) => (Vec::new(), ""),
+            (Some(Driven::One(p)), CoordinatorTimer::Deadline)
+                if mutation == Mutation::OnePhaseAbortedAlone && p.state() == PaymentState::Preparing =>
+            {
+                // Broken: presumed abort applied to a payment the bank decides.
+                (p.on_outcome(&p.bank().clone(), Decision::Abort), "")
+            }
+            (Some(Driven::One(p)), CoordinatorTimer::Deadline | CoordinatorTimer::Resend) => {
+                (p.on_timer(now_ms), "one-phase outcome asked for")
+            }
+            (Some(Driven::One(p)), CoordinatorTimer::TransferTimeout) => {
+                (p.on_transfer_failed(), "one-phase outcome asked for")
             }
         };
-        if !actions.is_empty() {
+        if let Some(Action::RecordOutcome(d)) = actions.first() {
+            self.tell(txn, *d)?; // the broken variant answers its own abort
+        }
+        if !actions.is_empty() && !path.is_empty() {
             self.cover(path);
         }
         self.coordinator_act(txn, actions)
-    }
-
-    fn with_payment(
-        &mut self,
-        txn: Txn,
-        f: impl FnOnce(&mut Payment<Bank>) -> Vec<Action<Bank>>,
-    ) -> Vec<Action<Bank>> {
-        self.coordinator.payments.get_mut(&txn).map(f).unwrap_or_default()
     }
 
     /// Carries out the actions in order, as the gateway's IO shell would, with
@@ -626,8 +814,9 @@ impl Sim {
             actions.sort_by_key(|a| matches!(a, Action::ForceDecision(_)));
         }
         if self.faulty() && self.rng.permille(250) {
-            self.flush_lazy_writes(); // a background checkpoint
+            self.flush_lazy_writes()?; // a background checkpoint
         }
+        let mut asked = false;
         for action in actions {
             if self.crash_point() {
                 self.crash(Node::Coordinator);
@@ -635,26 +824,34 @@ impl Sim {
             }
             match action {
                 Action::ForcePreparing => {
+                    let spec = &self.specs[txn];
                     let record = LogRecord {
-                        banks: self.specs[txn].banks(),
+                        banks: spec.banks(),
                         deadline_ms: self.coordinator.payments[&txn].deadline_ms(),
                         state: PaymentState::Preparing,
                         finished: false,
+                        protocol: spec.protocol,
                     };
                     let earlier = self.coordinator.log.insert(txn, record);
                     ensure(earlier.is_none(), || format!("payment {txn} began twice"))?;
-                    self.flush_lazy_writes();
+                    self.flush_lazy_writes()?;
                 }
                 Action::ForceDecision(d) => self.force_decision(txn, d)?,
-                Action::Send(b, msg) => self.send(Event::AtBank(b, txn, msg)),
-                Action::MarkFinished => self.coordinator.unflushed.push(txn),
-                Action::RecordOutcome(d) => {
-                    return Err(format!("payment {txn}: {d:?} recorded in a two-phase run"));
+                Action::Send(b, msg) => {
+                    asked |= msg == ToBank::Resolve;
+                    self.send(Event::AtBank(b, txn, msg));
                 }
+                Action::MarkFinished => self.lazily(LazyWrite::Finished(txn)),
+                Action::RecordOutcome(d) => self.lazily(LazyWrite::Outcome(txn, d)),
             }
         }
-        let awaits_acks = self.coordinator.payments.get(&txn).is_some_and(Payment::awaits_acks);
-        if awaits_acks && self.coordinator.resend_armed.insert(txn) {
+        let resend = match self.coordinator.payments.get(&txn) {
+            Some(Driven::Two(p)) => p.awaits_acks(),
+            // Asked, and the answer may be lost: ask again until it comes.
+            Some(Driven::One(p)) => asked && !p.is_finished(),
+            None => false,
+        };
+        if resend && self.coordinator.resend_armed.insert(txn) {
             let at_ms = self.now_ms + RESEND_MS;
             let epoch = self.coordinator.epoch;
             self.schedule(at_ms, Event::CoordinatorTimer(epoch, txn, CoordinatorTimer::Resend));
@@ -666,6 +863,9 @@ impl Sim {
         let record =
             self.coordinator.log.get_mut(&txn).ok_or(format!("payment {txn} decided without a record"))?;
         ensure(record.state == PaymentState::Preparing, || format!("payment {txn} decided twice"))?;
+        ensure(record.protocol == Protocol::TwoPhase, || {
+            format!("the coordinator decided payment {txn} itself, which its bank decides")
+        })?;
         record.state = PaymentState::Decided(d);
         // Atomicity: the log never decides against what a bank already did.
         let contradicted = match d {
@@ -682,17 +882,64 @@ impl Sim {
         if self.trace {
             eprintln!("         coordinator forces {d:?} for payment {txn}");
         }
-        self.flush_lazy_writes();
+        self.tell(txn, d)?;
+        self.flush_lazy_writes()
+    }
+
+    /// Queues a lazy write: on disk with the next batch, unless a crash
+    /// comes first.
+    fn lazily(&mut self, write: LazyWrite) {
+        self.coordinator.unflushed.push(write);
+        let at_ms = self.now_ms + self.rng.range(1, LAZY_FLUSH_MAX_MS);
+        let epoch = self.coordinator.epoch;
+        self.schedule(at_ms, Event::Flush(epoch));
+    }
+
+    fn flush_lazy_writes(&mut self) -> Checked {
+        let writes: Vec<LazyWrite> = self.coordinator.unflushed.drain(..).collect();
+        for write in writes {
+            match write {
+                LazyWrite::Finished(txn) => {
+                    if let Some(r) = self.coordinator.log.get_mut(&txn) {
+                        r.finished = true;
+                    }
+                }
+                LazyWrite::Outcome(txn, d) => self.record_outcome(txn, d)?,
+            }
+        }
         Ok(())
     }
 
-    fn flush_lazy_writes(&mut self) {
-        let c = &mut self.coordinator;
-        for txn in c.unflushed.drain(..) {
-            if let Some(r) = c.log.get_mut(&txn) {
-                r.finished = true;
+    /// The bank's decision of a one-phase payment reaches the log: the
+    /// payment's one decision, which the bank holds already.
+    fn record_outcome(&mut self, txn: Txn, d: Decision) -> Checked {
+        let record =
+            self.coordinator.log.get_mut(&txn).ok_or(format!("payment {txn} decided without a record"))?;
+        ensure(record.protocol == Protocol::OnePhase, || {
+            format!("payment {txn}: an outcome for a 2PC payment")
+        })?;
+        match record.state {
+            PaymentState::Preparing => record.state = PaymentState::Decided(d),
+            PaymentState::Decided(earlier) => {
+                ensure(earlier == d, || format!("payment {txn} recorded as {earlier:?}, then as {d:?}"))?;
             }
         }
+        record.finished = true;
+        let bank = record.banks[0];
+        let leg = self.banks[bank].legs.get(&txn).copied();
+        let wanted = match d {
+            Decision::Commit => LegState::Committed,
+            Decision::Abort => LegState::Aborted,
+        };
+        ensure(leg == Some(wanted), || {
+            format!(
+                "the coordinator recorded {d:?} for one-phase payment {txn}, which bank {bank} has as {leg:?}"
+            )
+        })?;
+        if self.trace {
+            eprintln!("         coordinator records {d:?} for payment {txn}");
+        }
+        Ok(())
     }
 
     // ---- the banks' shell ----
@@ -700,6 +947,8 @@ impl Sim {
     fn bank_receives(&mut self, b: Bank, txn: Txn, msg: ToBank) -> Checked {
         match msg {
             ToBank::Prepare => self.bank_prepares(b, txn),
+            ToBank::Transfer => self.bank_transfers(b, txn),
+            ToBank::Resolve => self.bank_resolves(b, txn),
             ToBank::Decision(d) => {
                 let current = self.banks[b].legs.get(&txn).copied();
                 if current.is_none() && d == Decision::Abort {
@@ -728,19 +977,73 @@ impl Sim {
                 self.cover("inquiry answered not yet");
                 Ok(()) // the inquiry timer asks again
             }
-            ToBank::Transfer | ToBank::Resolve => Err(format!("bank {b}: {msg:?} in a two-phase run")),
         }
     }
 
-    fn bank_prepares(&mut self, b: Bank, txn: Txn) -> Checked {
-        let spec = self.specs[txn].clone();
+    /// The bank's local check for a new leg of `txn`.
+    fn precondition_ok(&self, b: Bank, txn: Txn) -> bool {
+        let spec = &self.specs[txn];
         let bank = &self.banks[b];
-        let precondition_ok = spec.sides(b).all(|(side, i)| match (side, bank.accounts.get(i)) {
+        spec.sides(b).all(|(side, i)| match (side, bank.accounts.get(i)) {
             (Side::Debit, Some(account)) => account.can_debit(spec.amount_minor),
             (Side::Credit, Some(_)) => true,
             (_, None) => false,
-        });
-        let current = bank.legs.get(&txn).copied();
+        })
+    }
+
+    /// One phase: the bank decides, forces, then answers its decision.
+    fn bank_transfers(&mut self, b: Bank, txn: Txn) -> Checked {
+        let bank_now_ms = self.now_ms.saturating_add_signed(self.banks[b].skew_ms);
+        let deadline_ms = self.coordinator.log.get(&txn).map(|r| r.deadline_ms);
+        let deadline_ms = deadline_ms.ok_or(format!("bank {b} got a transfer for unlogged payment {txn}"))?;
+        let past_deadline = bank_now_ms >= deadline_ms;
+        let ok = self.precondition_ok(b, txn);
+        let current = self.banks[b].legs.get(&txn).copied();
+        let (force, d) = participant::on_transfer(current, ok, past_deadline)
+            .map_err(|v| format!("protocol violation at bank {b}, payment {txn}: {v}"))?;
+        self.cover("one phase");
+        match (current, force) {
+            (Some(_), _) if self.banks[b].fenced.contains(&txn) => self.cover("late transfer refused"),
+            (Some(_), _) => self.cover("transfer repeated"),
+            (None, _) if past_deadline => self.cover("transfer refused past its deadline"),
+            (None, _) if d == Decision::Commit => self.cover("transfer committed"),
+            (None, _) => self.cover("transfer declined"),
+        }
+        if let Some(force) = force {
+            self.bank_forces(b, txn, force)?;
+        }
+        if self.crash_point() {
+            self.crash(Node::Bank(b));
+        } else {
+            self.send(Event::AtCoordinator(b, txn, FromBank::Outcome(d)));
+        }
+        Ok(())
+    }
+
+    /// One phase: what became of a transfer; one never seen is fenced first.
+    fn bank_resolves(&mut self, b: Bank, txn: Txn) -> Checked {
+        let current = self.banks[b].legs.get(&txn).copied();
+        let (force, d) = participant::on_resolve(current)
+            .map_err(|v| format!("protocol violation at bank {b}, payment {txn}: {v}"))?;
+        if d == Decision::Commit {
+            self.cover("one-phase commit learnt by asking");
+        }
+        if let Some(force) = force.filter(|_| self.mutation != Mutation::ResolveWithoutFence) {
+            self.cover("fence");
+            self.bank_forces(b, txn, force)?;
+            self.banks[b].fenced.insert(txn);
+        }
+        if self.crash_point() {
+            self.crash(Node::Bank(b));
+        } else {
+            self.send(Event::AtCoordinator(b, txn, FromBank::Outcome(d)));
+        }
+        Ok(())
+    }
+
+    fn bank_prepares(&mut self, b: Bank, txn: Txn) -> Checked {
+        let precondition_ok = self.precondition_ok(b, txn);
+        let current = self.banks[b].legs.get(&txn).copied();
         let (force, vote) = participant::on_prepare(current, precondition_ok);
         if current == Some(LegState::Aborted) {
             self.cover("late prepare refused");
@@ -868,6 +1171,10 @@ impl Sim {
             let d = self.decision(txn)?;
             let payment = &self.coordinator.payments[&txn];
             ensure(payment.is_finished(), || format!("payment {txn}: not every bank acknowledged {d:?}"))?;
+            let told = self.told.get(&txn).copied();
+            ensure(told == Some(d), || {
+                format!("payment {txn} is {d:?}, but its customer was told {told:?}")
+            })?;
             let involved = spec.banks();
             for (b, bank) in self.banks.iter().enumerate() {
                 let leg = bank.legs.get(&txn).copied();
@@ -902,7 +1209,7 @@ impl Sim {
     /// The payment's one decision, the same in the log and in memory.
     fn decision(&self, txn: Txn) -> Result<Decision, String> {
         let logged = self.coordinator.log.get(&txn).map(|r| r.state);
-        let in_memory = self.coordinator.payments.get(&txn).map(Payment::state);
+        let in_memory = self.coordinator.payments.get(&txn).map(Driven::state);
         match (logged, in_memory) {
             (Some(PaymentState::Decided(d)), Some(PaymentState::Decided(m))) if d == m => Ok(d),
             other => Err(format!("payment {txn} has no single decision (log, memory): {other:?}")),
@@ -986,7 +1293,13 @@ fn a_seed_replays_exactly() {
 
 #[test]
 fn the_checks_catch_broken_protocols() {
-    for mutation in [Mutation::SendBeforeForce, Mutation::VoteBeforeForce, Mutation::BankReleasesHold] {
+    for mutation in [
+        Mutation::SendBeforeForce,
+        Mutation::VoteBeforeForce,
+        Mutation::BankReleasesHold,
+        Mutation::OnePhaseAbortedAlone,
+        Mutation::ResolveWithoutFence,
+    ] {
         let caught =
             (0..MUTATION_SEEDS_MAX).find_map(|seed| run(seed, mutation, false).err().map(|e| (seed, e)));
         match caught {
