@@ -7,7 +7,7 @@
 
 use crate::accounts::{AccountSpec, Credential};
 use crate::error::BankError;
-use crate::ledger::{Decision, Ledger, LegRequest, LegState, Vote, state_name};
+use crate::ledger::{Decision, Ledger, LegRequest, LegState, Outcome, TransferRequest, Vote, state_name};
 use std::collections::BTreeMap;
 use std::future::Future;
 use strife_core::{DeclineReason, Secret};
@@ -54,6 +54,11 @@ pub fn leg(txn: &str, from: &str, to: &str, amount: i64) -> LegRequest {
     }
 }
 
+/// A one-phase transfer between two accounts of `BankA`, due far ahead.
+pub fn transfer(txn: &str, from: &str, to: &str, amount: i64) -> TransferRequest {
+    TransferRequest { leg: leg(txn, from, to, amount), deadline_ms: i64::MAX }
+}
+
 /// Generates one test per case of the suite, each on a fresh ledger from
 /// `$fresh` (an async function returning the ledger and a guard that keeps
 /// its storage alive); `$reopen` (an async function of that guard) opens
@@ -70,6 +75,8 @@ macro_rules! conformance_suite {
                 accounts_are_created_once,
                 reads_answer_what_was_written,
                 batches_answer_each_item_on_its_own,
+                transfers_are_decided_once_at_the_bank,
+                a_question_fences_a_transfer_never_seen,
                 random_operations_keep_every_money_rule);
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,6 +335,145 @@ pub async fn batches_answer_each_item_on_its_own<L: Inspect>(s: &L) {
     assert!(s.prepare_batch(Vec::new()).await.expect("empty").is_empty());
 }
 
+/// One transfer through `transfer_batch`.
+async fn transfer_one<L: Ledger>(s: &L, t: TransferRequest) -> Result<Outcome, BankError> {
+    let mut answers = s.transfer_batch(vec![t]).await.expect("batch");
+    assert_eq!(answers.len(), 1);
+    answers.remove(0)
+}
+
+/// One phase: the bank decides a payment within itself, once, durably;
+/// a repeat answers the record; a transfer past its deadline is refused
+/// whatever the funds; a side at another bank, another amount, or a leg
+/// prepared under two-phase commit is refused and changes nothing.
+pub async fn transfers_are_decided_once_at_the_bank<L: Inspect>(s: &L) {
+    use strife_core::limits::BALANCE_MAX_MINOR;
+    assert_eq!(transfer_one(s, transfer("t1", "a", "b", 600)).await.expect("t1"), Outcome::Committed);
+    assert_eq!(s.balance("a".into()).await.expect("a"), (400, 400), "no hold: the money moved");
+    assert_eq!(s.balance("b".into()).await.expect("b"), (600, 600));
+    assert_eq!(transfer_one(s, transfer("t1", "a", "b", 600)).await.expect("again"), Outcome::Committed);
+    assert_eq!(s.balance("a".into()).await.expect("a"), (400, 400), "a repeat moves nothing");
+    let more = transfer("t1", "a", "b", 601);
+    assert!(matches!(transfer_one(s, more).await, Err(BankError::Conflict(_))), "another amount");
+
+    let short = Outcome::Aborted(DeclineReason::InsufficientFunds);
+    assert_eq!(transfer_one(s, transfer("t2", "a", "b", 401)).await.expect("t2"), short);
+    assert_eq!(transfer_one(s, transfer("t2", "a", "b", 1)).await.expect("again"), short, "its reason kept");
+    let late = TransferRequest { deadline_ms: 0, ..transfer("t3", "a", "b", 1) };
+    assert_eq!(transfer_one(s, late).await.expect("t3"), Outcome::Aborted(DeclineReason::Timeout));
+    assert_eq!(
+        transfer_one(s, transfer("t3", "a", "b", 1)).await.expect("again"),
+        Outcome::Aborted(DeclineReason::Timeout),
+        "refused for good"
+    );
+    let unknown = |r| Outcome::Aborted(r);
+    assert_eq!(
+        transfer_one(s, transfer("t4", "a", "zz", 1)).await.expect("t4"),
+        unknown(DeclineReason::UnknownPayee)
+    );
+    assert_eq!(
+        transfer_one(s, transfer("t5", "zz", "b", 1)).await.expect("t5"),
+        unknown(DeclineReason::UnknownPayer)
+    );
+    let rich = AccountSpec {
+        user: "rich".into(),
+        credential: Credential::Hash(TEST_HASH.into()),
+        balance_minor: BALANCE_MAX_MINOR - 10,
+    };
+    assert_eq!(s.create_accounts(vec![rich]).await.expect("rich"), 1);
+    assert_eq!(s.prepare(leg("p0", "a", "rich", 6)).await.expect("p0"), Vote::Yes);
+    assert_eq!(
+        transfer_one(s, transfer("t6", "a", "rich", 5)).await.expect("t6"),
+        unknown(DeclineReason::BalanceLimit),
+        "a prepared credit counts against the payee's maximum"
+    );
+    assert_eq!(
+        transfer_one(s, transfer("t7", "a", "b", 395)).await.expect("t7"),
+        short,
+        "a prepared debit's hold is not available"
+    );
+    s.decide("p0".into(), Decision::Abort).await.expect("abort p0");
+
+    let elsewhere = TransferRequest {
+        leg: LegRequest { payee_bank: "BankB".into(), ..leg("t8", "a", "b", 1) },
+        deadline_ms: i64::MAX,
+    };
+    assert!(
+        matches!(transfer_one(s, elsewhere).await, Err(BankError::Invalid { .. })),
+        "not within the bank"
+    );
+    assert_eq!(s.prepare(leg("p1", "a", "b", 100)).await.expect("p1"), Vote::Yes);
+    let before = (s.accounts().await, s.legs().await);
+    assert!(matches!(transfer_one(s, transfer("p1", "a", "b", 100)).await, Err(BankError::Conflict(_))));
+    assert!(matches!(
+        s.resolve_transfer("p1".into(), DeclineReason::Timeout).await,
+        Err(BankError::Conflict(_))
+    ));
+    assert_eq!((s.accounts().await, s.legs().await), before, "refusals change nothing");
+    s.decide("p1".into(), Decision::Abort).await.expect("abort p1");
+    assert!(s.transfer_batch(Vec::new()).await.expect("empty").is_empty());
+
+    assert_eq!(s.history("a".into(), 10).await.expect("history").len(), 1, "t1, committed");
+    let (legs, totals) = s.audit_page(None, u32::MAX).await.expect("audit");
+    let states: BTreeMap<&str, &str> =
+        legs.iter().map(|l| (l.txn_id.as_str(), state_name(l.state))).collect();
+    assert_eq!(states.get("t1"), Some(&"committed"));
+    assert_eq!(states.get("t2"), Some(&"aborted"));
+    assert!(s.open_legs(i64::MAX, 10).await.expect("open").is_empty(), "a transfer is never in doubt");
+    assert_eq!((totals.balance_minor - totals.opening_minor, totals.held_minor), (0, 0));
+}
+
+/// A question about a transfer: its decision, or, for one never seen, a
+/// fence (aborted with the reason given) that the transfer then meets.
+pub async fn a_question_fences_a_transfer_never_seen<L: Inspect>(s: &L) {
+    let fenced = Outcome::Aborted(DeclineReason::BankUnavailable);
+    assert_eq!(s.resolve_transfer("f1".into(), DeclineReason::BankUnavailable).await.expect("f1"), fenced);
+    assert_eq!(transfer_one(s, transfer("f1", "a", "b", 100)).await.expect("late"), fenced, "refused");
+    assert_eq!(s.resolve_transfer("f1".into(), DeclineReason::Timeout).await.expect("again"), fenced);
+    assert_eq!(s.balance("a".into()).await.expect("a"), (1000, 1000), "nothing moved");
+    assert!(s.history("a".into(), 10).await.expect("history").is_empty());
+
+    assert_eq!(transfer_one(s, transfer("t1", "a", "b", 100)).await.expect("t1"), Outcome::Committed);
+    assert_eq!(
+        s.resolve_transfer("t1".into(), DeclineReason::Timeout).await.expect("t1"),
+        Outcome::Committed
+    );
+    let short = Outcome::Aborted(DeclineReason::InsufficientFunds);
+    assert_eq!(transfer_one(s, transfer("t2", "a", "b", 5_000)).await.expect("t2"), short);
+    assert_eq!(s.resolve_transfer("t2".into(), DeclineReason::Timeout).await.expect("t2"), short);
+    assert_eq!(s.balance("a".into()).await.expect("a"), (900, 900));
+
+    // A batch: each transfer on its own, a repeat inside it answered alike.
+    let answers = s
+        .transfer_batch(vec![
+            transfer("t3", "a", "b", 500),
+            transfer("t3", "a", "b", 500),
+            transfer("t4", "a", "b", 500),
+            transfer("f1", "a", "b", 1),
+            TransferRequest {
+                leg: LegRequest { payer_bank: "BankB".into(), ..leg("t5", "a", "b", 1) },
+                deadline_ms: i64::MAX,
+            },
+        ])
+        .await
+        .expect("batch");
+    assert_eq!(answers.len(), 5);
+    assert!(matches!(answers[0], Ok(Outcome::Committed)), "{:?}", answers[0]);
+    assert!(matches!(answers[1], Ok(Outcome::Committed)), "{:?}", answers[1]);
+    assert!(
+        matches!(answers[2], Ok(o) if o == short),
+        "the batch's earlier transfer counts: {:?}",
+        answers[2]
+    );
+    assert!(matches!(answers[3], Ok(o) if o == fenced), "{:?}", answers[3]);
+    assert!(matches!(answers[4], Err(BankError::Invalid { .. })), "{:?}", answers[4]);
+    assert_eq!(s.balance("a".into()).await.expect("a"), (400, 400));
+    assert_eq!(s.balance("b".into()).await.expect("b"), (600, 600));
+    let legs = s.legs().await;
+    let f1 = legs.iter().find(|l| l.0 == "f1").expect("the fence is a record");
+    assert_eq!((f1.1.as_str(), f1.2), ("aborted", 0), "a bare abort record, no amount");
+}
+
 /// A seeded random run of prepares, commits and aborts (duplicated, out of
 /// order, contradictory, for unknown ids) against a real ledger, with the
 /// money rules checked after every operation. The seed is printed (shown on
@@ -431,7 +577,7 @@ pub async fn random_operations_keep_every_money_rule<L: Inspect>(s: &L) {
             format!("t{fresh}")
         });
         let known = legs.get(&txn).copied();
-        let op = rng.below(10);
+        let op = rng.below(13);
         let at = format!("seed {seed}, step {step}, op {op} on {txn} ({known:?})");
         let before = snapshot(s).await;
         let mut hit = |case| *hits.entry(case).or_default() += 1;
@@ -507,7 +653,7 @@ pub async fn random_operations_keep_every_money_rule<L: Inspect>(s: &L) {
                 }
             }
             // Abort.
-            _ => {
+            7..10 => {
                 let got = s.decide(txn.clone(), Decision::Abort).await;
                 match known {
                     Some(l) if l.state == Expect::Prepared => {
@@ -535,10 +681,108 @@ pub async fn random_operations_keep_every_money_rule<L: Inspect>(s: &L) {
                     }
                 }
             }
+            // One phase: a transfer, new (sometimes past its deadline) or repeated.
+            10..12 => {
+                let payer = rng.below(USERS.len() as u64) as usize;
+                let payee = (payer + 1 + rng.below(USERS.len() as u64 - 1) as usize) % USERS.len();
+                let available = balances[payer] - legs_held_by(&legs, payer);
+                let amount = match rng.below(3) {
+                    0 => available + 1 + rng.below(100) as i64,
+                    _ => 1 + rng.below(available.max(1) as u64) as i64,
+                };
+                let (payer, payee, amount) = match known {
+                    Some(l) if rng.below(4) != 0 => (l.payer, l.payee, l.amount.max(1)),
+                    _ => (payer, payee, amount),
+                };
+                let late = rng.below(8) == 0;
+                let deadline_ms = if late { 0 } else { i64::MAX };
+                let t = TransferRequest { leg: leg(&txn, USERS[payer], USERS[payee], amount), deadline_ms };
+                let got = transfer_one(s, t).await;
+                match known {
+                    None => {
+                        let available = balances[payer] - legs_held_by(&legs, payer);
+                        let state = if late {
+                            Expect::Aborted(DeclineReason::Timeout)
+                        } else if amount <= available {
+                            Expect::Committed
+                        } else {
+                            Expect::Aborted(DeclineReason::InsufficientFunds)
+                        };
+                        match state {
+                            Expect::Aborted(r) => {
+                                assert_eq!(
+                                    got.expect("transfer"),
+                                    Outcome::Aborted(r),
+                                    "{at}: amount {amount}"
+                                );
+                                hit(if late { "transfer: past its deadline" } else { "transfer: declined" });
+                            }
+                            _ => {
+                                assert_eq!(
+                                    got.expect("transfer"),
+                                    Outcome::Committed,
+                                    "{at}: amount {amount}"
+                                );
+                                balances[payer] -= amount;
+                                balances[payee] += amount;
+                                hit("transfer: committed");
+                            }
+                        }
+                        legs.insert(txn.clone(), Model { payer, payee, amount, state });
+                    }
+                    Some(Model { state: Expect::Prepared, .. }) => {
+                        assert!(matches!(got, Err(BankError::Conflict(_))), "{at}: {got:?}");
+                        assert_eq!(snapshot(s).await, before, "{at}: a refused transfer changed something");
+                        hit("transfer on a prepared leg, refused");
+                    }
+                    Some(Model { state: Expect::Aborted(r), .. }) => {
+                        assert_eq!(got.expect("transfer"), Outcome::Aborted(r), "{at}");
+                        hit("transfer again: aborted");
+                    }
+                    Some(l) if l.amount == amount => {
+                        assert_eq!(got.expect("transfer"), Outcome::Committed, "{at}");
+                        assert_eq!(snapshot(s).await, before, "{at}: a repeated transfer changed something");
+                        hit("transfer again: committed");
+                    }
+                    Some(_) => {
+                        assert!(matches!(got, Err(BankError::Conflict(_))), "{at}: {got:?}");
+                        assert_eq!(snapshot(s).await, before, "{at}: a refused transfer changed something");
+                        hit("transfer again: other amount, refused");
+                    }
+                }
+            }
+            // One phase: a question about a transfer.
+            _ => {
+                let reason =
+                    if rng.below(2) == 0 { DeclineReason::Timeout } else { DeclineReason::BankUnavailable };
+                let got = s.resolve_transfer(txn.clone(), reason).await;
+                match known {
+                    None => {
+                        assert_eq!(got.expect("resolve"), Outcome::Aborted(reason), "{at}");
+                        let state = Expect::Aborted(reason);
+                        legs.insert(txn.clone(), Model { payer: 0, payee: 1, amount: 0, state });
+                        assert_eq!(snapshot(s).await.0, before.0, "{at}: a fence moved money");
+                        hit("resolve unknown: fenced");
+                    }
+                    Some(Model { state: Expect::Prepared, .. }) => {
+                        assert!(matches!(got, Err(BankError::Conflict(_))), "{at}: {got:?}");
+                        assert_eq!(snapshot(s).await, before, "{at}: a refused question changed something");
+                        hit("resolve a prepared leg, refused");
+                    }
+                    Some(Model { state: Expect::Committed, .. }) => {
+                        assert_eq!(got.expect("resolve"), Outcome::Committed, "{at}");
+                        hit("resolve known");
+                    }
+                    Some(Model { state: Expect::Aborted(r), .. }) => {
+                        assert_eq!(got.expect("resolve"), Outcome::Aborted(r), "{at}");
+                        hit("resolve known");
+                    }
+                }
+            }
         }
         check(s, &balances, &legs, total, &at).await;
     }
-    assert_eq!(hits.len(), 13, "seed {seed}: some cases never came up: {hits:?}");
+    assert_eq!(hits.len(), 23, "seed {seed}: some cases never came up: {hits:?}");
 
     // Decide every open leg; then no hold and no reservation remains.
     let open: Vec<(String, Model)> =

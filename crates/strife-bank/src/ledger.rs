@@ -70,11 +70,46 @@ impl LegRequest {
     }
 }
 
+impl LegRequest {
+    /// Both accounts of a one-phase transfer, payer's then payee's: both
+    /// must be at `bank`.
+    pub fn both_sides(&self, bank: &str) -> Result<(&str, &str), BankError> {
+        match self.sides(bank)? {
+            (Some(debit), Some(credit)) => Ok((debit, credit)),
+            _ => Err(BankError::invalid(
+                "payee",
+                format!(
+                    "payment {} is not within bank {bank}: a transfer needs both accounts here",
+                    self.txn_id
+                ),
+            )),
+        }
+    }
+}
+
 /// The bank's vote.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Vote {
     Yes,
     No(DeclineReason),
+}
+
+/// A one-phase payment: payer and payee both at this bank, which decides it.
+#[derive(Debug, Clone)]
+pub struct TransferRequest {
+    pub leg: LegRequest,
+    /// ms since the Unix epoch: a transfer that arrives at or after it (by
+    /// this bank's clock) is refused.
+    pub deadline_ms: i64,
+}
+
+/// This bank's decision of a one-phase payment: durable once answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// Both sides applied.
+    Committed,
+    /// Refused, and why: nothing moved, and nothing ever will.
+    Aborted(DeclineReason),
 }
 
 /// A leg as stored, for history and audit.
@@ -196,6 +231,30 @@ pub trait Ledger: Clone + Send + Sync + 'static {
         &self,
         decisions: Vec<(String, Decision)>,
     ) -> impl Future<Output = Result<Vec<Result<(), BankError>>, BankError>> + Send;
+
+    /// One phase for many payments within this bank: each is decided here,
+    /// by [`strife_twopc::participant::on_transfer`] with [`check_leg`] on
+    /// both sides and its deadline against this bank's clock, and answered
+    /// with that decision, durable when the future resolves. A repeated
+    /// transfer answers its record and writes nothing; one with a side at
+    /// another bank is refused (`Invalid`), one that meets a prepared leg
+    /// or another amount is refused (`Conflict`). As for
+    /// [`Ledger::prepare_batch`], `Err` only when the batch as a whole failed.
+    fn transfer_batch(
+        &self,
+        transfers: Vec<TransferRequest>,
+    ) -> impl Future<Output = Result<Vec<Result<Outcome, BankError>>, BankError>> + Send;
+
+    /// What became of a one-phase payment
+    /// ([`strife_twopc::participant::on_resolve`]): its decision, or, for one
+    /// this bank never heard of, abort with `reason`, recorded durably before
+    /// the answer (a fence: the transfer, if it comes later, is refused). A
+    /// prepared leg is refused (`Conflict`).
+    fn resolve_transfer(
+        &self,
+        txn_id: String,
+        reason: DeclineReason,
+    ) -> impl Future<Output = Result<Outcome, BankError>> + Send;
 
     /// Committed legs that touch `user`, newest first, at most `limit`.
     fn history(&self, user: String, limit: u32) -> impl Future<Output = Result<Vec<Leg>, BankError>> + Send;

@@ -38,7 +38,9 @@
 
 use crate::accounts::{AccountSpec, Credential, hash_password};
 use crate::error::BankError;
-use crate::ledger::{Decision, Ledger, Leg, LegRequest, LegState, Totals, Vote, parse_state};
+use crate::ledger::{
+    Decision, Ledger, Leg, LegRequest, LegState, Outcome, Totals, TransferRequest, Vote, parse_state,
+};
 use deadpool_postgres::{Pool, Transaction};
 use std::future::Future;
 use std::sync::Arc;
@@ -322,6 +324,206 @@ impl PostgresLedger {
     }
 }
 
+impl PostgresLedger {
+    /// One transfer: one autocommitted statement (`transfer_leg`); run again
+    /// if PostgreSQL aborts it for a deadlock.
+    async fn transfer_alone(&self, t: &TransferRequest) -> Result<Outcome, BankError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            match (self.transfer_once(t).await, tries < TRANSACTION_TRIES_MAX) {
+                (Err(e), true) if e.is_retryable() => continue,
+                (answer, _) => return answer,
+            }
+        }
+    }
+
+    async fn transfer_once(&self, t: &TransferRequest) -> Result<Outcome, BankError> {
+        let leg = &t.leg;
+        let (debit, credit) = leg.both_sides(&self.bank)?;
+        let now = crate::store::now_ms();
+        let client = self.pool.get().await?;
+        let stmt = client.prepare_cached(TRANSFER_SQL).await?;
+        let row = client
+            .query_one(
+                &stmt,
+                &[
+                    &leg.txn_id,
+                    &leg.payment_id,
+                    &leg.payer_user,
+                    &leg.payer_bank,
+                    &leg.payee_user,
+                    &leg.payee_bank,
+                    &leg.amount_minor,
+                    &debit,
+                    &credit,
+                    &t.deadline_ms,
+                    &now,
+                    &BALANCE_MAX_MINOR,
+                ],
+            )
+            .await?;
+        transfer_answer(t, now, &row, 0)
+    }
+
+    /// A batch of transfers as one statement (`transfer_legs`), as
+    /// [`PostgresLedger::prepare_together`].
+    async fn transfer_together(
+        &self,
+        transfers: &[TransferRequest],
+    ) -> Result<Option<Vec<Result<Outcome, BankError>>>, BankError> {
+        let mut answers: Vec<Option<Result<Outcome, BankError>>> =
+            (0..transfers.len()).map(|_| None).collect();
+        let mut batch: Vec<(usize, &str, &str)> = Vec::with_capacity(transfers.len());
+        for (i, t) in transfers.iter().enumerate() {
+            match t.leg.both_sides(&self.bank) {
+                Ok((debit, credit)) => batch.push((i, debit, credit)),
+                Err(e) => answers[i] = Some(Err(e)),
+            }
+        }
+        let column = |f: fn(&LegRequest) -> &str| -> Vec<&str> {
+            batch.iter().map(|b| f(&transfers[b.0].leg)).collect()
+        };
+        let (txn_ids, payment_ids) = (column(|l| &l.txn_id), column(|l| &l.payment_id));
+        let (payer_users, payer_banks) = (column(|l| &l.payer_user), column(|l| &l.payer_bank));
+        let (payee_users, payee_banks) = (column(|l| &l.payee_user), column(|l| &l.payee_bank));
+        let amounts: Vec<i64> = batch.iter().map(|b| transfers[b.0].leg.amount_minor).collect();
+        let debits: Vec<&str> = batch.iter().map(|b| b.1).collect();
+        let credits: Vec<&str> = batch.iter().map(|b| b.2).collect();
+        let deadlines: Vec<i64> = batch.iter().map(|b| transfers[b.0].deadline_ms).collect();
+        let now = crate::store::now_ms();
+        let mut tries = 0;
+        let rows = loop {
+            tries += 1;
+            let client = self.pool.get().await?;
+            let stmt = client.prepare_cached(TRANSFER_BATCH_SQL).await?;
+            let run = client
+                .query(
+                    &stmt,
+                    &[
+                        &txn_ids,
+                        &payment_ids,
+                        &payer_users,
+                        &payer_banks,
+                        &payee_users,
+                        &payee_banks,
+                        &amounts,
+                        &debits,
+                        &credits,
+                        &deadlines,
+                        &now,
+                        &BALANCE_MAX_MINOR,
+                    ],
+                )
+                .await
+                .map_err(BankError::from);
+            match run {
+                Ok(rows) => break rows,
+                Err(e) if e.is_retryable() && tries < TRANSACTION_TRIES_MAX => continue,
+                Err(e) if e.is_retryable() => return Err(e),
+                Err(e) => {
+                    tracing::debug!(error = %e, "a batch of transfers failed as a whole; each alone");
+                    return Ok(None);
+                }
+            }
+        };
+        if rows.len() != batch.len() {
+            return Err(BankError::Internal(format!(
+                "{} answers to a batch of {} transfers",
+                rows.len(),
+                batch.len()
+            )));
+        }
+        for (n, (row, (i, _, _))) in rows.iter().zip(&batch).enumerate() {
+            if usize::try_from(row.try_get::<_, i32>(0)?).ok() != Some(n + 1) {
+                return Err(BankError::Internal("a batch's answers out of order".into()));
+            }
+            answers[*i] = Some(transfer_answer(&transfers[*i], now, row, 1));
+        }
+        Ok(Some(
+            answers
+                .into_iter()
+                .map(|a| a.unwrap_or_else(|| Err(BankError::Internal("a transfer without an answer".into()))))
+                .collect(),
+        ))
+    }
+}
+
+/// The decision of `t` from what `transfer_leg` read and wrote (its five
+/// columns from `at` on) at `now`, checked against the participant rules.
+fn transfer_answer(
+    t: &TransferRequest,
+    now: i64,
+    row: &tokio_postgres::Row,
+    at: usize,
+) -> Result<Outcome, BankError> {
+    let txn_id = &t.leg.txn_id;
+    let prior = row.try_get::<_, Option<&str>>(at)?.map(parse_state).transpose()?;
+    let written = row.try_get::<_, Option<&str>>(at + 3)?.map(parse_state).transpose()?;
+    if let Some(state) = prior {
+        // The record answers; nothing was written.
+        let amount: i64 = row.try_get(at + 2)?;
+        if state != LegState::Aborted && amount != t.leg.amount_minor {
+            return Err(BankError::Conflict(format!("payment {txn_id} was recorded with another amount")));
+        }
+        let reason = stored_reason(row, at + 1)?;
+        return match (machine::on_transfer(prior, true, false), written) {
+            (Ok((None, Decision::Commit)), None) => Ok(Outcome::Committed),
+            (Ok((None, Decision::Abort)), None) => {
+                Ok(Outcome::Aborted(reason.unwrap_or(DeclineReason::Timeout)))
+            }
+            (Err(v), None) => Err(BankError::Conflict(format!("payment {txn_id}: {v}"))),
+            (wanted, _) => Err(disagreement(txn_id, &format!("{wanted:?}"), prior, written)),
+        };
+    }
+    // A new transfer: the function decided it as the rules do and wrote it.
+    let check = stored_reason(row, at + 4)?;
+    let past_deadline = now >= t.deadline_ms;
+    match (machine::on_transfer(None, check.is_none(), past_deadline), check) {
+        (Ok((Some(Force { state, .. }), Decision::Commit)), None) if Some(state) == written => {
+            Ok(Outcome::Committed)
+        }
+        (Ok((Some(Force { state, .. }), Decision::Abort)), Some(r)) if Some(state) == written => {
+            Ok(Outcome::Aborted(r))
+        }
+        (wanted, _) => Err(disagreement(txn_id, &format!("{wanted:?}"), prior, written)),
+    }
+}
+
+/// The answer to a question about a transfer from what `resolve_transfer`
+/// read and wrote, checked against the participant rules.
+fn resolve_answer(
+    txn_id: &str,
+    reason: DeclineReason,
+    row: &tokio_postgres::Row,
+) -> Result<Outcome, BankError> {
+    let prior = row.try_get::<_, Option<&str>>(0)?.map(parse_state).transpose()?;
+    let written = row.try_get::<_, Option<&str>>(2)?.map(parse_state).transpose()?;
+    let stored = stored_reason(row, 1)?;
+    match machine::on_resolve(prior) {
+        Ok((force, d)) if force.map(|f| f.state) == written => Ok(match (d, written) {
+            (Decision::Commit, _) => Outcome::Committed,
+            (Decision::Abort, Some(_)) => Outcome::Aborted(reason),
+            (Decision::Abort, None) => Outcome::Aborted(stored.unwrap_or(DeclineReason::Timeout)),
+        }),
+        Err(v) if written.is_none() => Err(BankError::Conflict(format!("payment {txn_id}: {v}"))),
+        wanted => Err(disagreement(txn_id, &format!("{wanted:?}"), prior, written)),
+    }
+}
+
+/// A batch of transfers, as one statement: see `V5__transfers.sql`.
+const TRANSFER_BATCH_SQL: &str = "
+SELECT item, prior_state, prior_reason, prior_amount_minor, written_state, written_reason
+FROM transfer_legs($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+
+/// One transfer, as one statement: see `V5__transfers.sql`.
+const TRANSFER_SQL: &str = "
+SELECT prior_state, prior_reason, prior_amount_minor, written_state, written_reason
+FROM transfer_leg($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
+
+/// A question about a transfer, as one statement: see `V5__transfers.sql`.
+const RESOLVE_SQL: &str = "SELECT prior_state, prior_reason, written_state FROM resolve_transfer($1, $2, $3)";
+
 /// How a decision is passed to `decide_leg`.
 fn decision_name(decision: Decision) -> &'static str {
     match decision {
@@ -538,6 +740,34 @@ impl Ledger for PostgresLedger {
             None => {
                 self.each_alone(decisions, |ledger, d| async move { ledger.decide_alone(&d.0, d.1).await })
                     .await
+            }
+        }
+    }
+
+    async fn transfer_batch(
+        &self,
+        transfers: Vec<TransferRequest>,
+    ) -> Result<Vec<Result<Outcome, BankError>>, BankError> {
+        if let Some(answers) = self.transfer_together(&transfers).await? {
+            return Ok(answers);
+        }
+        self.each_alone(transfers, |ledger, t| async move { ledger.transfer_alone(&t).await }).await
+    }
+
+    async fn resolve_transfer(&self, txn_id: String, reason: DeclineReason) -> Result<Outcome, BankError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let run = async {
+                let client = self.pool.get().await?;
+                let stmt = client.prepare_cached(RESOLVE_SQL).await?;
+                let row =
+                    client.query_one(&stmt, &[&txn_id, &reason.code(), &crate::store::now_ms()]).await?;
+                resolve_answer(&txn_id, reason, &row)
+            };
+            match (run.await, tries < TRANSACTION_TRIES_MAX) {
+                (Err(e), true) if e.is_retryable() => continue,
+                (answer, _) => return answer,
             }
         }
     }
@@ -853,5 +1083,46 @@ mod tests {
         let (_, totals) = two.audit_page(None, u32::MAX).await.expect("audit");
         assert_eq!((totals.balance_minor, totals.held_minor), (HOT_MINOR, open_held));
         assert!(no > 0, "the account was never short: the test proves little (seed {seed})");
+    }
+
+    /// One phase across replicas: the same transfer at both replicas at
+    /// once, and a question (a fence) racing it, get one decision, and the
+    /// money moves once.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn replicas_decide_a_transfer_once() {
+        const TRANSFERS: usize = 60;
+        const AMOUNT_MINOR: i64 = 10;
+        let (one, url) = fresh().await;
+        let two = reopen(&url).await;
+        let mut committed = 0i64;
+        let mut fenced = 0;
+        for i in 0..TRANSFERS {
+            let t = crate::conformance::transfer(&format!("r{i}"), "a", "b", AMOUNT_MINOR);
+            let (x, y, z) = tokio::join!(
+                one.transfer_batch(vec![t.clone()]),
+                two.transfer_batch(vec![t.clone()]),
+                async {
+                    if i % 2 == 0 {
+                        Some(one.resolve_transfer(t.leg.txn_id.clone(), DeclineReason::Timeout).await)
+                    } else {
+                        None
+                    }
+                }
+            );
+            let x = x.expect("batch").remove(0).expect("transfer");
+            let y = y.expect("batch").remove(0).expect("transfer");
+            assert_eq!(x, y, "r{i}: two decisions at two replicas");
+            if let Some(z) = z {
+                assert_eq!(z.expect("resolve"), x, "r{i}: the question and the transfer disagree");
+            }
+            match x {
+                Outcome::Committed => committed += AMOUNT_MINOR,
+                Outcome::Aborted(DeclineReason::Timeout) => fenced += 1,
+                other => panic!("r{i}: {other:?}"),
+            }
+        }
+        assert_eq!(one.balance("a".into()).await.expect("a"), (1000 - committed, 1000 - committed));
+        assert_eq!(two.balance("b".into()).await.expect("b"), (committed, committed));
+        eprintln!("{} committed, {fenced} fenced", committed / AMOUNT_MINOR);
     }
 }

@@ -329,6 +329,8 @@ async fn register_once(
         address: me.address.clone(),
         ledger_id: me.ledger_id.clone(),
         cluster_id: cluster.id(),
+        // This process serves Transfer and ResolveTransfer (one phase).
+        transfers: true,
     };
     match tokio::time::timeout(timeout, client.register_bank(req)).await {
         Ok(Ok(resp)) => {

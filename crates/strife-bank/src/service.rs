@@ -4,7 +4,7 @@
 
 use crate::accounts::verify_password_in;
 use crate::error::BankError;
-use crate::ledger::{Decision, Ledger, Leg, LegRequest, Vote};
+use crate::ledger::{Decision, Ledger, Leg, LegRequest, Outcome, TransferRequest, Vote};
 use std::sync::Arc;
 use strife_core::limits::{BANK_BATCH_MAX, HISTORY_PAGE_DEFAULT, HISTORY_PAGE_MAX, PASSWORD_MAX};
 use strife_core::{Secret, validate_bank_name, validate_user_name};
@@ -132,6 +132,30 @@ pub fn prepare_request(req: pb::PrepareRequest) -> Result<LegRequest, BankError>
         payee_bank: payee.bank,
         amount_minor: amount.minor(),
     })
+}
+
+/// Validates a one-phase transfer (pure: the fuzz targets may call it too).
+/// Whether both sides are at this bank is the ledger's check.
+pub fn transfer_request(t: pb::Transfer) -> Result<TransferRequest, BankError> {
+    let leg = prepare_request(pb::PrepareRequest {
+        txn_id: t.txn_id,
+        payment_id: t.payment_id,
+        payer: t.payer,
+        payee: t.payee,
+        amount_minor: t.amount_minor,
+        traceparent: String::new(),
+    })?;
+    Ok(TransferRequest { leg, deadline_ms: t.deadline_unix_ms })
+}
+
+/// A transfer's outcome as the API says it, counted.
+fn outcome_message(outcome: Outcome) -> (pb::TransferOutcome, String) {
+    let (label, answer) = match outcome {
+        Outcome::Committed => ("committed", (pb::TransferOutcome::Committed, String::new())),
+        Outcome::Aborted(r) => ("aborted", (pb::TransferOutcome::Aborted, r.code().to_owned())),
+    };
+    strife_rpc::metrics::BANK.transfers.get_or_create(&[("outcome", label)]).inc();
+    answer
 }
 
 fn party(p: Option<pb::Party>, what: &'static str) -> Result<pb::Party, BankError> {
@@ -377,6 +401,65 @@ impl<L: Ledger> pb::bank_service_server::BankService for BankService<L> {
             })
             .collect();
         Ok(Response::new(pb::DecideBatchResponse { results }))
+    }
+
+    async fn transfer(
+        &self,
+        req: Request<pb::TransferRequest>,
+    ) -> Result<Response<pb::TransferResponse>, Status> {
+        let call = req.extensions().get::<TraceContext>().copied();
+        let transfers = req.into_inner().transfers;
+        check_batch("transfers", transfers.len())?;
+        if let [t] = transfers.as_slice() {
+            record_payment(&t.payment_id, &strife_core::money::format_minor(t.amount_minor));
+        }
+        let spans: Vec<tracing::Span> =
+            transfers.iter().map(|t| leg_span(call.as_ref(), &t.traceparent, &t.txn_id)).collect();
+        let transfers: Vec<Result<TransferRequest, BankError>> =
+            transfers.into_iter().map(transfer_request).collect();
+        if !transfers.is_empty() {
+            strife_rpc::fault::crash_point("bank.before_transfer");
+        }
+        // One durable write for the whole batch, each transfer in its own
+        // savepoint; every answer waits for the batch's commit.
+        let results = answer_each(transfers, |valid| self.ledger.transfer_batch(valid)).await?;
+        if !results.is_empty() {
+            strife_rpc::fault::crash_point("bank.after_transfer");
+        }
+        let results = results
+            .into_iter()
+            .zip(spans)
+            .map(|(r, span)| {
+                let _leg = span.enter();
+                match r {
+                    Ok(outcome) => {
+                        tracing::debug!(?outcome, "transfer decided");
+                        let (outcome, reason) = outcome_message(outcome);
+                        pb::TransferResult { outcome: outcome.into(), reason, refusal: None }
+                    }
+                    Err(e) => {
+                        let refusal = refusal(e);
+                        tracing::debug!(code = refusal.code, message = %refusal.message, "transfer refused");
+                        pb::TransferResult { outcome: 0, reason: String::new(), refusal: Some(refusal) }
+                    }
+                }
+            })
+            .collect();
+        Ok(Response::new(pb::TransferResponse { results }))
+    }
+
+    async fn resolve_transfer(
+        &self,
+        req: Request<pb::ResolveTransferRequest>,
+    ) -> Result<Response<pb::ResolveTransferResponse>, Status> {
+        let req = req.into_inner();
+        check_txn_id(&req.txn_id)?;
+        let reason = strife_core::DeclineReason::from_code(&req.reason)
+            .ok_or_else(|| BankError::invalid("reason", "reason must be a decline reason code"))?;
+        let outcome = self.ledger.resolve_transfer(req.txn_id, reason).await?;
+        tracing::debug!(?outcome, "transfer resolved");
+        let (outcome, reason) = outcome_message(outcome);
+        Ok(Response::new(pb::ResolveTransferResponse { outcome: outcome.into(), reason }))
     }
 
     async fn commit(&self, req: Request<pb::CommitRequest>) -> Result<Response<pb::CommitResponse>, Status> {

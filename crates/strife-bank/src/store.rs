@@ -54,7 +54,7 @@ CREATE TABLE IF NOT EXISTS ledger (
 ";
 
 use crate::ledger::{Funds, Ledger, check_leg, parse_state};
-pub use crate::ledger::{Leg, LegRequest, LegState, Totals, Vote, state_name};
+pub use crate::ledger::{Leg, LegRequest, LegState, Outcome, Totals, TransferRequest, Vote, state_name};
 use strife_rpc::group_commit::{GroupCommit, GroupCommitError};
 use strife_twopc::Decision;
 use strife_twopc::Vote as MachineVote;
@@ -241,6 +241,113 @@ impl Store {
             tx.commit()?;
         }
         Ok(vote)
+    }
+
+    /// One phase: decides a payment within this bank (both sides here) and
+    /// writes the decision with its money in one savepoint: committed with
+    /// both balances moved, or aborted with the reason. A repeat answers
+    /// the record and writes nothing. `now` is this bank's clock.
+    pub fn transfer(&mut self, t: &TransferRequest, now: i64) -> Result<Outcome, BankError> {
+        let leg = &t.leg;
+        let (debit, credit) = leg.both_sides(&self.bank)?;
+        let tx = strife_rpc::sqlite::Savepoint::new(&self.conn)?;
+        let existing: Option<(String, Option<String>, i64)> = tx
+            .prepare_cached("SELECT state, reason, amount_minor FROM legs WHERE txn_id = ?1")?
+            .query_row([&leg.txn_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .optional()?;
+        let (current, stored_reason) = match existing {
+            Some((state, reason, amount)) => {
+                let state = parse_state(&state)?;
+                if state != LegState::Aborted && amount != leg.amount_minor {
+                    return Err(BankError::Conflict(format!(
+                        "payment {} was recorded with another amount",
+                        leg.txn_id
+                    )));
+                }
+                (Some(state), reason.as_deref().and_then(DeclineReason::from_code))
+            }
+            None => (None, None),
+        };
+        let past_deadline = now >= t.deadline_ms;
+        let check = match current {
+            None if !past_deadline => {
+                let payer = Self::funds(&tx, debit)?;
+                let payee = Self::funds(&tx, credit)?;
+                check_leg(Some(payer), Some(payee), leg.amount_minor)
+            }
+            _ => Vote::Yes,
+        };
+        let (force, decision) = machine::on_transfer(current, check == Vote::Yes, past_deadline)
+            .map_err(|v| BankError::Conflict(format!("payment {}: {v}", leg.txn_id)))?;
+        let outcome = match (decision, current, check) {
+            (Decision::Commit, _, _) => Outcome::Committed,
+            (Decision::Abort, Some(_), _) => {
+                Outcome::Aborted(stored_reason.unwrap_or(DeclineReason::Timeout))
+            }
+            (Decision::Abort, None, Vote::No(reason)) => Outcome::Aborted(reason),
+            (Decision::Abort, None, Vote::Yes) => Outcome::Aborted(DeclineReason::Timeout),
+        };
+        let Some(Force { state, effect }) = force else { return Ok(outcome) };
+        if effect == Some(Effect::Transfer) {
+            tx.prepare_cached("UPDATE accounts SET balance_minor = balance_minor - ?2 WHERE user = ?1")?
+                .execute(params![debit, leg.amount_minor])?;
+            tx.prepare_cached("UPDATE accounts SET balance_minor = balance_minor + ?2 WHERE user = ?1")?
+                .execute(params![credit, leg.amount_minor])?;
+        }
+        let reason = match outcome {
+            Outcome::Aborted(r) => Some(r.code()),
+            Outcome::Committed => None,
+        };
+        tx.prepare_cached(
+            "INSERT INTO legs (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+                               debit_user, credit_user, state, reason, prepared_at, decided_at)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
+        )?
+        .execute(params![
+            leg.txn_id,
+            leg.payment_id,
+            leg.payer_user,
+            leg.payer_bank,
+            leg.payee_user,
+            leg.payee_bank,
+            leg.amount_minor,
+            debit,
+            credit,
+            state_name(state),
+            reason,
+            now,
+        ])?;
+        tx.commit()?;
+        Ok(outcome)
+    }
+
+    /// One phase: what became of a payment; one never heard of is recorded
+    /// as aborted with `reason` first (a fence).
+    pub fn resolve_transfer(&mut self, txn_id: &str, reason: DeclineReason) -> Result<Outcome, BankError> {
+        let tx = strife_rpc::sqlite::Savepoint::new(&self.conn)?;
+        let row: Option<(String, Option<String>)> = tx
+            .prepare_cached("SELECT state, reason FROM legs WHERE txn_id = ?1")?
+            .query_row([txn_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let current = row.as_ref().map(|r| parse_state(&r.0)).transpose()?;
+        let stored = row.and_then(|r| r.1).as_deref().and_then(DeclineReason::from_code);
+        let (force, decision) = machine::on_resolve(current)
+            .map_err(|v| BankError::Conflict(format!("payment {txn_id}: {v}")))?;
+        if force.is_some() {
+            let now = now_ms();
+            tx.prepare_cached(
+                "INSERT INTO legs (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank,
+                                   amount_minor, state, reason, prepared_at, decided_at)
+                 VALUES (?1, '', '', '', '', '', 0, 'aborted', ?2, ?3, ?3)",
+            )?
+            .execute(params![txn_id, reason.code(), now])?;
+            tx.commit()?;
+        }
+        Ok(match (decision, force) {
+            (Decision::Commit, _) => Outcome::Committed,
+            (Decision::Abort, Some(_)) => Outcome::Aborted(reason),
+            (Decision::Abort, None) => Outcome::Aborted(stored.unwrap_or(DeclineReason::Timeout)),
+        })
     }
 
     /// The money of `user`, if there is such an account.
@@ -454,6 +561,19 @@ impl Ledger for SqliteLedger {
 
     async fn decide(&self, txn_id: String, decision: Decision) -> Result<(), BankError> {
         self.run(move |s| s.decide(&txn_id, decision)).await
+    }
+
+    async fn transfer_batch(
+        &self,
+        transfers: Vec<TransferRequest>,
+    ) -> Result<Vec<Result<Outcome, BankError>>, BankError> {
+        // As a batch of prepares: one store operation, a savepoint per
+        // transfer, every answer after the batch's one commit.
+        self.run(move |s| Ok(transfers.iter().map(|t| s.transfer(t, now_ms())).collect())).await
+    }
+
+    async fn resolve_transfer(&self, txn_id: String, reason: DeclineReason) -> Result<Outcome, BankError> {
+        self.run(move |s| s.resolve_transfer(&txn_id, reason)).await
     }
 
     async fn decide_batch(

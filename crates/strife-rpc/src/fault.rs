@@ -6,14 +6,17 @@
 //! compile to nothing.
 
 /// The points the code can crash at, for tests and documentation.
-pub const CRASH_POINTS: [&str; 7] = [
+pub const CRASH_POINTS: [&str; 10] = [
     "gateway.after_begin",
     "gateway.before_decision",
     "gateway.after_decision",
     "gateway.after_commit_sent",
+    "gateway.before_outcome",
     "bank.after_prepare",
     "bank.before_commit",
     "bank.after_commit",
+    "bank.before_transfer",
+    "bank.after_transfer",
 ];
 
 /// Aborts the process if `STRIFE_CRASH_AT` names `point`.

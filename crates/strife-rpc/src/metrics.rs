@@ -236,6 +236,9 @@ pub struct BankMetrics {
     /// Decisions received from the gateway, by decision (`commit`,
     /// `abort`); a repeated one counts again.
     pub decisions: Counts<1>,
+    /// One-phase transfers answered, by outcome (`committed`, `aborted`);
+    /// a repeated one counts again.
+    pub transfers: Counts<1>,
     /// Legs prepared and waiting for the gateway's decision.
     pub in_doubt: Gauge,
     /// Age of the oldest of them, in seconds (0 when none).
@@ -248,6 +251,7 @@ pub static BANK: LazyLock<BankMetrics> = LazyLock::new(|| {
     let m = BankMetrics {
         prepares: Counts::default(),
         decisions: Counts::default(),
+        transfers: Counts::default(),
         in_doubt: Gauge::default(),
         in_doubt_oldest_seconds: Gauge::default(),
         registrations: Counts::default(),
@@ -258,6 +262,11 @@ pub static BANK: LazyLock<BankMetrics> = LazyLock::new(|| {
             "strife_decisions",
             "Decisions received from the gateway, by decision",
             m.decisions.clone(),
+        );
+        r.register(
+            "strife_transfers",
+            "One-phase transfers answered, by outcome",
+            m.transfers.clone(),
         );
         r.register(
             "strife_in_doubt_legs",

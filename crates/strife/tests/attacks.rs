@@ -341,6 +341,7 @@ fn every_attack_is_refused_and_changes_nothing() {
             address: "127.0.0.1:9".into(),
             ledger_id: ledger_id.into(),
             cluster_id: cluster_id.into(),
+            transfers: false,
         };
         t.row(
             "a second live BankA elsewhere, on another ledger",

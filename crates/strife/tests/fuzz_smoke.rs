@@ -127,6 +127,7 @@ fn valid_requests() -> Vec<Vec<u8>> {
                 address: "127.0.0.1:7001".into(),
                 ledger_id: UUID.into(),
                 cluster_id: UUID.into(),
+                transfers: true,
             }
             .encode_to_vec(),
         ),
@@ -170,10 +171,14 @@ fn edge_case_request(rng: &mut Rng) -> Vec<u8> {
             gw::PayRequest { payment_id: f(), payee, amount: f() }.encode_to_vec()
         }
         Rpc::GetPayment => gw::GetPaymentRequest { payment_id: f() }.encode_to_vec(),
-        Rpc::RegisterBank => {
-            gw::RegisterBankRequest { name: f(), address: f(), ledger_id: f(), cluster_id: f() }
-                .encode_to_vec()
+        Rpc::RegisterBank => gw::RegisterBankRequest {
+            name: f(),
+            address: f(),
+            ledger_id: f(),
+            cluster_id: f(),
+            transfers: true,
         }
+        .encode_to_vec(),
         Rpc::Inquire => gw::InquireRequest { txn_id: f(), cluster_id: f() }.encode_to_vec(),
         Rpc::VerifyPassword => bank::VerifyPasswordRequest { user: f(), password: f() }.encode_to_vec(),
         Rpc::BankBalance => bank::GetBalanceRequest { user: f() }.encode_to_vec(),
