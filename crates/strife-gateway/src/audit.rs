@@ -415,6 +415,7 @@ mod tests {
             created_at_ms: 0,
             deadline_at_ms: 0,
             fingerprint: Vec::new(),
+            one_phase: false,
         }
     }
 

@@ -49,10 +49,14 @@ pub const BANK_ADDRESS_RETENTION_MS: i64 = 24 * 3600 * 1000;
 pub trait GatewayStore: Clone + Send + Sync + 'static {
     /// Records a new payment as `preparing`, or returns the record that
     /// already holds this `(payer, payment id)`. The first of any number of
-    /// concurrent begins of one id wins, across every replica. Need not be
-    /// durable when it resolves (a lost `preparing` record means abort,
-    /// which is what presumed abort assumes anyway), but it is durable
-    /// before any later durable write of this store.
+    /// concurrent begins of one id wins, across every replica. A two-phase
+    /// payment's record need not be durable when it resolves (a lost
+    /// `preparing` record means abort, which is what presumed abort assumes
+    /// anyway), but it is durable before any later durable write of this
+    /// store. A one-phase payment's record (`one_phase`) **is** durable when
+    /// it resolves: its bank may commit as soon as it hears of it, so the
+    /// gateway must find it after a crash (to ask the bank), and a retry of
+    /// the id must find it too (or it would run again under a new txn id).
     fn begin_payment(
         &self,
         payment: PaymentRecord,
@@ -67,6 +71,13 @@ pub trait GatewayStore: Clone + Send + Sync + 'static {
         outcome: PaymentState,
         reason: Option<DeclineReason>,
     ) -> impl Future<Output = Result<PaymentState, GatewayError>> + Send;
+
+    /// Records the decision of a one-phase payment's bank, and that the
+    /// payment needs nothing more, if it is still `preparing`; without
+    /// waiting and without forcing it: the bank holds the decision, so if
+    /// the record is lost the payment is asked about again
+    /// (`strife_twopc::coordinator::on_abandoned`).
+    fn record_outcome_lazily(&self, txn_id: String, outcome: PaymentState, reason: Option<DeclineReason>);
 
     /// Notes, durably, that every bank applied the decision.
     fn mark_acked(&self, txn_id: String) -> impl Future<Output = Result<(), GatewayError>> + Send;
@@ -129,9 +140,10 @@ pub trait GatewayStore: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<PaymentRecord>, GatewayError>> + Send;
 
     /// Aborts, at start, the payments this process was driving when it
-    /// stopped. SQLite: every `preparing` payment (one gateway owns the
-    /// file). PostgreSQL: none (other replicas may be driving them; the
-    /// deadline sweep aborts the abandoned ones). Returns how many.
+    /// stopped. SQLite: every two-phase `preparing` payment (one gateway
+    /// owns the file; a one-phase one is left to the deadline sweep, which
+    /// asks its bank). PostgreSQL: none (other replicas may be driving
+    /// them; the deadline sweep settles the abandoned ones). Returns how many.
     fn recover(&self) -> impl Future<Output = Result<usize, GatewayError>> + Send;
 
     /// Counts of payments by state.
@@ -297,11 +309,23 @@ impl SqliteStore {
 
 impl GatewayStore for SqliteStore {
     async fn begin_payment(&self, payment: PaymentRecord) -> Result<Result<(), PaymentRecord>, GatewayError> {
+        if payment.one_phase {
+            // Durable first: see the trait.
+            return self.run(move |s| s.begin_payment(&payment)).await;
+        }
         self.store
             .run_before_commit(move |s| s.begin_payment(&payment))
             .await
             .map_err(batch_failed)?
             .map_err(GatewayError::from)
+    }
+
+    fn record_outcome_lazily(&self, txn_id: String, outcome: PaymentState, reason: Option<DeclineReason>) {
+        self.store.run_lazily(move |s| {
+            if let Err(e) = s.record_outcome(&txn_id, outcome, reason) {
+                tracing::debug!(error = %e, %txn_id, "a one-phase outcome not recorded; it is asked for again");
+            }
+        });
     }
 
     async fn decide(
@@ -496,19 +520,26 @@ mod tests {
     conformance_suite!(fresh);
 
     /// One gateway owns the file: at start, nobody drives what was
-    /// preparing, so it is aborted; revocations survive the restart.
+    /// preparing, so it is aborted (two-phase; a one-phase payment's bank
+    /// may have committed it, so it waits for the sweep to ask); revocations
+    /// survive the restart.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_restart_aborts_what_was_preparing_and_keeps_revocations() {
         let (s, _, dir) = fresh().await;
         let (x, y) = (user("x@BankA"), user("y@BankB"));
         s.begin_payment(record(1, 1, &x, &y, PaymentState::Preparing)).await.expect("begin").expect("new");
         s.begin_payment(record(2, 2, &x, &y, PaymentState::Committed)).await.expect("begin").expect("new");
+        let one_phase =
+            PaymentRecord { one_phase: true, ..record(3, 3, &x, &user("z@BankA"), PaymentState::Preparing) };
+        s.begin_payment(one_phase).await.expect("begin").expect("new");
         s.revoke("j1".into(), strife_core::unix_ms() / 1000 + 60).await.expect("revoke");
         drop(s);
         let s = SqliteStore::open(&dir.0.join("gateway.db")).expect("reopen");
-        assert_eq!(s.recover().await.expect("recover"), 1);
+        assert_eq!(s.recover().await.expect("recover"), 1, "the two-phase one only");
         let p = s.find_txn(crate::conformance::uuid_of(1)).await.expect("find").expect("exists");
         assert_eq!((p.state, p.reason), (PaymentState::Aborted, Some(DeclineReason::Timeout)));
+        let p = s.find_txn(crate::conformance::uuid_of(3)).await.expect("find").expect("exists");
+        assert_eq!(p.state, PaymentState::Preparing, "a one-phase payment is left for its bank to settle");
         assert!(s.is_revoked("j1".into()).await.expect("revoked?"));
     }
 }

@@ -38,6 +38,7 @@ macro_rules! conformance_suite {
                 a_burst_of_begins_with_ids_twice_makes_one_payment_per_id,
                 a_burst_of_decisions_racing_the_sweep_makes_one_per_payment,
                 decided_payments_stay_unfinished_until_acknowledged,
+                one_phase_payments_are_marked_and_their_outcome_recorded_lazily,
                 a_listing_has_what_the_caller_sent_and_the_committed_payments_they_received,
                 a_payment_is_found_by_id_by_whoever_made_or_received_it,
                 paging_while_payments_arrive_skips_nothing_and_repeats_nothing,
@@ -113,6 +114,7 @@ pub fn record(txn: u64, id: u64, payer: &UserRef, payee: &UserRef, state: Paymen
         created_at_ms: 1_000 + txn as i64,
         deadline_at_ms: strife_core::unix_ms() + 3_600_000,
         fingerprint: vec![txn as u8; 32],
+        one_phase: false,
     }
 }
 
@@ -327,6 +329,56 @@ pub async fn decided_payments_stay_unfinished_until_acknowledged<S: GatewayStore
     }
     let acked = a.find_txn(ps[1].txn_id.clone()).await.expect("find").expect("exists");
     assert_eq!((acked.state, acked.acked), (PaymentState::Committed, true));
+}
+
+/// One phase: the mark travels with the record (every read has it), the
+/// bank's decision is recorded lazily with the acknowledgement (never over
+/// a decision already made, and never claimed for delivery), and an
+/// undecided one is found by age like any other, for the sweep to ask its
+/// bank.
+pub async fn one_phase_payments_are_marked_and_their_outcome_recorded_lazily<S: GatewayStore>(a: &S, b: &S) {
+    let x = user("x@BankA");
+    let y = user("y@BankA");
+    let one = |n: u64| PaymentRecord { one_phase: true, ..record(n, n, &x, &y, PaymentState::Preparing) };
+    let ones: Vec<PaymentRecord> = (0..4).map(one).collect();
+    for p in &ones {
+        insert(a, p).await;
+    }
+    insert(a, &record(4, 4, &x, &y, PaymentState::Preparing)).await;
+    let read = b.find_txn(uuid_of(0)).await.expect("find").expect("exists");
+    assert_eq!(read, ones[0], "read as written, marked");
+    assert!(b.find_payment(x.clone(), uuid_of(1)).await.expect("find").expect("exists").one_phase);
+    let old = b.preparing_before(i64::MAX, 10).await.expect("preparing");
+    let marks: Vec<bool> = old.iter().map(|p| p.one_phase).collect();
+    assert_eq!(marks, [true, true, true, true, false], "found by age with their mark");
+    let logged = b.payments_after(None, 10).await.expect("log");
+    assert_eq!(logged.iter().filter(|p| p.one_phase).count(), 4);
+
+    // The bank's decisions, recorded lazily; a decision made before stands.
+    b.decide(uuid_of(2), PaymentState::Aborted, Some(DeclineReason::Timeout)).await.expect("decide");
+    a.record_outcome_lazily(uuid_of(0), PaymentState::Committed, None);
+    a.record_outcome_lazily(uuid_of(1), PaymentState::Aborted, Some(DeclineReason::InsufficientFunds));
+    a.record_outcome_lazily(uuid_of(2), PaymentState::Committed, None);
+    let patience = Patience::new();
+    loop {
+        let read = |n| async move { b.find_txn(uuid_of(n)).await.expect("find").expect("exists") };
+        let (p0, p1) = (read(0).await, read(1).await);
+        if p0.state != PaymentState::Preparing && p1.state != PaymentState::Preparing {
+            assert_eq!((p0.state, p0.reason, p0.acked), (PaymentState::Committed, None, true));
+            assert_eq!(
+                (p1.state, p1.reason, p1.acked),
+                (PaymentState::Aborted, Some(DeclineReason::InsufficientFunds), true)
+            );
+            break;
+        }
+        patience.wait("lazy one-phase outcomes").await;
+    }
+    let kept = b.find_txn(uuid_of(2)).await.expect("find").expect("exists");
+    assert_eq!((kept.state, kept.reason), (PaymentState::Aborted, Some(DeclineReason::Timeout)), "stands");
+    let unfinished = txn_ids(&a.claim_unfinished(10).await.expect("claim"));
+    assert_eq!(unfinished, [uuid_of(2)], "recorded outcomes need no delivery");
+    let undecided = txn_ids(&b.preparing_before(i64::MAX, 10).await.expect("preparing"));
+    assert_eq!(undecided, [uuid_of(3), uuid_of(4)]);
 }
 
 pub async fn a_listing_has_what_the_caller_sent_and_the_committed_payments_they_received<S: GatewayStore>(

@@ -5,6 +5,13 @@
 //! record means abort. One customer's payment id runs at most once: copies
 //! that arrive while it runs wait for its outcome (the in-flight map), and
 //! copies that arrive later read it from the store.
+//!
+//! A payment within one bank that serves transfers runs in one phase
+//! (`strife_twopc::coordinator::OnePhase`): the record is forced, one
+//! `Transfer` goes to the bank, which decides, and its decision is recorded
+//! lazily. Such a payment is never decided here: when its outcome is
+//! unknown, the bank is asked (`ResolveTransfer`, which fences a transfer
+//! the bank never saw).
 
 use crate::backend::GatewayStore;
 use crate::error::GatewayError;
@@ -256,6 +263,14 @@ impl<S: GatewayStore> Gateway<S> {
         let started = std::time::Instant::now();
         let now = now_ms();
         let deadline_ms = i64::try_from(self.config.payment_deadline_ms).unwrap_or(i64::MAX);
+        // One phase when payer and payee are at one bank that serves
+        // transfers (chosen now, and written with the payment).
+        let one_bank = (req.payer.bank == req.payee.bank).then(|| self.bank(&req.payer.bank)).flatten();
+        let protocol = machine::protocol_for(
+            banks_involved(&req.payer, &req.payee).len(),
+            one_bank.as_ref().is_some_and(BankEntry::serves_transfers),
+        );
+        let one_phase = protocol == machine::Protocol::OnePhase;
         let record = PaymentRecord {
             // Time-ordered (v7): the stores append to their indexes instead of
             // writing all over them, which keeps large ledgers fast.
@@ -270,16 +285,22 @@ impl<S: GatewayStore> Gateway<S> {
             created_at_ms: now,
             deadline_at_ms: now.saturating_add(deadline_ms),
             fingerprint: req.fingerprint(),
+            one_phase,
         };
         // The `preparing` record need not be durable before the prepares go
         // out: if a crash loses it, no record means abort, the banks learn
         // that by inquiry, and the customer (never answered) retries. It is
         // durable before the decision, which is written in a later batch.
+        // A one-phase record is durable before the transfer goes out (the
+        // store forces it): the bank may commit at once.
         if let Err(existing) = self.store.begin_payment(record.clone()).await? {
             return self.replay(&req, existing).await;
         }
         let txn_id = record.txn_id.clone();
         strife_rpc::fault::crash_point("gateway.after_begin");
+        if let Some(bank) = one_bank.filter(|_| one_phase) {
+            return self.execute_one_phase(&req, &record, bank, &trace, started).await;
+        }
 
         if self.bank(&req.payee.bank).is_none() {
             return self.decline_unsent(&txn_id, DeclineReason::UnknownBank).await;
@@ -400,6 +421,144 @@ impl<S: GatewayStore> Gateway<S> {
         Ok(PayOutcome { outcome, replayed: false })
     }
 
+    /// A payment within one bank, in one phase: the record is durable
+    /// already; the bank decides, and its decision is recorded lazily. When
+    /// the transfer's answer does not come, the bank is asked at once; if
+    /// that fails too, the customer is told the payment is still being
+    /// decided (the deadline sweep and any replay ask again).
+    async fn execute_one_phase(
+        &self,
+        req: &PayRequest,
+        record: &PaymentRecord,
+        bank: BankEntry,
+        trace: &TraceContext,
+        started: std::time::Instant,
+    ) -> Result<PayOutcome, GatewayError> {
+        let txn_id = &record.txn_id;
+        let deadline = u64::try_from(record.deadline_at_ms).unwrap_or(0);
+        // The record is written (ForcePreparing); send the transfer.
+        let (mut payment, _) = machine::OnePhase::begin(bank.name.clone(), deadline);
+        let transfer = bank::Transfer {
+            txn_id: txn_id.clone(),
+            payment_id: record.payment_id.clone(),
+            payer: Some(bank::Party { user: req.payer.user.clone(), bank: req.payer.bank.clone() }),
+            payee: Some(bank::Party { user: req.payee.user.clone(), bank: req.payee.bank.clone() }),
+            amount_minor: req.amount.minor(),
+            deadline_unix_ms: record.deadline_at_ms,
+            traceparent: strife_rpc::telemetry::outgoing(trace).header(),
+        };
+        let mut events =
+            vec![PaymentEvent::new(txn_id, record.created_at_ms, "begin", None, "one phase".into())];
+        let answer = tokio::time::timeout(self.config.prepare_timeout(), bank.transfer(transfer)).await;
+        let answered = match answer {
+            Ok(Ok(result)) => Some(transfer_outcome(result.outcome(), &result.reason)),
+            Ok(Err(status)) => {
+                tracing::warn!(bank = %bank.name, code = ?status.code(), message = status.message(), "transfer failed");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(bank = %bank.name, "transfer timed out");
+                None
+            }
+        };
+        let detail = answered.map_or_else(|| "no answer".to_owned(), outcome_detail);
+        events.push(PaymentEvent::new(txn_id, now_ms(), "transfer", Some(&bank.name), detail));
+        let decided = match answered {
+            Some(outcome) => Some(outcome),
+            // The outcome is unknown: ask (the question fences it).
+            None => {
+                let asked = payment.on_transfer_failed();
+                debug_assert!(matches!(
+                    asked.as_slice(),
+                    [machine::Action::Send(_, machine::ToBank::Resolve)]
+                ));
+                self.ask_bank(&bank, txn_id, DeclineReason::BankUnavailable, &mut events).await
+            }
+        };
+        metrics::GATEWAY
+            .phase_seconds
+            .get_or_create(&[("phase", "transfer")])
+            .observe(started.elapsed().as_secs_f64());
+        let Some((state, reason)) = decided else {
+            self.store.record_events(events);
+            self.finisher_wake.notify_one();
+            return Err(GatewayError::unavailable(
+                ErrorReason::PaymentInProgress,
+                format!(
+                    "payment {}: bank {} did not answer; it is asked again until it does; ask again shortly",
+                    req.payment_id, bank.name
+                ),
+            ));
+        };
+        let decision = if state == PaymentState::Committed { Decision::Commit } else { Decision::Abort };
+        let recorded = payment.on_outcome(&bank.name, decision);
+        debug_assert_eq!(recorded, [machine::Action::RecordOutcome(decision)]);
+        strife_rpc::fault::crash_point("gateway.before_outcome");
+        // Lazy: the bank holds the decision; a lost record is asked for again.
+        self.store.record_outcome_lazily(txn_id.clone(), state, reason);
+        events.push(decision_event(txn_id, state, reason));
+        self.store.record_events(events);
+        let outcome = match (state, reason) {
+            (PaymentState::Committed, _) => Outcome::Committed,
+            (_, r) => Outcome::Declined(r.unwrap_or(DeclineReason::Timeout)),
+        };
+        tracing::info!(%txn_id, payment_id = %req.payment_id, decision = state.as_str(), reason = reason.map(|r| r.code()), bank = %bank.name, "payment decided by its bank");
+        count_outcome(&outcome);
+        metrics::GATEWAY.payment_seconds.observe(started.elapsed().as_secs_f64());
+        crate::live::record(outcome == Outcome::Committed, started.elapsed());
+        Ok(PayOutcome { outcome, replayed: false })
+    }
+
+    /// Asks `bank` what became of one-phase payment `txn_id` (a transfer
+    /// it never saw is fenced with `reason`), within the commit timeout.
+    /// `None`: no answer.
+    async fn ask_bank(
+        &self,
+        bank: &BankEntry,
+        txn_id: &str,
+        reason: DeclineReason,
+        events: &mut Vec<PaymentEvent>,
+    ) -> Option<(PaymentState, Option<DeclineReason>)> {
+        let asked =
+            tokio::time::timeout(self.config.commit_timeout(), bank.resolve_transfer(txn_id, reason.code()))
+                .await;
+        let answer = match asked {
+            Ok(Ok(resp)) => Some(transfer_outcome(resp.outcome(), &resp.reason)),
+            Ok(Err(status)) => {
+                tracing::warn!(bank = %bank.name, %txn_id, code = ?status.code(), message = status.message(), "cannot ask the bank about a transfer");
+                None
+            }
+            Err(_) => {
+                tracing::warn!(bank = %bank.name, %txn_id, "the bank did not answer a question about a transfer");
+                None
+            }
+        };
+        let detail = answer.map_or_else(|| "no answer".to_owned(), outcome_detail);
+        events.push(PaymentEvent::new(txn_id, now_ms(), "resolve", Some(&bank.name), detail));
+        answer
+    }
+
+    /// Settles a one-phase payment found undecided (its deadline passed,
+    /// its driver gone): asks its bank, and records the answer. `None`:
+    /// the bank could not be asked (not registered, or no answer); a later
+    /// pass asks again.
+    async fn settle_one_phase(&self, p: &PaymentRecord) -> Option<(PaymentState, Option<DeclineReason>)> {
+        debug_assert_eq!(
+            machine::on_abandoned(machine::Protocol::OnePhase, machine::PaymentState::Preparing),
+            Some(machine::Abandoned::AskBank)
+        );
+        let bank = self.bank(&p.payer.bank)?;
+        let mut events = Vec::new();
+        let answer = self.ask_bank(&bank, &p.txn_id, DeclineReason::Timeout, &mut events).await;
+        if let Some((state, reason)) = answer {
+            events.push(decision_event(&p.txn_id, state, reason));
+            self.store.record_outcome_lazily(p.txn_id.clone(), state, reason);
+            tracing::info!(txn_id = %p.txn_id, decision = state.as_str(), bank = %bank.name, "learnt a one-phase payment's outcome from its bank");
+        }
+        self.store.record_events(events);
+        answer
+    }
+
     /// The answer for a payment id seen before. A payment still
     /// `preparing` is being driven by another replica (or was, by one that
     /// died): wait for its decision, polling the store, for at most
@@ -421,7 +580,20 @@ impl<S: GatewayStore> Gateway<S> {
         let wait_ms = i64::try_from(REPLAY_WAIT_MAX.as_millis()).unwrap_or(i64::MAX);
         let give_up = now_ms().saturating_add(wait_ms).min(existing.deadline_at_ms.saturating_add(commit_ms));
         let mut pause = REPLAY_POLL_FIRST;
+        let mut asked = false;
         loop {
+            if existing.state == PaymentState::Preparing
+                && existing.one_phase
+                && !asked
+                && now_ms() >= existing.deadline_at_ms
+            {
+                // Its driver is gone (or slow past the deadline): ask the
+                // bank, which decided it or now fences it.
+                asked = true;
+                if let Some((state, reason)) = self.settle_one_phase(&existing).await {
+                    (existing.state, existing.reason) = (state, reason);
+                }
+            }
             match existing.state {
                 PaymentState::Committed => {
                     return Ok(PayOutcome { outcome: Outcome::Committed, replayed: true });
@@ -520,7 +692,7 @@ impl<S: GatewayStore> Gateway<S> {
                     Err(e) => tracing::warn!(error = %e, "pruning failed"),
                 }
             }
-            self.abort_abandoned().await;
+            self.settle_abandoned().await;
             if let Err(e) = self.refresh_keys().await {
                 tracing::warn!(error = %e, "cannot refresh the token keys");
             }
@@ -563,6 +735,14 @@ impl<S: GatewayStore> Gateway<S> {
     }
 
     async fn finish(&self, p: &PaymentRecord, trace: &TraceContext) {
+        if p.one_phase {
+            // Its bank decided it: there is nothing to deliver (its record
+            // lost the acknowledgement mark only).
+            if let Err(e) = self.store.mark_acked(p.txn_id.clone()).await {
+                tracing::warn!(error = %e, "cannot mark a payment finished");
+            }
+            return;
+        }
         // Tell every bank the registry knows; one it does not know (yet)
         // keeps the payment unfinished, to be tried again.
         let names = banks_involved(&p.payer, &p.payee);
@@ -591,12 +771,16 @@ impl<S: GatewayStore> Gateway<S> {
     pub async fn inquire(&self, txn_id: String) -> Result<Option<PaymentState>, GatewayError> {
         let now = now_ms();
         let record = self.store.find_txn(txn_id.clone()).await?;
-        {
-            let state = record.as_ref().map(|p| match p.state {
-                PaymentState::Preparing => machine::PaymentState::Preparing,
-                PaymentState::Committed => machine::PaymentState::Decided(Decision::Commit),
-                PaymentState::Aborted => machine::PaymentState::Decided(Decision::Abort),
+        if let Some(p) = record.as_ref().filter(|p| p.one_phase) {
+            // A bank never holds a one-phase payment in doubt, so a correct
+            // one does not ask; answer without deciding: its bank decides.
+            return Ok(match machine::on_inquiry_one_phase(Some(machine_state(p.state))) {
+                machine::InquiryAnswer::Decided(_) => Some(p.state),
+                machine::InquiryAnswer::NotYet => None,
             });
+        }
+        {
+            let state = record.as_ref().map(|p| machine_state(p.state));
             let past_deadline = record.as_ref().is_some_and(|p| now >= p.deadline_at_ms);
             match machine::on_inquiry(state, past_deadline) {
                 // Abort durably first, so that it can never commit later; if
@@ -615,14 +799,26 @@ impl<S: GatewayStore> Gateway<S> {
         }
     }
 
-    /// Aborts payments still `preparing` well past their deadline that no
-    /// task here is driving (their task failed): nobody else would.
-    async fn abort_abandoned(&self) {
+    /// Settles payments still `preparing` past their deadline that nobody
+    /// drives (their task failed, or their replica died), by the rule of
+    /// their protocol (`on_abandoned`): a two-phase one that no task here
+    /// is driving is aborted (nobody else would); a one-phase one is asked
+    /// about at its bank, all of them at once (asking is safe even while a
+    /// task still drives it: past the deadline the bank refuses its transfer).
+    async fn settle_abandoned(self: &Arc<Self>) {
         let before = now_ms().saturating_sub(i64::try_from(self.config.payment_deadline_ms).unwrap_or(0));
         let Ok(stale) = self.store.preparing_before(before, FINISH_BATCH_MAX).await else {
             return;
         };
-        for p in stale {
+        let (one_phase, two_phase): (Vec<PaymentRecord>, Vec<PaymentRecord>) =
+            stale.into_iter().partition(|p| p.one_phase);
+        let mut asks = tokio::task::JoinSet::new();
+        for p in one_phase {
+            let gateway = self.clone();
+            asks.spawn(async move { gateway.settle_one_phase(&p).await });
+        }
+        while asks.join_next().await.is_some() {}
+        for p in two_phase {
             let running = self
                 .in_flight
                 .lock()
@@ -688,6 +884,35 @@ where
             vec![a, b]
         }
         _ => unreachable!("a payment touches one or two banks"),
+    }
+}
+
+/// A one-phase payment's state as the state machines see it.
+fn machine_state(state: PaymentState) -> machine::PaymentState {
+    match state {
+        PaymentState::Preparing => machine::PaymentState::Preparing,
+        PaymentState::Committed => machine::PaymentState::Decided(Decision::Commit),
+        PaymentState::Aborted => machine::PaymentState::Decided(Decision::Abort),
+    }
+}
+
+/// A bank's one-phase decision as the log records it (an outcome the bank
+/// left unspecified, or a reason it did not name, reads as abort, timeout).
+fn transfer_outcome(outcome: bank::TransferOutcome, reason: &str) -> (PaymentState, Option<DeclineReason>) {
+    match outcome {
+        bank::TransferOutcome::Committed => (PaymentState::Committed, None),
+        bank::TransferOutcome::Aborted | bank::TransferOutcome::Unspecified => {
+            (PaymentState::Aborted, Some(DeclineReason::from_code(reason).unwrap_or(DeclineReason::Timeout)))
+        }
+    }
+}
+
+/// The timeline's words for a bank's one-phase decision.
+fn outcome_detail((state, reason): (PaymentState, Option<DeclineReason>)) -> String {
+    match (state, reason) {
+        (PaymentState::Committed, _) => "commit".to_owned(),
+        (_, Some(r)) => format!("abort: {}", r.code()),
+        (_, None) => "abort".to_owned(),
     }
 }
 

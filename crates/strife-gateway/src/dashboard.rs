@@ -532,8 +532,9 @@ impl<S: GatewayStore> Dashboard<S> {
 <tr><th>State</th><td id="payment-state">{}</td></tr>
 <tr><th>Reason</th><td id="payment-reason">{}</td></tr>
 <tr><th>Every bank acknowledged</th><td id="payment-acked">{}</td></tr>
+<tr><th>Protocol</th><td id="payment-protocol">{}</td></tr>
 <tr><th>Created</th><td>{}</td></tr></table>
-<h3>Two-phase commit timeline</h3><ol id="timeline">"#,
+<h3>{} timeline</h3><ol id="timeline">"#,
             esc(&p.payment_id),
             esc(&p.payment_id),
             esc(&p.txn_id),
@@ -543,7 +544,13 @@ impl<S: GatewayStore> Dashboard<S> {
             state_name(&p),
             p.reason.map_or("", |r| r.code()),
             if p.acked { "yes" } else { "no" },
+            if p.one_phase {
+                format!("one phase: decided by {}", esc(&p.payer.bank))
+            } else {
+                "two-phase commit".to_owned()
+            },
             rfc3339(p.created_at_ms),
+            if p.one_phase { "One-phase commit" } else { "Two-phase commit" },
         );
         for e in &events {
             h.push_str(&event_row(e, p.created_at_ms));
@@ -693,10 +700,13 @@ fn payment_row(p: &PaymentRecord) -> String {
 fn event_row(e: &PaymentEvent, start_ms: i64) -> String {
     let bank = e.bank.as_deref().map(esc).unwrap_or_default();
     let what = match e.kind {
-        "begin" => "begin".to_owned(),
+        "begin" if e.detail.is_empty() => "begin".to_owned(),
+        "begin" => format!("begin ({})", esc(&e.detail)),
         "vote" => format!("{bank} votes {}", esc(&e.detail)),
         "decision" => format!("decision: {}", esc(&e.detail)),
         "ack" => format!("{bank} acknowledges: {}", esc(&e.detail)),
+        "transfer" => format!("{bank} decides: {}", esc(&e.detail)),
+        "resolve" => format!("asked {bank} what it decided: {}", esc(&e.detail)),
         other => format!("{other} {bank} {}", esc(&e.detail)),
     };
     format!(

@@ -2,7 +2,7 @@
 //!
 //! Payments do not call a bank one by one: each leg is queued on the bank's
 //! link, and the link sends everything queued as one `PrepareBatch` (or
-//! `DecideBatch`) call. Batching is natural, with no timer: a batch leaves
+//! `DecideBatch`, or, for one-phase payments, `Transfer`) call. Batching is natural, with no timer: a batch leaves
 //! as soon as fewer than [`BATCHES_IN_FLIGHT`] batches are under way, so a
 //! lone payment is sent at once, and under load the legs that arrive while
 //! earlier batches are out travel together. The bank answers every item
@@ -20,7 +20,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tonic::transport::Channel;
 use tonic::{Code, Status};
 
-/// Batches to one bank under way at once, per kind (prepare or decide).
+/// Batches to one bank under way at once, per kind (prepare, decide or transfer).
 pub const BATCHES_IN_FLIGHT: usize = 4;
 /// Most items waiting for a batch; callers wait for room beyond it.
 const QUEUE_MAX: usize = 8192;
@@ -115,6 +115,8 @@ fn observe_batch(call: &'static str, size: usize) {
 pub struct BankLink {
     prepares: Batcher<bank::PrepareRequest, bank::PrepareResult>,
     decisions: Batcher<bank::Decision, bank::DecisionResult>,
+    /// One-phase transfers (sent only to a replica that serves them).
+    transfers: Batcher<bank::Transfer, bank::TransferResult>,
 }
 
 impl BankLink {
@@ -139,6 +141,22 @@ impl BankLink {
                 Ok(client.prepare_batch(req).await?.into_inner().results)
             }
         });
+        let c = client.clone();
+        let transfers = Batcher::start(move |transfers: Vec<bank::Transfer>| {
+            let mut client = c.clone();
+            observe_batch("transfer", transfers.len());
+            async move {
+                let header = lone_trace(&transfers, |t: &bank::Transfer| &t.traceparent);
+                let mut req = tonic::Request::new(bank::TransferRequest { transfers });
+                // One phase is phase one and the decision at once: the
+                // prepare's timeout bounds it.
+                req.set_timeout(prepare_timeout);
+                if let Some(trace) = header {
+                    trace.inject(&mut req);
+                }
+                Ok(client.transfer(req).await?.into_inner().results)
+            }
+        });
         let decisions = Batcher::start(move |decisions: Vec<bank::Decision>| {
             let mut client = client.clone();
             observe_batch("decide", decisions.len());
@@ -152,7 +170,21 @@ impl BankLink {
                 Ok(client.decide_batch(req).await?.into_inner().results)
             }
         });
-        BankLink { prepares, decisions }
+        BankLink { prepares, decisions, transfers }
+    }
+
+    /// One phase for one payment: the bank's decision (durable there), or
+    /// the error a single call would have answered (then the outcome is
+    /// unknown unless the error says the transfer was refused as a request).
+    pub async fn transfer(&self, t: bank::Transfer) -> Result<bank::TransferResult, Status> {
+        let result = self.transfers.call(t).await?;
+        match (result.refusal.clone(), result.outcome()) {
+            (Some(refusal), _) => Err(status_of(refusal)),
+            (None, bank::TransferOutcome::Unspecified) => {
+                Err(Status::internal("the bank answered a transfer with neither outcome nor error"))
+            }
+            (None, _) => Ok(result),
+        }
     }
 
     /// Phase one for one leg: the bank's vote, or the error a single

@@ -74,6 +74,11 @@ const LAZY_EVENTS_QUEUED_MAX: usize = 16_384;
 const LAZY_EVENTS_BATCH_MAX: usize = 1024;
 /// Lazy acknowledgement marks written in one statement.
 const LAZY_ACKS_BATCH_MAX: usize = 512;
+/// Lazy one-phase outcomes waiting to be written; more are dropped (those
+/// payments are asked about again once their deadline passed).
+const LAZY_OUTCOMES_QUEUED_MAX: usize = 8192;
+/// Lazy one-phase outcomes written in one statement.
+const LAZY_OUTCOMES_BATCH_MAX: usize = 512;
 /// What a lease covers beyond the commit timeout: a wait for a database
 /// connection to write the acknowledgement, and a margin.
 const LEASE_SLACK: Duration = Duration::from_secs(15);
@@ -118,6 +123,8 @@ pub struct PostgresStore {
     revoked: Arc<RwLock<HashMap<String, i64>>>,
     /// Lazy acknowledgement marks, for the task that writes them in batches.
     lazy_acks: mpsc::Sender<String>,
+    /// Lazy one-phase outcomes, for the task that writes them in batches.
+    lazy_outcomes: mpsc::Sender<Decision>,
     /// Timeline events, for the task that writes them in batches, unforced.
     lazy_events: mpsc::Sender<PaymentEvent>,
     /// Begins, written a batch per statement: whether each was new.
@@ -165,6 +172,8 @@ impl PostgresStore {
         tokio::spawn(write_lazy_acks(pool.clone(), queue));
         let (lazy_events, queue) = mpsc::channel(LAZY_EVENTS_QUEUED_MAX);
         tokio::spawn(write_lazy_events(pool.clone(), queue));
+        let (lazy_outcomes, queue) = mpsc::channel(LAZY_OUTCOMES_QUEUED_MAX);
+        tokio::spawn(write_lazy_outcomes(pool.clone(), queue));
         let instance: Arc<str> = Arc::from(uuid::Uuid::new_v4().to_string());
         let (p, owner) = (pool.clone(), instance.clone());
         let begins = Batcher::start(move |batch: Vec<Begin>| {
@@ -188,6 +197,7 @@ impl PostgresStore {
             claim_ms: millis(leases.claim),
             revoked: Arc::new(RwLock::new(HashMap::new())),
             lazy_acks,
+            lazy_outcomes,
             lazy_events,
             begins,
             decisions,
@@ -300,7 +310,10 @@ async fn begin_many(pool: &Pool, owner: &str, batch: &[Begin]) -> Result<Vec<boo
     let deadlines: Vec<i64> = order.iter().map(|b| b.record.deadline_at_ms).collect();
     let fingerprints: Vec<&[u8]> = order.iter().map(|b| b.record.fingerprint.as_slice()).collect();
     let leases: Vec<i64> = order.iter().map(|b| b.lease_until).collect();
-    let params: [&(dyn ToSql + Sync); 15] = [
+    let one_phase: Vec<bool> = order.iter().map(|b| b.record.one_phase).collect();
+    // Forced when any row is one-phase (see `BEGIN_MANY_SQL`).
+    let commit_mode = if one_phase.contains(&true) { "on" } else { "off" };
+    let params: [&(dyn ToSql + Sync); 17] = [
         &txn_ids,
         &payment_ids,
         &payer_users,
@@ -316,6 +329,8 @@ async fn begin_many(pool: &Pool, owner: &str, batch: &[Begin]) -> Result<Vec<boo
         &fingerprints,
         &owner,
         &leases,
+        &one_phase,
+        &commit_mode,
     ];
     let params = &params;
     let inserted: HashSet<String> = retrying(pool, |client| async move {
@@ -409,6 +424,38 @@ async fn write_lazy_acks(pool: Pool, mut queue: mpsc::Receiver<String>) {
     }
 }
 
+/// Writes the one-phase outcomes queued meanwhile, a batch per statement,
+/// not forced; until the queue closes. A failed batch is dropped: those
+/// payments stay undecided here, and the deadline sweep asks their bank.
+async fn write_lazy_outcomes(pool: Pool, mut queue: mpsc::Receiver<Decision>) {
+    let mut batch = Vec::with_capacity(LAZY_OUTCOMES_BATCH_MAX);
+    while queue.recv_many(&mut batch, LAZY_OUTCOMES_BATCH_MAX).await > 0 {
+        // One row per payment, in one order, so two batches never wait for
+        // each other in a circle (every outcome of one payment is the same:
+        // its bank's).
+        batch.sort_unstable_by(|a, b| a.txn_id.cmp(&b.txn_id));
+        batch.dedup_by(|a, b| a.txn_id == b.txn_id);
+        if let Err(e) = outcomes_lazily(&pool, &batch).await {
+            tracing::debug!(error = %e, outcomes = batch.len(), "one-phase outcomes not written; they are asked for again");
+        }
+        batch.clear();
+    }
+}
+
+async fn outcomes_lazily(pool: &Pool, batch: &[Decision]) -> Result<(), GatewayError> {
+    let txn_ids: Vec<&str> = batch.iter().map(|d| d.txn_id.as_str()).collect();
+    let outcomes: Vec<&str> = batch.iter().map(|d| d.outcome.as_str()).collect();
+    let reasons: Vec<Option<&str>> = batch.iter().map(|d| d.reason.map(DeclineReason::code)).collect();
+    let decided: Vec<i64> = batch.iter().map(|d| d.decided_at).collect();
+    let (txn_ids, outcomes, reasons, decided) = (&txn_ids, &outcomes, &reasons, &decided);
+    retrying(pool, |client| async move {
+        let stmt = client.prepare_cached(OUTCOME_MANY_SQL).await?;
+        client.execute(&stmt, &[txn_ids, outcomes, reasons, decided]).await?;
+        Ok(())
+    })
+    .await
+}
+
 /// Writes the timeline events queued meanwhile, a batch per statement, not
 /// forced; until the queue closes. Best-effort: a failed batch is dropped.
 async fn write_lazy_events(pool: Pool, mut queue: mpsc::Receiver<PaymentEvent>) {
@@ -441,7 +488,7 @@ async fn ack_lazily(pool: &Pool, txn_ids: &[String]) -> Result<(), GatewayError>
 }
 
 const PAYMENT_COLUMNS: &str = "txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor, \
-                               state, reason, acked, created_at, deadline_at, fingerprint";
+                               state, reason, acked, created_at, deadline_at, fingerprint, one_phase";
 
 fn payment_from_row(r: &Row) -> Result<PaymentRecord, GatewayError> {
     let state: &str = r.try_get(7)?;
@@ -463,28 +510,43 @@ fn payment_from_row(r: &Row) -> Result<PaymentRecord, GatewayError> {
         created_at_ms: r.try_get(10)?,
         deadline_at_ms: r.try_get(11)?,
         fingerprint: r.try_get(12)?,
+        one_phase: r.try_get(13)?,
     })
 }
 
-/// New payments (`$1`–`$13`, `$15`: one array per column; `$14`: the
-/// owner), each unless its `(payer, payment id)` is taken: the
+/// New payments (`$1`–`$13`, `$15`, `$16`: one array per column; `$14`:
+/// the owner), each unless its `(payer, payment id)` is taken: the
 /// transaction ids of those inserted. `ON CONFLICT DO NOTHING` also skips
 /// the later of two rows of the batch with one id. One autocommitted
-/// statement, not forced: `set_config(…, true)` sets `synchronous_commit =
-/// off` for the statement's own transaction, so its commit does not wait
-/// for the disk (see the module's documentation).
+/// statement, not forced unless `$17` says so: `set_config(…, true)` sets
+/// `synchronous_commit` to `$17` for the statement's own transaction,
+/// `off` so that its commit does not wait for the disk (see the module's
+/// documentation), `on` when the batch holds a one-phase payment, whose
+/// record must be durable before its bank hears of it.
 const BEGIN_MANY_SQL: &str = "
 INSERT INTO payments (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-                      state, reason, acked, created_at, deadline_at, fingerprint, owner, lease_until)
+                      state, reason, acked, created_at, deadline_at, fingerprint, owner, lease_until, one_phase)
 SELECT b.txn_id, b.payment_id, b.payer_user, b.payer_bank, b.payee_user, b.payee_bank, b.amount_minor,
-       b.state, b.reason, b.acked, b.created_at, b.deadline_at, b.fingerprint, $14::text::uuid, b.lease_until
-FROM (SELECT set_config('synchronous_commit', 'off', true)) AS not_forced,
+       b.state, b.reason, b.acked, b.created_at, b.deadline_at, b.fingerprint, $14::text::uuid, b.lease_until,
+       b.one_phase
+FROM (SELECT set_config('synchronous_commit', $17::text, true)) AS commit_mode,
      unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[],
-            $8::text[], $9::text[], $10::boolean[], $11::bigint[], $12::bigint[], $13::bytea[], $15::bigint[])
+            $8::text[], $9::text[], $10::boolean[], $11::bigint[], $12::bigint[], $13::bytea[], $15::bigint[],
+            $16::boolean[])
        AS b(txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-            state, reason, acked, created_at, deadline_at, fingerprint, lease_until)
+            state, reason, acked, created_at, deadline_at, fingerprint, lease_until, one_phase)
 ON CONFLICT (payment_id, payer_bank, payer_user) DO NOTHING
 RETURNING txn_id";
+
+/// One-phase outcomes recorded lazily (`$1` txn ids, distinct; `$2` states;
+/// `$3` reasons; `$4` times), each for a payment still undecided, marked
+/// acknowledged too (its bank holds the decision: nothing to deliver).
+/// One autocommitted statement, not forced (as `ACK_MANY_SQL`).
+const OUTCOME_MANY_SQL: &str = "
+UPDATE payments SET state = d.state, reason = d.reason, decided_at = d.decided_at, acked = TRUE
+FROM (SELECT set_config('synchronous_commit', 'off', true)) AS not_forced,
+     unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS d(txn_id, state, reason, decided_at)
+WHERE payments.txn_id = ANY($1) AND payments.txn_id = d.txn_id AND payments.state = 'preparing'";
 
 /// Decisions (`$1` txn ids, distinct; `$2` states; `$3` reasons; `$4`
 /// times), each for a payment that has none yet: the payments decided and
@@ -507,7 +569,7 @@ WHERE txn_id = ANY($1) AND state <> 'preparing'";
 /// The payment a customer made under an id: one row of the unique index.
 const MADE_BY_ID_SQL: &str = "
 SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-       state, reason, acked, created_at, deadline_at, fingerprint
+       state, reason, acked, created_at, deadline_at, fingerprint, one_phase
 FROM payments
 WHERE payment_id = $3 AND payer_bank = $1 AND payer_user = $2";
 
@@ -515,7 +577,7 @@ WHERE payment_id = $3 AND payer_bank = $1 AND payer_user = $2";
 /// index that starts with `payment_id` (every payer that used this id).
 const RECEIVED_BY_ID_SQL: &str = "
 SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-       state, reason, acked, created_at, deadline_at, fingerprint
+       state, reason, acked, created_at, deadline_at, fingerprint, one_phase
 FROM payments
 WHERE payment_id = $3 AND payee_bank = $1 AND payee_user = $2 AND state = 'committed'
 ORDER BY created_at DESC, txn_id DESC
@@ -535,14 +597,14 @@ LIMIT 1";
 /// own (arms with a `WHERE` are not flattened into one scan).
 const PAGE_SQL: &str = "
 (SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-        state, reason, acked, created_at, deadline_at, fingerprint
+        state, reason, acked, created_at, deadline_at, fingerprint, one_phase
  FROM payments
  WHERE payer_bank = $1 AND payer_user = $2 AND created_at >= $3 AND (created_at, txn_id) < ($4, $5)
  ORDER BY created_at DESC, txn_id DESC
  LIMIT $6)
 UNION ALL
 (SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-        state, reason, acked, created_at, deadline_at, fingerprint
+        state, reason, acked, created_at, deadline_at, fingerprint, one_phase
  FROM payments
  WHERE payee_bank = $1 AND payee_user = $2 AND created_at >= $3 AND (created_at, txn_id) < ($4, $5)
    AND state = 'committed' AND NOT (payer_bank = $1 AND payer_user = $2)
@@ -569,17 +631,17 @@ WHERE txn_id = ANY(ARRAY(
     LIMIT $3
     FOR UPDATE SKIP LOCKED))
 RETURNING txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-          state, reason, acked, created_at, deadline_at, fingerprint";
+          state, reason, acked, created_at, deadline_at, fingerprint, one_phase";
 
 const PREPARING_BEFORE_SQL: &str = "
 SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-       state, reason, acked, created_at, deadline_at, fingerprint
+       state, reason, acked, created_at, deadline_at, fingerprint, one_phase
 FROM payments WHERE state = 'preparing' AND created_at < $1
 ORDER BY created_at LIMIT $2";
 
 const AFTER_SQL: &str = "
 SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-       state, reason, acked, created_at, deadline_at, fingerprint
+       state, reason, acked, created_at, deadline_at, fingerprint, one_phase
 FROM payments WHERE txn_id > $1 ORDER BY txn_id LIMIT $2";
 
 /// Timeline events: one autocommitted statement, not forced (as `BEGIN_SQL`).
@@ -612,17 +674,17 @@ FROM (SELECT set_config('synchronous_commit', 'off', true)) AS not_forced,
 /// through the primary key (no index of its own on the write path).
 const RECENT_SQL: &str = "
 SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-       state, reason, acked, created_at, deadline_at, fingerprint
+       state, reason, acked, created_at, deadline_at, fingerprint, one_phase
 FROM payments WHERE txn_id < $1 ORDER BY txn_id DESC LIMIT $2";
 
 const RECENT_FIRST_SQL: &str = "
 SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-       state, reason, acked, created_at, deadline_at, fingerprint
+       state, reason, acked, created_at, deadline_at, fingerprint, one_phase
 FROM payments ORDER BY txn_id DESC LIMIT $1";
 
 const RECENT_BY_ID_SQL: &str = "
 SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-       state, reason, acked, created_at, deadline_at, fingerprint
+       state, reason, acked, created_at, deadline_at, fingerprint, one_phase
 FROM payments WHERE payment_id = $1 AND (created_at, txn_id) < ($2, $3)
 ORDER BY created_at DESC, txn_id DESC LIMIT $4";
 
@@ -691,6 +753,14 @@ impl GatewayStore for PostgresStore {
         let stmt = client.prepare_cached(ACK_SQL).await?;
         client.execute(&stmt, &[&txn_id]).await?;
         Ok(())
+    }
+
+    fn record_outcome_lazily(&self, txn_id: String, outcome: PaymentState, reason: Option<DeclineReason>) {
+        assert_ne!(outcome, PaymentState::Preparing, "an outcome is commit or abort");
+        let asked = Decision { txn_id, outcome, reason, decided_at: now_ms() };
+        if self.lazy_outcomes.try_send(asked).is_err() {
+            tracing::debug!("too many one-phase outcomes queued; they are asked for again");
+        }
     }
 
     fn mark_acked_lazily(&self, txn_id: String) {
@@ -1132,7 +1202,7 @@ mod tests {
         let history = server()
             .psql(&url, &["SELECT COUNT(*) FROM gateway_schema_history"])
             .expect("refinery's own table");
-        assert_eq!(history, "5", "each migration applied once");
+        assert_eq!(history, "6", "each migration applied once (V1–V5, V7)");
     }
 
     /// A full disk, an I/O error, no memory, no connection left or a

@@ -24,7 +24,7 @@
 use crate::link::BankLink;
 use std::collections::HashMap;
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 use strife_core::limits::{BANKS_MAX, REPLICAS_PER_BANK_MAX};
@@ -70,6 +70,10 @@ pub struct ReplicaHealth {
 /// One process of a bank.
 pub struct Replica {
     pub address: String,
+    /// Whether it said, at its last registration, that it serves one-phase
+    /// transfers (`RegisterBankRequest.transfers`); false until it
+    /// registers (known only from the store or from discovery).
+    transfers: AtomicBool,
     /// A client on a lazily connected channel that verifies the server's
     /// certificate names this bank.
     pub client: BankServiceClient<Channel>,
@@ -270,6 +274,16 @@ impl Registry {
         Ok(())
     }
 
+    /// Notes whether replica `address` of bank `name`, which just
+    /// registered, serves one-phase transfers.
+    pub fn note_transfers(&self, name: &str, address: &str, transfers: bool) {
+        let Ok(banks) = self.banks.read() else { return };
+        let known = banks.get(name).and_then(|b| b.replicas.iter().find(|k| k.replica.address == address));
+        if let Some(known) = known {
+            known.replica.transfers.store(transfers, Ordering::Relaxed);
+        }
+    }
+
     /// Forgets bank `name` at `address` (it uses another cluster); whether
     /// it was known there.
     pub fn forget(&self, name: &str, address: &str) -> anyhow::Result<bool> {
@@ -384,7 +398,7 @@ impl Registry {
         let client = BankServiceClient::new(channel)
             .max_decoding_message_size(strife_core::limits::MESSAGE_MAX_BYTES * 64);
         let link = BankLink::start(client.clone(), self.prepare_timeout, self.decide_timeout);
-        Ok(Replica { address: address.to_owned(), client, link })
+        Ok(Replica { address: address.to_owned(), transfers: AtomicBool::new(false), client, link })
     }
 
     fn write(&self) -> anyhow::Result<std::sync::RwLockWriteGuard<'_, HashMap<String, Bank>>> {
@@ -422,7 +436,57 @@ fn another_may_answer(code: Code) -> bool {
     )
 }
 
+impl Replica {
+    /// Whether it serves one-phase transfers (as of its last registration).
+    pub fn serves_transfers(&self) -> bool {
+        self.transfers.load(Ordering::Relaxed)
+    }
+}
+
 impl BankEntry {
+    /// Whether a one-phase transfer can go to this bank: some replica of it
+    /// serves transfers. A bank whose replicas are all older (or not yet
+    /// registered with this gateway) gets two-phase commit.
+    pub fn serves_transfers(&self) -> bool {
+        self.replicas.iter().any(|r| r.serves_transfers())
+    }
+
+    /// This entry with only the replicas that serve one-phase transfers, in
+    /// the same order: a transfer, or a question about one, never goes to
+    /// a replica that would not understand it.
+    fn transferring(&self) -> BankEntry {
+        let replicas = self.replicas.iter().filter(|r| r.serves_transfers()).cloned().collect();
+        BankEntry { name: self.name.clone(), replicas }
+    }
+
+    /// One phase for one payment, at the replica whose turn it is, or at the
+    /// next if that one fails (a transfer is idempotent per `txn_id`).
+    pub async fn transfer(&self, t: bank::Transfer) -> Result<bank::TransferResult, Status> {
+        self.transferring()
+            .first_answer(|r| {
+                let t = t.clone();
+                async move { r.link.transfer(t).await }
+            })
+            .await
+    }
+
+    /// What became of a one-phase payment (see `BankService.ResolveTransfer`):
+    /// a transfer the bank never saw is fenced with `reason`.
+    pub async fn resolve_transfer(
+        &self,
+        txn_id: &str,
+        reason: &str,
+    ) -> Result<bank::ResolveTransferResponse, Status> {
+        let req = bank::ResolveTransferRequest { txn_id: txn_id.to_owned(), reason: reason.to_owned() };
+        self.transferring()
+            .first_answer(|r| {
+                let mut client = r.client.clone();
+                let req = req.clone();
+                async move { Ok(client.resolve_transfer(req).await?.into_inner()) }
+            })
+            .await
+    }
+
     /// Phase one for one leg, at the replica whose turn it is, or at the
     /// next if that one fails (a prepare is idempotent per `txn_id`).
     pub async fn prepare(&self, leg: bank::PrepareRequest) -> Result<bank::PrepareResponse, Status> {

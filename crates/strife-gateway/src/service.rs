@@ -339,6 +339,7 @@ impl<S: GatewayStore> pb::registry_service_server::RegistryService for RegistryS
             Err(Refused::Full(why)) => return Err(GatewayError::Overloaded(why).into()),
             Err(Refused::Internal(why)) => return Err(GatewayError::Internal(why).into()),
         };
+        self.gateway.registry.note_transfers(&req.name, &req.address, req.transfers);
         if let Registered::Changed = changed {
             self.gateway.store.save_bank(req.name.clone(), req.address.clone()).await?;
             tracing::info!(bank = %req.name, address = %req.address, ledger_id = %req.ledger_id, "bank registered");

@@ -169,9 +169,19 @@ CREATE TABLE gateway_replicas (
 ) STRICT;
 ";
 
+/// Version 8: one-phase payments (issue 14). A payment within one bank
+/// may be decided by that bank (`one_phase` = 1): an undecided one is then
+/// never aborted by the gateway but asked about (see
+/// `strife_twopc::coordinator::on_abandoned`). Added with a default, so
+/// every existing payment is two-phase, as it was.
+const SCHEMA_V8: &str = "
+ALTER TABLE payments ADD COLUMN one_phase INTEGER NOT NULL DEFAULT 0;
+";
+
 /// The schema's versions in order: a database at `PRAGMA user_version` n
 /// runs `MIGRATIONS[n..]`, all in one transaction, at open.
-const MIGRATIONS: &[&str] = &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7];
+const MIGRATIONS: &[&str] =
+    &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8];
 
 /// A bank's address that has not registered for this long is dropped from
 /// the registry when any bank registers, unless it is the bank's newest.
@@ -244,10 +254,13 @@ pub struct PaymentRecord {
     pub deadline_at_ms: i64,
     /// SHA-256 of the canonical encoding of the request.
     pub fingerprint: Vec<u8>,
+    /// Decided by its one bank (one-phase commit), not by the gateway: while
+    /// undecided, it is asked about, never aborted.
+    pub one_phase: bool,
 }
 
 const PAYMENT_COLUMNS: &str = "txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor, \
-                               state, reason, acked, created_at, deadline_at, fingerprint";
+                               state, reason, acked, created_at, deadline_at, fingerprint, one_phase";
 
 fn payment_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PaymentRecord> {
     let reason: Option<String> = r.get(8)?;
@@ -263,6 +276,7 @@ fn payment_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PaymentRecord> {
         created_at_ms: r.get(10)?,
         deadline_at_ms: r.get(11)?,
         fingerprint: r.get(12)?,
+        one_phase: r.get::<_, i64>(13)? != 0,
     })
 }
 
@@ -316,12 +330,12 @@ pub struct PaymentPage {
 /// only guards against a self-payment, which validation refuses.
 const PAGE_SQL: &str = "
 SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-       state, reason, acked, created_at, deadline_at, fingerprint
+       state, reason, acked, created_at, deadline_at, fingerprint, one_phase
 FROM payments INDEXED BY payments_by_payer
 WHERE payer_bank = ?1 AND payer_user = ?2 AND created_at >= ?3 AND (created_at, txn_id) < (?4, ?5)
 UNION ALL
 SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-       state, reason, acked, created_at, deadline_at, fingerprint
+       state, reason, acked, created_at, deadline_at, fingerprint, one_phase
 FROM payments INDEXED BY payments_by_payee
 WHERE payee_bank = ?1 AND payee_user = ?2 AND created_at >= ?3 AND (created_at, txn_id) < (?4, ?5)
   AND state = 'committed' AND NOT (payer_bank = ?1 AND payer_user = ?2)
@@ -331,7 +345,7 @@ LIMIT ?6";
 /// The payment a customer made under an id: one row of the unique index.
 const MADE_BY_ID_SQL: &str = "
 SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-       state, reason, acked, created_at, deadline_at, fingerprint
+       state, reason, acked, created_at, deadline_at, fingerprint, one_phase
 FROM payments
 WHERE payment_id = ?3 AND payer_bank = ?1 AND payer_user = ?2";
 
@@ -340,7 +354,7 @@ WHERE payment_id = ?3 AND payer_bank = ?1 AND payer_user = ?2";
 /// most), never through the customer's received payments.
 const RECEIVED_BY_ID_SQL: &str = "
 SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-       state, reason, acked, created_at, deadline_at, fingerprint
+       state, reason, acked, created_at, deadline_at, fingerprint, one_phase
 FROM payments INDEXED BY payments_by_id
 WHERE payment_id = ?3 AND payee_bank = ?1 AND payee_user = ?2 AND state = 'committed'
 ORDER BY created_at DESC, txn_id DESC
@@ -375,11 +389,13 @@ pub struct PaymentEvent {
     pub txn_id: String,
     /// When it happened, ms since the epoch (this gateway's clock).
     pub at_ms: i64,
-    /// `begin`, `vote`, `decision` or `ack`.
+    /// `begin`, `vote`, `decision` or `ack`; for a one-phase payment
+    /// `transfer` (the bank's decision) and `resolve` (a question about it).
     pub kind: &'static str,
     /// The bank of a vote or an acknowledgement.
     pub bank: Option<String>,
-    /// `yes`, `no: <reason>`, `commit`, `abort: <reason>`, `ok`, `failed: …`.
+    /// `yes`, `no: <reason>`, `commit`, `abort: <reason>`, `ok`, `failed: …`,
+    /// `no answer`.
     pub detail: String,
 }
 
@@ -416,6 +432,8 @@ impl PaymentEvent {
             "vote" => "vote",
             "decision" => "decision",
             "ack" => "ack",
+            "transfer" => "transfer",
+            "resolve" => "resolve",
             _ => "other",
         }
     }
@@ -509,7 +527,7 @@ impl Store {
         let inserted = self
             .conn
             .prepare_cached(&format!(
-                "INSERT INTO payments ({PAYMENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
+                "INSERT INTO payments ({PAYMENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
             ))?
             .execute(params![
                 p.txn_id,
@@ -525,6 +543,7 @@ impl Store {
                 p.created_at_ms,
                 p.deadline_at_ms,
                 p.fingerprint,
+                i64::from(p.one_phase),
             ]);
         match inserted {
             Ok(_) => {
@@ -579,6 +598,25 @@ impl Store {
             }
             (None, None) => Err(rusqlite::Error::QueryReturnedNoRows),
         }
+    }
+
+    /// Records the decision a one-phase payment's bank made, and that it
+    /// needs nothing more (acknowledged), if the payment is still
+    /// `preparing`. One conditional update.
+    pub fn record_outcome(
+        &mut self,
+        txn_id: &str,
+        outcome: PaymentState,
+        reason: Option<DeclineReason>,
+    ) -> rusqlite::Result<()> {
+        assert_ne!(outcome, PaymentState::Preparing, "an outcome is commit or abort");
+        self.conn
+            .prepare_cached(
+                "UPDATE payments SET state = ?2, reason = ?3, decided_at = ?4, acked = 1
+                 WHERE txn_id = ?1 AND state = 'preparing'",
+            )?
+            .execute(params![txn_id, outcome.as_str(), reason.map(DeclineReason::code), now_ms()])?;
+        Ok(())
     }
 
     pub fn mark_acked(&mut self, txn_id: &str) -> rusqlite::Result<()> {
@@ -921,12 +959,14 @@ impl Store {
         rows.collect()
     }
 
-    /// Aborts every payment still `preparing`: after a restart nobody is
-    /// driving them, and under presumed abort that is always safe (the
-    /// restart rule of `strife_twopc::coordinator::on_restart`). Returns
-    /// how many.
+    /// Aborts every two-phase payment still `preparing`: after a restart
+    /// nobody is driving them, and under presumed abort that is always safe
+    /// (the restart rule of `strife_twopc::coordinator::on_restart`). A
+    /// one-phase payment is left for the deadline sweep, which asks its
+    /// bank (`on_abandoned`): the bank may have committed it. Returns how
+    /// many were aborted.
     pub fn abort_all_preparing(&mut self) -> rusqlite::Result<usize> {
-        self.conn.prepare_cached("UPDATE payments SET state = 'aborted', reason = 'timeout', decided_at = ?1 WHERE state = 'preparing'")?.execute([now_ms()])
+        self.conn.prepare_cached("UPDATE payments SET state = 'aborted', reason = 'timeout', decided_at = ?1 WHERE state = 'preparing' AND one_phase = 0")?.execute([now_ms()])
     }
 }
 
@@ -981,6 +1021,7 @@ mod tests {
             created_at_ms: 1_000,
             deadline_at_ms: 2_000,
             fingerprint: vec![0; 32],
+            one_phase: false,
         }
     }
 
@@ -1201,6 +1242,11 @@ CREATE TABLE IF NOT EXISTS revoked_tokens (
 
         let mut s = Store::open(&dir.db()).expect("migrate");
         assert_eq!(user_version(&s.conn), MIGRATIONS.len() as i64);
+        // Version 8 adds `one_phase`: every old payment is two-phase (0).
+        let before: Vec<String> = before
+            .into_iter()
+            .map(|row| if row.starts_with("payments:") { format!("{row}, Integer(0)") } else { row })
+            .collect();
         assert_eq!(dump(&s.conn), before, "every row of every table kept as it was");
         let indexes_after = payment_indexes(&s.conn);
         assert_eq!(indexes_before.len(), 5, "{indexes_before:?}");

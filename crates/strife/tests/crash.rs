@@ -1,7 +1,9 @@
 //! For each crash point: crash the process there (like kill -9), restart it,
 //! and check that the payment converges to one outcome at the gateway and at
 //! both banks, the customer learns that outcome by replaying the id, and
-//! money moved exactly once or not at all.
+//! money moved exactly once or not at all. Two-phase points with a payment
+//! from BankA to BankB; one-phase points (`one_phase_*`) with a payment
+//! within BankA, which BankA decides.
 
 mod common;
 
@@ -31,11 +33,24 @@ enum Stores {
     Postgres,
 }
 
+/// Where the payment goes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Payee {
+    /// user2@BankB: two-phase commit.
+    OtherBank,
+    /// user2@BankA: one phase, decided by BankA.
+    SameBank,
+}
+
 fn crash_and_recover(point: &str, victim: Victim) -> &'static str {
     crash_and_recover_on(point, victim, Stores::Sqlite)
 }
 
 fn crash_and_recover_on(point: &str, victim: Victim, stores: Stores) -> &'static str {
+    crash_and_recover_paying(point, victim, stores, Payee::OtherBank)
+}
+
+fn crash_and_recover_paying(point: &str, victim: Victim, stores: Stores, destination: Payee) -> &'static str {
     let dir = TempDir::new("crash");
     let d = &dir.0;
     assert_eq!(run_cli(d, &["certs", "init"], &[]).code, 0);
@@ -76,23 +91,16 @@ fn crash_and_recover_on(point: &str, victim: Victim, stores: Stores) -> &'static
     let mut bank_a = start_bank(d, "BankA", &gw, &refs(&a_env));
     let _bank_b = start_bank(d, "BankB", &gw, &refs(&b_env));
     wait_registered(d, &["BankA", "BankB"]);
-    for (u, b, p) in [("user1", "BankA", "pass1"), ("user2", "BankB", "pass2")] {
+    let (to, to_bank) = match destination {
+        Payee::OtherBank => ("user2@BankB", "BankB"),
+        Payee::SameBank => ("user2@BankA", "BankA"),
+    };
+    for (u, b, p) in [("user1", "BankA", "pass1"), ("user2", to_bank, "pass2")] {
         let r = run_cli(d, &["login", "--bank", b, "--user", u], &[("STRIFE_PASSWORD", p)]);
         assert_eq!(r.code, 0, "{r:?}");
     }
     let id = strife_core::PaymentId::new_random().to_string();
-    let pay = [
-        "--json",
-        "--as",
-        "user1@BankA",
-        "pay",
-        "--to",
-        "user2@BankB",
-        "--amount",
-        "10.00",
-        "--id",
-        id.as_str(),
-    ];
+    let pay = ["--json", "--as", "user1@BankA", "pay", "--to", to, "--amount", "10.00", "--id", id.as_str()];
     let first = run_cli(d, &pay, &[]);
 
     // The victim died at the crash point; bring it back without the fault.
@@ -132,11 +140,12 @@ fn crash_and_recover_on(point: &str, victim: Victim, stores: Stores) -> &'static
     let balance = |who: &str| run_cli(d, &["--json", "--as", who, "balance"], &[]).json()["balance"].clone();
     let (payer, payee) = if status == "committed" { ("990.00", "2010.00") } else { ("1000.00", "2000.00") };
     assert_eq!(balance("user1@BankA"), payer, "{point}");
-    assert_eq!(balance("user2@BankB"), payee, "{point}");
+    assert_eq!(balance(to), payee, "{point}");
     // The queued first attempt, flushed, agrees too.
     let r = run_cli(d, &["--json", "outbox", "flush"], &[]);
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(balance("user1@BankA"), payer, "flushing the outbox moved nothing more");
+    assert_eq!(balance(to), payee, "flushing the outbox moved nothing more");
     drop((gateway, bank_a));
     if status == "committed" { "committed" } else { "declined" }
 }
@@ -178,6 +187,45 @@ fn bank_crash_before_applying_commit_applies_it_after_restart() {
 #[test]
 fn bank_crash_after_applying_commit_keeps_it() {
     assert_eq!(crash_and_recover("bank.after_commit", Victim::BankA), "committed");
+}
+
+/// One phase: the record is forced before the transfer, so after the crash
+/// it is on disk, and the deadline sweep asks BankA, which never saw the
+/// transfer and fences it: declined, every time.
+#[test]
+fn one_phase_gateway_crash_after_recording_the_payment_declines_it() {
+    let outcome =
+        crash_and_recover_paying("gateway.after_begin", Victim::Gateway, Stores::Sqlite, Payee::SameBank);
+    assert_eq!(outcome, "declined");
+}
+
+/// BankA dies before its commit: the gateway cannot learn the outcome (the
+/// customer's payment is queued); once BankA is back the sweep asks it, and
+/// it fences the transfer it never made.
+#[test]
+fn one_phase_bank_crash_before_its_commit_declines_after_restart() {
+    let outcome =
+        crash_and_recover_paying("bank.before_transfer", Victim::BankA, Stores::Sqlite, Payee::SameBank);
+    assert_eq!(outcome, "declined");
+}
+
+/// BankA dies after its forced commit, before answering: the payment is
+/// made; the sweep learns it from BankA once it is back.
+#[test]
+fn one_phase_bank_crash_after_its_commit_keeps_it() {
+    let outcome =
+        crash_and_recover_paying("bank.after_transfer", Victim::BankA, Stores::Sqlite, Payee::SameBank);
+    assert_eq!(outcome, "committed");
+}
+
+/// The gateway dies after BankA answered, before recording the outcome: a
+/// restart must not abort the payment (BankA committed it); the sweep asks
+/// BankA and records its commit.
+#[test]
+fn one_phase_gateway_crash_before_recording_the_outcome_keeps_it() {
+    let outcome =
+        crash_and_recover_paying("gateway.before_outcome", Victim::Gateway, Stores::Sqlite, Payee::SameBank);
+    assert_eq!(outcome, "committed");
 }
 
 /// The same crash points with every store in PostgreSQL. One difference:
@@ -230,5 +278,45 @@ mod on_postgres {
     #[test]
     fn bank_crash_after_applying_commit_keeps_it() {
         assert_eq!(crash_and_recover_on("bank.after_commit", Victim::BankA, Stores::Postgres), "committed");
+    }
+
+    #[test]
+    fn one_phase_gateway_crash_after_recording_the_payment_declines_it() {
+        let outcome = crash_and_recover_paying(
+            "gateway.after_begin",
+            Victim::Gateway,
+            Stores::Postgres,
+            Payee::SameBank,
+        );
+        assert_eq!(outcome, "declined");
+    }
+
+    #[test]
+    fn one_phase_bank_crash_before_its_commit_declines_after_restart() {
+        let outcome = crash_and_recover_paying(
+            "bank.before_transfer",
+            Victim::BankA,
+            Stores::Postgres,
+            Payee::SameBank,
+        );
+        assert_eq!(outcome, "declined");
+    }
+
+    #[test]
+    fn one_phase_bank_crash_after_its_commit_keeps_it() {
+        let outcome =
+            crash_and_recover_paying("bank.after_transfer", Victim::BankA, Stores::Postgres, Payee::SameBank);
+        assert_eq!(outcome, "committed");
+    }
+
+    #[test]
+    fn one_phase_gateway_crash_before_recording_the_outcome_keeps_it() {
+        let outcome = crash_and_recover_paying(
+            "gateway.before_outcome",
+            Victim::Gateway,
+            Stores::Postgres,
+            Payee::SameBank,
+        );
+        assert_eq!(outcome, "committed");
     }
 }

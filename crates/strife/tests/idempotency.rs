@@ -40,6 +40,52 @@ fn sixteen_concurrent_copies_move_money_once() {
     assert_eq!(c.balance("user2@BankB").0, 200_000 + 3_000);
 }
 
+/// The same within one bank, where BankA decides in one phase: 16 copies,
+/// one transfer, the money moved once.
+#[test]
+fn sixteen_concurrent_copies_of_a_one_bank_payment_move_money_once() {
+    let c = Cluster::start(&["BankA", "BankB"]);
+    let rt = grpc::runtime();
+    let (dir, addr) = (c.path().to_path_buf(), c.gateway.addr.clone());
+    let answers = rt.block_on(async move {
+        let ch = grpc::client_channel(&dir, &addr).await;
+        let token = grpc::login(&ch, "BankA", "user1", "pass1").await.expect("login");
+        let id = grpc::new_id();
+        let tasks: Vec<_> = (0..16)
+            .map(|_| {
+                let (ch, token, id) = (ch.clone(), token.clone(), id.clone());
+                tokio::spawn(async move {
+                    grpc::pay(&ch, &token, &id, "user2", "BankA", "30.00").await.expect("pay")
+                })
+            })
+            .collect();
+        let mut out = Vec::new();
+        for t in tasks {
+            out.push(t.await.expect("task"));
+        }
+        out
+    });
+    assert!(answers.iter().all(|a| a.status == 1), "all 16 committed: {answers:?}");
+    assert_eq!(answers.iter().filter(|a| a.replayed).count(), 15, "15 are replays");
+    c.login("user1", "BankA");
+    c.login("user2", "BankA");
+    assert_eq!(c.balance("user1@BankA").0, 100_000 - 3_000);
+    assert_eq!(c.balance("user2@BankA").0, 200_000 + 3_000);
+    // It ran in one phase: one leg at BankA, committed without a hold (its
+    // record made and decided at once), and the gateway's record says so.
+    let gateway = rusqlite::Connection::open(c.path().join("gateway/gateway.db")).expect("the gateway's log");
+    let one_phase: i64 =
+        gateway.query_row("SELECT one_phase FROM payments", [], |r| r.get(0)).expect("one payment");
+    assert_eq!(one_phase, 1);
+    let ledger = rusqlite::Connection::open(c.path().join("banks/BankA/bank.db")).expect("BankA's ledger");
+    let (legs, same_moment): (i64, bool) = ledger
+        .query_row("SELECT COUNT(*), MIN(prepared_at = decided_at) FROM legs", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .expect("legs");
+    assert_eq!((legs, same_moment), (1, true), "one leg, decided as it was made");
+}
+
 #[test]
 fn sixteen_cli_processes_with_one_id_in_one_directory_pay_once() {
     let c = Cluster::start(&["BankA", "BankB"]);

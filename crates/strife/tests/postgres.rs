@@ -329,11 +329,28 @@ fn three_gateways_on_one_database_pay_once_share_tokens_and_audit_clean() {
         assert!(answers.iter().all(|a| a.status == 1), "all 16 committed: {answers:?}");
         assert_eq!(answers.iter().filter(|a| a.replayed).count(), COPIES - 1, "15 replays: {answers:?}");
 
+        // The same within BankA, which decides in one phase.
+        let id = grpc::new_id();
+        let tasks: Vec<_> = (0..COPIES)
+            .map(|n| {
+                let (ch, token, id) = (channels[n % GATEWAYS].clone(), token.clone(), id.clone());
+                tokio::spawn(async move { grpc::pay(&ch, &token, &id, "user2", "BankA", "20.00").await })
+            })
+            .collect();
+        let mut answers = Vec::new();
+        for t in tasks {
+            answers.push(t.await.expect("task").expect("pay"));
+        }
+        assert!(answers.iter().all(|a| a.status == 1), "all 16 committed: {answers:?}");
+        assert_eq!(answers.iter().filter(|a| a.replayed).count(), COPIES - 1, "15 replays: {answers:?}");
+
         // The token from gateway 1 works at 2 and 3, and sees the money moved once.
         for ch in &channels[1..] {
             let b = grpc::balance(ch, &token).await.expect("a token from gateway 1");
-            assert_eq!(b.balance, "970.00", "{b:?}");
+            assert_eq!(b.balance, "950.00", "{b:?}");
         }
+        let within = grpc::login(&channels[1], "BankA", "user2", "pass2").await.expect("login at gateway 2");
+        assert_eq!(grpc::balance(&channels[0], &within).await.expect("balance").balance, "2020.00");
         let payee = grpc::login(&channels[2], "BankB", "user2", "pass2").await.expect("login at gateway 3");
         assert_eq!(grpc::balance(&channels[1], &payee).await.expect("balance").balance, "2030.00");
 
@@ -350,8 +367,12 @@ fn three_gateways_on_one_database_pay_once_share_tokens_and_audit_clean() {
     });
 
     let audit = wait_audit_ok_with(&dir.0, &store);
-    assert_eq!(audit["committed"], 1, "{audit}");
-    assert_eq!(audit["payments"], 1, "{audit}");
+    assert_eq!(audit["committed"], 2, "{audit}");
+    assert_eq!(audit["payments"], 2, "{audit}");
+    let modes = server()
+        .psql(&url_g, &["SELECT string_agg(one_phase::text, ',' ORDER BY one_phase) FROM payments"])
+        .expect("the shared log");
+    assert_eq!(modes, "false,true", "the payment within BankA ran in one phase");
     assert_eq!(audit["banks"].as_array().map(Vec::len), Some(2), "both banks audited: {audit}");
     assert_eq!(audit["held"], "0.00", "{audit}");
 
