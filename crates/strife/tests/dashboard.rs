@@ -147,6 +147,26 @@ fn the_dashboard_is_for_operators_and_shows_what_happened() {
     assert!(page.contains(r#"data-kind="begin""#) && page.contains(r#"data-kind="decision""#), "{page}");
     assert!(page.find(r#"data-kind="begin""#) < page.find(r#"data-kind="decision""#));
 
+    // A payment within one bank: BankA decided it in one phase, and the
+    // timeline says so (no votes, no acknowledgements: the bank's decision).
+    let within = run_cli(
+        &dir.0,
+        &["--json", "--as", "user1@BankA", "pay", "--to", "user2@BankA", "--amount", "1.50"],
+        &[],
+    );
+    assert_eq!(within.code, 0, "{within:?}");
+    let id = within.json()["payment_id"].as_str().expect("payment id").to_owned();
+    let (_, found) = get(&addr, &format!("/payments?q={id}"), &cookie);
+    let txn = found.split(r#"data-txn=""#).nth(1).and_then(|r| r.split('"').next()).expect("found by id");
+    let page = wait_page(&addr, &format!("/payments/{txn}"), &cookie, "the bank's decision", |b| {
+        b.contains(r#"data-kind="decision""#)
+    });
+    assert_eq!(text_of(&page, "payment-state"), "committed");
+    assert_eq!(text_of(&page, "payment-protocol"), "one phase: decided by BankA");
+    assert!(page.contains("One-phase commit timeline"), "{page}");
+    assert!(page.contains(r#"data-kind="transfer" data-bank="BankA""#), "{page}");
+    assert!(!page.contains(r#"data-kind="vote""#) && !page.contains(r#"data-kind="ack""#), "{page}");
+
     // A value from outside is escaped: the search query echoed back.
     let (_, search) = get(&addr, "/payments?q=%3Cscript%3Ealert(1)%3C%2Fscript%3E", &cookie);
     assert!(!search.contains("<script>alert"), "{search}");

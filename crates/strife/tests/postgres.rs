@@ -536,3 +536,70 @@ fn a_dead_gateways_payments_are_finished_by_the_other() {
     let r = run_cli(d, &["--json", "--gateway", &g2, "--as", "user1@BankA", "balance"], &[]);
     assert_eq!(r.json()["balance"], "990.00", "the decided payment moved once, the other never: {r:?}");
 }
+
+/// One phase across replicas: gateway 1 dies after BankA decided a payment
+/// within BankA, before recording BankA's decision; gateway 2 never
+/// aborts it (BankA may have committed it, and did) but asks BankA, and
+/// the customer's retry there is told the truth. Then gateway 1 dies right
+/// after forcing the record of another, before BankA heard of it: gateway
+/// 2 asks BankA past the deadline, BankA fences the transfer it never saw,
+/// and the payment is declined; the money moved once.
+#[test]
+fn a_dead_gateways_one_phase_payments_are_settled_by_the_other_at_their_bank() {
+    let crash: &[(&str, &str)] = &[("STRIFE_CRASH_AT", "gateway.before_outcome")];
+    let (dir, url_g, mut gateways, _banks) = two_gateways("takeover-one-phase", [crash, &[]]);
+    let d = &dir.0;
+    let (g1, g2) = (gateways[0].addr.clone(), gateways[1].addr.clone());
+    let pay = |gateway: &str, id: &str| {
+        let args = ["--json", "--gateway", gateway, "--as", "user1@BankA", "pay", "--to", "user2@BankA"];
+        run_cli(d, &[&args[..], &["--amount", "10.00", "--id", id]].concat(), &[])
+    };
+    let r = run_cli(
+        d,
+        &["--gateway", &g2, "login", "--bank", "BankA", "--user", "user1"],
+        &[("STRIFE_PASSWORD", "pass1")],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    let decided = grpc::new_id();
+    let first = pay(&g1, &decided);
+    assert_ne!(first.code, 0, "gateway 1 died before answering: {first:?}");
+    assert_eq!(wait_exit(&mut gateways[0].child), None, "gateway 1 died by a signal");
+    let again = pay(&g2, &decided);
+    assert_eq!((again.code, again.json()["status"].as_str()), (0, Some("committed")), "{again:?}");
+    assert_eq!(again.json()["replayed"], true, "{again:?}");
+    let sql = format!(
+        "SELECT state || ' ' || acked || ' ' || one_phase FROM payments WHERE payment_id = '{decided}'"
+    );
+    let deadline = std::time::Instant::now() + WAIT;
+    while server().psql(&url_g, &[&sql]).expect("the gateways' log") != "committed true true" {
+        assert!(std::time::Instant::now() < deadline, "gateway 2 never recorded BankA's decision");
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    gateways[0] = start_gateway(
+        d,
+        &g1,
+        &[("STRIFE_GATEWAY_STORE", url_g.expose()), ("STRIFE_CRASH_AT", "gateway.after_begin")],
+    );
+    wait_registered_at(d, Some(&gateways[0].addr), &["BankA", "BankB"]);
+    let fenced = grpc::new_id();
+    let first = pay(&g1, &fenced);
+    assert_ne!(first.code, 0, "gateway 1 died before the transfer: {first:?}");
+    assert_eq!(wait_exit(&mut gateways[0].child), None, "gateway 1 died by a signal");
+    let store = [("STRIFE_GATEWAY_STORE", url_g.expose().as_str())];
+    let audit = wait_audit_ok_with(d, &store);
+    assert_eq!(audit["committed"], 1, "{audit}");
+    let again = pay(&g2, &fenced);
+    assert_eq!((again.code, again.json()["reason"].as_str()), (3, Some("timeout")), "{again:?}");
+    let balance = |who: &str| {
+        run_cli(d, &["--json", "--gateway", &g2, "--as", who, "balance"], &[]).json()["balance"].clone()
+    };
+    assert_eq!(balance("user1@BankA"), "990.00", "the decided payment moved once, the fenced one never");
+    let r = run_cli(
+        d,
+        &["--gateway", &g2, "login", "--bank", "BankA", "--user", "user2"],
+        &[("STRIFE_PASSWORD", "pass2")],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    assert_eq!(balance("user2@BankA"), "2010.00");
+}

@@ -1,4 +1,6 @@
-//! What every fault run shares: 8 payers making cross-bank payments through
+//! What every fault run shares: 8 payers making payments (two in three
+//! cross-bank, in two phases; one in three within the payer's bank, in one
+//! phase) through
 //! whichever gateway answers, retrying one id until a final answer as the
 //! outbox does, until told to stop; and the checks after healing (every
 //! answer replays unchanged, balances are exactly the committed payments,
@@ -79,8 +81,14 @@ pub async fn pay_until_stopped(
                 }
             };
             while !stop.load(Ordering::SeqCst) {
-                let other = if bank == "BankA" { "BankB" } else { "BankA" };
-                let payee = format!("user{}", 1 + rng.below(5));
+                // One in three within the payer's bank (one phase), to
+                // someone else there; the rest to the other bank.
+                let (other, payee) = if rng.below(3) == 0 {
+                    let n: u64 = user[4..].parse().expect("userN");
+                    (bank, format!("user{}", 1 + (n + rng.below(4)) % 5))
+                } else {
+                    (if bank == "BankA" { "BankB" } else { "BankA" }, format!("user{}", 1 + rng.below(5)))
+                };
                 let amount_minor = 100 + rng.below(5_000) as i64;
                 let amount = strife_core::money::format_minor(amount_minor);
                 let id = grpc::new_id();
