@@ -472,7 +472,13 @@ impl<S: GatewayStore> Gateway<S> {
                     asked.as_slice(),
                     [machine::Action::Send(_, machine::ToBank::Resolve)]
                 ));
-                self.ask_bank(&bank, txn_id, DeclineReason::BankUnavailable, &mut events).await
+                let answer = self.ask_bank(&bank, txn_id, DeclineReason::BankUnavailable).await;
+                if let Err(why) = &answer {
+                    tracing::warn!(bank = %bank.name, %txn_id, error = %why, "cannot ask the bank about a transfer");
+                }
+                let detail = answer.as_ref().map_or_else(|_| "no answer".to_owned(), |a| outcome_detail(*a));
+                events.push(PaymentEvent::new(txn_id, now_ms(), "resolve", Some(&bank.name), detail));
+                answer.ok()
             }
         };
         metrics::GATEWAY
@@ -510,32 +516,22 @@ impl<S: GatewayStore> Gateway<S> {
     }
 
     /// Asks `bank` what became of one-phase payment `txn_id` (a transfer
-    /// it never saw is fenced with `reason`), within the commit timeout.
-    /// `None`: no answer.
+    /// it never saw is fenced with `reason`), within the commit timeout:
+    /// its decision, or why there is none.
     async fn ask_bank(
         &self,
         bank: &BankEntry,
         txn_id: &str,
         reason: DeclineReason,
-        events: &mut Vec<PaymentEvent>,
-    ) -> Option<(PaymentState, Option<DeclineReason>)> {
+    ) -> Result<(PaymentState, Option<DeclineReason>), String> {
         let asked =
             tokio::time::timeout(self.config.commit_timeout(), bank.resolve_transfer(txn_id, reason.code()))
                 .await;
-        let answer = match asked {
-            Ok(Ok(resp)) => Some(transfer_outcome(resp.outcome(), &resp.reason)),
-            Ok(Err(status)) => {
-                tracing::warn!(bank = %bank.name, %txn_id, code = ?status.code(), message = status.message(), "cannot ask the bank about a transfer");
-                None
-            }
-            Err(_) => {
-                tracing::warn!(bank = %bank.name, %txn_id, "the bank did not answer a question about a transfer");
-                None
-            }
-        };
-        let detail = answer.map_or_else(|| "no answer".to_owned(), outcome_detail);
-        events.push(PaymentEvent::new(txn_id, now_ms(), "resolve", Some(&bank.name), detail));
-        answer
+        match asked {
+            Ok(Ok(resp)) => Ok(transfer_outcome(resp.outcome(), &resp.reason)),
+            Ok(Err(status)) => Err(format!("{:?}: {}", status.code(), status.message())),
+            Err(_) => Err("no answer in time".to_owned()),
+        }
     }
 
     /// Settles a one-phase payment found undecided (its deadline passed,
@@ -548,15 +544,28 @@ impl<S: GatewayStore> Gateway<S> {
             Some(machine::Abandoned::AskBank)
         );
         let bank = self.bank(&p.payer.bank)?;
-        let mut events = Vec::new();
-        let answer = self.ask_bank(&bank, &p.txn_id, DeclineReason::Timeout, &mut events).await;
-        if let Some((state, reason)) = answer {
-            events.push(decision_event(&p.txn_id, state, reason));
-            self.store.record_outcome_lazily(p.txn_id.clone(), state, reason);
-            tracing::info!(txn_id = %p.txn_id, decision = state.as_str(), bank = %bank.name, "learnt a one-phase payment's outcome from its bank");
-        }
-        self.store.record_events(events);
-        answer
+        // Asked again at every pass while the bank does not answer: only an
+        // answer goes into the log and the timeline.
+        let (state, reason) = match self.ask_bank(&bank, &p.txn_id, DeclineReason::Timeout).await {
+            Ok(answer) => answer,
+            Err(why) => {
+                tracing::debug!(bank = %bank.name, txn_id = %p.txn_id, error = %why, "cannot settle a one-phase payment yet");
+                return None;
+            }
+        };
+        self.store.record_outcome_lazily(p.txn_id.clone(), state, reason);
+        self.store.record_events(vec![
+            PaymentEvent::new(
+                &p.txn_id,
+                now_ms(),
+                "resolve",
+                Some(&bank.name),
+                outcome_detail((state, reason)),
+            ),
+            decision_event(&p.txn_id, state, reason),
+        ]);
+        tracing::info!(txn_id = %p.txn_id, decision = state.as_str(), bank = %bank.name, "learnt a one-phase payment's outcome from its bank");
+        Some((state, reason))
     }
 
     /// The answer for a payment id seen before. A payment still
@@ -815,9 +824,22 @@ impl<S: GatewayStore> Gateway<S> {
         let mut asks = tokio::task::JoinSet::new();
         for p in one_phase {
             let gateway = self.clone();
-            asks.spawn(async move { gateway.settle_one_phase(&p).await });
+            asks.spawn(async move { gateway.settle_one_phase(&p).await.is_some() });
         }
-        while asks.join_next().await.is_some() {}
+        let (mut asked, mut unsettled) = (0, 0);
+        while let Some(settled) = asks.join_next().await {
+            asked += 1;
+            if !matches!(settled, Ok(true)) {
+                unsettled += 1;
+            }
+        }
+        if unsettled > 0 {
+            tracing::warn!(
+                unsettled,
+                asked,
+                "one-phase payments past their deadline whose bank cannot be asked yet"
+            );
+        }
         for p in two_phase {
             let running = self
                 .in_flight

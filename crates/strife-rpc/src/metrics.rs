@@ -263,11 +263,7 @@ pub static BANK: LazyLock<BankMetrics> = LazyLock::new(|| {
             "Decisions received from the gateway, by decision",
             m.decisions.clone(),
         );
-        r.register(
-            "strife_transfers",
-            "One-phase transfers answered, by outcome",
-            m.transfers.clone(),
-        );
+        r.register("strife_transfers", "One-phase transfers answered, by outcome", m.transfers.clone());
         r.register(
             "strife_in_doubt_legs",
             "Legs prepared and waiting for the gateway's decision",

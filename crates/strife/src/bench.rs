@@ -550,7 +550,8 @@ async fn measure(
                 }
                 let t0 = Instant::now();
                 let result = client.pay(req).await;
-                lat.push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX));
+                let one_bank = from.bank == to.bank;
+                lat.push((u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX), one_bank));
                 tally.calls.fetch_add(if from.bank == to.bank { 3 } else { 5 }, Ordering::Relaxed);
                 match result {
                     Ok(r) if r.get_ref().status() == pb::PaymentStatus::Committed => &tally.committed,
@@ -562,10 +563,17 @@ async fn measure(
             lat
         }));
     }
-    let mut latencies = Vec::new();
+    let mut kinds: Vec<(u32, bool)> = Vec::new();
     for w in workers {
-        latencies.extend(w.await?);
+        kinds.extend(w.await?);
     }
+    // Payments within one bank (one phase, where the bank serves transfers)
+    // and across two, apart: their paths differ.
+    let mut within: Vec<u32> = kinds.iter().filter(|k| k.1).map(|k| k.0).collect();
+    let mut across: Vec<u32> = kinds.iter().filter(|k| !k.1).map(|k| k.0).collect();
+    within.sort_unstable();
+    across.sort_unstable();
+    let mut latencies: Vec<u32> = kinds.iter().map(|k| k.0).collect();
     let elapsed = started.elapsed().as_secs_f64();
     progress.abort();
     if std::io::stderr().is_terminal() {
@@ -575,13 +583,14 @@ async fn measure(
     let bench_after = cpu_ticks(std::process::id());
     let postgres_after = cluster.postgres.as_ref().map(|pg| postgres_ticks(pg.pid()));
     latencies.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if latencies.is_empty() {
+    let pct_of = |sorted: &[u32], p: f64| -> f64 {
+        if sorted.is_empty() {
             return 0.0;
         }
-        let i = ((latencies.len() as f64 * p).ceil() as usize).clamp(1, latencies.len()) - 1;
-        f64::from(latencies[i]) / 1000.0
+        let i = ((sorted.len() as f64 * p).ceil() as usize).clamp(1, sorted.len()) - 1;
+        f64::from(sorted[i]) / 1000.0
     };
+    let pct = |p: f64| pct_of(&latencies, p);
     let done = latencies.len() as f64;
     let rate = done / elapsed;
     let calls_per_payment = tally.calls.load(Ordering::Relaxed) as f64 / done.max(1.0);
@@ -631,6 +640,9 @@ async fn measure(
         "seconds": round3(elapsed),
         "payments_per_sec": round3(rate),
         "latency_ms": { "p50": round3(pct(0.50)), "p90": round3(pct(0.90)), "p99": round3(pct(0.99)), "p999": round3(pct(0.999)) },
+        "one_bank_share": round3(within.len() as f64 / done.max(1.0)),
+        "latency_ms_one_bank": { "p50": round3(pct_of(&within, 0.50)), "p99": round3(pct_of(&within, 0.99)) },
+        "latency_ms_two_banks": { "p50": round3(pct_of(&across, 0.50)), "p99": round3(pct_of(&across, 0.99)) },
         "committed": tally.committed.load(Ordering::Relaxed),
         "declined": tally.declined.load(Ordering::Relaxed),
         "failed": tally.failed.load(Ordering::Relaxed),
