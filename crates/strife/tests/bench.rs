@@ -46,6 +46,14 @@ fn a_small_uniform_run_reports_everything_and_conserves_money() {
     for p in ["p50", "p90", "p99", "p999"] {
         assert!(j["latency_ms"][p].as_f64().is_some_and(|v| v > 0.0), "latency {p}: {j}");
     }
+    // Payments within one bank (one phase) and across two, apart: about half each.
+    let share = j["one_bank_share"].as_f64().expect("one_bank_share");
+    assert!((0.2..0.8).contains(&share), "{j}");
+    for kind in ["latency_ms_one_bank", "latency_ms_two_banks"] {
+        for p in ["p50", "p99"] {
+            assert!(j[kind][p].as_f64().is_some_and(|v| v > 0.0), "{kind} {p}: {j}");
+        }
+    }
     assert_eq!(j["payments"], 300);
     assert_eq!(j["conserved"], true);
     assert_eq!(j["committed"], 300, "every bench payment fits the balances: {j}");
