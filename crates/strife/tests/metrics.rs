@@ -62,21 +62,26 @@ fn every_server_serves_metrics_that_count_what_happened() {
     }
     let r = c.pay("user1@BankA", "user2@BankB", "99999.00");
     assert_eq!(r.json()["reason"], "insufficient_funds", "{r:?}");
+    // Within BankA: one phase, a transfer that BankA decides.
+    let r = c.pay("user1@BankA", "user2@BankA", "1.00");
+    assert_eq!(r.json()["status"], "committed", "{r:?}");
     let wrong = c.cli_env(&["login", "--bank", "BankA", "--user", "user3"], &[("STRIFE_PASSWORD", "nope")]);
     assert_ne!(wrong.code, 0, "{wrong:?}");
 
     let g = scrape(&gateway);
-    assert_eq!(value(&g, "strife_payments_total{outcome=\"committed\",reason=\"none\"}"), 2.0);
+    assert_eq!(value(&g, "strife_payments_total{outcome=\"committed\",reason=\"none\"}"), 3.0);
     assert_eq!(value(&g, "strife_payments_total{outcome=\"declined\",reason=\"insufficient_funds\"}"), 1.0);
-    assert_eq!(value(&g, "strife_payment_duration_seconds_count"), 3.0);
+    assert_eq!(value(&g, "strife_payment_duration_seconds_count"), 4.0);
     assert_eq!(value(&g, "strife_payment_phase_duration_seconds_count{phase=\"prepare\"}"), 3.0);
     assert_eq!(value(&g, "strife_payment_phase_duration_seconds_count{phase=\"decision\"}"), 3.0);
+    assert_eq!(value(&g, "strife_payment_phase_duration_seconds_count{phase=\"transfer\"}"), 1.0);
     assert_eq!(value(&g, "strife_payments_in_flight"), 0.0);
     assert_eq!(value(&g, "strife_decision_conflicts_total"), 0.0);
     assert_eq!(value(&g, "strife_logins_total{result=\"ok\"}"), 2.0);
     assert_eq!(value(&g, "strife_logins_total{result=\"wrong_credentials\"}"), 1.0);
     assert!(value(&g, "strife_bank_registrations_total{result=\"accepted\"}") >= 2.0);
     assert!(value(&g, "strife_bank_batch_size_count{call=\"prepare\"}") >= 1.0);
+    assert!(value(&g, "strife_bank_batch_size_count{call=\"transfer\"}") >= 1.0);
     assert!(value(&g, "strife_store_commit_seconds_count") >= 3.0);
     assert!(value(&g, "process_resident_memory_bytes") > 0.0);
     assert!(value(&g, "process_cpu_seconds_total") > 0.0);
@@ -86,6 +91,7 @@ fn every_server_serves_metrics_that_count_what_happened() {
     // Three prepares at the payer's bank: two yes, one no (funds).
     assert_eq!(value(&a, "strife_prepares_total{vote=\"yes\"}"), 2.0);
     assert_eq!(value(&a, "strife_prepares_total{vote=\"no\"}"), 1.0);
+    assert_eq!(value(&a, "strife_transfers_total{outcome=\"committed\"}"), 1.0, "the payment within BankA");
     // The gauge is refreshed once per inquiry interval: it may still show
     // a leg that was in doubt a moment ago; every leg is decided by now.
     let deadline = Instant::now() + WAIT;
