@@ -707,6 +707,61 @@ mod tests {
         assert_eq!(two.ledger_id(), one.ledger_id());
     }
 
+    /// A ledger written by the previous version (schema version 3: legs
+    /// prepared by its functions, one open) is migrated at connect, and the
+    /// batch functions that replace those of version 3 decide and prepare
+    /// on it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_ledger_of_the_previous_version_upgrades_with_its_open_legs() {
+        let url = new_database();
+        let config: tokio_postgres::Config = url.expose().parse().expect("url");
+        let (mut client, connection) = config.connect(tokio_postgres::NoTls).await.expect("connect");
+        let task = tokio::spawn(connection);
+        migrations::runner()
+            .set_target(refinery::Target::Version(3))
+            .run_async(&mut client)
+            .await
+            .expect("v3");
+        client
+            .batch_execute(
+                "INSERT INTO ledger (bank) VALUES ('BankA');
+                 INSERT INTO accounts (user_name, password_hash, balance_minor, opening_minor)
+                 VALUES ('a', 'x', 1000, 1000), ('b', 'x', 1000, 1000);
+                 SELECT prepare_legs(ARRAY['t1', 't2'], ARRAY['p1', 'p2'], ARRAY['a', 'a'], ARRAY['BankA', 'BankA'],
+                                     ARRAY['b', 'b'], ARRAY['BankA', 'BankA'], ARRAY[100, 200]::BIGINT[],
+                                     ARRAY['a', 'a'], ARRAY['b', 'b'], 1, 1000000);
+                 SELECT decide_legs(ARRAY['t1'], ARRAY['commit'], 2);",
+            )
+            .await
+            .expect("a ledger of version 3");
+        drop(client);
+        let _ = task.await;
+        let ledger = PostgresLedger::connect(&url, "BankA").await.expect("migrates");
+        assert_eq!(ledger.balance("a".into()).await.expect("a"), (900, 700), "t2 holds 200");
+        let votes = ledger
+            .prepare_batch(vec![leg("t2", "a", "b", 200), leg("t3", "a", "b", 700), leg("t4", "a", "b", 1)])
+            .await
+            .expect("batch");
+        assert!(matches!(votes[0], Ok(Vote::Yes)), "the old prepared leg answers: {votes:?}");
+        assert!(matches!(votes[1], Ok(Vote::Yes)), "{votes:?}");
+        assert!(matches!(votes[2], Ok(Vote::No(DeclineReason::InsufficientFunds))), "{votes:?}");
+        let done = ledger
+            .decide_batch(vec![
+                ("t1".into(), Decision::Commit),
+                ("t2".into(), Decision::Commit),
+                ("t3".into(), Decision::Abort),
+            ])
+            .await
+            .expect("batch");
+        assert!(done.iter().all(Result::is_ok), "{done:?}");
+        assert_eq!(ledger.balance("a".into()).await.expect("a"), (700, 700));
+        assert_eq!(ledger.balance("b".into()).await.expect("b"), (1300, 1300));
+        let history = server()
+            .psql(&url, &["SELECT COUNT(*) FROM refinery_schema_history"])
+            .expect("refinery's own table");
+        assert_eq!(history, "4", "each migration applied once");
+    }
+
     /// A leg the database refuses (here a negative amount, against a CHECK)
     /// fails the batch's one statement; the batch is then made a leg at a
     /// time, so the other legs still get their answers.
@@ -731,8 +786,9 @@ mod tests {
     }
 
     /// Two replicas of one bank (two pools on one database) prepare against
-    /// one hot account from many tasks at once, some legs sent to both at
-    /// once, some prepares racing an abort of the same payment: the account
+    /// one hot account from many tasks at once, alone and in batches, some
+    /// legs sent to both at once, some prepares racing an abort of the same
+    /// payment: the account
     /// is never overdrawn, its hold is exactly the sum of its open legs, and
     /// no money appears or disappears.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -774,7 +830,7 @@ mod tests {
                     let l = leg(&txn, "hot", &format!("p{}", rng.below(PAYEES)), amount);
                     let me = &replicas[rng.below(2) as usize];
                     let other = &replicas[rng.below(2) as usize];
-                    let vote = match rng.below(6) {
+                    let vote = match rng.below(7) {
                         // The same prepare at both replicas at once: one answer.
                         0 => {
                             let (x, y) = tokio::join!(me.prepare(l.clone()), other.prepare(l));
@@ -789,6 +845,25 @@ mod tests {
                             y.expect("abort");
                             x.expect("prepare");
                             continue;
+                        }
+                        // The same, in batches (the loser runs its batch again).
+                        4 => {
+                            let (x, y) = tokio::join!(
+                                me.prepare_batch(vec![l]),
+                                other.decide_batch(vec![(txn.clone(), Decision::Abort)])
+                            );
+                            y.expect("batch")[0].as_ref().expect("abort");
+                            x.expect("batch")[0].as_ref().expect("prepare");
+                            continue;
+                        }
+                        // The same batch at both replicas at once: one answer.
+                        3 => {
+                            let (x, y) =
+                                tokio::join!(me.prepare_batch(vec![l.clone()]), other.prepare_batch(vec![l]));
+                            let (x, y) = (x.expect("batch"), y.expect("batch"));
+                            let (x, y) = (x[0].as_ref().expect("vote"), y[0].as_ref().expect("vote"));
+                            assert_eq!(x, y, "{txn}: two answers to one prepare");
+                            *x
                         }
                         // A batch of one leg and a repeat of it.
                         2 => {
@@ -805,11 +880,21 @@ mod tests {
                         continue;
                     }
                     match rng.below(10) {
-                        0..5 => {
+                        0..3 => {
                             other.decide(txn, Decision::Commit).await.expect("commit");
                             committed += amount;
                         }
-                        5..8 => other.decide(txn, Decision::Abort).await.expect("abort"),
+                        3..5 => {
+                            let done =
+                                other.decide_batch(vec![(txn, Decision::Commit)]).await.expect("batch");
+                            done[0].as_ref().expect("commit");
+                            committed += amount;
+                        }
+                        5..7 => other.decide(txn, Decision::Abort).await.expect("abort"),
+                        7 => {
+                            let done = other.decide_batch(vec![(txn, Decision::Abort)]).await.expect("batch");
+                            done[0].as_ref().expect("abort");
+                        }
                         _ => open.push(amount),
                     }
                 }
