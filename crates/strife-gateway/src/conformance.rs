@@ -125,17 +125,17 @@ fn txn_ids(payments: &[PaymentRecord]) -> Vec<String> {
 }
 
 /// A bounded wait for something that happens without being forced.
-struct Patience {
+pub(crate) struct Patience {
     give_up: Instant,
 }
 
 impl Patience {
-    fn new() -> Patience {
+    pub(crate) fn new() -> Patience {
         Patience { give_up: Instant::now() + EVENTUALLY }
     }
 
     /// Pauses before the next look, or fails the case once out of patience.
-    async fn wait(&self, what: &str) {
+    pub(crate) async fn wait(&self, what: &str) {
         assert!(Instant::now() < self.give_up, "{what}: not within {EVENTUALLY:?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

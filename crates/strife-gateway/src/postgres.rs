@@ -582,12 +582,26 @@ SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amoun
        state, reason, acked, created_at, deadline_at, fingerprint
 FROM payments WHERE txn_id > $1 ORDER BY txn_id LIMIT $2";
 
-/// Timeline events: one autocommitted statement, not forced (as `BEGIN_SQL`).
+/// Timeline events (`$1`–`$5`: one array per field): one row per payment,
+/// its events in the order given. One autocommitted statement, not forced
+/// (as `BEGIN_MANY_SQL`).
 const EVENTS_SQL: &str = "
-INSERT INTO payment_events (txn_id, at, kind, bank, detail)
-SELECT e.txn_id, e.at, e.kind, e.bank, e.detail
+INSERT INTO payment_timeline (txn_id, last_at, ats, kinds, banks, details)
+SELECT e.txn_id, max(e.at), array_agg(e.at ORDER BY e.n), array_agg(e.kind ORDER BY e.n),
+       array_agg(e.bank ORDER BY e.n), array_agg(e.detail ORDER BY e.n)
 FROM (SELECT set_config('synchronous_commit', 'off', true)) AS not_forced,
-     UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[]) AS e (txn_id, at, kind, bank, detail)";
+     unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[])
+       WITH ORDINALITY AS e (txn_id, at, kind, bank, detail, n)
+GROUP BY e.txn_id";
+
+/// A payment's timeline (`$1`), in time order, then as written; at most `$2` events.
+const TIMELINE_SQL: &str = "
+SELECT t.txn_id, e.at, e.kind, e.bank, e.detail
+FROM payment_timeline t,
+     unnest(t.ats, t.kinds, t.banks, t.details) WITH ORDINALITY AS e (at, kind, bank, detail, n)
+WHERE t.txn_id = $1
+ORDER BY e.at, t.id, e.n
+LIMIT $2";
 
 /// The newest payments: by transaction id, which is time-ordered (UUID v7),
 /// through the primary key (no index of its own on the write path).
@@ -784,11 +798,7 @@ impl GatewayStore for PostgresStore {
 
     async fn payment_events(&self, txn_id: String) -> Result<Vec<PaymentEvent>, GatewayError> {
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT txn_id, at, kind, bank, detail FROM payment_events WHERE txn_id = $1 ORDER BY at, id LIMIT $2",
-            )
-            .await?;
+        let stmt = client.prepare_cached(TIMELINE_SQL).await?;
         let rows = client.query(&stmt, &[&txn_id, &i64::from(EVENTS_PER_PAYMENT_MAX)]).await?;
         rows.iter()
             .map(|r| {
@@ -838,7 +848,7 @@ impl GatewayStore for PostgresStore {
         self.retrying(|client| async move {
             let stmt = client.prepare_cached(PRUNE_SQL).await?;
             let pruned = client.execute(&stmt, &[&before_ms]).await?;
-            let stmt = client.prepare_cached("DELETE FROM payment_events WHERE at < $1").await?;
+            let stmt = client.prepare_cached("DELETE FROM payment_timeline WHERE last_at < $1").await?;
             client.execute(&stmt, &[&before_ms]).await?;
             // Now and then, too: revocations of tokens that have expired,
             // and login counts idle and unlocked.
@@ -1071,7 +1081,77 @@ mod tests {
         let history = server()
             .psql(&url, &["SELECT COUNT(*) FROM gateway_schema_history"])
             .expect("refinery's own table");
-        assert_eq!(history, "4", "each migration applied once");
+        assert_eq!(history, "5", "each migration applied once");
+    }
+
+    /// A store written by the previous version (schema version 4: a
+    /// payment, its timeline a row per step) is migrated at connect: the
+    /// payment and its timeline read back as they were, and new steps add
+    /// to it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_of_the_previous_version_upgrades_with_its_timelines() {
+        use crate::store::PaymentEvent;
+        let url = new_database();
+        let config: tokio_postgres::Config = url.expose().parse().expect("url");
+        let (mut client, connection) = config.connect(tokio_postgres::NoTls).await.expect("connect");
+        let task = tokio::spawn(connection);
+        let mut runner = migrations::runner();
+        runner.set_migration_table_name(MIGRATION_TABLE);
+        runner.set_target(refinery::Target::Version(4)).run_async(&mut client).await.expect("v4");
+        let txn = uuid_of(1);
+        client
+            .execute(
+                "INSERT INTO payments (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank,
+                     amount_minor, fingerprint, state, acked, created_at, deadline_at, decided_at, owner, lease_until)
+                 VALUES ($1, 'p1', 'x', 'BankA', 'y', 'BankB', 100, '\\x00', 'committed', TRUE, 10, 1000, 13,
+                         gen_random_uuid(), 0)",
+                &[&txn],
+            )
+            .await
+            .expect("a payment of version 4");
+        client
+            .execute(
+                "INSERT INTO payment_events (txn_id, at, kind, bank, detail) VALUES
+                     ($1, 10, 'begin', NULL, ''), ($1, 12, 'vote', 'BankB', 'yes'),
+                     ($1, 11, 'vote', 'BankA', 'yes'), ($1, 13, 'decision', NULL, 'commit'),
+                     ($1, 13, 'ack', 'BankA', 'ok')",
+                &[&txn],
+            )
+            .await
+            .expect("its timeline");
+        drop(client);
+        let _ = task.await;
+        let s = PostgresStore::connect(&url, LONG).await.expect("migrates");
+        let p = s.find_txn(txn.clone()).await.expect("find").expect("the payment survives");
+        assert_eq!((p.state, p.acked, p.amount_minor), (PaymentState::Committed, true, 100));
+        let steps = |events: Vec<PaymentEvent>| -> Vec<(i64, String, Option<String>, String)> {
+            events.into_iter().map(|e| (e.at_ms, e.kind.to_owned(), e.bank, e.detail)).collect()
+        };
+        let step = |at: i64, kind: &str, bank: Option<&str>, detail: &str| {
+            (at, kind.to_owned(), bank.map(str::to_owned), detail.to_owned())
+        };
+        let old = vec![
+            step(10, "begin", None, ""),
+            step(11, "vote", Some("BankA"), "yes"),
+            step(12, "vote", Some("BankB"), "yes"),
+            step(13, "decision", None, "commit"),
+            step(13, "ack", Some("BankA"), "ok"),
+        ];
+        assert_eq!(steps(s.payment_events(txn.clone()).await.expect("timeline")), old);
+        s.record_events(vec![PaymentEvent::new(&txn, 13, "ack", Some("BankB"), "ok".into())]);
+        let patience = crate::conformance::Patience::new();
+        let now = loop {
+            let now = steps(s.payment_events(txn.clone()).await.expect("timeline"));
+            if now.len() == old.len() + 1 {
+                break now;
+            }
+            patience.wait("the new step written").await;
+        };
+        assert_eq!(now[..old.len()], old[..], "the old steps first");
+        assert_eq!(now[old.len()], step(13, "ack", Some("BankB"), "ok"), "then the new one");
+        // Retention prunes the timeline with the payment.
+        assert_eq!(s.prune(i64::MAX).await.expect("prune"), 1);
+        assert!(s.payment_events(txn).await.expect("timeline").is_empty());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
