@@ -120,7 +120,7 @@ async fn insert<S: GatewayStore>(s: &S, p: &PaymentRecord) {
     s.begin_payment(p.clone()).await.expect("begin").expect("a new payment");
 }
 
-fn txn_ids(payments: &[PaymentRecord]) -> Vec<String> {
+pub(crate) fn txn_ids(payments: &[PaymentRecord]) -> Vec<String> {
     payments.iter().map(|p| p.txn_id.clone()).collect()
 }
 
