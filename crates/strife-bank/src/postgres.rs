@@ -27,10 +27,13 @@
 //! statement that PostgreSQL aborts for a deadlock is run again.
 //!
 //! A batch from the gateway is one statement too (`prepare_legs`,
-//! `decide_legs`): one transaction and one commit for all its legs, made in
-//! order as each alone, after the batch's rows are locked in one order (legs
-//! by id, then accounts by name) in one statement, so two batches never wait
-//! for each other in a circle. The function holds those rows for its own
+//! `decide_legs`, `V4__set_based_batches.sql`): one transaction and one
+//! commit for all its legs, and a handful of statements over the whole
+//! batch. Its rows are locked and read in one order (legs by id, then
+//! accounts by name), so two batches never wait for each other in a circle;
+//! the legs are made in memory in order, each as alone; one statement per
+//! table writes them. A leg recorded meanwhile by another process fails the
+//! statement with a serialization failure, and it is run again. The function holds those rows for its own
 //! run only (no round trip in between). A batch the database refuses as a
 //! whole (a leg that breaks a `CHECK`) is made again a leg at a time, each a
 //! statement of its own (see `each_alone`), so the other legs still get

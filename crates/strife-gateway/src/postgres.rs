@@ -22,10 +22,12 @@
 //! - a decision is an `UPDATE … WHERE state = 'preparing'`: the first wins,
 //!   and every later one reads it;
 //! - a payment is driven by its `owner`, this process's instance id, until
-//!   `lease_until`: the process that began it until its deadline plus the
-//!   commit timeout, then whoever claimed its delivery ([`PostgresStore`]'s
-//!   `claim_unfinished`: `FOR UPDATE SKIP LOCKED` on the unfinished rows, so
-//!   two claims never take one row), and after a lapse anyone.
+//!   `lease_until` (both in its row of the work queue, `payment_queue`, which
+//!   holds exactly the payments not yet acknowledged): the process that
+//!   began it until its deadline plus the commit timeout, then whoever
+//!   claimed its delivery ([`PostgresStore`]'s `claim_unfinished`: `FOR
+//!   UPDATE SKIP LOCKED` on the queue's decided rows, so two claims never
+//!   take one row), and after a lapse anyone.
 
 use crate::backend::{BANK_ADDRESS_RETENTION_MS, BANK_ADDRESSES_MAX, GatewayStore, idle_forget_ms};
 use crate::error::GatewayError;
