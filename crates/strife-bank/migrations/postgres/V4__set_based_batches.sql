@@ -133,9 +133,12 @@ $$;
 CREATE OR REPLACE FUNCTION decide_legs(p_txn_ids TEXT[], p_decisions TEXT[], p_now BIGINT)
 RETURNS TABLE (item INT, prior_state TEXT, written_state TEXT)
 LANGUAGE plpgsql
--- As for prepare_legs.
+-- As for prepare_legs; and the accounts are updated one after the other in
+-- name order (a nested loop over them in that order).
 SET enable_seqscan = off
 SET enable_bitmapscan = off
+SET enable_hashjoin = off
+SET enable_mergejoin = off
 AS $$
 DECLARE
     n INT := coalesce(cardinality(p_txn_ids), 0);
@@ -146,11 +149,14 @@ DECLARE
     amounts BIGINT[];
     debits TEXT[];
     credits TEXT[];
-    -- The accounts of its prepared legs, locked and read in name order.
+    -- The accounts of its prepared legs, in name order, and what the
+    -- batch's decisions add to each. A decision needs no balance to be
+    -- made: the accounts are not read, only changed by these amounts, at
+    -- the end, each row once (and so locked then, in name order).
     names TEXT[];
-    balances BIGINT[];
-    helds BIGINT[];
-    incomings BIGINT[];
+    balance_deltas BIGINT[];
+    held_deltas BIGINT[];
+    incoming_deltas BIGINT[];
     changed BOOLEAN[];
     -- Unknown legs aborted here (each gets a record), and legs decided here.
     aborts TEXT[] := '{}';
@@ -175,17 +181,14 @@ BEGIN
     INTO ids, states, amounts, debits, credits
     FROM (SELECT x.txn_id, x.state, x.amount_minor, x.debit_user, x.credit_user FROM legs x
           WHERE x.txn_id = ANY(p_txn_ids) ORDER BY x.txn_id FOR UPDATE) l;
-    SELECT coalesce(array_agg(a.user_name ORDER BY a.user_name), '{}'),
-           coalesce(array_agg(a.balance_minor ORDER BY a.user_name), '{}'),
-           coalesce(array_agg(a.held_minor ORDER BY a.user_name), '{}'),
-           coalesce(array_agg(a.incoming_minor ORDER BY a.user_name), '{}')
-    INTO names, balances, helds, incomings
-    FROM (SELECT x.user_name, x.balance_minor, x.held_minor, x.incoming_minor FROM accounts x
-          WHERE x.user_name = ANY(ARRAY(
-              SELECT u FROM unnest(states, debits, credits) AS l(state, debit, credit),
-                            LATERAL (VALUES (l.debit), (l.credit)) AS v(u)
-              WHERE l.state = 'prepared' AND u IS NOT NULL))
-          ORDER BY x.user_name FOR UPDATE) a;
+    names := ARRAY(
+        SELECT DISTINCT u FROM unnest(states, debits, credits) AS l(state, debit, credit),
+                               LATERAL (VALUES (l.debit), (l.credit)) AS v(u)
+        WHERE l.state = 'prepared' AND u IS NOT NULL
+        ORDER BY u);
+    balance_deltas := array_fill(0::BIGINT, ARRAY[cardinality(names)]);
+    held_deltas := array_fill(0::BIGINT, ARRAY[cardinality(names)]);
+    incoming_deltas := array_fill(0::BIGINT, ARRAY[cardinality(names)]);
     changed := array_fill(FALSE, ARRAY[cardinality(names)]);
     FOR i IN 1..n LOOP
         k := array_position(ids, p_txn_ids[i]);
@@ -213,13 +216,13 @@ BEGIN
         d := CASE WHEN debits[k] IS NULL THEN NULL ELSE array_position(names, debits[k]) END;
         c := CASE WHEN credits[k] IS NULL THEN NULL ELSE array_position(names, credits[k]) END;
         IF d IS NOT NULL THEN
-            helds[d] := helds[d] - amounts[k];
-            balances[d] := balances[d] - applied;
+            held_deltas[d] := held_deltas[d] - amounts[k];
+            balance_deltas[d] := balance_deltas[d] - applied;
             changed[d] := TRUE;
         END IF;
         IF c IS NOT NULL THEN
-            incomings[c] := incomings[c] - amounts[k];
-            balances[c] := balances[c] + applied;
+            incoming_deltas[c] := incoming_deltas[c] - amounts[k];
+            balance_deltas[c] := balance_deltas[c] + applied;
             changed[c] := TRUE;
         END IF;
         states[k] := CASE WHEN p_decisions[i] = 'commit' THEN 'committed' ELSE 'aborted' END;
@@ -239,11 +242,13 @@ BEGIN
     UPDATE legs l SET state = x.state, decided_at = p_now
     FROM unnest(decided, decided_states) AS x(txn_id, state)
     WHERE l.txn_id = ANY(decided) AND l.txn_id = x.txn_id;
-    UPDATE accounts a SET balance_minor = x.balance_minor, held_minor = x.held_minor,
-                          incoming_minor = x.incoming_minor
-    FROM unnest(names, balances, helds, incomings, changed)
-         AS x(user_name, balance_minor, held_minor, incoming_minor, changed)
-    WHERE a.user_name = ANY(names) AND a.user_name = x.user_name AND x.changed;
+    UPDATE accounts a SET balance_minor = a.balance_minor + x.balance_delta,
+                          held_minor = a.held_minor + x.held_delta,
+                          incoming_minor = a.incoming_minor + x.incoming_delta
+    FROM (SELECT * FROM unnest(names, balance_deltas, held_deltas, incoming_deltas, changed)
+              AS y(user_name, balance_delta, held_delta, incoming_delta, changed)
+          WHERE y.changed ORDER BY y.user_name) AS x
+    WHERE a.user_name = x.user_name;
     RETURN QUERY
     SELECT t.n::INT, t.ps, t.ws
     FROM unnest(a_prior_state, a_written_state) WITH ORDINALITY AS t(ps, ws, n);
