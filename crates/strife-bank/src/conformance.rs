@@ -535,6 +535,51 @@ pub async fn random_operations_keep_every_money_rule<L: Inspect>(s: &L) {
         let held: i64 = legs.values().filter(|l| l.state == Expect::Prepared).map(|l| l.amount).sum();
         assert_eq!((totals.balance_minor, totals.held_minor), (total, held), "{at}: audit totals");
     }
+    /// How an operation reaches the ledger: alone, as a batch of one, or as
+    /// a batch of it twice (the repeat must get the first one's answer).
+    async fn prepare_via<L: Inspect>(s: &L, via: u64, leg: LegRequest, at: &str) -> Result<Vote, BankError> {
+        match via {
+            0 => s.prepare(leg).await,
+            1 => one(s.prepare_batch(vec![leg]).await.expect("batch")),
+            _ => twice(s.prepare_batch(vec![leg.clone(), leg]).await.expect("batch"), at),
+        }
+    }
+    async fn decide_via<L: Inspect>(
+        s: &L,
+        via: u64,
+        txn: &str,
+        d: Decision,
+        at: &str,
+    ) -> Result<(), BankError> {
+        match via {
+            0 => s.decide(txn.to_owned(), d).await,
+            1 => one(s.decide_batch(vec![(txn.to_owned(), d)]).await.expect("batch")),
+            _ => twice(
+                s.decide_batch(vec![(txn.to_owned(), d), (txn.to_owned(), d)]).await.expect("batch"),
+                at,
+            ),
+        }
+    }
+    fn one<T>(answers: Vec<Result<T, BankError>>) -> Result<T, BankError> {
+        assert_eq!(answers.len(), 1);
+        answers.into_iter().next().expect("an answer")
+    }
+    fn twice<T: PartialEq + std::fmt::Debug>(
+        answers: Vec<Result<T, BankError>>,
+        at: &str,
+    ) -> Result<T, BankError> {
+        assert_eq!(answers.len(), 2);
+        match (&answers[0], &answers[1]) {
+            (Ok(x), Ok(y)) => assert_eq!(x, y, "{at}: a repeat in a batch answered otherwise"),
+            (Err(x), Err(y)) => assert_eq!(
+                std::mem::discriminant(x),
+                std::mem::discriminant(y),
+                "{at}: a repeat in a batch failed otherwise: {x:?}, {y:?}"
+            ),
+            (x, y) => panic!("{at}: a repeat in a batch answered otherwise: {x:?}, {y:?}"),
+        }
+        answers.into_iter().next().expect("an answer")
+    }
     fn legs_held_by(legs: &BTreeMap<String, Model>, payer: usize) -> i64 {
         legs.values().filter(|l| l.state == Expect::Prepared && l.payer == payer).map(|l| l.amount).sum()
     }
@@ -578,7 +623,8 @@ pub async fn random_operations_keep_every_money_rule<L: Inspect>(s: &L) {
         });
         let known = legs.get(&txn).copied();
         let op = rng.below(13);
-        let at = format!("seed {seed}, step {step}, op {op} on {txn} ({known:?})");
+        let via = rng.below(3);
+        let at = format!("seed {seed}, step {step}, op {op} via {via} on {txn} ({known:?})");
         let before = snapshot(s).await;
         let mut hit = |case| *hits.entry(case).or_default() += 1;
         match op {
@@ -596,7 +642,7 @@ pub async fn random_operations_keep_every_money_rule<L: Inspect>(s: &L) {
                     Some(l) if rng.below(4) != 0 => (l.payer, l.payee, l.amount),
                     _ => (payer, payee, amount),
                 };
-                let got = s.prepare(leg(&txn, USERS[payer], USERS[payee], amount)).await;
+                let got = prepare_via(s, via, leg(&txn, USERS[payer], USERS[payee], amount), &at).await;
                 match known {
                     None => {
                         let available = balances[payer] - legs_held_by(&legs, payer);
@@ -627,7 +673,7 @@ pub async fn random_operations_keep_every_money_rule<L: Inspect>(s: &L) {
             }
             // Commit.
             4..7 => {
-                let got = s.decide(txn.clone(), Decision::Commit).await;
+                let got = decide_via(s, via, &txn, Decision::Commit, &at).await;
                 match known {
                     Some(l) if l.state == Expect::Prepared => {
                         got.expect("commit");
@@ -654,7 +700,7 @@ pub async fn random_operations_keep_every_money_rule<L: Inspect>(s: &L) {
             }
             // Abort.
             7..10 => {
-                let got = s.decide(txn.clone(), Decision::Abort).await;
+                let got = decide_via(s, via, &txn, Decision::Abort, &at).await;
                 match known {
                     Some(l) if l.state == Expect::Prepared => {
                         got.expect("abort");

@@ -27,10 +27,13 @@
 //! statement that PostgreSQL aborts for a deadlock is run again.
 //!
 //! A batch from the gateway is one statement too (`prepare_legs`,
-//! `decide_legs`): one transaction and one commit for all its legs, made in
-//! order as each alone, after the batch's rows are locked in one order (legs
-//! by id, then accounts by name) in one statement, so two batches never wait
-//! for each other in a circle. The function holds those rows for its own
+//! `decide_legs`, `V4__set_based_batches.sql`): one transaction and one
+//! commit for all its legs, and a handful of statements over the whole
+//! batch. Its rows are locked and read in one order (legs by id, then
+//! accounts by name), so two batches never wait for each other in a circle;
+//! the legs are made in memory in order, each as alone; one statement per
+//! table writes them. A leg recorded meanwhile by another process fails the
+//! statement with a serialization failure, and it is run again. The function holds those rows for its own
 //! run only (no round trip in between). A batch the database refuses as a
 //! whole (a leg that breaks a `CHECK`) is made again a leg at a time, each a
 //! statement of its own (see `each_alone`), so the other legs still get
@@ -601,6 +604,13 @@ FROM prepare_legs($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)";
 /// A batch of decisions, as one statement: see `V3__one_statement_legs.sql`.
 const DECIDE_BATCH_SQL: &str = "SELECT item, prior_state, written_state FROM decide_legs($1, $2, $3)";
 
+/// An account's committed legs (`$1`), newest first, at most `$2`: through
+/// the partial indexes of the legs that name an account on each side.
+const HISTORY_SQL: &str = "
+SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor, state, prepared_at
+FROM legs WHERE state = 'committed' AND (debit_user = $1 OR credit_user = $1)
+ORDER BY prepared_at DESC, txn_id LIMIT $2";
+
 /// Phase one for a leg, as one statement: see `V3__one_statement_legs.sql`.
 const PREPARE_SQL: &str = "
 SELECT prior_state, prior_reason, prior_amount_minor, written_state, written_reason
@@ -774,13 +784,7 @@ impl Ledger for PostgresLedger {
 
     async fn history(&self, user: String, limit: u32) -> Result<Vec<Leg>, BankError> {
         let client = self.pool.get().await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor, state, prepared_at
-                 FROM legs WHERE state = 'committed' AND (debit_user = $1 OR credit_user = $1)
-                 ORDER BY prepared_at DESC, txn_id LIMIT $2",
-            )
-            .await?;
+        let stmt = client.prepare_cached(HISTORY_SQL).await?;
         client.query(&stmt, &[&user, &i64::from(limit)]).await?.iter().map(leg_from_row).collect()
     }
 
@@ -957,6 +961,93 @@ mod tests {
         assert_eq!(two.ledger_id(), one.ledger_id());
     }
 
+    /// A ledger written by the previous version (schema version 3: legs
+    /// prepared by its functions, one open) is migrated at connect, and the
+    /// batch functions that replace those of version 3 decide and prepare
+    /// on it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_ledger_of_the_previous_version_upgrades_with_its_open_legs() {
+        let url = new_database();
+        let config: tokio_postgres::Config = url.expose().parse().expect("url");
+        let (mut client, connection) = config.connect(tokio_postgres::NoTls).await.expect("connect");
+        let task = tokio::spawn(connection);
+        migrations::runner()
+            .set_target(refinery::Target::Version(3))
+            .run_async(&mut client)
+            .await
+            .expect("v3");
+        client
+            .batch_execute(
+                "INSERT INTO ledger (bank) VALUES ('BankA');
+                 INSERT INTO accounts (user_name, password_hash, balance_minor, opening_minor)
+                 VALUES ('a', 'x', 1000, 1000), ('b', 'x', 1000, 1000);
+                 SELECT prepare_legs(ARRAY['t1', 't2'], ARRAY['p1', 'p2'], ARRAY['a', 'a'], ARRAY['BankA', 'BankA'],
+                                     ARRAY['b', 'b'], ARRAY['BankA', 'BankA'], ARRAY[100, 200]::BIGINT[],
+                                     ARRAY['a', 'a'], ARRAY['b', 'b'], 1, 1000000);
+                 SELECT decide_legs(ARRAY['t1'], ARRAY['commit'], 2);",
+            )
+            .await
+            .expect("a ledger of version 3");
+        drop(client);
+        let _ = task.await;
+        let ledger = PostgresLedger::connect(&url, "BankA").await.expect("migrates");
+        assert_eq!(ledger.balance("a".into()).await.expect("a"), (900, 700), "t2 holds 200");
+        let votes = ledger
+            .prepare_batch(vec![leg("t2", "a", "b", 200), leg("t3", "a", "b", 700), leg("t4", "a", "b", 1)])
+            .await
+            .expect("batch");
+        assert!(matches!(votes[0], Ok(Vote::Yes)), "the old prepared leg answers: {votes:?}");
+        assert!(matches!(votes[1], Ok(Vote::Yes)), "{votes:?}");
+        assert!(matches!(votes[2], Ok(Vote::No(DeclineReason::InsufficientFunds))), "{votes:?}");
+        let done = ledger
+            .decide_batch(vec![
+                ("t1".into(), Decision::Commit),
+                ("t2".into(), Decision::Commit),
+                ("t3".into(), Decision::Abort),
+            ])
+            .await
+            .expect("batch");
+        assert!(done.iter().all(Result::is_ok), "{done:?}");
+        assert_eq!(ledger.balance("a".into()).await.expect("a"), (700, 700));
+        assert_eq!(ledger.balance("b".into()).await.expect("b"), (1300, 1300));
+        let history = server()
+            .psql(&url, &["SELECT COUNT(*) FROM refinery_schema_history"])
+            .expect("refinery's own table");
+        assert_eq!(history, "4", "each migration applied once");
+    }
+
+    /// On 20,000 legs (half of them crossing banks, so naming an account of
+    /// this bank on one side only; statistics gathered), an account's
+    /// history is read through both partial indexes, custom plan or generic.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_history_uses_the_partial_indexes() {
+        let (ledger, url) = fresh().await;
+        server()
+            .psql(
+                &url,
+                &[
+                    "INSERT INTO legs (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank,
+                      amount_minor, debit_user, credit_user, state, prepared_at, decided_at)
+                   SELECT lpad(to_hex(n), 36, '0'), lpad(to_hex(n), 36, '0'), 'u' || (n % 500), 'BankA',
+                          'v' || (n % 499), CASE WHEN n % 2 = 0 THEN 'BankA' ELSE 'BankB' END, 1,
+                          'u' || (n % 500), CASE WHEN n % 2 = 0 THEN 'v' || (n % 499) END, 'committed', n, n
+                   FROM generate_series(1, 20000) AS n",
+                    "ANALYZE legs",
+                ],
+            )
+            .expect("fill");
+        let client = ledger.pool.get().await.expect("connection");
+        for mode in ["auto", "force_generic_plan"] {
+            client.batch_execute(&format!("SET plan_cache_mode = {mode}")).await.expect("mode");
+            let rows =
+                client.query(&format!("EXPLAIN {HISTORY_SQL}"), &[&"u7", &20i64]).await.expect("explain");
+            let plan = rows.iter().map(|r| r.get::<_, String>(0)).collect::<Vec<_>>().join("\n");
+            assert!(plan.contains("legs_by_debit") && plan.contains("legs_by_credit"), "{mode}: {plan}");
+            assert!(!plan.contains("Seq Scan"), "{mode}: {plan}");
+        }
+        client.batch_execute("RESET plan_cache_mode").await.expect("reset");
+    }
+
     /// A leg the database refuses (here a negative amount, against a CHECK)
     /// fails the batch's one statement; the batch is then made a leg at a
     /// time, so the other legs still get their answers.
@@ -981,8 +1072,9 @@ mod tests {
     }
 
     /// Two replicas of one bank (two pools on one database) prepare against
-    /// one hot account from many tasks at once, some legs sent to both at
-    /// once, some prepares racing an abort of the same payment: the account
+    /// one hot account from many tasks at once, alone and in batches, some
+    /// legs sent to both at once, some prepares racing an abort of the same
+    /// payment: the account
     /// is never overdrawn, its hold is exactly the sum of its open legs, and
     /// no money appears or disappears.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1024,7 +1116,7 @@ mod tests {
                     let l = leg(&txn, "hot", &format!("p{}", rng.below(PAYEES)), amount);
                     let me = &replicas[rng.below(2) as usize];
                     let other = &replicas[rng.below(2) as usize];
-                    let vote = match rng.below(6) {
+                    let vote = match rng.below(7) {
                         // The same prepare at both replicas at once: one answer.
                         0 => {
                             let (x, y) = tokio::join!(me.prepare(l.clone()), other.prepare(l));
@@ -1039,6 +1131,25 @@ mod tests {
                             y.expect("abort");
                             x.expect("prepare");
                             continue;
+                        }
+                        // The same, in batches (the loser runs its batch again).
+                        4 => {
+                            let (x, y) = tokio::join!(
+                                me.prepare_batch(vec![l]),
+                                other.decide_batch(vec![(txn.clone(), Decision::Abort)])
+                            );
+                            y.expect("batch")[0].as_ref().expect("abort");
+                            x.expect("batch")[0].as_ref().expect("prepare");
+                            continue;
+                        }
+                        // The same batch at both replicas at once: one answer.
+                        3 => {
+                            let (x, y) =
+                                tokio::join!(me.prepare_batch(vec![l.clone()]), other.prepare_batch(vec![l]));
+                            let (x, y) = (x.expect("batch"), y.expect("batch"));
+                            let (x, y) = (x[0].as_ref().expect("vote"), y[0].as_ref().expect("vote"));
+                            assert_eq!(x, y, "{txn}: two answers to one prepare");
+                            *x
                         }
                         // A batch of one leg and a repeat of it.
                         2 => {
@@ -1055,11 +1166,21 @@ mod tests {
                         continue;
                     }
                     match rng.below(10) {
-                        0..5 => {
+                        0..3 => {
                             other.decide(txn, Decision::Commit).await.expect("commit");
                             committed += amount;
                         }
-                        5..8 => other.decide(txn, Decision::Abort).await.expect("abort"),
+                        3..5 => {
+                            let done =
+                                other.decide_batch(vec![(txn, Decision::Commit)]).await.expect("batch");
+                            done[0].as_ref().expect("commit");
+                            committed += amount;
+                        }
+                        5..7 => other.decide(txn, Decision::Abort).await.expect("abort"),
+                        7 => {
+                            let done = other.decide_batch(vec![(txn, Decision::Abort)]).await.expect("batch");
+                            done[0].as_ref().expect("abort");
+                        }
                         _ => open.push(amount),
                     }
                 }

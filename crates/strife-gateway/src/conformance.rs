@@ -123,22 +123,22 @@ async fn insert<S: GatewayStore>(s: &S, p: &PaymentRecord) {
     s.begin_payment(p.clone()).await.expect("begin").expect("a new payment");
 }
 
-fn txn_ids(payments: &[PaymentRecord]) -> Vec<String> {
+pub(crate) fn txn_ids(payments: &[PaymentRecord]) -> Vec<String> {
     payments.iter().map(|p| p.txn_id.clone()).collect()
 }
 
 /// A bounded wait for something that happens without being forced.
-struct Patience {
+pub(crate) struct Patience {
     give_up: Instant,
 }
 
 impl Patience {
-    fn new() -> Patience {
+    pub(crate) fn new() -> Patience {
         Patience { give_up: Instant::now() + EVENTUALLY }
     }
 
     /// Pauses before the next look, or fails the case once out of patience.
-    async fn wait(&self, what: &str) {
+    pub(crate) async fn wait(&self, what: &str) {
         assert!(Instant::now() < self.give_up, "{what}: not within {EVENTUALLY:?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -22,10 +22,12 @@
 //! - a decision is an `UPDATE … WHERE state = 'preparing'`: the first wins,
 //!   and every later one reads it;
 //! - a payment is driven by its `owner`, this process's instance id, until
-//!   `lease_until`: the process that began it until its deadline plus the
-//!   commit timeout, then whoever claimed its delivery ([`PostgresStore`]'s
-//!   `claim_unfinished`: `FOR UPDATE SKIP LOCKED` on the unfinished rows, so
-//!   two claims never take one row), and after a lapse anyone.
+//!   `lease_until` (both in its row of the work queue, `payment_queue`, which
+//!   holds exactly the payments not yet acknowledged): the process that
+//!   began it until its deadline plus the commit timeout, then whoever
+//!   claimed its delivery ([`PostgresStore`]'s `claim_unfinished`: `FOR
+//!   UPDATE SKIP LOCKED` on the queue's decided rows, so two claims never
+//!   take one row), and after a lapse anyone.
 
 use crate::backend::{BANK_ADDRESS_RETENTION_MS, BANK_ADDRESSES_MAX, GatewayStore, idle_forget_ms};
 use crate::error::GatewayError;
@@ -522,13 +524,14 @@ fn payment_from_row(r: &Row) -> Result<PaymentRecord, GatewayError> {
 /// `synchronous_commit` to `$17` for the statement's own transaction,
 /// `off` so that its commit does not wait for the disk (see the module's
 /// documentation), `on` when the batch holds a one-phase payment, whose
-/// record must be durable before its bank hears of it.
+/// record must be durable before its bank hears of it. Each payment not yet
+/// acknowledged joins the work queue (`payment_queue`) in the same statement.
 const BEGIN_MANY_SQL: &str = "
+WITH new AS (
 INSERT INTO payments (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-                      state, reason, acked, created_at, deadline_at, fingerprint, owner, lease_until, one_phase)
+                      state, reason, acked, created_at, deadline_at, fingerprint, one_phase)
 SELECT b.txn_id, b.payment_id, b.payer_user, b.payer_bank, b.payee_user, b.payee_bank, b.amount_minor,
-       b.state, b.reason, b.acked, b.created_at, b.deadline_at, b.fingerprint, $14::text::uuid, b.lease_until,
-       b.one_phase
+       b.state, b.reason, b.acked, b.created_at, b.deadline_at, b.fingerprint, b.one_phase
 FROM (SELECT set_config('synchronous_commit', $17::text, true)) AS commit_mode,
      unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[],
             $8::text[], $9::text[], $10::boolean[], $11::bigint[], $12::bigint[], $13::bytea[], $15::bigint[],
@@ -536,35 +539,57 @@ FROM (SELECT set_config('synchronous_commit', $17::text, true)) AS commit_mode,
        AS b(txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
             state, reason, acked, created_at, deadline_at, fingerprint, lease_until, one_phase)
 ON CONFLICT (payment_id, payer_bank, payer_user) DO NOTHING
-RETURNING txn_id";
+RETURNING txn_id, created_at, state, acked),
+queued AS (
+INSERT INTO payment_queue (txn_id, created_at, decided, owner, lease_until)
+SELECT new.txn_id, new.created_at, new.state <> 'preparing', $14::text::uuid, b.lease_until
+FROM new JOIN unnest($1::text[], $15::bigint[]) AS b(txn_id, lease_until) ON b.txn_id = new.txn_id
+WHERE NOT new.acked)
+SELECT txn_id FROM new";
 
 /// One-phase outcomes recorded lazily (`$1` txn ids, distinct; `$2` states;
 /// `$3` reasons; `$4` times), each for a payment still undecided, marked
-/// acknowledged too (its bank holds the decision: nothing to deliver).
-/// One autocommitted statement, not forced (as `ACK_MANY_SQL`).
+/// acknowledged too (its bank holds the decision: nothing to deliver), and
+/// out of the work queue. One autocommitted statement, not forced (as
+/// `ACK_MANY_SQL`).
 const OUTCOME_MANY_SQL: &str = "
+WITH recorded AS (
 UPDATE payments SET state = d.state, reason = d.reason, decided_at = d.decided_at, acked = TRUE
 FROM (SELECT set_config('synchronous_commit', 'off', true)) AS not_forced,
      unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS d(txn_id, state, reason, decided_at)
-WHERE payments.txn_id = ANY($1) AND payments.txn_id = d.txn_id AND payments.state = 'preparing'";
+WHERE payments.txn_id = ANY($1) AND payments.txn_id = d.txn_id AND payments.state = 'preparing'
+RETURNING payments.txn_id)
+DELETE FROM payment_queue WHERE txn_id = ANY($1) AND txn_id IN (SELECT txn_id FROM recorded)";
 
 /// Decisions (`$1` txn ids, distinct; `$2` states; `$3` reasons; `$4`
 /// times), each for a payment that has none yet: the payments decided and
 /// how. Forced: autocommitted at the server's `synchronous_commit = on`.
 /// (`txn_id = ANY($1)`: the rows are found through the primary key,
-/// whatever the estimate of the `unnest`.)
+/// whatever the estimate of the `unnest`.) Their queue rows are marked
+/// decided in the same statement. No indexed column changes: a HOT update.
 const DECIDE_MANY_SQL: &str = "
+WITH decided AS (
 UPDATE payments SET state = d.state, reason = d.reason, decided_at = d.decided_at
 FROM unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS d(txn_id, state, reason, decided_at)
 WHERE payments.txn_id = ANY($1) AND payments.txn_id = d.txn_id AND payments.state = 'preparing'
-RETURNING payments.txn_id, payments.state";
+RETURNING payments.txn_id, payments.state),
+queued AS (
+UPDATE payment_queue SET decided = TRUE
+WHERE txn_id = ANY($1) AND txn_id IN (SELECT txn_id FROM decided))
+SELECT txn_id, state FROM decided";
 
-const ACK_SQL: &str = "UPDATE payments SET acked = TRUE WHERE txn_id = $1 AND state <> 'preparing'";
+/// An acknowledgement (`$1`): the payment is marked, and leaves the queue.
+const ACK_SQL: &str = "
+WITH acked AS (UPDATE payments SET acked = TRUE WHERE txn_id = $1 AND state <> 'preparing' RETURNING txn_id)
+DELETE FROM payment_queue WHERE txn_id = $1 AND txn_id IN (SELECT txn_id FROM acked)";
 /// Lazy marks: one autocommitted statement, not forced (as `BEGIN_MANY_SQL`).
 const ACK_MANY_SQL: &str = "
+WITH acked AS (
 UPDATE payments SET acked = TRUE
 FROM (SELECT set_config('synchronous_commit', 'off', true)) AS not_forced
-WHERE txn_id = ANY($1) AND state <> 'preparing'";
+WHERE txn_id = ANY($1) AND state <> 'preparing'
+RETURNING txn_id)
+DELETE FROM payment_queue WHERE txn_id = ANY($1) AND txn_id IN (SELECT txn_id FROM acked)";
 
 /// The payment a customer made under an id: one row of the unique index.
 const MADE_BY_ID_SQL: &str = "
@@ -619,32 +644,41 @@ LIMIT $6";
 /// to it, so two claims never return one payment. Claims are timed by the
 /// database's clock, one clock for every replica. (`= ANY(ARRAY(…))`: the
 /// claimed rows are then updated through the primary key, whatever the
-/// statistics say.)
+/// statistics say.) What is claimed is a row of the work queue
+/// (`payment_queue`: a row exactly while its payment is unacknowledged);
+/// the claimed payments are then read.
 const CLAIM_SQL: &str = "
-UPDATE payments
+WITH claimed AS (
+UPDATE payment_queue
 SET owner = $1::text::uuid, lease_until = (extract(epoch FROM statement_timestamp()) * 1000)::bigint + $2
 WHERE txn_id = ANY(ARRAY(
-    SELECT txn_id FROM payments
-    WHERE NOT acked AND state <> 'preparing'
+    SELECT txn_id FROM payment_queue
+    WHERE decided
       AND (owner = $1::text::uuid OR lease_until < (extract(epoch FROM statement_timestamp()) * 1000)::bigint)
     ORDER BY created_at
     LIMIT $3
     FOR UPDATE SKIP LOCKED))
-RETURNING txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-          state, reason, acked, created_at, deadline_at, fingerprint, one_phase";
+RETURNING txn_id)
+SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+       state, reason, acked, created_at, deadline_at, fingerprint, one_phase
+FROM payments WHERE txn_id = ANY(ARRAY(SELECT txn_id FROM claimed))";
 
+/// Undecided payments created before `$1`, oldest first, at most `$2`: from
+/// the queue's undecided rows.
 const PREPARING_BEFORE_SQL: &str = "
 SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
        state, reason, acked, created_at, deadline_at, fingerprint, one_phase
-FROM payments WHERE state = 'preparing' AND created_at < $1
-ORDER BY created_at LIMIT $2";
+FROM payments
+WHERE txn_id = ANY(ARRAY(SELECT txn_id FROM payment_queue WHERE NOT decided AND created_at < $1
+                         ORDER BY created_at LIMIT $2))
+  AND state = 'preparing'
+ORDER BY created_at";
 
 const AFTER_SQL: &str = "
 SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
        state, reason, acked, created_at, deadline_at, fingerprint, one_phase
 FROM payments WHERE txn_id > $1 ORDER BY txn_id LIMIT $2";
 
-/// Timeline events: one autocommitted statement, not forced (as `BEGIN_SQL`).
 /// A replica's heartbeat: its row written (not forced) with the
 /// database's clock, and the rows of replicas silent for `$6` ms deleted,
 /// in one statement.
@@ -664,11 +698,26 @@ SELECT boot_id, address, admin_address, started_at,
        (extract(epoch FROM clock_timestamp()) * 1000)::bigint - heartbeat_at, report
 FROM gateway_replicas ORDER BY heartbeat_at DESC LIMIT $1";
 
+/// Timeline events (`$1`–`$5`: one array per field): one row per payment,
+/// its events in the order given. One autocommitted statement, not forced
+/// (as `BEGIN_MANY_SQL`).
 const EVENTS_SQL: &str = "
-INSERT INTO payment_events (txn_id, at, kind, bank, detail)
-SELECT e.txn_id, e.at, e.kind, e.bank, e.detail
+INSERT INTO payment_timeline (txn_id, last_at, ats, kinds, banks, details)
+SELECT e.txn_id, max(e.at), array_agg(e.at ORDER BY e.n), array_agg(e.kind ORDER BY e.n),
+       array_agg(e.bank ORDER BY e.n), array_agg(e.detail ORDER BY e.n)
 FROM (SELECT set_config('synchronous_commit', 'off', true)) AS not_forced,
-     UNNEST($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[]) AS e (txn_id, at, kind, bank, detail)";
+     unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[])
+       WITH ORDINALITY AS e (txn_id, at, kind, bank, detail, n)
+GROUP BY e.txn_id";
+
+/// A payment's timeline (`$1`), in time order, then as written; at most `$2` events.
+const TIMELINE_SQL: &str = "
+SELECT t.txn_id, e.at, e.kind, e.bank, e.detail
+FROM payment_timeline t,
+     unnest(t.ats, t.kinds, t.banks, t.details) WITH ORDINALITY AS e (at, kind, bank, detail, n)
+WHERE t.txn_id = $1
+ORDER BY e.at, t.id, e.n
+LIMIT $2";
 
 /// The newest payments: by transaction id, which is time-ordered (UUID v7),
 /// through the primary key (no index of its own on the write path).
@@ -854,9 +903,7 @@ impl GatewayStore for PostgresStore {
                 _ => counts.preparing = n,
             }
         }
-        let stmt = client
-            .prepare_cached("SELECT COUNT(*) FROM payments WHERE NOT acked AND state <> 'preparing'")
-            .await?;
+        let stmt = client.prepare_cached("SELECT COUNT(*) FROM payment_queue WHERE decided").await?;
         let undelivered: i64 = client.query_one(&stmt, &[]).await?.try_get(0)?;
         counts.undelivered = u64::try_from(undelivered).unwrap_or(0);
         Ok(counts)
@@ -915,11 +962,7 @@ impl GatewayStore for PostgresStore {
 
     async fn payment_events(&self, txn_id: String) -> Result<Vec<PaymentEvent>, GatewayError> {
         let client = self.client().await?;
-        let stmt = client
-            .prepare_cached(
-                "SELECT txn_id, at, kind, bank, detail FROM payment_events WHERE txn_id = $1 ORDER BY at, id LIMIT $2",
-            )
-            .await?;
+        let stmt = client.prepare_cached(TIMELINE_SQL).await?;
         let rows = client.query(&stmt, &[&txn_id, &i64::from(EVENTS_PER_PAYMENT_MAX)]).await?;
         rows.iter()
             .map(|r| {
@@ -969,7 +1012,7 @@ impl GatewayStore for PostgresStore {
         self.retrying(|client| async move {
             let stmt = client.prepare_cached(PRUNE_SQL).await?;
             let pruned = client.execute(&stmt, &[&before_ms]).await?;
-            let stmt = client.prepare_cached("DELETE FROM payment_events WHERE at < $1").await?;
+            let stmt = client.prepare_cached("DELETE FROM payment_timeline WHERE last_at < $1").await?;
             client.execute(&stmt, &[&before_ms]).await?;
             // Now and then, too: revocations of tokens that have expired,
             // and login counts idle and unlocked.
@@ -1141,7 +1184,7 @@ impl GatewayError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::conformance::{conformance_suite, record, replica_suite, user, uuid_of};
+    use crate::conformance::{conformance_suite, record, replica_suite, txn_ids, user, uuid_of};
     use strife_rpc::postgres_server::{PostgresServer, shared_for_tests, unique_name};
 
     /// The test binary's PostgreSQL server; a test that cannot have it
@@ -1202,7 +1245,7 @@ mod tests {
         let history = server()
             .psql(&url, &["SELECT COUNT(*) FROM gateway_schema_history"])
             .expect("refinery's own table");
-        assert_eq!(history, "6", "each migration applied once (V1–V5, V7)");
+        assert_eq!(history, "8", "each migration applied once");
     }
 
     /// A full disk, an I/O error, no memory, no connection left or a
@@ -1240,6 +1283,98 @@ mod tests {
         assert_eq!(tonic::Status::from(GatewayError::Postgres(err)).code(), tonic::Code::Internal);
     }
 
+    /// A store written by the previous version (schema version 4: a
+    /// finished payment with its timeline a row per step, a decided one not
+    /// yet delivered, an undecided one) is migrated at connect: the payments
+    /// and the timeline read back as they were, new steps add to it, and the
+    /// unfinished payments are in the work queue (claimed, swept).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_of_the_previous_version_upgrades_with_its_timelines() {
+        use crate::store::PaymentEvent;
+        let url = new_database();
+        let config: tokio_postgres::Config = url.expose().parse().expect("url");
+        let (mut client, connection) = config.connect(tokio_postgres::NoTls).await.expect("connect");
+        let task = tokio::spawn(connection);
+        let mut runner = migrations::runner();
+        runner.set_migration_table_name(MIGRATION_TABLE);
+        runner.set_target(refinery::Target::Version(4)).run_async(&mut client).await.expect("v4");
+        let txn = uuid_of(1);
+        client
+            .execute(
+                "INSERT INTO payments (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank,
+                     amount_minor, fingerprint, state, acked, created_at, deadline_at, decided_at, owner, lease_until)
+                 VALUES ($1, 'p1', 'x', 'BankA', 'y', 'BankB', 100, '\\x00', 'committed', TRUE, 10, 1000, 13,
+                         gen_random_uuid(), 0)",
+                &[&txn],
+            )
+            .await
+            .expect("a payment of version 4");
+        client
+            .batch_execute(&format!(
+                "INSERT INTO payments (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank,
+                     amount_minor, fingerprint, state, acked, created_at, deadline_at, decided_at, owner, lease_until)
+                 VALUES ('{}', 'p2', 'x', 'BankA', 'y', 'BankB', 100, '\\x00', 'committed', FALSE, 20, 1000, 23,
+                         gen_random_uuid(), 0),
+                        ('{}', 'p3', 'x', 'BankA', 'y', 'BankB', 100, '\\x00', 'preparing', FALSE, 30, 40, NULL,
+                         gen_random_uuid(), 0)",
+                uuid_of(2),
+                uuid_of(3)
+            ))
+            .await
+            .expect("unfinished payments of version 4");
+        client
+            .execute(
+                "INSERT INTO payment_events (txn_id, at, kind, bank, detail) VALUES
+                     ($1, 10, 'begin', NULL, ''), ($1, 12, 'vote', 'BankB', 'yes'),
+                     ($1, 11, 'vote', 'BankA', 'yes'), ($1, 13, 'decision', NULL, 'commit'),
+                     ($1, 13, 'ack', 'BankA', 'ok')",
+                &[&txn],
+            )
+            .await
+            .expect("its timeline");
+        drop(client);
+        let _ = task.await;
+        let s = PostgresStore::connect(&url, LONG).await.expect("migrates");
+        let p = s.find_txn(txn.clone()).await.expect("find").expect("the payment survives");
+        assert_eq!((p.state, p.acked, p.amount_minor), (PaymentState::Committed, true, 100));
+        let c = s.counts().await.expect("counts");
+        assert_eq!((c.committed, c.preparing, c.undelivered), (2, 1, 1));
+        let claimed = s.claim_unfinished(16).await.expect("claim");
+        assert_eq!(txn_ids(&claimed), [uuid_of(2)], "its lease lapsed: claimed");
+        let swept = s.preparing_before(i64::MAX, 16).await.expect("sweep");
+        assert_eq!(txn_ids(&swept), [uuid_of(3)]);
+        s.mark_acked(uuid_of(2)).await.expect("ack");
+        assert_eq!(s.counts().await.expect("counts").undelivered, 0);
+        let steps = |events: Vec<PaymentEvent>| -> Vec<(i64, String, Option<String>, String)> {
+            events.into_iter().map(|e| (e.at_ms, e.kind.to_owned(), e.bank, e.detail)).collect()
+        };
+        let step = |at: i64, kind: &str, bank: Option<&str>, detail: &str| {
+            (at, kind.to_owned(), bank.map(str::to_owned), detail.to_owned())
+        };
+        let old = vec![
+            step(10, "begin", None, ""),
+            step(11, "vote", Some("BankA"), "yes"),
+            step(12, "vote", Some("BankB"), "yes"),
+            step(13, "decision", None, "commit"),
+            step(13, "ack", Some("BankA"), "ok"),
+        ];
+        assert_eq!(steps(s.payment_events(txn.clone()).await.expect("timeline")), old);
+        s.record_events(vec![PaymentEvent::new(&txn, 13, "ack", Some("BankB"), "ok".into())]);
+        let patience = crate::conformance::Patience::new();
+        let now = loop {
+            let now = steps(s.payment_events(txn.clone()).await.expect("timeline"));
+            if now.len() == old.len() + 1 {
+                break now;
+            }
+            patience.wait("the new step written").await;
+        };
+        assert_eq!(now[..old.len()], old[..], "the old steps first");
+        assert_eq!(now[old.len()], step(13, "ack", Some("BankB"), "ok"), "then the new one");
+        // Retention prunes the timeline with the payments.
+        assert_eq!(s.prune(i64::MAX).await.expect("prune"), 2);
+        assert!(s.payment_events(txn).await.expect("timeline").is_empty());
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn connect_errors_do_not_show_the_password() {
         let url = new_database();
@@ -1266,8 +1401,8 @@ mod tests {
         plan_in(s, "auto", sql, params).await
     }
 
-    /// On a table of 20,000 payments among 200 customers (statistics
-    /// gathered): a page is two backward range scans of the payer and payee
+    /// On a table of 20,000 payments among 200 customers, a quarter of them
+    /// not acknowledged (a backlog in the queue; statistics gathered): a page is two backward range scans of the payer and payee
     /// indexes merged in page order under a limit (no sort, no scan of the
     /// table); lookups by id, by transaction id, claims and the sweep each
     /// use their index.
@@ -1279,13 +1414,17 @@ mod tests {
             .psql(
                 &url,
                 &["INSERT INTO payments (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank,
-                      amount_minor, fingerprint, state, acked, created_at, deadline_at, owner, lease_until)
+                      amount_minor, fingerprint, state, acked, created_at, deadline_at)
                    SELECT lpad(to_hex(n), 36, '0'), lpad(to_hex(n), 36, '0'), 'u' || (n % 200), 'BankA',
                           'u' || ((n + 1) % 200), 'BankB', 100, '\\x00', 
-                          CASE WHEN n % 10 = 0 THEN 'aborted' ELSE 'committed' END, n % 100 <> 0,
-                          1000000 + n, 2000000 + n, gen_random_uuid(), 0
+                          CASE WHEN n % 10 = 0 THEN 'aborted' ELSE 'committed' END, n % 4 <> 0,
+                          1000000 + n, 2000000 + n
                    FROM generate_series(1, 20000) AS n",
-                  "ANALYZE payments"],
+                  "INSERT INTO payment_queue (txn_id, created_at, decided, owner, lease_until)
+                   SELECT txn_id, created_at, state <> 'preparing', gen_random_uuid(), 0
+                   FROM payments WHERE NOT acked",
+                  "ANALYZE payments",
+                  "ANALYZE payment_queue"],
             )
             .expect("fill");
         let (bank, who, start, end, txn, limit) = ("BankA", "u7", i64::MIN, i64::MAX, "", 51i64);
@@ -1318,7 +1457,7 @@ mod tests {
         let after = plan(&s, AFTER_SQL, &[&id, &16i64]).await;
         assert!(after.contains("Index Scan using payments_pkey") && !after.contains("Sort"), "{after}");
         let claim = plan(&s, CLAIM_SQL, &[&s.instance(), &1i64, &256i64]).await;
-        assert!(claim.contains("Index Scan using payments_unfinished"), "{claim}");
+        assert!(claim.contains("Index Scan using payment_queue_undelivered"), "{claim}");
         assert!(claim.contains("Index Scan using payments_pkey"), "{claim}");
         assert!(!claim.contains("Seq Scan"), "{claim}");
         let ids = vec![id.clone()];
@@ -1328,8 +1467,8 @@ mod tests {
         // (none here): never a scan of the table.
         assert!(decide.contains("Index Scan") && !decide.contains("Seq Scan"), "{decide}");
         let sweep = plan(&s, PREPARING_BEFORE_SQL, &[&0i64, &256i64]).await;
-        assert!(sweep.contains("payments_preparing"), "{sweep}");
+        assert!(sweep.contains("payment_queue_undecided"), "{sweep}");
         let prune = plan(&s, PRUNE_SQL, &[&1_000_100i64]).await;
-        assert!(prune.contains("payments_finished"), "{prune}");
+        assert!(prune.contains("payments_by_age"), "{prune}");
     }
 }

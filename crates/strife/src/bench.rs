@@ -69,6 +69,37 @@ pub struct BenchArgs {
     /// measure one customer's long history.
     #[arg(long, value_name = "USER@BANK")]
     history_account: Option<String>,
+    /// With --postgres: a setting of the private server (`ALTER SYSTEM SET
+    /// NAME = 'VALUE'`, then a restart, before any store connects), to
+    /// measure with it (e.g. `shared_preload_libraries=pg_stat_statements`,
+    /// `commit_delay=100`). Repeatable.
+    #[arg(long = "pg-setting", value_name = "NAME=VALUE")]
+    pg_settings: Vec<String>,
+}
+
+/// Sets each `NAME=VALUE` of `settings` on `pg` and restarts it (a
+/// setting such as `shared_preload_libraries` needs the restart), before
+/// anything connects. A library's own settings (`NAME` with a dot) are set
+/// after a first restart has loaded it.
+fn apply_pg_settings(pg: &PostgresServer, settings: &[String]) -> anyhow::Result<()> {
+    let mut statements: [Vec<String>; 2] = [Vec::new(), Vec::new()];
+    for setting in settings {
+        let Some((name, value)) = setting.split_once('=') else {
+            bail!("--pg-setting {setting}: expected NAME=VALUE");
+        };
+        let name = name.trim();
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') {
+            bail!("--pg-setting {setting}: not a setting's name");
+        }
+        let sql = format!("ALTER SYSTEM SET {name} = '{}'", value.trim().replace('\'', "''"));
+        statements[usize::from(name.contains('.'))].push(sql);
+    }
+    for round in statements.iter().filter(|s| !s.is_empty()) {
+        let round: Vec<&str> = round.iter().map(String::as_str).collect();
+        pg.sql("postgres", &round)?;
+        pg.restart_immediately()?;
+    }
+    Ok(())
 }
 
 /// A customer the bench can act as.
@@ -152,6 +183,9 @@ fn start_cluster(dir: &Path, args: &BenchArgs) -> anyhow::Result<(OwnCluster, Ve
     if args.postgres && args.history > 0 {
         bail!("--history writes SQLite stores; it cannot be combined with --postgres");
     }
+    if !args.postgres && !args.pg_settings.is_empty() {
+        bail!("--pg-setting needs --postgres");
+    }
     let banks: Vec<String> = (0..args.banks).map(|i| format!("Bank{i}")).collect();
     let focus = match &args.history_account {
         Some(who) => Some(bench_account(who, &banks, args.accounts)?),
@@ -190,6 +224,7 @@ fn start_cluster(dir: &Path, args: &BenchArgs) -> anyhow::Result<(OwnCluster, Ve
         let base = std::env::temp_dir().join(format!("strife-bench-pg-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&base);
         let pg = PostgresServer::start(&base, Lifetime::Temporary)?;
+        apply_pg_settings(&pg, &args.pg_settings)?;
         let url = pg.create_private_database("strife_gateway", "strife_gateway")?;
         // The audit at the end reads the gateway's store through the settings.
         strife_rpc::pki::write_private(
@@ -634,6 +669,7 @@ async fn measure(
         "banks": banks.len(),
         "gateways": addrs.len(),
         "store": if cluster.postgres.is_some() { "postgres" } else if own { "sqlite" } else { "external" },
+        "pg_settings": args.pg_settings,
         "accounts": customers.len(),
         "history": args.history,
         "history_account": args.history_account,
