@@ -123,6 +123,9 @@ pub struct BankEntry {
     /// The live replicas, starting with the one whose turn it is; then the
     /// others, most recently seen first. Never empty.
     pub replicas: Vec<Arc<Replica>>,
+    /// How many of `replicas`, from the first, are live (registered
+    /// recently enough).
+    pub live: usize,
 }
 
 pub struct Registry {
@@ -348,8 +351,9 @@ impl Registry {
             live.rotate_left(turn);
         }
         rest.sort_by_key(|k| std::cmp::Reverse(k.last_seen));
+        let live_count = live.len();
         let replicas: Vec<Arc<Replica>> = live.into_iter().chain(rest).map(|k| k.replica.clone()).collect();
-        (!replicas.is_empty()).then(|| BankEntry { name: name.to_owned(), replicas })
+        (!replicas.is_empty()).then(|| BankEntry { name: name.to_owned(), replicas, live: live_count })
     }
 
     /// `(name, address, reachable)` of every replica of every bank, sorted
@@ -444,19 +448,27 @@ impl Replica {
 }
 
 impl BankEntry {
-    /// Whether a one-phase transfer can go to this bank: some replica of it
-    /// serves transfers. A bank whose replicas are all older (or not yet
-    /// registered with this gateway) gets two-phase commit.
+    /// Whether a new payment within this bank may run in one phase: a live
+    /// replica of it serves transfers. A bank whose replicas are all older
+    /// (or not yet registered with this gateway) gets two-phase commit; so
+    /// does a bank with no live replica, so that a payment within a bank
+    /// known to be down is declined `bank_unavailable` (nothing moved) as
+    /// before, rather than left for the bank to decide when it is back.
+    /// (In one phase only the bank may decide: see `execute_one_phase`.)
     pub fn serves_transfers(&self) -> bool {
-        self.replicas.iter().any(|r| r.serves_transfers())
+        self.replicas[..self.live.min(self.replicas.len())].iter().any(|r| r.serves_transfers())
     }
 
     /// This entry with only the replicas that serve one-phase transfers, in
     /// the same order: a transfer, or a question about one, never goes to
     /// a replica that would not understand it.
     fn transferring(&self) -> BankEntry {
+        let live = self.replicas[..self.live.min(self.replicas.len())]
+            .iter()
+            .filter(|r| r.serves_transfers())
+            .count();
         let replicas = self.replicas.iter().filter(|r| r.serves_transfers()).cloned().collect();
-        BankEntry { name: self.name.clone(), replicas }
+        BankEntry { name: self.name.clone(), replicas, live }
     }
 
     /// One phase for one payment, at the replica whose turn it is, or at the

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 #[test]
 fn walkthrough_through_strife_up() {
@@ -96,6 +96,48 @@ fn same_bank_and_cross_bank_payments_conserve_money() {
     let r = c.pay("user1@BankA", "user1@BankB", "5");
     assert_eq!(r.code, 0, "{r:?}");
     assert_eq!(c.balance("user1@BankB"), (100_500, 100_500));
+}
+
+/// A payment within a bank that the gateway knows to be down is declined
+/// `bank_unavailable` and moves nothing, as a payment across banks is: one
+/// phase (where only the bank may decide) is used only while a replica of
+/// the bank is live. Once the bank is back, the same id is refused with the
+/// same outcome and the next payment runs.
+#[test]
+fn a_payment_within_a_bank_that_is_down_is_declined_and_moves_nothing() {
+    let mut c = Cluster::start(&["BankA", "BankB"]);
+    c.login("user1", "BankA");
+    c.login("user3", "BankA");
+    let before = (c.balance("user1@BankA"), c.balance("user3@BankA"));
+    let a = c.bank_index("BankA");
+    c.banks[a].stop();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while common::bank_replicas(c.path(), &c.gateway.addr, "BankA").iter().any(|(_, live)| *live) {
+        assert!(Instant::now() < deadline, "the gateway never saw BankA down");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let id = "0192e3a4-5b6c-7d8e-9f01-23456789abcd";
+    let pay = |c: &Cluster| {
+        c.cli(&["--json", "--as", "user1@BankA", "pay", "--to", "user3@BankA", "--amount", "10", "--id", id])
+    };
+    let r = pay(&c);
+    assert_eq!(r.code, 3, "declined, not queued: {r:?}");
+    assert_eq!(
+        (r.json()["status"].as_str(), r.json()["reason"].as_str()),
+        (Some("declined"), Some("bank_unavailable"))
+    );
+    c.banks[a] = common::start_bank(c.path(), "BankA", &c.gateway.addr, &[]);
+    c.wait_registered();
+    assert_eq!((c.balance("user1@BankA"), c.balance("user3@BankA")), before, "nothing moved");
+    let r = pay(&c);
+    assert_eq!(
+        (r.code, r.json()["status"].as_str(), r.json()["replayed"].as_bool()),
+        (3, Some("declined"), Some(true)),
+        "{r:?}"
+    );
+    let r = c.pay("user1@BankA", "user3@BankA", "10");
+    assert_eq!((r.code, r.json()["status"].as_str()), (0, Some("committed")), "{r:?}");
+    common::wait_audit_ok(c.path());
 }
 
 #[test]
