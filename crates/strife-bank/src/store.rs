@@ -172,23 +172,7 @@ impl Store {
     pub fn prepare(&mut self, leg: &LegRequest) -> Result<Vote, BankError> {
         let (debit, credit) = leg.sides(&self.bank)?;
         let tx = strife_rpc::sqlite::Savepoint::new(&self.conn)?;
-        let existing: Option<(String, Option<String>, i64)> = tx
-            .prepare_cached("SELECT state, reason, amount_minor FROM legs WHERE txn_id = ?1")?
-            .query_row([&leg.txn_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .optional()?;
-        let (current, stored_reason) = match existing {
-            Some((state, reason, amount)) => {
-                let state = parse_state(&state)?;
-                if state != LegState::Aborted && amount != leg.amount_minor {
-                    return Err(BankError::Conflict(format!(
-                        "payment {} was prepared with another amount",
-                        leg.txn_id
-                    )));
-                }
-                (Some(state), reason.as_deref().and_then(DeclineReason::from_code))
-            }
-            None => (None, None),
-        };
+        let (current, stored_reason) = recorded_leg(&tx, leg, "prepared")?;
         let check = match current {
             None => {
                 let debit = debit.map(|user| Self::funds(&tx, user)).transpose()?;
@@ -251,23 +235,7 @@ impl Store {
         let leg = &t.leg;
         let (debit, credit) = leg.both_sides(&self.bank)?;
         let tx = strife_rpc::sqlite::Savepoint::new(&self.conn)?;
-        let existing: Option<(String, Option<String>, i64)> = tx
-            .prepare_cached("SELECT state, reason, amount_minor FROM legs WHERE txn_id = ?1")?
-            .query_row([&leg.txn_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
-            .optional()?;
-        let (current, stored_reason) = match existing {
-            Some((state, reason, amount)) => {
-                let state = parse_state(&state)?;
-                if state != LegState::Aborted && amount != leg.amount_minor {
-                    return Err(BankError::Conflict(format!(
-                        "payment {} was recorded with another amount",
-                        leg.txn_id
-                    )));
-                }
-                (Some(state), reason.as_deref().and_then(DeclineReason::from_code))
-            }
-            None => (None, None),
-        };
+        let (current, stored_reason) = recorded_leg(&tx, leg, "recorded")?;
         let past_deadline = now >= t.deadline_ms;
         let check = match current {
             None if !past_deadline => {
@@ -605,6 +573,34 @@ impl Ledger for SqliteLedger {
             Ok(crate::ledger::InDoubt { legs, oldest_prepared_at_ms })
         })
         .await
+    }
+}
+
+/// The state and stored reason of leg `leg.txn_id` if this bank recorded it
+/// (read inside the caller's savepoint); a conflict if it was recorded, and
+/// not aborted, with another amount ("payment … was {verb} with another
+/// amount"). Shared by a prepare and a one-phase transfer.
+fn recorded_leg(
+    conn: &Connection,
+    leg: &LegRequest,
+    verb: &str,
+) -> Result<(Option<LegState>, Option<DeclineReason>), BankError> {
+    let existing: Option<(String, Option<String>, i64)> = conn
+        .prepare_cached("SELECT state, reason, amount_minor FROM legs WHERE txn_id = ?1")?
+        .query_row([&leg.txn_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    match existing {
+        Some((state, reason, amount)) => {
+            let state = parse_state(&state)?;
+            if state != LegState::Aborted && amount != leg.amount_minor {
+                return Err(BankError::Conflict(format!(
+                    "payment {} was {verb} with another amount",
+                    leg.txn_id
+                )));
+            }
+            Ok((Some(state), reason.as_deref().and_then(DeclineReason::from_code)))
+        }
+        None => Ok((None, None)),
     }
 }
 
