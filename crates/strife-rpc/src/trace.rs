@@ -122,20 +122,13 @@ fn new_span_id() -> [u8; 8] {
     span_id
 }
 
-/// Random bytes from the OS; never all zero (an invalid id).
+/// Random bytes from `rand`'s per-thread generator (seeded from the OS and
+/// reseeded by `rand`), never all zero (an invalid id). Asking the OS for
+/// every id cost a system call per RPC, which showed at one payment at a time.
 fn fill_random(out: &mut [u8]) {
-    use ring::rand::SecureRandom;
-    let rng = ring::rand::SystemRandom::new();
-    if rng.fill(out).is_err() || out.iter().all(|b| *b == 0) {
-        // The OS gave nothing (never seen on Linux): a time-based id still
-        // correlates, and a trace id decides nothing.
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(1, |d| d.as_nanos())
-            .max(1);
-        for (i, b) in out.iter_mut().enumerate() {
-            *b = (nanos >> ((i % 16) * 8)) as u8 | u8::from(i == 0);
-        }
+    rand::fill(out);
+    while out.iter().all(|b| *b == 0) {
+        rand::fill(out);
     }
 }
 
