@@ -205,23 +205,15 @@ impl Store {
                 Vote::Yes => None,
             };
             let now = now_ms();
-            tx.prepare_cached("INSERT INTO legs (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-                                   debit_user, credit_user, state, reason, prepared_at, decided_at)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)")?.execute(params![
-                    leg.txn_id,
-                    leg.payment_id,
-                    leg.payer_user,
-                    leg.payer_bank,
-                    leg.payee_user,
-                    leg.payee_bank,
-                    leg.amount_minor,
-                    debit,
-                    credit,
-                    state_name(state),
-                    reason,
-                    now,
-                    (state == LegState::Aborted).then_some(now),
-                ])?;
+            insert_leg(
+                &tx,
+                leg,
+                (debit, credit),
+                state,
+                reason,
+                now,
+                (state == LegState::Aborted).then_some(now),
+            )?;
             tx.commit()?;
         }
         Ok(vote)
@@ -266,25 +258,8 @@ impl Store {
             Outcome::Aborted(r) => Some(r.code()),
             Outcome::Committed => None,
         };
-        tx.prepare_cached(
-            "INSERT INTO legs (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-                               debit_user, credit_user, state, reason, prepared_at, decided_at)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?12)",
-        )?
-        .execute(params![
-            leg.txn_id,
-            leg.payment_id,
-            leg.payer_user,
-            leg.payer_bank,
-            leg.payee_user,
-            leg.payee_bank,
-            leg.amount_minor,
-            debit,
-            credit,
-            state_name(state),
-            reason,
-            now,
-        ])?;
+        // Decided as it is recorded: its decision time is its record's.
+        insert_leg(&tx, leg, (Some(debit), Some(credit)), state, reason, now, Some(now))?;
         tx.commit()?;
         Ok(outcome)
     }
@@ -580,6 +555,40 @@ impl Ledger for SqliteLedger {
 /// (read inside the caller's savepoint); a conflict if it was recorded, and
 /// not aborted, with another amount ("payment … was {verb} with another
 /// amount"). Shared by a prepare and a one-phase transfer.
+/// Writes a leg's record: the sides it has at this bank, its state and
+/// reason, made at `now`, decided at `decided_at` (`None` while open).
+fn insert_leg(
+    conn: &Connection,
+    leg: &LegRequest,
+    (debit, credit): (Option<&str>, Option<&str>),
+    state: LegState,
+    reason: Option<&str>,
+    now: i64,
+    decided_at: Option<i64>,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO legs (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+                           debit_user, credit_user, state, reason, prepared_at, decided_at)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)",
+    )?
+    .execute(params![
+        leg.txn_id,
+        leg.payment_id,
+        leg.payer_user,
+        leg.payer_bank,
+        leg.payee_user,
+        leg.payee_bank,
+        leg.amount_minor,
+        debit,
+        credit,
+        state_name(state),
+        reason,
+        now,
+        decided_at,
+    ])?;
+    Ok(())
+}
+
 fn recorded_leg(
     conn: &Connection,
     leg: &LegRequest,
