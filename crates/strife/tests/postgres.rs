@@ -16,6 +16,7 @@ mod common;
 use common::grpc;
 use common::*;
 use std::path::{Path, PathBuf};
+use std::process::Child;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
@@ -460,6 +461,32 @@ fn failed_logins_and_token_keys_are_the_clusters_not_one_gateways() {
     });
 }
 
+/// user1@BankA pays 10.00 to `to` through `gateway`, with payment id `id`.
+fn pay_10(d: &Path, gateway: &str, to: &str, id: &str) -> Run {
+    let args = ["--json", "--gateway", gateway, "--as", "user1@BankA", "pay", "--to", to];
+    run_cli(d, &[&args[..], &["--amount", "10.00", "--id", id]].concat(), &[])
+}
+
+/// user1@BankA logs in (through gateway 2) and pays `to` through gateway
+/// 1, which dies by its crash point before answering; the retry through
+/// gateway 2 is answered committed, as a replay. Returns the payment's id.
+fn dies_then_replayed(d: &Path, (g1, g2): (&str, &str), gateway1: &mut Child, to: &str) -> String {
+    let r = run_cli(
+        d,
+        &["--gateway", g2, "login", "--bank", "BankA", "--user", "user1"],
+        &[("STRIFE_PASSWORD", "pass1")],
+    );
+    assert_eq!(r.code, 0, "{r:?}");
+    let id = grpc::new_id();
+    let first = pay_10(d, g1, to, &id);
+    assert_ne!(first.code, 0, "gateway 1 died before answering: {first:?}");
+    assert_eq!(wait_exit(gateway1), None, "gateway 1 died by a signal");
+    let again = pay_10(d, g2, to, &id);
+    assert_eq!((again.code, again.json()["status"].as_str()), (0, Some("committed")), "{again:?}");
+    assert_eq!(again.json()["replayed"], true, "{again:?}");
+    id
+}
+
 #[test]
 fn a_dead_gateways_payments_are_finished_by_the_other() {
     // Gateway 1 dies right after its decision is durable, before any bank
@@ -469,43 +496,11 @@ fn a_dead_gateways_payments_are_finished_by_the_other() {
     let d = &dir.0;
     let store = [("STRIFE_GATEWAY_STORE", url_g.expose().as_str())];
     let (g1, g2) = (gateways[0].addr.clone(), gateways[1].addr.clone());
-    let pay = |gateway: &str, id: &str| {
-        run_cli(
-            d,
-            &[
-                "--json",
-                "--gateway",
-                gateway,
-                "--as",
-                "user1@BankA",
-                "pay",
-                "--to",
-                "user2@BankB",
-                "--amount",
-                "10.00",
-                "--id",
-                id,
-            ],
-            &[],
-        )
-    };
-    let r = run_cli(
-        d,
-        &["--gateway", &g2, "login", "--bank", "BankA", "--user", "user1"],
-        &[("STRIFE_PASSWORD", "pass1")],
-    );
-    assert_eq!(r.code, 0, "{r:?}");
-    let decided = grpc::new_id();
-    let first = pay(&g1, &decided);
-    assert_ne!(first.code, 0, "gateway 1 died before answering: {first:?}");
-    assert_eq!(wait_exit(&mut gateways[0].child), None, "gateway 1 died by a signal");
-
+    let pay = |gateway: &str, id: &str| pay_10(d, gateway, "user2@BankB", id);
     // The decision was durable: gateway 2 tells the customer, and the banks
     // (by inquiry) and gateway 2's finisher (once the dead one's claim
     // lapsed) carry it out, once.
-    let again = pay(&g2, &decided);
-    assert_eq!((again.code, again.json()["status"].as_str()), (0, Some("committed")), "{again:?}");
-    assert_eq!(again.json()["replayed"], true, "{again:?}");
+    let decided = dies_then_replayed(d, (&g1, &g2), &mut gateways[0].child, "user2@BankB");
     let deadline = std::time::Instant::now() + WAIT;
     let sql = format!("SELECT acked FROM payments WHERE payment_id = '{decided}'");
     while server().psql(&url_g, &[&sql]).expect("the gateways' log") != "t" {
@@ -550,23 +545,8 @@ fn a_dead_gateways_one_phase_payments_are_settled_by_the_other_at_their_bank() {
     let (dir, url_g, mut gateways, _banks) = two_gateways("takeover-one-phase", [crash, &[]]);
     let d = &dir.0;
     let (g1, g2) = (gateways[0].addr.clone(), gateways[1].addr.clone());
-    let pay = |gateway: &str, id: &str| {
-        let args = ["--json", "--gateway", gateway, "--as", "user1@BankA", "pay", "--to", "user2@BankA"];
-        run_cli(d, &[&args[..], &["--amount", "10.00", "--id", id]].concat(), &[])
-    };
-    let r = run_cli(
-        d,
-        &["--gateway", &g2, "login", "--bank", "BankA", "--user", "user1"],
-        &[("STRIFE_PASSWORD", "pass1")],
-    );
-    assert_eq!(r.code, 0, "{r:?}");
-    let decided = grpc::new_id();
-    let first = pay(&g1, &decided);
-    assert_ne!(first.code, 0, "gateway 1 died before answering: {first:?}");
-    assert_eq!(wait_exit(&mut gateways[0].child), None, "gateway 1 died by a signal");
-    let again = pay(&g2, &decided);
-    assert_eq!((again.code, again.json()["status"].as_str()), (0, Some("committed")), "{again:?}");
-    assert_eq!(again.json()["replayed"], true, "{again:?}");
+    let pay = |gateway: &str, id: &str| pay_10(d, gateway, "user2@BankA", id);
+    let decided = dies_then_replayed(d, (&g1, &g2), &mut gateways[0].child, "user2@BankA");
     let sql = format!(
         "SELECT state || ' ' || acked || ' ' || one_phase FROM payments WHERE payment_id = '{decided}'"
     );
