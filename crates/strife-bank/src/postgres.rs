@@ -816,8 +816,7 @@ impl Ledger for PostgresLedger {
         let client = self.pool.get().await?;
         let stmt = client
             .prepare_cached(
-                "SELECT txn_id FROM legs WHERE state = 'prepared' AND prepared_at < $1
-                 ORDER BY prepared_at LIMIT $2",
+                "SELECT txn_id FROM open_legs WHERE prepared_at < $1 ORDER BY prepared_at, txn_id LIMIT $2",
             )
             .await?;
         Ok(client.query(&stmt, &[&before_ms, &i64::from(limit)]).await?.iter().map(|r| r.get(0)).collect())
@@ -825,9 +824,7 @@ impl Ledger for PostgresLedger {
 
     async fn in_doubt(&self) -> Result<crate::ledger::InDoubt, BankError> {
         let client = self.pool.get().await?;
-        let row = client
-            .query_one("SELECT count(*), min(prepared_at) FROM legs WHERE state = 'prepared'", &[])
-            .await?;
+        let row = client.query_one("SELECT count(*), min(prepared_at) FROM open_legs", &[]).await?;
         Ok(crate::ledger::InDoubt { legs: row.try_get(0)?, oldest_prepared_at_ms: row.try_get(1)? })
     }
 }
@@ -870,6 +867,19 @@ mod tests {
         async fn legs(&self) -> Vec<LegRow> {
             let client = self.pool.get().await.expect("connection");
             let rows = client.query("SELECT txn_id, state, amount_minor FROM legs", &[]).await.expect("legs");
+            // `open_legs` lists exactly the prepared legs.
+            let strays: i64 = client
+                .query_one(
+                    "SELECT (SELECT count(*) FROM legs l WHERE l.state = 'prepared' AND NOT EXISTS
+                               (SELECT 1 FROM open_legs o WHERE o.txn_id = l.txn_id AND o.prepared_at = l.prepared_at))
+                          + (SELECT count(*) FROM open_legs o WHERE NOT EXISTS
+                               (SELECT 1 FROM legs l WHERE l.txn_id = o.txn_id AND l.state = 'prepared'))",
+                    &[],
+                )
+                .await
+                .expect("open legs")
+                .get(0);
+            assert_eq!(strays, 0, "open_legs and the prepared legs differ");
             let mut rows: Vec<LegRow> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
             rows.sort();
             rows
@@ -961,10 +971,11 @@ mod tests {
         assert_eq!(two.ledger_id(), one.ledger_id());
     }
 
-    /// A ledger written by the previous version (schema version 3: legs
-    /// prepared by its functions, one open) is migrated at connect, and the
-    /// batch functions that replace those of version 3 decide and prepare
-    /// on it.
+    /// A ledger written by an older version (schema version 3: legs
+    /// prepared by its functions, one open; and a transfer of version 5) is
+    /// migrated at connect: its open leg is listed in `open_legs` (version
+    /// 6), and the functions that replace the older ones decide, prepare
+    /// and transfer on it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_ledger_of_the_previous_version_upgrades_with_its_open_legs() {
         let url = new_database();
@@ -988,10 +999,33 @@ mod tests {
             )
             .await
             .expect("a ledger of version 3");
+        migrations::runner()
+            .set_target(refinery::Target::Version(5))
+            .run_async(&mut client)
+            .await
+            .expect("v5");
+        client
+            .batch_execute(
+                "SELECT transfer_legs(ARRAY['t0'], ARRAY['p0'], ARRAY['b'], ARRAY['BankA'], ARRAY['a'],
+                                      ARRAY['BankA'], ARRAY[50]::BIGINT[], ARRAY['b'], ARRAY['a'],
+                                      ARRAY[10]::BIGINT[], 3, 1000000);",
+            )
+            .await
+            .expect("a transfer of version 5");
         drop(client);
         let _ = task.await;
         let ledger = PostgresLedger::connect(&url, "BankA").await.expect("migrates");
-        assert_eq!(ledger.balance("a".into()).await.expect("a"), (900, 700), "t2 holds 200");
+        assert_eq!(ledger.balance("a".into()).await.expect("a"), (950, 750), "t2 holds 200");
+        assert_eq!(ledger.open_legs(i64::MAX, 10).await.expect("open"), ["t2"], "carried over");
+        assert_eq!(ledger.in_doubt().await.expect("in doubt").legs, 1);
+        let again = ledger
+            .transfer_batch(vec![
+                crate::conformance::transfer("t0", "b", "a", 50),
+                crate::conformance::transfer("t5", "a", "b", 50),
+            ])
+            .await
+            .expect("transfers");
+        assert!(again.iter().all(|o| matches!(o, Ok(Outcome::Committed))), "{again:?}");
         let votes = ledger
             .prepare_batch(vec![leg("t2", "a", "b", 200), leg("t3", "a", "b", 700), leg("t4", "a", "b", 1)])
             .await
@@ -1010,10 +1044,12 @@ mod tests {
         assert!(done.iter().all(Result::is_ok), "{done:?}");
         assert_eq!(ledger.balance("a".into()).await.expect("a"), (700, 700));
         assert_eq!(ledger.balance("b".into()).await.expect("b"), (1300, 1300));
+        assert!(ledger.open_legs(i64::MAX, 10).await.expect("open").is_empty(), "all decided");
+        assert_eq!(ledger.in_doubt().await.expect("in doubt").legs, 0);
         let history = server()
             .psql(&url, &["SELECT COUNT(*) FROM refinery_schema_history"])
             .expect("refinery's own table");
-        assert_eq!(history, "5", "each migration applied once");
+        assert_eq!(history, "6", "each migration applied once");
     }
 
     /// On 20,000 legs (half of them crossing banks, so naming an account of
@@ -1194,6 +1230,7 @@ mod tests {
             open_held += open.iter().sum::<i64>();
             no += n;
         }
+        one.legs().await; // asserts that `open_legs` lists exactly the prepared legs
         let accounts = one.accounts().await;
         let hot = accounts.iter().find(|a| a.0 == "hot").expect("hot");
         assert!(0 <= hot.2 && hot.2 <= hot.1, "overdrawn: {hot:?}");
