@@ -52,7 +52,9 @@ use strife_core::{DeclineReason, Secret};
 use strife_rpc::pg_pool;
 use strife_twopc::Vote as MachineVote;
 use strife_twopc::participant::{self as machine, Force};
+use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 
 refinery::embed_migrations!("migrations/postgres");
 
@@ -161,10 +163,7 @@ impl PostgresLedger {
             let (i, result) = joined.map_err(|e| BankError::Internal(format!("a batch item's task: {e}")))?;
             answers[i] = Some(result);
         }
-        Ok(answers
-            .into_iter()
-            .map(|a| a.unwrap_or_else(|| Err(BankError::Internal("an item without an answer".into()))))
-            .collect())
+        Ok(every_answer(answers))
     }
 
     /// Phase one for one leg: one autocommitted statement
@@ -214,75 +213,16 @@ impl PostgresLedger {
         legs: &[LegRequest],
     ) -> Result<Option<Vec<Result<Vote, BankError>>>, BankError> {
         let mut answers: Vec<Option<Result<Vote, BankError>>> = (0..legs.len()).map(|_| None).collect();
-        let mut batch: Vec<(usize, Option<&str>, Option<&str>)> = Vec::with_capacity(legs.len());
-        for (i, leg) in legs.iter().enumerate() {
-            match leg.sides(&self.bank) {
-                Ok((debit, credit)) => batch.push((i, debit, credit)),
-                Err(e) => answers[i] = Some(Err(e)),
-            }
-        }
-        let column =
-            |f: fn(&LegRequest) -> &str| -> Vec<&str> { batch.iter().map(|b| f(&legs[b.0])).collect() };
-        let (txn_ids, payment_ids) = (column(|l| &l.txn_id), column(|l| &l.payment_id));
-        let (payer_users, payer_banks) = (column(|l| &l.payer_user), column(|l| &l.payer_bank));
-        let (payee_users, payee_banks) = (column(|l| &l.payee_user), column(|l| &l.payee_bank));
-        let amounts: Vec<i64> = batch.iter().map(|b| legs[b.0].amount_minor).collect();
-        let debits: Vec<Option<&str>> = batch.iter().map(|b| b.1).collect();
-        let credits: Vec<Option<&str>> = batch.iter().map(|b| b.2).collect();
+        let c = LegColumns::new(legs.iter(), |leg| leg.sides(&self.bank), &mut answers);
         let now = crate::store::now_ms();
-        let mut tries = 0;
-        let rows = loop {
-            tries += 1;
-            let client = self.pool.get().await?;
-            let stmt = client.prepare_cached(PREPARE_BATCH_SQL).await?;
-            let run = client
-                .query(
-                    &stmt,
-                    &[
-                        &txn_ids,
-                        &payment_ids,
-                        &payer_users,
-                        &payer_banks,
-                        &payee_users,
-                        &payee_banks,
-                        &amounts,
-                        &debits,
-                        &credits,
-                        &now,
-                        &BALANCE_MAX_MINOR,
-                    ],
-                )
-                .await
-                .map_err(BankError::from);
-            match run {
-                Ok(rows) => break rows,
-                Err(e) if e.is_retryable() && tries < TRANSACTION_TRIES_MAX => continue,
-                Err(e) if e.is_retryable() => return Err(e),
-                Err(e) => {
-                    tracing::debug!(error = %e, "a batch of prepares failed as a whole; each leg alone");
-                    return Ok(None);
-                }
-            }
+        let params = c.params(&[&now, &BALANCE_MAX_MINOR]);
+        let Some(rows) = self.run_batch(PREPARE_BATCH_SQL, &params, c.places.len(), "legs").await? else {
+            return Ok(None);
         };
-        if rows.len() != batch.len() {
-            return Err(BankError::Internal(format!(
-                "{} answers to a batch of {} legs",
-                rows.len(),
-                batch.len()
-            )));
+        for (row, &i) in rows.iter().zip(&c.places) {
+            answers[i] = Some(prepare_answer(&legs[i], row, 1));
         }
-        for (n, (row, (i, _, _))) in rows.iter().zip(&batch).enumerate() {
-            if usize::try_from(row.try_get::<_, i32>(0)?).ok() != Some(n + 1) {
-                return Err(BankError::Internal("a batch's answers out of order".into()));
-            }
-            answers[*i] = Some(prepare_answer(&legs[*i], row, 1));
-        }
-        Ok(Some(
-            answers
-                .into_iter()
-                .map(|a| a.unwrap_or_else(|| Err(BankError::Internal("a leg without an answer".into()))))
-                .collect(),
-        ))
+        Ok(Some(every_answer(answers)))
     }
 
     /// A batch of decisions as one statement (`decide_legs`), as
@@ -294,37 +234,140 @@ impl PostgresLedger {
         let txn_ids: Vec<&str> = decisions.iter().map(|d| d.0.as_str()).collect();
         let names: Vec<&str> = decisions.iter().map(|d| decision_name(d.1)).collect();
         let now = crate::store::now_ms();
+        let params: [&(dyn ToSql + Sync); 3] = [&txn_ids, &names, &now];
+        let Some(rows) = self.run_batch(DECIDE_BATCH_SQL, &params, decisions.len(), "decisions").await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(
+            rows.iter().zip(decisions).map(|(row, (txn_id, d))| decide_answer(txn_id, *d, row, 1)).collect(),
+        ))
+    }
+
+    /// Runs a batch function (`sql`, answering one row per item in order,
+    /// its place first) as one statement, again while PostgreSQL aborts it
+    /// for a deadlock or a serialization failure; `None` when it failed as
+    /// a whole for a reason that is not retryable.
+    async fn run_batch(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        items: usize,
+        what: &str,
+    ) -> Result<Option<Vec<Row>>, BankError> {
         let mut tries = 0;
         let rows = loop {
             tries += 1;
             let client = self.pool.get().await?;
-            let stmt = client.prepare_cached(DECIDE_BATCH_SQL).await?;
-            match client.query(&stmt, &[&txn_ids, &names, &now]).await.map_err(BankError::from) {
+            let stmt = client.prepare_cached(sql).await?;
+            match client.query(&stmt, params).await.map_err(BankError::from) {
                 Ok(rows) => break rows,
                 Err(e) if e.is_retryable() && tries < TRANSACTION_TRIES_MAX => continue,
                 Err(e) if e.is_retryable() => return Err(e),
                 Err(e) => {
-                    tracing::debug!(error = %e, "a batch of decisions failed as a whole; each alone");
+                    tracing::debug!(error = %e, what, "a batch failed as a whole; each item alone");
                     return Ok(None);
                 }
             }
         };
-        if rows.len() != decisions.len() {
-            return Err(BankError::Internal(format!(
-                "{} answers to a batch of {} decisions",
-                rows.len(),
-                decisions.len()
-            )));
+        if rows.len() != items {
+            return Err(BankError::Internal(format!("{} answers to a batch of {items} {what}", rows.len())));
         }
-        let mut answers = Vec::with_capacity(rows.len());
-        for (n, (row, (txn_id, decision))) in rows.iter().zip(decisions).enumerate() {
+        for (n, row) in rows.iter().enumerate() {
             if usize::try_from(row.try_get::<_, i32>(0)?).ok() != Some(n + 1) {
                 return Err(BankError::Internal("a batch's answers out of order".into()));
             }
-            answers.push(decide_answer(txn_id, *decision, row, 1));
         }
-        Ok(Some(answers))
+        Ok(Some(rows))
     }
+}
+
+/// A batch of legs as the batch functions take it (`make_legs`, in
+/// `V6__open_legs_and_set_based_transfers.sql`): a column per field, of the
+/// legs that have their sides at this bank.
+struct LegColumns<'a> {
+    /// Each leg's place in the batch the caller gave.
+    places: Vec<usize>,
+    txn_ids: Vec<&'a str>,
+    payment_ids: Vec<&'a str>,
+    payer_users: Vec<&'a str>,
+    payer_banks: Vec<&'a str>,
+    payee_users: Vec<&'a str>,
+    payee_banks: Vec<&'a str>,
+    amounts: Vec<i64>,
+    /// The accounts of this bank the legs debit and credit (`None`: the
+    /// side is at another bank).
+    debits: Vec<Option<&'a str>>,
+    credits: Vec<Option<&'a str>>,
+}
+
+impl<'a> LegColumns<'a> {
+    /// The columns as the first parameters of a batch function, then `more`.
+    fn params<'p>(&'p self, more: &[&'p (dyn ToSql + Sync)]) -> Vec<&'p (dyn ToSql + Sync)> {
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+            &self.txn_ids,
+            &self.payment_ids,
+            &self.payer_users,
+            &self.payer_banks,
+            &self.payee_users,
+            &self.payee_banks,
+            &self.amounts,
+            &self.debits,
+            &self.credits,
+        ];
+        params.extend_from_slice(more);
+        params
+    }
+
+    /// The columns of `legs`; a leg whose `sides` are refused gets that
+    /// refusal in `answers` (by place) and no place in the columns.
+    fn new<T>(
+        legs: impl Iterator<Item = &'a LegRequest>,
+        sides: impl Fn(&'a LegRequest) -> Result<(Option<&'a str>, Option<&'a str>), BankError>,
+        answers: &mut [Option<Result<T, BankError>>],
+    ) -> LegColumns<'a> {
+        let mut c = LegColumns {
+            places: Vec::new(),
+            txn_ids: Vec::new(),
+            payment_ids: Vec::new(),
+            payer_users: Vec::new(),
+            payer_banks: Vec::new(),
+            payee_users: Vec::new(),
+            payee_banks: Vec::new(),
+            amounts: Vec::new(),
+            debits: Vec::new(),
+            credits: Vec::new(),
+        };
+        for (i, leg) in legs.enumerate() {
+            let (debit, credit) = match sides(leg) {
+                Ok(both) => both,
+                Err(e) => {
+                    answers[i] = Some(Err(e));
+                    continue;
+                }
+            };
+            c.places.push(i);
+            c.txn_ids.push(&leg.txn_id);
+            c.payment_ids.push(&leg.payment_id);
+            c.payer_users.push(&leg.payer_user);
+            c.payer_banks.push(&leg.payer_bank);
+            c.payee_users.push(&leg.payee_user);
+            c.payee_banks.push(&leg.payee_bank);
+            c.amounts.push(leg.amount_minor);
+            c.debits.push(debit);
+            c.credits.push(credit);
+        }
+        c
+    }
+}
+
+/// Every item's answer, by place: one the batch left without an answer
+/// (a bug) is an internal error.
+fn every_answer<T>(answers: Vec<Option<Result<T, BankError>>>) -> Vec<Result<T, BankError>> {
+    answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err(BankError::Internal("an item without an answer".into()))))
+        .collect()
 }
 
 impl PostgresLedger {
@@ -377,78 +420,22 @@ impl PostgresLedger {
     ) -> Result<Option<Vec<Result<Outcome, BankError>>>, BankError> {
         let mut answers: Vec<Option<Result<Outcome, BankError>>> =
             (0..transfers.len()).map(|_| None).collect();
-        let mut batch: Vec<(usize, &str, &str)> = Vec::with_capacity(transfers.len());
-        for (i, t) in transfers.iter().enumerate() {
-            match t.leg.both_sides(&self.bank) {
-                Ok((debit, credit)) => batch.push((i, debit, credit)),
-                Err(e) => answers[i] = Some(Err(e)),
-            }
-        }
-        let column = |f: fn(&LegRequest) -> &str| -> Vec<&str> {
-            batch.iter().map(|b| f(&transfers[b.0].leg)).collect()
-        };
-        let (txn_ids, payment_ids) = (column(|l| &l.txn_id), column(|l| &l.payment_id));
-        let (payer_users, payer_banks) = (column(|l| &l.payer_user), column(|l| &l.payer_bank));
-        let (payee_users, payee_banks) = (column(|l| &l.payee_user), column(|l| &l.payee_bank));
-        let amounts: Vec<i64> = batch.iter().map(|b| transfers[b.0].leg.amount_minor).collect();
-        let debits: Vec<&str> = batch.iter().map(|b| b.1).collect();
-        let credits: Vec<&str> = batch.iter().map(|b| b.2).collect();
-        let deadlines: Vec<i64> = batch.iter().map(|b| transfers[b.0].deadline_ms).collect();
+        let c = LegColumns::new(
+            transfers.iter().map(|t| &t.leg),
+            |leg| leg.both_sides(&self.bank).map(|(d, c)| (Some(d), Some(c))),
+            &mut answers,
+        );
+        let deadlines: Vec<i64> = c.places.iter().map(|&i| transfers[i].deadline_ms).collect();
         let now = crate::store::now_ms();
-        let mut tries = 0;
-        let rows = loop {
-            tries += 1;
-            let client = self.pool.get().await?;
-            let stmt = client.prepare_cached(TRANSFER_BATCH_SQL).await?;
-            let run = client
-                .query(
-                    &stmt,
-                    &[
-                        &txn_ids,
-                        &payment_ids,
-                        &payer_users,
-                        &payer_banks,
-                        &payee_users,
-                        &payee_banks,
-                        &amounts,
-                        &debits,
-                        &credits,
-                        &deadlines,
-                        &now,
-                        &BALANCE_MAX_MINOR,
-                    ],
-                )
-                .await
-                .map_err(BankError::from);
-            match run {
-                Ok(rows) => break rows,
-                Err(e) if e.is_retryable() && tries < TRANSACTION_TRIES_MAX => continue,
-                Err(e) if e.is_retryable() => return Err(e),
-                Err(e) => {
-                    tracing::debug!(error = %e, "a batch of transfers failed as a whole; each alone");
-                    return Ok(None);
-                }
-            }
+        let params = c.params(&[&deadlines, &now, &BALANCE_MAX_MINOR]);
+        let Some(rows) = self.run_batch(TRANSFER_BATCH_SQL, &params, c.places.len(), "transfers").await?
+        else {
+            return Ok(None);
         };
-        if rows.len() != batch.len() {
-            return Err(BankError::Internal(format!(
-                "{} answers to a batch of {} transfers",
-                rows.len(),
-                batch.len()
-            )));
+        for (row, &i) in rows.iter().zip(&c.places) {
+            answers[i] = Some(transfer_answer(&transfers[i], now, row, 1));
         }
-        for (n, (row, (i, _, _))) in rows.iter().zip(&batch).enumerate() {
-            if usize::try_from(row.try_get::<_, i32>(0)?).ok() != Some(n + 1) {
-                return Err(BankError::Internal("a batch's answers out of order".into()));
-            }
-            answers[*i] = Some(transfer_answer(&transfers[*i], now, row, 1));
-        }
-        Ok(Some(
-            answers
-                .into_iter()
-                .map(|a| a.unwrap_or_else(|| Err(BankError::Internal("a transfer without an answer".into()))))
-                .collect(),
-        ))
+        Ok(Some(every_answer(answers)))
     }
 }
 
@@ -949,6 +936,15 @@ mod tests {
         assert_eq!(again.ledger_id(), a.ledger_id(), "and so does the id");
     }
 
+    /// Applies the migrations up to `version` only, as an older version did.
+    async fn migrate_to(client: &mut tokio_postgres::Client, version: i32) {
+        migrations::runner()
+            .set_target(refinery::Target::Version(version))
+            .run_async(client)
+            .await
+            .unwrap_or_else(|e| panic!("migrating to version {version}: {e}"));
+    }
+
     /// A ledger made before ids existed (schema version 1) gets one when
     /// the migration runs, and keeps it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -957,11 +953,7 @@ mod tests {
         let config: tokio_postgres::Config = url.expose().parse().expect("url");
         let (mut client, connection) = config.connect(tokio_postgres::NoTls).await.expect("connect");
         let task = tokio::spawn(connection);
-        migrations::runner()
-            .set_target(refinery::Target::Version(1))
-            .run_async(&mut client)
-            .await
-            .expect("v1");
+        migrate_to(&mut client, 1).await;
         client.execute("INSERT INTO ledger (bank) VALUES ('BankA')", &[]).await.expect("an old ledger");
         drop(client);
         let _ = task.await;
@@ -982,11 +974,7 @@ mod tests {
         let config: tokio_postgres::Config = url.expose().parse().expect("url");
         let (mut client, connection) = config.connect(tokio_postgres::NoTls).await.expect("connect");
         let task = tokio::spawn(connection);
-        migrations::runner()
-            .set_target(refinery::Target::Version(3))
-            .run_async(&mut client)
-            .await
-            .expect("v3");
+        migrate_to(&mut client, 3).await;
         client
             .batch_execute(
                 "INSERT INTO ledger (bank) VALUES ('BankA');
@@ -999,11 +987,7 @@ mod tests {
             )
             .await
             .expect("a ledger of version 3");
-        migrations::runner()
-            .set_target(refinery::Target::Version(5))
-            .run_async(&mut client)
-            .await
-            .expect("v5");
+        migrate_to(&mut client, 5).await;
         client
             .batch_execute(
                 "SELECT transfer_legs(ARRAY['t0'], ARRAY['p0'], ARRAY['b'], ARRAY['BankA'], ARRAY['a'],
