@@ -22,9 +22,16 @@
 //! money it read and only then, in the same transaction, places the hold.
 //! A second prepare against the same account waits for the first to commit
 //! and then reads what it left. Two processes racing to write the record of
-//! one payment meet at its primary key: the loser (`ON CONFLICT DO NOTHING`
-//! inserts nothing) writes nothing and answers with the winner's record. A
-//! statement that PostgreSQL aborts for a deadlock is run again.
+//! one payment meet at its primary key: the loser's insert (`ON CONFLICT DO
+//! NOTHING`) skips the row, its statement fails with a serialization failure
+//! and is run again, answering with the winner's record. A statement that
+//! PostgreSQL aborts for a deadlock is run again too.
+//!
+//! Since `V6__open_legs_and_set_based_transfers.sql` one function,
+//! `make_legs`, makes a batch of prepares or of one-phase transfers, and the
+//! single-item functions are batches of one; the prepared legs are listed in
+//! `open_legs` (made with the leg, removed with its decision), which the
+//! search for open legs and the in-doubt count read.
 //!
 //! A batch from the gateway is one statement too (`prepare_legs`,
 //! `decide_legs`, `V4__set_based_batches.sql`): one transaction and one
@@ -501,12 +508,12 @@ fn resolve_answer(
     }
 }
 
-/// A batch of transfers, as one statement: see `V5__transfers.sql`.
+/// A batch of transfers, as one statement: see `V5__transfers.sql` and V6.
 const TRANSFER_BATCH_SQL: &str = "
 SELECT item, prior_state, prior_reason, prior_amount_minor, written_state, written_reason
 FROM transfer_legs($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
 
-/// One transfer, as one statement: see `V5__transfers.sql`.
+/// One transfer, as one statement (a batch of one since V6): see `V5__transfers.sql`.
 const TRANSFER_SQL: &str = "
 SELECT prior_state, prior_reason, prior_amount_minor, written_state, written_reason
 FROM transfer_leg($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
