@@ -22,9 +22,16 @@
 //! money it read and only then, in the same transaction, places the hold.
 //! A second prepare against the same account waits for the first to commit
 //! and then reads what it left. Two processes racing to write the record of
-//! one payment meet at its primary key: the loser (`ON CONFLICT DO NOTHING`
-//! inserts nothing) writes nothing and answers with the winner's record. A
-//! statement that PostgreSQL aborts for a deadlock is run again.
+//! one payment meet at its primary key: the loser's insert (`ON CONFLICT DO
+//! NOTHING`) skips the row, its statement fails with a serialization failure
+//! and is run again, answering with the winner's record. A statement that
+//! PostgreSQL aborts for a deadlock is run again too.
+//!
+//! Since `V6__open_legs_and_set_based_transfers.sql` one function,
+//! `make_legs`, makes a batch of prepares or of one-phase transfers, and the
+//! single-item functions are batches of one; the prepared legs are listed in
+//! `open_legs` (made with the leg, removed with its decision), which the
+//! search for open legs and the in-doubt count read.
 //!
 //! A batch from the gateway is one statement too (`prepare_legs`,
 //! `decide_legs`, `V4__set_based_batches.sql`): one transaction and one
@@ -52,7 +59,9 @@ use strife_core::{DeclineReason, Secret};
 use strife_rpc::pg_pool;
 use strife_twopc::Vote as MachineVote;
 use strife_twopc::participant::{self as machine, Force};
+use tokio_postgres::Row;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::types::ToSql;
 
 refinery::embed_migrations!("migrations/postgres");
 
@@ -161,10 +170,7 @@ impl PostgresLedger {
             let (i, result) = joined.map_err(|e| BankError::Internal(format!("a batch item's task: {e}")))?;
             answers[i] = Some(result);
         }
-        Ok(answers
-            .into_iter()
-            .map(|a| a.unwrap_or_else(|| Err(BankError::Internal("an item without an answer".into()))))
-            .collect())
+        Ok(every_answer(answers))
     }
 
     /// Phase one for one leg: one autocommitted statement
@@ -214,75 +220,16 @@ impl PostgresLedger {
         legs: &[LegRequest],
     ) -> Result<Option<Vec<Result<Vote, BankError>>>, BankError> {
         let mut answers: Vec<Option<Result<Vote, BankError>>> = (0..legs.len()).map(|_| None).collect();
-        let mut batch: Vec<(usize, Option<&str>, Option<&str>)> = Vec::with_capacity(legs.len());
-        for (i, leg) in legs.iter().enumerate() {
-            match leg.sides(&self.bank) {
-                Ok((debit, credit)) => batch.push((i, debit, credit)),
-                Err(e) => answers[i] = Some(Err(e)),
-            }
-        }
-        let column =
-            |f: fn(&LegRequest) -> &str| -> Vec<&str> { batch.iter().map(|b| f(&legs[b.0])).collect() };
-        let (txn_ids, payment_ids) = (column(|l| &l.txn_id), column(|l| &l.payment_id));
-        let (payer_users, payer_banks) = (column(|l| &l.payer_user), column(|l| &l.payer_bank));
-        let (payee_users, payee_banks) = (column(|l| &l.payee_user), column(|l| &l.payee_bank));
-        let amounts: Vec<i64> = batch.iter().map(|b| legs[b.0].amount_minor).collect();
-        let debits: Vec<Option<&str>> = batch.iter().map(|b| b.1).collect();
-        let credits: Vec<Option<&str>> = batch.iter().map(|b| b.2).collect();
+        let c = LegColumns::new(legs.iter(), |leg| leg.sides(&self.bank), &mut answers);
         let now = crate::store::now_ms();
-        let mut tries = 0;
-        let rows = loop {
-            tries += 1;
-            let client = self.pool.get().await?;
-            let stmt = client.prepare_cached(PREPARE_BATCH_SQL).await?;
-            let run = client
-                .query(
-                    &stmt,
-                    &[
-                        &txn_ids,
-                        &payment_ids,
-                        &payer_users,
-                        &payer_banks,
-                        &payee_users,
-                        &payee_banks,
-                        &amounts,
-                        &debits,
-                        &credits,
-                        &now,
-                        &BALANCE_MAX_MINOR,
-                    ],
-                )
-                .await
-                .map_err(BankError::from);
-            match run {
-                Ok(rows) => break rows,
-                Err(e) if e.is_retryable() && tries < TRANSACTION_TRIES_MAX => continue,
-                Err(e) if e.is_retryable() => return Err(e),
-                Err(e) => {
-                    tracing::debug!(error = %e, "a batch of prepares failed as a whole; each leg alone");
-                    return Ok(None);
-                }
-            }
+        let params = c.params(&[&now, &BALANCE_MAX_MINOR]);
+        let Some(rows) = self.run_batch(PREPARE_BATCH_SQL, &params, c.places.len(), "legs").await? else {
+            return Ok(None);
         };
-        if rows.len() != batch.len() {
-            return Err(BankError::Internal(format!(
-                "{} answers to a batch of {} legs",
-                rows.len(),
-                batch.len()
-            )));
+        for (row, &i) in rows.iter().zip(&c.places) {
+            answers[i] = Some(prepare_answer(&legs[i], row, 1));
         }
-        for (n, (row, (i, _, _))) in rows.iter().zip(&batch).enumerate() {
-            if usize::try_from(row.try_get::<_, i32>(0)?).ok() != Some(n + 1) {
-                return Err(BankError::Internal("a batch's answers out of order".into()));
-            }
-            answers[*i] = Some(prepare_answer(&legs[*i], row, 1));
-        }
-        Ok(Some(
-            answers
-                .into_iter()
-                .map(|a| a.unwrap_or_else(|| Err(BankError::Internal("a leg without an answer".into()))))
-                .collect(),
-        ))
+        Ok(Some(every_answer(answers)))
     }
 
     /// A batch of decisions as one statement (`decide_legs`), as
@@ -294,37 +241,140 @@ impl PostgresLedger {
         let txn_ids: Vec<&str> = decisions.iter().map(|d| d.0.as_str()).collect();
         let names: Vec<&str> = decisions.iter().map(|d| decision_name(d.1)).collect();
         let now = crate::store::now_ms();
+        let params: [&(dyn ToSql + Sync); 3] = [&txn_ids, &names, &now];
+        let Some(rows) = self.run_batch(DECIDE_BATCH_SQL, &params, decisions.len(), "decisions").await?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(
+            rows.iter().zip(decisions).map(|(row, (txn_id, d))| decide_answer(txn_id, *d, row, 1)).collect(),
+        ))
+    }
+
+    /// Runs a batch function (`sql`, answering one row per item in order,
+    /// its place first) as one statement, again while PostgreSQL aborts it
+    /// for a deadlock or a serialization failure; `None` when it failed as
+    /// a whole for a reason that is not retryable.
+    async fn run_batch(
+        &self,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+        items: usize,
+        what: &str,
+    ) -> Result<Option<Vec<Row>>, BankError> {
         let mut tries = 0;
         let rows = loop {
             tries += 1;
             let client = self.pool.get().await?;
-            let stmt = client.prepare_cached(DECIDE_BATCH_SQL).await?;
-            match client.query(&stmt, &[&txn_ids, &names, &now]).await.map_err(BankError::from) {
+            let stmt = client.prepare_cached(sql).await?;
+            match client.query(&stmt, params).await.map_err(BankError::from) {
                 Ok(rows) => break rows,
                 Err(e) if e.is_retryable() && tries < TRANSACTION_TRIES_MAX => continue,
                 Err(e) if e.is_retryable() => return Err(e),
                 Err(e) => {
-                    tracing::debug!(error = %e, "a batch of decisions failed as a whole; each alone");
+                    tracing::debug!(error = %e, what, "a batch failed as a whole; each item alone");
                     return Ok(None);
                 }
             }
         };
-        if rows.len() != decisions.len() {
-            return Err(BankError::Internal(format!(
-                "{} answers to a batch of {} decisions",
-                rows.len(),
-                decisions.len()
-            )));
+        if rows.len() != items {
+            return Err(BankError::Internal(format!("{} answers to a batch of {items} {what}", rows.len())));
         }
-        let mut answers = Vec::with_capacity(rows.len());
-        for (n, (row, (txn_id, decision))) in rows.iter().zip(decisions).enumerate() {
+        for (n, row) in rows.iter().enumerate() {
             if usize::try_from(row.try_get::<_, i32>(0)?).ok() != Some(n + 1) {
                 return Err(BankError::Internal("a batch's answers out of order".into()));
             }
-            answers.push(decide_answer(txn_id, *decision, row, 1));
         }
-        Ok(Some(answers))
+        Ok(Some(rows))
     }
+}
+
+/// A batch of legs as the batch functions take it (`make_legs`, in
+/// `V6__open_legs_and_set_based_transfers.sql`): a column per field, of the
+/// legs that have their sides at this bank.
+struct LegColumns<'a> {
+    /// Each leg's place in the batch the caller gave.
+    places: Vec<usize>,
+    txn_ids: Vec<&'a str>,
+    payment_ids: Vec<&'a str>,
+    payer_users: Vec<&'a str>,
+    payer_banks: Vec<&'a str>,
+    payee_users: Vec<&'a str>,
+    payee_banks: Vec<&'a str>,
+    amounts: Vec<i64>,
+    /// The accounts of this bank the legs debit and credit (`None`: the
+    /// side is at another bank).
+    debits: Vec<Option<&'a str>>,
+    credits: Vec<Option<&'a str>>,
+}
+
+impl<'a> LegColumns<'a> {
+    /// The columns as the first parameters of a batch function, then `more`.
+    fn params<'p>(&'p self, more: &[&'p (dyn ToSql + Sync)]) -> Vec<&'p (dyn ToSql + Sync)> {
+        let mut params: Vec<&(dyn ToSql + Sync)> = vec![
+            &self.txn_ids,
+            &self.payment_ids,
+            &self.payer_users,
+            &self.payer_banks,
+            &self.payee_users,
+            &self.payee_banks,
+            &self.amounts,
+            &self.debits,
+            &self.credits,
+        ];
+        params.extend_from_slice(more);
+        params
+    }
+
+    /// The columns of `legs`; a leg whose `sides` are refused gets that
+    /// refusal in `answers` (by place) and no place in the columns.
+    fn new<T>(
+        legs: impl Iterator<Item = &'a LegRequest>,
+        sides: impl Fn(&'a LegRequest) -> Result<(Option<&'a str>, Option<&'a str>), BankError>,
+        answers: &mut [Option<Result<T, BankError>>],
+    ) -> LegColumns<'a> {
+        let mut c = LegColumns {
+            places: Vec::new(),
+            txn_ids: Vec::new(),
+            payment_ids: Vec::new(),
+            payer_users: Vec::new(),
+            payer_banks: Vec::new(),
+            payee_users: Vec::new(),
+            payee_banks: Vec::new(),
+            amounts: Vec::new(),
+            debits: Vec::new(),
+            credits: Vec::new(),
+        };
+        for (i, leg) in legs.enumerate() {
+            let (debit, credit) = match sides(leg) {
+                Ok(both) => both,
+                Err(e) => {
+                    answers[i] = Some(Err(e));
+                    continue;
+                }
+            };
+            c.places.push(i);
+            c.txn_ids.push(&leg.txn_id);
+            c.payment_ids.push(&leg.payment_id);
+            c.payer_users.push(&leg.payer_user);
+            c.payer_banks.push(&leg.payer_bank);
+            c.payee_users.push(&leg.payee_user);
+            c.payee_banks.push(&leg.payee_bank);
+            c.amounts.push(leg.amount_minor);
+            c.debits.push(debit);
+            c.credits.push(credit);
+        }
+        c
+    }
+}
+
+/// Every item's answer, by place: one the batch left without an answer
+/// (a bug) is an internal error.
+fn every_answer<T>(answers: Vec<Option<Result<T, BankError>>>) -> Vec<Result<T, BankError>> {
+    answers
+        .into_iter()
+        .map(|a| a.unwrap_or_else(|| Err(BankError::Internal("an item without an answer".into()))))
+        .collect()
 }
 
 impl PostgresLedger {
@@ -377,78 +427,22 @@ impl PostgresLedger {
     ) -> Result<Option<Vec<Result<Outcome, BankError>>>, BankError> {
         let mut answers: Vec<Option<Result<Outcome, BankError>>> =
             (0..transfers.len()).map(|_| None).collect();
-        let mut batch: Vec<(usize, &str, &str)> = Vec::with_capacity(transfers.len());
-        for (i, t) in transfers.iter().enumerate() {
-            match t.leg.both_sides(&self.bank) {
-                Ok((debit, credit)) => batch.push((i, debit, credit)),
-                Err(e) => answers[i] = Some(Err(e)),
-            }
-        }
-        let column = |f: fn(&LegRequest) -> &str| -> Vec<&str> {
-            batch.iter().map(|b| f(&transfers[b.0].leg)).collect()
-        };
-        let (txn_ids, payment_ids) = (column(|l| &l.txn_id), column(|l| &l.payment_id));
-        let (payer_users, payer_banks) = (column(|l| &l.payer_user), column(|l| &l.payer_bank));
-        let (payee_users, payee_banks) = (column(|l| &l.payee_user), column(|l| &l.payee_bank));
-        let amounts: Vec<i64> = batch.iter().map(|b| transfers[b.0].leg.amount_minor).collect();
-        let debits: Vec<&str> = batch.iter().map(|b| b.1).collect();
-        let credits: Vec<&str> = batch.iter().map(|b| b.2).collect();
-        let deadlines: Vec<i64> = batch.iter().map(|b| transfers[b.0].deadline_ms).collect();
+        let c = LegColumns::new(
+            transfers.iter().map(|t| &t.leg),
+            |leg| leg.both_sides(&self.bank).map(|(d, c)| (Some(d), Some(c))),
+            &mut answers,
+        );
+        let deadlines: Vec<i64> = c.places.iter().map(|&i| transfers[i].deadline_ms).collect();
         let now = crate::store::now_ms();
-        let mut tries = 0;
-        let rows = loop {
-            tries += 1;
-            let client = self.pool.get().await?;
-            let stmt = client.prepare_cached(TRANSFER_BATCH_SQL).await?;
-            let run = client
-                .query(
-                    &stmt,
-                    &[
-                        &txn_ids,
-                        &payment_ids,
-                        &payer_users,
-                        &payer_banks,
-                        &payee_users,
-                        &payee_banks,
-                        &amounts,
-                        &debits,
-                        &credits,
-                        &deadlines,
-                        &now,
-                        &BALANCE_MAX_MINOR,
-                    ],
-                )
-                .await
-                .map_err(BankError::from);
-            match run {
-                Ok(rows) => break rows,
-                Err(e) if e.is_retryable() && tries < TRANSACTION_TRIES_MAX => continue,
-                Err(e) if e.is_retryable() => return Err(e),
-                Err(e) => {
-                    tracing::debug!(error = %e, "a batch of transfers failed as a whole; each alone");
-                    return Ok(None);
-                }
-            }
+        let params = c.params(&[&deadlines, &now, &BALANCE_MAX_MINOR]);
+        let Some(rows) = self.run_batch(TRANSFER_BATCH_SQL, &params, c.places.len(), "transfers").await?
+        else {
+            return Ok(None);
         };
-        if rows.len() != batch.len() {
-            return Err(BankError::Internal(format!(
-                "{} answers to a batch of {} transfers",
-                rows.len(),
-                batch.len()
-            )));
+        for (row, &i) in rows.iter().zip(&c.places) {
+            answers[i] = Some(transfer_answer(&transfers[i], now, row, 1));
         }
-        for (n, (row, (i, _, _))) in rows.iter().zip(&batch).enumerate() {
-            if usize::try_from(row.try_get::<_, i32>(0)?).ok() != Some(n + 1) {
-                return Err(BankError::Internal("a batch's answers out of order".into()));
-            }
-            answers[*i] = Some(transfer_answer(&transfers[*i], now, row, 1));
-        }
-        Ok(Some(
-            answers
-                .into_iter()
-                .map(|a| a.unwrap_or_else(|| Err(BankError::Internal("a transfer without an answer".into()))))
-                .collect(),
-        ))
+        Ok(Some(every_answer(answers)))
     }
 }
 
@@ -514,12 +508,12 @@ fn resolve_answer(
     }
 }
 
-/// A batch of transfers, as one statement: see `V5__transfers.sql`.
+/// A batch of transfers, as one statement: see `V5__transfers.sql` and V6.
 const TRANSFER_BATCH_SQL: &str = "
 SELECT item, prior_state, prior_reason, prior_amount_minor, written_state, written_reason
 FROM transfer_legs($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
 
-/// One transfer, as one statement: see `V5__transfers.sql`.
+/// One transfer, as one statement (a batch of one since V6): see `V5__transfers.sql`.
 const TRANSFER_SQL: &str = "
 SELECT prior_state, prior_reason, prior_amount_minor, written_state, written_reason
 FROM transfer_leg($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)";
@@ -816,8 +810,7 @@ impl Ledger for PostgresLedger {
         let client = self.pool.get().await?;
         let stmt = client
             .prepare_cached(
-                "SELECT txn_id FROM legs WHERE state = 'prepared' AND prepared_at < $1
-                 ORDER BY prepared_at LIMIT $2",
+                "SELECT txn_id FROM open_legs WHERE prepared_at < $1 ORDER BY prepared_at, txn_id LIMIT $2",
             )
             .await?;
         Ok(client.query(&stmt, &[&before_ms, &i64::from(limit)]).await?.iter().map(|r| r.get(0)).collect())
@@ -825,9 +818,7 @@ impl Ledger for PostgresLedger {
 
     async fn in_doubt(&self) -> Result<crate::ledger::InDoubt, BankError> {
         let client = self.pool.get().await?;
-        let row = client
-            .query_one("SELECT count(*), min(prepared_at) FROM legs WHERE state = 'prepared'", &[])
-            .await?;
+        let row = client.query_one("SELECT count(*), min(prepared_at) FROM open_legs", &[]).await?;
         Ok(crate::ledger::InDoubt { legs: row.try_get(0)?, oldest_prepared_at_ms: row.try_get(1)? })
     }
 }
@@ -870,6 +861,19 @@ mod tests {
         async fn legs(&self) -> Vec<LegRow> {
             let client = self.pool.get().await.expect("connection");
             let rows = client.query("SELECT txn_id, state, amount_minor FROM legs", &[]).await.expect("legs");
+            // `open_legs` lists exactly the prepared legs.
+            let strays: i64 = client
+                .query_one(
+                    "SELECT (SELECT count(*) FROM legs l WHERE l.state = 'prepared' AND NOT EXISTS
+                               (SELECT 1 FROM open_legs o WHERE o.txn_id = l.txn_id AND o.prepared_at = l.prepared_at))
+                          + (SELECT count(*) FROM open_legs o WHERE NOT EXISTS
+                               (SELECT 1 FROM legs l WHERE l.txn_id = o.txn_id AND l.state = 'prepared'))",
+                    &[],
+                )
+                .await
+                .expect("open legs")
+                .get(0);
+            assert_eq!(strays, 0, "open_legs and the prepared legs differ");
             let mut rows: Vec<LegRow> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
             rows.sort();
             rows
@@ -939,6 +943,15 @@ mod tests {
         assert_eq!(again.ledger_id(), a.ledger_id(), "and so does the id");
     }
 
+    /// Applies the migrations up to `version` only, as an older version did.
+    async fn migrate_to(client: &mut tokio_postgres::Client, version: i32) {
+        migrations::runner()
+            .set_target(refinery::Target::Version(version))
+            .run_async(client)
+            .await
+            .unwrap_or_else(|e| panic!("migrating to version {version}: {e}"));
+    }
+
     /// A ledger made before ids existed (schema version 1) gets one when
     /// the migration runs, and keeps it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -947,11 +960,7 @@ mod tests {
         let config: tokio_postgres::Config = url.expose().parse().expect("url");
         let (mut client, connection) = config.connect(tokio_postgres::NoTls).await.expect("connect");
         let task = tokio::spawn(connection);
-        migrations::runner()
-            .set_target(refinery::Target::Version(1))
-            .run_async(&mut client)
-            .await
-            .expect("v1");
+        migrate_to(&mut client, 1).await;
         client.execute("INSERT INTO ledger (bank) VALUES ('BankA')", &[]).await.expect("an old ledger");
         drop(client);
         let _ = task.await;
@@ -961,21 +970,18 @@ mod tests {
         assert_eq!(two.ledger_id(), one.ledger_id());
     }
 
-    /// A ledger written by the previous version (schema version 3: legs
-    /// prepared by its functions, one open) is migrated at connect, and the
-    /// batch functions that replace those of version 3 decide and prepare
-    /// on it.
+    /// A ledger written by an older version (schema version 3: legs
+    /// prepared by its functions, one open; and a transfer of version 5) is
+    /// migrated at connect: its open leg is listed in `open_legs` (version
+    /// 6), and the functions that replace the older ones decide, prepare
+    /// and transfer on it.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_ledger_of_the_previous_version_upgrades_with_its_open_legs() {
         let url = new_database();
         let config: tokio_postgres::Config = url.expose().parse().expect("url");
         let (mut client, connection) = config.connect(tokio_postgres::NoTls).await.expect("connect");
         let task = tokio::spawn(connection);
-        migrations::runner()
-            .set_target(refinery::Target::Version(3))
-            .run_async(&mut client)
-            .await
-            .expect("v3");
+        migrate_to(&mut client, 3).await;
         client
             .batch_execute(
                 "INSERT INTO ledger (bank) VALUES ('BankA');
@@ -988,10 +994,29 @@ mod tests {
             )
             .await
             .expect("a ledger of version 3");
+        migrate_to(&mut client, 5).await;
+        client
+            .batch_execute(
+                "SELECT transfer_legs(ARRAY['t0'], ARRAY['p0'], ARRAY['b'], ARRAY['BankA'], ARRAY['a'],
+                                      ARRAY['BankA'], ARRAY[50]::BIGINT[], ARRAY['b'], ARRAY['a'],
+                                      ARRAY[10]::BIGINT[], 3, 1000000);",
+            )
+            .await
+            .expect("a transfer of version 5");
         drop(client);
         let _ = task.await;
         let ledger = PostgresLedger::connect(&url, "BankA").await.expect("migrates");
-        assert_eq!(ledger.balance("a".into()).await.expect("a"), (900, 700), "t2 holds 200");
+        assert_eq!(ledger.balance("a".into()).await.expect("a"), (950, 750), "t2 holds 200");
+        assert_eq!(ledger.open_legs(i64::MAX, 10).await.expect("open"), ["t2"], "carried over");
+        assert_eq!(ledger.in_doubt().await.expect("in doubt").legs, 1);
+        let again = ledger
+            .transfer_batch(vec![
+                crate::conformance::transfer("t0", "b", "a", 50),
+                crate::conformance::transfer("t5", "a", "b", 50),
+            ])
+            .await
+            .expect("transfers");
+        assert!(again.iter().all(|o| matches!(o, Ok(Outcome::Committed))), "{again:?}");
         let votes = ledger
             .prepare_batch(vec![leg("t2", "a", "b", 200), leg("t3", "a", "b", 700), leg("t4", "a", "b", 1)])
             .await
@@ -1010,10 +1035,12 @@ mod tests {
         assert!(done.iter().all(Result::is_ok), "{done:?}");
         assert_eq!(ledger.balance("a".into()).await.expect("a"), (700, 700));
         assert_eq!(ledger.balance("b".into()).await.expect("b"), (1300, 1300));
+        assert!(ledger.open_legs(i64::MAX, 10).await.expect("open").is_empty(), "all decided");
+        assert_eq!(ledger.in_doubt().await.expect("in doubt").legs, 0);
         let history = server()
             .psql(&url, &["SELECT COUNT(*) FROM refinery_schema_history"])
             .expect("refinery's own table");
-        assert_eq!(history, "5", "each migration applied once");
+        assert_eq!(history, "6", "each migration applied once");
     }
 
     /// On 20,000 legs (half of them crossing banks, so naming an account of
@@ -1194,6 +1221,7 @@ mod tests {
             open_held += open.iter().sum::<i64>();
             no += n;
         }
+        one.legs().await; // asserts that `open_legs` lists exactly the prepared legs
         let accounts = one.accounts().await;
         let hot = accounts.iter().find(|a| a.0 == "hot").expect("hot");
         assert!(0 <= hot.2 && hot.2 <= hot.1, "overdrawn: {hot:?}");

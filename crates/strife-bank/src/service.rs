@@ -176,6 +176,53 @@ fn check_batch(field: &'static str, len: usize) -> Result<(), BankError> {
     Ok(())
 }
 
+/// An item of a batch of one payment each (a leg to prepare, a transfer):
+/// what the opening of its handler reads of it.
+trait PaymentItem {
+    /// Its `txn_id`, `traceparent`, `payment_id` and `amount_minor`.
+    fn fields(&self) -> (&str, &str, &str, i64);
+}
+
+impl PaymentItem for pb::PrepareRequest {
+    fn fields(&self) -> (&str, &str, &str, i64) {
+        (&self.txn_id, &self.traceparent, &self.payment_id, self.amount_minor)
+    }
+}
+
+impl PaymentItem for pb::Transfer {
+    fn fields(&self) -> (&str, &str, &str, i64) {
+        (&self.txn_id, &self.traceparent, &self.payment_id, self.amount_minor)
+    }
+}
+
+/// A batch's spans and requests, by place.
+type OpenBatch<R> = (Vec<tracing::Span>, Vec<Result<R, BankError>>);
+
+/// The opening of a batch handler: at most [`BANK_BATCH_MAX`] `items`
+/// (named `field`); a batch of one records its payment on the call's span;
+/// a span per item; each item made into its request by `request` (an
+/// invalid one is refused alone).
+fn open_batch<M: PaymentItem, R>(
+    call: Option<&TraceContext>,
+    field: &'static str,
+    items: Vec<M>,
+    request: fn(M) -> Result<R, BankError>,
+) -> Result<OpenBatch<R>, BankError> {
+    check_batch(field, items.len())?;
+    if let [item] = items.as_slice() {
+        let (_, _, payment_id, amount_minor) = item.fields();
+        record_payment(&payment_id, &strife_core::money::format_minor(amount_minor));
+    }
+    let spans = items
+        .iter()
+        .map(|item| {
+            let (txn_id, traceparent, _, _) = item.fields();
+            leg_span(call, traceparent, txn_id)
+        })
+        .collect();
+    Ok((spans, items.into_iter().map(request).collect()))
+}
+
 /// How a single call's error travels inside a batch answer.
 fn refusal(e: BankError) -> pb::Refusal {
     let status = Status::from(e);
@@ -323,14 +370,7 @@ impl<L: Ledger> pb::bank_service_server::BankService for BankService<L> {
         req: Request<pb::PrepareBatchRequest>,
     ) -> Result<Response<pb::PrepareBatchResponse>, Status> {
         let call = req.extensions().get::<TraceContext>().copied();
-        let legs = req.into_inner().legs;
-        check_batch("legs", legs.len())?;
-        if let [leg] = legs.as_slice() {
-            record_payment(&leg.payment_id, &strife_core::money::format_minor(leg.amount_minor));
-        }
-        let spans: Vec<tracing::Span> =
-            legs.iter().map(|leg| leg_span(call.as_ref(), &leg.traceparent, &leg.txn_id)).collect();
-        let legs: Vec<Result<LegRequest, BankError>> = legs.into_iter().map(prepare_request).collect();
+        let (spans, legs) = open_batch(call.as_ref(), "legs", req.into_inner().legs, prepare_request)?;
         // One durable write for the whole batch: each leg still rolls back
         // alone if it fails, and every answer waits for the batch's commit.
         let results = answer_each(legs, |valid| self.ledger.prepare_batch(valid)).await?;
@@ -408,15 +448,8 @@ impl<L: Ledger> pb::bank_service_server::BankService for BankService<L> {
         req: Request<pb::TransferRequest>,
     ) -> Result<Response<pb::TransferResponse>, Status> {
         let call = req.extensions().get::<TraceContext>().copied();
-        let transfers = req.into_inner().transfers;
-        check_batch("transfers", transfers.len())?;
-        if let [t] = transfers.as_slice() {
-            record_payment(&t.payment_id, &strife_core::money::format_minor(t.amount_minor));
-        }
-        let spans: Vec<tracing::Span> =
-            transfers.iter().map(|t| leg_span(call.as_ref(), &t.traceparent, &t.txn_id)).collect();
-        let transfers: Vec<Result<TransferRequest, BankError>> =
-            transfers.into_iter().map(transfer_request).collect();
+        let (spans, transfers) =
+            open_batch(call.as_ref(), "transfers", req.into_inner().transfers, transfer_request)?;
         if !transfers.is_empty() {
             strife_rpc::fault::crash_point("bank.before_transfer");
         }
