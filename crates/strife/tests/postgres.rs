@@ -507,7 +507,11 @@ fn a_dead_gateways_payments_are_finished_by_the_other() {
     assert_eq!((again.code, again.json()["status"].as_str()), (0, Some("committed")), "{again:?}");
     assert_eq!(again.json()["replayed"], true, "{again:?}");
     let deadline = std::time::Instant::now() + WAIT;
-    let sql = format!("SELECT acked FROM payments WHERE payment_id = '{decided}'");
+    // Acknowledged: decided, and out of the gateways' work queue.
+    let sql = format!(
+        "SELECT state <> 'preparing' AND NOT EXISTS (SELECT 1 FROM payment_queue q WHERE q.txn_id = p.txn_id)
+         FROM payments p WHERE payment_id = '{decided}'"
+    );
     while server().psql(&url_g, &[&sql]).expect("the gateways' log") != "t" {
         assert!(
             std::time::Instant::now() < deadline,
@@ -568,7 +572,8 @@ fn a_dead_gateways_one_phase_payments_are_settled_by_the_other_at_their_bank() {
     assert_eq!((again.code, again.json()["status"].as_str()), (0, Some("committed")), "{again:?}");
     assert_eq!(again.json()["replayed"], true, "{again:?}");
     let sql = format!(
-        "SELECT state || ' ' || acked || ' ' || one_phase FROM payments WHERE payment_id = '{decided}'"
+        "SELECT state || ' ' || NOT EXISTS (SELECT 1 FROM payment_queue q WHERE q.txn_id = p.txn_id) || ' ' || one_phase
+         FROM payments p WHERE payment_id = '{decided}'"
     );
     let deadline = std::time::Instant::now() + WAIT;
     while server().psql(&url_g, &[&sql]).expect("the gateways' log") != "committed true true" {
