@@ -572,7 +572,7 @@ fn a_dead_gateways_one_phase_payments_are_settled_by_the_other_at_their_bank() {
     assert_eq!((again.code, again.json()["status"].as_str()), (0, Some("committed")), "{again:?}");
     assert_eq!(again.json()["replayed"], true, "{again:?}");
     let sql = format!(
-        "SELECT state || ' ' || NOT EXISTS (SELECT 1 FROM payment_queue q WHERE q.txn_id = p.txn_id) || ' ' || one_phase
+        "SELECT state || ' ' || (NOT EXISTS (SELECT 1 FROM payment_queue q WHERE q.txn_id = p.txn_id)) || ' ' || one_phase
          FROM payments p WHERE payment_id = '{decided}'"
     );
     let deadline = std::time::Instant::now() + WAIT;
