@@ -480,10 +480,10 @@ async fn write_lazy_events(pool: Pool, mut queue: mpsc::Receiver<PaymentEvent>) 
             None => queue.recv_many(&mut batch, LAZY_EVENTS_BATCH_MAX).await == 0,
         };
         let rows = held.rows(std::mem::take(&mut batch), closed);
-        if !rows.is_empty() {
-            if let Err(e) = events_lazily(&pool, &rows).await {
-                tracing::debug!(error = %e, rows = rows.len(), "timeline events not written");
-            }
+        if !rows.is_empty()
+            && let Err(e) = events_lazily(&pool, &rows).await
+        {
+            tracing::debug!(error = %e, rows = rows.len(), "timeline events not written");
         }
         if closed {
             return;
@@ -1593,7 +1593,7 @@ mod tests {
 
         // The undelivered payment: claimed (its lease lapsed), then
         // acknowledged; retention keeps it until then.
-        assert_eq!(txn_ids(&s.claim_unfinished(16).await.expect("claim")), [undelivered.clone()]);
+        assert_eq!(txn_ids(&s.claim_unfinished(16).await.expect("claim")), [undelivered.as_str()]);
         assert_eq!(s.prune(100).await.expect("prune"), 1, "only the finished payment");
         assert!(s.find_txn(finished.clone()).await.expect("find").is_none());
         s.mark_acked(undelivered.clone()).await.expect("ack");
@@ -1610,7 +1610,7 @@ mod tests {
             s.decide(undecided.clone(), PaymentState::Aborted, reason).await.expect("decide"),
             PaymentState::Aborted
         );
-        assert_eq!(txn_ids(&s.claim_unfinished(16).await.expect("claim")), [undecided.clone()]);
+        assert_eq!(txn_ids(&s.claim_unfinished(16).await.expect("claim")), [undecided.as_str()]);
         s.mark_acked_lazily(undecided.clone());
         s.record_outcome_lazily(one_phase.clone(), PaymentState::Committed, None);
         let patience = crate::conformance::Patience::new();
