@@ -74,6 +74,11 @@ const LAZY_ACKS_QUEUED_MAX: usize = 8192;
 const LAZY_EVENTS_QUEUED_MAX: usize = 16_384;
 /// Timeline events written in one statement.
 const LAZY_EVENTS_BATCH_MAX: usize = 1024;
+/// How long a payment's opening steps wait for the rest of its timeline
+/// (its decision, written after the banks acknowledged it), to be one row.
+const TIMELINE_HOLD: Duration = Duration::from_secs(1);
+/// Most payments whose opening steps wait so; beyond it they are written at once.
+const TIMELINE_HELD_MAX: usize = 4096;
 /// Lazy acknowledgement marks written in one statement.
 const LAZY_ACKS_BATCH_MAX: usize = 512;
 /// Lazy one-phase outcomes waiting to be written; more are dropped (those
@@ -460,25 +465,132 @@ async fn outcomes_lazily(pool: &Pool, batch: &[Decision]) -> Result<(), GatewayE
 
 /// Writes the timeline events queued meanwhile, a batch per statement, not
 /// forced; until the queue closes. Best-effort: a failed batch is dropped.
+/// A payment's opening steps (its begin and votes, without a decision or an
+/// acknowledgement) wait in memory for the rest, at most
+/// [`TIMELINE_HOLD`], so that a payment is usually one row, written once.
 async fn write_lazy_events(pool: Pool, mut queue: mpsc::Receiver<PaymentEvent>) {
     let mut batch = Vec::with_capacity(LAZY_EVENTS_BATCH_MAX);
-    while queue.recv_many(&mut batch, LAZY_EVENTS_BATCH_MAX).await > 0 {
-        if let Err(e) = events_lazily(&pool, &batch).await {
-            tracing::debug!(error = %e, events = batch.len(), "timeline events not written");
+    let mut held = HeldSteps::default();
+    loop {
+        let closed = match held.next_due() {
+            Some(due) => tokio::select! {
+                n = queue.recv_many(&mut batch, LAZY_EVENTS_BATCH_MAX) => n == 0,
+                () = tokio::time::sleep_until(due) => false,
+            },
+            None => queue.recv_many(&mut batch, LAZY_EVENTS_BATCH_MAX).await == 0,
+        };
+        let rows = held.rows(std::mem::take(&mut batch), closed);
+        if !rows.is_empty()
+            && let Err(e) = events_lazily(&pool, &rows).await
+        {
+            tracing::debug!(error = %e, rows = rows.len(), "timeline events not written");
         }
-        batch.clear();
+        if closed {
+            return;
+        }
     }
 }
 
-async fn events_lazily(pool: &Pool, events: &[PaymentEvent]) -> Result<(), GatewayError> {
-    let txn_ids: Vec<&str> = events.iter().map(|e| e.txn_id.as_str()).collect();
-    let ats: Vec<i64> = events.iter().map(|e| e.at_ms).collect();
-    let kinds: Vec<&str> = events.iter().map(|e| e.kind).collect();
-    let banks: Vec<Option<&str>> = events.iter().map(|e| e.bank.as_deref()).collect();
-    let details: Vec<&str> = events.iter().map(|e| e.detail.as_str()).collect();
+/// Payments' opening steps waiting for the rest of their timeline.
+#[derive(Default)]
+struct HeldSteps {
+    steps: HashMap<String, Vec<PaymentEvent>>,
+    /// When each began to wait, oldest first (an entry whose steps left
+    /// already is passed over).
+    since: std::collections::VecDeque<(tokio::time::Instant, String)>,
+}
+
+impl HeldSteps {
+    /// When the oldest held steps are due to be written.
+    fn next_due(&self) -> Option<tokio::time::Instant> {
+        self.since.front().map(|(at, _)| *at + TIMELINE_HOLD)
+    }
+
+    /// The timeline rows to write now, a payment each, its steps in the
+    /// order given: `events` grouped by payment after the steps held for it,
+    /// less the opening steps now held, plus those held past their time (all
+    /// of them once `all`).
+    fn rows(&mut self, events: Vec<PaymentEvent>, all: bool) -> Vec<Vec<PaymentEvent>> {
+        let mut rows: Vec<Vec<PaymentEvent>> = Vec::new();
+        let mut row_of: HashMap<String, usize> = HashMap::new();
+        for e in events {
+            let at = match row_of.get(&e.txn_id) {
+                Some(at) => *at,
+                None => {
+                    row_of.insert(e.txn_id.clone(), rows.len());
+                    rows.push(self.steps.remove(&e.txn_id).unwrap_or_default());
+                    rows.len() - 1
+                }
+            };
+            rows[at].push(e);
+        }
+        let now = tokio::time::Instant::now();
+        let mut ready = Vec::with_capacity(rows.len());
+        for row in rows {
+            let opening = row.iter().all(|e| e.kind != "decision" && e.kind != "ack");
+            match row.first() {
+                Some(first) if opening && !all && self.steps.len() < TIMELINE_HELD_MAX => {
+                    self.since.push_back((now, first.txn_id.clone()));
+                    self.steps.insert(first.txn_id.clone(), row);
+                }
+                _ => ready.push(row),
+            }
+        }
+        while let Some((at, txn_id)) = self.since.front() {
+            if !all && *at + TIMELINE_HOLD > now {
+                break;
+            }
+            if let Some(row) = self.steps.remove(txn_id) {
+                ready.push(row);
+            }
+            self.since.pop_front();
+        }
+        ready
+    }
+}
+
+/// A PostgreSQL array literal of `items` (`NULL` for none), each quoted.
+fn array_literal<'a>(items: impl Iterator<Item = Option<&'a str>>) -> String {
+    let mut text = String::from("{");
+    for (i, item) in items.enumerate() {
+        if i > 0 {
+            text.push(',');
+        }
+        match item {
+            None => text.push_str("NULL"),
+            Some(item) => {
+                text.push('"');
+                for c in item.chars() {
+                    if c == '"' || c == '\\' {
+                        text.push('\\');
+                    }
+                    text.push(c);
+                }
+                text.push('"');
+            }
+        }
+    }
+    text.push('}');
+    text
+}
+
+/// Writes timeline rows, a payment's steps each (none empty).
+async fn events_lazily(pool: &Pool, rows: &[Vec<PaymentEvent>]) -> Result<(), GatewayError> {
+    let rows: Vec<&[PaymentEvent]> = rows.iter().filter(|r| !r.is_empty()).map(Vec::as_slice).collect();
+    let txn_ids: Vec<&str> = rows.iter().map(|r| r[0].txn_id.as_str()).collect();
+    let last: Vec<i64> = rows.iter().map(|r| r.iter().map(|e| e.at_ms).max().unwrap_or(0)).collect();
+    let ats: Vec<String> = rows
+        .iter()
+        .map(|r| format!("{{{}}}", r.iter().map(|e| e.at_ms.to_string()).collect::<Vec<_>>().join(",")))
+        .collect();
+    let kinds: Vec<String> = rows.iter().map(|r| array_literal(r.iter().map(|e| Some(e.kind)))).collect();
+    let banks: Vec<String> =
+        rows.iter().map(|r| array_literal(r.iter().map(|e| e.bank.as_deref()))).collect();
+    let details: Vec<String> =
+        rows.iter().map(|r| array_literal(r.iter().map(|e| Some(e.detail.as_str())))).collect();
     let client = pool.get().await?;
     let stmt = client.prepare_cached(EVENTS_SQL).await?;
-    client.execute(&stmt, &[&txn_ids, &ats, &kinds, &banks, &details]).await?;
+    client.execute(&stmt, &[&txn_ids, &last, &ats, &kinds, &banks, &details]).await?;
     Ok(())
 }
 
@@ -489,8 +601,22 @@ async fn ack_lazily(pool: &Pool, txn_ids: &[String]) -> Result<(), GatewayError>
     Ok(())
 }
 
-const PAYMENT_COLUMNS: &str = "txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor, \
-                               state, reason, acked, created_at, deadline_at, fingerprint, one_phase";
+/// The columns of a payment as `payment_from_row` reads them, from the
+/// `payments` table by its own name. A payment is acknowledged when it is
+/// decided and its row has left the work queue (which holds exactly the
+/// unacknowledged payments; `V9__lean_queue.sql`): one probe of the queue's
+/// small index of undelivered payments per row read. (A scalar subquery,
+/// which PostgreSQL runs row by row: an `EXISTS` here may be planned as
+/// one read of the whole queue, whatever its length, for a page of rows.)
+macro_rules! payment_columns {
+    () => {
+        "txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor, state, reason,
+       (state <> 'preparing' AND COALESCE((SELECT FALSE FROM payment_queue q
+                                           WHERE q.txn_id = payments.txn_id AND q.decided LIMIT 1), TRUE)) AS acked,
+       created_at, deadline_at, fingerprint, one_phase"
+    };
+}
+const PAYMENT_COLUMNS: &str = payment_columns!();
 
 fn payment_from_row(r: &Row) -> Result<PaymentRecord, GatewayError> {
     let state: &str = r.try_get(7)?;
@@ -529,44 +655,46 @@ fn payment_from_row(r: &Row) -> Result<PaymentRecord, GatewayError> {
 const BEGIN_MANY_SQL: &str = "
 WITH new AS (
 INSERT INTO payments (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-                      state, reason, acked, created_at, deadline_at, fingerprint, one_phase)
+                      state, reason, created_at, deadline_at, fingerprint, one_phase)
 SELECT b.txn_id, b.payment_id, b.payer_user, b.payer_bank, b.payee_user, b.payee_bank, b.amount_minor,
-       b.state, b.reason, b.acked, b.created_at, b.deadline_at, b.fingerprint, b.one_phase
+       b.state, b.reason, b.created_at, b.deadline_at, b.fingerprint, b.one_phase
 FROM (SELECT set_config('synchronous_commit', $17::text, true)) AS commit_mode,
      unnest($1::text[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[], $7::bigint[],
-            $8::text[], $9::text[], $10::boolean[], $11::bigint[], $12::bigint[], $13::bytea[], $15::bigint[],
-            $16::boolean[])
+            $8::text[], $9::text[], $11::bigint[], $12::bigint[], $13::bytea[], $16::boolean[])
        AS b(txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-            state, reason, acked, created_at, deadline_at, fingerprint, lease_until, one_phase)
+            state, reason, created_at, deadline_at, fingerprint, one_phase)
 ON CONFLICT (payment_id, payer_bank, payer_user) DO NOTHING
-RETURNING txn_id, created_at, state, acked),
+RETURNING txn_id, created_at, state),
 queued AS (
 INSERT INTO payment_queue (txn_id, created_at, decided, owner, lease_until)
 SELECT new.txn_id, new.created_at, new.state <> 'preparing', $14::text::uuid, b.lease_until
-FROM new JOIN unnest($1::text[], $15::bigint[]) AS b(txn_id, lease_until) ON b.txn_id = new.txn_id
-WHERE NOT new.acked)
+FROM new JOIN unnest($1::text[], $15::bigint[], $10::boolean[]) AS b(txn_id, lease_until, acked)
+       ON b.txn_id = new.txn_id
+WHERE NOT b.acked)
 SELECT txn_id FROM new";
 
 /// One-phase outcomes recorded lazily (`$1` txn ids, distinct; `$2` states;
-/// `$3` reasons; `$4` times), each for a payment still undecided, marked
-/// acknowledged too (its bank holds the decision: nothing to deliver), and
-/// out of the work queue. One autocommitted statement, not forced (as
+/// `$3` reasons; `$4` times), each for a payment still undecided, and out
+/// of the work queue, so acknowledged too (its bank holds the decision:
+/// nothing to deliver). One autocommitted statement, not forced (as
 /// `ACK_MANY_SQL`).
 const OUTCOME_MANY_SQL: &str = "
 WITH recorded AS (
-UPDATE payments SET state = d.state, reason = d.reason, decided_at = d.decided_at, acked = TRUE
+UPDATE payments SET state = d.state, reason = d.reason, decided_at = d.decided_at
 FROM (SELECT set_config('synchronous_commit', 'off', true)) AS not_forced,
      unnest($1::text[], $2::text[], $3::text[], $4::bigint[]) AS d(txn_id, state, reason, decided_at)
 WHERE payments.txn_id = ANY($1) AND payments.txn_id = d.txn_id AND payments.state = 'preparing'
 RETURNING payments.txn_id)
-DELETE FROM payment_queue WHERE txn_id = ANY($1) AND txn_id IN (SELECT txn_id FROM recorded)";
+DELETE FROM payment_queue WHERE txn_id = ANY($1) AND NOT decided AND txn_id IN (SELECT txn_id FROM recorded)";
 
 /// Decisions (`$1` txn ids, distinct; `$2` states; `$3` reasons; `$4`
 /// times), each for a payment that has none yet: the payments decided and
 /// how. Forced: autocommitted at the server's `synchronous_commit = on`.
 /// (`txn_id = ANY($1)`: the rows are found through the primary key,
 /// whatever the estimate of the `unnest`.) Their queue rows are marked
-/// decided in the same statement. No indexed column changes: a HOT update.
+/// decided in the same statement (moving from the queue's index of
+/// undecided payments to that of undelivered ones). No indexed column of
+/// the payment changes: a HOT update.
 const DECIDE_MANY_SQL: &str = "
 WITH decided AS (
 UPDATE payments SET state = d.state, reason = d.reason, decided_at = d.decided_at
@@ -575,38 +703,41 @@ WHERE payments.txn_id = ANY($1) AND payments.txn_id = d.txn_id AND payments.stat
 RETURNING payments.txn_id, payments.state),
 queued AS (
 UPDATE payment_queue SET decided = TRUE
-WHERE txn_id = ANY($1) AND txn_id IN (SELECT txn_id FROM decided))
+WHERE txn_id = ANY($1) AND NOT decided AND txn_id IN (SELECT txn_id FROM decided))
 SELECT txn_id, state FROM decided";
 
-/// An acknowledgement (`$1`): the payment is marked, and leaves the queue.
-const ACK_SQL: &str = "
-WITH acked AS (UPDATE payments SET acked = TRUE WHERE txn_id = $1 AND state <> 'preparing' RETURNING txn_id)
-DELETE FROM payment_queue WHERE txn_id = $1 AND txn_id IN (SELECT txn_id FROM acked)";
-/// Lazy marks: one autocommitted statement, not forced (as `BEGIN_MANY_SQL`).
+/// An acknowledgement (`$1`): a decided payment leaves the queue (which is
+/// what makes it acknowledged; its own row is not written).
+const ACK_SQL: &str = "DELETE FROM payment_queue WHERE txn_id = $1 AND decided";
+/// Lazy acknowledgements: one autocommitted statement, not forced (as
+/// `BEGIN_MANY_SQL`).
 const ACK_MANY_SQL: &str = "
-WITH acked AS (
-UPDATE payments SET acked = TRUE
-FROM (SELECT set_config('synchronous_commit', 'off', true)) AS not_forced
-WHERE txn_id = ANY($1) AND state <> 'preparing'
-RETURNING txn_id)
-DELETE FROM payment_queue WHERE txn_id = ANY($1) AND txn_id IN (SELECT txn_id FROM acked)";
+DELETE FROM payment_queue
+USING (SELECT set_config('synchronous_commit', 'off', true)) AS not_forced
+WHERE txn_id = ANY($1) AND decided";
 
 /// The payment a customer made under an id: one row of the unique index.
-const MADE_BY_ID_SQL: &str = "
-SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-       state, reason, acked, created_at, deadline_at, fingerprint, one_phase
+const MADE_BY_ID_SQL: &str = concat!(
+    "
+SELECT ",
+    payment_columns!(),
+    "
 FROM payments
-WHERE payment_id = $3 AND payer_bank = $1 AND payer_user = $2";
+WHERE payment_id = $3 AND payer_bank = $1 AND payer_user = $2"
+);
 
 /// A committed payment a customer received, by its id: through the unique
 /// index that starts with `payment_id` (every payer that used this id).
-const RECEIVED_BY_ID_SQL: &str = "
-SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-       state, reason, acked, created_at, deadline_at, fingerprint, one_phase
+const RECEIVED_BY_ID_SQL: &str = concat!(
+    "
+SELECT ",
+    payment_columns!(),
+    "
 FROM payments
 WHERE payment_id = $3 AND payee_bank = $1 AND payee_user = $2 AND state = 'committed'
 ORDER BY created_at DESC, txn_id DESC
-LIMIT 1";
+LIMIT 1"
+);
 
 /// A page of a customer's payments, as the SQLite store's `PAGE_SQL`: what
 /// they sent (any state) and the committed payments they received, by
@@ -620,64 +751,79 @@ LIMIT 1";
 /// history. The limit inside each arm is what makes that plan: PostgreSQL
 /// merges `UNION ALL` arms in order only when each arm is a subquery of its
 /// own (arms with a `WHERE` are not flattened into one scan).
-const PAGE_SQL: &str = "
-(SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-        state, reason, acked, created_at, deadline_at, fingerprint, one_phase
+const PAGE_SQL: &str = concat!(
+    "
+(SELECT ",
+    payment_columns!(),
+    "
  FROM payments
  WHERE payer_bank = $1 AND payer_user = $2 AND created_at >= $3 AND (created_at, txn_id) < ($4, $5)
  ORDER BY created_at DESC, txn_id DESC
  LIMIT $6)
 UNION ALL
-(SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-        state, reason, acked, created_at, deadline_at, fingerprint, one_phase
+(SELECT ",
+    payment_columns!(),
+    "
  FROM payments
  WHERE payee_bank = $1 AND payee_user = $2 AND created_at >= $3 AND (created_at, txn_id) < ($4, $5)
    AND state = 'committed' AND NOT (payer_bank = $1 AND payer_user = $2)
  ORDER BY created_at DESC, txn_id DESC
  LIMIT $6)
 ORDER BY created_at DESC, txn_id DESC
-LIMIT $6";
+LIMIT $6"
+);
 
 /// Claims (owner `$1`, for `$2` ms) at most `$3` decided payments not yet
-/// acknowledged, oldest first, that are this process's or whose lease has
-/// lapsed. `SKIP LOCKED`: rows another claim is taking right now are left
-/// to it, so two claims never return one payment. Claims are timed by the
-/// database's clock, one clock for every replica. (`= ANY(ARRAY(…))`: the
-/// claimed rows are then updated through the primary key, whatever the
-/// statistics say.) What is claimed is a row of the work queue
+/// acknowledged, oldest first (by `txn_id`, a UUID v7: time order), that
+/// are this process's or whose lease has lapsed. `SKIP LOCKED`: rows
+/// another claim is taking right now are left to it, so two claims never
+/// return one payment. Claims are timed by the database's clock, one clock
+/// for every replica. (`= ANY(ARRAY(…))`: the claimed rows are then updated
+/// through the index of undelivered payments, whatever the statistics say.)
+/// What is claimed is a row of the work queue
 /// (`payment_queue`: a row exactly while its payment is unacknowledged);
 /// the claimed payments are then read.
-const CLAIM_SQL: &str = "
+const CLAIM_SQL: &str = concat!(
+    "
 WITH claimed AS (
 UPDATE payment_queue
 SET owner = $1::text::uuid, lease_until = (extract(epoch FROM statement_timestamp()) * 1000)::bigint + $2
-WHERE txn_id = ANY(ARRAY(
+WHERE decided AND txn_id = ANY(ARRAY(
     SELECT txn_id FROM payment_queue
     WHERE decided
       AND (owner = $1::text::uuid OR lease_until < (extract(epoch FROM statement_timestamp()) * 1000)::bigint)
-    ORDER BY created_at
+    ORDER BY txn_id
     LIMIT $3
     FOR UPDATE SKIP LOCKED))
 RETURNING txn_id)
-SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-       state, reason, acked, created_at, deadline_at, fingerprint, one_phase
-FROM payments WHERE txn_id = ANY(ARRAY(SELECT txn_id FROM claimed))";
+SELECT ",
+    payment_columns!(),
+    "
+FROM payments WHERE txn_id = ANY(ARRAY(SELECT txn_id FROM claimed))"
+);
 
 /// Undecided payments created before `$1`, oldest first, at most `$2`: from
-/// the queue's undecided rows.
-const PREPARING_BEFORE_SQL: &str = "
-SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-       state, reason, acked, created_at, deadline_at, fingerprint, one_phase
+/// the queue's undecided rows (in `txn_id` order, which is time order; there
+/// are about as many as payments in flight).
+const PREPARING_BEFORE_SQL: &str = concat!(
+    "
+SELECT ",
+    payment_columns!(),
+    "
 FROM payments
 WHERE txn_id = ANY(ARRAY(SELECT txn_id FROM payment_queue WHERE NOT decided AND created_at < $1
-                         ORDER BY created_at LIMIT $2))
+                         ORDER BY txn_id LIMIT $2))
   AND state = 'preparing'
-ORDER BY created_at";
+ORDER BY created_at"
+);
 
-const AFTER_SQL: &str = "
-SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-       state, reason, acked, created_at, deadline_at, fingerprint, one_phase
-FROM payments WHERE txn_id > $1 ORDER BY txn_id LIMIT $2";
+const AFTER_SQL: &str = concat!(
+    "
+SELECT ",
+    payment_columns!(),
+    "
+FROM payments WHERE txn_id > $1 ORDER BY txn_id LIMIT $2"
+);
 
 /// A replica's heartbeat: its row written (not forced) with the
 /// database's clock, and the rows of replicas silent for `$6` ms deleted,
@@ -698,17 +844,16 @@ SELECT boot_id, address, admin_address, started_at,
        (extract(epoch FROM clock_timestamp()) * 1000)::bigint - heartbeat_at, report
 FROM gateway_replicas ORDER BY heartbeat_at DESC LIMIT $1";
 
-/// Timeline events (`$1`–`$5`: one array per field): one row per payment,
-/// its events in the order given. One autocommitted statement, not forced
-/// (as `BEGIN_MANY_SQL`).
+/// Timeline rows (`$1` txn ids, `$2` newest steps; `$3`–`$6` each row's
+/// steps as array literals, one per field, made by `events_lazily`): a row
+/// per payment. One autocommitted statement, not forced (as
+/// `BEGIN_MANY_SQL`).
 const EVENTS_SQL: &str = "
 INSERT INTO payment_timeline (txn_id, last_at, ats, kinds, banks, details)
-SELECT e.txn_id, max(e.at), array_agg(e.at ORDER BY e.n), array_agg(e.kind ORDER BY e.n),
-       array_agg(e.bank ORDER BY e.n), array_agg(e.detail ORDER BY e.n)
+SELECT r.txn_id, r.last_at, r.ats::bigint[], r.kinds::text[], r.banks::text[], r.details::text[]
 FROM (SELECT set_config('synchronous_commit', 'off', true)) AS not_forced,
-     unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[])
-       WITH ORDINALITY AS e (txn_id, at, kind, bank, detail, n)
-GROUP BY e.txn_id";
+     unnest($1::text[], $2::bigint[], $3::text[], $4::text[], $5::text[], $6::text[])
+       AS r (txn_id, last_at, ats, kinds, banks, details)";
 
 /// A payment's timeline (`$1`), in time order, then as written; at most `$2` events.
 const TIMELINE_SQL: &str = "
@@ -721,23 +866,36 @@ LIMIT $2";
 
 /// The newest payments: by transaction id, which is time-ordered (UUID v7),
 /// through the primary key (no index of its own on the write path).
-const RECENT_SQL: &str = "
-SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-       state, reason, acked, created_at, deadline_at, fingerprint, one_phase
-FROM payments WHERE txn_id < $1 ORDER BY txn_id DESC LIMIT $2";
+const RECENT_SQL: &str = concat!(
+    "
+SELECT ",
+    payment_columns!(),
+    "
+FROM payments WHERE txn_id < $1 ORDER BY txn_id DESC LIMIT $2"
+);
 
-const RECENT_FIRST_SQL: &str = "
-SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-       state, reason, acked, created_at, deadline_at, fingerprint, one_phase
-FROM payments ORDER BY txn_id DESC LIMIT $1";
+const RECENT_FIRST_SQL: &str = concat!(
+    "
+SELECT ",
+    payment_columns!(),
+    "
+FROM payments ORDER BY txn_id DESC LIMIT $1"
+);
 
-const RECENT_BY_ID_SQL: &str = "
-SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-       state, reason, acked, created_at, deadline_at, fingerprint, one_phase
+const RECENT_BY_ID_SQL: &str = concat!(
+    "
+SELECT ",
+    payment_columns!(),
+    "
 FROM payments WHERE payment_id = $1 AND (created_at, txn_id) < ($2, $3)
-ORDER BY created_at DESC, txn_id DESC LIMIT $4";
+ORDER BY created_at DESC, txn_id DESC LIMIT $4"
+);
 
-const PRUNE_SQL: &str = "DELETE FROM payments WHERE acked AND created_at < $1 AND state <> 'preparing'";
+/// Finished payments created before `$1`: decided, and out of the queue.
+const PRUNE_SQL: &str = "
+DELETE FROM payments
+WHERE created_at < $1 AND state <> 'preparing'
+  AND NOT EXISTS (SELECT 1 FROM payment_queue q WHERE q.txn_id = payments.txn_id AND q.decided)";
 
 const SAVE_BANK_SQL: &str = "
 INSERT INTO banks (name, address, registered_at) VALUES ($1, $2, $3)
@@ -1245,7 +1403,7 @@ mod tests {
         let history = server()
             .psql(&url, &["SELECT COUNT(*) FROM gateway_schema_history"])
             .expect("refinery's own table");
-        assert_eq!(history, "8", "each migration applied once");
+        assert_eq!(history, "9", "each migration applied once");
     }
 
     /// A full disk, an I/O error, no memory, no connection left or a
@@ -1375,6 +1533,112 @@ mod tests {
         assert!(s.payment_events(txn).await.expect("timeline").is_empty());
     }
 
+    /// A store of the version before the lean queue (schema version 8: an
+    /// `acked` column, a queue with a primary key) holding a finished
+    /// payment, a decided one not yet delivered, an undecided two-phase one
+    /// and an undecided one-phase one, with their timelines, is migrated at
+    /// connect: each reads back as it was (acknowledged or not), the
+    /// undelivered one is claimed and acknowledged, the undecided ones are
+    /// swept and decided (the one-phase one by its bank's outcome), retention
+    /// prunes only what is finished, and new payments run as before.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_store_of_version_8_upgrades_with_its_queue() {
+        use crate::store::PaymentEvent;
+        let url = new_database();
+        let config: tokio_postgres::Config = url.expose().parse().expect("url");
+        let (mut client, connection) = config.connect(tokio_postgres::NoTls).await.expect("connect");
+        let task = tokio::spawn(connection);
+        let mut runner = migrations::runner();
+        runner.set_migration_table_name(MIGRATION_TABLE);
+        runner.set_target(refinery::Target::Version(8)).run_async(&mut client).await.expect("v8");
+        let (finished, undelivered, undecided, one_phase) = (uuid_of(1), uuid_of(2), uuid_of(3), uuid_of(4));
+        client
+            .batch_execute(&format!(
+                "INSERT INTO payments (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank,
+                     amount_minor, fingerprint, state, acked, created_at, deadline_at, decided_at, one_phase)
+                 VALUES ('{finished}', 'p1', 'x', 'BankA', 'y', 'BankB', 100, '\\x00', 'committed', TRUE, 10, 1000, 13, FALSE),
+                        ('{undelivered}', 'p2', 'x', 'BankA', 'y', 'BankB', 200, '\\x00', 'aborted', FALSE, 20, 1000, 23, FALSE),
+                        ('{undecided}', 'p3', 'x', 'BankA', 'y', 'BankB', 300, '\\x00', 'preparing', FALSE, 30, 40, NULL, FALSE),
+                        ('{one_phase}', 'p4', 'x', 'BankA', 'z', 'BankA', 400, '\\x00', 'preparing', FALSE, 31, 41, NULL, TRUE);
+                 INSERT INTO payment_queue (txn_id, created_at, decided, owner, lease_until)
+                 VALUES ('{undelivered}', 20, TRUE, gen_random_uuid(), 0),
+                        ('{undecided}', 30, FALSE, gen_random_uuid(), 0),
+                        ('{one_phase}', 31, FALSE, gen_random_uuid(), 0);
+                 INSERT INTO payment_timeline (txn_id, last_at, ats, kinds, banks, details)
+                 VALUES ('{finished}', 12, '{{10,11,12}}', '{{begin,vote,vote}}', '{{NULL,BankA,BankB}}', '{{\"\",yes,yes}}'),
+                        ('{finished}', 13, '{{13}}', '{{decision}}', '{{NULL}}', '{{commit}}');"
+            ))
+            .await
+            .expect("payments of version 8");
+        drop(client);
+        let _ = task.await;
+
+        let s = PostgresStore::connect(&url, LONG).await.expect("migrates");
+        let read = |txn: &String| {
+            let (s, txn) = (s.clone(), txn.clone());
+            async move { s.find_txn(txn).await.expect("find").expect("the payment survives") }
+        };
+        let p = read(&finished).await;
+        assert_eq!((p.state, p.acked, p.amount_minor), (PaymentState::Committed, true, 100));
+        let p = read(&undelivered).await;
+        assert_eq!((p.state, p.acked, p.amount_minor), (PaymentState::Aborted, false, 200));
+        let p = read(&undecided).await;
+        assert_eq!((p.state, p.acked, p.one_phase), (PaymentState::Preparing, false, false));
+        assert!(read(&one_phase).await.one_phase);
+        let c = s.counts().await.expect("counts");
+        assert_eq!((c.committed, c.aborted, c.preparing, c.undelivered), (1, 1, 2, 1));
+        let steps = s.payment_events(finished.clone()).await.expect("timeline");
+        let kinds: Vec<(i64, &str)> = steps.iter().map(|e| (e.at_ms, e.kind)).collect();
+        assert_eq!(kinds, [(10, "begin"), (11, "vote"), (12, "vote"), (13, "decision")]);
+
+        // The undelivered payment: claimed (its lease lapsed), then
+        // acknowledged; retention keeps it until then.
+        assert_eq!(txn_ids(&s.claim_unfinished(16).await.expect("claim")), [undelivered.as_str()]);
+        assert_eq!(s.prune(100).await.expect("prune"), 1, "only the finished payment");
+        assert!(s.find_txn(finished.clone()).await.expect("find").is_none());
+        s.mark_acked(undelivered.clone()).await.expect("ack");
+        assert!(read(&undelivered).await.acked);
+        assert!(s.claim_unfinished(16).await.expect("claim").is_empty());
+        // The undecided ones: swept, then decided; an acknowledgement of an
+        // undecided payment changes nothing.
+        s.mark_acked(undecided.clone()).await.expect("ack");
+        assert!(!read(&undecided).await.acked);
+        let swept = s.preparing_before(i64::MAX, 16).await.expect("sweep");
+        assert_eq!(txn_ids(&swept), [undecided.clone(), one_phase.clone()]);
+        let reason = Some(DeclineReason::Timeout);
+        assert_eq!(
+            s.decide(undecided.clone(), PaymentState::Aborted, reason).await.expect("decide"),
+            PaymentState::Aborted
+        );
+        assert_eq!(txn_ids(&s.claim_unfinished(16).await.expect("claim")), [undecided.as_str()]);
+        s.mark_acked_lazily(undecided.clone());
+        s.record_outcome_lazily(one_phase.clone(), PaymentState::Committed, None);
+        let patience = crate::conformance::Patience::new();
+        while !(read(&undecided).await.acked && read(&one_phase).await.acked) {
+            patience.wait("the lazy acknowledgement and outcome written").await;
+        }
+        assert_eq!(read(&one_phase).await.state, PaymentState::Committed);
+        assert!(s.preparing_before(i64::MAX, 16).await.expect("sweep").is_empty());
+        assert!(s.claim_unfinished(16).await.expect("claim").is_empty());
+        // New payments, with their timelines, as before.
+        let (x, y) = (user("x@BankA"), user("y@BankB"));
+        s.begin_payment(record(9, 9, &x, &y, PaymentState::Preparing)).await.expect("begin").expect("new");
+        assert_eq!(
+            s.decide(uuid_of(9), PaymentState::Committed, None).await.expect("decide"),
+            PaymentState::Committed
+        );
+        s.record_events(vec![PaymentEvent::new(&uuid_of(9), 1, "begin", None, String::new())]);
+        s.record_events(vec![PaymentEvent::new(&uuid_of(9), 2, "decision", None, "commit".into())]);
+        s.mark_acked(uuid_of(9)).await.expect("ack");
+        let p = read(&uuid_of(9)).await;
+        assert_eq!((p.state, p.acked), (PaymentState::Committed, true));
+        while s.payment_events(uuid_of(9)).await.expect("timeline").len() < 2 {
+            patience.wait("the new payment's timeline written").await;
+        }
+        let c = s.counts().await.expect("counts");
+        assert_eq!((c.committed, c.aborted, c.preparing, c.undelivered), (2, 2, 0, 0));
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn connect_errors_do_not_show_the_password() {
         let url = new_database();
@@ -1414,15 +1678,15 @@ mod tests {
             .psql(
                 &url,
                 &["INSERT INTO payments (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank,
-                      amount_minor, fingerprint, state, acked, created_at, deadline_at)
+                      amount_minor, fingerprint, state, created_at, deadline_at)
                    SELECT lpad(to_hex(n), 36, '0'), lpad(to_hex(n), 36, '0'), 'u' || (n % 200), 'BankA',
                           'u' || ((n + 1) % 200), 'BankB', 100, '\\x00', 
-                          CASE WHEN n % 10 = 0 THEN 'aborted' ELSE 'committed' END, n % 4 <> 0,
+                          CASE WHEN n % 10 = 0 THEN 'aborted' ELSE 'committed' END,
                           1000000 + n, 2000000 + n
                    FROM generate_series(1, 20000) AS n",
                   "INSERT INTO payment_queue (txn_id, created_at, decided, owner, lease_until)
                    SELECT txn_id, created_at, state <> 'preparing', gen_random_uuid(), 0
-                   FROM payments WHERE NOT acked",
+                   FROM payments WHERE created_at % 4 = 0",
                   "ANALYZE payments",
                   "ANALYZE payment_queue"],
             )
@@ -1436,11 +1700,15 @@ mod tests {
             assert!(page.contains("Merge Append"), "{mode}: the two ordered scans are merged: {page}");
             assert!(page.contains("Index Scan Backward using payments_by_payer"), "{mode}: {page}");
             assert!(page.contains("Index Scan Backward using payments_by_payee"), "{mode}: {page}");
-            assert_eq!(page.matches("Limit").count(), 3, "{mode}: each arm stops at the page size: {page}");
+            // (and each row's probe of the queue, a subplan, stops at one)
+            let limits = page.matches("Limit").count() - page.matches("SubPlan").count();
+            assert_eq!(limits, 3, "{mode}: each arm stops at the page size: {page}");
             assert!(
                 !page.contains("Sort  ") && !page.contains("Seq Scan"),
                 "{mode}: never sorts or scans: {page}"
             );
+            // Whether each row is acknowledged: a probe of the queue's index.
+            assert_eq!(page.matches("using payment_queue_undelivered").count(), 2, "{mode}: {page}");
             // Each arm is a range of its index: both bounds on created_at.
             assert_eq!(page.matches("AND (created_at >= ").count(), 2, "{mode}: {page}");
             assert_eq!(page.matches("AND (ROW(created_at, txn_id) < ROW(").count(), 2, "{mode}: {page}");

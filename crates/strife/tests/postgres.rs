@@ -502,7 +502,11 @@ fn a_dead_gateways_payments_are_finished_by_the_other() {
     // lapsed) carry it out, once.
     let decided = dies_then_replayed(d, (&g1, &g2), &mut gateways[0].child, "user2@BankB");
     let deadline = std::time::Instant::now() + WAIT;
-    let sql = format!("SELECT acked FROM payments WHERE payment_id = '{decided}'");
+    // Acknowledged: decided, and out of the gateways' work queue.
+    let sql = format!(
+        "SELECT state <> 'preparing' AND NOT EXISTS (SELECT 1 FROM payment_queue q WHERE q.txn_id = p.txn_id)
+         FROM payments p WHERE payment_id = '{decided}'"
+    );
     while server().psql(&url_g, &[&sql]).expect("the gateways' log") != "t" {
         assert!(
             std::time::Instant::now() < deadline,
@@ -548,7 +552,8 @@ fn a_dead_gateways_one_phase_payments_are_settled_by_the_other_at_their_bank() {
     let pay = |gateway: &str, id: &str| pay_10(d, gateway, "user2@BankA", id);
     let decided = dies_then_replayed(d, (&g1, &g2), &mut gateways[0].child, "user2@BankA");
     let sql = format!(
-        "SELECT state || ' ' || acked || ' ' || one_phase FROM payments WHERE payment_id = '{decided}'"
+        "SELECT state || ' ' || (NOT EXISTS (SELECT 1 FROM payment_queue q WHERE q.txn_id = p.txn_id)) || ' ' || one_phase
+         FROM payments p WHERE payment_id = '{decided}'"
     );
     let deadline = std::time::Instant::now() + WAIT;
     while server().psql(&url_g, &[&sql]).expect("the gateways' log") != "committed true true" {
