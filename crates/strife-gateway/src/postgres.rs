@@ -1441,6 +1441,22 @@ mod tests {
         assert_eq!(tonic::Status::from(GatewayError::Postgres(err)).code(), tonic::Code::Internal);
     }
 
+    /// A new database migrated to schema `version` only, as a store of
+    /// that version left it: its URL, a client and the client's connection.
+    async fn database_at_version(
+        version: i32,
+    ) -> (Secret<String>, tokio_postgres::Client, tokio::task::JoinHandle<Result<(), tokio_postgres::Error>>)
+    {
+        let url = new_database();
+        let config: tokio_postgres::Config = url.expose().parse().expect("url");
+        let (mut client, connection) = config.connect(tokio_postgres::NoTls).await.expect("connect");
+        let task = tokio::spawn(connection);
+        let mut runner = migrations::runner();
+        runner.set_migration_table_name(MIGRATION_TABLE);
+        runner.set_target(refinery::Target::Version(version)).run_async(&mut client).await.expect("migrate");
+        (url, client, task)
+    }
+
     /// A store written by the previous version (schema version 4: a
     /// finished payment with its timeline a row per step, a decided one not
     /// yet delivered, an undecided one) is migrated at connect: the payments
@@ -1449,13 +1465,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_store_of_the_previous_version_upgrades_with_its_timelines() {
         use crate::store::PaymentEvent;
-        let url = new_database();
-        let config: tokio_postgres::Config = url.expose().parse().expect("url");
-        let (mut client, connection) = config.connect(tokio_postgres::NoTls).await.expect("connect");
-        let task = tokio::spawn(connection);
-        let mut runner = migrations::runner();
-        runner.set_migration_table_name(MIGRATION_TABLE);
-        runner.set_target(refinery::Target::Version(4)).run_async(&mut client).await.expect("v4");
+        let (url, client, task) = database_at_version(4).await;
         let txn = uuid_of(1);
         client
             .execute(
@@ -1544,13 +1554,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_store_of_version_8_upgrades_with_its_queue() {
         use crate::store::PaymentEvent;
-        let url = new_database();
-        let config: tokio_postgres::Config = url.expose().parse().expect("url");
-        let (mut client, connection) = config.connect(tokio_postgres::NoTls).await.expect("connect");
-        let task = tokio::spawn(connection);
-        let mut runner = migrations::runner();
-        runner.set_migration_table_name(MIGRATION_TABLE);
-        runner.set_target(refinery::Target::Version(8)).run_async(&mut client).await.expect("v8");
+        let (url, client, task) = database_at_version(8).await;
         let (finished, undelivered, undecided, one_phase) = (uuid_of(1), uuid_of(2), uuid_of(3), uuid_of(4));
         client
             .batch_execute(&format!(
