@@ -22,6 +22,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 use strife_core::Secret;
 use strife_rpc::postgres_server::{PostgresServer, shared_for_tests, unique_name};
+use tonic::transport::Channel;
 
 fn server() -> &'static PostgresServer {
     shared_for_tests().unwrap_or_else(|e| panic!("{e}"))
@@ -271,6 +272,31 @@ fn bank_replicas_share_the_calls_and_one_killed_loses_no_payment() {
     assert_eq!(audit["held"], "0.00", "{audit}");
 }
 
+/// One payment id from user1@BankA to user2 at `payee_bank`, 16 copies at
+/// once spread over the gateways behind `channels`: all 16 are answered
+/// committed, 15 of them as replays.
+async fn copies_over_gateways(
+    channels: &[Channel],
+    token: &str,
+    payee_bank: &'static str,
+    amount: &'static str,
+) {
+    const COPIES: usize = 16;
+    let id = grpc::new_id();
+    let tasks: Vec<_> = (0..COPIES)
+        .map(|n| {
+            let (ch, token, id) = (channels[n % channels.len()].clone(), token.to_owned(), id.clone());
+            tokio::spawn(async move { grpc::pay(&ch, &token, &id, "user2", payee_bank, amount).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for t in tasks {
+        answers.push(t.await.expect("task").expect("pay"));
+    }
+    assert!(answers.iter().all(|a| a.status == 1), "all 16 committed: {answers:?}");
+    assert_eq!(answers.iter().filter(|a| a.replayed).count(), COPIES - 1, "15 replays: {answers:?}");
+}
+
 /// Three gateways on one PostgreSQL database and two banks (each a replica
 /// per gateway on its own database: a bank registers with one gateway): one
 /// payment id sent 16 times at once across the three moves the money once;
@@ -279,7 +305,6 @@ fn bank_replicas_share_the_calls_and_one_killed_loses_no_payment() {
 #[test]
 fn three_gateways_on_one_database_pay_once_share_tokens_and_audit_clean() {
     const GATEWAYS: usize = 3;
-    const COPIES: usize = 16;
     let (url_a, _) = bank_database("BankA");
     let (url_b, _) = bank_database("BankB");
     let url_g = gateway_database();
@@ -316,34 +341,10 @@ fn three_gateways_on_one_database_pay_once_share_tokens_and_audit_clean() {
         let token = grpc::login(&channels[0], "BankA", "user1", "pass1").await.expect("login at gateway 1");
 
         // One payment id, 16 copies at once, spread over the three gateways.
-        let id = grpc::new_id();
-        let tasks: Vec<_> = (0..COPIES)
-            .map(|n| {
-                let (ch, token, id) = (channels[n % GATEWAYS].clone(), token.clone(), id.clone());
-                tokio::spawn(async move { grpc::pay(&ch, &token, &id, "user2", "BankB", "30.00").await })
-            })
-            .collect();
-        let mut answers = Vec::new();
-        for t in tasks {
-            answers.push(t.await.expect("task").expect("pay"));
-        }
-        assert!(answers.iter().all(|a| a.status == 1), "all 16 committed: {answers:?}");
-        assert_eq!(answers.iter().filter(|a| a.replayed).count(), COPIES - 1, "15 replays: {answers:?}");
+        copies_over_gateways(&channels, &token, "BankB", "30.00").await;
 
         // The same within BankA, which decides in one phase.
-        let id = grpc::new_id();
-        let tasks: Vec<_> = (0..COPIES)
-            .map(|n| {
-                let (ch, token, id) = (channels[n % GATEWAYS].clone(), token.clone(), id.clone());
-                tokio::spawn(async move { grpc::pay(&ch, &token, &id, "user2", "BankA", "20.00").await })
-            })
-            .collect();
-        let mut answers = Vec::new();
-        for t in tasks {
-            answers.push(t.await.expect("task").expect("pay"));
-        }
-        assert!(answers.iter().all(|a| a.status == 1), "all 16 committed: {answers:?}");
-        assert_eq!(answers.iter().filter(|a| a.replayed).count(), COPIES - 1, "15 replays: {answers:?}");
+        copies_over_gateways(&channels, &token, "BankA", "20.00").await;
 
         // The token from gateway 1 works at 2 and 3, and sees the money moved once.
         for ch in &channels[1..] {
