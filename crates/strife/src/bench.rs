@@ -69,6 +69,12 @@ pub struct BenchArgs {
     /// measure one customer's long history.
     #[arg(long, value_name = "USER@BANK")]
     history_account: Option<String>,
+    /// With --history: keep the filled stores under this directory, and
+    /// copy them from there instead of filling again on a later run with
+    /// the same --history, --banks, --accounts and --history-account (a
+    /// fill of 10,000,000 payments takes about a quarter of an hour).
+    #[arg(long, value_name = "DIR")]
+    history_cache: Option<PathBuf>,
     /// With --postgres: a setting of the private server (`ALTER SYSTEM SET
     /// NAME = 'VALUE'`, then a restart, before any store connects), to
     /// measure with it (e.g. `shared_preload_libraries=pg_stat_statements`,
@@ -194,6 +200,9 @@ fn start_cluster(dir: &Path, args: &BenchArgs) -> anyhow::Result<(OwnCluster, Ve
     if focus.is_some() && args.history == 0 {
         bail!("--history-account needs --history N");
     }
+    if args.history_cache.is_some() && args.history == 0 {
+        bail!("--history-cache needs --history N");
+    }
     let peers = crate::up::identities(&banks)?;
     let certs = strife_rpc::pki::CertDir::new(dir);
     certs.init(&peers)?;
@@ -213,7 +222,10 @@ fn start_cluster(dir: &Path, args: &BenchArgs) -> anyhow::Result<(OwnCluster, Ve
         strife_rpc::pki::write_public_file(&dir.join(format!("{bank}.accounts.toml")), &file)?;
     }
     if args.history > 0 {
-        prefill_history(dir, &banks, args.accounts, args.history, focus)?;
+        match &args.history_cache {
+            Some(cache) => cached_history(cache, dir, &banks, args.accounts, args.history, focus)?,
+            None => prefill_history(dir, &banks, args.accounts, args.history, focus)?,
+        }
     }
     let mut cluster = OwnCluster::default();
     // On PostgreSQL, one database for the gateways and one per bank, each
@@ -293,6 +305,63 @@ fn bench_account(who: &str, banks: &[String], accounts: usize) -> anyhow::Result
 /// stores, as pairs (a pays b, b pays a back) so that no balance changes.
 /// With `focus` (an account's index), `a` is always that account, so it
 /// sends and receives every other payment.
+/// The stores [`prefill_history`] writes, relative to the cluster's
+/// directory: the gateway's, then each bank's.
+fn store_files(banks: &[String]) -> Vec<PathBuf> {
+    let config = strife_rpc::Config::default();
+    let root = Path::new("");
+    std::iter::once(config.gateway.data_dir(root).join("gateway.db"))
+        .chain(banks.iter().map(|b| config.bank.data_dir(root, b).join("bank.db")))
+        .collect()
+}
+
+/// [`prefill_history`] through a cache: the first run with a given shape
+/// fills the stores and copies them to `cache/<shape>`; later runs copy
+/// them from there. A fill is saved only once complete (copied to a
+/// temporary name, then renamed), so an interrupted run leaves no half
+/// history behind. The stores are closed (checkpointed) when copied.
+fn cached_history(
+    cache: &Path,
+    dir: &Path,
+    banks: &[String],
+    accounts: usize,
+    count: u64,
+    focus: Option<usize>,
+) -> anyhow::Result<()> {
+    let label = focus.map(|f| format!("-focus{f}")).unwrap_or_default();
+    let saved = cache.join(format!("history{count}-banks{}-accounts{accounts}{label}", banks.len()));
+    let files = store_files(banks);
+    let copy_all = |from: &Path, to: &Path| -> anyhow::Result<()> {
+        for f in &files {
+            if let Some(parent) = to.join(f).parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            for suffix in ["", "-wal"] {
+                let with = |base: &Path| {
+                    let mut p = base.join(f).into_os_string();
+                    p.push(suffix);
+                    PathBuf::from(p)
+                };
+                let (src, dst) = (with(from), with(to));
+                if suffix.is_empty() || src.exists() {
+                    std::fs::copy(&src, &dst)
+                        .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+                }
+            }
+        }
+        Ok(())
+    };
+    if saved.is_dir() {
+        return copy_all(&saved, dir);
+    }
+    prefill_history(dir, banks, accounts, count, focus)?;
+    let partial = saved.with_extension("partial");
+    let _ = std::fs::remove_dir_all(&partial);
+    copy_all(dir, &partial)?;
+    std::fs::rename(&partial, &saved)?;
+    Ok(())
+}
+
 fn prefill_history(
     dir: &Path,
     banks: &[String],

@@ -116,3 +116,41 @@ fn a_history_of_one_account_is_that_accounts_sent_and_received_payments() {
     let total = store.all_payments().expect("all").len();
     assert_eq!(total, 2300, "nothing else in the store");
 }
+
+#[test]
+fn a_cached_history_is_filled_once_and_copied_after() {
+    let dir = TempDir::new("bench-history-cache");
+    let cache = dir.0.join("cache");
+    let cache_arg = cache.to_string_lossy().into_owned();
+    let args = ["--history", "1000", "--history-cache", &cache_arg, "--keep"];
+    let first = bench_in(&dir, &args);
+    assert_eq!(first["audit"]["payments"], 1300, "{first}");
+    let saved: Vec<_> =
+        std::fs::read_dir(&cache).expect("the cache").filter_map(Result::ok).map(|e| e.path()).collect();
+    assert_eq!(saved.len(), 1, "one complete fill, nothing partial: {saved:?}");
+    assert!(saved[0].ends_with("history1000-banks2-accounts20"), "{saved:?}");
+    let txn_ids = |db: &std::path::Path| -> std::collections::BTreeSet<String> {
+        let conn = rusqlite::Connection::open(db).expect("open");
+        let mut stmt = conn.prepare("SELECT txn_id FROM payments").expect("prepare");
+        stmt.query_map([], |r| r.get(0)).expect("query").map(|r| r.expect("row")).collect()
+    };
+    let history = txn_ids(&saved[0].join("gateway").join("gateway.db"));
+    assert_eq!(history.len(), 1000, "the cache holds the history only");
+
+    let second = bench_in(&dir, &args);
+    assert_eq!(second["audit"]["payments"], 1300, "{second}");
+    assert_eq!(second["conserved"], true, "{second}");
+    // Both kept clusters start from the very same history.
+    let kept: Vec<_> = std::fs::read_dir(&dir.0)
+        .expect("read temp dir")
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("strife-bench-")))
+        .collect();
+    assert_eq!(kept.len(), 2, "{kept:?}");
+    for k in &kept {
+        let all = txn_ids(&k.join("gateway").join("gateway.db"));
+        assert_eq!(all.len(), 1300);
+        assert!(history.is_subset(&all), "{} starts from the cached history", k.display());
+    }
+}
