@@ -1,6 +1,10 @@
 //! `strife`: every program of the system is a subcommand of this binary.
 //! `main` parses flags, sets up logging and hands over to the crates.
 
+/// mimalloc rather than glibc's malloc: see BENCHMARKS.md, "mimalloc again".
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod audit;
 mod bench;
 mod up;
