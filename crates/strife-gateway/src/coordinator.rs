@@ -343,14 +343,14 @@ impl<S: GatewayStore> Gateway<S> {
             }
         })
         .await;
-        // The timeline (best-effort, lazy): queued before the decision, so
-        // that SQLite writes it in the decision's batch.
-        let mut events = vec![PaymentEvent::new(&txn_id, now, "begin", None, String::new())];
+        // The timeline (best-effort, lazy): the opening steps wait for the
+        // decision and the acknowledgements, to be written with them as one
+        // row.
+        let mut steps = vec![PaymentEvent::new(&txn_id, now, "begin", None, String::new())];
         for ((name, _), (vote, at)) in banks.iter().zip(&timed_votes) {
             let detail = vote.map_or_else(|| "yes".to_owned(), |r| format!("no: {}", r.code()));
-            events.push(PaymentEvent::new(&txn_id, *at, "vote", Some(name), detail));
+            steps.push(PaymentEvent::new(&txn_id, *at, "vote", Some(name), detail));
         }
-        self.store.record_events(events);
         let votes: Vec<Option<DeclineReason>> = timed_votes.into_iter().map(|(v, _)| v).collect();
         let voted = std::time::Instant::now();
         metrics::GATEWAY
@@ -380,8 +380,9 @@ impl<S: GatewayStore> Gateway<S> {
             reason = Some(DeclineReason::Timeout);
         }
         strife_rpc::fault::crash_point("gateway.after_decision");
-        // Recorded with the acknowledgements (one lazy write, not two).
-        let decided_event = decision_event(&txn_id, decision, reason);
+        // Recorded with the opening steps and the acknowledgements (one
+        // lazy write, not three).
+        steps.push(decision_event(&txn_id, decision, reason));
         let decided = std::time::Instant::now();
         metrics::GATEWAY
             .phase_seconds
@@ -392,12 +393,12 @@ impl<S: GatewayStore> Gateway<S> {
         // decision is already durable, and the finisher delivers the rest.
         let delivered = tokio::time::timeout(
             self.config.commit_timeout(),
-            self.deliver(&txn_id, decision, &banks, &prepare.traceparent, vec![decided_event.clone()]),
+            self.deliver(&txn_id, decision, &banks, &prepare.traceparent, steps.clone()),
         )
         .await;
         if delivered.is_err() {
-            // Cut short with its events: the decision's step still goes in.
-            self.store.record_events(vec![decided_event]);
+            // Cut short with its events: the steps up to the decision still go in.
+            self.store.record_events(steps);
         }
         strife_rpc::fault::crash_point("gateway.after_commit_sent");
         metrics::GATEWAY

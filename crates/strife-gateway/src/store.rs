@@ -178,10 +178,31 @@ const SCHEMA_V8: &str = "
 ALTER TABLE payments ADD COLUMN one_phase INTEGER NOT NULL DEFAULT 0;
 ";
 
+/// Version 9: the timeline packed (issue 14): one row per write of a
+/// payment's steps (its opening steps, then its decision and
+/// acknowledgements) instead of one row per step, each row a table entry
+/// and two index entries. Six rows of a two-bank payment become two. The
+/// existing steps move over, a row per payment, in their order.
+const SCHEMA_V9: &str = "
+CREATE TABLE payment_timeline (
+    txn_id  TEXT NOT NULL,
+    -- ms since the epoch: the row's latest step, for pruning
+    last_at INTEGER NOT NULL,
+    -- the steps, a JSON array of [at, kind, bank or null, detail]
+    steps   TEXT NOT NULL
+) STRICT;
+INSERT INTO payment_timeline (txn_id, last_at, steps)
+    SELECT txn_id, max(at), json_group_array(json_array(at, kind, bank, detail) ORDER BY at, rowid)
+    FROM payment_events GROUP BY txn_id ORDER BY min(rowid);
+DROP TABLE payment_events;
+CREATE INDEX payment_timeline_by_txn ON payment_timeline (txn_id);
+CREATE INDEX payment_timeline_by_time ON payment_timeline (last_at);
+";
+
 /// The schema's versions in order: a database at `PRAGMA user_version` n
 /// runs `MIGRATIONS[n..]`, all in one transaction, at open.
 const MIGRATIONS: &[&str] =
-    &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8];
+    &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8, SCHEMA_V9];
 
 /// A bank's address that has not registered for this long is dropped from
 /// the registry when any bank registers, unless it is the bank's newest.
@@ -696,13 +717,23 @@ impl Store {
             .optional()
     }
 
-    /// Adds timeline events (best-effort: the caller runs this lazily).
+    /// Adds timeline events (best-effort: the caller runs this lazily), one
+    /// row for each payment's steps among them.
     pub fn record_events(&mut self, events: &[PaymentEvent]) -> rusqlite::Result<()> {
-        let mut stmt = self.conn.prepare_cached(
-            "INSERT INTO payment_events (txn_id, at, kind, bank, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?;
-        for e in events {
-            stmt.execute(params![e.txn_id, e.at_ms, e.kind, e.bank, e.detail])?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("INSERT INTO payment_timeline (txn_id, last_at, steps) VALUES (?1, ?2, ?3)")?;
+        let mut rest = events;
+        while let Some(first) = rest.first() {
+            let n = rest.iter().take_while(|e| e.txn_id == first.txn_id).count();
+            let (row, after) = rest.split_at(n);
+            let steps: Vec<(i64, &str, Option<&str>, &str)> =
+                row.iter().map(|e| (e.at_ms, e.kind, e.bank.as_deref(), e.detail.as_str())).collect();
+            let steps = serde_json::to_string(&steps)
+                .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+            let last_at = row.iter().map(|e| e.at_ms).max().unwrap_or(0);
+            stmt.execute(params![first.txn_id, last_at, steps])?;
+            rest = after;
         }
         Ok(())
     }
@@ -747,19 +778,28 @@ impl Store {
 
     /// A payment's timeline, in time order.
     pub fn payment_events(&self, txn_id: &str) -> rusqlite::Result<Vec<PaymentEvent>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT txn_id, at, kind, bank, detail FROM payment_events WHERE txn_id = ?1 ORDER BY at, rowid LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![txn_id, EVENTS_PER_PAYMENT_MAX], |r| {
-            Ok(PaymentEvent {
-                txn_id: r.get(0)?,
-                at_ms: r.get(1)?,
-                kind: PaymentEvent::kind_of(&r.get::<_, String>(2)?),
-                bank: r.get(3)?,
-                detail: r.get(4)?,
-            })
-        })?;
-        rows.collect()
+        // Every row holds at least one step: the first rows are enough.
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT steps FROM payment_timeline WHERE txn_id = ?1 ORDER BY rowid LIMIT ?2")?;
+        let mut events = Vec::new();
+        for steps in stmt.query_map(params![txn_id, EVENTS_PER_PAYMENT_MAX], |r| r.get::<_, String>(0))? {
+            let steps: Vec<(i64, String, Option<String>, String)> =
+                serde_json::from_str(&steps?).map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Text, Box::new(e))
+                })?;
+            events.extend(steps.into_iter().map(|(at_ms, kind, bank, detail)| PaymentEvent {
+                txn_id: txn_id.to_owned(),
+                at_ms,
+                kind: PaymentEvent::kind_of(&kind),
+                bank,
+                detail,
+            }));
+        }
+        // In time order, then as written (a stable sort).
+        events.sort_by_key(|e| e.at_ms);
+        events.truncate(EVENTS_PER_PAYMENT_MAX as usize);
+        Ok(events)
     }
 
     /// The newest payments matching `filter`, strictly older than `before`
@@ -850,7 +890,7 @@ impl Store {
         self.conn
             .prepare_cached("DELETE FROM login_throttle WHERE last_failure_at < ?1 AND locked_until < ?1")?
             .execute([idle_before_ms])?;
-        self.conn.prepare_cached("DELETE FROM payment_events WHERE at < ?1")?.execute([before_ms])?;
+        self.conn.prepare_cached("DELETE FROM payment_timeline WHERE last_at < ?1")?.execute([before_ms])?;
         self.conn
             .prepare_cached(
                 "DELETE FROM payments WHERE created_at < ?1 AND acked = 1 AND state != 'preparing'",
@@ -1282,6 +1322,72 @@ CREATE TABLE IF NOT EXISTS revoked_tokens (
         drop(s);
         let err = Store::open(&dir.db()).err().expect("refused");
         assert!(err.to_string().contains("schema version 99"), "{err}");
+    }
+
+    /// A version-8 database's timeline (a row per step) becomes version 9's
+    /// (a row per payment): every step kept, in its order, each payment's
+    /// apart, and pruning still goes by the steps' time.
+    #[test]
+    fn a_version_8_timeline_keeps_every_step_packed() {
+        let dir = TempDir::new("migrate-v8");
+        let old = Connection::open(dir.db()).expect("old db");
+        old.pragma_update(None, "journal_mode", "WAL").expect("wal");
+        for sql in &MIGRATIONS[..8] {
+            old.execute_batch(sql).expect("schema up to v8");
+        }
+        old.pragma_update(None, "user_version", 8).expect("version 8");
+        // Two payments' steps, interleaved as they were written; two steps
+        // of the first at one millisecond keep their written order.
+        let steps = [
+            (uuid_of(1), 10, "begin", None, ""),
+            (uuid_of(2), 11, "begin", None, ""),
+            (uuid_of(1), 12, "vote", Some("BankA"), "yes"),
+            (uuid_of(1), 12, "vote", Some("BankB"), "no: INSUFFICIENT_FUNDS"),
+            (uuid_of(2), 13, "transfer", Some("BankA"), "commit"),
+            (uuid_of(1), 14, "decision", None, "abort: INSUFFICIENT_FUNDS"),
+            (uuid_of(1), 15, "ack", Some("BankA"), "ok"),
+        ];
+        for (txn, at, kind, bank, detail) in &steps {
+            old.execute(
+                "INSERT INTO payment_events (txn_id, at, kind, bank, detail) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![txn, at, kind, bank, detail],
+            )
+            .expect("old step");
+        }
+        drop(old);
+
+        let mut s = Store::open(&dir.db()).expect("migrate");
+        assert_eq!(user_version(&s.conn), MIGRATIONS.len() as i64);
+        let rows: i64 =
+            s.conn.query_row("SELECT COUNT(*) FROM payment_timeline", [], |r| r.get(0)).expect("rows");
+        assert_eq!(rows, 2, "a row per payment");
+        let read = |s: &Store, txn: &str| -> Vec<(i64, &'static str, Option<String>, String)> {
+            s.payment_events(txn)
+                .expect("timeline")
+                .into_iter()
+                .map(|e| (e.at_ms, e.kind, e.bank, e.detail))
+                .collect()
+        };
+        for txn in [uuid_of(1), uuid_of(2)] {
+            let want: Vec<_> = steps
+                .iter()
+                .filter(|(t, ..)| *t == txn)
+                .map(|(_, at, kind, bank, detail)| {
+                    (*at, *kind, bank.map(str::to_owned), (*detail).to_owned())
+                })
+                .collect();
+            assert_eq!(read(&s, &txn), want, "{txn}");
+        }
+        // New steps of a payment add a row; the reads merge them in time order.
+        s.record_events(&[PaymentEvent::new(&uuid_of(2), 16, "resolve", Some("BankA"), "commit".into())])
+            .expect("more");
+        assert_eq!(read(&s, &uuid_of(2)).last().map(|e| e.0), Some(16));
+        // Pruning removes a row once its latest step is old.
+        s.prune(16, 0).expect("prune");
+        assert!(read(&s, &uuid_of(1)).is_empty(), "its last step was at 15");
+        assert_eq!(read(&s, &uuid_of(2)).len(), 1, "the row of its step at 16 stays; the older row went");
+        let check: String = s.conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).expect("check");
+        assert_eq!(check, "ok");
     }
 
     /// A version-2 database (one address per bank) becomes version 3 (an
