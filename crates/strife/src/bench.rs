@@ -301,10 +301,6 @@ fn bench_account(who: &str, banks: &[String], accounts: usize) -> anyhow::Result
     }
 }
 
-/// Writes `count` committed payments into the gateway's and the banks'
-/// stores, as pairs (a pays b, b pays a back) so that no balance changes.
-/// With `focus` (an account's index), `a` is always that account, so it
-/// sends and receives every other payment.
 /// The stores [`prefill_history`] writes, relative to the cluster's
 /// directory: the gateway's, then each bank's.
 fn store_files(banks: &[String]) -> Vec<PathBuf> {
@@ -362,6 +358,10 @@ fn cached_history(
     Ok(())
 }
 
+/// Writes `count` committed payments into the gateway's and the banks'
+/// stores, as pairs (a pays b, b pays a back) so that no balance changes.
+/// With `focus` (an account's index), `a` is always that account, so it
+/// sends and receives every other payment.
 fn prefill_history(
     dir: &Path,
     banks: &[String],
