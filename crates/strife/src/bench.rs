@@ -315,7 +315,8 @@ fn store_files(banks: &[String]) -> Vec<PathBuf> {
 /// fills the stores and copies them to `cache/<shape>`; later runs copy
 /// them from there. A fill is saved only once complete (copied to a
 /// temporary name, then renamed), so an interrupted run leaves no half
-/// history behind. The stores are closed (checkpointed) when copied.
+/// history behind. The stores are closed (checkpointed) when copied, and
+/// each copy is synced before the servers start.
 fn cached_history(
     cache: &Path,
     dir: &Path,
@@ -342,6 +343,9 @@ fn cached_history(
                 if suffix.is_empty() || src.exists() {
                     std::fs::copy(&src, &dst)
                         .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
+                    // On disk before the run starts: gigabytes of dirty pages
+                    // written back during it would stall its own fsyncs.
+                    std::fs::File::open(&dst)?.sync_all()?;
                 }
             }
         }
