@@ -1226,6 +1226,17 @@ CREATE TABLE IF NOT EXISTS revoked_tokens (
         out
     }
 
+    /// A database as the gateway of schema `version` left it, empty.
+    fn database_at_version(dir: &TempDir, version: usize) -> Connection {
+        let old = Connection::open(dir.db()).expect("old db");
+        old.pragma_update(None, "journal_mode", "WAL").expect("wal");
+        for sql in &MIGRATIONS[..version] {
+            old.execute_batch(sql).expect("old schema");
+        }
+        old.pragma_update(None, "user_version", version as i64).expect("old version");
+        old
+    }
+
     fn user_version(conn: &Connection) -> i64 {
         conn.pragma_query_value(None, "user_version", |r| r.get(0)).expect("user_version")
     }
@@ -1330,12 +1341,7 @@ CREATE TABLE IF NOT EXISTS revoked_tokens (
     #[test]
     fn a_version_8_timeline_keeps_every_step_packed() {
         let dir = TempDir::new("migrate-v8");
-        let old = Connection::open(dir.db()).expect("old db");
-        old.pragma_update(None, "journal_mode", "WAL").expect("wal");
-        for sql in &MIGRATIONS[..8] {
-            old.execute_batch(sql).expect("schema up to v8");
-        }
-        old.pragma_update(None, "user_version", 8).expect("version 8");
+        let old = database_at_version(&dir, 8);
         // Two payments' steps, interleaved as they were written; two steps
         // of the first at one millisecond keep their written order.
         let steps = [
@@ -1397,12 +1403,7 @@ CREATE TABLE IF NOT EXISTS revoked_tokens (
     #[test]
     fn a_version_2_database_keeps_its_banks_and_holds_replicas() {
         let dir = TempDir::new("migrate-v2");
-        let old = Connection::open(dir.db()).expect("old db");
-        old.pragma_update(None, "journal_mode", "WAL").expect("wal");
-        for sql in &MIGRATIONS[..2] {
-            old.execute_batch(sql).expect("schema up to v2");
-        }
-        old.pragma_update(None, "user_version", 2).expect("version 2");
+        let old = database_at_version(&dir, 2);
         old.execute_batch(
             "INSERT INTO banks VALUES ('BankB', '127.0.0.1:2', 7);
              INSERT INTO banks VALUES ('BankA', '127.0.0.1:1', 5);
