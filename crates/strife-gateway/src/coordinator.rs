@@ -381,7 +381,7 @@ impl<S: GatewayStore> Gateway<S> {
         }
         strife_rpc::fault::crash_point("gateway.after_decision");
         // Recorded with the opening steps and the acknowledgements (one
-        // lazy write, not three).
+        // lazy write, not two).
         steps.push(decision_event(&txn_id, decision, reason));
         let decided = std::time::Instant::now();
         metrics::GATEWAY
