@@ -391,21 +391,13 @@ impl<S: GatewayStore> Gateway<S> {
 
         // Phase two. The answer does not wait past the commit timeout: the
         // decision is already durable, and the finisher delivers the rest.
-        let delivered = tokio::time::timeout(
-            self.config.commit_timeout(),
-            self.deliver(&txn_id, decision, &banks, &prepare.traceparent, steps.clone()),
-        )
-        .await;
-        if delivered.is_err() {
-            // Cut short with its events: the steps up to the decision still go in.
-            self.store.record_events(steps);
-        }
+        let delivered = self.deliver(&txn_id, decision, &banks, &prepare.traceparent, steps).await;
         strife_rpc::fault::crash_point("gateway.after_commit_sent");
         metrics::GATEWAY
             .phase_seconds
             .get_or_create(&[("phase", "delivery")])
             .observe(decided.elapsed().as_secs_f64());
-        if delivered == Ok(true) {
+        if delivered {
             // A lazy write: if it is lost, the finisher re-sends the decision.
             self.store.mark_acked_lazily(txn_id.clone());
         } else {
@@ -640,8 +632,11 @@ impl<S: GatewayStore> Gateway<S> {
         Ok(PayOutcome { outcome: Outcome::Declined(reason), replayed: false })
     }
 
-    /// Sends the decision to every bank; true when all acknowledged.
-    /// `traceparent`: the payment's trace context (empty: none).
+    /// Sends the decision to every bank, waiting at most the commit
+    /// timeout; true when all acknowledged in time. `traceparent`: the
+    /// payment's trace context (empty: none). Records `events` (the
+    /// payment's timeline so far) with the acknowledgements, or, when cut
+    /// short by the timeout, as they are.
     async fn deliver(
         &self,
         txn_id: &str,
@@ -654,7 +649,7 @@ impl<S: GatewayStore> Gateway<S> {
             self.store.record_events(events);
             return false;
         }
-        let acks = on_each_bank(banks, |name, entry| {
+        let sending = on_each_bank(banks, |name, entry| {
             let txn_id = txn_id.to_owned();
             async move {
                 let result = entry.decide(&txn_id, decision == PaymentState::Committed, traceparent).await;
@@ -676,8 +671,15 @@ impl<S: GatewayStore> Gateway<S> {
                 };
                 (name.to_owned(), result.is_ok(), now_ms(), detail)
             }
-        })
-        .await;
+        });
+        let Ok(acks) = tokio::time::timeout(self.config.commit_timeout(), sending).await else {
+            // Cut short: the steps so far still go in; the finisher
+            // delivers the rest.
+            if !events.is_empty() {
+                self.store.record_events(events);
+            }
+            return false;
+        };
         let all = acks.iter().all(|(_, ok, _, _)| *ok);
         events.extend(
             acks.into_iter()
@@ -759,12 +761,7 @@ impl<S: GatewayStore> Gateway<S> {
         let banks: Vec<(String, BankEntry)> =
             names.iter().filter_map(|n| self.bank(n).map(|e| ((*n).to_owned(), e))).collect();
         let all_known = banks.len() == names.len();
-        let delivered = tokio::time::timeout(
-            self.config.commit_timeout(),
-            self.deliver(&p.txn_id, p.state, &banks, &trace.header(), Vec::new()),
-        )
-        .await
-            == Ok(true);
+        let delivered = self.deliver(&p.txn_id, p.state, &banks, &trace.header(), Vec::new()).await;
         if delivered && all_known {
             if let Err(e) = self.store.mark_acked(p.txn_id.clone()).await {
                 tracing::warn!(error = %e, "cannot mark a payment finished");

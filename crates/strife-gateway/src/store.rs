@@ -179,10 +179,10 @@ ALTER TABLE payments ADD COLUMN one_phase INTEGER NOT NULL DEFAULT 0;
 ";
 
 /// Version 9: the timeline packed (issue 14): one row per write of a
-/// payment's steps (its opening steps, then its decision and
-/// acknowledgements) instead of one row per step, each row a table entry
-/// and two index entries. Six rows of a two-bank payment become two. The
-/// existing steps move over, a row per payment, in their order.
+/// payment's steps instead of one row per step, each row a table entry and
+/// two index entries. The coordinator writes a two-phase payment's whole
+/// timeline at once, so its six rows become one. The existing steps move
+/// over, a row per payment, in their order.
 const SCHEMA_V9: &str = "
 CREATE TABLE payment_timeline (
     txn_id  TEXT NOT NULL,

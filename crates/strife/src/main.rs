@@ -1,7 +1,7 @@
 //! `strife`: every program of the system is a subcommand of this binary.
 //! `main` parses flags, sets up logging and hands over to the crates.
 
-/// mimalloc rather than glibc's malloc: see BENCHMARKS.md, "mimalloc again".
+/// mimalloc rather than glibc's malloc: see BENCHMARKS.md, "Issue 14, eighth session".
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
