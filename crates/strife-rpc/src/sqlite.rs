@@ -4,14 +4,23 @@
 use crate::group_commit::Batched;
 use crate::storage::{StorageCause, StorageFailure};
 use rusqlite::Connection;
+use rusqlite::hooks::Wal;
+use rusqlite::wal::CheckpointMode;
+use std::ffi::c_int;
 use std::path::Path;
 use std::time::Duration;
 
 /// Prepared statements kept per connection: more than any store uses.
 const STATEMENT_CACHE: usize = 64;
 
-/// WAL pages between automatic checkpoints (16 MiB with 4 KiB pages).
-const WAL_CHECKPOINT_PAGES: u32 = 4000;
+/// WAL pages (16 MiB with 4 KiB pages) past which each commit wakes the
+/// store's background checkpointer.
+const WAL_BACKGROUND_PAGES: i32 = 4000;
+
+/// WAL pages past which the writer checkpoints itself, after its commit,
+/// instead of waking the background checkpointer: the bound on the WAL's
+/// length (see [`checkpoint_in_background`]).
+const WAL_WRITER_PAGES: i32 = 16_000;
 
 /// Opens (creating if needed) a store with the durability every server
 /// relies on: WAL, `synchronous=FULL` (a commit is on disk when it
@@ -31,19 +40,81 @@ pub fn open_durable(path: &Path) -> rusqlite::Result<Connection> {
             Some(format!("{}: {e}", path.display())),
         )
     })?;
-    let conn = Connection::open(path)?;
+    let mut conn = Connection::open(path)?;
     conn.pragma_update(None, "journal_mode", "WAL")?;
     conn.pragma_update(None, "synchronous", "FULL")?;
     conn.pragma_update(None, "cache_size", -32_768)?;
     conn.busy_timeout(Duration::from_secs(5))?;
     // Every statement on a hot path is prepared once and reused.
     conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE);
-    // Checkpoint (copy the WAL back into the database, with its own fsync)
-    // every 4,000 pages rather than SQLite's 1,000: the store's thread does
-    // it inside a commit, so fewer, larger checkpoints stall it less, and a
-    // page written by many batches is copied once.
-    conn.pragma_update(None, "wal_autocheckpoint", WAL_CHECKPOINT_PAGES)?;
+    checkpoint_in_background(&mut conn, path)?;
     Ok(conn)
+}
+
+/// Moves checkpoints (copying the WAL back into the database file, then
+/// syncing it) off the writer's commits, onto a thread with a connection
+/// of its own.
+///
+/// SQLite's automatic checkpoint runs inside the commit that crosses its
+/// threshold, so that batch, and every payment waiting on it, waits while
+/// thousands of pages are written at scattered places of a file that may
+/// be gigabytes long, and synced. Here that commit only wakes the
+/// checkpointer, which runs passive checkpoints while the writer goes on
+/// appending.
+///
+/// A passive checkpointer alone cannot bound the WAL: SQLite rewinds it
+/// only when a write transaction begins with every frame already copied,
+/// which a writer that never pauses may never allow. So past
+/// [`WAL_WRITER_PAGES`] the writer stops waking the checkpointer and
+/// checkpoints itself after its commit (only what the checkpointer has not
+/// copied yet is left); its next transaction then rewinds the WAL. Should
+/// the checkpointer still hold the checkpoint lock, the writer tries again
+/// after its next commit.
+///
+/// Durability does not change: a commit is durable once its WAL frames are
+/// synced, and a checkpoint cut short (by `kill -9`, say) is redone from
+/// the WAL at the next open.
+fn checkpoint_in_background(conn: &mut Connection, path: &Path) -> rusqlite::Result<()> {
+    let checkpointer = Connection::open(path)?;
+    // Until a connection has read the database it does not know the file
+    // is in WAL mode, and a checkpoint on it does nothing.
+    checkpointer.busy_timeout(Duration::from_secs(5))?;
+    checkpointer.pragma_update(None, "journal_mode", "WAL")?;
+    let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
+    let thread = std::thread::Builder::new()
+        .name("strife-checkpoint".into())
+        .spawn(move || {
+            // Ends when the writer's connection is closed (see Checkpointer).
+            while woken.recv().is_ok() {
+                if let Err(e) = checkpointer.wal_checkpoint_v2(None::<&str>, CheckpointMode::PASSIVE)
+                    && !busy(&e)
+                {
+                    tracing::warn!(error = %e, "background checkpoint failed; the writer checkpoints past its bound");
+                }
+            }
+        })
+        .map_err(|e| {
+            rusqlite::Error::SqliteFailure(
+                rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_CANTOPEN),
+                Some(format!("cannot start the checkpoint thread: {e}")),
+            )
+        })?;
+    let checkpointer = Checkpointer { wake: Some(wake), thread: Some(thread) };
+    conn.wal_hook(Some(move |wal: &mut Wal, pages: c_int| {
+        if pages >= WAL_WRITER_PAGES {
+            // Busy means the checkpointer is still at work: next commit.
+            if let Err(e) = wal.checkpoint_v2(CheckpointMode::PASSIVE)
+                && !busy(&e)
+            {
+                tracing::warn!(error = %e, "checkpoint failed");
+            }
+        } else if pages >= WAL_BACKGROUND_PAGES {
+            checkpointer.wake();
+        }
+        // An error here would fail the statement whose commit already
+        // happened: never return one.
+        Ok(())
+    }))
 }
 
 /// A store built on one SQLite connection.
@@ -134,6 +205,43 @@ impl std::ops::Deref for Savepoint<'_> {
     }
 }
 
+/// The background checkpointer's thread, owned by the writer's WAL hook:
+/// SQLite drops the hook when the writer's connection is closed, and the
+/// thread is joined then, so once a store is closed no connection of it is
+/// left open (a test or a tool may then change the file's journal mode).
+struct Checkpointer {
+    wake: Option<std::sync::mpsc::SyncSender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Checkpointer {
+    fn wake(&self) {
+        // At most one wake-up waits; the checkpointer takes everything
+        // committed by the time it starts.
+        if let Some(wake) = &self.wake {
+            let _ = wake.try_send(());
+        }
+    }
+}
+
+impl Drop for Checkpointer {
+    fn drop(&mut self) {
+        // The thread's loop ends when the channel closes; its connection
+        // closes as it returns.
+        drop(self.wake.take());
+        if let Some(thread) = self.thread.take()
+            && thread.join().is_err()
+        {
+            tracing::error!("the checkpoint thread panicked");
+        }
+    }
+}
+
+/// Another checkpoint holds the lock: not a failure, only a later turn.
+fn busy(e: &rusqlite::Error) -> bool {
+    e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,8 +260,65 @@ mod tests {
         assert_eq!(pragma("journal_mode"), "Text(\"wal\")");
         assert_eq!(pragma("synchronous"), "Integer(2)", "FULL");
         assert_eq!(pragma("cache_size"), "Integer(-32768)");
-        assert_eq!(pragma("wal_autocheckpoint"), format!("Integer({WAL_CHECKPOINT_PAGES})"));
+        // Replaced by the store's own WAL hook (checkpoint_in_background).
+        assert_eq!(pragma("wal_autocheckpoint"), "Integer(0)");
         assert_eq!(pragma("busy_timeout"), "Integer(5000)");
+        drop(conn);
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    /// Frames in a WAL file of this length (32-byte header, then frames of a
+    /// 24-byte header and a page each).
+    fn frames(wal: &Path, page: u64) -> u64 {
+        std::fs::metadata(wal).map(|m| m.len().saturating_sub(32) / (24 + page)).unwrap_or(0)
+    }
+
+    #[test]
+    fn checkpoints_run_off_the_writer_and_the_wal_stays_bounded() {
+        const PAGE: u64 = 1024;
+        let dir = std::env::temp_dir().join(format!("strife-checkpoint-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let (db, wal) = (dir.join("s.db"), dir.join("s.db-wal"));
+        // Small pages keep the test's files small; the thresholds count pages.
+        Connection::open(&db)
+            .and_then(|c| c.execute_batch(&format!("PRAGMA page_size = {PAGE}; CREATE TABLE t (b BLOB)")))
+            .expect("a database with 1 KiB pages");
+        let conn = open_durable(&db).expect("open");
+        let db_pages = || std::fs::metadata(&db).expect("db").len() / PAGE;
+        // About 100 pages per transaction.
+        let write = |n: usize| {
+            for _ in 0..n {
+                conn.execute_batch("BEGIN; WITH RECURSIVE r(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM r WHERE i < 100) INSERT INTO t SELECT randomblob(1000) FROM r; COMMIT")
+                    .expect("write");
+            }
+        };
+
+        // Past the background threshold, but well short of the writer's own:
+        // only the background checkpointer can have copied pages into the
+        // database file.
+        write(usize::try_from(WAL_BACKGROUND_PAGES).expect("pages") / 100 + 5);
+        assert!(frames(&wal, PAGE) < u64::try_from(WAL_WRITER_PAGES).expect("pages"));
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while db_pages() < u64::try_from(WAL_BACKGROUND_PAGES).expect("pages") {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no background checkpoint: the database has {} pages",
+                db_pages()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+
+        // Three times the writer's bound, written without a pause: the WAL
+        // is rewound and never grows far past the bound.
+        write(usize::try_from(3 * WAL_WRITER_PAGES).expect("pages") / 100);
+        let most = u64::try_from(WAL_WRITER_PAGES + 2_000).expect("pages");
+        assert!(frames(&wal, PAGE) <= most, "the WAL holds {} frames", frames(&wal, PAGE));
+        let rows: i64 = conn.query_row("SELECT count(*) FROM t", [], |r| r.get(0)).expect("count");
+        assert_eq!(
+            rows,
+            (i64::from(WAL_BACKGROUND_PAGES) / 100 + 5 + i64::from(3 * WAL_WRITER_PAGES) / 100) * 100
+        );
         drop(conn);
         let _ = std::fs::remove_dir_all(dir);
     }
