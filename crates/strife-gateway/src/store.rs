@@ -514,6 +514,75 @@ impl strife_rpc::sqlite::HasConnection for Store {
     }
 }
 
+/// Payments one prune step looks at, and timelines one step deletes: each
+/// step is one short operation of the store's thread, so payments go on
+/// between steps however much there is to prune.
+pub const PRUNE_STEP_ROWS: u32 = 500;
+
+/// Every two-phase payment still `preparing`, through the partial index of
+/// unfinished payments (a `preparing` payment is never acknowledged: its
+/// `acked` is set with its decision), not a scan of the whole log.
+const ABORT_PREPARING_SQL: &str = "UPDATE payments SET state = 'aborted', reason = 'timeout', decided_at = ?1
+     WHERE acked = 0 AND state = 'preparing' AND one_phase = 0";
+
+/// At most ?2 timelines last written before ?1, through `last_at`'s index.
+const PRUNE_TIMELINES_SQL: &str = "DELETE FROM payment_timeline WHERE rowid IN
+     (SELECT rowid FROM payment_timeline WHERE last_at < ?1 LIMIT ?2)";
+
+/// The ?3 payments stored after row ?2: the last one's row, how many, and
+/// how many were created before ?1.
+const PRUNE_STEP_SQL: &str = "SELECT max(r), count(*), coalesce(sum(created_at < ?1), 0) FROM
+     (SELECT rowid AS r, created_at FROM payments WHERE rowid > ?2 ORDER BY rowid LIMIT ?3)";
+
+/// The finished payments created before ?1 among rows ?2 (exclusive) to ?3.
+const PRUNE_PAYMENTS_SQL: &str = "DELETE FROM payments WHERE rowid > ?2 AND rowid <= ?3
+     AND created_at < ?1 AND acked = 1 AND state != 'preparing'";
+
+/// Payments by state, and those decided but not yet acknowledged. Reads
+/// the whole log: the SQLite backend runs it on a connection of its own.
+pub fn counts(conn: &Connection) -> rusqlite::Result<PaymentCounts> {
+    // One pass and no sort (a `GROUP BY state` sorted every row's state
+    // through temporary files: 4.2 s against 1.6 s for 10,000,000).
+    let count = |n: i64| u64::try_from(n).unwrap_or(0);
+    let mut counts = conn
+        .prepare_cached(
+            "SELECT count(*) FILTER (WHERE state = 'committed'), count(*) FILTER (WHERE state = 'aborted'),
+                    count(*) FILTER (WHERE state = 'preparing')
+             FROM payments",
+        )?
+        .query_row([], |r| {
+            Ok(PaymentCounts {
+                committed: count(r.get(0)?),
+                aborted: count(r.get(1)?),
+                preparing: count(r.get(2)?),
+                ..PaymentCounts::default()
+            })
+        })?;
+    let undelivered: i64 = conn
+        .prepare_cached("SELECT COUNT(*) FROM payments WHERE acked = 0 AND state != 'preparing'")?
+        .query_row([], |r| r.get(0))?;
+    counts.undelivered = count(undelivered);
+    Ok(counts)
+}
+
+/// Declined payments by reason code. Reads the whole log, like [`counts`].
+pub fn decline_counts(conn: &Connection) -> rusqlite::Result<Vec<(String, u64)>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT COALESCE(reason, 'none'), COUNT(*) FROM payments WHERE state = 'aborted' GROUP BY 1 ORDER BY 2 DESC",
+    )?;
+    let rows = stmt.query_map([], |r| Ok((r.get(0)?, u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0))))?;
+    rows.collect()
+}
+
+/// What one step of [`Store::prune_payments`] did.
+#[derive(Debug, PartialEq, Eq)]
+pub struct PruneStep {
+    /// Payments deleted.
+    pub deleted: usize,
+    /// The row the next step starts after; `None` when pruning is done.
+    pub next: Option<i64>,
+}
+
 pub use strife_core::unix_ms as now_ms;
 
 impl Store {
@@ -834,16 +903,6 @@ impl Store {
         }
     }
 
-    /// Declined payments by reason code.
-    pub fn decline_counts(&self) -> rusqlite::Result<Vec<(String, u64)>> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT COALESCE(reason, 'none'), COUNT(*) FROM payments WHERE state = 'aborted' GROUP BY 1 ORDER BY 2 DESC",
-        )?;
-        let rows =
-            stmt.query_map([], |r| Ok((r.get(0)?, u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0))))?;
-        rows.collect()
-    }
-
     /// Every payment, oldest first.
     pub fn all_payments(&self) -> rusqlite::Result<Vec<PaymentRecord>> {
         let mut stmt = self
@@ -864,38 +923,41 @@ impl Store {
         rows.collect()
     }
 
-    pub fn counts(&self) -> rusqlite::Result<PaymentCounts> {
-        let mut counts = PaymentCounts::default();
-        let mut stmt = self.conn.prepare_cached("SELECT state, COUNT(*) FROM payments GROUP BY state")?;
-        let mut rows = stmt.query([])?;
-        while let Some(row) = rows.next()? {
-            let n = u64::try_from(row.get::<_, i64>(1)?).unwrap_or(0);
-            match PaymentState::parse(&row.get::<_, String>(0)?)? {
-                PaymentState::Committed => counts.committed = n,
-                PaymentState::Aborted => counts.aborted = n,
-                PaymentState::Preparing => counts.preparing = n,
-            }
-        }
-        let undelivered: i64 = self
-            .conn
-            .prepare_cached("SELECT COUNT(*) FROM payments WHERE acked = 0 AND state != 'preparing'")?
-            .query_row([], |r| r.get(0))?;
-        counts.undelivered = u64::try_from(undelivered).unwrap_or(0);
-        Ok(counts)
-    }
-
-    /// Deletes decided, acknowledged payments created before `before_ms`,
-    /// and login counts idle since `idle_before_ms` and not locked.
-    pub fn prune(&mut self, before_ms: i64, idle_before_ms: i64) -> rusqlite::Result<usize> {
+    /// Deletes login counts idle since `idle_before_ms` and not locked.
+    pub fn prune_logins(&mut self, idle_before_ms: i64) -> rusqlite::Result<usize> {
         self.conn
             .prepare_cached("DELETE FROM login_throttle WHERE last_failure_at < ?1 AND locked_until < ?1")?
-            .execute([idle_before_ms])?;
-        self.conn.prepare_cached("DELETE FROM payment_timeline WHERE last_at < ?1")?.execute([before_ms])?;
-        self.conn
-            .prepare_cached(
-                "DELETE FROM payments WHERE created_at < ?1 AND acked = 1 AND state != 'preparing'",
-            )?
-            .execute([before_ms])
+            .execute([idle_before_ms])
+    }
+
+    /// Deletes at most `limit` timelines whose latest step is before
+    /// `before_ms` (through their `last_at` index).
+    pub fn prune_timelines(&mut self, before_ms: i64, limit: u32) -> rusqlite::Result<usize> {
+        self.conn.prepare_cached(PRUNE_TIMELINES_SQL)?.execute(params![before_ms, limit])
+    }
+
+    /// One step of pruning payments: among the `limit` payments stored
+    /// after row `after` (rowid order: the order they began in), deletes
+    /// the decided, acknowledged ones created before `before_ms`.
+    ///
+    /// The log has no index on `created_at` alone, and a `DELETE … WHERE
+    /// created_at < ?` would read all of it, on the store's thread, while
+    /// every payment waits (about 6 s for 10,000,000 payments). A step reads
+    /// `limit` rows by rowid instead, and the walk stops at the first step
+    /// that finds no payment older than the bound: payments are stored in
+    /// the order they begin, so none older follows.
+    pub fn prune_payments(&mut self, before_ms: i64, after: i64, limit: u32) -> rusqlite::Result<PruneStep> {
+        let (last, seen, old): (Option<i64>, u32, u32) = self
+            .conn
+            .prepare_cached(PRUNE_STEP_SQL)?
+            .query_row(params![before_ms, after, limit], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?;
+        let Some(last) = last else {
+            return Ok(PruneStep { deleted: 0, next: None });
+        };
+        let deleted =
+            self.conn.prepare_cached(PRUNE_PAYMENTS_SQL)?.execute(params![before_ms, after, last])?;
+        let next = (seen == limit && old > 0).then_some(last);
+        Ok(PruneStep { deleted, next })
     }
 
     /// The login counts of `key` (a fresh entry when there are none).
@@ -1006,7 +1068,7 @@ impl Store {
     /// bank (`on_abandoned`): the bank may have committed it. Returns how
     /// many were aborted.
     pub fn abort_all_preparing(&mut self) -> rusqlite::Result<usize> {
-        self.conn.prepare_cached("UPDATE payments SET state = 'aborted', reason = 'timeout', decided_at = ?1 WHERE state = 'preparing' AND one_phase = 0")?.execute([now_ms()])
+        self.conn.prepare_cached(ABORT_PREPARING_SQL)?.execute([now_ms()])
     }
 }
 
@@ -1389,7 +1451,7 @@ CREATE TABLE IF NOT EXISTS revoked_tokens (
             .expect("more");
         assert_eq!(read(&s, &uuid_of(2)).last().map(|e| e.0), Some(16));
         // Pruning removes a row once its latest step is old.
-        s.prune(16, 0).expect("prune");
+        s.prune_timelines(16, PRUNE_STEP_ROWS).expect("prune");
         assert!(read(&s, &uuid_of(1)).is_empty(), "its last step was at 15");
         assert_eq!(read(&s, &uuid_of(2)).len(), 1, "the row of its step at 16 stays; the older row went");
         let check: String = s.conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).expect("check");
@@ -1483,6 +1545,69 @@ CREATE TABLE IF NOT EXISTS revoked_tokens (
             .collect();
         times.sort();
         times[runs / 2]
+    }
+
+    /// What a restart and a prune run on the store's thread reads a part
+    /// of the log through an index, never all of it: at 10,000,000
+    /// payments a scan held every payment up for about 6 s.
+    #[test]
+    fn restarts_and_prunes_read_no_whole_table() {
+        let dir = TempDir::new("no-scans");
+        let s = Store::open(&dir.db()).expect("open");
+        for sql in [ABORT_PREPARING_SQL, PRUNE_TIMELINES_SQL, PRUNE_STEP_SQL, PRUNE_PAYMENTS_SQL] {
+            let p = plan(&s, sql);
+            assert!(
+                !p.lines()
+                    .any(|l| l.starts_with("SCAN payment") && !l.contains("USING INDEX payments_unfinished")),
+                "{sql}:\n{p}"
+            );
+        }
+    }
+
+    /// Pruning walks the log a step at a time in the order payments began,
+    /// deletes only finished payments older than the bound, and stops at
+    /// the first step that finds none older: it never reads the rest of the
+    /// log (the old `DELETE … WHERE created_at < ?` scanned all of it).
+    #[test]
+    fn pruning_walks_only_the_old_end_of_the_log() {
+        let dir = TempDir::new("prune-steps");
+        let mut s = Store::open(&dir.db()).expect("open");
+        let (a, b) = (user("a@BankA"), user("b@BankB"));
+        for n in 0..100_u64 {
+            let p = PaymentRecord {
+                created_at_ms: 1_000 + n as i64,
+                // Payment 3 is not acknowledged yet, payment 5 undecided:
+                // both stay, however old.
+                acked: n != 3 && n != 5,
+                state: if n == 5 { PaymentState::Preparing } else { PaymentState::Committed },
+                ..payment(uuid_of(n), uuid_of(n), &a, &b)
+            };
+            insert(&mut s, &p);
+        }
+        let prune = |s: &mut Store, before_ms: i64| {
+            let (mut steps, mut deleted, mut after) = (0, 0, 0);
+            loop {
+                let step = s.prune_payments(before_ms, after, 4).expect("step");
+                steps += 1;
+                deleted += step.deleted;
+                match step.next {
+                    Some(next) => after = next,
+                    None => return (steps, deleted),
+                }
+            }
+        };
+        // Older than 1,010: payments 0 to 9, of which 3 and 5 stay. Steps
+        // of 4: 0–3, 4–7, 8–11 (two old ones), then 12–15 has none: done,
+        // 4 steps where the whole log is 25.
+        assert_eq!(prune(&mut s, 1_010), (4, 8));
+        let kept = |s: &Store, n: u64| s.find_txn(&uuid_of(n)).expect("find").is_some();
+        assert!(kept(&s, 3) && kept(&s, 5) && kept(&s, 10) && kept(&s, 99));
+        assert!(!kept(&s, 0) && !kept(&s, 9));
+        // Everything older: all of the rest goes but 3 and 5, and the
+        // walk reads to the end of the log.
+        assert_eq!(prune(&mut s, i64::MAX).1, 90);
+        assert!(kept(&s, 3) && kept(&s, 5) && !kept(&s, 99));
+        assert_eq!(prune(&mut s, i64::MAX), (1, 0), "the two left are in one step");
     }
 
     /// One account with 1,000,000 payments (alternately sent and received,
