@@ -305,9 +305,9 @@ impl SqliteStore {
 
     /// Runs `f` on a read-only connection of its own, off the store's
     /// thread, once everything asked of the store before is committed. For
-    /// reads whose cost grows with the log (counting every payment reads
-    /// all of it: about 6 s for 10,000,000), which on the store's thread
-    /// would hold up every payment meanwhile. WAL lets the reader and the
+    /// reads whose cost grows with the log (counting payments reads all of
+    /// it: 1.6 s for 10,000,000), which on the store's thread would hold up
+    /// every payment meanwhile. WAL lets the reader and the
     /// writer go on at once.
     async fn read<T, F>(&self, f: F) -> Result<T, GatewayError>
     where

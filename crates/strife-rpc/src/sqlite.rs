@@ -76,9 +76,9 @@ pub fn open_durable(path: &Path) -> rusqlite::Result<Connection> {
 /// the WAL at the next open.
 fn checkpoint_in_background(conn: &mut Connection, path: &Path) -> rusqlite::Result<()> {
     let checkpointer = Connection::open(path)?;
+    checkpointer.busy_timeout(Duration::from_secs(5))?;
     // Until a connection has read the database it does not know the file
     // is in WAL mode, and a checkpoint on it does nothing.
-    checkpointer.busy_timeout(Duration::from_secs(5))?;
     checkpointer.pragma_update(None, "journal_mode", "WAL")?;
     let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
     let thread = std::thread::Builder::new()
