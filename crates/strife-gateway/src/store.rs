@@ -945,7 +945,8 @@ impl Store {
     /// every payment waits (about 6 s for 10,000,000 payments). A step reads
     /// `limit` rows by rowid instead, and the walk stops at the first step
     /// that finds no payment older than the bound: payments are stored in
-    /// the order they begin, so none older follows.
+    /// the order they begin, so none older follows (but for one that began
+    /// a few milliseconds before a later-stored one: the next prune takes it).
     pub fn prune_payments(&mut self, before_ms: i64, after: i64, limit: u32) -> rusqlite::Result<PruneStep> {
         let (last, seen, old): (Option<i64>, u32, u32) = self
             .conn
@@ -1547,8 +1548,8 @@ CREATE TABLE IF NOT EXISTS revoked_tokens (
         times[runs / 2]
     }
 
-    /// What a restart and a prune run on the store's thread reads a part
-    /// of the log through an index, never all of it: at 10,000,000
+    /// What a restart and a prune run on the store's thread reads only a
+    /// part of the log, through an index, never all of it: at 10,000,000
     /// payments a scan held every payment up for about 6 s.
     #[test]
     fn restarts_and_prunes_read_no_whole_table() {
