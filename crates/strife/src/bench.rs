@@ -341,11 +341,8 @@ fn cached_history(
                 };
                 let (src, dst) = (with(from), with(to));
                 if suffix.is_empty() || src.exists() {
-                    std::fs::copy(&src, &dst)
+                    copy_by_pages(&src, &dst)
                         .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
-                    // On disk before the run starts: gigabytes of dirty pages
-                    // written back during it would stall its own fsyncs.
-                    std::fs::File::open(&dst)?.sync_all()?;
                 }
             }
         }
@@ -360,6 +357,37 @@ fn cached_history(
     copy_all(dir, &partial)?;
     std::fs::rename(&partial, &saved)?;
     Ok(())
+}
+
+/// Copies a store file the way its server wrote it, one 4 KiB page per
+/// write, then syncs the copy.
+///
+/// Not `std::fs::copy`: the kernel's in-kernel copy fills the page cache
+/// with large folios (2 MiB here, `FileHugePages` in `/proc/meminfo`), which
+/// no server's own writes produce. A checkpoint's 4 KiB write into such a
+/// folio walks all of its 512 block buffers, and so does the writeback at
+/// its `fsync`. Measured in the tenth session (BENCHMARKS.md): after such a
+/// copy the checkpoint threads took 18 % of the servers' CPU, against 13 %
+/// after a page-sized copy, so part of what history runs measured was the
+/// copy, not the ledger. The sync keeps gigabytes of dirty pages from being
+/// written back during the run, under its own fsyncs.
+fn copy_by_pages(src: &Path, dst: &Path) -> std::io::Result<()> {
+    use std::io::Read;
+    const PAGE: usize = 4096;
+    let mut from = std::fs::File::open(src)?;
+    // 0600: every strife process runs with a private umask (main.rs).
+    let mut to = std::fs::File::create(dst)?;
+    let mut buf = vec![0u8; 256 * PAGE];
+    loop {
+        let n = from.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        for page in buf[..n].chunks(PAGE) {
+            to.write_all(page)?;
+        }
+    }
+    to.sync_all()
 }
 
 /// Writes `count` committed payments into the gateway's and the banks'
