@@ -258,7 +258,12 @@ impl Cluster {
         };
         let discovery = match etcd {
             Some(etcd) => Some(self.discovery(etcd, &args.banks).await?),
-            None => None,
+            None => {
+                // Left by an `up --etcd` that was killed: clients would ask
+                // an etcd that is gone, and say so on every command.
+                forget_etcd_url(&self.dir);
+                None
+            }
         };
         let discovery_env: Vec<(&'static str, Secret<String>)> =
             discovery.iter().map(|url| ("STRIFE_DISCOVERY", Secret::new(url.clone()))).collect();
@@ -469,7 +474,20 @@ impl Cluster {
             }
         }
         instances::remove(&self.dir);
+        // The etcd it names has stopped, or no longer lists this cluster's
+        // gateways.
+        forget_etcd_url(&self.dir);
         tracing::info!("cluster stopped");
+    }
+}
+
+/// Removes `DIR/etcd.url`, where clients look for the cluster's etcd.
+fn forget_etcd_url(dir: &Path) {
+    let file = dir.join(strife_client::discovery::ETCD_URL_FILE);
+    match std::fs::remove_file(&file) {
+        Ok(()) => tracing::info!(file = %file.display(), "removed: it names no running cluster's etcd"),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!(file = %file.display(), error = %e, "cannot remove"),
     }
 }
 

@@ -71,10 +71,15 @@ fn walkthrough_through_strife_up() {
     let r = run_cli(d, &["balance"], &[]);
     assert_eq!(r.code, 1, "the gateway is down after up stopped: {r:?}");
 
-    // A second `up` on the same directory resumes the data.
+    // A second `up` on the same directory resumes the data. It also drops
+    // the DIR/etcd.url that an `up --etcd` killed with SIGKILL leaves, so
+    // clients do not look for that etcd (and say so) on every command.
+    std::fs::write(d.join("etcd.url"), "etcd://127.0.0.1:9\n").expect("etcd.url");
     let (mut up, _ready, _lines) = spawn_until(&dir.0, &["up", "--port", "0"], "strife: ready", &[]);
+    assert!(!d.join("etcd.url").exists(), "a plain up removes a stale etcd.url");
     let r = run_cli(d, &["--json", "--as", "user1@BankA", "balance"], &[]);
     assert_eq!(r.json()["balance"], "987.50", "{r:?}");
+    assert!(r.stderr.is_empty(), "{r:?}");
     assert_eq!(terminate(&mut up), Some(0));
 }
 

@@ -300,6 +300,7 @@ fn up_with_a_private_etcd_registers_every_server_and_clients_find_the_gateways_t
         .collect();
     assert_eq!(terminate(&mut up), Some(0), "up stops cleanly on SIGTERM");
     assert!(!running(etcd_pid), "etcd is stopped with the cluster");
+    assert!(!d.join("etcd.url").exists(), "and clients are no longer sent to it");
     let left: Vec<u64> = pids.into_iter().filter(|p| running(*p)).collect();
     assert!(left.is_empty(), "processes left after up stopped: {left:?}");
 }
