@@ -258,12 +258,7 @@ impl Cluster {
         };
         let discovery = match etcd {
             Some(etcd) => Some(self.discovery(etcd, &args.banks).await?),
-            None => {
-                // Left by an `up --etcd` that was killed: clients would ask
-                // an etcd that is gone, and say so on every command.
-                forget_etcd_url(&self.dir);
-                None
-            }
+            None => None,
         };
         let discovery_env: Vec<(&'static str, Secret<String>)> =
             discovery.iter().map(|url| ("STRIFE_DISCOVERY", Secret::new(url.clone()))).collect();
@@ -297,8 +292,11 @@ impl Cluster {
         for gateway in &gateways {
             wait_registered(&self.dir, gateway, &args.banks).await?;
         }
-        if let Some(url) = &discovery {
-            wait_in_etcd(&self.dir, url, &gateways).await?;
+        match &discovery {
+            Some(url) => wait_in_etcd(&self.dir, url, &gateways).await?,
+            // Left by an `up --etcd` that was killed: clients would ask an
+            // etcd that is gone, and say so on every command.
+            None => forget_etcd_url(&self.dir),
         }
         self.roster.publish()?;
         Ok(gateways)
