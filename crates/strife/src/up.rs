@@ -152,6 +152,7 @@ pub async fn run(dir: PathBuf, args: UpArgs) -> anyhow::Result<()> {
     }
     let peers = identities(&args.banks)?;
     std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    let _one_up = lock_dir(&dir)?;
     strife_rpc::telemetry::init("up", &dir, "info", "")?;
     let certs = CertDir::new(&dir);
     let created = certs.init(&peers)?;
@@ -476,6 +477,32 @@ impl Cluster {
         // gateways.
         forget_etcd_url(&self.dir);
         tracing::info!("cluster stopped");
+    }
+}
+
+/// The file `up` holds a lock on for its whole life, in its directory.
+const LOCK_FILE: &str = "up.lock";
+
+/// One `up` per directory: a second one would start servers on the same
+/// stores and ports, and on failing, its clean-up would remove the running
+/// cluster's `instances.json` and `etcd.url`. The lock (`flock`) is the
+/// kernel's, so it goes with the process however it ends, `kill -9` too;
+/// the servers do not inherit it.
+fn lock_dir(dir: &Path) -> anyhow::Result<std::fs::File> {
+    let path = dir.join(LOCK_FILE);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => bail!(
+            "another `strife up` is running on {}: stop it first (Ctrl-C, or SIGTERM), or use another --dir",
+            dir.display()
+        ),
+        Err(std::fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {}", path.display())),
     }
 }
 

@@ -23,6 +23,37 @@ fn walkthrough_through_strife_up() {
     assert_eq!(r.json()["balance"], "1000.00");
     assert_eq!(r.json()["available"], "1000.00");
 
+    // One `up` per directory: a second is refused, and leaves this one's
+    // files alone.
+    let mut second = std::process::Command::new(BIN)
+        .arg("--dir")
+        .arg(d)
+        .args(["up", "--port", "0"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("a second up");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let code = loop {
+        if let Some(status) = second.try_wait().expect("wait") {
+            break status.code();
+        }
+        if Instant::now() > deadline {
+            let _ = second.kill();
+            let _ = second.wait();
+            panic!("a second up on a running directory did not stop by itself");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().expect("stderr"), &mut stderr).expect("stderr");
+    assert_ne!(code, Some(0), "{stderr}");
+    assert!(stderr.contains("another `strife up` is running on"), "{stderr}");
+    assert!(d.join("instances.json").exists(), "the running cluster's roster stays");
+    let r = run_cli(d, &["--json", "balance"], &[]);
+    assert_eq!(r.json()["balance"], "1000.00", "{r:?}");
+
     let r = run_cli(d, &["--json", "pay", "--to", "user2@BankB", "--amount", "12.50"], &[]);
     assert_eq!(r.code, 0, "{r:?}");
     let pay = r.json();
