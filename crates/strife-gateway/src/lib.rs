@@ -13,6 +13,7 @@ pub mod coordinator;
 pub mod dashboard;
 pub mod error;
 mod hex;
+pub mod history;
 pub mod link;
 pub mod live;
 pub mod page_token;

@@ -10,7 +10,6 @@ use crate::throttle::{Entry, Rule};
 use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::HashMap;
 use std::path::Path;
-use strife_core::limits::HISTORY_PAGE_MAX;
 use strife_core::{DeclineReason, UserRef};
 use strife_rpc::storage::StorageFailure;
 
@@ -199,10 +198,30 @@ CREATE INDEX payment_timeline_by_txn ON payment_timeline (txn_id);
 CREATE INDEX payment_timeline_by_time ON payment_timeline (last_at);
 ";
 
-/// The schema's versions in order: a database at `PRAGMA user_version` n
-/// runs `MIGRATIONS[n..]`, all in one transaction, at open.
-const MIGRATIONS: &[&str] =
-    &[SCHEMA_V1, SCHEMA_V2, SCHEMA_V3, SCHEMA_V4, SCHEMA_V5, SCHEMA_V6, SCHEMA_V7, SCHEMA_V8, SCHEMA_V9];
+/// Version 10: history pages read through folds ([`crate::history`]) instead
+/// of the payer and payee indexes, which every payment wrote into; the
+/// folds' tables come with it ([`strife_rpc::folds::SCHEMA`]). The store
+/// folds the existing payments when it opens.
+const SCHEMA_V10: &str = "
+DROP INDEX payments_by_payer;
+DROP INDEX payments_by_payee;
+";
+
+/// The schema's versions in order, each as the statements that make it: a
+/// database at `PRAGMA user_version` n runs `MIGRATIONS[n..]`, all in one
+/// transaction, at open.
+const MIGRATIONS: &[&[&str]] = &[
+    &[SCHEMA_V1],
+    &[SCHEMA_V2],
+    &[SCHEMA_V3],
+    &[SCHEMA_V4],
+    &[SCHEMA_V5],
+    &[SCHEMA_V6],
+    &[SCHEMA_V7],
+    &[SCHEMA_V8],
+    &[SCHEMA_V9],
+    &[SCHEMA_V10, strife_rpc::folds::SCHEMA],
+];
 
 /// A bank's address that has not registered for this long is dropped from
 /// the registry when any bank registers, unless it is the bank's newest.
@@ -224,8 +243,10 @@ fn migrate(conn: &mut Connection) -> rusqlite::Result<()> {
             )),
         ));
     }
-    for (version, sql) in (1_i64..).zip(MIGRATIONS.iter()).skip(applied) {
-        tx.execute_batch(sql)?;
+    for (version, statements) in (1_i64..).zip(MIGRATIONS.iter()).skip(applied) {
+        for sql in *statements {
+            tx.execute_batch(sql)?;
+        }
         tx.pragma_update(None, "user_version", version)?;
     }
     tx.commit()
@@ -280,10 +301,10 @@ pub struct PaymentRecord {
     pub one_phase: bool,
 }
 
-const PAYMENT_COLUMNS: &str = "txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor, \
+pub(crate) const PAYMENT_COLUMNS: &str = "txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor, \
                                state, reason, acked, created_at, deadline_at, fingerprint, one_phase";
 
-fn payment_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PaymentRecord> {
+pub(crate) fn payment_from_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<PaymentRecord> {
     let reason: Option<String> = r.get(8)?;
     Ok(PaymentRecord {
         txn_id: r.get(0)?,
@@ -337,31 +358,6 @@ pub struct PaymentPage {
     /// Where the next page starts; `None` when this page is the last.
     pub next: Option<Cursor>,
 }
-
-/// A customer's payments in page order: the ones they sent (any state) and
-/// the ones they received (committed only: a declined or undecided payment
-/// is the payer's business), by `(created_at, txn_id)` descending, strictly
-/// below the upper bound `(?4, ?5)` and from `created_at >= ?3` on.
-///
-/// Each arm is a range scan of its index, already in page order, so SQLite
-/// merges the two (no sort) and stops after `?6` rows: a page reads its own
-/// entries (and the received-but-declined ones between them, which it
-/// skips), however long the history. `INDEXED BY` pins the plan
-/// whatever statistics a later `ANALYZE` gathers. The payee arm's payer test
-/// only guards against a self-payment, which validation refuses.
-const PAGE_SQL: &str = "
-SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-       state, reason, acked, created_at, deadline_at, fingerprint, one_phase
-FROM payments INDEXED BY payments_by_payer
-WHERE payer_bank = ?1 AND payer_user = ?2 AND created_at >= ?3 AND (created_at, txn_id) < (?4, ?5)
-UNION ALL
-SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
-       state, reason, acked, created_at, deadline_at, fingerprint, one_phase
-FROM payments INDEXED BY payments_by_payee
-WHERE payee_bank = ?1 AND payee_user = ?2 AND created_at >= ?3 AND (created_at, txn_id) < (?4, ?5)
-  AND state = 'committed' AND NOT (payer_bank = ?1 AND payer_user = ?2)
-ORDER BY created_at DESC, txn_id DESC
-LIMIT ?6";
 
 /// The payment a customer made under an id: one row of the unique index.
 const MADE_BY_ID_SQL: &str = "
@@ -489,6 +485,14 @@ pub struct Store {
     /// with that failure: deciding one says why instead of "no such row".
     /// At most [`LOST_BEGINS_MAX`]; a decision takes its entry out.
     lost_begins: HashMap<String, StorageFailure>,
+    /// The rowid the next payment gets: above every row stored and every
+    /// row a fold covers (see [`crate::history`]).
+    next_row: i64,
+    /// The last row folded, as far as this connection knows: when the
+    /// payments past it reach `fold_rows`, a payment folds them.
+    folded_to: i64,
+    /// Payments per fold ([`strife_rpc::folds::FOLD_ROWS`]; smaller in tests).
+    fold_rows: i64,
 }
 
 /// Most lost `preparing` records remembered (one per payment that was in
@@ -510,6 +514,11 @@ impl strife_rpc::sqlite::HasConnection for Store {
             if self.lost_begins.len() < LOST_BEGINS_MAX {
                 self.lost_begins.insert(txn_id, failure.clone());
             }
+        }
+        // A fold in the batch is gone with it. (Only a hint: a fold reads
+        // where the log is folded to from the store.)
+        if let Ok(f) = strife_rpc::folds::folded(&self.conn) {
+            self.folded_to = f.last_row;
         }
     }
 }
@@ -587,9 +596,23 @@ pub use strife_core::unix_ms as now_ms;
 
 impl Store {
     pub fn open(path: &Path) -> rusqlite::Result<Store> {
+        Store::open_folding(path, strife_rpc::folds::FOLD_ROWS)
+    }
+
+    /// [`Store::open`] with `fold_rows` payments per fold.
+    fn open_folding(path: &Path, fold_rows: i64) -> rusqlite::Result<Store> {
         let mut conn = strife_rpc::sqlite::open_durable(path)?;
         migrate(&mut conn)?;
-        Ok(Store { conn, begun_in_batch: Vec::new(), lost_begins: HashMap::new() })
+        let folded = strife_rpc::folds::catch_up(&mut conn, crate::history::LOG, fold_rows)?;
+        let next_row = strife_rpc::folds::last_row(&conn, crate::history::LOG)?.max(folded.last_row) + 1;
+        Ok(Store {
+            conn,
+            begun_in_batch: Vec::new(),
+            lost_begins: HashMap::new(),
+            next_row,
+            folded_to: folded.last_row,
+            fold_rows,
+        })
     }
 
     /// The payment a customer made under `payment_id`, if any.
@@ -617,7 +640,8 @@ impl Store {
         let inserted = self
             .conn
             .prepare_cached(&format!(
-                "INSERT INTO payments ({PAYMENT_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
+                "INSERT INTO payments (rowid, {PAYMENT_COLUMNS})
+                 VALUES (?15, ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)"
             ))?
             .execute(params![
                 p.txn_id,
@@ -634,10 +658,16 @@ impl Store {
                 p.deadline_at_ms,
                 p.fingerprint,
                 i64::from(p.one_phase),
+                self.next_row,
             ]);
         match inserted {
             Ok(_) => {
                 self.begun_in_batch.push(p.txn_id.clone());
+                let row = self.next_row;
+                self.next_row += 1;
+                if row - self.folded_to >= self.fold_rows {
+                    self.fold_to(row);
+                }
                 Ok(Ok(()))
             }
             Err(rusqlite::Error::SqliteFailure(e, msg))
@@ -649,6 +679,16 @@ impl Store {
                 }
             }
             Err(e) => Err(e),
+        }
+    }
+
+    /// Folds the payments up to row `upto` for history pages (see
+    /// [`crate::history`]), inside the open batch, under a savepoint: a fold
+    /// that fails leaves the batch as it was, and the next payment tries
+    /// again; the payment that triggered it goes on either way.
+    fn fold_to(&mut self, upto: i64) {
+        if let Some(f) = strife_rpc::folds::fold_in_batch(&self.conn, crate::history::LOG, upto) {
+            self.folded_to = f.last_row;
         }
     }
 
@@ -737,35 +777,10 @@ impl Store {
     }
 
     /// One page of a customer's payments, sent (any outcome) and received
-    /// (committed), newest first by `(created_at, txn_id)`; see [`PAGE_SQL`].
+    /// (committed), newest first by `(created_at, txn_id)`; see
+    /// [`crate::history`].
     pub fn list_payments(&self, who: &UserRef, q: &PageQuery) -> rusqlite::Result<PaymentPage> {
-        let limit = q.limit.clamp(1, HISTORY_PAGE_MAX);
-        // `(created_at, txn_id) < (end, '')` is `created_at < end`: no txn
-        // id sorts below the empty string. The cursor, when there is one,
-        // is the tighter bound.
-        let end = (q.end_ms.unwrap_or(i64::MAX), "");
-        let upper = match &q.after {
-            Some(c) if (c.created_at_ms, c.txn_id.as_str()) < end => (c.created_at_ms, c.txn_id.as_str()),
-            _ => end,
-        };
-        let mut stmt = self.conn.prepare_cached(PAGE_SQL)?;
-        let rows = stmt.query_map(
-            params![
-                who.bank,
-                who.user,
-                q.start_ms.unwrap_or(i64::MIN),
-                upper.0,
-                upper.1,
-                // One more than the page, to know whether another follows.
-                i64::from(limit) + 1
-            ],
-            payment_from_row,
-        )?;
-        let mut payments = rows.collect::<rusqlite::Result<Vec<_>>>()?;
-        let more = payments.len() > limit as usize;
-        payments.truncate(limit as usize);
-        let next = if more { payments.last().map(Cursor::after) } else { None };
-        Ok(PaymentPage { payments, next })
+        crate::history::page(&self.conn, who, q)
     }
 
     /// The payment with this id that a customer made or received: the one
@@ -957,6 +972,11 @@ impl Store {
         };
         let deleted =
             self.conn.prepare_cached(PRUNE_PAYMENTS_SQL)?.execute(params![before_ms, after, last])?;
+        // The folds of history entries whose payments are all gone go too
+        // (a fold covers 4,096 rows: one goes every few steps).
+        if deleted > 0 {
+            strife_rpc::folds::drop_emptied(&self.conn, crate::history::LOG)?;
+        }
         let next = (seen == limit && old > 0).then_some(last);
         Ok(PruneStep { deleted, next })
     }
@@ -1191,19 +1211,167 @@ mod tests {
         assert!(s.lost_begins.is_empty() && s.begun_in_batch.is_empty());
     }
 
+    /// Every page of every customer, read through the folds, is exactly the
+    /// page the definition gives (their sent payments and their committed
+    /// received ones, by `(created_at, txn_id)` descending, within the
+    /// bounds), on a seeded random log: folds of 7 payments, clocks out of
+    /// order and tied, decisions after the fold, a batch with a fold rolled
+    /// back, pruning, and a reopen that folds what was left.
+    #[test]
+    fn pages_read_through_the_folds_are_the_pages_of_the_definition() {
+        use strife_core::rng::SplitMix64;
+        use strife_rpc::group_commit::Batched;
+        let seed = strife_core::rng::seed_from_env("STRIFE_FOLD_SEED");
+        let mut rng = SplitMix64(seed);
+        let dir = TempDir::new("folds");
+        const FOLD: i64 = 7;
+        let mut s = Store::open_folding(&dir.db(), FOLD).expect("open");
+        let people: Vec<UserRef> =
+            ["a@BankA", "b@BankA", "c@BankB", "d@BankB", "e@BankC"].iter().map(|t| user(t)).collect();
+        let n = std::cell::Cell::new(0_u64);
+        let add = |s: &mut Store, rng: &mut SplitMix64| {
+            let n = n.replace(n.get() + 1);
+            let payer = &people[rng.below(5) as usize];
+            let mut payee = &people[rng.below(5) as usize];
+            if payee == payer {
+                payee = &people[(people.iter().position(|p| p == payer).expect("one") + 1) % 5];
+            }
+            let state = match rng.below(3) {
+                0 => PaymentState::Preparing,
+                1 => PaymentState::Aborted,
+                _ => PaymentState::Committed,
+            };
+            // Clocks that step back and tie.
+            let created_at_ms = 1_000 + (n / 4) as i64 - rng.below(6) as i64;
+            insert(
+                s,
+                &PaymentRecord { state, created_at_ms, ..payment(uuid_of(n), uuid_of(n), payer, payee) },
+            );
+        };
+        let check = |s: &Store, rng: &mut SplitMix64, label: &str| {
+            let all = s.all_payments().expect("all");
+            for who in &people {
+                let mut mine: Vec<&PaymentRecord> = all
+                    .iter()
+                    .filter(|p| p.payer == *who || (p.payee == *who && p.state == PaymentState::Committed))
+                    .collect();
+                mine.sort_by(|a, b| (b.created_at_ms, &b.txn_id).cmp(&(a.created_at_ms, &a.txn_id)));
+                let bounds =
+                    [(None, None), (Some(1_010), None), (None, Some(1_040)), (Some(1_005), Some(1_030))];
+                for (start_ms, end_ms) in bounds {
+                    let want: Vec<&str> = mine
+                        .iter()
+                        .filter(|p| start_ms.is_none_or(|t| p.created_at_ms >= t))
+                        .filter(|p| end_ms.is_none_or(|t| p.created_at_ms < t))
+                        .map(|p| p.txn_id.as_str())
+                        .collect();
+                    let limit = 1 + rng.below(9) as u32;
+                    let (mut seen, mut after) = (Vec::new(), None);
+                    loop {
+                        let q = PageQuery { limit, after: after.clone(), start_ms, end_ms };
+                        let page = s.list_payments(who, &q).expect("page");
+                        assert!(page.payments.len() <= limit as usize);
+                        seen.extend(page.payments.iter().map(|p| p.txn_id.clone()));
+                        match page.next {
+                            Some(next) => after = Some(next),
+                            None => break,
+                        }
+                    }
+                    assert_eq!(
+                        seen, want,
+                        "{label}: {who} from {start_ms:?} to {end_ms:?} by {limit} (seed {seed})"
+                    );
+                }
+            }
+        };
+        for _ in 0..80 {
+            add(&mut s, &mut rng);
+        }
+        check(&s, &mut rng, "80 payments");
+        // Decisions after the fold show on the payee's pages.
+        for m in 0..n.get() {
+            if rng.below(2) == 0 {
+                s.decide(&uuid_of(m), PaymentState::Committed, None).expect("decide");
+            }
+        }
+        check(&s, &mut rng, "decided");
+        // A batch that folds, rolled back: as if it never happened.
+        let folded = strife_rpc::folds::folded(&s.conn).expect("folded");
+        s.begin().expect("begin");
+        for _ in 0..FOLD {
+            add(&mut s, &mut rng);
+        }
+        assert!(strife_rpc::folds::folded(&s.conn).expect("folded").fold > folded.fold, "the batch folded");
+        s.rollback(&StorageFailure::new(strife_rpc::storage::StorageCause::DiskFull, "test"));
+        assert_eq!(strife_rpc::folds::folded(&s.conn).expect("folded"), folded);
+        check(&s, &mut rng, "rolled back");
+        for _ in 0..120 {
+            add(&mut s, &mut rng);
+        }
+        check(&s, &mut rng, "200 payments");
+        // Pruning the older half drops the folds that held only those.
+        s.conn
+            .execute_batch("UPDATE payments SET state = 'aborted' WHERE state = 'preparing'; UPDATE payments SET acked = 1")
+            .expect("decide and acknowledge all");
+        let folds_before: i64 =
+            s.conn.query_row("SELECT count(*) FROM history_folds", [], |r| r.get(0)).expect("count");
+        let mut after = 0;
+        while let Some(next) = s.prune_payments(1_025, after, 4).expect("prune").next {
+            after = next;
+        }
+        let folds_after: i64 =
+            s.conn.query_row("SELECT count(*) FROM history_folds", [], |r| r.get(0)).expect("count");
+        assert!(folds_after < folds_before, "{folds_after} of {folds_before} folds left");
+        check(&s, &mut rng, "pruned");
+        // Pruned empty, the next payments are numbered past every fold.
+        after = 0;
+        while let Some(next) = s.prune_payments(i64::MAX, after, 4).expect("prune").next {
+            after = next;
+        }
+        assert!(s.all_payments().expect("all").is_empty());
+        drop(s);
+        let mut s = Store::open_folding(&dir.db(), FOLD).expect("reopen");
+        for _ in 0..30 {
+            add(&mut s, &mut rng);
+        }
+        check(&s, &mut rng, "after pruning everything and a reopen");
+        // A log left unfolded (a fold per 1,000 rows) is folded by 7s when
+        // opened again.
+        drop(s);
+        let mut s = Store::open_folding(&dir.db(), 1_000).expect("reopen");
+        for _ in 0..50 {
+            add(&mut s, &mut rng);
+        }
+        drop(s);
+        let s = Store::open_folding(&dir.db(), FOLD).expect("reopen");
+        let left = strife_rpc::folds::last_row(&s.conn, crate::history::LOG).expect("last")
+            - strife_rpc::folds::folded(&s.conn).expect("f").last_row;
+        assert!(left < FOLD, "{left} rows left unfolded");
+        check(&s, &mut rng, "folded at open");
+    }
+
     #[test]
     fn pages_and_lookups_use_the_indexes_and_never_sort_or_scan() {
         let dir = TempDir::new("plan");
         let mut s = Store::open(&dir.db()).expect("open");
         let check = |s: &Store| {
-            let page = plan(s, PAGE_SQL);
-            assert!(page.contains("USING INDEX payments_by_payer"), "{page}");
-            assert!(page.contains("USING INDEX payments_by_payee"), "{page}");
-            assert!(page.contains("MERGE"), "the two ordered scans are merged: {page}");
-            assert!(!page.contains("TEMP B-TREE"), "a page never sorts: {page}");
-            assert!(!page.contains("SCAN payments"), "a page never scans: {page}");
-            // Each arm is a range of its index: both bounds on created_at.
-            assert_eq!(page.matches("created_at>? AND (created_at,txn_id)<(?,?))").count(), 2, "{page}");
+            // The payments since the last fold: a range of rowids (at most a
+            // fold's worth, which it sorts), never the whole log.
+            let recent = plan(s, &crate::history::PAGE_RECENT_SQL);
+            assert!(recent.contains("SEARCH payments USING INTEGER PRIMARY KEY (rowid>?)"), "{recent}");
+            assert!(!recent.contains("SCAN payments"), "{recent}");
+            // A fold's entries of one customer: a range of its key, in page
+            // order, and each payment by its rowid.
+            let fold = plan(s, &crate::history::PAGE_FOLD_SQL);
+            assert!(
+                fold.contains(
+                    "SEARCH e USING PRIMARY KEY (fold=? AND party=? AND at>? AND (at,txn_id)<(?,?))"
+                ),
+                "{fold}"
+            );
+            assert!(fold.contains("SEARCH p USING INTEGER PRIMARY KEY (rowid=?)"), "{fold}");
+            assert!(!fold.contains("TEMP B-TREE"), "a fold's entries are never sorted: {fold}");
+            assert!(!fold.contains("SCAN"), "{fold}");
             let made = plan(s, MADE_BY_ID_SQL);
             assert!(
                 made.contains("USING INDEX payments_by_id (payment_id=? AND payer_bank=? AND payer_user=?)"),
@@ -1293,7 +1461,7 @@ CREATE TABLE IF NOT EXISTS revoked_tokens (
     fn database_at_version(dir: &TempDir, version: usize) -> Connection {
         let old = Connection::open(dir.db()).expect("old db");
         old.pragma_update(None, "journal_mode", "WAL").expect("wal");
-        for sql in &MIGRATIONS[..version] {
+        for sql in MIGRATIONS[..version].iter().flat_map(|v| v.iter()) {
             old.execute_batch(sql).expect("old schema");
         }
         old.pragma_update(None, "user_version", version as i64).expect("old version");
@@ -1366,9 +1534,10 @@ CREATE TABLE IF NOT EXISTS revoked_tokens (
         assert_eq!(indexes_before.len(), 5, "{indexes_before:?}");
         assert_eq!(
             indexes_after.len(),
-            indexes_before.len(),
-            "no extra index on the write path: {indexes_after:?}"
+            indexes_before.len() - 2,
+            "the payer and payee indexes gave way to the history folds, and nothing else is added: {indexes_after:?}"
         );
+        assert!(!indexes_after.contains("payments_by_payer"), "{indexes_after:?}");
         assert!(indexes_after.contains("payments_by_id"), "{indexes_after:?}");
         let check: String = s.conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).expect("check");
         assert_eq!(check, "ok");
@@ -1517,7 +1686,7 @@ CREATE TABLE IF NOT EXISTS revoked_tokens (
     fn the_cluster_id_is_made_once_per_store() {
         let dir = TempDir::new("cluster-id");
         let old = Connection::open(dir.db()).expect("old db");
-        for sql in &MIGRATIONS[..4] {
+        for sql in MIGRATIONS[..4].iter().flat_map(|v| v.iter()) {
             old.execute_batch(sql).expect("schema up to v4");
         }
         old.pragma_update(None, "user_version", 4).expect("version 4");

@@ -8,6 +8,7 @@ pub mod etcd;
 pub mod etcd_server;
 pub mod fault;
 pub mod files;
+pub mod folds;
 pub mod group_commit;
 pub mod identity;
 pub mod metrics;

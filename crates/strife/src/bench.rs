@@ -482,6 +482,11 @@ fn prefill_history(
     for c in &bank_dbs {
         c.execute_batch("COMMIT")?;
     }
+    drop(gw);
+    // Opened once more, the gateway's store folds the history for its
+    // pages (as it would fold a log it was upgraded over), so that neither
+    // a cached copy nor the run's gateway does it at start.
+    drop(strife_gateway::store::Store::open(&gw_dir.join("gateway.db"))?);
     Ok(())
 }
 
