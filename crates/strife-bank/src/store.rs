@@ -41,8 +41,11 @@ CREATE TABLE IF NOT EXISTS legs (
     prepared_at  INTEGER NOT NULL,
     decided_at   INTEGER
 ) STRICT;
-CREATE INDEX IF NOT EXISTS legs_by_debit ON legs (debit_user, prepared_at);
-CREATE INDEX IF NOT EXISTS legs_by_credit ON legs (credit_user, prepared_at);
+-- an account's legs are read through the folds of strife_rpc::folds (created
+-- after this), not through a debit and a credit index that every leg wrote
+-- into; a ledger from before folds loses those indexes and is folded at open
+DROP INDEX IF EXISTS legs_by_debit;
+DROP INDEX IF EXISTS legs_by_credit;
 CREATE INDEX IF NOT EXISTS legs_open ON legs (state) WHERE state = 'prepared';
 -- which ledger this is: one row, its id random and made once, when the
 -- ledger is created (or first opened by a bank that knows ids); replicas of
@@ -55,10 +58,30 @@ CREATE TABLE IF NOT EXISTS ledger (
 
 use crate::ledger::{Funds, Ledger, check_leg, parse_state};
 pub use crate::ledger::{Leg, LegRequest, LegState, Outcome, Totals, TransferRequest, Vote, state_name};
+use strife_rpc::folds::{self, Log};
 use strife_rpc::group_commit::{GroupCommit, GroupCommitError};
+use strife_rpc::storage::StorageFailure;
 use strife_twopc::Decision;
 use strife_twopc::Vote as MachineVote;
 use strife_twopc::participant::{self as machine, Effect, Force};
+
+/// The legs stored since the last fold (rowid above `?3`) that are `?1`'s
+/// and committed, newest first, at most `?2`: a range of rowids, at most a
+/// fold's worth of rows.
+const HISTORY_RECENT_SQL: &str = "
+SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor, state, prepared_at
+FROM legs NOT INDEXED
+WHERE rowid > ?3 AND state = 'committed' AND (debit_user = ?1 OR credit_user = ?1)
+ORDER BY prepared_at DESC, txn_id LIMIT ?2";
+
+/// Fold `?3`'s committed legs of `?1`, newest first, at most `?2`: one
+/// range of the fold's key, each leg by its rowid.
+const HISTORY_FOLD_SQL: &str = "
+SELECT l.txn_id, l.payment_id, l.payer_user, l.payer_bank, l.payee_user, l.payee_bank, l.amount_minor,
+       l.state, l.prepared_at
+FROM history_entries e CROSS JOIN legs l
+WHERE e.fold = ?3 AND e.party = ?1 AND l.rowid = e.row AND l.txn_id = e.txn_id AND l.state = 'committed'
+ORDER BY e.at DESC, e.txn_id LIMIT ?2";
 
 /// The ledger in one SQLite file, owned by one thread (see
 /// [`crate::ledger::Ledger`] and [`SqliteLedger`]).
@@ -70,12 +93,43 @@ pub struct Store {
     bank: String,
     /// The ledger's id (see the `ledger` table).
     ledger_id: String,
+    /// The last leg row folded for history, as far as this connection
+    /// knows; a batch that begins with `fold_rows` legs past it folds them.
+    folded_to: i64,
+    /// Legs per fold ([`strife_rpc::folds::FOLD_ROWS`]; smaller in tests).
+    fold_rows: i64,
 }
+
+/// The legs, folded by the accounts they debit and credit (a fence, with
+/// neither, has no entry). Legs are never deleted, so rowids only grow.
+const LOG: Log = Log {
+    table: "legs",
+    rows: "SELECT rowid, debit_user, credit_user, prepared_at, txn_id FROM legs WHERE rowid > ?1 AND rowid <= ?2",
+};
 
 /// Group commit drives the store's one connection.
 impl strife_rpc::sqlite::HasConnection for Store {
     fn connection(&mut self) -> &mut Connection {
         &mut self.conn
+    }
+
+    /// Folds the legs of earlier batches once a fold's worth is waiting,
+    /// in this batch, under a savepoint (a failed fold is retried by the
+    /// next batch and holds up no leg).
+    fn began(&mut self) {
+        let Ok(last) = folds::last_row(&self.conn, LOG) else { return };
+        if last - self.folded_to >= self.fold_rows
+            && let Some(f) = folds::fold_in_batch(&self.conn, LOG, self.folded_to + self.fold_rows)
+        {
+            self.folded_to = f.last_row;
+        }
+    }
+
+    fn rolled_back(&mut self, _failure: &StorageFailure) {
+        // A fold in the batch is gone with it.
+        if let Ok(f) = folds::folded(&self.conn) {
+            self.folded_to = f.last_row;
+        }
     }
 }
 
@@ -83,9 +137,16 @@ pub use strife_core::unix_ms as now_ms;
 
 impl Store {
     pub fn open(path: &Path, bank: &str) -> Result<Store, BankError> {
-        let conn = strife_rpc::sqlite::open_durable(path)?;
+        Store::open_folding(path, bank, folds::FOLD_ROWS)
+    }
+
+    /// [`Store::open`] with `fold_rows` legs per fold.
+    fn open_folding(path: &Path, bank: &str, fold_rows: i64) -> Result<Store, BankError> {
+        let mut conn = strife_rpc::sqlite::open_durable(path)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        conn.execute_batch(folds::SCHEMA)?;
+        let folded = folds::catch_up(&mut conn, LOG, fold_rows)?;
         // The first open makes the id (of two at once, one wins); every
         // later one only reads it.
         let read = |conn: &Connection| conn.query_row("SELECT id FROM ledger", [], |r| r.get(0)).optional();
@@ -99,7 +160,7 @@ impl Store {
                 read(&conn)?.ok_or_else(|| BankError::Internal("the ledger has no id".into()))?
             }
         };
-        Ok(Store { conn, bank: bank.to_owned(), ledger_id })
+        Ok(Store { conn, bank: bank.to_owned(), ledger_id, folded_to: folded.last_row, fold_rows })
     }
 
     /// The ledger's id: random, made once when the ledger was created.
@@ -364,15 +425,27 @@ impl Store {
         Ok(())
     }
 
-    /// Committed legs that touch `user`, newest first.
+    /// Committed legs that touch `user`, newest first (by `prepared_at`,
+    /// then `txn_id`): the legs stored since the last fold, then the
+    /// account's folds from the newest (see [`strife_rpc::folds`]), never
+    /// the whole ledger nor all of the account's legs.
     pub fn history(&self, user: &str, limit: u32) -> Result<Vec<Leg>, BankError> {
-        let mut stmt = self.conn.prepare_cached(
-            "SELECT txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor, state, prepared_at
-             FROM legs WHERE state = 'committed' AND (debit_user = ?1 OR credit_user = ?1)
-             ORDER BY prepared_at DESC, txn_id LIMIT ?2",
-        )?;
-        let rows = stmt.query_map(params![user, limit], Self::leg_from_row)?;
-        rows.map(|r| r.map_err(BankError::from).and_then(|l| l)).collect()
+        let read = |sql: &str, x: i64| -> Result<Vec<Leg>, BankError> {
+            let mut stmt = self.conn.prepare_cached(sql)?;
+            let rows = stmt.query_map(params![user, limit, x], Self::leg_from_row)?;
+            rows.map(|r| r.map_err(BankError::from).and_then(|l| l)).collect()
+        };
+        let recent = read(HISTORY_RECENT_SQL, folds::folded(&self.conn)?.last_row)?;
+        folds::walk(
+            &self.conn,
+            user,
+            limit as usize,
+            i64::MIN,
+            recent,
+            |l| l.prepared_at_ms,
+            |a, b| b.prepared_at_ms.cmp(&a.prepared_at_ms).then_with(|| a.txn_id.cmp(&b.txn_id)),
+            |fold| read(HISTORY_FOLD_SQL, fold),
+        )
     }
 
     /// At most `limit` legs with an amount, by transaction id, after
@@ -670,6 +743,120 @@ mod tests {
     }
 
     conformance_suite!(fresh, reopen);
+
+    /// An account's history read through the folds is exactly what the
+    /// query over all legs gives (committed, newest first by `prepared_at`
+    /// then `txn_id`), for every account and limit, on a seeded random
+    /// ledger: folds of 5 legs made as batches begin, legs from and to
+    /// another bank, prepared legs decided after their fold, a batch with a
+    /// fold rolled back, and a reopen that folds what was left.
+    #[test]
+    fn history_read_through_the_folds_is_the_history_of_all_legs() {
+        use strife_core::rng::SplitMix64;
+        use strife_rpc::group_commit::Batched;
+        let seed = strife_core::rng::seed_from_env("STRIFE_FOLD_SEED");
+        let mut rng = SplitMix64(seed);
+        let dir = std::env::temp_dir().join(format!("strife-bank-store-folds-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).expect("dir");
+        let _clean = TempDir(dir.clone());
+        const FOLD: i64 = 5;
+        let users = ["a", "b", "c", "d", "e"];
+        let mut s = Store::open_folding(&dir.join("bank.db"), "BankA", FOLD).expect("open");
+        let specs: Vec<AccountSpec> = users
+            .iter()
+            .map(|u| AccountSpec {
+                user: (*u).into(),
+                credential: Credential::Hash(crate::conformance::TEST_HASH.into()),
+                balance_minor: 1_000_000,
+            })
+            .collect();
+        s.create_from_specs(&specs).expect("accounts");
+        let mut n = 0;
+        let mut open_legs: Vec<String> = Vec::new();
+        let mut batch = |s: &mut Store, rng: &mut SplitMix64, open_legs: &mut Vec<String>| {
+            s.begin().expect("begin");
+            for _ in 0..1 + rng.below(4) {
+                n += 1;
+                let txn = format!("t{n:04}");
+                let (from, to) = (users[rng.below(5) as usize], users[rng.below(5) as usize]);
+                let mut leg = crate::conformance::leg(&txn, from, to, 1 + rng.below(9) as i64);
+                match rng.below(4) {
+                    0 => leg.payer_bank = "BankB".into(),
+                    1 => leg.payee_bank = "BankB".into(),
+                    _ if from == to => leg.payee_bank = "BankB".into(),
+                    _ => {}
+                }
+                let _ = s.prepare(&leg).expect("prepare");
+                match rng.below(3) {
+                    0 => s.commit(&txn).unwrap_or(()),
+                    1 => s.abort(&txn).expect("abort"),
+                    _ => open_legs.push(txn),
+                }
+            }
+            Batched::commit(s).expect("commit");
+        };
+        let check = |s: &Store, rng: &mut SplitMix64, label: &str| {
+            for u in users {
+                let limit = rng.below(12) as u32;
+                let want: Vec<String> = s
+                    .conn
+                    .prepare(
+                        "SELECT txn_id FROM legs WHERE state = 'committed' AND (debit_user = ?1 OR credit_user = ?1)
+                         ORDER BY prepared_at DESC, txn_id LIMIT ?2",
+                    )
+                    .expect("all legs")
+                    .query_map(params![u, limit], |r| r.get(0))
+                    .expect("all legs")
+                    .collect::<rusqlite::Result<_>>()
+                    .expect("all legs");
+                let got: Vec<String> =
+                    s.history(u, limit).expect("history").into_iter().map(|l| l.txn_id).collect();
+                assert_eq!(got, want, "{label}: {u} by {limit} (seed {seed})");
+            }
+        };
+        for round in 0..40 {
+            batch(&mut s, &mut rng, &mut open_legs);
+            check(&s, &mut rng, &format!("round {round}"));
+        }
+        // Decisions after the fold show.
+        s.begin().expect("begin");
+        for txn in open_legs.drain(..) {
+            s.commit(&txn).unwrap_or(());
+        }
+        Batched::commit(&mut s).expect("commit");
+        check(&s, &mut rng, "decided");
+        assert!(folds::folded(&s.conn).expect("folded").fold > 10, "the legs were folded");
+        // A batch that folds, rolled back: as if it never happened.
+        let before = folds::folded(&s.conn).expect("folded");
+        s.conn
+            .execute_batch(
+                "INSERT INTO legs (txn_id, payment_id, payer_user, payer_bank, payee_user, payee_bank, amount_minor,
+                                   debit_user, state, prepared_at)
+                 VALUES ('x1', 'x1', 'a', 'BankA', 'z', 'BankB', 1, 'a', 'committed', 1),
+                        ('x2', 'x2', 'a', 'BankA', 'z', 'BankB', 1, 'a', 'committed', 2),
+                        ('x3', 'x3', 'a', 'BankA', 'z', 'BankB', 1, 'a', 'committed', 3),
+                        ('x4', 'x4', 'a', 'BankA', 'z', 'BankB', 1, 'a', 'committed', 4),
+                        ('x5', 'x5', 'a', 'BankA', 'z', 'BankB', 1, 'a', 'committed', 5)",
+            )
+            .expect("five legs");
+        s.begin().expect("begin");
+        assert!(folds::folded(&s.conn).expect("folded").fold > before.fold, "the batch folded");
+        s.rollback(&StorageFailure::new(strife_rpc::storage::StorageCause::DiskFull, "test"));
+        assert!(folds::folded(&s.conn).expect("folded").fold == before.fold);
+        check(&s, &mut rng, "rolled back");
+        // Left unfolded (a fold per 1,000 legs), then folded by 5s at open.
+        drop(s);
+        let mut s = Store::open_folding(&dir.join("bank.db"), "BankA", 1_000).expect("reopen");
+        for _ in 0..20 {
+            batch(&mut s, &mut rng, &mut open_legs);
+        }
+        drop(s);
+        let s = Store::open_folding(&dir.join("bank.db"), "BankA", FOLD).expect("reopen");
+        let left = folds::last_row(&s.conn, LOG).expect("last") - folds::folded(&s.conn).expect("f").last_row;
+        assert!(left < FOLD, "{left} legs left unfolded");
+        check(&s, &mut rng, "folded at open");
+    }
 
     /// The store itself, without its thread: what the bench and the audit use.
     #[test]

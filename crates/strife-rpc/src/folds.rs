@@ -119,6 +119,10 @@ pub fn last_row(conn: &Connection, log: Log) -> rusqlite::Result<i64> {
 /// transaction or under a savepoint, so it happens whole or not at all.
 pub fn fold(conn: &Connection, log: Log, upto: i64) -> rusqlite::Result<Folded> {
     let from = folded(conn)?;
+    if upto <= from.last_row {
+        // Already folded (the caller's idea of how far was behind).
+        return Ok(from);
+    }
     let fold = from.fold + 1;
     // (party, at, txn_id, row)
     let mut entries: Vec<(String, i64, String, i64)> = Vec::new();
@@ -221,7 +225,8 @@ pub fn drop_emptied(conn: &Connection, log: Log) -> rusqlite::Result<usize> {
 /// fold left, or no fold left can hold one at or after `start`. `at` is an
 /// entry's time and `order` the page order (newest first). Returns at
 /// most `want` entries, in page order.
-pub fn walk<T>(
+#[allow(clippy::too_many_arguments)]
+pub fn walk<T, E: From<rusqlite::Error>>(
     conn: &Connection,
     party: &str,
     want: usize,
@@ -229,8 +234,8 @@ pub fn walk<T>(
     mut got: Vec<T>,
     at: impl Fn(&T) -> i64,
     order: impl Fn(&T, &T) -> Ordering,
-    mut read_fold: impl FnMut(i64) -> rusqlite::Result<Vec<T>>,
-) -> rusqlite::Result<Vec<T>> {
+    mut read_fold: impl FnMut(i64) -> Result<Vec<T>, E>,
+) -> Result<Vec<T>, E> {
     if want == 0 {
         return Ok(Vec::new());
     }

@@ -121,6 +121,10 @@ fn checkpoint_in_background(conn: &mut Connection, path: &Path) -> rusqlite::Res
 pub trait HasConnection: Send + 'static {
     fn connection(&mut self) -> &mut Connection;
 
+    /// The batch's transaction began: the store may write what it owes
+    /// (a fold of its log, say) before the batch's operations run.
+    fn began(&mut self) {}
+
     /// The batch's transaction committed: what it wrote is durable.
     fn committed(&mut self) {}
 
@@ -140,7 +144,9 @@ fn failure(conn: &Connection, e: &rusqlite::Error) -> StorageFailure {
 impl<T: HasConnection> Batched for T {
     fn begin(&mut self) -> Result<(), StorageFailure> {
         let conn = self.connection();
-        conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| failure(conn, &e))
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(|e| failure(conn, &e))?;
+        self.began();
+        Ok(())
     }
     fn commit(&mut self) -> Result<(), StorageFailure> {
         let conn = self.connection();

@@ -482,11 +482,14 @@ fn prefill_history(
     for c in &bank_dbs {
         c.execute_batch("COMMIT")?;
     }
-    drop(gw);
-    // Opened once more, the gateway's store folds the history for its
+    drop((gw, bank_dbs));
+    // Opened once more, each store folds the history for its customers'
     // pages (as it would fold a log it was upgraded over), so that neither
-    // a cached copy nor the run's gateway does it at start.
+    // a cached copy nor the run's servers do it at start.
     drop(strife_gateway::store::Store::open(&gw_dir.join("gateway.db"))?);
+    for b in banks {
+        drop(strife_bank::store::Store::open(&config.bank.data_dir(dir, b).join("bank.db"), b)?);
+    }
     Ok(())
 }
 
