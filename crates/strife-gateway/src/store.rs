@@ -223,6 +223,9 @@ const MIGRATIONS: &[&[&str]] = &[
     &[SCHEMA_V10, strife_rpc::folds::SCHEMA],
 ];
 
+/// The schema version this gateway writes (`PRAGMA user_version`).
+pub const SCHEMA_VERSION: usize = MIGRATIONS.len();
+
 /// A bank's address that has not registered for this long is dropped from
 /// the registry when any bank registers, unless it is the bank's newest.
 use crate::backend::BANK_ADDRESS_RETENTION_MS;

@@ -128,7 +128,8 @@ fn a_cached_history_is_filled_once_and_copied_after() {
     let saved: Vec<_> =
         std::fs::read_dir(&cache).expect("the cache").filter_map(Result::ok).map(|e| e.path()).collect();
     assert_eq!(saved.len(), 1, "one complete fill, nothing partial: {saved:?}");
-    assert!(saved[0].ends_with("history1000-banks2-accounts20"), "{saved:?}");
+    let shape = format!("history1000-banks2-accounts20-schema{}", strife_gateway::store::SCHEMA_VERSION);
+    assert!(saved[0].ends_with(&shape), "named by its shape and the gateway's schema: {saved:?}");
     let txn_ids = |db: &std::path::Path| -> std::collections::BTreeSet<String> {
         let conn = rusqlite::Connection::open(db).expect("open");
         let mut stmt = conn.prepare("SELECT txn_id FROM payments").expect("prepare");
