@@ -31,11 +31,13 @@
 //! anything the folds left hold (`max_at`): the same entries, in the same
 //! order, as a per-customer index gave.
 //!
-//! A fold runs inside the batch of the row that completes it, under a
-//! savepoint, so it commits (or rolls back) with that batch; the rows
-//! stay the source of truth, and a store opened with more than a fold's
-//! worth unfolded (a log from before folds, or a fill) folds it then
-//! ([`catch_up`]), a fold per transaction.
+//! A fold runs inside one of the store's group-commit batches (at the
+//! gateway, the batch of the payment that completes a fold's worth; at a
+//! bank, the next batch to begin), under a savepoint ([`fold_in_batch`]),
+//! so it commits or rolls back with that batch. The rows stay the source
+//! of truth: a store opened with a fold's worth or more unfolded (a log
+//! from before folds, or a fill) folds it then ([`catch_up`]), a fold per
+//! transaction.
 
 use rusqlite::{Connection, OptionalExtension, params};
 use std::cmp::Ordering;
@@ -124,44 +126,36 @@ pub fn fold(conn: &Connection, log: Log, upto: i64) -> rusqlite::Result<Folded> 
         return Ok(from);
     }
     let fold = from.fold + 1;
-    // (party, at, txn_id, row)
-    let mut entries: Vec<(String, i64, String, i64)> = Vec::new();
-    let mut max_at = from.max_at;
-    {
-        let mut stmt = conn.prepare_cached(log.rows)?;
-        let mut rows = stmt.query(params![from.last_row, upto])?;
-        while let Some(r) = rows.next()? {
-            let (row, at, txn_id): (i64, i64, String) = (r.get(0)?, r.get(3)?, r.get(4)?);
-            let (party, other): (Option<String>, Option<String>) = (r.get(1)?, r.get(2)?);
-            max_at = max_at.max(at);
-            // A row with the same customer on both sides is listed once.
-            if let Some(other) = other.filter(|o| party.as_ref() != Some(o)) {
-                entries.push((other, at, txn_id.clone(), row));
-            }
-            if let Some(party) = party {
-                entries.push((party, at, txn_id, row));
-            }
-        }
-    }
-    // In key order: the fold is appended page after page.
-    entries.sort_unstable();
-    let mut insert = conn.prepare_cached(
-        "INSERT INTO history_entries (fold, party, at, txn_id, row) VALUES (?1, ?2, ?3, ?4, ?5)",
-    )?;
-    let mut head = conn.prepare_cached("SELECT fold FROM history_heads WHERE party = ?1")?;
-    let mut party_row =
-        conn.prepare_cached("INSERT INTO history_parties (fold, party, prev_fold) VALUES (?1, ?2, ?3)")?;
-    let mut new_head = conn.prepare_cached(
-        "INSERT INTO history_heads (party, fold) VALUES (?1, ?2) ON CONFLICT (party) DO UPDATE SET fold = excluded.fold",
-    )?;
-    for (i, (party, at, txn_id, row)) in entries.iter().enumerate() {
-        insert.execute(params![fold, party, at, txn_id, row])?;
-        if i == 0 || entries[i - 1].0 != *party {
-            let prev: Option<i64> = head.query_row([party], |r| r.get(0)).optional()?;
-            party_row.execute(params![fold, party, prev])?;
-            new_head.execute(params![party, fold])?;
-        }
-    }
+    // Set-based, in SQLite: the entries of both sides, in key order (the
+    // fold is appended page after page); a row with the same customer on
+    // both sides is listed once.
+    conn.prepare_cached(&format!(
+        "WITH r (rid, a, b, t, txn) AS ({})
+         INSERT INTO history_entries (fold, party, at, txn_id, row)
+         SELECT ?3, a, t, txn, rid FROM r WHERE a IS NOT NULL
+         UNION ALL
+         SELECT ?3, b, t, txn, rid FROM r WHERE b IS NOT NULL AND b IS NOT a
+         ORDER BY 2, 3, 4",
+        log.rows
+    ))?
+    .execute(params![from.last_row, upto, fold])?;
+    // Each customer in the fold, linked to their previous fold, then
+    // made their newest (`WHERE true`: how an upsert's SELECT is written).
+    conn.prepare_cached(
+        "INSERT INTO history_parties (fold, party, prev_fold)
+         SELECT ?1, e.party, (SELECT h.fold FROM history_heads h WHERE h.party = e.party)
+         FROM history_entries e WHERE e.fold = ?1 GROUP BY e.party",
+    )?
+    .execute([fold])?;
+    conn.prepare_cached(
+        "INSERT INTO history_heads (party, fold) SELECT party, fold FROM history_parties WHERE fold = ?1 AND true
+         ON CONFLICT (party) DO UPDATE SET fold = excluded.fold",
+    )?
+    .execute([fold])?;
+    let newest: Option<i64> = conn
+        .prepare_cached("SELECT max(at) FROM history_entries WHERE fold = ?1")?
+        .query_row([fold], |r| r.get(0))?;
+    let max_at = newest.map_or(from.max_at, |t| t.max(from.max_at));
     conn.prepare_cached("INSERT INTO history_folds (fold, last_row, max_at) VALUES (?1, ?2, ?3)")?
         .execute(params![fold, upto, max_at])?;
     Ok(Folded { fold, last_row: upto, max_at })
