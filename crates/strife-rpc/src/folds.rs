@@ -80,8 +80,9 @@ CREATE TABLE IF NOT EXISTS history_heads (
 ";
 
 /// A log to fold: `rows` selects, for the rows with rowid above `?1` up
-/// to `?2`, `(rowid, party, other party or NULL, at, txn_id)`; `table` is
-/// the log's table.
+/// to `?2`, `(rowid, a customer, another customer, at, txn_id)`, either
+/// customer NULL when the row has none on that side; `table` is the log's
+/// table.
 #[derive(Debug, Clone, Copy)]
 pub struct Log {
     pub table: &'static str,
