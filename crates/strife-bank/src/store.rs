@@ -58,7 +58,7 @@ CREATE TABLE IF NOT EXISTS ledger (
 
 use crate::ledger::{Funds, Ledger, check_leg, parse_state};
 pub use crate::ledger::{Leg, LegRequest, LegState, Outcome, Totals, TransferRequest, Vote, state_name};
-use strife_rpc::folds::{self, Log};
+use strife_rpc::folds::{self, Folding, Log};
 use strife_rpc::group_commit::{GroupCommit, GroupCommitError};
 use strife_rpc::storage::StorageFailure;
 use strife_twopc::Decision;
@@ -93,11 +93,9 @@ pub struct Store {
     bank: String,
     /// The ledger's id (see the `ledger` table).
     ledger_id: String,
-    /// The last leg row folded for history, as far as this connection
-    /// knows; a batch that begins with `fold_rows` legs past it folds them.
-    folded_to: i64,
-    /// Legs per fold ([`strife_rpc::folds::FOLD_ROWS`]; smaller in tests).
-    fold_rows: i64,
+    /// When to fold the legs for history: a batch that begins with a
+    /// fold's worth waiting folds them.
+    folding: Folding,
 }
 
 /// The legs, folded by the accounts they debit and credit (a fence, with
@@ -117,19 +115,13 @@ impl strife_rpc::sqlite::HasConnection for Store {
     /// in this batch, under a savepoint (a failed fold is retried by the
     /// next batch and holds up no leg).
     fn began(&mut self) {
-        let Ok(last) = folds::last_row(&self.conn, LOG) else { return };
-        if last - self.folded_to >= self.fold_rows
-            && let Some(f) = folds::fold_in_batch(&self.conn, LOG, self.folded_to + self.fold_rows)
-        {
-            self.folded_to = f.last_row;
+        if let Ok(last) = folds::last_row(&self.conn, LOG) {
+            self.folding.after_row(&self.conn, last);
         }
     }
 
     fn rolled_back(&mut self, _failure: &StorageFailure) {
-        // A fold in the batch is gone with it.
-        if let Ok(f) = folds::folded(&self.conn) {
-            self.folded_to = f.last_row;
-        }
+        self.folding.rolled_back(&self.conn);
     }
 }
 
@@ -146,7 +138,7 @@ impl Store {
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
         conn.execute_batch(folds::SCHEMA)?;
-        let folded = folds::catch_up(&mut conn, LOG, fold_rows)?;
+        let folding = Folding::open(&mut conn, LOG, fold_rows)?;
         // The first open makes the id (of two at once, one wins); every
         // later one only reads it.
         let read = |conn: &Connection| conn.query_row("SELECT id FROM ledger", [], |r| r.get(0)).optional();
@@ -160,7 +152,7 @@ impl Store {
                 read(&conn)?.ok_or_else(|| BankError::Internal("the ledger has no id".into()))?
             }
         };
-        Ok(Store { conn, bank: bank.to_owned(), ledger_id, folded_to: folded.last_row, fold_rows })
+        Ok(Store { conn, bank: bank.to_owned(), ledger_id, folding })
     }
 
     /// The ledger's id: random, made once when the ledger was created.

@@ -11,6 +11,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use std::collections::HashMap;
 use std::path::Path;
 use strife_core::{DeclineReason, UserRef};
+use strife_rpc::folds::Folding;
 use strife_rpc::storage::StorageFailure;
 
 /// Version 1: the schema from before versioning (`PRAGMA user_version` 0),
@@ -491,11 +492,9 @@ pub struct Store {
     /// The rowid the next payment gets: above every row stored and every
     /// row a fold covers (see [`crate::history`]).
     next_row: i64,
-    /// The last row folded, as far as this connection knows: when the
-    /// payments past it reach `fold_rows`, a payment folds them.
-    folded_to: i64,
-    /// Payments per fold ([`strife_rpc::folds::FOLD_ROWS`]; smaller in tests).
-    fold_rows: i64,
+    /// When to fold the payments for history pages: the payment that
+    /// completes a fold's worth folds them, in its batch.
+    folding: Folding,
 }
 
 /// Most lost `preparing` records remembered (one per payment that was in
@@ -518,11 +517,7 @@ impl strife_rpc::sqlite::HasConnection for Store {
                 self.lost_begins.insert(txn_id, failure.clone());
             }
         }
-        // A fold in the batch is gone with it. (Only a hint: a fold reads
-        // where the log is folded to from the store.)
-        if let Ok(f) = strife_rpc::folds::folded(&self.conn) {
-            self.folded_to = f.last_row;
-        }
+        self.folding.rolled_back(&self.conn);
     }
 }
 
@@ -606,16 +601,9 @@ impl Store {
     fn open_folding(path: &Path, fold_rows: i64) -> rusqlite::Result<Store> {
         let mut conn = strife_rpc::sqlite::open_durable(path)?;
         migrate(&mut conn)?;
-        let folded = strife_rpc::folds::catch_up(&mut conn, crate::history::LOG, fold_rows)?;
-        let next_row = strife_rpc::folds::last_row(&conn, crate::history::LOG)?.max(folded.last_row) + 1;
-        Ok(Store {
-            conn,
-            begun_in_batch: Vec::new(),
-            lost_begins: HashMap::new(),
-            next_row,
-            folded_to: folded.last_row,
-            fold_rows,
-        })
+        let folding = Folding::open(&mut conn, crate::history::LOG, fold_rows)?;
+        let next_row = strife_rpc::folds::last_row(&conn, crate::history::LOG)?.max(folding.folded_to()) + 1;
+        Ok(Store { conn, begun_in_batch: Vec::new(), lost_begins: HashMap::new(), next_row, folding })
     }
 
     /// The payment a customer made under `payment_id`, if any.
@@ -668,9 +656,7 @@ impl Store {
                 self.begun_in_batch.push(p.txn_id.clone());
                 let row = self.next_row;
                 self.next_row += 1;
-                if row - self.folded_to >= self.fold_rows {
-                    self.fold_to(row);
-                }
+                self.folding.after_row(&self.conn, row);
                 Ok(Ok(()))
             }
             Err(rusqlite::Error::SqliteFailure(e, msg))
@@ -682,16 +668,6 @@ impl Store {
                 }
             }
             Err(e) => Err(e),
-        }
-    }
-
-    /// Folds the payments up to row `upto` for history pages (see
-    /// [`crate::history`]), inside the open batch, under a savepoint: a fold
-    /// that fails leaves the batch as it was, and the next payment tries
-    /// again; the payment that triggered it goes on either way.
-    fn fold_to(&mut self, upto: i64) {
-        if let Some(f) = strife_rpc::folds::fold_in_batch(&self.conn, crate::history::LOG, upto) {
-            self.folded_to = f.last_row;
         }
     }
 

@@ -195,6 +195,48 @@ pub fn catch_up(conn: &mut Connection, log: Log, fold_rows: i64) -> rusqlite::Re
     Ok(now)
 }
 
+/// A store's side of folding, shared by the gateway and the banks: how far
+/// its log is folded as far as its connection knows, and the rows per fold.
+/// The position is a hint for when to fold: a fold reads where the log is
+/// folded to from the store, and one for rows already folded does nothing.
+#[derive(Debug)]
+pub struct Folding {
+    log: Log,
+    folded_to: i64,
+    fold_rows: i64,
+}
+
+impl Folding {
+    /// At open: folds what a fold's worth or more left unfolded
+    /// ([`catch_up`]), and starts from there.
+    pub fn open(conn: &mut Connection, log: Log, fold_rows: i64) -> rusqlite::Result<Folding> {
+        let folded = catch_up(conn, log, fold_rows)?;
+        Ok(Folding { log, folded_to: folded.last_row, fold_rows })
+    }
+
+    /// The last row folded, as far as this connection knows.
+    pub fn folded_to(&self) -> i64 {
+        self.folded_to
+    }
+
+    /// With `newest` the log's newest row: once a fold's worth of rows waits
+    /// past the last fold, folds it, inside the open batch ([`fold_in_batch`]).
+    pub fn after_row(&mut self, conn: &Connection, newest: i64) {
+        if newest - self.folded_to >= self.fold_rows
+            && let Some(f) = fold_in_batch(conn, self.log, self.folded_to + self.fold_rows)
+        {
+            self.folded_to = f.last_row;
+        }
+    }
+
+    /// The batch was rolled back: a fold in it is gone with it.
+    pub fn rolled_back(&mut self, conn: &Connection) {
+        if let Ok(f) = folded(conn) {
+            self.folded_to = f.last_row;
+        }
+    }
+}
+
 /// After rows are deleted from the log: drops the folds none of whose rows
 /// is left, from the oldest, but never the newest fold's row, which says
 /// how far the log is folded. Returns how many folds went.
