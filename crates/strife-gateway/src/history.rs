@@ -29,33 +29,33 @@ pub(crate) const LOG: Log = Log {
            FROM payments WHERE rowid > ?1 AND rowid <= ?2",
 };
 
-/// The payments stored since the last fold (rowid above `?7`) on the page
-/// of `?1`: sent (any state) or received (committed), created from `?3` on
-/// and below `(?4, ?5)`, newest first, at most `?6`. A range of rowids, at
+/// The payments stored since the last fold (rowid above `?6`) on the page
+/// of `?1`: sent (any state) or received (committed), created from `?2` on
+/// and below `(?3, ?4)`, newest first, at most `?5`. A range of rowids, at
 /// most a fold's worth of rows whatever the log's size; `NOT INDEXED` keeps
 /// the plan on it whatever a later `ANALYZE` says.
 pub(crate) static PAGE_RECENT_SQL: LazyLock<String> = LazyLock::new(|| {
     format!(
         "SELECT {PAYMENT_COLUMNS} FROM payments NOT INDEXED
-         WHERE rowid > ?7 AND created_at >= ?3 AND (created_at, txn_id) < (?4, ?5)
+         WHERE rowid > ?6 AND created_at >= ?2 AND (created_at, txn_id) < (?3, ?4)
            AND (payer_user || '@' || payer_bank = ?1
                 OR (payee_user || '@' || payee_bank = ?1 AND state = 'committed'))
-         ORDER BY created_at DESC, txn_id DESC LIMIT ?6"
+         ORDER BY created_at DESC, txn_id DESC LIMIT ?5"
     )
 });
 
-/// Fold `?7`'s entries of `?1` within the same bounds, newest first, at
-/// most `?6`: one range of the fold's key, already in page order, and each
+/// Fold `?6`'s entries of `?1` within the same bounds, newest first, at
+/// most `?5`: one range of the fold's key, already in page order, and each
 /// payment by its rowid. An entry where the customer is the payee is
 /// listed only once that payment is committed.
 pub(crate) static PAGE_FOLD_SQL: LazyLock<String> = LazyLock::new(|| {
     let columns: Vec<String> = PAYMENT_COLUMNS.split(',').map(|c| format!("p.{}", c.trim())).collect();
     format!(
         "SELECT {} FROM history_entries e CROSS JOIN payments p
-         WHERE e.fold = ?7 AND e.party = ?1 AND e.at >= ?3 AND (e.at, e.txn_id) < (?4, ?5)
+         WHERE e.fold = ?6 AND e.party = ?1 AND e.at >= ?2 AND (e.at, e.txn_id) < (?3, ?4)
            AND p.rowid = e.row AND p.txn_id = e.txn_id
            AND (p.payer_user || '@' || p.payer_bank = ?1 OR p.state = 'committed')
-         ORDER BY e.at DESC, e.txn_id DESC LIMIT ?6",
+         ORDER BY e.at DESC, e.txn_id DESC LIMIT ?5",
         columns.join(", ")
     )
 });
@@ -79,7 +79,7 @@ pub(crate) fn page(conn: &Connection, who: &UserRef, q: &PageQuery) -> rusqlite:
     // The recent payments (`x`: the last folded row) or a fold's (`x`: the fold).
     let read = |sql: &str, x: i64| -> rusqlite::Result<Vec<PaymentRecord>> {
         conn.prepare_cached(sql)?
-            .query_map(params![party, party, start, upper.0, upper.1, want_param, x], payment_from_row)?
+            .query_map(params![party, start, upper.0, upper.1, want_param, x], payment_from_row)?
             .collect()
     };
     let recent = read(&PAGE_RECENT_SQL, folds::folded(conn)?.last_row)?;
