@@ -342,13 +342,8 @@ fn cached_history(
             if let Some(parent) = to.join(f).parent() {
                 std::fs::create_dir_all(parent)?;
             }
-            for suffix in ["", "-wal"] {
-                let with = |base: &Path| {
-                    let mut p = base.join(f).into_os_string();
-                    p.push(suffix);
-                    PathBuf::from(p)
-                };
-                let (src, dst) = (with(from), with(to));
+            for suffix in STORE_SUFFIXES {
+                let (src, dst) = (store_file(from, f, suffix), store_file(to, f, suffix));
                 if suffix.is_empty() || src.exists() {
                     copy_by_pages(&src, &dst)
                         .with_context(|| format!("copying {} to {}", src.display(), dst.display()))?;
@@ -368,16 +363,25 @@ fn cached_history(
     Ok(())
 }
 
+/// A store is its file and, when there is one, its WAL.
+const STORE_SUFFIXES: [&str; 2] = ["", "-wal"];
+
+/// The file of store `f` under `base`, with `suffix` (one of
+/// [`STORE_SUFFIXES`]).
+fn store_file(base: &Path, f: &Path, suffix: &str) -> PathBuf {
+    let mut p = base.join(f).into_os_string();
+    p.push(suffix);
+    PathBuf::from(p)
+}
+
 /// Fails, saying how much is needed, unless `to`'s filesystem has room for
 /// the store `files` under `from` (a history of 10,000,000 payments is
 /// 7–8 GB; a copy that fills the disk leaves every process on it failing).
 fn enough_room(from: &Path, to: &Path, files: &[PathBuf]) -> anyhow::Result<()> {
     let mut need: u64 = 0;
     for f in files {
-        for suffix in ["", "-wal"] {
-            let mut p = from.join(f).into_os_string();
-            p.push(suffix);
-            need += std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+        for suffix in STORE_SUFFIXES {
+            need += std::fs::metadata(store_file(from, f, suffix)).map(|m| m.len()).unwrap_or(0);
         }
     }
     std::fs::create_dir_all(to)?;
