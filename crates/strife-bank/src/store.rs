@@ -137,6 +137,11 @@ impl Store {
         let mut conn = strife_rpc::sqlite::open_durable(path)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         conn.execute_batch(SCHEMA)?;
+        strife_rpc::sqlite::state_check_as_comparisons(
+            &mut conn,
+            "legs",
+            &["prepared", "committed", "aborted"],
+        )?;
         conn.execute_batch(folds::SCHEMA)?;
         let folding = Folding::open(&mut conn, LOG, fold_rows)?;
         // The first open makes the id (of two at once, one wins); every
@@ -872,6 +877,16 @@ mod tests {
         let s = Store::open(&dir.join("bank.db"), "BankA").expect("reopen");
         let (legs, totals) = (s.legs_after(None, u32::MAX).expect("legs"), s.totals().expect("totals"));
         assert_eq!((legs.len(), totals.balance_minor), (1, 10));
+        // The state CHECK is a chain of comparisons: no temporary b-tree per
+        // leg written (strife_rpc::sqlite::state_check_as_comparisons).
+        let definition: String = s
+            .conn
+            .query_row("SELECT sql FROM sqlite_schema WHERE name = 'legs'", [], |r| r.get(0))
+            .expect("sql");
+        assert!(
+            definition.contains("CHECK (state = 'prepared' OR state = 'committed' OR state = 'aborted')"),
+            "{definition}"
+        );
         // A ledger made before ids existed gets one on open, and keeps it.
         let id = s.ledger_id().to_owned();
         s.conn.execute_batch("DROP TABLE ledger").expect("as it was");

@@ -601,6 +601,11 @@ impl Store {
     fn open_folding(path: &Path, fold_rows: i64) -> rusqlite::Result<Store> {
         let mut conn = strife_rpc::sqlite::open_durable(path)?;
         migrate(&mut conn)?;
+        strife_rpc::sqlite::state_check_as_comparisons(
+            &mut conn,
+            "payments",
+            &["preparing", "committed", "aborted"],
+        )?;
         let folding = Folding::open(&mut conn, crate::history::LOG, fold_rows)?;
         let next_row = strife_rpc::folds::last_row(&conn, crate::history::LOG)?.max(folding.folded_to()) + 1;
         Ok(Store { conn, begun_in_batch: Vec::new(), lost_begins: HashMap::new(), next_row, folding })
@@ -1520,6 +1525,16 @@ CREATE TABLE IF NOT EXISTS revoked_tokens (
         assert!(indexes_after.contains("payments_by_id"), "{indexes_after:?}");
         let check: String = s.conn.query_row("PRAGMA integrity_check", [], |r| r.get(0)).expect("check");
         assert_eq!(check, "ok");
+        // The state CHECK is a chain of comparisons: no temporary b-tree per
+        // insert or decision (strife_rpc::sqlite::state_check_as_comparisons).
+        let definition: String = s
+            .conn
+            .query_row("SELECT sql FROM sqlite_schema WHERE name = 'payments'", [], |r| r.get(0))
+            .expect("sql");
+        assert!(
+            definition.contains("CHECK (state = 'preparing' OR state = 'committed' OR state = 'aborted')"),
+            "{definition}"
+        );
 
         // The idempotency key still holds, per payer.
         let replay = payment(uuid_of(50), uuid_of(10), &a, &b);

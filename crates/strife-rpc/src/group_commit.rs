@@ -350,10 +350,11 @@ mod tests {
     async fn an_early_answer_comes_before_its_batch_commits_and_the_rest_after() {
         let (release, gate) = std::sync::mpsc::channel();
         let gc = GroupCommit::start("test", Gated { release: gate, commits: 0 }).expect("start");
-        let early = tokio::time::timeout(Duration::from_secs(10), gc.run_before_commit(|s: &mut Gated| s.commits))
-            .await
-            .expect("answered while its batch's commit is still held")
-            .expect("ran");
+        let early =
+            tokio::time::timeout(Duration::from_secs(10), gc.run_before_commit(|s: &mut Gated| s.commits))
+                .await
+                .expect("answered while its batch's commit is still held")
+                .expect("ran");
         assert_eq!(early, 0, "ran inside the first batch");
         let durable = tokio::spawn({
             let gc = gc.clone();
@@ -361,7 +362,8 @@ mod tests {
         });
         release.send(()).expect("first commit");
         release.send(()).expect("second commit");
-        let value = tokio::time::timeout(Duration::from_secs(10), durable).await.expect("answered").expect("task");
+        let value =
+            tokio::time::timeout(Duration::from_secs(10), durable).await.expect("answered").expect("task");
         assert_eq!(value.expect("ran"), 1, "ran in the second batch, answered after its commit");
     }
 
@@ -371,7 +373,8 @@ mod tests {
             let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
             rt.block_on(async {
                 let run = tokio::time::timeout(Duration::from_secs(10), gc.run(|log: &mut Log| log.commits));
-                let early = tokio::time::timeout(Duration::from_secs(10), gc.run_before_commit(|_: &mut Log| 7));
+                let early =
+                    tokio::time::timeout(Duration::from_secs(10), gc.run_before_commit(|_: &mut Log| 7));
                 (run.await.expect("answered").expect("ran"), early.await.expect("answered").expect("ran"))
             })
         };

@@ -711,7 +711,10 @@ async fn measure(
     for w in 0..args.concurrency {
         let (ch, tally, next) = (chs[w % chs.len()].clone(), tally.clone(), next.clone());
         let slot = w % payers.len();
-        let (payer, token) = (payers[slot], tokens[slot].clone());
+        let payer = payers[slot];
+        // Made once per worker: each request clones it (a reference count).
+        let authorization: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> =
+            format!("Bearer {}", tokens[slot]).parse().ok();
         let customers = customers.to_vec();
         let total = args.payments;
         workers.push(tokio::spawn(async move {
@@ -730,8 +733,8 @@ async fn measure(
                     payee: Some(pb::Account { user: to.user.clone(), bank: to.bank.clone() }),
                     amount: strife_core::money::format_minor(amount as i64),
                 });
-                if let Ok(v) = format!("Bearer {token}").parse() {
-                    req.metadata_mut().insert("authorization", v);
+                if let Some(v) = &authorization {
+                    req.metadata_mut().insert("authorization", v.clone());
                 }
                 let t0 = Instant::now();
                 let result = client.pay(req).await;
