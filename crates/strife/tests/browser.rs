@@ -16,17 +16,6 @@ fn artifact(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("browser").join(name)
 }
 
-/// Stops `up` (and with it every server) however the test ends.
-struct Up(std::process::Child);
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = terminate(&mut self.0);
-        }
-    }
-}
-
 /// Resumes a paused process however the test ends (so that `up` can stop it).
 struct Paused(nix::unistd::Pid);
 

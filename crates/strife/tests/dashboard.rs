@@ -210,17 +210,6 @@ fn the_dashboard_is_for_operators_and_shows_what_happened() {
     assert_eq!(terminate(&mut up.0), Some(0));
 }
 
-/// `strife up`, stopped with SIGTERM (its children with it) if a test fails.
-struct Up(std::process::Child);
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = terminate(&mut self.0);
-        }
-    }
-}
-
 /// The dashboard's address a gateway printed after its listening line.
 fn admin_address(gateway: &Proc) -> String {
     printed_address(gateway, "strife: gateway admin listening on ")

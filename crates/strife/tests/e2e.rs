@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 #[test]
 fn walkthrough_through_strife_up() {
     let dir = TempDir::new("up");
-    let (mut up, ready, _lines) = spawn_until(&dir.0, &["up", "--port", "0"], "strife: ready", &[]);
+    let (up, ready, _lines) = spawn_until(&dir.0, &["up", "--port", "0"], "strife: ready", &[]);
+    let mut up = Up(up);
     assert!(ready.contains("banks=BankA,BankB"), "{ready}");
     let gateway =
         ready.split_whitespace().find_map(|w| w.strip_prefix("gateway=")).expect("gateway=").to_owned();
@@ -106,7 +107,8 @@ fn walkthrough_through_strife_up() {
     // the DIR/etcd.url that an `up --etcd` killed with SIGKILL leaves, so
     // clients do not look for that etcd (and say so) on every command.
     std::fs::write(d.join("etcd.url"), "etcd://127.0.0.1:9\n").expect("etcd.url");
-    let (mut up, _ready, _lines) = spawn_until(&dir.0, &["up", "--port", "0"], "strife: ready", &[]);
+    let (up, _ready, _lines) = spawn_until(&dir.0, &["up", "--port", "0"], "strife: ready", &[]);
+    let mut up = Up(up);
     assert!(!d.join("etcd.url").exists(), "a plain up removes a stale etcd.url");
     let r = run_cli(d, &["--json", "--as", "user1@BankA", "balance"], &[]);
     assert_eq!(r.json()["balance"], "987.50", "{r:?}");
@@ -446,7 +448,8 @@ fn every_file_is_0600_and_every_directory_0700_whatever_the_umask() {
         .arg("--dir")
         .arg(&dir)
         .args(["up", "--port", "0"]);
-    let (mut up, _ready, _lines) = spawn_command_until(cmd, &place.0, "strife: ready");
+    let (up, _ready, _lines) = spawn_command_until(cmd, &place.0, "strife: ready");
+    let mut up = Up(up);
     let r = run_cli(&dir, &["login", "--bank", "BankA", "--user", "user1"], &[("STRIFE_PASSWORD", "pass1")]);
     assert_eq!(r.code, 0, "{r:?}");
     let r = run_cli(&dir, &["pay", "--to", "user2@BankB", "--amount", "1"], &[]);

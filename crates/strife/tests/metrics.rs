@@ -105,7 +105,8 @@ fn every_server_serves_metrics_that_count_what_happened() {
 #[test]
 fn up_lists_every_instance_s_metrics_address_and_off_turns_them_off() {
     let dir = TempDir::new("metrics-up");
-    let (mut up, _ready, _lines) = spawn_until(&dir.0, &["up", "--port", "0"], "strife: ready", &[]);
+    let (up, _ready, _lines) = spawn_until(&dir.0, &["up", "--port", "0"], "strife: ready", &[]);
+    let mut up = Up(up);
     let deadline = Instant::now() + WAIT;
     let instances = loop {
         let s = run_cli(&dir.0, &["--json", "status"], &[]).json();

@@ -211,12 +211,13 @@ fn listed<'a>(status: &'a Value, role: &str) -> Vec<&'a Value> {
 fn up_with_a_private_etcd_registers_every_server_and_clients_find_the_gateways_there() {
     let dir = TempDir::new("up-etcd");
     let d = &dir.0;
-    let (mut up, ready, _lines) = spawn_until(
+    let (up, ready, _lines) = spawn_until(
         d,
         &["up", "--port", "0", "--postgres", "auto", "--gateways", "2", "--etcd", "auto"],
         "strife: ready",
         &[],
     );
+    let mut up = Up(up);
     let gateways: Vec<String> = ready
         .split_whitespace()
         .find_map(|w| w.strip_prefix("gateway="))
@@ -336,12 +337,13 @@ fn up_with_an_etcd_url_provisions_it_with_the_root_password_and_leaves_it_runnin
         .unwrap_or_else(|e| panic!("{e:#}"));
     let url = server.url();
     let password = server.root_password().expect("root password");
-    let (mut up, _ready, _lines) = spawn_until(
+    let (up, _ready, _lines) = spawn_until(
         d,
         &["up", "--port", "0", "--etcd", &url],
         "strife: ready",
         &[("STRIFE_ETCD_ROOT_PASSWORD", password.expose())],
     );
+    let mut up = Up(up);
     assert_eq!(std::fs::read_to_string(d.join("etcd.url")).expect("etcd.url").trim(), url);
     let status =
         status_when(d, &[], |s| registered(s, "gateway").len() == 1 && registered(s, "bank").len() == 2);

@@ -76,8 +76,9 @@ fn stop_and_check_nothing_is_left(up: &mut std::process::Child, pids: &[u64]) {
 fn up_with_a_private_postgres_runs_the_cluster_on_it_and_stops_it() {
     let dir = TempDir::new("up-pg");
     let d = &dir.0;
-    let (mut up, ready, _lines) =
+    let (up, ready, _lines) =
         spawn_until(d, &["up", "--port", "0", "--postgres", "auto"], "strife: ready", &[]);
+    let mut up = Up(up);
     let gateways = ready_gateways(&ready);
     assert_eq!(gateways.len(), 1, "{ready}");
     assert!(ready.contains("banks=BankA,BankB"), "{ready}");
@@ -162,8 +163,9 @@ fn up_with_a_private_postgres_runs_the_cluster_on_it_and_stops_it() {
     assert!(!d.join("instances.json").exists(), "a stopped cluster lists no instances");
 
     // A second `up` on the same directory finds its data again.
-    let (mut up, _ready, _lines) =
+    let (up, _ready, _lines) =
         spawn_until(d, &["up", "--port", "0", "--postgres", "auto"], "strife: ready", &[]);
+    let mut up = Up(up);
     let r = run_cli(d, &["--json", "balance"], &[]);
     assert_eq!(r.json()["balance"], "986.50", "{r:?}");
     let instances = status_when(d, all_healthy);
@@ -179,8 +181,9 @@ fn up_with_a_postgres_url_keeps_its_databases_on_that_server() {
     let admin = server.superuser_url("postgres");
     let dir = TempDir::new("up-url");
     let d = &dir.0;
-    let (mut up, ready, _lines) =
+    let (up, ready, _lines) =
         spawn_until(d, &["up", "--port", "0"], "strife: ready", &[("STRIFE_POSTGRES", admin.expose())]);
+    let mut up = Up(up);
     let gateways = ready_gateways(&ready);
     login(d, "user2", "BankB", &gateways[0]);
     let r = run_cli(d, &["--json", "pay", "--to", "user1@BankA", "--amount", "2"], &[]);
@@ -212,12 +215,13 @@ fn up_with_a_postgres_url_keeps_its_databases_on_that_server() {
 fn up_runs_gateway_and_bank_replicas_on_postgres_and_sigterm_stops_every_one() {
     let dir = TempDir::new("up-scaled");
     let d = &dir.0;
-    let (mut up, ready, _lines) = spawn_until(
+    let (up, ready, _lines) = spawn_until(
         d,
         &["up", "--port", "0", "--postgres", "auto", "--gateways", "3", "--bank-replicas", "2"],
         "strife: ready",
         &[],
     );
+    let mut up = Up(up);
     let gateways = ready_gateways(&ready);
     assert_eq!(gateways.len(), 3, "{ready}");
     assert!(

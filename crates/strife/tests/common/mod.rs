@@ -115,6 +115,49 @@ impl Drop for Proc {
     }
 }
 
+/// A `strife up` (or another process that stops its children on
+/// SIGTERM), stopped however the test ends: SIGTERM, then SIGKILL if it
+/// has not exited within [`WAIT`]. A test that panics while its cluster
+/// runs would otherwise leave the cluster running. It derefs to the
+/// [`Child`], so `terminate(&mut up)` and `up.id()` work as on the child;
+/// once the test has stopped it, dropping does nothing. Never panics (it
+/// may run while a panic unwinds).
+pub struct Up(pub Child);
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if !matches!(self.0.try_wait(), Ok(None)) {
+            return;
+        }
+        if let Ok(pid) = i32::try_from(self.0.id()) {
+            let pid = nix::unistd::Pid::from_raw(pid);
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+        }
+        let deadline = Instant::now() + WAIT;
+        while Instant::now() < deadline {
+            if !matches!(self.0.try_wait(), Ok(None)) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl std::ops::Deref for Up {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Up {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
 pub fn wait_exit(child: &mut Child) -> Option<i32> {
     let deadline = Instant::now() + WAIT;
     while Instant::now() < deadline {
