@@ -168,9 +168,9 @@ impl<S: Batched> GroupCommit<S> {
 
     /// Runs `op` in the next batch and answers before the batch is durable:
     /// once the batch's operations have run (or [`EARLY_MAX`] such answers
-    /// have gathered), together, just before its commit. Only for writes whose loss in a crash is safe
-    /// (the gateway's `preparing` record: under presumed abort, no record
-    /// means abort). Later operations still see it, and it becomes durable
+    /// have gathered), together, just before its commit. Only for writes
+    /// whose loss in a crash is safe (the gateway's `preparing` record:
+    /// under presumed abort, no record means abort). Later operations still see it, and it becomes durable
     /// with its batch, before any later batch. If that batch then fails,
     /// the store hears of it ([`Batched::rollback`]) and must answer later
     /// operations on what was lost accordingly.
