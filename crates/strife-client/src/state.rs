@@ -102,6 +102,26 @@ const BUSY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 use strife_core::unix_ms as now_ms;
 
+/// `PRAGMA journal_mode = WAL`, asked again while another connection holds
+/// the lock it needs, up to `BUSY_TIMEOUT`. When several commands open a new
+/// `client.db` at once, SQLite can answer this pragma "database is locked"
+/// at once, without waiting in the busy handler (seen once in CI in the
+/// test of sixteen connections enqueueing at once).
+fn use_wal(conn: &Connection) -> rusqlite::Result<()> {
+    let deadline = std::time::Instant::now() + BUSY_TIMEOUT;
+    loop {
+        match conn.pragma_update(None, "journal_mode", "WAL") {
+            Err(e)
+                if e.sqlite_error_code() == Some(rusqlite::ErrorCode::DatabaseBusy)
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            done => return done,
+        }
+    }
+}
+
 impl ClientState {
     /// Opens `DIR/client.db`, creating `DIR` (0700) and the file (0600:
     /// it holds tokens) if they are missing. Only commands that must write
@@ -131,7 +151,7 @@ impl ClientState {
         // First, so that every statement below waits for a concurrent
         // command instead of failing with "database is locked".
         conn.busy_timeout(BUSY_TIMEOUT)?;
-        conn.pragma_update(None, "journal_mode", "WAL")?;
+        use_wal(&conn)?;
         conn.pragma_update(None, "synchronous", "FULL")?;
         conn.execute_batch(SCHEMA)?;
         Ok(ClientState { conn })
